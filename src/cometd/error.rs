@@ -1,0 +1,325 @@
+//! The client's one error type, shaped like aiocometd's hierarchy so that callers can ask
+//! the same questions: is it my misuse, the network, or the server saying no?
+//!
+//! | aiocometd | here |
+//! |---|---|
+//! | `ClientError` | [`Error::NoCommonConnectionType`], [`Error::InvalidOptions`] ([`ErrorKind::Client`]) |
+//! | `ClientInvalidOperation` | [`Error::InvalidOperation`], [`Error::Closed`] |
+//! | `TransportError` | [`Error::Transport`] with a [`TransportErrorKind`] |
+//! | `TransportInvalidOperation` | [`TransportErrorKind::InvalidOperation`] |
+//! | `TransportTimeoutError` | [`TransportErrorKind::ConnectionTimeout`] (and [`TransportErrorKind::RequestTimeout`]) |
+//! | `TransportConnectionClosed` | [`TransportErrorKind::ConnectionClosed`] |
+//! | `ServerError` | [`Error::Server`] with a [`ServerError`] |
+
+use std::fmt;
+
+use super::message::{ErrorField, Message};
+
+/// A boxed error from a library underneath (HTTP, websocket, TLS, JSON).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in the CometD client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The options given to the builder cannot work (a bad URL, an empty list of
+    /// connection types...).
+    #[error("invalid client options: {0}")]
+    InvalidOptions(String),
+
+    /// None of the connection types the server offers is one the client accepts.
+    #[error(
+        "none of the connection types offered by the server ({offered}) is enabled on the client ({accepted})",
+        offered = offered.join(", "),
+        accepted = accepted.join(", ")
+    )]
+    NoCommonConnectionType {
+        /// What the server offered.
+        offered: Vec<String>,
+        /// What the client was configured to use.
+        accepted: Vec<String>,
+    },
+
+    /// The operation does not fit the client's state (opening an open client, publishing on
+    /// a closed one).
+    #[error("{0}")]
+    InvalidOperation(String),
+
+    /// The client is closed and has no pending messages left to hand out.
+    #[error("the client is closed and there are no pending messages")]
+    Closed,
+
+    /// The messages could not be carried to or from the server.
+    #[error("{kind}")]
+    Transport {
+        /// What kind of failure.
+        kind: TransportErrorKind,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The server answered, and said no.
+    #[error(transparent)]
+    Server(Box<ServerError>),
+}
+
+/// The category of an [`Error`], for callers that decide by kind rather than by variant;
+/// it mirrors aiocometd's exception classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// `ClientError`: the client cannot work with these options or this server.
+    Client,
+    /// `ClientInvalidOperation`: misuse, or a closed client.
+    ClientInvalidOperation,
+    /// `TransportError`: network, HTTP, websocket or malformed replies.
+    Transport,
+    /// `TransportInvalidOperation`: the transport cannot do this in its state.
+    TransportInvalidOperation,
+    /// `TransportTimeoutError`: no answer in time, or the link stayed down too long.
+    TransportTimeout,
+    /// `TransportConnectionClosed`: the connection closed under the request.
+    TransportConnectionClosed,
+    /// `ServerError`: the server rejected the request.
+    Server,
+}
+
+/// What went wrong in the transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransportErrorKind {
+    /// The link to the server stayed down longer than `connection_timeout`. Not final: the
+    /// client keeps trying, and a later `receive` succeeds once the server is back.
+    ConnectionTimeout,
+    /// One request got no answer within its timeout.
+    RequestTimeout,
+    /// The connection closed before the answer arrived.
+    ConnectionClosed,
+    /// The server could not be reached (refused, reset, DNS...).
+    Connect,
+    /// TLS failed (certificate not trusted, fingerprint mismatch...).
+    Tls,
+    /// The server answered with an HTTP status other than 2xx.
+    HttpStatus(u16),
+    /// The websocket upgrade was refused or failed.
+    WebSocketUpgrade,
+    /// The reply was not valid Bayeux: bad JSON, not an array, a missing field, or no reply
+    /// to the request at all.
+    MalformedReply(String),
+    /// The transport cannot do this in its current state.
+    InvalidOperation(String),
+    /// Any other I/O failure.
+    Io,
+}
+
+impl fmt::Display for TransportErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ConnectionTimeout => write!(f, "lost connection with the server"),
+            Self::RequestTimeout => write!(f, "the server did not answer in time"),
+            Self::ConnectionClosed => write!(f, "the connection closed unexpectedly"),
+            Self::Connect => write!(f, "could not connect to the server"),
+            Self::Tls => write!(f, "TLS failed"),
+            Self::HttpStatus(status) => write!(f, "the server answered with HTTP status {status}"),
+            Self::WebSocketUpgrade => write!(f, "the websocket upgrade failed"),
+            Self::MalformedReply(what) => write!(f, "malformed reply from the server: {what}"),
+            Self::InvalidOperation(what) => write!(f, "{what}"),
+            Self::Io => write!(f, "I/O error"),
+        }
+    }
+}
+
+impl Error {
+    /// The aiocometd-style category of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidOptions(_) | Error::NoCommonConnectionType { .. } => ErrorKind::Client,
+            Error::InvalidOperation(_) | Error::Closed => ErrorKind::ClientInvalidOperation,
+            Error::Transport { kind, .. } => match kind {
+                TransportErrorKind::ConnectionTimeout | TransportErrorKind::RequestTimeout => {
+                    ErrorKind::TransportTimeout
+                }
+                TransportErrorKind::ConnectionClosed => ErrorKind::TransportConnectionClosed,
+                TransportErrorKind::InvalidOperation(_) => ErrorKind::TransportInvalidOperation,
+                _ => ErrorKind::Transport,
+            },
+            Error::Server(_) => ErrorKind::Server,
+        }
+    }
+
+    /// Whether trying again later may succeed: transport failures are, server rejections
+    /// and misuse are not (a server's `5xx` code is the exception).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Transport { kind, .. } => {
+                !matches!(kind, TransportErrorKind::InvalidOperation(_))
+            }
+            Error::Server(error) => error.error_code().is_some_and(|code| code >= 500),
+            _ => false,
+        }
+    }
+
+    /// The server error, when this is one.
+    pub fn as_server_error(&self) -> Option<&ServerError> {
+        match self {
+            Error::Server(error) => Some(error),
+            _ => None,
+        }
+    }
+
+    /// The transport error kind, when this is a transport error.
+    pub fn transport_kind(&self) -> Option<&TransportErrorKind> {
+        match self {
+            Error::Transport { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+
+    #[allow(dead_code)] // until the transports land
+    pub(crate) fn transport(kind: TransportErrorKind) -> Self {
+        Error::Transport { kind, source: None }
+    }
+
+    #[allow(dead_code)] // until the transports land
+    pub(crate) fn transport_from(kind: TransportErrorKind, source: impl Into<BoxError>) -> Self {
+        Error::Transport {
+            kind,
+            source: Some(source.into()),
+        }
+    }
+
+    #[allow(dead_code)] // until the transports land
+    pub(crate) fn malformed(what: impl Into<String>) -> Self {
+        Error::transport(TransportErrorKind::MalformedReply(what.into()))
+    }
+
+    #[allow(dead_code)] // until the transports land
+    pub(crate) fn server(message: impl Into<String>, response: Option<Message>) -> Self {
+        Error::Server(Box::new(ServerError {
+            message: message.into(),
+            response,
+        }))
+    }
+}
+
+/// The server rejected a request; carries its reply and the parsed `error` field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerError {
+    message: String,
+    response: Option<Message>,
+}
+
+impl ServerError {
+    /// What failed, e.g. "subscribe request failed".
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The server's whole reply, when there was one.
+    pub fn response(&self) -> Option<&Message> {
+        self.response.as_ref()
+    }
+
+    /// The reply's raw `error` field.
+    pub fn error(&self) -> Option<&str> {
+        self.response.as_ref()?.error.as_deref()
+    }
+
+    fn field(&self) -> ErrorField {
+        self.error().map(ErrorField::parse).unwrap_or_default()
+    }
+
+    /// The numeric code of the `error` field (`402` in `402::Unknown client`).
+    pub fn error_code(&self) -> Option<u16> {
+        self.field().code
+    }
+
+    /// The arguments of the `error` field.
+    pub fn error_args(&self) -> Option<Vec<String>> {
+        self.field().args
+    }
+
+    /// The description part of the `error` field.
+    pub fn error_message(&self) -> Option<String> {
+        self.field().message
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.error() {
+            Some(error) => write!(f, "{}: {error}", self.message),
+            None => write!(f, "{}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(error: &str) -> Message {
+        Message {
+            error: Some(error.into()),
+            successful: Some(false),
+            ..Message::new("/meta/subscribe")
+        }
+    }
+
+    #[test]
+    fn server_errors_expose_the_parsed_field_and_the_response() {
+        let error = Error::server(
+            "subscribe request failed",
+            Some(reply("403:xj3,/foo:Subscription denied")),
+        );
+        assert_eq!(error.kind(), ErrorKind::Server);
+        assert_eq!(
+            error.to_string(),
+            "subscribe request failed: 403:xj3,/foo:Subscription denied"
+        );
+        let server = error.as_server_error().expect("a server error");
+        assert_eq!(server.error_code(), Some(403));
+        assert_eq!(
+            server.error_args(),
+            Some(vec!["xj3".to_string(), "/foo".to_string()])
+        );
+        assert_eq!(
+            server.error_message().as_deref(),
+            Some("Subscription denied")
+        );
+        assert_eq!(
+            server.response().map(|r| r.channel.as_str()),
+            Some("/meta/subscribe")
+        );
+        assert!(!error.is_retryable());
+    }
+
+    #[test]
+    fn kinds_mirror_the_aiocometd_hierarchy() {
+        assert_eq!(Error::Closed.kind(), ErrorKind::ClientInvalidOperation);
+        assert_eq!(
+            Error::transport(TransportErrorKind::ConnectionTimeout).kind(),
+            ErrorKind::TransportTimeout
+        );
+        assert_eq!(
+            Error::transport(TransportErrorKind::ConnectionClosed).kind(),
+            ErrorKind::TransportConnectionClosed
+        );
+        assert_eq!(
+            Error::malformed("not an array").kind(),
+            ErrorKind::Transport
+        );
+        assert!(Error::malformed("not an array").is_retryable());
+        assert_eq!(
+            Error::NoCommonConnectionType {
+                offered: vec!["x".into()],
+                accepted: vec!["y".into()]
+            }
+            .kind(),
+            ErrorKind::Client
+        );
+    }
+}

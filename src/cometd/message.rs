@@ -1,0 +1,342 @@
+//! Bayeux messages, advice, and the meta channel names, as they travel on the wire.
+//!
+//! Knows nothing of transports or sessions: it is the vocabulary the rest of the client
+//! speaks.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+/// `/meta/handshake`: opens a session and negotiates the connection type.
+pub const META_HANDSHAKE: &str = "/meta/handshake";
+/// `/meta/connect`: the long poll that carries events and keeps the session alive.
+pub const META_CONNECT: &str = "/meta/connect";
+/// `/meta/disconnect`: ends the session.
+pub const META_DISCONNECT: &str = "/meta/disconnect";
+/// `/meta/subscribe`: asks for the events of a channel.
+pub const META_SUBSCRIBE: &str = "/meta/subscribe";
+/// `/meta/unsubscribe`: stops the events of a channel.
+pub const META_UNSUBSCRIBE: &str = "/meta/unsubscribe";
+
+/// The Bayeux protocol version this client speaks.
+pub const BAYEUX_VERSION: &str = "1.0";
+
+/// One Bayeux message: a request, a reply, or an event published on a channel.
+///
+/// Every field of the Bayeux specification is here; fields a server adds beyond the
+/// specification are not kept. `id` is accepted as a string or a number and always
+/// written as a string.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    /// The channel the message belongs to, e.g. `/meta/connect` or `/orders/new`.
+    pub channel: String,
+    /// The message id; a reply carries the id of its request.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "string_or_number"
+    )]
+    pub id: Option<String>,
+    /// The session id the server assigned at handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The application payload of a publish or an event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// Present on replies: whether the request succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub successful: Option<bool>,
+    /// Present on failed replies: `code:args:message` (see [`ErrorField`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// How the server wants the client to behave next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advice: Option<Advice>,
+    /// Extension data, read and written by [`Extension`](super::Extension)s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ext: Option<Map<String, Value>>,
+    /// The channel (or, from some servers, channels) of a subscribe or unsubscribe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscription: Option<Value>,
+    /// The connection type of a `/meta/connect`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_type: Option<String>,
+    /// The protocol version of a handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The lowest protocol version a handshake accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_version: Option<String>,
+    /// The connection types offered in a handshake or its reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supported_connection_types: Option<Vec<String>>,
+    /// When the message was sent, as the server wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+}
+
+impl Message {
+    /// A message on `channel` with nothing else set.
+    pub fn new(channel: impl Into<String>) -> Self {
+        Message {
+            channel: channel.into(),
+            ..Message::default()
+        }
+    }
+
+    /// Whether the channel is a `/meta/` channel.
+    pub fn is_meta(&self) -> bool {
+        self.channel.starts_with("/meta/")
+    }
+
+    /// Whether the channel is a `/service/` channel.
+    pub fn is_service(&self) -> bool {
+        self.channel.starts_with("/service/")
+    }
+
+    /// Whether this is a reply to a request (it says whether the request succeeded).
+    pub fn is_reply(&self) -> bool {
+        self.successful.is_some()
+    }
+
+    /// Whether this is an event for the application: data on a non-meta channel that is
+    /// not a reply.
+    pub fn is_event(&self) -> bool {
+        !self.is_meta() && !self.is_reply() && self.data.is_some()
+    }
+
+    /// Whether this message is the reply to `request`: same channel, same id, and it
+    /// carries `successful`. Matching on all three keeps a broadcast that echoes the
+    /// publisher's id (faye does that) from being taken for the publish reply.
+    pub fn answers(&self, request: &Message) -> bool {
+        self.is_reply() && self.channel == request.channel && self.id == request.id
+    }
+
+    /// The parsed `error` field, if the message has one.
+    pub fn error_field(&self) -> Option<ErrorField> {
+        self.error.as_deref().map(ErrorField::parse)
+    }
+
+    /// The channels named by `subscription`, whether it is a string or an array.
+    pub fn subscriptions(&self) -> Vec<String> {
+        match &self.subscription {
+            Some(Value::String(channel)) => vec![channel.clone()],
+            Some(Value::Array(channels)) => channels
+                .iter()
+                .filter_map(|channel| channel.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn string_or_number<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    Ok(match Option::<Value>::deserialize(deserializer)? {
+        Some(Value::String(id)) => Some(id),
+        Some(Value::Number(id)) => Some(id.to_string()),
+        _ => None,
+    })
+}
+
+/// The `advice` field: what the server wants the client to do next.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Advice {
+    /// `retry`, `handshake` or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect: Option<Reconnect>,
+    /// Milliseconds to wait before the next `/meta/connect`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<u64>,
+    /// Milliseconds the server may hold a `/meta/connect`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+}
+
+/// The `advice.reconnect` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reconnect {
+    /// Send the next `/meta/connect`.
+    Retry,
+    /// Handshake again: the session is gone.
+    Handshake,
+    /// Stop: the server does not want this client back.
+    None,
+    /// A value this client does not know; treated like `none`.
+    #[serde(other)]
+    Unknown,
+}
+
+/// The parts of a Bayeux `error` field, `code:args:message`.
+///
+/// The field is split on its first two colons, so a colon inside the message stays in the
+/// message (`403::Handshake denied: bad token` has the message `Handshake denied: bad token`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ErrorField {
+    /// The three-digit code, when the field starts with one.
+    pub code: Option<u16>,
+    /// The comma-separated arguments; `None` when the field has no colon at all.
+    pub args: Option<Vec<String>>,
+    /// The readable message; `None` when the field has fewer than two colons.
+    pub message: Option<String>,
+}
+
+impl ErrorField {
+    /// Parses an `error` field; never fails, unparsable parts are `None`.
+    pub fn parse(field: &str) -> Self {
+        let code = field
+            .get(..3)
+            .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|digits| digits.parse().ok());
+        let mut parts = field.splitn(3, ':');
+        let _code_part = parts.next();
+        let args = parts.next().map(|args| {
+            if args.is_empty() {
+                Vec::new()
+            } else {
+                args.split(',').map(str::to_owned).collect()
+            }
+        });
+        let message = parts.next().map(str::to_owned);
+        match (&args, &message) {
+            // "400": a code alone; "400:x": no message part, args are meaningless.
+            (_, None) => ErrorField {
+                code,
+                args: None,
+                message: None,
+            },
+            _ => ErrorField {
+                code,
+                args,
+                message,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// An `error` field and its expected code, args and message.
+    type ErrorCase = (
+        &'static str,
+        Option<u16>,
+        Option<Vec<&'static str>>,
+        Option<&'static str>,
+    );
+
+    #[test]
+    fn error_fields_split_on_the_first_two_colons() {
+        let cases: &[ErrorCase] = &[
+            (
+                "402::Unknown client",
+                Some(402),
+                Some(vec![]),
+                Some("Unknown client"),
+            ),
+            (
+                "403:xj3,/foo/bar:Subscription denied",
+                Some(403),
+                Some(vec!["xj3", "/foo/bar"]),
+                Some("Subscription denied"),
+            ),
+            (
+                "401:c1:Unknown client",
+                Some(401),
+                Some(vec!["c1"]),
+                Some("Unknown client"),
+            ),
+            ("::", None, Some(vec![]), Some("")),
+            ("12::", None, Some(vec![]), Some("")),
+            ("4001::x", Some(400), Some(vec![]), Some("x")),
+            ("400", Some(400), None, None),
+            ("invalid", None, None, None),
+            ("", None, None, None),
+            (
+                "403::Handshake denied: bad token",
+                Some(403),
+                Some(vec![]),
+                Some("Handshake denied: bad token"),
+            ),
+        ];
+        for (field, code, args, message) in cases {
+            let parsed = ErrorField::parse(field);
+            assert_eq!(parsed.code, *code, "code of {field:?}");
+            assert_eq!(
+                parsed.args,
+                args.as_ref()
+                    .map(|a| a.iter().map(|s| s.to_string()).collect()),
+                "args of {field:?}"
+            );
+            assert_eq!(parsed.message.as_deref(), *message, "message of {field:?}");
+        }
+    }
+
+    #[test]
+    fn a_faye_handshake_reply_round_trips() {
+        let wire = json!({
+            "channel": "/meta/handshake", "successful": true, "version": "1.0",
+            "supportedConnectionTypes": ["long-polling", "websocket"],
+            "clientId": "abc", "advice": {"reconnect": "retry", "interval": 0, "timeout": 60000}
+        });
+        let message: Message = serde_json::from_value(wire.clone()).expect("parse");
+        assert_eq!(message.client_id.as_deref(), Some("abc"));
+        assert_eq!(
+            message.advice,
+            Some(Advice {
+                reconnect: Some(Reconnect::Retry),
+                interval: Some(0),
+                timeout: Some(60000)
+            })
+        );
+        assert_eq!(serde_json::to_value(&message).expect("serialize"), wire);
+    }
+
+    #[test]
+    fn numeric_ids_and_unknown_advice_are_accepted() {
+        let message: Message = serde_json::from_value(json!({
+            "channel": "/meta/connect", "id": 7, "successful": false,
+            "advice": {"reconnect": "sideways"}
+        }))
+        .expect("parse");
+        assert_eq!(message.id.as_deref(), Some("7"));
+        assert_eq!(
+            message.advice.and_then(|a| a.reconnect),
+            Some(Reconnect::Unknown)
+        );
+    }
+
+    #[test]
+    fn replies_match_on_channel_id_and_successful() {
+        let mut request = Message::new("/chat");
+        request.id = Some("5".into());
+        // faye delivers the broadcast with the publisher's id before the ack.
+        let broadcast: Message =
+            serde_json::from_value(json!({"channel": "/chat", "id": "5", "data": {"x": 1}}))
+                .unwrap();
+        let ack: Message =
+            serde_json::from_value(json!({"channel": "/chat", "id": "5", "successful": true}))
+                .unwrap();
+        let other_ack: Message =
+            serde_json::from_value(json!({"channel": "/chat", "id": "6", "successful": true}))
+                .unwrap();
+        assert!(!broadcast.answers(&request));
+        assert!(broadcast.is_event());
+        assert!(ack.answers(&request));
+        assert!(!ack.is_event());
+        assert!(!other_ack.answers(&request));
+    }
+
+    #[test]
+    fn subscription_may_be_a_string_or_an_array() {
+        let mut message = Message::new(META_SUBSCRIBE);
+        message.subscription = Some(json!("/a"));
+        assert_eq!(message.subscriptions(), vec!["/a"]);
+        message.subscription = Some(json!(["/a", "/b"]));
+        assert_eq!(message.subscriptions(), vec!["/a", "/b"]);
+    }
+}

@@ -1,0 +1,9 @@
+//! cometd-bridge: a CometD (Bayeux) client, and a daemon that forwards CometD channels to
+//! NATS and webhooks.
+//!
+//! # Layout
+//! - [`cometd`]: the client. It uses nothing else from this crate, so it can be used alone.
+
+#![forbid(unsafe_code)]
+
+pub mod cometd;

@@ -1,0 +1,5 @@
+//! Integration tests: one binary, real servers from `support`.
+
+mod boundary;
+mod harness;
+mod support;

@@ -1,0 +1,22 @@
+//! The test harness: real servers on free loopback ports, started and probed by the test,
+//! stopped when it ends (also on panic).
+
+#![allow(dead_code)] // Each test uses only part of the harness.
+
+pub mod bayeux;
+pub mod nats;
+pub mod process;
+
+use std::path::PathBuf;
+
+/// The project's root directory.
+pub fn project_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A plain HTTP client for tests. reqwest is built without a default TLS provider (the
+/// library hands it a preconfigured rustls), so the test process installs ring once.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
