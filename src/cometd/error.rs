@@ -176,12 +176,10 @@ impl Error {
         }
     }
 
-    #[allow(dead_code)] // until the transports land
     pub(crate) fn transport(kind: TransportErrorKind) -> Self {
         Error::Transport { kind, source: None }
     }
 
-    #[allow(dead_code)] // until the transports land
     pub(crate) fn transport_from(kind: TransportErrorKind, source: impl Into<BoxError>) -> Self {
         Error::Transport {
             kind,
@@ -189,12 +187,10 @@ impl Error {
         }
     }
 
-    #[allow(dead_code)] // until the transports land
     pub(crate) fn malformed(what: impl Into<String>) -> Self {
         Error::transport(TransportErrorKind::MalformedReply(what.into()))
     }
 
-    #[allow(dead_code)] // until the transports land
     pub(crate) fn server(message: impl Into<String>, response: Option<Message>) -> Self {
         Error::Server(Box::new(ServerError {
             message: message.into(),

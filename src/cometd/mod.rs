@@ -3,14 +3,55 @@
 //! This module owns everything about talking Bayeux to a server and knows nothing of the
 //! bridge around it: no NATS, no HTTP API, no configuration files. It can be used on its
 //! own.
+//!
+//! ```no_run
+//! use cometd_bridge::cometd::{Client, ConnectionType};
+//! use futures_util::StreamExt;
+//!
+//! # async fn example() -> Result<(), cometd_bridge::cometd::Error> {
+//! let client = Client::builder("http://127.0.0.1:8000/bayeux")
+//!     .connection_types([ConnectionType::WebSocket, ConnectionType::LongPolling])
+//!     .build()?;
+//! client.open().await?;
+//! client.subscribe("/chat/**").await?;
+//! let mut messages = client.messages();
+//! while let Some(message) = messages.next().await {
+//!     match message {
+//!         Ok(message) => println!("{} {:?}", message.channel, message.data),
+//!         // The link was down longer than connection_timeout; the client keeps trying.
+//!         Err(error) => eprintln!("{error}"),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - `client`: the [`Client`] handle; `session`: the task that owns the session;
+//! - `transport`: long-polling and websocket; `tls`: certificate checks;
+//! - `message`: the wire types; `error`: the error hierarchy;
+//! - `options`: the builder; `extension`: hooks; `backoff`; `pending`: the receive queue.
 
 #![deny(missing_docs)]
 
+mod backoff;
+mod client;
 mod error;
+mod extension;
 mod message;
+mod options;
+mod pending;
+mod session;
+mod tls;
+mod transport;
 
+pub use async_trait::async_trait;
+pub use client::Client;
 pub use error::{BoxError, Error, ErrorKind, ServerError, TransportErrorKind};
+pub use extension::{AuthExtension, Extension};
 pub use message::{
     Advice, BAYEUX_VERSION, ErrorField, META_CONNECT, META_DISCONNECT, META_HANDSHAKE,
     META_SUBSCRIBE, META_UNSUBSCRIBE, Message, Reconnect,
 };
+pub use options::{ClientOptions, ConnectionType, Tls};
+pub use reqwest::header::HeaderMap;
+pub use session::{SessionState, SessionStatus};

@@ -5,6 +5,7 @@
 
 pub mod bayeux;
 pub mod nats;
+pub mod peer;
 pub mod process;
 
 use std::path::PathBuf;

@@ -1,0 +1,295 @@
+//! [`Client`]: the handle applications hold. Cloning it is cheap; every clone talks to the
+//! same session. The session task does the work; the handle sends it commands and reads
+//! its published state.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use futures_util::Stream;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::error::{Error, TransportErrorKind};
+use super::message::Message;
+use super::options::{ClientOptions, ConnectionType, ValidOptions};
+use super::pending::PendingQueue;
+use super::session::{Command, Context, Session, SessionState, SessionStatus};
+use super::transport::Shared;
+
+/// How many commands may wait for the session task before senders wait.
+const COMMAND_CAPACITY: usize = 64;
+
+/// A CometD client: open a session, subscribe, publish, and receive messages.
+///
+/// ```no_run
+/// use cometd_bridge::cometd::Client;
+/// use serde_json::json;
+///
+/// # async fn example() -> Result<(), cometd_bridge::cometd::Error> {
+/// let client = Client::builder("http://127.0.0.1:8000/bayeux").build()?;
+/// client.open().await?;
+/// client.subscribe("/chat/demo").await?;
+/// client.publish("/chat/demo", json!({"text": "hello"})).await?;
+/// let message = client.receive().await?;
+/// println!("{}: {:?}", message.channel, message.data);
+/// client.close().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ctx: Context,
+    session: Mutex<Option<SessionHandle>>,
+}
+
+/// The current session's command channel and published state.
+#[derive(Clone)]
+struct SessionHandle {
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<SessionStatus>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = self.status();
+        f.debug_struct("Client")
+            .field("url", &self.inner.ctx.shared.options.http_url.as_str())
+            .field("state", &status.state)
+            .field("connection_type", &status.connection_type)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Starts building a client for the CometD endpoint at `url`.
+    pub fn builder(url: impl Into<String>) -> ClientOptions {
+        ClientOptions::new(url)
+    }
+
+    pub(crate) fn from_options(options: ValidOptions) -> Result<Client, Error> {
+        let queue = Arc::new(PendingQueue::new(options.max_pending));
+        let shared = Arc::new(Shared::new(options, queue)?);
+        let ctx = Context {
+            shared,
+            ids: Arc::new(AtomicU64::new(1)),
+        };
+        Ok(Client {
+            inner: Arc::new(Inner {
+                ctx,
+                session: Mutex::new(None),
+            }),
+        })
+    }
+
+    fn handle(&self) -> Option<SessionHandle> {
+        self.inner
+            .session
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Handshakes, negotiates the connection type and sends the first `/meta/connect`;
+    /// from then on messages are received in the background. An unreachable server is
+    /// retried with backoff until `connection_timeout`.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidOperation`] if the client is already open;
+    /// - [`Error::NoCommonConnectionType`] if the server offers none of the accepted types;
+    /// - [`Error::Server`] if the server rejects the handshake or the first connect;
+    /// - [`Error::Transport`] if the server stays unreachable.
+    ///
+    /// On error nothing keeps running in the background.
+    pub async fn open(&self) -> Result<(), Error> {
+        let opened = {
+            let mut slot = self
+                .inner
+                .session
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(handle) = slot.as_ref()
+                && handle.status.borrow().state != SessionState::Closed
+            {
+                return Err(Error::InvalidOperation("the client is already open".into()));
+            }
+            let (commands, receiver) = mpsc::channel(COMMAND_CAPACITY);
+            let (status, watch) = watch::channel(SessionStatus::new());
+            let (opened, opened_receiver) = oneshot::channel();
+            tokio::spawn(Session::new(self.inner.ctx.clone(), receiver, status, opened).run());
+            *slot = Some(SessionHandle {
+                commands,
+                status: watch,
+            });
+            opened_receiver
+        };
+        opened.await.unwrap_or_else(|_| {
+            Err(Error::InvalidOperation(
+                "the session stopped while opening".into(),
+            ))
+        })
+    }
+
+    /// Sends `/meta/disconnect` and stops every background task. Messages already
+    /// received stay available to [`receive`](Self::receive). Closing a closed client does
+    /// nothing; a closed client can be opened again.
+    pub async fn close(&self) {
+        let Some(handle) = self.handle() else { return };
+        let (reply, done) = oneshot::channel();
+        if handle.commands.send(Command::Close { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    async fn command<T>(
+        &self,
+        what: &str,
+        make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+    ) -> Result<T, Error> {
+        let closed = || Error::InvalidOperation(format!("cannot {what}: the client is closed"));
+        let handle = self
+            .handle()
+            .filter(|handle| handle.status.borrow().open)
+            .ok_or_else(closed)?;
+        let (reply, answer) = oneshot::channel();
+        handle
+            .commands
+            .send(make(reply))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Publishes `data` on `channel` and returns the server's reply.
+    ///
+    /// # Errors
+    /// [`Error::Server`] if the server rejects it, [`Error::Transport`] if it could not be
+    /// carried, [`Error::InvalidOperation`] if the client is closed.
+    pub async fn publish(&self, channel: &str, data: Value) -> Result<Message, Error> {
+        let channel = channel.to_string();
+        self.command("publish", |reply| Command::Publish {
+            channel,
+            data,
+            reply,
+        })
+        .await
+    }
+
+    /// Subscribes to `channel` (wildcards `/*` and `/**` allowed). After a new handshake the
+    /// client subscribes again by itself.
+    ///
+    /// # Errors
+    /// As [`publish`](Self::publish).
+    pub async fn subscribe(&self, channel: &str) -> Result<(), Error> {
+        let channel = channel.to_string();
+        self.command("subscribe", |reply| Command::Subscribe { channel, reply })
+            .await
+    }
+
+    /// Unsubscribes from `channel`.
+    ///
+    /// # Errors
+    /// As [`publish`](Self::publish).
+    pub async fn unsubscribe(&self, channel: &str) -> Result<(), Error> {
+        let channel = channel.to_string();
+        self.command("unsubscribe", |reply| Command::Unsubscribe {
+            channel,
+            reply,
+        })
+        .await
+    }
+
+    /// Waits for the next message (or error) from the server.
+    ///
+    /// # Errors
+    /// - [`TransportErrorKind::ConnectionTimeout`] when the link has been down longer than
+    ///   `connection_timeout`, after every pending message was handed out. The client keeps
+    ///   reconnecting; call `receive` again to wait on;
+    /// - [`Error::Server`] when a resubscription failed after a new handshake, or when the
+    ///   server closed the session (after the messages received before it);
+    /// - [`Error::Closed`] once the client is closed and nothing is pending.
+    pub async fn receive(&self) -> Result<Message, Error> {
+        let queue = &self.inner.ctx.shared.queue;
+        let started = Instant::now();
+        loop {
+            let pushed = queue.pushed();
+            if let Some(item) = queue.pop() {
+                return item;
+            }
+            let Some(mut handle) = self.handle() else {
+                return Err(Error::Closed);
+            };
+            let status = handle.status.borrow_and_update().clone();
+            let deadline = match status.state {
+                SessionState::Closed | SessionState::Disconnecting => return Err(Error::Closed),
+                SessionState::Reconnecting | SessionState::Handshaking if status.open => self
+                    .inner
+                    .ctx
+                    .shared
+                    .options
+                    .connection_timeout
+                    .map(|timeout| status.since.max(started) + timeout),
+                _ => None,
+            };
+            tokio::select! {
+                _ = pushed => {}
+                _ = handle.status.changed() => {}
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    return Err(Error::transport(TransportErrorKind::ConnectionTimeout));
+                }
+            }
+        }
+    }
+
+    /// The received messages as a stream; it ends once the client is closed and drained.
+    /// Errors other than [`Error::Closed`] are yielded and the stream goes on.
+    pub fn messages(&self) -> impl Stream<Item = Result<Message, Error>> + Send + 'static {
+        futures_util::stream::unfold(self.clone(), |client| async move {
+            match client.receive().await {
+                Err(Error::Closed) => None,
+                item => Some((item, client)),
+            }
+        })
+    }
+
+    /// Whether the client is closed: not opened yet, closed, or closed by the server.
+    pub fn is_closed(&self) -> bool {
+        !self.status().open
+    }
+
+    /// The channels the server confirmed.
+    pub fn subscriptions(&self) -> BTreeSet<String> {
+        self.status().subscriptions
+    }
+
+    /// The negotiated connection type, once a handshake succeeded.
+    pub fn connection_type(&self) -> Option<ConnectionType> {
+        self.status().connection_type
+    }
+
+    /// How many received messages wait for [`receive`](Self::receive).
+    pub fn pending_count(&self) -> usize {
+        self.inner.ctx.shared.queue.len()
+    }
+
+    /// Whether any received message waits for [`receive`](Self::receive).
+    pub fn has_pending_messages(&self) -> bool {
+        self.pending_count() > 0
+    }
+
+    /// A snapshot of the session's state.
+    pub fn status(&self) -> SessionStatus {
+        self.handle()
+            .map_or_else(SessionStatus::new, |handle| handle.status.borrow().clone())
+    }
+
+    /// A receiver that sees every change of the session's state, for health checks and
+    /// dashboards; `None` before the first `open`.
+    pub fn watch_status(&self) -> Option<watch::Receiver<SessionStatus>> {
+        self.handle().map(|handle| handle.status)
+    }
+}

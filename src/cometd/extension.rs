@@ -1,0 +1,77 @@
+//! Extensions: code that sees every payload going out and coming in, to add or read `ext`
+//! fields and HTTP headers (authentication, acknowledgements, replay positions...).
+
+use async_trait::async_trait;
+use reqwest::header::HeaderMap;
+
+use super::error::Error;
+use super::message::Message;
+
+/// A protocol extension, called with the **whole payload** of each send and receive.
+///
+/// Both hooks default to doing nothing. Implement them with [`async_trait`]:
+///
+/// ```no_run
+/// use cometd_bridge::cometd::{async_trait, Error, Extension, HeaderMap, Message};
+///
+/// struct Tagger;
+///
+/// #[async_trait]
+/// impl Extension for Tagger {
+///     async fn outgoing(&self, payload: &mut Vec<Message>, _headers: &mut HeaderMap) -> Result<(), Error> {
+///         for message in payload {
+///             message.ext.get_or_insert_with(Default::default).insert("tag".into(), "x".into());
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Extension: Send + Sync + 'static {
+    /// Called just before a payload is sent, after ids and client id are filled in.
+    /// `headers` start as the client's configured headers; on websocket they are used only
+    /// when a socket is opened.
+    ///
+    /// # Errors
+    /// An error stops the send and is returned to whoever sent it.
+    async fn outgoing(
+        &self,
+        payload: &mut Vec<Message>,
+        headers: &mut HeaderMap,
+    ) -> Result<(), Error> {
+        let _ = (payload, headers);
+        Ok(())
+    }
+
+    /// Called just after a payload is received, before anything else looks at it. `headers`
+    /// are the HTTP response headers on long-polling, `None` on websocket.
+    ///
+    /// # Errors
+    /// An error fails the exchange the payload belongs to.
+    async fn incoming(
+        &self,
+        payload: &mut Vec<Message>,
+        headers: Option<&HeaderMap>,
+    ) -> Result<(), Error> {
+        let _ = (payload, headers);
+        Ok(())
+    }
+}
+
+/// An extension that carries credentials and can renew them.
+///
+/// When the reply to a request is a `401` or `403` error (other than an unknown-session
+/// error, which a new handshake cures), the client calls [`authenticate`](Self::authenticate)
+/// and sends the request once more, with fresh ids and the headers the outgoing hook sets
+/// now. On websocket the socket is reopened, so new headers reach the server.
+#[async_trait]
+pub trait AuthExtension: Extension {
+    /// Renews the credentials (fetch a new OAuth token, ...). The default does nothing,
+    /// which suits static credentials.
+    ///
+    /// # Errors
+    /// An error is returned to the caller of the rejected request.
+    async fn authenticate(&self) -> Result<(), Error> {
+        Ok(())
+    }
+}

@@ -1,0 +1,823 @@
+//! The session task: one per open client. It owns the transport, the client id, the
+//! server's advice and the set of subscriptions; it handshakes, negotiates the connection
+//! type, runs the `/meta/connect` loop, follows advice, backs off, re-handshakes and
+//! resubscribes. [`Client`](super::Client) handles talk to it through commands and read its
+//! state from a `watch`.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::error::{Error, TransportErrorKind};
+use super::message::{
+    Advice, BAYEUX_VERSION, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
+    META_UNSUBSCRIBE, Message, Reconnect,
+};
+use super::options::ConnectionType;
+use super::transport::{Shared, Transport};
+
+/// How long the server holds a `/meta/connect` when it has not said (faye's default).
+const DEFAULT_CONNECT_HOLD: Duration = Duration::from_secs(60);
+
+/// What a session can be doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionState {
+    /// Not opened yet.
+    Unconnected,
+    /// Handshaking, at open or after the server forgot the session.
+    Handshaking,
+    /// The last `/meta/connect` succeeded.
+    Connected,
+    /// The link failed; the session retries with backoff.
+    Reconnecting,
+    /// Closing: `/meta/disconnect` is on its way.
+    Disconnecting,
+    /// Closed by the application, by a failed open, or by the server (`reconnect: none`).
+    Closed,
+}
+
+/// A snapshot of the session, published on every change.
+#[derive(Clone, Debug)]
+pub struct SessionStatus {
+    /// What the session is doing.
+    pub state: SessionState,
+    /// When it started doing it.
+    pub since: Instant,
+    /// Whether `open` succeeded and the client has not been closed since.
+    pub open: bool,
+    /// The negotiated connection type.
+    pub connection_type: Option<ConnectionType>,
+    /// The server-assigned session id.
+    pub client_id: Option<String>,
+    /// The channels the server confirmed.
+    pub subscriptions: BTreeSet<String>,
+    /// The last failure, for operators.
+    pub last_error: Option<String>,
+}
+
+impl SessionStatus {
+    pub(crate) fn new() -> Self {
+        SessionStatus {
+            state: SessionState::Unconnected,
+            since: Instant::now(),
+            open: false,
+            connection_type: None,
+            client_id: None,
+            subscriptions: BTreeSet::new(),
+            last_error: None,
+        }
+    }
+}
+
+/// A request from a [`Client`](super::Client) handle.
+pub(crate) enum Command {
+    Publish {
+        channel: String,
+        data: Value,
+        reply: oneshot::Sender<Result<Message, Error>>,
+    },
+    Subscribe {
+        channel: String,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Unsubscribe {
+        channel: String,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// What the session needs to build requests; cheap to clone into request futures.
+#[derive(Clone)]
+pub(crate) struct Context {
+    pub(crate) shared: Arc<Shared>,
+    /// Message ids, increasing over the client's whole life (never reset by a handshake).
+    pub(crate) ids: Arc<AtomicU64>,
+}
+
+impl Context {
+    fn with_ids(&self, mut messages: Vec<Message>) -> Vec<Message> {
+        for message in &mut messages {
+            message.id = Some(self.ids.fetch_add(1, Ordering::Relaxed).to_string());
+        }
+        messages
+    }
+
+    /// Sends `messages` and returns their replies. After a 401/403 reply to the first
+    /// message, asks the auth extension to re-authenticate and sends them once more.
+    async fn exchange(
+        &self,
+        transport: &Transport,
+        messages: Vec<Message>,
+        timeout: Duration,
+    ) -> Result<Vec<Message>, Error> {
+        let replies = transport
+            .send(self.with_ids(messages.clone()), timeout)
+            .await?;
+        let Some(auth) = &self.shared.options.auth else {
+            return Ok(replies);
+        };
+        if !replies.first().is_some_and(is_auth_failure) {
+            return Ok(replies);
+        }
+        tracing::info!(channel = %messages[0].channel, "the server rejected the credentials; re-authenticating");
+        auth.authenticate().await?;
+        // A websocket sends headers only when it opens: reopen it so the new ones apply.
+        transport.reset().await;
+        transport.send(self.with_ids(messages), timeout).await
+    }
+}
+
+/// A 401 or 403 that new credentials may cure: not an unknown-session error, which a new
+/// handshake cures instead.
+fn is_auth_failure(reply: &Message) -> bool {
+    reply.successful == Some(false)
+        && reply
+            .error_field()
+            .and_then(|field| field.code)
+            .is_some_and(|code| code == 401 || code == 403)
+        && !is_unknown_session(reply)
+}
+
+/// `401::Unknown client` (faye), `402::session_unknown` (CometD), `403::Unknown client`
+/// (Salesforce): the server no longer knows this session.
+fn is_unknown_session(reply: &Message) -> bool {
+    let Some(field) = reply.error_field() else {
+        return false;
+    };
+    let message = field.message.unwrap_or_default().to_ascii_lowercase();
+    field.code == Some(402)
+        || message.contains("unknown client")
+        || message.contains("session_unknown")
+}
+
+fn failure_name(channel: &str) -> &'static str {
+    match channel {
+        META_HANDSHAKE => "handshake request failed",
+        META_CONNECT => "connect request failed",
+        META_DISCONNECT => "disconnect request failed",
+        META_SUBSCRIBE => "subscribe request failed",
+        META_UNSUBSCRIBE => "unsubscribe request failed",
+        channel if channel.starts_with("/service/") => "service request failed",
+        _ => "publish request failed",
+    }
+}
+
+/// The reply, or a server error if it says the request failed.
+fn check(reply: Message) -> Result<Message, Error> {
+    if reply.successful == Some(true) {
+        Ok(reply)
+    } else {
+        Err(Error::server(failure_name(&reply.channel), Some(reply)))
+    }
+}
+
+/// A negotiated transport and the session the server opened on it.
+struct Handshaken {
+    transport: Arc<Transport>,
+    client_id: String,
+    advice: Option<Advice>,
+}
+
+/// Handshakes over each accepted connection type in turn (so websocket-only servers work,
+/// and a refused upgrade falls back), then moves to the best type both sides support.
+async fn handshake(ctx: Context) -> Result<Handshaken, Error> {
+    let options = &ctx.shared.options;
+    let accepted: Vec<String> = options
+        .connection_types
+        .iter()
+        .map(|kind| kind.as_str().to_string())
+        .collect();
+    let mut last_error = None;
+    for (index, kind) in options.connection_types.iter().enumerate() {
+        let is_last = index + 1 == options.connection_types.len();
+        let transport = Transport::new(*kind, ctx.shared.clone());
+        let request = Message {
+            version: Some(BAYEUX_VERSION.into()),
+            minimum_version: Some(BAYEUX_VERSION.into()),
+            supported_connection_types: Some(accepted.clone()),
+            ..Message::new(META_HANDSHAKE)
+        };
+        let sent = match transport.prepare().await {
+            Ok(()) => {
+                ctx.exchange(&transport, vec![request], options.request_timeout)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        let reply = match sent {
+            Ok(mut replies) => replies.remove(0),
+            Err(error) if !is_last && matches!(error, Error::Transport { .. }) => {
+                tracing::debug!(connection_type = %kind, error = %error, "handshake failed; trying the next connection type");
+                transport.close().await;
+                last_error = Some(error);
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        let reply = check(reply)?;
+        let client_id = reply.client_id.clone().ok_or_else(|| {
+            Error::transport(TransportErrorKind::InvalidOperation(
+                "the server accepted the handshake but sent no clientId".into(),
+            ))
+        })?;
+        let offered = reply
+            .supported_connection_types
+            .clone()
+            .unwrap_or_else(|| vec![kind.as_str().into()]);
+        let common: Vec<ConnectionType> = options
+            .connection_types
+            .iter()
+            .copied()
+            .filter(|candidate| offered.iter().any(|name| name == candidate.as_str()))
+            .collect();
+        if common.is_empty() {
+            transport.close().await;
+            return Err(Error::NoCommonConnectionType { offered, accepted });
+        }
+        let mut chosen = None;
+        for candidate in common {
+            if candidate == *kind {
+                chosen = Some(transport);
+                break;
+            }
+            let other = Transport::new(candidate, ctx.shared.clone());
+            match other.prepare().await {
+                Ok(()) => {
+                    transport.close().await;
+                    chosen = Some(other);
+                    break;
+                }
+                Err(error) => {
+                    tracing::info!(connection_type = %candidate, error = %error, "cannot use the negotiated connection type; falling back")
+                }
+            }
+        }
+        let Some(transport) = chosen else {
+            return Err(last_error.unwrap_or_else(|| Error::transport(TransportErrorKind::Connect)));
+        };
+        return Ok(Handshaken {
+            transport: Arc::new(transport),
+            client_id,
+            advice: reply.advice,
+        });
+    }
+    Err(last_error.unwrap_or_else(|| Error::transport(TransportErrorKind::Connect)))
+}
+
+/// Each channel resubscribed after a new handshake, with the server's verdict.
+type Resubscription = Vec<(String, Result<(), Error>)>;
+
+/// Subscribes again to every channel after a new handshake, in one payload. A transport
+/// failure fails the whole batch; server rejections come back per channel.
+async fn resubscribe(
+    ctx: Context,
+    transport: Arc<Transport>,
+    client_id: String,
+    channels: Vec<String>,
+) -> Result<Resubscription, Error> {
+    let requests = channels
+        .iter()
+        .map(|channel| subscription_request(META_SUBSCRIBE, &client_id, channel))
+        .collect();
+    let replies = ctx
+        .exchange(&transport, requests, ctx.shared.options.request_timeout)
+        .await?;
+    Ok(channels
+        .into_iter()
+        .zip(replies)
+        .map(|(channel, reply)| (channel, check(reply).map(drop)))
+        .collect())
+}
+
+fn subscription_request(meta: &str, client_id: &str, channel: &str) -> Message {
+    Message {
+        client_id: Some(client_id.into()),
+        subscription: Some(Value::String(channel.into())),
+        ..Message::new(meta)
+    }
+}
+
+/// One `/meta/connect`. The first after a handshake asks the server not to hold it, so
+/// `open` returns at once; later ones are timed from the advised hold plus a margin.
+async fn connect(
+    ctx: Context,
+    transport: Arc<Transport>,
+    client_id: String,
+    hold: Option<Duration>,
+    first: bool,
+) -> Result<Message, Error> {
+    if !first {
+        // Backpressure: ask for more events only when the application has room for them.
+        ctx.shared.queue.wait_for_space().await;
+    }
+    let mut request = Message {
+        client_id: Some(client_id),
+        connection_type: Some(transport.connection_type().as_str().into()),
+        ..Message::new(META_CONNECT)
+    };
+    let timeout = if first {
+        request.advice = Some(Advice {
+            timeout: Some(0),
+            ..Advice::default()
+        });
+        ctx.shared.options.request_timeout
+    } else {
+        let hold = hold.unwrap_or(DEFAULT_CONNECT_HOLD);
+        hold + hold / 5 + Duration::from_secs(2)
+    };
+    let mut replies = ctx.exchange(&transport, vec![request], timeout).await?;
+    Ok(replies.remove(0))
+}
+
+/// What a finished step of the session's own work produced. One exists at a time, so
+/// its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Handshaken(Result<Handshaken, Error>),
+    Resubscribed(Result<Resubscription, Error>),
+    Connected(Result<Message, Error>),
+}
+
+/// What the session does next, possibly after a delay.
+#[derive(Clone, Copy, Debug)]
+enum Next {
+    Handshake,
+    Resubscribe,
+    Connect { first: bool },
+}
+
+/// A finished client request, ready to be answered; short-lived.
+#[allow(clippy::large_enum_variant)]
+enum Done {
+    Publish(
+        oneshot::Sender<Result<Message, Error>>,
+        Result<Message, Error>,
+    ),
+    Subscribe(
+        oneshot::Sender<Result<(), Error>>,
+        String,
+        Result<(), Error>,
+    ),
+    Unsubscribe(
+        oneshot::Sender<Result<(), Error>>,
+        String,
+        Result<(), Error>,
+    ),
+}
+
+/// The session task's state.
+pub(crate) struct Session {
+    ctx: Context,
+    commands: mpsc::Receiver<Command>,
+    status: watch::Sender<SessionStatus>,
+    /// `open`'s answer, until the first `/meta/connect` settles it.
+    opened: Option<oneshot::Sender<Result<(), Error>>>,
+    /// When `open` gives up on an unreachable server.
+    open_deadline: Option<Instant>,
+    transport: Option<Arc<Transport>>,
+    client_id: Option<String>,
+    /// The advice seen so far, merged field by field (`reconnect` is read from each reply
+    /// alone, never from an older one).
+    advice: Advice,
+    subscriptions: BTreeSet<String>,
+    /// Consecutive failures, for the backoff.
+    failures: u32,
+    /// Requests that arrived while the session was not connected.
+    deferred: VecDeque<Command>,
+}
+
+impl Session {
+    pub(crate) fn new(
+        ctx: Context,
+        commands: mpsc::Receiver<Command>,
+        status: watch::Sender<SessionStatus>,
+        opened: oneshot::Sender<Result<(), Error>>,
+    ) -> Self {
+        let open_deadline = ctx
+            .shared
+            .options
+            .connection_timeout
+            .map(|timeout| Instant::now() + timeout);
+        Session {
+            ctx,
+            commands,
+            status,
+            opened: Some(opened),
+            open_deadline,
+            transport: None,
+            client_id: None,
+            advice: Advice::default(),
+            subscriptions: BTreeSet::new(),
+            failures: 0,
+            deferred: VecDeque::new(),
+        }
+    }
+
+    /// Runs the session until it is closed by a handle, by the server, by a failed open, or
+    /// because every handle was dropped.
+    pub(crate) async fn run(mut self) {
+        self.set_state(SessionState::Handshaking, None);
+        let mut step: Option<BoxFuture<'static, Step>> = Some(self.start(Next::Handshake));
+        let mut scheduled: Option<(Instant, Next)> = None;
+        let mut requests: FuturesUnordered<BoxFuture<'static, Done>> = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    None => {
+                        self.shut_down(true).await;
+                        return;
+                    }
+                    Some(Command::Close { reply }) => {
+                        drop(step.take());
+                        self.shut_down(true).await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(command) if self.is_connected() => requests.push(self.request(command)),
+                    Some(command) => self.deferred.push_back(command),
+                },
+                Some(done) = requests.next(), if !requests.is_empty() => self.answer(done),
+                finished = async { step.as_mut().expect("guarded by is_some").await }, if step.is_some() => {
+                    step = None;
+                    match self.apply(finished) {
+                        Ok(Some((delay, next))) if delay.is_zero() => step = Some(self.start(next)),
+                        Ok(Some((delay, next))) => scheduled = Some((Instant::now() + delay, next)),
+                        Ok(None) => {}
+                        Err(()) => {
+                            self.shut_down(false).await;
+                            return;
+                        }
+                    }
+                    if self.is_connected() {
+                        while let Some(command) = self.deferred.pop_front() {
+                            requests.push(self.request(command));
+                        }
+                    }
+                },
+                _ = tokio::time::sleep_until(scheduled.map_or_else(Instant::now, |(at, _)| at)), if scheduled.is_some() => {
+                    let (_, next) = scheduled.take().expect("guarded by is_some");
+                    step = Some(self.start(next));
+                },
+            }
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        self.status.borrow().state == SessionState::Connected
+    }
+
+    fn set_state(&self, state: SessionState, error: Option<&Error>) {
+        self.status.send_modify(|status| {
+            if status.state != state {
+                // Handshaking again after a lost link is still the same outage.
+                let same_outage = matches!(
+                    status.state,
+                    SessionState::Reconnecting | SessionState::Handshaking
+                ) && matches!(
+                    state,
+                    SessionState::Reconnecting | SessionState::Handshaking
+                );
+                if !same_outage {
+                    status.since = Instant::now();
+                }
+                status.state = state;
+            }
+            if let Some(error) = error {
+                status.last_error = Some(error.to_string());
+            }
+        });
+    }
+
+    fn publish_session(&self) {
+        self.status.send_modify(|status| {
+            status.connection_type = self
+                .transport
+                .as_ref()
+                .map(|transport| transport.connection_type());
+            status.client_id = self.client_id.clone();
+            status.subscriptions = self.subscriptions.clone();
+        });
+    }
+
+    fn start(&self, next: Next) -> BoxFuture<'static, Step> {
+        let ctx = self.ctx.clone();
+        match (next, &self.transport, &self.client_id) {
+            (Next::Connect { first }, Some(transport), Some(client_id)) => {
+                let hold = self.advice.timeout.map(Duration::from_millis);
+                connect(ctx, transport.clone(), client_id.clone(), hold, first)
+                    .map(Step::Connected)
+                    .boxed()
+            }
+            (Next::Resubscribe, Some(transport), Some(client_id)) => {
+                let channels = self.subscriptions.iter().cloned().collect();
+                resubscribe(ctx, transport.clone(), client_id.clone(), channels)
+                    .map(Step::Resubscribed)
+                    .boxed()
+            }
+            _ => {
+                let previous = self.transport.clone();
+                async move {
+                    if let Some(previous) = previous {
+                        previous.close().await;
+                    }
+                    Step::Handshaken(handshake(ctx).await)
+                }
+                .boxed()
+            }
+        }
+    }
+
+    /// The delay before the next attempt after a failure.
+    fn back_off(&mut self) -> Duration {
+        let delay = self.ctx.shared.options.backoff.delay(self.failures);
+        self.failures = self.failures.saturating_add(1);
+        delay
+    }
+
+    /// While `open` waits: whether to give up on this error.
+    fn open_gives_up(&self, error: &Error) -> bool {
+        self.opened.is_some()
+            && (!error.is_retryable()
+                || self
+                    .open_deadline
+                    .is_some_and(|deadline| Instant::now() >= deadline))
+    }
+
+    /// Ends `open` with `error` if it gives up; `Err(())` then stops the session.
+    fn fail_open_if_hopeless(&mut self, error: Error) -> Result<Error, ()> {
+        if self.open_gives_up(&error) {
+            if let Some(opened) = self.opened.take() {
+                let _ = opened.send(Err(error));
+            }
+            return Err(());
+        }
+        Ok(error)
+    }
+
+    /// Takes in a finished step; returns what to do next and after how long, or `Err(())`
+    /// when the session must stop.
+    fn apply(&mut self, step: Step) -> Result<Option<(Duration, Next)>, ()> {
+        match step {
+            Step::Handshaken(Ok(handshaken)) => {
+                tracing::debug!(client_id = %handshaken.client_id, connection_type = %handshaken.transport.connection_type(), "handshake succeeded");
+                self.transport = Some(handshaken.transport);
+                self.client_id = Some(handshaken.client_id);
+                if let Some(advice) = handshaken.advice {
+                    self.merge_advice(&advice);
+                }
+                self.publish_session();
+                if self.subscriptions.is_empty() {
+                    return Ok(Some((Duration::ZERO, Next::Connect { first: true })));
+                }
+                Ok(Some((Duration::ZERO, Next::Resubscribe)))
+            }
+            Step::Handshaken(Err(error)) => {
+                let error = self.fail_open_if_hopeless(error)?;
+                if let Some(reply) = error.as_server_error().and_then(|server| server.response())
+                    && matches!(
+                        reply.advice.as_ref().and_then(|advice| advice.reconnect),
+                        Some(Reconnect::None)
+                    )
+                {
+                    let reply = reply.clone();
+                    self.server_closed(reply);
+                    return Err(());
+                }
+                tracing::warn!(error = %error, "handshake failed; retrying");
+                self.set_state(SessionState::Handshaking, Some(&error));
+                Ok(Some((self.back_off(), Next::Handshake)))
+            }
+            Step::Resubscribed(Ok(results)) => {
+                for (channel, result) in results {
+                    if let Err(error) = result {
+                        tracing::warn!(channel = %channel, error = %error, "resubscription failed after a new handshake");
+                        self.subscriptions.remove(&channel);
+                        self.ctx.shared.queue.push(Err(error));
+                    }
+                }
+                self.publish_session();
+                Ok(Some((Duration::ZERO, Next::Connect { first: true })))
+            }
+            Step::Resubscribed(Err(error)) => {
+                tracing::warn!(error = %error, "resubscription failed; handshaking again");
+                self.set_state(SessionState::Reconnecting, Some(&error));
+                Ok(Some((self.back_off(), Next::Handshake)))
+            }
+            Step::Connected(Ok(reply)) if reply.successful == Some(true) => {
+                if let Some(advice) = &reply.advice {
+                    self.merge_advice(advice);
+                }
+                self.failures = 0;
+                self.set_state(SessionState::Connected, None);
+                if let Some(opened) = self.opened.take() {
+                    self.status.send_modify(|status| status.open = true);
+                    let _ = opened.send(Ok(()));
+                }
+                let interval = Duration::from_millis(self.advice.interval.unwrap_or(0));
+                Ok(Some((interval, Next::Connect { first: false })))
+            }
+            Step::Connected(Ok(reply)) => {
+                let reconnect = reply.advice.as_ref().and_then(|advice| advice.reconnect);
+                let error = Error::server(failure_name(META_CONNECT), Some(reply.clone()));
+                match reconnect {
+                    Some(Reconnect::None | Reconnect::Unknown) => {
+                        if let Some(opened) = self.opened.take() {
+                            let _ = opened.send(Err(error));
+                            return Err(());
+                        }
+                        self.server_closed(reply);
+                        Err(())
+                    }
+                    Some(Reconnect::Handshake) | None
+                        if reconnect.is_some() || is_unknown_session(&reply) =>
+                    {
+                        tracing::info!(error = %error, "the server lost the session; handshaking again");
+                        self.set_state(SessionState::Handshaking, Some(&error));
+                        let delay = if self.failures == 0 {
+                            Duration::ZERO
+                        } else {
+                            self.back_off()
+                        };
+                        self.failures = self.failures.max(1);
+                        Ok(Some((delay, Next::Handshake)))
+                    }
+                    _ => {
+                        let error = self.fail_open_if_hopeless(error)?;
+                        tracing::warn!(error = %error, "connect rejected; retrying");
+                        self.set_state(SessionState::Reconnecting, Some(&error));
+                        Ok(Some((self.back_off(), Next::Connect { first: false })))
+                    }
+                }
+            }
+            Step::Connected(Err(error)) => {
+                let error = self.fail_open_if_hopeless(error)?;
+                tracing::warn!(error = %error, "connect failed; retrying");
+                self.set_state(SessionState::Reconnecting, Some(&error));
+                let first = self.opened.is_some();
+                Ok(Some((self.back_off(), Next::Connect { first })))
+            }
+        }
+    }
+
+    fn merge_advice(&mut self, advice: &Advice) {
+        if advice.timeout.is_some() {
+            self.advice.timeout = advice.timeout;
+        }
+        if advice.interval.is_some() {
+            self.advice.interval = advice.interval;
+        }
+    }
+
+    /// The server said `reconnect: none`: hand out what is pending, then the error.
+    fn server_closed(&mut self, reply: Message) {
+        tracing::warn!(error = ?reply.error, "the server closed the session (advice reconnect: none)");
+        let error = Error::server("connection closed by the server", Some(reply));
+        self.status
+            .send_modify(|status| status.last_error = Some(error.to_string()));
+        self.ctx.shared.queue.push(Err(error));
+    }
+
+    /// Starts a client request.
+    fn request(&self, command: Command) -> BoxFuture<'static, Done> {
+        let ctx = self.ctx.clone();
+        let transport = self
+            .transport
+            .clone()
+            .expect("connected sessions have a transport");
+        let client_id = self
+            .client_id
+            .clone()
+            .expect("connected sessions have a client id");
+        let timeout = ctx.shared.options.request_timeout;
+        async move {
+            match command {
+                Command::Publish {
+                    channel,
+                    data,
+                    reply,
+                } => {
+                    let request = Message {
+                        client_id: Some(client_id),
+                        data: Some(data),
+                        ..Message::new(channel)
+                    };
+                    let result = ctx.exchange(&transport, vec![request], timeout).await;
+                    Done::Publish(
+                        reply,
+                        result.and_then(|mut replies| check(replies.remove(0))),
+                    )
+                }
+                Command::Subscribe { channel, reply } => {
+                    let request = subscription_request(META_SUBSCRIBE, &client_id, &channel);
+                    let result = ctx.exchange(&transport, vec![request], timeout).await;
+                    Done::Subscribe(
+                        reply,
+                        channel,
+                        result.and_then(|mut replies| check(replies.remove(0)).map(drop)),
+                    )
+                }
+                Command::Unsubscribe { channel, reply } => {
+                    let request = subscription_request(META_UNSUBSCRIBE, &client_id, &channel);
+                    let result = ctx.exchange(&transport, vec![request], timeout).await;
+                    Done::Unsubscribe(
+                        reply,
+                        channel,
+                        result.and_then(|mut replies| check(replies.remove(0)).map(drop)),
+                    )
+                }
+                Command::Close { .. } => unreachable!("close is handled by the session loop"),
+            }
+        }
+        .boxed()
+    }
+
+    /// Records what a finished request changed, then answers it.
+    fn answer(&mut self, done: Done) {
+        match done {
+            Done::Publish(reply, result) => {
+                let _ = reply.send(result);
+            }
+            Done::Subscribe(reply, channel, result) => {
+                if result.is_ok() {
+                    self.subscriptions.insert(channel);
+                    self.publish_session();
+                }
+                let _ = reply.send(result);
+            }
+            Done::Unsubscribe(reply, channel, result) => {
+                if result.is_ok() {
+                    self.subscriptions.remove(&channel);
+                    self.publish_session();
+                }
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Ends the session: `/meta/disconnect` if it is connected and `polite`, then closes the
+    /// transport and answers whatever still waits.
+    async fn shut_down(&mut self, polite: bool) {
+        let was_connected = self.is_connected();
+        self.set_state(SessionState::Disconnecting, None);
+        if let (true, true, Some(transport), Some(client_id)) =
+            (polite, was_connected, &self.transport, &self.client_id)
+        {
+            let request = Message {
+                client_id: Some(client_id.clone()),
+                ..Message::new(META_DISCONNECT)
+            };
+            match self
+                .ctx
+                .exchange(
+                    transport,
+                    vec![request],
+                    self.ctx.shared.options.request_timeout,
+                )
+                .await
+            {
+                Ok(_) => tracing::debug!("disconnected"),
+                // faye closes the websocket instead of answering: that is a disconnect too.
+                Err(error) => tracing::debug!(error = %error, "disconnect got no reply"),
+            }
+        }
+        if let Some(transport) = &self.transport {
+            transport.close().await;
+        }
+        for command in self.deferred.drain(..) {
+            let closed = || {
+                Error::InvalidOperation(
+                    "the client was closed before the request could be sent".into(),
+                )
+            };
+            match command {
+                Command::Publish { reply, .. } => drop(reply.send(Err(closed()))),
+                Command::Subscribe { reply, .. } | Command::Unsubscribe { reply, .. } => {
+                    drop(reply.send(Err(closed())))
+                }
+                Command::Close { reply } => drop(reply.send(())),
+            }
+        }
+        if let Some(opened) = self.opened.take() {
+            let _ = opened.send(Err(Error::InvalidOperation(
+                "the client was closed while opening".into(),
+            )));
+        }
+        self.status.send_modify(|status| {
+            status.state = SessionState::Closed;
+            status.since = Instant::now();
+            status.open = false;
+        });
+    }
+}

@@ -1,0 +1,61 @@
+//! Long-polling: each payload is one HTTP POST whose response body holds the replies and
+//! any events the server had queued.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
+
+use super::{Shared, http_error, parse_payload, require_replies, sort_replies};
+use crate::cometd::error::{Error, TransportErrorKind};
+use crate::cometd::message::Message;
+
+pub(crate) struct LongPolling {
+    shared: Arc<Shared>,
+}
+
+impl LongPolling {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        LongPolling { shared }
+    }
+
+    pub(crate) async fn send(
+        &self,
+        mut payload: Vec<Message>,
+        timeout: Duration,
+    ) -> Result<Vec<Message>, Error> {
+        let shared = &self.shared;
+        let mut headers = shared.outgoing(&mut payload).await?;
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/json;charset=UTF-8"),
+        );
+        let body = serde_json::to_vec(&payload)
+            .map_err(|error| Error::transport_from(TransportErrorKind::Io, error))?;
+        let response = shared
+            .http
+            .post(shared.options.http_url.clone())
+            .headers(headers)
+            .body(body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(http_error)?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(Error::transport(TransportErrorKind::HttpStatus(
+                status.as_u16(),
+            )));
+        }
+        let response_headers = response.headers().clone();
+        let bytes = response.bytes().await.map_err(http_error)?;
+        let mut received = parse_payload(&bytes)?;
+        shared
+            .incoming(&mut received, Some(&response_headers))
+            .await?;
+        let (replies, events) = sort_replies(&payload, received);
+        // Events are the application's whatever happens to the replies.
+        shared.queue.extend(events);
+        require_replies(&payload, replies)
+    }
+}

@@ -1,0 +1,296 @@
+//! Transports carry payloads (arrays of Bayeux messages) to the server and bring back the
+//! replies. Events that arrive with them go straight to the pending queue, in order.
+//!
+//! Both transports share one cookie jar, one TLS configuration and the extension pipeline,
+//! so cookies set at handshake (sticky sessions, `BAYEUX_BROWSER`) follow the session from
+//! long-polling to websocket and back.
+
+mod long_polling;
+mod websocket;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::cookie::Jar;
+use reqwest::header::HeaderMap;
+
+use super::error::{Error, TransportErrorKind};
+use super::message::Message;
+use super::options::{ConnectionType, ValidOptions};
+use super::pending::PendingQueue;
+
+pub(crate) use long_polling::LongPolling;
+pub(crate) use websocket::WebSocket;
+
+/// What every transport of one client shares.
+pub(crate) struct Shared {
+    pub(crate) options: ValidOptions,
+    pub(crate) http: reqwest::Client,
+    pub(crate) jar: Arc<Jar>,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+    pub(crate) queue: Arc<PendingQueue>,
+}
+
+impl Shared {
+    pub(crate) fn new(options: ValidOptions, queue: Arc<PendingQueue>) -> Result<Self, Error> {
+        let tls = super::tls::client_config(&options.tls)?;
+        let jar = Arc::new(Jar::default());
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured((*tls).clone())
+            .cookie_provider(jar.clone())
+            .build()
+            .map_err(|error| Error::InvalidOptions(format!("HTTP client: {error}")))?;
+        Ok(Shared {
+            options,
+            http,
+            jar,
+            tls,
+            queue,
+        })
+    }
+
+    /// Runs the outgoing hooks (extensions, then auth) and returns the headers to send.
+    pub(crate) async fn outgoing(&self, payload: &mut Vec<Message>) -> Result<HeaderMap, Error> {
+        let mut headers = self.options.headers.clone();
+        for extension in &self.options.extensions {
+            extension.outgoing(payload, &mut headers).await?;
+        }
+        if let Some(auth) = &self.options.auth {
+            auth.outgoing(payload, &mut headers).await?;
+        }
+        Ok(headers)
+    }
+
+    /// Runs the incoming hooks (auth, then extensions) on a received payload.
+    pub(crate) async fn incoming(
+        &self,
+        payload: &mut Vec<Message>,
+        headers: Option<&HeaderMap>,
+    ) -> Result<(), Error> {
+        if let Some(auth) = &self.options.auth {
+            auth.incoming(payload, headers).await?;
+        }
+        for extension in &self.options.extensions {
+            extension.incoming(payload, headers).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The transport of a session.
+pub(crate) enum Transport {
+    LongPolling(LongPolling),
+    WebSocket(WebSocket),
+}
+
+impl Transport {
+    /// Makes a transport of `kind`; a websocket connects lazily on its first send.
+    pub(crate) fn new(kind: ConnectionType, shared: Arc<Shared>) -> Self {
+        match kind {
+            ConnectionType::LongPolling => Transport::LongPolling(LongPolling::new(shared)),
+            ConnectionType::WebSocket => Transport::WebSocket(WebSocket::new(shared)),
+        }
+    }
+
+    pub(crate) fn connection_type(&self) -> ConnectionType {
+        match self {
+            Transport::LongPolling(_) => ConnectionType::LongPolling,
+            Transport::WebSocket(_) => ConnectionType::WebSocket,
+        }
+    }
+
+    /// Sends `payload` and returns the reply to each of its messages, in order.
+    pub(crate) async fn send(
+        &self,
+        payload: Vec<Message>,
+        timeout: Duration,
+    ) -> Result<Vec<Message>, Error> {
+        match self {
+            Transport::LongPolling(transport) => transport.send(payload, timeout).await,
+            Transport::WebSocket(transport) => transport.send(payload, timeout).await,
+        }
+    }
+
+    /// Makes sure the transport can carry messages now: opens the websocket. Used while
+    /// negotiating, so that a refused upgrade falls back to the next connection type.
+    pub(crate) async fn prepare(&self) -> Result<(), Error> {
+        match self {
+            Transport::LongPolling(_) => Ok(()),
+            Transport::WebSocket(transport) => transport.prepare().await,
+        }
+    }
+
+    /// Drops the current connection, so the next send opens a new one with the headers the
+    /// extensions give then (after re-authentication).
+    pub(crate) async fn reset(&self) {
+        if let Transport::WebSocket(transport) = self {
+            transport.reset().await;
+        }
+    }
+
+    /// Closes the connection for good.
+    pub(crate) async fn close(&self) {
+        if let Transport::WebSocket(transport) = self {
+            transport.close().await;
+        }
+    }
+}
+
+/// Parses a received payload: a JSON array of messages (a single object is accepted too).
+pub(crate) fn parse_payload(bytes: &[u8]) -> Result<Vec<Message>, Error> {
+    match serde_json::from_slice::<Vec<Message>>(bytes) {
+        Ok(messages) => Ok(messages),
+        Err(array_error) => match serde_json::from_slice::<Message>(bytes) {
+            Ok(message) => Ok(vec![message]),
+            Err(_) => {
+                let what = if bytes.is_empty() {
+                    "empty body".to_string()
+                } else if serde_json::from_slice::<serde_json::Value>(bytes).is_ok() {
+                    format!("not an array of Bayeux messages ({array_error})")
+                } else {
+                    format!("not JSON ({array_error})")
+                };
+                Err(Error::malformed(what))
+            }
+        },
+    }
+}
+
+/// Sorts received messages into the replies to `requests` (one slot each, in request
+/// order) and the events for the application. Anything else (a reply to nothing we sent)
+/// is dropped with a debug log.
+pub(crate) fn sort_replies(
+    requests: &[Message],
+    received: Vec<Message>,
+) -> (Vec<Option<Message>>, Vec<Message>) {
+    let mut replies: Vec<Option<Message>> = vec![None; requests.len()];
+    let mut events = Vec::new();
+    for message in received {
+        let slot = requests
+            .iter()
+            .zip(replies.iter())
+            .position(|(request, reply)| reply.is_none() && message.answers(request));
+        match slot {
+            Some(index) => replies[index] = Some(message),
+            None if message.is_event() => events.push(message),
+            None => {
+                tracing::debug!(channel = %message.channel, id = ?message.id, "ignoring a reply to no pending request")
+            }
+        }
+    }
+    (replies, events)
+}
+
+/// Every request's reply, or a malformed-reply error naming the first one missing.
+pub(crate) fn require_replies(
+    requests: &[Message],
+    replies: Vec<Option<Message>>,
+) -> Result<Vec<Message>, Error> {
+    replies
+        .into_iter()
+        .zip(requests)
+        .map(|(reply, request)| {
+            reply.ok_or_else(|| {
+                Error::malformed(format!(
+                    "no reply to {} (id {})",
+                    request.channel,
+                    request.id.as_deref().unwrap_or("none")
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Maps an HTTP client error onto the transport error kinds.
+pub(crate) fn http_error(error: reqwest::Error) -> Error {
+    let kind = if error.is_timeout() {
+        TransportErrorKind::RequestTimeout
+    } else if is_tls(&error) {
+        TransportErrorKind::Tls
+    } else if error.is_connect() {
+        TransportErrorKind::Connect
+    } else {
+        TransportErrorKind::Io
+    };
+    Error::transport_from(kind, error)
+}
+
+/// Whether a rustls error is somewhere in the chain.
+pub(crate) fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = current {
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn message(value: serde_json::Value) -> Message {
+        serde_json::from_value(value).expect("message")
+    }
+
+    #[test]
+    fn malformed_payloads_are_named() {
+        let error = |bytes: &[u8]| parse_payload(bytes).expect_err("malformed").to_string();
+        assert!(error(b"").contains("empty body"));
+        assert!(error(b"<html>").contains("not JSON"));
+        assert!(error(b"42").contains("not an array"));
+        assert!(error(b"[{\"id\":\"1\"}]").contains("not an array of Bayeux messages"));
+        assert_eq!(
+            parse_payload(b"{\"channel\":\"/a\"}")
+                .expect("object")
+                .len(),
+            1
+        );
+        assert!(parse_payload(b"[]").expect("empty array").is_empty());
+    }
+
+    #[test]
+    fn replies_are_sorted_from_events_in_completion_order() {
+        let requests = vec![
+            message(json!({"channel": "/meta/connect", "id": "1"})),
+            message(json!({"channel": "/chat", "id": "2", "data": 1})),
+        ];
+        // faye answers in completion order and echoes the publisher's id on the broadcast.
+        let received = vec![
+            message(json!({"channel": "/chat", "id": "2", "data": 1})),
+            message(json!({"channel": "/chat", "id": "2", "successful": true})),
+            message(json!({"channel": "/meta/connect", "id": "1", "successful": true})),
+            message(json!({"channel": "/meta/subscribe", "id": "99", "successful": true})),
+        ];
+        let (replies, events) = sort_replies(&requests, received);
+        assert_eq!(
+            replies[0].as_ref().map(|m| m.channel.as_str()),
+            Some("/meta/connect")
+        );
+        assert_eq!(replies[1].as_ref().and_then(|m| m.successful), Some(true));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].data, Some(json!(1)));
+        assert!(require_replies(&requests, replies).is_ok());
+    }
+
+    #[test]
+    fn a_missing_reply_is_a_malformed_reply_error() {
+        let requests = vec![message(json!({"channel": "/meta/connect", "id": "7"}))];
+        let (replies, _) = sort_replies(&requests, Vec::new());
+        let error = require_replies(&requests, replies).expect_err("missing");
+        assert_eq!(
+            error.to_string(),
+            "malformed reply from the server: no reply to /meta/connect (id 7)"
+        );
+    }
+}

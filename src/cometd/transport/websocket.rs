@@ -1,0 +1,359 @@
+//! Websocket: one socket per session, opened under a lock (so two sends after a failure
+//! never open two sockets), with one reader task that hands replies to their senders and
+//! events to the pending queue.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use reqwest::cookie::CookieStore;
+use reqwest::header::{COOKIE, HeaderMap, SET_COOKIE};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message as Frame};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+
+use super::{Shared, is_tls, parse_payload};
+use crate::cometd::error::{Error, TransportErrorKind};
+use crate::cometd::message::{META_CONNECT, Message};
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub(crate) struct WebSocket {
+    shared: Arc<Shared>,
+    /// The open socket, if any; the async mutex serialises opening.
+    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+}
+
+impl WebSocket {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        WebSocket {
+            shared,
+            connection: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub(crate) async fn prepare(&self) -> Result<(), Error> {
+        let mut payload = Vec::new();
+        let headers = self.shared.outgoing(&mut payload).await?;
+        self.connection(headers).await.map(drop)
+    }
+
+    pub(crate) async fn reset(&self) {
+        if let Some(connection) = self.connection.lock().await.take() {
+            connection.shut_down().await;
+        }
+    }
+
+    pub(crate) async fn close(&self) {
+        self.reset().await;
+    }
+
+    /// The open connection, or a new one opened with `headers`.
+    async fn connection(&self, headers: HeaderMap) -> Result<Arc<Connection>, Error> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref()
+            && connection.waiting.is_alive()
+        {
+            return Ok(connection.clone());
+        }
+        let connection = Arc::new(Connection::open(self.shared.clone(), headers).await?);
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    pub(crate) async fn send(
+        &self,
+        mut payload: Vec<Message>,
+        timeout: Duration,
+    ) -> Result<Vec<Message>, Error> {
+        let headers = self.shared.outgoing(&mut payload).await?;
+        let connection = self.connection(headers).await?;
+        let receivers = connection.waiting.register(&payload)?;
+        let frame = serde_json::to_string(&payload)
+            .map_err(|error| Error::transport_from(TransportErrorKind::Io, error))?;
+        if let Err(error) = connection
+            .writer
+            .lock()
+            .await
+            .send(Frame::text(frame))
+            .await
+        {
+            connection.waiting.forget(&payload);
+            connection
+                .waiting
+                .fail_all(TransportErrorKind::ConnectionClosed);
+            return Err(socket_error(error));
+        }
+        let replies = async {
+            let mut replies = Vec::with_capacity(receivers.len());
+            for receiver in receivers {
+                match receiver.await {
+                    Ok(reply) => replies.push(reply?),
+                    Err(_) => return Err(Error::transport(TransportErrorKind::ConnectionClosed)),
+                }
+            }
+            Ok(replies)
+        };
+        match tokio::time::timeout(timeout, replies).await {
+            Ok(result) => result,
+            Err(_) => {
+                connection.waiting.forget(&payload);
+                // A socket that answers nothing in time is not trusted again.
+                self.reset_if_current(&connection).await;
+                Err(Error::transport(TransportErrorKind::RequestTimeout))
+            }
+        }
+    }
+
+    async fn reset_if_current(&self, connection: &Arc<Connection>) {
+        let mut slot = self.connection.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, connection))
+        {
+            slot.take();
+            drop(slot);
+            connection.shut_down().await;
+        }
+    }
+}
+
+/// One open socket: its write half and the reader task that owns the read half.
+struct Connection {
+    writer: tokio::sync::Mutex<SplitSink<Socket, Frame>>,
+    waiting: Arc<Waiting>,
+    reader: JoinHandle<()>,
+}
+
+impl Connection {
+    async fn open(shared: Arc<Shared>, headers: HeaderMap) -> Result<Connection, Error> {
+        let options = &shared.options;
+        let mut request = options
+            .ws_url
+            .as_str()
+            .into_client_request()
+            .map_err(|error| Error::transport_from(TransportErrorKind::WebSocketUpgrade, error))?;
+        request.headers_mut().extend(headers);
+        if let Some(cookies) = shared.jar.cookies(&options.http_url) {
+            request.headers_mut().insert(COOKIE, cookies);
+        }
+        let connector = Connector::Rustls(shared.tls.clone());
+        let connect =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector));
+        let (socket, response) = tokio::time::timeout(options.request_timeout, connect)
+            .await
+            .map_err(|_| Error::transport(TransportErrorKind::RequestTimeout))?
+            .map_err(upgrade_error)?;
+        shared.jar.set_cookies(
+            &mut response.headers().get_all(SET_COOKIE).iter(),
+            &options.http_url,
+        );
+        let (writer, reader) = socket.split();
+        let waiting = Arc::new(Waiting::default());
+        let reader = tokio::spawn(read_frames(reader, shared, waiting.clone()));
+        Ok(Connection {
+            writer: tokio::sync::Mutex::new(writer),
+            waiting,
+            reader,
+        })
+    }
+
+    async fn shut_down(&self) {
+        self.reader.abort();
+        self.waiting.fail_all(TransportErrorKind::ConnectionClosed);
+        let _ = self.writer.lock().await.close().await;
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Senders waiting for replies, by message id.
+#[derive(Default)]
+struct Waiting {
+    state: Mutex<WaitingState>,
+    /// Signalled when a request other than `/meta/connect` starts waiting, so a reader
+    /// paused by a full pending queue resumes and lets its reply through.
+    request_registered: Notify,
+}
+
+#[derive(Default)]
+struct WaitingState {
+    dead: Option<TransportErrorKind>,
+    by_id: HashMap<String, Waiter>,
+}
+
+struct Waiter {
+    channel: String,
+    reply: oneshot::Sender<Result<Message, Error>>,
+}
+
+type ReplyReceiver = oneshot::Receiver<Result<Message, Error>>;
+
+impl Waiting {
+    fn state(&self) -> std::sync::MutexGuard<'_, WaitingState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_alive(&self) -> bool {
+        self.state().dead.is_none()
+    }
+
+    fn register(&self, payload: &[Message]) -> Result<Vec<ReplyReceiver>, Error> {
+        let mut state = self.state();
+        if let Some(kind) = &state.dead {
+            return Err(Error::transport(kind.clone()));
+        }
+        let mut receivers = Vec::with_capacity(payload.len());
+        let mut wakes_reader = false;
+        for message in payload {
+            let id = message.id.clone().ok_or_else(|| {
+                Error::transport(TransportErrorKind::InvalidOperation(
+                    "a request without an id".into(),
+                ))
+            })?;
+            let (reply, receiver) = oneshot::channel();
+            wakes_reader |= message.channel != META_CONNECT;
+            state.by_id.insert(
+                id,
+                Waiter {
+                    channel: message.channel.clone(),
+                    reply,
+                },
+            );
+            receivers.push(receiver);
+        }
+        drop(state);
+        if wakes_reader {
+            self.request_registered.notify_waiters();
+        }
+        Ok(receivers)
+    }
+
+    fn forget(&self, payload: &[Message]) {
+        let mut state = self.state();
+        for id in payload.iter().filter_map(|message| message.id.as_ref()) {
+            state.by_id.remove(id);
+        }
+    }
+
+    /// Hands `message` to the sender waiting for it; gives it back when nobody waits.
+    fn resolve(&self, message: Message) -> Option<Message> {
+        if !message.is_reply() {
+            return Some(message);
+        }
+        let mut state = self.state();
+        let matches = message
+            .id
+            .as_ref()
+            .and_then(|id| state.by_id.get(id))
+            .is_some_and(|waiter| waiter.channel == message.channel);
+        if !matches {
+            return Some(message);
+        }
+        let waiter = message.id.as_ref().and_then(|id| state.by_id.remove(id))?;
+        let _ = waiter.reply.send(Ok(message));
+        None
+    }
+
+    fn has_requests_besides_connect(&self) -> bool {
+        self.state()
+            .by_id
+            .values()
+            .any(|waiter| waiter.channel != META_CONNECT)
+    }
+
+    fn fail_all(&self, kind: TransportErrorKind) {
+        let mut state = self.state();
+        state.dead.get_or_insert(kind.clone());
+        for (_, waiter) in state.by_id.drain() {
+            let _ = waiter.reply.send(Err(Error::transport(kind.clone())));
+        }
+    }
+}
+
+/// The reader task: parses frames, runs the incoming hooks, resolves replies and queues
+/// events, until the socket fails or closes.
+async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiting: Arc<Waiting>) {
+    let failure = loop {
+        // Backpressure: with the pending queue full, stop reading events, unless a request
+        // other than /meta/connect is waiting for its reply behind them.
+        while shared.queue.is_full() && !waiting.has_requests_besides_connect() {
+            let registered = waiting.request_registered.notified();
+            tokio::select! {
+                _ = shared.queue.wait_for_space() => {}
+                _ = registered => {}
+            }
+        }
+        let text = match reader.next().await {
+            Some(Ok(Frame::Text(text))) => text.as_bytes().to_vec(),
+            Some(Ok(Frame::Binary(bytes))) => bytes.to_vec(),
+            Some(Ok(Frame::Close(_))) | None => break TransportErrorKind::ConnectionClosed,
+            Some(Ok(_)) => continue, // ping, pong: handled by tungstenite
+            Some(Err(error)) => {
+                tracing::debug!(error = %error, "websocket read failed");
+                break TransportErrorKind::ConnectionClosed;
+            }
+        };
+        let mut received = match parse_payload(&text) {
+            Ok(received) => received,
+            Err(error) => {
+                tracing::warn!(error = %error, "malformed websocket frame; closing the socket");
+                break error
+                    .transport_kind()
+                    .cloned()
+                    .unwrap_or(TransportErrorKind::Io);
+            }
+        };
+        if let Err(error) = shared.incoming(&mut received, None).await {
+            tracing::warn!(error = %error, "an extension rejected an incoming payload");
+            break error
+                .transport_kind()
+                .cloned()
+                .unwrap_or(TransportErrorKind::Io);
+        }
+        let events = received
+            .into_iter()
+            .filter_map(|message| waiting.resolve(message));
+        let events: Vec<Message> = events
+            .filter(|message| {
+                let keep = message.is_event();
+                if !keep {
+                    tracing::debug!(channel = %message.channel, id = ?message.id, "ignoring a reply to no pending request");
+                }
+                keep
+            })
+            .collect();
+        shared.queue.extend(events);
+    };
+    waiting.fail_all(failure);
+}
+
+fn upgrade_error(error: tungstenite::Error) -> Error {
+    let kind = match &error {
+        tungstenite::Error::Http(_)
+        | tungstenite::Error::Protocol(_)
+        | tungstenite::Error::Url(_) => TransportErrorKind::WebSocketUpgrade,
+        tungstenite::Error::Tls(_) => TransportErrorKind::Tls,
+        tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            TransportErrorKind::Connect
+        }
+        other if is_tls(other) => TransportErrorKind::Tls,
+        _ => TransportErrorKind::Connect,
+    };
+    Error::transport_from(kind, error)
+}
+
+fn socket_error(error: tungstenite::Error) -> Error {
+    Error::transport_from(TransportErrorKind::ConnectionClosed, error)
+}
