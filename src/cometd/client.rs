@@ -247,13 +247,16 @@ impl Client {
 
     /// The received messages as a stream; it ends once the client is closed and drained.
     /// Errors other than [`Error::Closed`] are yielded and the stream goes on.
-    pub fn messages(&self) -> impl Stream<Item = Result<Message, Error>> + Send + 'static {
-        futures_util::stream::unfold(self.clone(), |client| async move {
-            match client.receive().await {
-                Err(Error::Closed) => None,
-                item => Some((item, client)),
-            }
-        })
+    pub fn messages(&self) -> impl Stream<Item = Result<Message, Error>> + Send + Unpin + 'static {
+        Box::pin(futures_util::stream::unfold(
+            self.clone(),
+            |client| async move {
+                match client.receive().await {
+                    Err(Error::Closed) => None,
+                    item => Some((item, client)),
+                }
+            },
+        ))
     }
 
     /// Whether the client is closed: not opened yet, closed, or closed by the server.

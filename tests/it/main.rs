@@ -3,4 +3,5 @@
 mod boundary;
 mod client;
 mod harness;
+mod recovery;
 mod support;

@@ -72,9 +72,37 @@ impl WebSocket {
         timeout: Duration,
     ) -> Result<Vec<Message>, Error> {
         let headers = self.shared.outgoing(&mut payload).await?;
-        let connection = self.connection(headers).await?;
-        let receivers = connection.waiting.register(&payload)?;
-        let frame = serde_json::to_string(&payload)
+        let connection = self.connection(headers.clone()).await?;
+        let result = self.send_on(&connection, &payload, timeout).await;
+        // A held /meta/connect is cut when the socket is replaced (after re-authentication)
+        // or closed by the server: send it once more on a fresh socket. Other requests are
+        // not resent, since the server may have acted on them.
+        let only_connects = payload
+            .iter()
+            .all(|message| message.channel == META_CONNECT);
+        match result {
+            Err(error)
+                if only_connects
+                    && error.transport_kind() == Some(&TransportErrorKind::ConnectionClosed) =>
+            {
+                tracing::debug!(
+                    "the socket closed under /meta/connect; resending it on a new socket"
+                );
+                let connection = self.connection(headers).await?;
+                self.send_on(&connection, &payload, timeout).await
+            }
+            result => result,
+        }
+    }
+
+    async fn send_on(
+        &self,
+        connection: &Arc<Connection>,
+        payload: &[Message],
+        timeout: Duration,
+    ) -> Result<Vec<Message>, Error> {
+        let receivers = connection.waiting.register(payload)?;
+        let frame = serde_json::to_string(payload)
             .map_err(|error| Error::transport_from(TransportErrorKind::Io, error))?;
         if let Err(error) = connection
             .writer
@@ -83,7 +111,7 @@ impl WebSocket {
             .send(Frame::text(frame))
             .await
         {
-            connection.waiting.forget(&payload);
+            connection.waiting.forget(payload);
             connection
                 .waiting
                 .fail_all(TransportErrorKind::ConnectionClosed);
@@ -102,9 +130,9 @@ impl WebSocket {
         match tokio::time::timeout(timeout, replies).await {
             Ok(result) => result,
             Err(_) => {
-                connection.waiting.forget(&payload);
+                connection.waiting.forget(payload);
                 // A socket that answers nothing in time is not trusted again.
-                self.reset_if_current(&connection).await;
+                self.reset_if_current(connection).await;
                 Err(Error::transport(TransportErrorKind::RequestTimeout))
             }
         }

@@ -93,3 +93,17 @@ macro_rules! on_every_peer {
         }
     )*};
 }
+
+/// Waits until the client's session reaches `state`.
+pub async fn wait_for_state(client: &Client, state: cometd_bridge::cometd::SessionState) {
+    let mut status = client.watch_status().expect("the client was opened");
+    tokio::time::timeout(WAIT * 2, status.wait_for(|status| status.state == state))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the session did not reach {state:?}; it is {:?}",
+                client.status()
+            )
+        })
+        .expect("the session task is alive");
+}
