@@ -1,5 +1,6 @@
 //! Integration tests: one binary, real servers from `support`.
 
+mod backpressure;
 mod boundary;
 mod client;
 mod harness;
