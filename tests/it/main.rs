@@ -4,5 +4,6 @@ mod backpressure;
 mod boundary;
 mod client;
 mod harness;
+mod malformed;
 mod recovery;
 mod support;

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // Each test uses only part of the harness.
 
 pub mod bayeux;
+pub mod fake;
 pub mod nats;
 pub mod peer;
 pub mod process;
