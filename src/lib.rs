@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //! - [`cometd`]: the client. It uses nothing else from this crate, so it can be used alone.
+//! - [`cli`]: the command line (`listen`, `publish`).
 
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod cometd;

@@ -1,14 +1,57 @@
-//! The `cometd-bridge` command line.
+//! The `cometd-bridge` command line: parses arguments, runs the command, and turns its
+//! outcome into an exit code (0 success, 1 runtime failure, 2 bad usage) and, on failure,
+//! one readable line on stderr.
+
+use std::process::ExitCode;
 
 use clap::Parser;
+use cometd_bridge::cli::{self, Cli, Command, CommandError};
+use tracing_subscriber::EnvFilter;
 
-/// Bridges CometD (Bayeux) channels to NATS subjects and HTTP webhooks.
-#[derive(Debug, Parser)]
-#[command(name = "cometd-bridge", version, about)]
-struct Cli {}
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match &cli.command {
+        Command::Listen {
+            url,
+            channels,
+            connection,
+            count,
+        } => cli::listen(url, channels, connection, *count).await,
+        Command::Publish {
+            url,
+            channel,
+            json,
+            connection,
+        } => cli::publish(url, channel, json, connection).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cometd-bridge: {}", error_chain(&error));
+            ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(1))
+        }
+    }
+}
 
-fn main() {
-    let _cli = Cli::parse();
-    eprintln!("cometd-bridge: no command is implemented yet; see the README's status table");
-    std::process::exit(2);
+/// The error and its sources, joined with ": ", skipping a source whose text the error
+/// already shows.
+fn error_chain(error: &CommandError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }

@@ -595,7 +595,12 @@ impl Session {
                     self.server_closed(reply);
                     return Err(());
                 }
-                tracing::warn!(error = %error, "handshake failed; retrying");
+                if self.opened.is_some() {
+                    // `open` reports the error if it gives up; no need to shout meanwhile.
+                    tracing::debug!(error = %error, "handshake failed; retrying");
+                } else {
+                    tracing::warn!(error = %error, "handshake failed; retrying");
+                }
                 self.set_state(SessionState::Handshaking, Some(&error));
                 Ok(Some((self.back_off(), Next::Handshake)))
             }

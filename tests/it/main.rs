@@ -2,6 +2,7 @@
 
 mod backpressure;
 mod boundary;
+mod cli;
 mod client;
 mod harness;
 mod malformed;

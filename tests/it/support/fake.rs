@@ -47,7 +47,11 @@ impl FakeServer {
                 tokio::spawn(serve(stream, shared.clone()));
             }
         });
-        FakeServer { port, behaviour, task }
+        FakeServer {
+            port,
+            behaviour,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -102,7 +106,12 @@ async fn serve(stream: TcpStream, behaviour: Arc<Mutex<Behaviour>>) {
             "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
             reply.len()
         );
-        if reader.get_mut().write_all(response.as_bytes()).await.is_err() {
+        if reader
+            .get_mut()
+            .write_all(response.as_bytes())
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -126,7 +135,9 @@ async fn valid_reply(body: &[u8]) -> String {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
-            "/meta/subscribe" | "/meta/unsubscribe" => reply["subscription"] = request["subscription"].clone(),
+            "/meta/subscribe" | "/meta/unsubscribe" => {
+                reply["subscription"] = request["subscription"].clone()
+            }
             _ => {}
         }
         replies.push(reply);

@@ -1,0 +1,177 @@
+//! The command line: clap definitions, and the `listen` and `publish` commands, which use
+//! only the CometD client.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use futures_util::StreamExt;
+
+use crate::cometd::{Client, ConnectionType, Error};
+
+/// Bridges CometD (Bayeux) channels to NATS subjects and HTTP webhooks.
+#[derive(Debug, Parser)]
+#[command(name = "cometd-bridge", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Subscribe to channels and print every message as one JSON line (the `nats sub` of
+    /// CometD).
+    Listen {
+        /// The CometD endpoint, http(s):// or ws(s)://.
+        url: String,
+        /// Channels to subscribe to; `/*` and `/**` wildcards allowed.
+        #[arg(required = true)]
+        channels: Vec<String>,
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Publish one message and print the server's reply as JSON.
+    Publish {
+        /// The CometD endpoint, http(s):// or ws(s)://.
+        url: String,
+        /// The channel to publish on.
+        channel: String,
+        /// The message data, as JSON.
+        json: String,
+        #[command(flatten)]
+        connection: ConnectionArgs,
+    },
+}
+
+/// How to reach the server.
+#[derive(Debug, clap::Args)]
+pub struct ConnectionArgs {
+    /// Use only this transport (default: websocket, then long-polling).
+    #[arg(long, value_enum)]
+    transport: Option<Transport>,
+    /// Give up when the server cannot be reached for this long ("10s", "500ms").
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    connection_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Transport {
+    Websocket,
+    LongPolling,
+}
+
+impl ConnectionArgs {
+    fn client(&self, url: &str) -> Result<Client, Error> {
+        let mut options = Client::builder(url).connection_timeout(Some(self.connection_timeout));
+        if let Some(transport) = self.transport {
+            options = options.connection_types([match transport {
+                Transport::Websocket => ConnectionType::WebSocket,
+                Transport::LongPolling => ConnectionType::LongPolling,
+            }]);
+        }
+        options.build()
+    }
+}
+
+/// Why a command failed: the exit code says which kind.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// Bad input from the user (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// A failure at run time (exit code 1).
+    #[error(transparent)]
+    Runtime(#[from] Error),
+}
+
+impl CommandError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CommandError::Usage(_) => 2,
+            CommandError::Runtime(_) => 1,
+        }
+    }
+}
+
+/// Subscribes to `channels` and prints each message as a JSON line until `count` messages
+/// were printed, the server closes the session, or the process is interrupted.
+///
+/// # Errors
+/// [`CommandError::Runtime`] when the server cannot be reached or rejects a subscription.
+pub async fn listen(
+    url: &str,
+    channels: &[String],
+    connection: &ConnectionArgs,
+    count: Option<u64>,
+) -> Result<(), CommandError> {
+    let client = connection
+        .client(url)
+        .map_err(|error| CommandError::Usage(error.to_string()))?;
+    client.open().await?;
+    for channel in channels {
+        client.subscribe(channel).await?;
+    }
+    let transport = client.connection_type().map_or("?", ConnectionType::as_str);
+    eprintln!("listening on {} ({transport})", channels.join(", "));
+    let mut printed = 0;
+    let mut messages = client.messages();
+    let result = loop {
+        if count.is_some_and(|count| printed >= count) {
+            break Ok(());
+        }
+        let message = tokio::select! {
+            message = messages.next() => message,
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+        };
+        match message {
+            Some(Ok(message)) => {
+                let line = serde_json::to_string(&message).expect("messages serialize");
+                let mut stdout = std::io::stdout().lock();
+                if writeln!(stdout, "{line}")
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    break Ok(()); // stdout closed (e.g. piped into `head`)
+                }
+                printed += 1;
+            }
+            Some(Err(error)) => break Err(error.into()),
+            None => break Ok(()),
+        }
+    };
+    client.close().await;
+    result
+}
+
+/// Publishes `json` on `channel` and prints the server's reply.
+///
+/// # Errors
+/// [`CommandError::Usage`] for invalid JSON; [`CommandError::Runtime`] when the server
+/// cannot be reached or rejects the publish.
+pub async fn publish(
+    url: &str,
+    channel: &str,
+    json: &str,
+    connection: &ConnectionArgs,
+) -> Result<(), CommandError> {
+    let data: serde_json::Value = serde_json::from_str(json)
+        .map_err(|error| CommandError::Usage(format!("the message data is not JSON: {error}")))?;
+    let client = connection
+        .client(url)
+        .map_err(|error| CommandError::Usage(error.to_string()))?;
+    client.open().await?;
+    let result = client.publish(channel, data).await;
+    client.close().await;
+    let reply = result?;
+    println!(
+        "{}",
+        serde_json::to_string(&reply).expect("messages serialize")
+    );
+    Ok(())
+}
