@@ -130,10 +130,9 @@ async fn valid_reply(body: &[u8]) -> String {
                 reply["supportedConnectionTypes"] = json!(["long-polling"]);
                 reply["advice"] = json!({ "reconnect": "retry", "interval": 0, "timeout": 100 });
             }
-            "/meta/connect" => {
-                if request["advice"]["timeout"] != json!(0) {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+            // The fake server's own hold, like a real server's timeout.
+            "/meta/connect" if request["advice"]["timeout"] != json!(0) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             "/meta/subscribe" | "/meta/unsubscribe" => {
                 reply["subscription"] = request["subscription"].clone()
