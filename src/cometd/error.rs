@@ -148,13 +148,15 @@ impl Error {
         }
     }
 
-    /// Whether trying again later may succeed: transport failures are, server rejections
-    /// and misuse are not (a server's `5xx` code is the exception).
+    /// Whether trying again later may succeed: transport failures are (except a TLS
+    /// failure, which needs a new certificate or new settings), server rejections and
+    /// misuse are not (a server's `5xx` code is the exception).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Transport { kind, .. } => {
-                !matches!(kind, TransportErrorKind::InvalidOperation(_))
-            }
+            Error::Transport { kind, .. } => !matches!(
+                kind,
+                TransportErrorKind::InvalidOperation(_) | TransportErrorKind::Tls
+            ),
             Error::Server(error) => error.error_code().is_some_and(|code| code >= 500),
             _ => false,
         }

@@ -300,3 +300,123 @@ async fn server_rejections_carry_the_parsed_error() {
         Some("publish request failed")
     );
 }
+
+/// Sets `ext.authToken` on every outgoing message and records the channels it sees come in.
+struct TokenInExt {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[cometd_bridge::cometd::async_trait]
+impl cometd_bridge::cometd::Extension for TokenInExt {
+    async fn outgoing(
+        &self,
+        payload: &mut Vec<cometd_bridge::cometd::Message>,
+        _headers: &mut cometd_bridge::cometd::HeaderMap,
+    ) -> Result<(), Error> {
+        for message in payload {
+            message
+                .ext
+                .get_or_insert_with(Default::default)
+                .insert("authToken".into(), json!("s3cret"));
+        }
+        Ok(())
+    }
+
+    async fn incoming(
+        &self,
+        payload: &mut Vec<cometd_bridge::cometd::Message>,
+        _headers: Option<&cometd_bridge::cometd::HeaderMap>,
+    ) -> Result<(), Error> {
+        let mut seen = self.seen.lock().expect("lock");
+        seen.extend(payload.iter().map(|message| message.channel.clone()));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn extensions_see_every_payload_both_ways() {
+    let server = BayeuxServer::faye(FayeOptions {
+        timeout: Some(2),
+        extensions: vec![("token-auth".into(), json!({ "token": "s3cret" }))],
+        ..FayeOptions::default()
+    })
+    .await;
+    for kind in [ConnectionType::WebSocket, ConnectionType::LongPolling] {
+        let denied = Client::builder(server.url())
+            .connection_types([kind])
+            .build()
+            .expect("options");
+        let error = denied.open().await.expect_err("no token");
+        assert_eq!(
+            error.as_server_error().and_then(|e| e.error_code()),
+            Some(403),
+            "{kind}"
+        );
+
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let client = open(
+            Client::builder(server.url())
+                .connection_types([kind])
+                .extension(TokenInExt { seen: seen.clone() }),
+        )
+        .await;
+        client.subscribe("/ext").await.expect("subscribe");
+        client.publish("/ext", json!("x")).await.expect("publish");
+        next(&client).await.expect("message");
+        let seen = seen.lock().expect("lock").clone();
+        for channel in [
+            "/meta/handshake",
+            "/meta/connect",
+            "/meta/subscribe",
+            "/ext",
+        ] {
+            assert!(
+                seen.iter().any(|c| c == channel),
+                "{kind}: the extension saw no {channel} in {seen:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn configured_headers_reach_the_server_on_both_transports() {
+    let server = BayeuxServer::faye(FayeOptions {
+        timeout: Some(2),
+        extensions: vec![("token-auth".into(), json!({ "token": "s3cret" }))],
+        ..FayeOptions::default()
+    })
+    .await;
+    for kind in [ConnectionType::WebSocket, ConnectionType::LongPolling] {
+        let client = open(
+            Client::builder(server.url())
+                .connection_types([kind])
+                .header("Authorization", "Bearer s3cret"),
+        )
+        .await;
+        client
+            .subscribe("/headers")
+            .await
+            .expect("subscribe with the header");
+    }
+}
+
+#[tokio::test]
+async fn message_ids_keep_increasing_across_sessions() {
+    let server = BayeuxServer::faye(FayeOptions {
+        timeout: Some(2),
+        ..FayeOptions::default()
+    })
+    .await;
+    let client = open(Client::builder(server.url())).await;
+    let id = |reply: cometd_bridge::cometd::Message| -> u64 {
+        reply.id.expect("an id").parse().expect("numeric")
+    };
+    let first = id(client.publish("/ids", json!(1)).await.expect("publish"));
+    client.close().await;
+    client.open().await.expect("reopen");
+    let second = id(client.publish("/ids", json!(2)).await.expect("publish"));
+    assert!(
+        second > first + 2,
+        "ids {first} then {second}: a new handshake does not reset them"
+    );
+}

@@ -8,3 +8,4 @@ mod harness;
 mod malformed;
 mod recovery;
 mod support;
+mod tls;

@@ -10,10 +10,13 @@
 //   timeout     seconds a /meta/connect is held (faye's `timeout`), default 60
 //   ping        seconds between websocket pings (faye's `ping`), default none
 //   extensions  [{ "module": "<name in ./extensions or a path>", "options": {...} }]
+//   tls         { "cert": "<PEM file>", "key": "<PEM file>" }: serve HTTPS and WSS
 //
 // Websocket and long-polling are both enabled. Prints "LISTENING <port>" on stdout once
 // the server accepts connections; exits on SIGTERM/SIGINT.
+const fs = require('fs');
 const http = require('http');
+const https = require('https');
 const path = require('path');
 const faye = require('faye');
 
@@ -32,10 +35,13 @@ for (const spec of options.extensions || []) {
   bayeux.addExtension(factory(spec.options || {}, bayeux));
 }
 
-const server = http.createServer((request, response) => {
+const notFound = (request, response) => {
   response.writeHead(404, { 'Content-Type': 'text/plain' });
   response.end('not found');
-});
+};
+const server = options.tls
+  ? https.createServer({ cert: fs.readFileSync(options.tls.cert), key: fs.readFileSync(options.tls.key) }, notFound)
+  : http.createServer(notFound);
 bayeux.attach(server);
 
 server.on('error', (error) => {

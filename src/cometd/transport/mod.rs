@@ -215,21 +215,20 @@ pub(crate) fn http_error(error: reqwest::Error) -> Error {
     Error::transport_from(kind, error)
 }
 
-/// Whether a rustls error is somewhere in the chain.
+/// Whether a rustls error is somewhere in the chain. `io::Error` hides the error it wraps
+/// from `source()`, so it is unwrapped by hand.
 pub(crate) fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(error) = current {
         if error.is::<rustls::Error>() {
             return true;
         }
-        if let Some(io) = error.downcast_ref::<std::io::Error>()
-            && io
+        current = match error.downcast_ref::<std::io::Error>() {
+            Some(io) => io
                 .get_ref()
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-        {
-            return true;
-        }
-        current = error.source();
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
     }
     false
 }

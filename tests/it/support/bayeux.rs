@@ -16,6 +16,8 @@ pub struct FayeOptions {
     pub ping: Option<u64>,
     /// Server-side extensions: a module name in `tests/peers/extensions/` and its options.
     pub extensions: Vec<(String, Value)>,
+    /// Serve HTTPS/WSS with this PEM certificate and key file.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Options for the official cometd-nodejs-server.
@@ -42,6 +44,7 @@ pub enum Flavor {
 pub struct BayeuxServer {
     flavor: Flavor,
     process: ServerProcess,
+    tls: bool,
 }
 
 impl BayeuxServer {
@@ -54,12 +57,18 @@ impl BayeuxServer {
         if let Some(ping) = options.ping {
             config["ping"] = json!(ping);
         }
+        let tls = options.tls.is_some();
+        if let Some((cert, key)) = &options.tls {
+            config["tls"] = json!({ "cert": cert, "key": key });
+        }
         config["extensions"] = options
             .extensions
             .into_iter()
             .map(|(module, options)| json!({ "module": module, "options": options }))
             .collect();
-        Self::start(Flavor::Faye, "faye-server.js", config).await
+        let mut server = Self::start(Flavor::Faye, "faye-server.js", config).await;
+        server.tls = tls;
+        server
     }
 
     /// Starts cometd-nodejs-server (long-polling) at `/cometd`.
@@ -90,6 +99,7 @@ impl BayeuxServer {
         };
         BayeuxServer {
             flavor,
+            tls: false,
             process: ServerProcess::start(recipe).await,
         }
     }
@@ -99,18 +109,22 @@ impl BayeuxServer {
         self.flavor
     }
 
-    /// The `http://` endpoint (long-polling, and websocket upgrade on faye).
+    /// The `http://` endpoint (long-polling, and websocket upgrade on faye); `https://`
+    /// at `localhost` when serving TLS.
     pub fn url(&self) -> String {
         let path = match self.flavor {
             Flavor::Faye => "/bayeux",
             Flavor::Cometd => "/cometd",
         };
-        format!("http://127.0.0.1:{}{path}", self.process.port())
+        match self.tls {
+            true => format!("https://localhost:{}{path}", self.process.port()),
+            false => format!("http://127.0.0.1:{}{path}", self.process.port()),
+        }
     }
 
-    /// The same endpoint as a `ws://` URL.
+    /// The same endpoint as a `ws://` (or `wss://`) URL.
     pub fn ws_url(&self) -> String {
-        self.url().replacen("http://", "ws://", 1)
+        self.url().replacen("http", "ws", 1)
     }
 
     /// The process, to stop, restart, freeze or thaw it.
