@@ -34,6 +34,7 @@
 #![deny(missing_docs)]
 
 mod backoff;
+mod channel;
 mod client;
 mod error;
 mod extension;
@@ -45,6 +46,7 @@ mod tls;
 mod transport;
 
 pub use async_trait::async_trait;
+pub use channel::ChannelPattern;
 pub use client::Client;
 pub use error::{BoxError, Error, ErrorKind, ServerError, TransportErrorKind};
 pub use extension::{AuthExtension, Extension};

@@ -5,6 +5,7 @@ mod boundary;
 mod cli;
 mod client;
 mod harness;
+mod interop;
 mod malformed;
 mod recovery;
 mod support;

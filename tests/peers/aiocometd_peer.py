@@ -76,6 +76,13 @@ class QuickFirstConnect(Extension):
         pass
 
 
+def _json_argument(text):
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
+
+
 def _print_json(value):
     print(json.dumps(value, separators=(",", ":")), flush=True)
 
@@ -97,8 +104,8 @@ async def _run(args):
     else:
         types = None  # aiocometd's default: websocket, else long-polling
     client = Client(args.url, types, extensions=[QuickFirstConnect()])
-    await client.open()
     try:
+        await client.open()
         if args.command == "listen":
             await client.subscribe(args.channel)
             print("READY", flush=True)
@@ -109,7 +116,11 @@ async def _run(args):
         else:
             _print_json(await client.publish(args.channel, args.data))
     finally:
-        await client.close()
+        if not client.closed:
+            await client.close()
+        elif client._transport is not None:
+            # open() failed after the handshake: free the HTTP session it left behind.
+            await client._transport.close()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,7 +141,7 @@ def main():
     publish = commands.add_parser("publish", help="publish one message")
     publish.add_argument("url")
     publish.add_argument("channel")
-    publish.add_argument("data", type=json.loads, metavar="JSON")
+    publish.add_argument("data", type=_json_argument, metavar="JSON")
     for command in (listen, publish):
         command.add_argument("--transport", choices=["websocket", "long-polling"])
     args = parser.parse_args()
