@@ -274,3 +274,41 @@ async fn a_handshake_with_a_bad_token_fails_open_with_the_server_error() {
     );
     assert!(client.is_closed());
 }
+
+/// After a restart the client resubscribes; a channel the server now refuses is reported
+/// by `receive` and dropped from the subscriptions, the others keep working.
+async fn a_failed_resubscription_is_reported(peer: Peer) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trigger = dir.path().join("deny");
+    let mut server = peer
+        .start_with(FayeOptions {
+            extensions: vec![("deny-subscribe".into(), json!({ "channel": "/denied", "triggerFile": trigger }))],
+            ..FayeOptions::default()
+        })
+        .await;
+    let client = peer.open(&server).await;
+    client.subscribe("/kept").await.expect("subscribe /kept");
+    client.subscribe("/denied").await.expect("subscribe /denied before the trigger");
+    std::fs::write(&trigger, "").expect("create trigger");
+    server.process().restart().await;
+
+    let error = next(&client).await.expect_err("the refused resubscription");
+    let server_error = error.as_server_error().expect("a server error");
+    assert_eq!(server_error.message(), "subscribe request failed");
+    assert_eq!(server_error.error_args(), Some(vec!["/denied".to_string()]));
+    wait_for_state(&client, SessionState::Connected).await;
+    assert_eq!(client.subscriptions().into_iter().collect::<Vec<_>>(), vec!["/kept".to_string()]);
+    let publisher = peer.open(&server).await;
+    publisher.publish("/kept", json!("still here")).await.expect("publish");
+    assert_eq!(next(&client).await.expect("message").data, Some(json!("still here")));
+}
+
+#[tokio::test]
+async fn a_failed_resubscription_is_reported_on_websocket() {
+    a_failed_resubscription_is_reported(Peer::FayeWebSocket).await;
+}
+
+#[tokio::test]
+async fn a_failed_resubscription_is_reported_on_long_polling() {
+    a_failed_resubscription_is_reported(Peer::FayeLongPolling).await;
+}
