@@ -9,7 +9,7 @@ use super::message::Message;
 
 /// A protocol extension, called with the **whole payload** of each send and receive.
 ///
-/// Both hooks default to doing nothing. Implement them with [`async_trait`]:
+/// Both hooks default to doing nothing. Implement them with the re-exported [`macro@async_trait`]:
 ///
 /// ```no_run
 /// use cometd_bridge::cometd::{async_trait, Error, Extension, HeaderMap, Message};
