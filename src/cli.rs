@@ -16,11 +16,27 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log line format (the filter comes from RUST_LOG).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the bridge daemon until SIGTERM or SIGINT.
+    Run {
+        /// The configuration file (.toml, .yaml, .json); default $COMETD_BRIDGE_CONFIG,
+        /// else config/default.toml.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Validate a configuration file and print every problem.
+    Check {
+        /// The configuration file.
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
     /// Subscribe to channels and print every message as one JSON line (the `nats sub` of
     /// CometD).
     Listen {
@@ -84,19 +100,65 @@ pub enum CommandError {
     /// Bad input from the user (exit code 2).
     #[error("{0}")]
     Usage(String),
+    /// An invalid configuration (exit code 2), one problem per line.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// A failure at run time (exit code 1).
     #[error(transparent)]
     Runtime(#[from] Error),
+    /// The daemon failed (exit code 1).
+    #[error(transparent)]
+    App(#[from] crate::app::AppError),
 }
 
 impl CommandError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CommandError::Usage(_) => 2,
-            CommandError::Runtime(_) => 1,
+            CommandError::Usage(_) | CommandError::Config(_) => 2,
+            CommandError::Runtime(_) | CommandError::App(_) => 1,
         }
     }
+}
+
+/// The configuration file `run` uses: `--config`, else `$COMETD_BRIDGE_CONFIG`, else
+/// `config/default.toml`.
+pub fn config_path(flag: Option<&std::path::Path>, env: &crate::config::Env) -> std::path::PathBuf {
+    flag.map(std::path::Path::to_path_buf)
+        .or_else(|| {
+            env.get("COMETD_BRIDGE_CONFIG")
+                .map(std::path::PathBuf::from)
+        })
+        .unwrap_or_else(|| "config/default.toml".into())
+}
+
+/// Validates the configuration at `path`; prints a summary when it is valid.
+///
+/// # Errors
+/// [`CommandError::Config`] with every problem.
+pub fn check(path: &std::path::Path, env: &crate::config::Env) -> Result<(), CommandError> {
+    let config = crate::config::load(path, env)?;
+    println!(
+        "{}: valid ({} sources, {} subscriptions)",
+        path.display(),
+        config.sources.len(),
+        config.subscriptions.len()
+    );
+    Ok(())
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. The configuration is validated before anything
+/// is bound.
+///
+/// # Errors
+/// [`CommandError::Config`] for a bad configuration, [`CommandError::App`] when the daemon
+/// cannot start.
+pub async fn run(path: &std::path::Path, env: &crate::config::Env) -> Result<(), CommandError> {
+    let config = crate::config::load(path, env)?;
+    let app = crate::app::App::build(config).await?;
+    tracing::info!(admin = %app.admin_address(), config = %path.display(), "cometd-bridge started");
+    app.run_until(crate::shutdown::signal()).await?;
+    Ok(())
 }
 
 /// Subscribes to `channels` and prints each message as a JSON line until `count` messages

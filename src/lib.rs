@@ -3,9 +3,21 @@
 //!
 //! # Layout
 //! - [`cometd`]: the client. It uses nothing else from this crate, so it can be used alone.
-//! - [`cli`]: the command line (`listen`, `publish`).
+//! - [`config`]: loading and validating the daemon's configuration.
+//! - [`bridge`]: source tasks (one per CometD server) and forwarders (one per subscription).
+//! - [`sink`]: NATS and webhook delivery; [`store`]: dead letters.
+//! - [`admin`]: health, readiness and metrics over HTTP; [`telemetry`]: logs and metrics.
+//! - [`app`]: the daemon put together; [`shutdown`]: signals; [`cli`]: the command line.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod bridge;
 pub mod cli;
 pub mod cometd;
+pub mod config;
+pub mod shutdown;
+pub mod sink;
+pub mod store;
+pub mod telemetry;

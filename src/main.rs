@@ -1,23 +1,25 @@
 //! The `cometd-bridge` command line: parses arguments, runs the command, and turns its
-//! outcome into an exit code (0 success, 1 runtime failure, 2 bad usage) and, on failure,
-//! one readable line on stderr.
+//! outcome into an exit code (0 success, 1 runtime failure, 2 bad usage or configuration)
+//! and, on failure, readable lines on stderr.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use cometd_bridge::cli::{self, Cli, Command, CommandError};
-use tracing_subscriber::EnvFilter;
+use cometd_bridge::{config, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let default_filter = match cli.command {
+        Command::Run { .. } => "info",
+        _ => "warn",
+    };
+    telemetry::init(cli.log_format, default_filter);
+    let env = config::process_env();
     let result = match &cli.command {
+        Command::Run { config } => cli::run(&cli::config_path(config.as_deref(), &env), &env).await,
+        Command::Check { config } => cli::check(config, &env),
         Command::Listen {
             url,
             channels,
@@ -33,6 +35,12 @@ async fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(CommandError::Config(error)) => {
+            for problem in error.problems() {
+                eprintln!("{problem}");
+            }
+            ExitCode::from(2)
+        }
         Err(error) => {
             eprintln!("cometd-bridge: {}", error_chain(&error));
             ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(1))

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use super::error::Error;
 
-/// Delays that double after each failure, randomised, never above the cap.
+/// Delays that double after each failure, randomised, never above the cap. The client
+/// uses it for reconnects; it is public so that code around the client can back off the
+/// same way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     initial: Duration,
     max: Duration,
 }
@@ -19,7 +21,7 @@ impl Backoff {
     ///
     /// # Errors
     /// [`Error::InvalidOptions`] when `initial` is zero or above `max`.
-    pub(crate) fn try_new(initial: Duration, max: Duration) -> Result<Self, Error> {
+    pub fn try_new(initial: Duration, max: Duration) -> Result<Self, Error> {
         if initial.is_zero() || initial > max {
             return Err(Error::InvalidOptions(format!(
                 "backoff: the initial delay ({initial:?}) must be above zero and at most the cap ({max:?})"
@@ -29,13 +31,13 @@ impl Backoff {
     }
 
     /// The upper bound of the delay after `failures` consecutive failures (0 for the first).
-    pub(crate) fn bound(&self, failures: u32) -> Duration {
+    pub fn bound(&self, failures: u32) -> Duration {
         let factor = 1u32.checked_shl(failures.min(31)).unwrap_or(u32::MAX);
         self.initial.saturating_mul(factor).min(self.max)
     }
 
     /// A random delay in `[0, bound(failures)]`.
-    pub(crate) fn delay(&self, failures: u32) -> Duration {
+    pub fn delay(&self, failures: u32) -> Duration {
         let bound = self.bound(failures);
         let nanos = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
         Duration::from_nanos(fastrand::u64(0..=nanos))

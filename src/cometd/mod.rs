@@ -46,6 +46,7 @@ mod tls;
 mod transport;
 
 pub use async_trait::async_trait;
+pub use backoff::Backoff;
 pub use channel::ChannelPattern;
 pub use client::Client;
 pub use error::{BoxError, Error, ErrorKind, ServerError, TransportErrorKind};

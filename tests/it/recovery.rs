@@ -282,13 +282,19 @@ async fn a_failed_resubscription_is_reported(peer: Peer) {
     let trigger = dir.path().join("deny");
     let mut server = peer
         .start_with(FayeOptions {
-            extensions: vec![("deny-subscribe".into(), json!({ "channel": "/denied", "triggerFile": trigger }))],
+            extensions: vec![(
+                "deny-subscribe".into(),
+                json!({ "channel": "/denied", "triggerFile": trigger }),
+            )],
             ..FayeOptions::default()
         })
         .await;
     let client = peer.open(&server).await;
     client.subscribe("/kept").await.expect("subscribe /kept");
-    client.subscribe("/denied").await.expect("subscribe /denied before the trigger");
+    client
+        .subscribe("/denied")
+        .await
+        .expect("subscribe /denied before the trigger");
     std::fs::write(&trigger, "").expect("create trigger");
     server.process().restart().await;
 
@@ -297,10 +303,19 @@ async fn a_failed_resubscription_is_reported(peer: Peer) {
     assert_eq!(server_error.message(), "subscribe request failed");
     assert_eq!(server_error.error_args(), Some(vec!["/denied".to_string()]));
     wait_for_state(&client, SessionState::Connected).await;
-    assert_eq!(client.subscriptions().into_iter().collect::<Vec<_>>(), vec!["/kept".to_string()]);
+    assert_eq!(
+        client.subscriptions().into_iter().collect::<Vec<_>>(),
+        vec!["/kept".to_string()]
+    );
     let publisher = peer.open(&server).await;
-    publisher.publish("/kept", json!("still here")).await.expect("publish");
-    assert_eq!(next(&client).await.expect("message").data, Some(json!("still here")));
+    publisher
+        .publish("/kept", json!("still here"))
+        .await
+        .expect("publish");
+    assert_eq!(
+        next(&client).await.expect("message").data,
+        Some(json!("still here"))
+    );
 }
 
 #[tokio::test]

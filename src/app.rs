@@ -1,0 +1,169 @@
+//! The daemon put together: [`App::build`] binds the admin listener and connects what the
+//! configuration needs (port 0 works, for tests); [`App::run_until`] runs the bridge until
+//! the shutdown future resolves, then stops it in order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::bridge::{Bridge, Parts};
+use crate::config::{Config, NatsConfig, SinkConfig};
+use crate::store::{FileStore, StoreError};
+use crate::telemetry::metrics::Metrics;
+
+/// Why the daemon could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The admin address cannot be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The NATS options cannot work.
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// A CometD client cannot be built.
+    #[error(transparent)]
+    Client(#[from] crate::cometd::Error),
+    /// The admin server failed.
+    #[error("admin server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// The daemon, bound and connected, not yet running.
+pub struct App {
+    config: Config,
+    listener: TcpListener,
+    store: FileStore,
+    nats: Option<async_nats::Client>,
+    metrics: Metrics,
+}
+
+impl App {
+    /// Opens the store, binds the admin address and starts connecting to NATS (in the
+    /// background: a NATS outage is waited out, not fatal).
+    ///
+    /// # Errors
+    /// [`AppError`] when the store, the address or the NATS options do not work.
+    pub async fn build(config: Config) -> Result<App, AppError> {
+        // reqwest is built without a default TLS provider; the process uses ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let store = FileStore::open(&config.state.path)?;
+        let listener = TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|source| AppError::Bind {
+                address: config.admin.listen,
+                source,
+            })?;
+        let uses_nats = config
+            .subscriptions
+            .iter()
+            .any(|subscription| matches!(subscription.sink, SinkConfig::Nats(_)));
+        let nats = if uses_nats {
+            Some(connect_nats(&config.nats).await?)
+        } else {
+            None
+        };
+        Ok(App {
+            config,
+            listener,
+            store,
+            nats,
+            metrics: Metrics::new(),
+        })
+    }
+
+    /// The admin server's address.
+    pub fn admin_address(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Runs until `shutdown` resolves, then stops in the contract's order and returns.
+    ///
+    /// # Errors
+    /// [`AppError`] when a source cannot be started or the admin server fails.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+        let http = reqwest::Client::builder()
+            .build()
+            .map_err(|error| AppError::Nats(format!("HTTP client: {error}")))?;
+        let bridge = Arc::new(Bridge::start(Parts {
+            config: self.config,
+            store: self.store,
+            nats: self.nats,
+            metrics: self.metrics.clone(),
+            http,
+        })?);
+        let admin_stop = CancellationToken::new();
+        let router = admin::router(AdminState {
+            bridge: bridge.clone(),
+            metrics: self.metrics,
+        });
+        let server = {
+            let admin_stop = admin_stop.clone();
+            tokio::spawn(async move {
+                axum::serve(self.listener, router)
+                    .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+                    .await
+            })
+        };
+        tracing::info!("running");
+        shutdown.await;
+        // The admin server stays up while draining, so /metrics shows it; it stops last.
+        bridge.shut_down().await;
+        admin_stop.cancel();
+        match server.await {
+            Ok(result) => result.map_err(AppError::Serve),
+            Err(error) => Err(AppError::Serve(std::io::Error::other(error))),
+        }
+    }
+}
+
+async fn connect_nats(config: &NatsConfig) -> Result<async_nats::Client, AppError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .max_reconnects(None);
+    if let Some((user, password)) = &config.user_password {
+        options = options.user_and_password(user.clone(), password.expose().to_string());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.expose().to_string());
+    }
+    if let Some(file) = &config.credentials_file {
+        options = options
+            .credentials_file(file)
+            .await
+            .map_err(|error| AppError::Nats(error.to_string()))?;
+    }
+    if let Some(file) = &config.ca_file {
+        options = options.add_root_certificates(file.clone());
+    }
+    if let Some(name) = &config.name {
+        options = options.name(name);
+    }
+    let urls: Vec<async_nats::ServerAddr> = config
+        .url
+        .split(',')
+        .map(|url| {
+            url.trim()
+                .parse()
+                .map_err(|error: std::io::Error| AppError::Nats(error.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    options
+        .connect(urls)
+        .await
+        .map_err(|error| AppError::Nats(error.to_string()))
+}

@@ -1,0 +1,105 @@
+//! The forwarder: one task per subscription that hands its messages to the sink in order,
+//! and stores what cannot be delivered as dead letters.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::envelope::Envelope;
+use crate::sink::{Outcome, Sink};
+use crate::store::{DeadLetter, FileStore};
+use crate::telemetry::metrics::Metrics;
+
+/// Why messages still queued at the end of the grace period were not delivered.
+pub const SHUTDOWN_REASON: &str = "shutdown: not delivered within the grace period";
+
+/// A subscription's delivery task.
+pub struct Forwarder {
+    /// The subscription's id.
+    pub subscription: Arc<str>,
+    /// Where messages go.
+    pub sink: Sink,
+    /// The metrics label of the sink.
+    pub sink_kind: &'static str,
+    /// Where undeliverable messages go.
+    pub store: FileStore,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+impl Forwarder {
+    /// Delivers what arrives on `queue`, one batch at a time, until the queue is closed and
+    /// empty, or until `stop` is cancelled, after which whatever is left is dead-lettered.
+    pub async fn run(self, mut queue: mpsc::Receiver<Envelope>, stop: CancellationToken) {
+        let mut batch = Vec::with_capacity(self.sink.batch_size());
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                envelope = queue.recv() => match envelope {
+                    Some(envelope) => envelope,
+                    None => return,
+                },
+            };
+            batch.push(first);
+            while batch.len() < self.sink.batch_size() {
+                match queue.try_recv() {
+                    Ok(envelope) => batch.push(envelope),
+                    Err(_) => break,
+                }
+            }
+            let outcomes = self.sink.deliver(&batch, &stop).await;
+            for (index, envelope) in batch.drain(..).enumerate() {
+                match outcomes.get(index) {
+                    Some(Outcome::Delivered) => {
+                        self.metrics.forwarded(
+                            &self.subscription,
+                            self.sink_kind,
+                            envelope.received_at.elapsed(),
+                        );
+                    }
+                    Some(Outcome::DeadLetter { reason, attempts }) => {
+                        dead_letter(&self.store, &self.metrics, &envelope, reason, *attempts).await;
+                    }
+                    None => {
+                        dead_letter(&self.store, &self.metrics, &envelope, SHUTDOWN_REASON, 0).await
+                    }
+                }
+            }
+        }
+        queue.close();
+        while let Ok(envelope) = queue.try_recv() {
+            dead_letter(&self.store, &self.metrics, &envelope, SHUTDOWN_REASON, 0).await;
+        }
+    }
+}
+
+/// Stores `envelope` as a dead letter; a store failure is logged at ERROR, since the
+/// message is then lost.
+pub async fn dead_letter(
+    store: &FileStore,
+    metrics: &Metrics,
+    envelope: &Envelope,
+    reason: &str,
+    attempts: u32,
+) {
+    let letter = DeadLetter {
+        id: envelope.delivery_id(),
+        subscription: envelope.subscription.to_string(),
+        source: envelope.source.to_string(),
+        message: envelope.to_json(),
+        reason: reason.to_string(),
+        attempts,
+        failed_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+    };
+    match store.add_dead_letter(&letter).await {
+        Ok(()) => {
+            tracing::warn!(subscription = %envelope.subscription, id = %letter.id, reason, "message stored as a dead letter");
+            metrics.dead_lettered(&envelope.subscription);
+        }
+        Err(error) => {
+            tracing::error!(subscription = %envelope.subscription, id = %letter.id, reason, error = %error, message = %letter.message, "could not store a dead letter; the message is lost");
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The daemon's configuration: loaded from TOML, YAML or JSON (by file extension) with
+//! `COMETD_BRIDGE__SECTION__KEY` environment overrides, parsed strictly, then validated
+//! into domain types with **every** problem reported under its key.
+
+mod raw;
+mod secret;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use raw::{RawConfig, RawSink, RawSubscription};
+pub use secret::Secret;
+pub use validate::{validate, validate_subscription};
+
+use crate::cometd::{ChannelPattern, ClientOptions, ConnectionType, Tls};
+use crate::sink::subject::SubjectTemplate;
+
+/// The environment, as a map, so tests pass their own instead of changing the process's.
+pub type Env = BTreeMap<String, String>;
+
+/// A configuration that passed validation.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The admin HTTP server.
+    pub admin: AdminConfig,
+    /// Runtime state.
+    pub state: StateConfig,
+    /// The NATS connection.
+    pub nats: NatsConfig,
+    /// Queues and shutdown.
+    pub bridge: BridgeConfig,
+    /// CometD servers.
+    pub sources: Vec<SourceConfig>,
+    /// Routes from channels to sinks.
+    pub subscriptions: Vec<SubscriptionConfig>,
+}
+
+/// `[admin]`
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    /// Where the admin server listens.
+    pub listen: SocketAddr,
+    /// Bearer token for `/api/*`.
+    pub token: Option<Secret>,
+}
+
+/// `[state]`
+#[derive(Clone, Debug)]
+pub struct StateConfig {
+    /// Directory of the file store.
+    pub path: PathBuf,
+}
+
+/// `[nats]`
+#[derive(Clone, Debug)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// User and password.
+    pub user_password: Option<(String, Secret)>,
+    /// Token.
+    pub token: Option<Secret>,
+    /// `.creds` file.
+    pub credentials_file: Option<PathBuf>,
+    /// CA certificate to trust.
+    pub ca_file: Option<PathBuf>,
+    /// Connection name.
+    pub name: Option<String>,
+}
+
+/// `[bridge]`
+#[derive(Clone, Debug)]
+pub struct BridgeConfig {
+    /// Messages buffered per subscription.
+    pub queue_capacity: usize,
+    /// How long shutdown waits for deliveries.
+    pub shutdown_grace: Duration,
+}
+
+/// One `[[sources]]` entry.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Unique name.
+    pub name: String,
+    /// The CometD endpoint.
+    pub url: String,
+    /// Connection types in order of preference.
+    pub connection_types: Vec<ConnectionType>,
+    /// How long the link may stay down before it counts as lost (`None`: never).
+    pub connection_timeout: Option<Duration>,
+    /// Timeout of requests other than `/meta/connect`.
+    pub request_timeout: Duration,
+    /// Prefetch limit.
+    pub max_pending_count: i64,
+    /// Extra HTTP headers.
+    pub headers: Vec<(String, Secret)>,
+    /// Certificate checks.
+    pub tls: Tls,
+}
+
+impl SourceConfig {
+    /// The CometD client options for this source.
+    pub fn client_options(&self) -> ClientOptions {
+        let mut options = ClientOptions::new(self.url.clone())
+            .connection_types(self.connection_types.iter().copied())
+            .connection_timeout(self.connection_timeout)
+            .request_timeout(self.request_timeout)
+            .max_pending_count(self.max_pending_count)
+            .tls(self.tls.clone());
+        for (name, value) in &self.headers {
+            options = options.header(name.clone(), value.expose());
+        }
+        options
+    }
+}
+
+/// One `[[subscriptions]]` entry.
+#[derive(Clone, Debug)]
+pub struct SubscriptionConfig {
+    /// Unique id.
+    pub id: String,
+    /// The source's name.
+    pub source: String,
+    /// Channel or pattern.
+    pub channel: ChannelPattern,
+    /// Where its messages go.
+    pub sink: SinkConfig,
+    /// The entry as written, for the API.
+    pub raw: RawSubscription,
+}
+
+/// Where a subscription's messages go.
+#[derive(Clone, Debug)]
+pub enum SinkConfig {
+    /// NATS, core or JetStream.
+    Nats(NatsSinkConfig),
+    /// An HTTP endpoint.
+    Webhook(WebhookSinkConfig),
+}
+
+impl SinkConfig {
+    /// `nats`, `jetstream` or `webhook`, for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Nats(nats) if nats.jetstream => "jetstream",
+            SinkConfig::Nats(_) => "nats",
+            SinkConfig::Webhook(_) => "webhook",
+        }
+    }
+}
+
+/// `sink = { type = "nats", ... }`
+#[derive(Clone, Debug)]
+pub struct NatsSinkConfig {
+    /// Where to publish.
+    pub subject: SubjectTemplate,
+    /// Through JetStream, waiting for acks.
+    pub jetstream: bool,
+    /// What to send.
+    pub payload: Payload,
+}
+
+/// The NATS message body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// The Bayeux message's `data`.
+    Data,
+    /// The whole Bayeux message.
+    Envelope,
+}
+
+/// `sink = { type = "webhook", ... }`
+#[derive(Clone, Debug)]
+pub struct WebhookSinkConfig {
+    /// The endpoint.
+    pub url: reqwest::Url,
+    /// Standard Webhooks signing key (decoded).
+    pub secret: Option<Secret>,
+    /// Timeout of one attempt.
+    pub timeout: Duration,
+    /// Attempts before dead-lettering.
+    pub max_attempts: u32,
+    /// Total time before dead-lettering.
+    pub max_elapsed: Duration,
+}
+
+/// One thing wrong with the configuration, under its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Where, e.g. `subscriptions[2].sink.url`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Problem {
+    pub(crate) fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Every problem found, one per line.
+    #[error("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        /// The problems.
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// The problems, for printing one per line.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid { problems } => problems,
+        }
+    }
+}
+
+impl From<Vec<Problem>> for ConfigError {
+    fn from(problems: Vec<Problem>) -> Self {
+        ConfigError::Invalid { problems }
+    }
+}
+
+/// Loads and validates the configuration at `path`, with overrides and `env:` secrets
+/// taken from `env`.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] listing every problem.
+pub fn load(path: &Path, env: &Env) -> Result<Config, ConfigError> {
+    let raw = parse(path, env)?;
+    validate(raw, env).map_err(ConfigError::from)
+}
+
+/// Reads the file and the environment overrides into the raw structs.
+///
+/// # Errors
+/// One problem: the file is missing, unreadable, or not shaped like the configuration.
+pub fn parse(path: &Path, env: &Env) -> Result<RawConfig, ConfigError> {
+    let one = |message: String| ConfigError::from(vec![Problem::new("", message)]);
+    let format = match path.extension().and_then(|ext| ext.to_str()) {
+        Some("toml") => config::FileFormat::Toml,
+        Some("yaml" | "yml") => config::FileFormat::Yaml,
+        Some("json") => config::FileFormat::Json,
+        _ => {
+            return Err(one(format!(
+                "{}: unknown configuration format (use .toml, .yaml, .yml or .json)",
+                path.display()
+            )));
+        }
+    };
+    if !path.is_file() {
+        return Err(one(format!("{}: no such file", path.display())));
+    }
+    let overrides: config::Map<String, String> = env
+        .iter()
+        .filter(|(name, _)| name.starts_with("COMETD_BRIDGE__"))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    let settings = config::Config::builder()
+        .add_source(config::File::from(path).format(format))
+        .add_source(
+            config::Environment::with_prefix("COMETD_BRIDGE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(overrides)),
+        )
+        .build()
+        .map_err(|error| one(format!("{}: {error}", path.display())))?;
+    settings
+        .try_deserialize()
+        .map_err(|error| one(dotted_keys(&error.to_string())))
+}
+
+/// The config crate writes nested keys as `subscriptions[0]sink`; add the missing dot.
+fn dotted_keys(message: &str) -> String {
+    let mut text = String::with_capacity(message.len() + 4);
+    let mut previous = ' ';
+    for c in message.chars() {
+        if previous == ']' && (c.is_alphanumeric() || c == '_') {
+            text.push('.');
+        }
+        text.push(c);
+        previous = c;
+    }
+    text
+}
+
+/// The process environment as an [`Env`].
+pub fn process_env() -> Env {
+    std::env::vars().collect()
+}

@@ -1,0 +1,275 @@
+//! The configuration as written: serde structs that reject unknown keys. Values stay as
+//! written (durations and secrets as strings) until `validate` turns them into domain
+//! types, so that every bad value is reported with its key, not just the first.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The admin HTTP server (health, metrics, API).
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// Where runtime state (dead letters, ...) is kept.
+    #[serde(default)]
+    pub state: RawState,
+    /// The NATS server messages are forwarded to.
+    #[serde(default)]
+    pub nats: RawNats,
+    /// Queues and shutdown.
+    #[serde(default)]
+    pub bridge: RawBridge,
+    /// The CometD servers to connect to.
+    #[serde(default)]
+    pub sources: Vec<RawSource>,
+    /// What to forward where.
+    #[serde(default)]
+    pub subscriptions: Vec<RawSubscription>,
+}
+
+/// `[admin]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Address of the admin HTTP server.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    /// Bearer token required on `/api/*`; a secret.
+    pub token: Option<String>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: default_admin_listen(),
+            token: None,
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+
+/// `[state]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    /// `file` (the embedded default).
+    #[serde(default = "default_state_backend")]
+    pub backend: String,
+    /// Directory of the file backend.
+    #[serde(default = "default_state_path")]
+    pub path: String,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        RawState {
+            backend: default_state_backend(),
+            path: default_state_path(),
+        }
+    }
+}
+
+fn default_state_backend() -> String {
+    "file".into()
+}
+
+fn default_state_path() -> String {
+    "data/state".into()
+}
+
+/// `[nats]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNats {
+    /// Server URL(s), comma-separated.
+    #[serde(default = "default_nats_url")]
+    pub url: String,
+    /// User name, with `password`.
+    pub user: Option<String>,
+    /// Password; a secret.
+    pub password: Option<String>,
+    /// Token authentication; a secret.
+    pub token: Option<String>,
+    /// A `.creds` file (JWT + nkey).
+    pub credentials_file: Option<String>,
+    /// CA certificate (PEM) to verify the server.
+    pub ca_file: Option<String>,
+    /// Connection name shown by the server.
+    pub name: Option<String>,
+}
+
+impl Default for RawNats {
+    fn default() -> Self {
+        RawNats {
+            url: default_nats_url(),
+            user: None,
+            password: None,
+            token: None,
+            credentials_file: None,
+            ca_file: None,
+            name: None,
+        }
+    }
+}
+
+fn default_nats_url() -> String {
+    "nats://127.0.0.1:4222".into()
+}
+
+/// `[bridge]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBridge {
+    /// Messages buffered per subscription between the source and its sink.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: i64,
+    /// How long shutdown waits for in-flight deliveries before dead-lettering them.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: String,
+}
+
+impl Default for RawBridge {
+    fn default() -> Self {
+        RawBridge {
+            queue_capacity: default_queue_capacity(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+fn default_queue_capacity() -> i64 {
+    1000
+}
+
+fn default_shutdown_grace() -> String {
+    "15s".into()
+}
+
+/// `[[sources]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// Unique name, used in subjects, headers and metrics.
+    pub name: String,
+    /// The CometD endpoint.
+    pub url: String,
+    /// Connection types in order of preference.
+    #[serde(default = "default_connection_types")]
+    pub connection_types: Vec<String>,
+    /// How long the link may stay down before it counts as lost.
+    #[serde(default = "default_connection_timeout")]
+    pub connection_timeout: String,
+    /// Request timeout for everything but `/meta/connect`.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: String,
+    /// Messages the client prefetches before it stops polling.
+    #[serde(default = "default_max_pending_count")]
+    pub max_pending_count: i64,
+    /// Extra HTTP headers; values may be secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// TLS settings.
+    #[serde(default)]
+    pub tls: RawTls,
+    /// Salesforce-style replay extension.
+    #[serde(default)]
+    pub replay: bool,
+}
+
+fn default_connection_types() -> Vec<String> {
+    vec!["websocket".into(), "long-polling".into()]
+}
+
+fn default_connection_timeout() -> String {
+    "10s".into()
+}
+
+fn default_request_timeout() -> String {
+    "30s".into()
+}
+
+fn default_max_pending_count() -> i64 {
+    100
+}
+
+/// `tls = { ... }` of a source.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// Accept any certificate (test servers only).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Trust this CA certificate (PEM) instead of the Mozilla roots.
+    pub ca_file: Option<String>,
+    /// Accept only the certificate with this SHA-256 fingerprint.
+    pub fingerprint: Option<String>,
+}
+
+/// `[[subscriptions]]`
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSubscription {
+    /// Unique id.
+    pub id: String,
+    /// The source's name.
+    pub source: String,
+    /// Channel or pattern (`/*`, `/**`).
+    pub channel: String,
+    /// Where messages go.
+    pub sink: RawSink,
+}
+
+/// `sink = { type = "nats" | "webhook", ... }`
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RawSink {
+    /// Publish on NATS.
+    Nats {
+        /// Subject template with `{source}`, `{subscription}`, `{channel}`.
+        subject: String,
+        /// Publish through JetStream and wait for its ack.
+        #[serde(default)]
+        jetstream: bool,
+        /// `data` (the message's data) or `envelope` (the whole Bayeux message).
+        #[serde(default = "default_payload")]
+        payload: String,
+    },
+    /// POST to an HTTP endpoint.
+    Webhook {
+        /// The endpoint.
+        url: String,
+        /// Standard Webhooks signing secret (`whsec_...` or raw); a secret.
+        secret: Option<String>,
+        /// Timeout of one attempt.
+        #[serde(default = "default_webhook_timeout")]
+        timeout: String,
+        /// Attempts before the message is dead-lettered.
+        #[serde(default = "default_max_attempts")]
+        max_attempts: i64,
+        /// Total time before the message is dead-lettered.
+        #[serde(default = "default_max_elapsed")]
+        max_elapsed: String,
+    },
+}
+
+fn default_payload() -> String {
+    "data".into()
+}
+
+fn default_webhook_timeout() -> String {
+    "10s".into()
+}
+
+fn default_max_attempts() -> i64 {
+    8
+}
+
+fn default_max_elapsed() -> String {
+    "5m".into()
+}

@@ -1,0 +1,489 @@
+//! Turns the raw configuration into domain types, collecting every problem with its key
+//! path instead of stopping at the first. The admin API validates posted subscriptions
+//! with [`validate_subscription`], so both paths name fields the same way.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+
+use super::raw::{RawConfig, RawSink, RawSource, RawSubscription, RawTls};
+use super::{
+    AdminConfig, BridgeConfig, Config, Env, NatsConfig, NatsSinkConfig, Payload, Problem, Secret,
+    SinkConfig, SourceConfig, StateConfig, SubscriptionConfig, WebhookSinkConfig,
+};
+use crate::cometd::{ChannelPattern, ConnectionType, Tls};
+use crate::sink::subject::SubjectTemplate;
+
+/// Collects problems while values are converted.
+struct Checker<'a> {
+    problems: Vec<Problem>,
+    env: &'a Env,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem::new(key, message));
+    }
+
+    fn duration(&mut self, key: &str, text: &str) -> Duration {
+        humantime::parse_duration(text).unwrap_or_else(|error| {
+            self.problem(
+                key,
+                format!("{text:?} is not a duration ({error}); write e.g. \"10s\" or \"250ms\""),
+            );
+            Duration::ZERO
+        })
+    }
+
+    fn positive_duration(&mut self, key: &str, text: &str) -> Duration {
+        let duration = self.duration(key, text);
+        if duration.is_zero() && humantime::parse_duration(text).is_ok() {
+            self.problem(key, "must be more than zero");
+        }
+        duration
+    }
+
+    fn secret(&mut self, key: &str, spec: &str) -> Option<Secret> {
+        let env = |name: &str| self.env.get(name).cloned();
+        match Secret::resolve(spec, &env) {
+            Ok(secret) => Some(secret),
+            Err(message) => {
+                self.problem(key, message);
+                None
+            }
+        }
+    }
+
+    fn name(&mut self, key: &str, name: &str) {
+        if name.is_empty() {
+            self.problem(key, "must not be empty");
+        } else if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            self.problem(
+                key,
+                format!("{name:?} may only contain letters, digits, '-', '_' and '.'"),
+            );
+        }
+    }
+
+    fn positive(&mut self, key: &str, value: i64) -> u32 {
+        match u32::try_from(value) {
+            Ok(value) if value > 0 => value,
+            _ => {
+                self.problem(key, format!("must be a positive number, not {value}"));
+                1
+            }
+        }
+    }
+}
+
+/// Validates the whole configuration.
+///
+/// # Errors
+/// Every problem found.
+pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
+    let mut check = Checker {
+        problems: Vec::new(),
+        env,
+    };
+
+    let listen = raw.admin.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+        check.problem(
+            "admin.listen",
+            format!(
+                "{:?} is not an address like 127.0.0.1:8080",
+                raw.admin.listen
+            ),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    });
+    let token = raw
+        .admin
+        .token
+        .as_deref()
+        .and_then(|spec| check.secret("admin.token", spec));
+    if token
+        .as_ref()
+        .is_some_and(|token| token.expose().is_empty())
+    {
+        check.problem("admin.token", "must not be empty");
+    }
+
+    if raw.state.backend != "file" {
+        check.problem(
+            "state.backend",
+            format!(
+                "{:?} is not available; \"file\" is the only backend so far",
+                raw.state.backend
+            ),
+        );
+    }
+    if raw.state.path.is_empty() {
+        check.problem("state.path", "must not be empty");
+    }
+
+    let nats = nats_config(&mut check, &raw);
+
+    let queue_capacity =
+        usize::try_from(check.positive("bridge.queue_capacity", raw.bridge.queue_capacity))
+            .unwrap_or(1);
+    let shutdown_grace = check.duration("bridge.shutdown_grace", &raw.bridge.shutdown_grace);
+
+    let mut sources = Vec::new();
+    let mut names = BTreeSet::new();
+    for (index, source) in raw.sources.iter().enumerate() {
+        let key = format!("sources[{index}]");
+        if !names.insert(source.name.clone()) {
+            check.problem(
+                format!("{key}.name"),
+                format!("{:?} is used by another source", source.name),
+            );
+        }
+        sources.push(source_config(&mut check, &key, source));
+    }
+
+    let mut subscriptions = Vec::new();
+    let mut ids = BTreeSet::new();
+    for (index, subscription) in raw.subscriptions.iter().enumerate() {
+        let key = format!("subscriptions[{index}]");
+        if !ids.insert(subscription.id.clone()) {
+            check.problem(
+                format!("{key}.id"),
+                format!("{:?} is used by another subscription", subscription.id),
+            );
+        }
+        match validate_subscription(subscription, &key, &names, env) {
+            Ok(subscription) => subscriptions.push(subscription),
+            Err(problems) => check.problems.extend(problems),
+        }
+    }
+
+    if !check.problems.is_empty() {
+        return Err(check.problems);
+    }
+    Ok(Config {
+        admin: AdminConfig { listen, token },
+        state: StateConfig {
+            path: PathBuf::from(&raw.state.path),
+        },
+        nats,
+        bridge: BridgeConfig {
+            queue_capacity,
+            shutdown_grace,
+        },
+        sources,
+        subscriptions,
+    })
+}
+
+fn nats_config(check: &mut Checker<'_>, raw: &RawConfig) -> NatsConfig {
+    let nats = &raw.nats;
+    for (index, url) in nats.url.split(',').enumerate() {
+        let url = url.trim();
+        let valid = reqwest::Url::parse(url).is_ok_and(|parsed| {
+            ["nats", "tls", "ws", "wss"].contains(&parsed.scheme()) && parsed.host_str().is_some()
+        });
+        if !valid {
+            let which = if nats.url.contains(',') {
+                format!(" (URL {})", index + 1)
+            } else {
+                String::new()
+            };
+            check.problem("nats.url", format!("{url:?} is not a nats:// URL{which}"));
+        }
+    }
+    let user_password = match (&nats.user, &nats.password) {
+        (Some(user), Some(password)) => check
+            .secret("nats.password", password)
+            .map(|password| (user.clone(), password)),
+        (None, None) => None,
+        _ => {
+            check.problem("nats.user", "user and password go together");
+            None
+        }
+    };
+    let token = nats
+        .token
+        .as_deref()
+        .and_then(|spec| check.secret("nats.token", spec));
+    for (key, file) in [
+        ("nats.credentials_file", &nats.credentials_file),
+        ("nats.ca_file", &nats.ca_file),
+    ] {
+        if let Some(file) = file
+            && !std::path::Path::new(file).is_file()
+        {
+            check.problem(key, format!("{file}: no such file"));
+        }
+    }
+    NatsConfig {
+        url: nats.url.clone(),
+        user_password,
+        token,
+        credentials_file: nats.credentials_file.as_ref().map(PathBuf::from),
+        ca_file: nats.ca_file.as_ref().map(PathBuf::from),
+        name: nats.name.clone(),
+    }
+}
+
+fn source_config(check: &mut Checker<'_>, key: &str, source: &RawSource) -> SourceConfig {
+    check.name(&format!("{key}.name"), &source.name);
+    match reqwest::Url::parse(&source.url) {
+        Ok(url) if ["http", "https", "ws", "wss"].contains(&url.scheme()) => {}
+        Ok(url) => check.problem(
+            format!("{key}.url"),
+            format!("scheme {:?} is not http, https, ws or wss", url.scheme()),
+        ),
+        Err(error) => check.problem(format!("{key}.url"), format!("{:?}: {error}", source.url)),
+    }
+    let mut connection_types = Vec::new();
+    for (index, name) in source.connection_types.iter().enumerate() {
+        match name.parse::<ConnectionType>() {
+            Ok(kind) => connection_types.push(kind),
+            Err(_) => check.problem(
+                format!("{key}.connection_types[{index}]"),
+                format!("{name:?} is not \"websocket\" or \"long-polling\""),
+            ),
+        }
+    }
+    if source.connection_types.is_empty() {
+        check.problem(
+            format!("{key}.connection_types"),
+            "must name at least one connection type",
+        );
+    }
+    let connection_timeout = check.duration(
+        &format!("{key}.connection_timeout"),
+        &source.connection_timeout,
+    );
+    let request_timeout =
+        check.positive_duration(&format!("{key}.request_timeout"), &source.request_timeout);
+    let mut headers = Vec::new();
+    for (name, value) in &source.headers {
+        let header_key = format!("{key}.headers.{name}");
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            check.problem(&header_key, "is not a valid HTTP header name");
+        }
+        if let Some(secret) = check.secret(&header_key, value) {
+            if reqwest::header::HeaderValue::from_str(secret.expose()).is_err() {
+                check.problem(&header_key, "the value is not a valid HTTP header value");
+            }
+            headers.push((name.clone(), secret));
+        }
+    }
+    let tls = tls_config(check, &format!("{key}.tls"), &source.tls);
+    if source.replay {
+        check.problem(
+            format!("{key}.replay"),
+            "the replay extension is not available yet",
+        );
+    }
+    SourceConfig {
+        name: source.name.clone(),
+        url: source.url.clone(),
+        connection_types,
+        connection_timeout: Some(connection_timeout).filter(|timeout| !timeout.is_zero()),
+        request_timeout,
+        max_pending_count: source.max_pending_count,
+        headers,
+        tls,
+    }
+}
+
+fn tls_config(check: &mut Checker<'_>, key: &str, tls: &RawTls) -> Tls {
+    let chosen = [
+        tls.insecure,
+        tls.ca_file.is_some(),
+        tls.fingerprint.is_some(),
+    ]
+    .iter()
+    .filter(|set| **set)
+    .count();
+    if chosen > 1 {
+        check.problem(key, "set only one of insecure, ca_file and fingerprint");
+        return Tls::Verify;
+    }
+    if tls.insecure {
+        return Tls::Insecure;
+    }
+    if let Some(fingerprint) = &tls.fingerprint {
+        return Tls::fingerprint(fingerprint).unwrap_or_else(|_| {
+            check.problem(
+                format!("{key}.fingerprint"),
+                "is not a SHA-256 fingerprint (64 hex digits, optionally sha256:)",
+            );
+            Tls::Verify
+        });
+    }
+    if let Some(file) = &tls.ca_file {
+        return match ca_config(file) {
+            Ok(config) => Tls::Config(config),
+            Err(message) => {
+                check.problem(format!("{key}.ca_file"), message);
+                Tls::Verify
+            }
+        };
+    }
+    Tls::Verify
+}
+
+/// A rustls configuration trusting the certificates in the PEM file `file`.
+fn ca_config(file: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let certificates =
+        CertificateDer::pem_file_iter(file).map_err(|error| format!("{file}: {error}"))?;
+    for certificate in certificates {
+        let certificate = certificate.map_err(|error| format!("{file}: {error}"))?;
+        roots
+            .add(certificate)
+            .map_err(|error| format!("{file}: {error}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{file}: no certificate found"));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|error| error.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Validates one subscription, as in the file or posted to the API, naming problems under
+/// `key` (e.g. `subscriptions[2]`, or `` for an API body).
+///
+/// # Errors
+/// Every problem found.
+pub fn validate_subscription(
+    raw: &RawSubscription,
+    key: &str,
+    sources: &BTreeSet<String>,
+    env: &Env,
+) -> Result<SubscriptionConfig, Vec<Problem>> {
+    let mut check = Checker {
+        problems: Vec::new(),
+        env,
+    };
+    let field = |name: &str| {
+        if key.is_empty() {
+            name.to_string()
+        } else {
+            format!("{key}.{name}")
+        }
+    };
+    check.name(&field("id"), &raw.id);
+    if !sources.contains(&raw.source) {
+        check.problem(
+            field("source"),
+            format!("no source is named {:?}", raw.source),
+        );
+    }
+    let channel = ChannelPattern::new(&raw.channel).map_err(|error| {
+        let message = error.to_string();
+        check.problem(
+            field("channel"),
+            message
+                .trim_start_matches("invalid client options: ")
+                .to_string(),
+        );
+    });
+    if raw.channel.starts_with("/meta/") {
+        check.problem(field("channel"), "meta channels cannot be subscribed to");
+    }
+    let sink = match &raw.sink {
+        RawSink::Nats {
+            subject,
+            jetstream,
+            payload,
+        } => {
+            let subject = SubjectTemplate::parse(subject)
+                .map_err(|message| check.problem(field("sink.subject"), message));
+            let payload = match payload.as_str() {
+                "data" => Payload::Data,
+                "envelope" => Payload::Envelope,
+                other => {
+                    check.problem(
+                        field("sink.payload"),
+                        format!("{other:?} is not \"data\" or \"envelope\""),
+                    );
+                    Payload::Data
+                }
+            };
+            subject.ok().map(|subject| {
+                SinkConfig::Nats(NatsSinkConfig {
+                    subject,
+                    jetstream: *jetstream,
+                    payload,
+                })
+            })
+        }
+        RawSink::Webhook {
+            url,
+            secret,
+            timeout,
+            max_attempts,
+            max_elapsed,
+        } => {
+            let url = match reqwest::Url::parse(url) {
+                Ok(url) if ["http", "https"].contains(&url.scheme()) => Some(url),
+                Ok(url) => {
+                    check.problem(
+                        field("sink.url"),
+                        format!("scheme {:?} is not http or https", url.scheme()),
+                    );
+                    None
+                }
+                Err(error) => {
+                    check.problem(field("sink.url"), format!("{url:?}: {error}"));
+                    None
+                }
+            };
+            let secret = secret
+                .as_deref()
+                .and_then(|spec| check.secret(&field("sink.secret"), spec));
+            if let Some(secret) = &secret
+                && let Some(encoded) = secret.expose().strip_prefix("whsec_")
+                && base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .is_err()
+            {
+                check.problem(
+                    field("sink.secret"),
+                    "a whsec_ secret must be base64 after the prefix",
+                );
+            }
+            let timeout = check.positive_duration(&field("sink.timeout"), timeout);
+            let max_attempts = check.positive(&field("sink.max_attempts"), *max_attempts);
+            let max_elapsed = check.positive_duration(&field("sink.max_elapsed"), max_elapsed);
+            url.map(|url| {
+                SinkConfig::Webhook(WebhookSinkConfig {
+                    url,
+                    secret,
+                    timeout,
+                    max_attempts,
+                    max_elapsed,
+                })
+            })
+        }
+    };
+    match (channel, sink) {
+        (Ok(channel), Some(sink)) if check.problems.is_empty() => Ok(SubscriptionConfig {
+            id: raw.id.clone(),
+            source: raw.source.clone(),
+            channel,
+            sink,
+            raw: raw.clone(),
+        }),
+        _ => Err(check.problems),
+    }
+}

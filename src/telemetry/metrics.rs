@@ -1,0 +1,164 @@
+//! The bridge's Prometheus metrics (names as in the contract), and one function per
+//! occurrence that updates them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The metrics of one bridge; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    received: Family<Labels, Counter>,
+    forwarded: Family<Labels, Counter>,
+    failures: Family<Labels, Counter>,
+    dead_letters: Family<Labels, Counter>,
+    connected: Family<Labels, Gauge>,
+    pending: Family<Labels, Gauge>,
+    latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric of the contract.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let received = Family::<Labels, Counter>::default();
+        let forwarded = Family::<Labels, Counter>::default();
+        let failures = Family::<Labels, Counter>::default();
+        let dead_letters = Family::<Labels, Counter>::default();
+        let connected = Family::<Labels, Gauge>::default();
+        let pending = Family::<Labels, Gauge>::default();
+        let latency = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
+        registry.register(
+            "cometd_bridge_messages_received",
+            "Messages received from CometD, per subscription they were routed to",
+            received.clone(),
+        );
+        registry.register(
+            "cometd_bridge_messages_forwarded",
+            "Messages the sink acknowledged",
+            forwarded.clone(),
+        );
+        registry.register(
+            "cometd_bridge_delivery_failures",
+            "Failed delivery attempts",
+            failures.clone(),
+        );
+        registry.register(
+            "cometd_bridge_dead_letters",
+            "Messages stored as dead letters",
+            dead_letters.clone(),
+        );
+        registry.register(
+            "cometd_bridge_source_connected",
+            "1 when the CometD session is connected",
+            connected.clone(),
+        );
+        registry.register(
+            "cometd_bridge_pending_messages",
+            "Messages received and not yet taken by the bridge",
+            pending.clone(),
+        );
+        registry.register(
+            "cometd_bridge_forward_latency_seconds",
+            "From receipt to the sink's acknowledgement",
+            latency.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                received,
+                forwarded,
+                failures,
+                dead_letters,
+                connected,
+                pending,
+                latency,
+            }),
+        }
+    }
+
+    /// The Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.inner.registry).expect("writing to a String cannot fail");
+        text
+    }
+
+    /// A message from `source` was routed to `subscription`.
+    pub fn received(&self, source: &str, subscription: &str) {
+        self.inner
+            .received
+            .get_or_create(&vec![
+                ("source", source.into()),
+                ("subscription", subscription.into()),
+            ])
+            .inc();
+    }
+
+    /// The sink acknowledged a message, `latency` after it was received.
+    pub fn forwarded(&self, subscription: &str, sink: &str, latency: Duration) {
+        self.inner
+            .forwarded
+            .get_or_create(&vec![
+                ("subscription", subscription.into()),
+                ("sink", sink.into()),
+            ])
+            .inc();
+        self.inner.latency.observe(latency.as_secs_f64());
+    }
+
+    /// A delivery attempt failed for `reason` (e.g. `timeout`, `status_503`, `unavailable`).
+    pub fn delivery_failed(&self, subscription: &str, sink: &str, reason: &str) {
+        self.inner
+            .failures
+            .get_or_create(&vec![
+                ("subscription", subscription.into()),
+                ("sink", sink.into()),
+                ("reason", reason.into()),
+            ])
+            .inc();
+    }
+
+    /// A message was stored as a dead letter.
+    pub fn dead_lettered(&self, subscription: &str) {
+        self.inner
+            .dead_letters
+            .get_or_create(&vec![("subscription", subscription.into())])
+            .inc();
+    }
+
+    /// The session of `source` connected or lost its connection.
+    pub fn source_connected(&self, source: &str, connected: bool) {
+        self.inner
+            .connected
+            .get_or_create(&vec![("source", source.into())])
+            .set(i64::from(connected));
+    }
+
+    /// How many received messages `source` holds.
+    pub fn pending(&self, source: &str, count: usize) {
+        self.inner
+            .pending
+            .get_or_create(&vec![("source", source.into())])
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+}
