@@ -154,14 +154,23 @@ impl Bridge {
     /// ready.
     pub fn unready_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
-        for (name, client) in &self.sources {
+        for ((name, client), patterns) in self.sources.iter().zip(&self.patterns) {
             let status = client.status();
             if status.state != SessionState::Connected {
-                let mut reason = format!("source {name} is {:?}", status.state).to_lowercase();
+                let mut reason = format!(
+                    "source {name} is {}",
+                    format!("{:?}", status.state).to_lowercase()
+                );
                 if let Some(error) = status.last_error {
                     reason.push_str(&format!(": {error}"));
                 }
                 reasons.push(reason);
+                continue;
+            }
+            for (pattern, _) in patterns {
+                if !status.subscriptions.contains(pattern.as_str()) {
+                    reasons.push(format!("source {name} is not subscribed to {pattern}"));
+                }
             }
         }
         if let Some(nats) = &self.nats

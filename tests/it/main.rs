@@ -2,8 +2,10 @@
 
 mod backpressure;
 mod boundary;
+mod bridge;
 mod cli;
 mod client;
+mod daemon;
 mod harness;
 mod interop;
 mod malformed;

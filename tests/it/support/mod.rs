@@ -3,11 +3,13 @@
 
 #![allow(dead_code)] // Each test uses only part of the harness.
 
+pub mod app;
 pub mod bayeux;
 pub mod fake;
 pub mod nats;
 pub mod peer;
 pub mod process;
+pub mod webhook;
 
 use std::path::PathBuf;
 

@@ -32,6 +32,9 @@ impl NatsServer {
                 "--jetstream".into(),
                 "--store_dir".into(),
                 store.path().display().to_string(),
+                // Its log goes to a file, so test output stays readable.
+                "--log".into(),
+                store.path().join("nats-server.log").display().to_string(),
             ],
             port_report: PortReport::Probe,
         };

@@ -1,0 +1,293 @@
+//! The `cometd-bridge run` and `check` commands as a user runs them: exit codes, problems
+//! named by key, and a SIGTERM with deliveries in flight.
+
+use std::process::Stdio;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::support::bayeux::{BayeuxServer, FayeOptions};
+use crate::support::peer::{WAIT, open};
+use crate::support::webhook::WebhookReceiver;
+
+fn binary() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cometd-bridge"));
+    command.kill_on_drop(true).env_remove("RUST_LOG");
+    command
+}
+
+/// Runs `check` on `toml` and returns (exit code, stderr).
+async fn check(toml: &str, extension: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join(format!("config.{extension}"));
+    std::fs::write(&file, toml).expect("write config");
+    let output = binary()
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .await
+        .expect("run check");
+    (
+        output.status.code(),
+        String::from_utf8(output.stderr).expect("UTF-8"),
+    )
+}
+
+#[tokio::test]
+async fn every_class_of_bad_config_exits_2_naming_the_key() {
+    let source = "[[sources]]\nname = \"demo\"\nurl = \"http://127.0.0.1:1/bayeux\"\n";
+    let cases: &[(&str, String, &str)] = &[
+        ("syntax", "[admin\nlisten = 1".into(), "config.toml"),
+        (
+            "unknown key",
+            "[admin]\nlisten = \"127.0.0.1:0\"\ncolour = \"blue\"\n".into(),
+            "unknown field `colour`",
+        ),
+        (
+            "wrong type",
+            "[bridge]\nqueue_capacity = \"many\"\n".into(),
+            "queue_capacity",
+        ),
+        (
+            "duration",
+            "[bridge]\nshutdown_grace = \"soon\"\n".into(),
+            "bridge.shutdown_grace: \"soon\" is not a duration",
+        ),
+        (
+            "address",
+            "[admin]\nlisten = \"everywhere\"\n".into(),
+            "admin.listen:",
+        ),
+        (
+            "source url",
+            "[[sources]]\nname = \"demo\"\nurl = \"ftp://x/\"\n".into(),
+            "sources[0].url: scheme \"ftp\"",
+        ),
+        (
+            "reference",
+            format!(
+                "{source}[[subscriptions]]\nid = \"a\"\nsource = \"nope\"\nchannel = \"/a\"\nsink = {{ type = \"nats\", subject = \"a\" }}\n"
+            ),
+            "subscriptions[0].source: no source is named \"nope\"",
+        ),
+        (
+            "relative webhook URL",
+            format!(
+                "{source}[[subscriptions]]\nid = \"a\"\nsource = \"demo\"\nchannel = \"/a\"\nsink = {{ type = \"webhook\", url = \"/hook\" }}\n"
+            ),
+            "subscriptions[0].sink.url: \"/hook\": relative URL without a base",
+        ),
+        (
+            "template",
+            format!(
+                "{source}[[subscriptions]]\nid = \"a\"\nsource = \"demo\"\nchannel = \"/a\"\nsink = {{ type = \"nats\", subject = \"a.*\" }}\n"
+            ),
+            "subscriptions[0].sink.subject: wildcard",
+        ),
+        (
+            "channel",
+            format!(
+                "{source}[[subscriptions]]\nid = \"a\"\nsource = \"demo\"\nchannel = \"a/b\"\nsink = {{ type = \"nats\", subject = \"a\" }}\n"
+            ),
+            "subscriptions[0].channel:",
+        ),
+        (
+            "secret",
+            format!(
+                "{source}[[subscriptions]]\nid = \"a\"\nsource = \"demo\"\nchannel = \"/a\"\nsink = {{ type = \"webhook\", url = \"http://127.0.0.1:1/\", secret = \"env:COMETD_BRIDGE_TEST_UNSET\" }}\n"
+            ),
+            "subscriptions[0].sink.secret: environment variable COMETD_BRIDGE_TEST_UNSET is not set",
+        ),
+        (
+            "duplicate",
+            format!("{source}{source}"),
+            "sources[1].name: \"demo\" is used by another source",
+        ),
+    ];
+    for (class, toml, expected) in cases {
+        let (code, stderr) = check(toml, "toml").await;
+        assert_eq!(code, Some(2), "{class}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{class}: expected {expected:?} in {stderr:?}"
+        );
+    }
+    let (code, stderr) = check("admin: {listen: nowhere}\n", "yaml").await;
+    assert_eq!(
+        (code, stderr.trim()),
+        (
+            Some(2),
+            "admin.listen: \"nowhere\" is not an address like 127.0.0.1:8080"
+        )
+    );
+    let (code, stderr) = check("{\"bridge\": {\"queue_capacity\": 0}}", "json").await;
+    assert_eq!(
+        (code, stderr.trim()),
+        (
+            Some(2),
+            "bridge.queue_capacity: must be a positive number, not 0"
+        )
+    );
+    let (code, stderr) = check("x = 1", "ini").await;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("unknown configuration format"), "{stderr}");
+}
+
+#[tokio::test]
+async fn all_problems_are_listed_at_once() {
+    let (code, stderr) =
+        check("[admin]\nlisten = \"x\"\n[bridge]\nshutdown_grace = \"y\"\n[[sources]]\nname = \"\"\nurl = \"z\"\n", "toml").await;
+    assert_eq!(code, Some(2));
+    let keys: Vec<&str> = stderr
+        .lines()
+        .map(|line| line.split(':').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "admin.listen",
+            "bridge.shutdown_grace",
+            "sources[0].name",
+            "sources[0].url"
+        ],
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn run_refuses_a_bad_config_before_binding_anything() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = held.local_addr().expect("address");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        format!("[admin]\nlisten = \"{address}\"\n[bridge]\nshutdown_grace = \"later\"\n"),
+    )
+    .expect("write");
+    let output = binary()
+        .args(["run", "--config"])
+        .arg(&file)
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "validation fails before the taken port could"
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("bridge.shutdown_grace"));
+    let output = binary()
+        .args(["run"])
+        .env("COMETD_BRIDGE_CONFIG", dir.path().join("missing.toml"))
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("missing.toml: no such file"));
+}
+
+#[tokio::test]
+async fn environment_variables_override_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, "[bridge]\nshutdown_grace = \"never\"\n").expect("write");
+    let output = binary()
+        .args(["check", "--config"])
+        .arg(&file)
+        .env("COMETD_BRIDGE__BRIDGE__SHUTDOWN_GRACE", "3s")
+        .output()
+        .await
+        .expect("check");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// SIGTERM while a webhook keeps failing: what is in flight goes to the dead letters within
+/// the grace period, and the process exits 0.
+#[tokio::test]
+async fn sigterm_with_deliveries_in_flight_dead_letters_them_and_exits_0() {
+    let faye = BayeuxServer::faye(FayeOptions {
+        timeout: Some(2),
+        ..FayeOptions::default()
+    })
+    .await;
+    let mut receiver = WebhookReceiver::start(std::iter::repeat_n(503, 1000)).await;
+    let state = tempfile::tempdir().expect("state");
+    let file = state.path().join("config.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{}\"\n[bridge]\nshutdown_grace = \"1s\"\n\
+             [[sources]]\nname = \"demo\"\nurl = \"{}\"\n\
+             [[subscriptions]]\nid = \"stuck\"\nsource = \"demo\"\nchannel = \"/stuck\"\nsink = {{ type = \"webhook\", url = \"{}\" }}\n",
+            state.path().display(),
+            faye.url(),
+            receiver.url()
+        ),
+    )
+    .expect("write config");
+    let mut daemon = binary()
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&file)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let mut logs = BufReader::new(daemon.stderr.take().expect("stderr")).lines();
+    // Wait for the source to subscribe (a log event), then publish.
+    loop {
+        let line = tokio::time::timeout(WAIT, logs.next_line())
+            .await
+            .expect("logs")
+            .expect("stderr")
+            .expect("running");
+        let event: Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("a JSON log line: {line}"));
+        if event["fields"]["message"] == "subscribed" {
+            break;
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+    let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
+    for n in 0..5 {
+        publisher
+            .publish("/stuck", json!(n))
+            .await
+            .expect("publish");
+    }
+    assert_eq!(receiver.next().await.status, 503, "a delivery is in flight");
+
+    let pid = i32::try_from(daemon.id().expect("running")).expect("pid");
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(WAIT, daemon.wait())
+        .await
+        .expect("exits within the grace period")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+    let letters = cometd_bridge::store::FileStore::open(state.path())
+        .expect("store")
+        .dead_letters()
+        .await
+        .expect("read");
+    let data: Vec<Value> = letters
+        .iter()
+        .map(|letter| letter.message["data"].clone())
+        .collect();
+    assert_eq!(
+        data,
+        (0..5).map(|n| json!(n)).collect::<Vec<_>>(),
+        "every message, in order: {letters:?}"
+    );
+    assert!(
+        letters
+            .iter()
+            .all(|letter| letter.reason.starts_with("shutdown")),
+        "{letters:?}"
+    );
+}

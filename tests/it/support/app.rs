@@ -1,0 +1,118 @@
+//! `TestApp`: the whole daemon in-process, admin server on port 0, configured from TOML
+//! text through the same loader as the binary.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cometd_bridge::app::App;
+use cometd_bridge::config::{self, Env};
+use cometd_bridge::store::{DeadLetter, FileStore};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A running bridge.
+pub struct TestApp {
+    pub admin: SocketAddr,
+    pub state: TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestApp {
+    /// Starts the daemon with `toml` (its `[state]` and `[admin]` sections are added here).
+    pub async fn spawn(toml: &str) -> Self {
+        let state = tempfile::tempdir().expect("state dir");
+        let full = format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{}\"\n{toml}",
+            state.path().display()
+        );
+        let file = state.path().join("config.toml");
+        std::fs::write(&file, full).expect("write config");
+        let config = config::load(&file, &Env::new())
+            .unwrap_or_else(|error| panic!("invalid test config:\n{error}"));
+        let app = App::build(config).await.expect("the app builds");
+        let admin = app.admin_address();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            app.run_until(async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("the app runs and stops cleanly");
+        });
+        TestApp {
+            admin,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Probes `/readyz` until it answers 200, failing the test after the wait.
+    pub async fn wait_ready(&self) {
+        let client = super::http_client();
+        let deadline = tokio::time::Instant::now() + super::peer::WAIT;
+        loop {
+            let response = client
+                .get(self.url("/readyz"))
+                .send()
+                .await
+                .expect("admin answers");
+            if response.status() == 200 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not ready: {}",
+                response.text().await.unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        super::http_client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    pub async fn dead_letters(&self) -> Vec<DeadLetter> {
+        FileStore::open(self.state.path())
+            .expect("store")
+            .dead_letters()
+            .await
+            .expect("dead letters")
+    }
+
+    /// Stops the daemon as SIGTERM would, and waits until it has.
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(super::peer::WAIT * 2, task)
+                .await
+                .expect("stops in time")
+                .expect("stops cleanly");
+        }
+        std::mem::replace(&mut self.state, tempfile::tempdir().expect("temp dir"))
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

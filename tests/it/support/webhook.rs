@@ -1,0 +1,120 @@
+//! A webhook receiver: axum on a free loopback port that records every request and
+//! answers with a scripted list of statuses (then 200).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// One request the receiver got.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The status it was answered with.
+    pub status: u16,
+}
+
+impl Received {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("the body is JSON")
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Clone)]
+struct Script {
+    statuses: Arc<Mutex<VecDeque<u16>>>,
+    requests: mpsc::UnboundedSender<Received>,
+}
+
+/// The receiver; stops when dropped.
+pub struct WebhookReceiver {
+    port: u16,
+    statuses: Arc<Mutex<VecDeque<u16>>>,
+    requests: mpsc::UnboundedReceiver<Received>,
+    task: JoinHandle<()>,
+}
+
+impl WebhookReceiver {
+    /// Starts a receiver answering `statuses` in turn, then 200 for ever.
+    pub async fn start(statuses: impl IntoIterator<Item = u16>) -> Self {
+        let statuses = Arc::new(Mutex::new(statuses.into_iter().collect::<VecDeque<_>>()));
+        let (sender, requests) = mpsc::unbounded_channel();
+        let script = Script {
+            statuses: statuses.clone(),
+            requests: sender,
+        };
+        let router = Router::new()
+            .route("/hook", post(record))
+            .with_state(script);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router).await.expect("serve");
+        });
+        WebhookReceiver {
+            port,
+            statuses,
+            requests,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    /// Answers with these statuses next (then 200).
+    pub fn script(&self, statuses: impl IntoIterator<Item = u16>) {
+        self.statuses.lock().expect("lock").extend(statuses);
+    }
+
+    /// The next request, within the test's wait.
+    pub async fn next(&mut self) -> Received {
+        tokio::time::timeout(super::peer::WAIT, self.requests.recv())
+            .await
+            .expect("a webhook request within the wait")
+            .expect("the receiver runs")
+    }
+
+    /// A request that has already arrived, if any.
+    pub fn try_next(&mut self) -> Option<Received> {
+        self.requests.try_recv().ok()
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn record(State(script): State<Script>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let status = script
+        .statuses
+        .lock()
+        .expect("lock")
+        .pop_front()
+        .unwrap_or(200);
+    let _ = script.requests.send(Received {
+        headers,
+        body,
+        status,
+    });
+    StatusCode::from_u16(status).expect("a valid status")
+}
