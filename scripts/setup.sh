@@ -10,9 +10,9 @@ tools="$root/.tools"
 NATS_SERVER_VERSION=2.15.1
 # aiocometd 0.4.5 is the last release; aiohttp and its dependencies are pinned to versions
 # known to work with it on Python 3.11 (the peer script shims asyncio's removed loop= args).
-AIOCOMETD_PINS="aiocometd==0.4.5 aiohttp==3.9.5 multidict==6.9.1 yarl==1.25.1 \
+PYTHON_PINS="aiocometd==0.4.5 aiohttp==3.9.5 multidict==6.9.1 yarl==1.25.1 \
 propcache==0.5.4 idna==3.20 aiosignal==1.4.0 frozenlist==1.8.0 attrs==26.1.0 \
-typing_extensions==4.16.0"
+typing_extensions==4.16.0 nats-py==2.16.0"
 
 fail() { echo "setup: $*" >&2; exit 1; }
 need() { command -v "$1" >/dev/null 2>&1 || fail "$1 is required but not installed ($2)"; }
@@ -61,8 +61,8 @@ echo "setup: faye $(node -p "require('$peers/node_modules/faye/package.json').ve
 # --- aiocometd (Python interop peer) ---------------------------------------------------
 venv="$tools/venv"
 venv_stamp="$venv/.installed-pins"
-if [ -x "$venv/bin/python" ] && [ -f "$venv_stamp" ] && [ "$(cat "$venv_stamp")" = "$AIOCOMETD_PINS" ] \
-   && "$venv/bin/python" -c 'import aiocometd, aiohttp' >/dev/null 2>&1; then
+if [ -x "$venv/bin/python" ] && [ -f "$venv_stamp" ] && [ "$(cat "$venv_stamp")" = "$PYTHON_PINS" ] \
+   && "$venv/bin/python" -c 'import aiocometd, aiohttp, nats' >/dev/null 2>&1; then
   :
 else
   echo "setup: installing aiocometd into .tools/venv"
@@ -71,10 +71,10 @@ else
     || fail "python3 -m venv failed (on Debian: apt-get install python3-venv)"
   # shellcheck disable=SC2086  # the pins are meant to split into words
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-       --no-warn-script-location $AIOCOMETD_PINS \
-    || fail "pip could not install $AIOCOMETD_PINS into .tools/venv"
-  "$venv/bin/python" -c 'import aiocometd, aiohttp' \
+       --no-warn-script-location $PYTHON_PINS \
+    || fail "pip could not install $PYTHON_PINS into .tools/venv"
+  "$venv/bin/python" -c 'import aiocometd, aiohttp, nats' \
     || fail "aiocometd was installed but cannot be imported from .tools/venv"
-  printf '%s' "$AIOCOMETD_PINS" > "$venv_stamp"
+  printf '%s' "$PYTHON_PINS" > "$venv_stamp"
 fi
 echo "setup: aiocometd $("$venv/bin/python" -c 'import aiocometd; print(aiocometd.__version__)') in .tools/venv"

@@ -295,7 +295,11 @@ async fn sigterm_with_deliveries_in_flight_dead_letters_them_and_exits_0() {
 /// A second SIGTERM during the drain ends the process at once.
 #[tokio::test]
 async fn a_second_signal_exits_at_once() {
-    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let faye = BayeuxServer::faye(FayeOptions {
+        timeout: Some(2),
+        ..FayeOptions::default()
+    })
+    .await;
     let mut receiver = WebhookReceiver::start(std::iter::repeat_n(503, 1000)).await;
     let state = tempfile::tempdir().expect("state");
     let file = state.path().join("config.toml");
@@ -319,15 +323,23 @@ async fn a_second_signal_exits_at_once() {
         .expect("start the daemon");
     let mut logs = BufReader::new(daemon.stderr.take().expect("stderr")).lines();
     let mut wait_for_log = async |message: &str| loop {
-        let line = tokio::time::timeout(WAIT, logs.next_line()).await.expect("logs").expect("stderr").expect("running");
-        let event: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("a JSON log line: {line}"));
+        let line = tokio::time::timeout(WAIT, logs.next_line())
+            .await
+            .expect("logs")
+            .expect("stderr")
+            .expect("running");
+        let event: Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("a JSON log line: {line}"));
         if event["fields"]["message"] == message {
             return;
         }
     };
     wait_for_log("subscribed").await;
     let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
-    publisher.publish("/stuck", json!(1)).await.expect("publish");
+    publisher
+        .publish("/stuck", json!(1))
+        .await
+        .expect("publish");
     assert_eq!(receiver.next().await.status, 503, "a delivery is in flight");
     let pid = i32::try_from(daemon.id().expect("running")).expect("pid");
     // SAFETY: kill(2) on our own child.
@@ -335,6 +347,9 @@ async fn a_second_signal_exits_at_once() {
     wait_for_log("shutdown requested; a second signal exits at once").await;
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = tokio::time::timeout(WAIT, daemon.wait()).await.expect("exits at once, not after 1h").expect("status");
+    let status = tokio::time::timeout(WAIT, daemon.wait())
+        .await
+        .expect("exits at once, not after 1h")
+        .expect("status");
     assert_eq!(status.code(), Some(1));
 }

@@ -6,6 +6,7 @@ mod bridge;
 mod cli;
 mod client;
 mod daemon;
+mod demo;
 mod harness;
 mod interop;
 mod malformed;
