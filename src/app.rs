@@ -10,9 +10,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
+use crate::bridge::BridgeError;
 use crate::bridge::{Bridge, Parts};
 use crate::config::{Config, NatsConfig, SinkConfig};
-use crate::store::{FileStore, StoreError};
+use crate::store::{FileStore, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
 /// Why the daemon could not start or run.
@@ -33,9 +34,9 @@ pub enum AppError {
     /// The NATS options cannot work.
     #[error("NATS: {0}")]
     Nats(String),
-    /// A CometD client cannot be built.
+    /// The bridge cannot start.
     #[error(transparent)]
-    Client(#[from] crate::cometd::Error),
+    Bridge(#[from] BridgeError),
     /// The admin server failed.
     #[error("admin server: {0}")]
     Serve(std::io::Error),
@@ -45,7 +46,7 @@ pub enum AppError {
 pub struct App {
     config: Config,
     listener: TcpListener,
-    store: FileStore,
+    store: Arc<dyn Store>,
     nats: Option<async_nats::Client>,
     metrics: Metrics,
 }
@@ -59,36 +60,19 @@ impl App {
     pub async fn build(config: Config) -> Result<App, AppError> {
         // reqwest is built without a default TLS provider; the process uses ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let store = FileStore::open(&config.state.path)?;
+        let store: Arc<dyn Store> = Arc::new(FileStore::open(&config.state.path)?);
         let listener = TcpListener::bind(config.admin.listen)
             .await
-            .map_err(|source| AppError::Bind {
-                address: config.admin.listen,
-                source,
-            })?;
-        let uses_nats = config
-            .subscriptions
-            .iter()
-            .any(|subscription| matches!(subscription.sink, SinkConfig::Nats(_)));
-        let nats = if uses_nats {
-            Some(connect_nats(&config.nats).await?)
-        } else {
-            None
-        };
-        Ok(App {
-            config,
-            listener,
-            store,
-            nats,
-            metrics: Metrics::new(),
-        })
+            .map_err(|source| AppError::Bind { address: config.admin.listen, source })?;
+        let uses_nats =
+            config.subscriptions.iter().any(|subscription| matches!(subscription.sink, SinkConfig::Nats(_)));
+        let nats = if uses_nats { Some(connect_nats(&config.nats).await?) } else { None };
+        Ok(App { config, listener, store, nats, metrics: Metrics::new() })
     }
 
     /// The admin server's address.
     pub fn admin_address(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.listener.local_addr().expect("a bound listener has an address")
     }
 
     /// Runs until `shutdown` resolves, then stops in the contract's order and returns.
@@ -99,18 +83,17 @@ impl App {
         let http = reqwest::Client::builder()
             .build()
             .map_err(|error| AppError::Nats(format!("HTTP client: {error}")))?;
-        let bridge = Arc::new(Bridge::start(Parts {
+        let token = self.config.admin.token.clone();
+        let bridge = Bridge::start(Parts {
             config: self.config,
             store: self.store,
             nats: self.nats,
             metrics: self.metrics.clone(),
             http,
-        })?);
+        })
+        .await?;
         let admin_stop = CancellationToken::new();
-        let router = admin::router(AdminState {
-            bridge: bridge.clone(),
-            metrics: self.metrics,
-        });
+        let router = admin::router(AdminState { bridge: bridge.clone(), metrics: self.metrics, token });
         let server = {
             let admin_stop = admin_stop.clone();
             tokio::spawn(async move {
@@ -132,9 +115,7 @@ impl App {
 }
 
 async fn connect_nats(config: &NatsConfig) -> Result<async_nats::Client, AppError> {
-    let mut options = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .max_reconnects(None);
+    let mut options = async_nats::ConnectOptions::new().retry_on_initial_connect().max_reconnects(None);
     if let Some((user, password)) = &config.user_password {
         options = options.user_and_password(user.clone(), password.expose().to_string());
     }
@@ -142,10 +123,7 @@ async fn connect_nats(config: &NatsConfig) -> Result<async_nats::Client, AppErro
         options = options.token(token.expose().to_string());
     }
     if let Some(file) = &config.credentials_file {
-        options = options
-            .credentials_file(file)
-            .await
-            .map_err(|error| AppError::Nats(error.to_string()))?;
+        options = options.credentials_file(file).await.map_err(|error| AppError::Nats(error.to_string()))?;
     }
     if let Some(file) = &config.ca_file {
         options = options.add_root_certificates(file.clone());
@@ -156,14 +134,7 @@ async fn connect_nats(config: &NatsConfig) -> Result<async_nats::Client, AppErro
     let urls: Vec<async_nats::ServerAddr> = config
         .url
         .split(',')
-        .map(|url| {
-            url.trim()
-                .parse()
-                .map_err(|error: std::io::Error| AppError::Nats(error.to_string()))
-        })
+        .map(|url| url.trim().parse().map_err(|error: std::io::Error| AppError::Nats(error.to_string())))
         .collect::<Result<_, _>>()?;
-    options
-        .connect(urls)
-        .await
-        .map_err(|error| AppError::Nats(error.to_string()))
+    options.connect(urls).await.map_err(|error| AppError::Nats(error.to_string()))
 }

@@ -125,10 +125,7 @@ impl CommandError {
 /// `config/default.toml`.
 pub fn config_path(flag: Option<&std::path::Path>, env: &crate::config::Env) -> std::path::PathBuf {
     flag.map(std::path::Path::to_path_buf)
-        .or_else(|| {
-            env.get("COMETD_BRIDGE_CONFIG")
-                .map(std::path::PathBuf::from)
-        })
+        .or_else(|| env.get("COMETD_BRIDGE_CONFIG").map(std::path::PathBuf::from))
         .unwrap_or_else(|| "config/default.toml".into())
 }
 
@@ -172,9 +169,7 @@ pub async fn listen(
     connection: &ConnectionArgs,
     count: Option<u64>,
 ) -> Result<(), CommandError> {
-    let client = connection
-        .client(url)
-        .map_err(|error| CommandError::Usage(error.to_string()))?;
+    let client = connection.client(url).map_err(|error| CommandError::Usage(error.to_string()))?;
     client.open().await?;
     for channel in channels {
         client.subscribe(channel).await?;
@@ -195,10 +190,7 @@ pub async fn listen(
             Some(Ok(message)) => {
                 let line = serde_json::to_string(&message).expect("messages serialize");
                 let mut stdout = std::io::stdout().lock();
-                if writeln!(stdout, "{line}")
-                    .and_then(|()| stdout.flush())
-                    .is_err()
-                {
+                if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
                     break Ok(()); // stdout closed (e.g. piped into `head`)
                 }
                 printed += 1;
@@ -224,16 +216,11 @@ pub async fn publish(
 ) -> Result<(), CommandError> {
     let data: serde_json::Value = serde_json::from_str(json)
         .map_err(|error| CommandError::Usage(format!("the message data is not JSON: {error}")))?;
-    let client = connection
-        .client(url)
-        .map_err(|error| CommandError::Usage(error.to_string()))?;
+    let client = connection.client(url).map_err(|error| CommandError::Usage(error.to_string()))?;
     client.open().await?;
     let result = client.publish(channel, data).await;
     client.close().await;
     let reply = result?;
-    println!(
-        "{}",
-        serde_json::to_string(&reply).expect("messages serialize")
-    );
+    println!("{}", serde_json::to_string(&reply).expect("messages serialize"));
     Ok(())
 }

@@ -20,18 +20,12 @@ async fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Run { config } => cli::run(&cli::config_path(config.as_deref(), &env), &env).await,
         Command::Check { config } => cli::check(config, &env),
-        Command::Listen {
-            url,
-            channels,
-            connection,
-            count,
-        } => cli::listen(url, channels, connection, *count).await,
-        Command::Publish {
-            url,
-            channel,
-            json,
-            connection,
-        } => cli::publish(url, channel, json, connection).await,
+        Command::Listen { url, channels, connection, count } => {
+            cli::listen(url, channels, connection, *count).await
+        }
+        Command::Publish { url, channel, json, connection } => {
+            cli::publish(url, channel, json, connection).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,8 +9,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal as listen};
 /// # Panics
 /// If the signal handlers cannot be installed (no signal support at all).
 pub async fn signal() {
-    let mut terminate =
-        listen(SignalKind::terminate()).expect("a SIGTERM handler can be installed");
+    let mut terminate = listen(SignalKind::terminate()).expect("a SIGTERM handler can be installed");
     let mut interrupt = listen(SignalKind::interrupt()).expect("a SIGINT handler can be installed");
     next(&mut terminate, &mut interrupt).await;
     // The same handlers keep listening, so a second signal sent right away is not missed.

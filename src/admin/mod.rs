@@ -1,16 +1,31 @@
-//! The admin HTTP server: `/healthz`, `/readyz` and `/metrics` for now.
+//! The admin HTTP API: health, readiness and metrics (always open), and under `/api/v1`
+//! the sources, the subscriptions (added and removed at runtime) and the dead letters,
+//! behind an optional bearer token. Its OpenAPI document is generated from these handlers.
+
+mod error;
+mod extract;
 
 use std::sync::Arc;
 
-use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde_json::json;
+use utoipa::OpenApi;
 
-use crate::bridge::Bridge;
+pub use error::{ApiError, ErrorBody};
+pub use extract::ApiJson;
+
+use crate::bridge::{Bridge, Origin, SourceView, SubscriptionView};
+use crate::config::{RawSink, RawSubscription, Secret};
+use crate::store::DeadLetter;
 use crate::telemetry::metrics::Metrics;
+
+/// The largest request body accepted.
+const BODY_LIMIT: usize = 64 * 1024;
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -19,46 +34,262 @@ pub struct AdminState {
     pub bridge: Arc<Bridge>,
     /// Its metrics.
     pub metrics: Metrics,
+    /// The bearer token `/api/*` requires, if any.
+    pub token: Option<Secret>,
+}
+
+/// The OpenAPI document of the admin API.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "cometd-bridge admin API", description = "Manage the bridge's subscriptions and dead letters at runtime."),
+    paths(
+        healthz, readyz, metrics, list_sources, list_subscriptions, add_subscription, get_subscription,
+        delete_subscription, list_dead_letters, retry_dead_letter, discard_dead_letter, openapi
+    ),
+    components(schemas(SourceView, SubscriptionView, RawSubscription, RawSink, DeadLetter, ErrorBody, Origin)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
 }
 
 /// The admin routes.
 pub fn router(state: AdminState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/sources", get(list_sources))
+        .route("/api/v1/subscriptions", get(list_subscriptions).post(add_subscription))
+        .route("/api/v1/subscriptions/{id}", get(get_subscription).delete(delete_subscription))
+        .route("/api/v1/dead-letters", get(list_dead_letters))
+        .route("/api/v1/dead-letters/{id}", axum::routing::delete(discard_dead_letter))
+        .route("/api/v1/dead-letters/{id}/retry", post(retry_dead_letter))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { (StatusCode::OK, axum::Json(json!({ "status": "ok" }))) }),
-        )
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                axum::Json(json!({ "error": "not_found", "message": "no such route" })),
+        .merge(api)
+        .fallback(|| async { ApiError::no_route() })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
             )
         })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
 
+/// Checks `Authorization: Bearer <token>` when a token is configured, in constant time.
+async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !same_secret(presented, token.expose()) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid bearer token is required",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares the SHA-256 digests of both strings without an early exit, so the time taken
+/// says nothing about where they differ.
+fn same_secret(presented: &str, expected: &str) -> bool {
+    let presented = ring::digest::digest(&ring::digest::SHA256, presented.as_bytes());
+    let expected = ring::digest::digest(&ring::digest::SHA256, expected.as_bytes());
+    presented.as_ref().iter().zip(expected.as_ref()).fold(0u8, |difference, (a, b)| difference | (a ^ b)) == 0
+}
+
+/// The process is running.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process runs")))]
+async fn healthz() -> Response {
+    (StatusCode::OK, Json(json!({ "status": "ok" }))).into_response()
+}
+
+/// Every source connected and subscribed, and NATS connected when used.
+#[utoipa::path(get, path = "/readyz", responses(
+    (status = 200, description = "Ready"),
+    (status = 503, description = "Not ready, with the reasons")
+))]
 async fn readyz(State(state): State<AdminState>) -> Response {
     let reasons = state.bridge.unready_reasons();
     if reasons.is_empty() {
-        (StatusCode::OK, axum::Json(json!({ "status": "ready" }))).into_response()
+        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({ "status": "not ready", "reasons": reasons })),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "reasons": reasons })))
             .into_response()
     }
 }
 
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(State(state): State<AdminState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
         .into_response()
+}
+
+/// Every source with its live state.
+#[utoipa::path(get, path = "/api/v1/sources", security(("bearer" = [])), responses(
+    (status = 200, body = [SourceView]),
+    (status = 401, body = ErrorBody)
+))]
+async fn list_sources(State(state): State<AdminState>) -> Json<Vec<SourceView>> {
+    Json(state.bridge.sources())
+}
+
+/// Every subscription, from the configuration file and from the API.
+#[utoipa::path(get, path = "/api/v1/subscriptions", security(("bearer" = [])), responses(
+    (status = 200, body = [SubscriptionView]),
+    (status = 401, body = ErrorBody)
+))]
+async fn list_subscriptions(State(state): State<AdminState>) -> Json<Vec<SubscriptionView>> {
+    Json(state.bridge.subscriptions().await)
+}
+
+/// Adds a subscription (the body is one `[[subscriptions]]` entry). It is stored before
+/// the answer, and is `active` once the server confirmed the channel, else `pending`.
+#[utoipa::path(post, path = "/api/v1/subscriptions", security(("bearer" = [])), request_body = RawSubscription, responses(
+    (status = 201, body = SubscriptionView),
+    (status = 400, description = "Invalid body; the message names the field", body = ErrorBody),
+    (status = 401, body = ErrorBody),
+    (status = 404, description = "Unknown source", body = ErrorBody),
+    (status = 409, description = "Id taken", body = ErrorBody),
+    (status = 413, body = ErrorBody),
+    (status = 415, body = ErrorBody),
+    (status = 502, description = "The CometD server refused the subscription", body = ErrorBody)
+))]
+async fn add_subscription(
+    State(state): State<AdminState>,
+    ApiJson(subscription): ApiJson<RawSubscription>,
+) -> Result<(StatusCode, Json<SubscriptionView>), ApiError> {
+    let view = state.bridge.add_subscription(subscription).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// One subscription.
+#[utoipa::path(get, path = "/api/v1/subscriptions/{id}", security(("bearer" = [])), params(("id" = String, Path)), responses(
+    (status = 200, body = SubscriptionView),
+    (status = 401, body = ErrorBody),
+    (status = 404, body = ErrorBody)
+))]
+async fn get_subscription(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<SubscriptionView>, ApiError> {
+    state.bridge.subscription(&id).await.map(Json).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("subscription {id:?} not found"))
+    })
+}
+
+/// Removes a subscription added through the API (after its queue drained); unsubscribes
+/// upstream unless another subscription still needs the channel.
+#[utoipa::path(delete, path = "/api/v1/subscriptions/{id}", security(("bearer" = [])), params(("id" = String, Path)), responses(
+    (status = 204, description = "Removed"),
+    (status = 401, body = ErrorBody),
+    (status = 404, body = ErrorBody),
+    (status = 409, description = "Defined in the configuration file", body = ErrorBody)
+))]
+async fn delete_subscription(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.bridge.remove_subscription(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Messages that could not be delivered, with the reason, oldest first.
+#[utoipa::path(get, path = "/api/v1/dead-letters", security(("bearer" = [])), responses(
+    (status = 200, body = [DeadLetter]),
+    (status = 401, body = ErrorBody)
+))]
+async fn list_dead_letters(State(state): State<AdminState>) -> Result<Json<Vec<DeadLetter>>, ApiError> {
+    Ok(Json(state.bridge.dead_letters().await?))
+}
+
+/// Hands a dead letter back to its subscription's sink (same delivery id as before).
+#[utoipa::path(post, path = "/api/v1/dead-letters/{id}/retry", security(("bearer" = [])), params(("id" = String, Path)), responses(
+    (status = 202, description = "Queued for delivery"),
+    (status = 401, body = ErrorBody),
+    (status = 404, body = ErrorBody),
+    (status = 409, description = "Its subscription no longer exists", body = ErrorBody)
+))]
+async fn retry_dead_letter(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.bridge.retry_dead_letter(&id).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "status": "queued", "id": id }))).into_response())
+}
+
+/// Discards a dead letter.
+#[utoipa::path(delete, path = "/api/v1/dead-letters/{id}", security(("bearer" = [])), params(("id" = String, Path)), responses(
+    (status = 204, description = "Discarded"),
+    (status = 401, body = ErrorBody),
+    (status = 404, body = ErrorBody)
+))]
+async fn discard_dead_letter(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.bridge.discard_dead_letter(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", security(("bearer" = [])), responses((status = 200, description = "The OpenAPI document")))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_equal_only_when_equal() {
+        assert!(same_secret("s3cret", "s3cret"));
+        assert!(!same_secret("s3cret", "s3creT"));
+        assert!(!same_secret("", "s3cret"));
+    }
+
+    #[test]
+    fn the_openapi_document_lists_every_route() {
+        let document = serde_json::to_value(ApiDoc::openapi()).expect("serializes");
+        let paths = document["paths"].as_object().expect("paths");
+        for path in [
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/api/v1/sources",
+            "/api/v1/subscriptions",
+            "/api/v1/subscriptions/{id}",
+            "/api/v1/dead-letters",
+            "/api/v1/dead-letters/{id}",
+            "/api/v1/dead-letters/{id}/retry",
+            "/api/v1/openapi.json",
+        ] {
+            assert!(paths.contains_key(path), "{path} is missing from the OpenAPI document");
+        }
+    }
 }

@@ -30,10 +30,7 @@ impl Envelope {
     /// de-duplicated, as `Nats-Msg-Id` and `webhook-id`), never shared by two different
     /// messages, nor by two subscriptions that forward the same message.
     pub fn delivery_id(&self) -> String {
-        format!(
-            "{}.{}.{}.{}",
-            self.source, self.subscription, self.session, self.sequence
-        )
+        format!("{}.{}.{}.{}", self.source, self.subscription, self.session, self.sequence)
     }
 
     /// The webhook body, and what the dead-letter store keeps: `source`, `subscription`,

@@ -2,17 +2,35 @@
 //! and stores what cannot be delivered as dead letters.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::envelope::Envelope;
 use crate::sink::{Outcome, Sink};
-use crate::store::{DeadLetter, FileStore};
+use crate::store::{DeadLetter, Store, record_id};
 use crate::telemetry::metrics::Metrics;
 
 /// Why messages still queued at the end of the grace period were not delivered.
 pub const SHUTDOWN_REASON: &str = "shutdown: not delivered within the grace period";
+
+/// A subscription's counts, for the API.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Messages routed to it.
+    pub received: AtomicU64,
+    /// Messages its sink acknowledged.
+    pub forwarded: AtomicU64,
+    /// Messages stored as dead letters.
+    pub dead_letters: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// A subscription's delivery task.
 pub struct Forwarder {
@@ -23,9 +41,11 @@ pub struct Forwarder {
     /// The metrics label of the sink.
     pub sink_kind: &'static str,
     /// Where undeliverable messages go.
-    pub store: FileStore,
+    pub store: Arc<dyn Store>,
     /// Metrics.
     pub metrics: Metrics,
+    /// The subscription's counts.
+    pub counters: Arc<Counters>,
 }
 
 impl Forwarder {
@@ -53,6 +73,7 @@ impl Forwarder {
             for (index, envelope) in batch.drain(..).enumerate() {
                 match outcomes.get(index) {
                     Some(Outcome::Delivered) => {
+                        Counters::add(&self.counters.forwarded);
                         self.metrics.forwarded(
                             &self.subscription,
                             self.sink_kind,
@@ -60,34 +81,40 @@ impl Forwarder {
                         );
                     }
                     Some(Outcome::DeadLetter { reason, attempts }) => {
-                        dead_letter(&self.store, &self.metrics, &envelope, reason, *attempts).await;
+                        self.dead_letter(&envelope, reason, *attempts).await;
                     }
-                    None => {
-                        dead_letter(&self.store, &self.metrics, &envelope, SHUTDOWN_REASON, 0).await
-                    }
+                    None => self.dead_letter(&envelope, SHUTDOWN_REASON, 0).await,
                 }
             }
         }
         queue.close();
         while let Ok(envelope) = queue.try_recv() {
-            dead_letter(&self.store, &self.metrics, &envelope, SHUTDOWN_REASON, 0).await;
+            self.dead_letter(&envelope, SHUTDOWN_REASON, 0).await;
+        }
+    }
+
+    async fn dead_letter(&self, envelope: &Envelope, reason: &str, attempts: u32) {
+        if dead_letter(&*self.store, &self.metrics, envelope, reason, attempts).await {
+            Counters::add(&self.counters.dead_letters);
         }
     }
 }
 
 /// Stores `envelope` as a dead letter; a store failure is logged at ERROR, since the
-/// message is then lost.
+/// message is then lost. Returns whether it was stored.
 pub async fn dead_letter(
-    store: &FileStore,
+    store: &dyn Store,
     metrics: &Metrics,
     envelope: &Envelope,
     reason: &str,
     attempts: u32,
-) {
+) -> bool {
     let letter = DeadLetter {
-        id: envelope.delivery_id(),
+        id: record_id(&envelope.delivery_id()),
         subscription: envelope.subscription.to_string(),
         source: envelope.source.to_string(),
+        session: envelope.session.to_string(),
+        sequence: envelope.sequence,
         message: envelope.to_json(),
         reason: reason.to_string(),
         attempts,
@@ -97,9 +124,11 @@ pub async fn dead_letter(
         Ok(()) => {
             tracing::warn!(subscription = %envelope.subscription, id = %letter.id, reason, "message stored as a dead letter");
             metrics.dead_lettered(&envelope.subscription);
+            true
         }
         Err(error) => {
             tracing::error!(subscription = %envelope.subscription, id = %letter.id, reason, error = %error, message = %letter.message, "could not store a dead letter; the message is lost");
+            false
         }
     }
 }

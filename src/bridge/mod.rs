@@ -1,26 +1,32 @@
-//! The bridge: a source task per CometD server, a forwarder task per subscription, and the
-//! shutdown that drains them in the contract's order.
+//! The bridge: a source task per CometD server, a forwarder task per subscription, the
+//! registry that adds and removes subscriptions at runtime, and the shutdown that drains
+//! them in the contract's order.
 
 pub mod envelope;
 pub mod forwarder;
 pub mod source;
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cometd::{ChannelPattern, Client, Error, SessionState};
-use crate::config::{Config, SinkConfig};
+use crate::cometd::{ChannelPattern, Client, Error, Message, SessionState};
+use crate::config::{
+    self, Config, Env, Problem, RawSink, RawSubscription, SinkConfig, SourceConfig, SubscriptionConfig,
+};
 use crate::sink::{NatsSink, Sink, WebhookSink};
-use crate::store::FileStore;
+use crate::store::{DeadLetter, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 use envelope::Envelope;
-use forwarder::{Forwarder, dead_letter};
-use source::{Route, Source};
+use forwarder::{Counters, Forwarder, dead_letter};
+use source::{Route, Routes, Source, snapshot};
 
 /// Why a message still pending in a session at disconnect was not forwarded.
 const DISCONNECT_REASON: &str = "shutdown: received but not yet forwarded when the session closed";
@@ -29,9 +35,9 @@ const DISCONNECT_REASON: &str = "shutdown: received but not yet forwarded when t
 pub struct Parts {
     /// The validated configuration.
     pub config: Config,
-    /// The dead-letter store.
-    pub store: FileStore,
-    /// The NATS connection, when a subscription uses NATS.
+    /// The state store.
+    pub store: Arc<dyn Store>,
+    /// The NATS connection, when NATS is configured to be used.
     pub nats: Option<async_nats::Client>,
     /// Metrics.
     pub metrics: Metrics,
@@ -39,137 +45,469 @@ pub struct Parts {
     pub http: reqwest::Client,
 }
 
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The subscription is not valid.
+    #[error("invalid subscription")]
+    Invalid(Vec<Problem>),
+    /// No such source.
+    #[error("no source is named {0:?}")]
+    UnknownSource(String),
+    /// No such subscription or dead letter.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The id is taken, or the record cannot be changed this way.
+    #[error("{0}")]
+    Conflict(String),
+    /// The CometD server refused the subscription.
+    #[error("the CometD server refused the subscription: {0}")]
+    Upstream(Error),
+    /// NATS is needed but not configured.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where a subscription was defined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// In the configuration file: read-only through the API.
+    Config,
+    /// Added through the API: stored in the state store.
+    Api,
+}
+
+/// A source as the API shows it.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct SourceView {
+    /// Its name.
+    pub name: String,
+    /// Its CometD endpoint.
+    pub url: String,
+    /// `connected`, `connecting` or `disconnected`.
+    pub state: &'static str,
+    /// `websocket` or `long-polling`, once negotiated.
+    pub connection_type: Option<&'static str>,
+    /// The session id the server assigned.
+    pub client_id: Option<String>,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// The channels the server confirmed.
+    pub subscriptions: Vec<String>,
+}
+
+/// A subscription as the API shows it (secrets masked).
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct SubscriptionView {
+    /// Its id.
+    pub id: String,
+    /// Its source.
+    pub source: String,
+    /// Its channel or pattern.
+    pub channel: String,
+    /// Where its messages go, as configured; secrets are shown as `***`.
+    #[schema(value_type = Object)]
+    pub sink: RawSink,
+    /// Where it was defined.
+    pub origin: Origin,
+    /// `active` when the server confirmed the channel, else `pending`.
+    pub state: &'static str,
+    /// Messages routed to it.
+    pub received: u64,
+    /// Messages its sink acknowledged.
+    pub forwarded: u64,
+    /// Messages stored as dead letters.
+    pub dead_letters: u64,
+}
+
+/// One source's session and routes.
+struct SourceEntry {
+    config: SourceConfig,
+    name: Arc<str>,
+    client: Client,
+    routes: Routes,
+}
+
+/// One running subscription.
+struct SubscriptionEntry {
+    config: SubscriptionConfig,
+    origin: Origin,
+    queue: mpsc::Sender<Envelope>,
+    counters: Arc<Counters>,
+    forwarder: JoinHandle<()>,
+}
+
 /// A running bridge.
 pub struct Bridge {
-    /// Each source's name and client, for health checks and the API.
-    pub sources: Vec<(Arc<str>, Client)>,
-    /// Each source's subscriptions (aligned with `sources`), to dead-letter what a session
-    /// still holds at shutdown under the right subscription.
-    patterns: Vec<Vec<(ChannelPattern, Arc<str>)>>,
+    sources: Vec<SourceEntry>,
+    subscriptions: tokio::sync::Mutex<BTreeMap<String, SubscriptionEntry>>,
+    store: Arc<dyn Store>,
     nats: Option<async_nats::Client>,
+    http: reqwest::Client,
+    metrics: Metrics,
+    queue_capacity: usize,
     source_tasks: std::sync::Mutex<Vec<JoinHandle<Client>>>,
     forwarders: TaskTracker,
     stop_taking: CancellationToken,
     stop_delivering: CancellationToken,
     grace: Duration,
-    store: FileStore,
-    metrics: Metrics,
 }
 
 impl Bridge {
-    /// Starts every source and forwarder.
+    /// Starts every source, the configured subscriptions and those stored by the API.
     ///
     /// # Errors
-    /// [`Error`] when a source's client options cannot work (validation makes this rare).
-    pub fn start(parts: Parts) -> Result<Bridge, Error> {
-        let Parts {
-            config,
+    /// [`BridgeError`] when a source's client cannot be built or the store cannot be read.
+    pub async fn start(parts: Parts) -> Result<Arc<Bridge>, BridgeError> {
+        let Parts { config, store, nats, metrics, http } = parts;
+        let mut sources = Vec::new();
+        for source_config in &config.sources {
+            let client = source_config
+                .client_options()
+                .build()
+                .map_err(|error| BridgeError::Conflict(format!("source {}: {error}", source_config.name)))?;
+            let name: Arc<str> = source_config.name.as_str().into();
+            metrics.source_connected(&name, false);
+            sources.push(SourceEntry {
+                config: source_config.clone(),
+                name,
+                client,
+                routes: Routes::default(),
+            });
+        }
+        let bridge = Arc::new(Bridge {
+            sources,
+            subscriptions: tokio::sync::Mutex::new(BTreeMap::new()),
             store,
             nats,
-            metrics,
             http,
-        } = parts;
-        let forwarders = TaskTracker::new();
-        let stop_taking = CancellationToken::new();
-        let stop_delivering = CancellationToken::new();
-        let mut routes: Vec<(String, Route)> = Vec::new();
-        for subscription in &config.subscriptions {
-            let (queue, receiver) = mpsc::channel::<Envelope>(config.bridge.queue_capacity);
-            let sink = match &subscription.sink {
-                SinkConfig::Nats(nats_sink) => Sink::Nats(Box::new(NatsSink::new(
-                    nats.clone()
-                        .expect("NATS is connected when a subscription uses it"),
+            metrics,
+            queue_capacity: config.bridge.queue_capacity,
+            source_tasks: std::sync::Mutex::new(Vec::new()),
+            forwarders: TaskTracker::new(),
+            stop_taking: CancellationToken::new(),
+            stop_delivering: CancellationToken::new(),
+            grace: config.bridge.shutdown_grace,
+        });
+        {
+            let mut subscriptions = bridge.subscriptions.lock().await;
+            for subscription in &config.subscriptions {
+                let entry = bridge.start_subscription(subscription.clone(), Origin::Config)?;
+                subscriptions.insert(subscription.id.clone(), entry);
+            }
+            let names = bridge.source_names();
+            for raw in bridge.store.subscriptions().await? {
+                if subscriptions.contains_key(&raw.id) {
+                    tracing::error!(id = %raw.id, "a stored subscription has the id of a configured one; ignoring it");
+                    continue;
+                }
+                match config::validate_subscription(&raw, "", &names, &Env::new()) {
+                    Ok(subscription) => match bridge.start_subscription(subscription, Origin::Api) {
+                        Ok(entry) => drop(subscriptions.insert(raw.id.clone(), entry)),
+                        Err(error) => {
+                            tracing::error!(id = %raw.id, error = %error, "cannot start a stored subscription")
+                        }
+                    },
+                    Err(problems) => {
+                        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                        tracing::error!(id = %raw.id, problems = ?problems, "a stored subscription is no longer valid; ignoring it");
+                    }
+                }
+            }
+        }
+        let mut tasks = Vec::new();
+        for entry in &bridge.sources {
+            let source = Source {
+                name: entry.name.clone(),
+                client: entry.client.clone(),
+                routes: entry.routes.clone(),
+                store: bridge.store.clone(),
+                metrics: bridge.metrics.clone(),
+            };
+            tasks.push(tokio::spawn(source.run(bridge.stop_taking.clone())));
+        }
+        *bridge.source_tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tasks;
+        Ok(bridge)
+    }
+
+    fn source_names(&self) -> BTreeSet<String> {
+        self.sources.iter().map(|source| source.config.name.clone()).collect()
+    }
+
+    fn source(&self, name: &str) -> Option<&SourceEntry> {
+        self.sources.iter().find(|source| source.config.name == name)
+    }
+
+    /// Starts a subscription's forwarder and adds its route to its source.
+    fn start_subscription(
+        &self,
+        config: SubscriptionConfig,
+        origin: Origin,
+    ) -> Result<SubscriptionEntry, BridgeError> {
+        let source =
+            self.source(&config.source).ok_or_else(|| BridgeError::UnknownSource(config.source.clone()))?;
+        let sink = match &config.sink {
+            SinkConfig::Nats(nats_sink) => {
+                let nats = self.nats.clone().ok_or_else(|| {
+                    BridgeError::Unavailable("NATS is not connected: no subscription used it at start-up; restart the bridge with a NATS subscription in the configuration".into())
+                })?;
+                Sink::Nats(Box::new(NatsSink::new(
+                    nats,
                     nats_sink.subject.clone(),
                     nats_sink.jetstream,
                     nats_sink.payload,
-                    metrics.clone(),
-                ))),
-                SinkConfig::Webhook(webhook) => Sink::Webhook(WebhookSink::new(
-                    http.clone(),
-                    webhook.clone(),
-                    metrics.clone(),
-                )),
-            };
-            let id: Arc<str> = subscription.id.as_str().into();
-            let forwarder = Forwarder {
-                subscription: id.clone(),
-                sink,
-                sink_kind: subscription.sink.kind(),
-                store: store.clone(),
-                metrics: metrics.clone(),
-            };
-            forwarders.spawn(forwarder.run(receiver, stop_delivering.clone()));
-            routes.push((
-                subscription.source.clone(),
-                Route {
-                    subscription: id,
-                    pattern: subscription.channel.clone(),
-                    queue,
-                },
-            ));
-        }
-        forwarders.close();
-
-        let mut sources = Vec::new();
-        let mut patterns = Vec::new();
-        let mut source_tasks = Vec::new();
-        for source_config in &config.sources {
-            let client = source_config.client_options().build()?;
-            let name: Arc<str> = source_config.name.as_str().into();
-            metrics.source_connected(&name, false);
-            let (mine, others): (Vec<_>, Vec<_>) = routes
-                .into_iter()
-                .partition(|(source, _)| *source == source_config.name);
-            routes = others;
-            patterns.push(
-                mine.iter()
-                    .map(|(_, route)| (route.pattern.clone(), route.subscription.clone()))
-                    .collect(),
-            );
-            let source = Source {
-                name: name.clone(),
-                client: client.clone(),
-                routes: mine.into_iter().map(|(_, route)| route).collect(),
-                store: store.clone(),
-                metrics: metrics.clone(),
-            };
-            source_tasks.push(tokio::spawn(source.run(stop_taking.clone())));
-            sources.push((name, client));
-        }
-        Ok(Bridge {
-            sources,
-            patterns,
-            nats,
-            source_tasks: std::sync::Mutex::new(source_tasks),
-            forwarders,
-            stop_taking,
-            stop_delivering,
-            grace: config.bridge.shutdown_grace,
-            store,
-            metrics,
-        })
+                    self.metrics.clone(),
+                )))
+            }
+            SinkConfig::Webhook(webhook) => {
+                Sink::Webhook(WebhookSink::new(self.http.clone(), webhook.clone(), self.metrics.clone()))
+            }
+        };
+        let (queue, receiver) = mpsc::channel::<Envelope>(self.queue_capacity);
+        let id: Arc<str> = config.id.as_str().into();
+        let counters = Arc::new(Counters::default());
+        let forwarder = Forwarder {
+            subscription: id.clone(),
+            sink,
+            sink_kind: config.sink.kind(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            counters: counters.clone(),
+        };
+        let forwarder = self.forwarders.spawn(forwarder.run(receiver, self.stop_delivering.clone()));
+        source.routes.write().unwrap_or_else(std::sync::PoisonError::into_inner).push(Route {
+            subscription: id,
+            pattern: config.channel.clone(),
+            queue: queue.clone(),
+            counters: counters.clone(),
+        });
+        Ok(SubscriptionEntry { config, origin, queue, counters, forwarder })
     }
 
-    /// Why the bridge is not ready: a source not connected, NATS not connected. Empty when
-    /// ready.
+    /// Adds a subscription at runtime: validates it, stores it, starts its forwarder and
+    /// subscribes upstream. It is `active` once the server confirmed the channel, else
+    /// `pending` (the source subscribes when it reconnects).
+    ///
+    /// # Errors
+    /// [`BridgeError::Invalid`], [`BridgeError::UnknownSource`], [`BridgeError::Conflict`]
+    /// (id taken), [`BridgeError::Upstream`] (refused by the server), [`BridgeError::Store`].
+    pub async fn add_subscription(&self, raw: RawSubscription) -> Result<SubscriptionView, BridgeError> {
+        // Every source name counts as known here, so an unknown one gets its own 404.
+        let mut names = self.source_names();
+        names.insert(raw.source.clone());
+        let config =
+            config::validate_subscription(&raw, "", &names, &Env::new()).map_err(BridgeError::Invalid)?;
+        let source =
+            self.source(&config.source).ok_or_else(|| BridgeError::UnknownSource(config.source.clone()))?;
+        let mut subscriptions = self.subscriptions.lock().await;
+        if subscriptions.contains_key(&config.id) {
+            return Err(BridgeError::Conflict(format!("a subscription with id {:?} exists", config.id)));
+        }
+        self.store.put_subscription(&raw).await?;
+        let entry = match self.start_subscription(config.clone(), Origin::Api) {
+            Ok(entry) => entry,
+            Err(error) => {
+                self.store.delete_subscription(&config.id).await?;
+                return Err(error);
+            }
+        };
+        let pattern = config.channel.as_str();
+        if source.client.status().state == SessionState::Connected
+            && !source.client.subscriptions().contains(pattern)
+            && let Err(error) = source.client.subscribe(pattern).await
+            && matches!(error, Error::Server(_))
+        {
+            remove_route(&source.routes, &config.id);
+            drop(entry.queue);
+            let _ = entry.forwarder.await;
+            self.store.delete_subscription(&config.id).await?;
+            return Err(BridgeError::Upstream(error));
+        }
+        tracing::info!(id = %config.id, source = %config.source, channel = %pattern, "subscription added");
+        subscriptions.insert(config.id.clone(), entry);
+        let entry = &subscriptions[&config.id];
+        Ok(self.view(entry))
+    }
+
+    /// Removes a subscription added through the API: its route goes first, its forwarder
+    /// drains, then the channel is unsubscribed upstream unless another subscription of the
+    /// source still uses it, and the record is deleted.
+    ///
+    /// # Errors
+    /// [`BridgeError::NotFound`], [`BridgeError::Conflict`] for a configured subscription,
+    /// [`BridgeError::Store`].
+    pub async fn remove_subscription(&self, id: &str) -> Result<(), BridgeError> {
+        let mut subscriptions = self.subscriptions.lock().await;
+        let entry =
+            subscriptions.get(id).ok_or_else(|| BridgeError::NotFound(format!("subscription {id:?}")))?;
+        if entry.origin == Origin::Config {
+            return Err(BridgeError::Conflict(format!(
+                "subscription {id:?} is defined in the configuration file; remove it there and restart the bridge"
+            )));
+        }
+        let entry = subscriptions.remove(id).expect("checked above");
+        let source = self.source(&entry.config.source).expect("subscriptions belong to known sources");
+        remove_route(&source.routes, id);
+        drop(entry.queue);
+        let _ = entry.forwarder.await;
+        let pattern = entry.config.channel.as_str();
+        let still_needed = snapshot(&source.routes).iter().any(|route| route.pattern.as_str() == pattern);
+        if !still_needed
+            && source.client.subscriptions().contains(pattern)
+            && let Err(error) = source.client.unsubscribe(pattern).await
+        {
+            tracing::warn!(id, channel = %pattern, error = %error, "could not unsubscribe upstream");
+        }
+        self.store.delete_subscription(id).await?;
+        tracing::info!(id, "subscription removed");
+        Ok(())
+    }
+
+    /// Every subscription.
+    pub async fn subscriptions(&self) -> Vec<SubscriptionView> {
+        self.subscriptions.lock().await.values().map(|entry| self.view(entry)).collect()
+    }
+
+    /// One subscription.
+    pub async fn subscription(&self, id: &str) -> Option<SubscriptionView> {
+        self.subscriptions.lock().await.get(id).map(|entry| self.view(entry))
+    }
+
+    fn view(&self, entry: &SubscriptionEntry) -> SubscriptionView {
+        let config = &entry.config;
+        let active = self.source(&config.source).is_some_and(|source| {
+            let status = source.client.status();
+            status.state == SessionState::Connected && status.subscriptions.contains(config.channel.as_str())
+        });
+        let mut sink = config.raw.sink.clone();
+        if let RawSink::Webhook { secret: Some(secret), .. } = &mut sink {
+            *secret = "***".into();
+        }
+        SubscriptionView {
+            id: config.id.clone(),
+            source: config.source.clone(),
+            channel: config.channel.to_string(),
+            sink,
+            origin: entry.origin,
+            state: if active { "active" } else { "pending" },
+            received: entry.counters.received.load(Ordering::Relaxed),
+            forwarded: entry.counters.forwarded.load(Ordering::Relaxed),
+            dead_letters: entry.counters.dead_letters.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Every source with its live state.
+    pub fn sources(&self) -> Vec<SourceView> {
+        self.sources
+            .iter()
+            .map(|source| {
+                let status = source.client.status();
+                SourceView {
+                    name: source.config.name.clone(),
+                    url: source.config.url.clone(),
+                    state: match status.state {
+                        SessionState::Connected => "connected",
+                        SessionState::Unconnected
+                        | SessionState::Handshaking
+                        | SessionState::Reconnecting => "connecting",
+                        SessionState::Disconnecting | SessionState::Closed => "disconnected",
+                    },
+                    connection_type: status.connection_type.map(|kind| kind.as_str()),
+                    client_id: status.client_id,
+                    last_error: status.last_error,
+                    subscriptions: status.subscriptions.into_iter().collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// The stored dead letters, oldest first.
+    ///
+    /// # Errors
+    /// [`BridgeError::Store`].
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BridgeError> {
+        Ok(self.store.dead_letters().await?)
+    }
+
+    /// Removes a dead letter for good.
+    ///
+    /// # Errors
+    /// [`BridgeError::NotFound`], [`BridgeError::Store`].
+    pub async fn discard_dead_letter(&self, id: &str) -> Result<(), BridgeError> {
+        match self.store.delete_dead_letter(id).await? {
+            true => Ok(()),
+            false => Err(BridgeError::NotFound(format!("dead letter {id:?}"))),
+        }
+    }
+
+    /// Hands a dead letter back to its subscription's forwarder, with its original
+    /// delivery id (so `webhook-id` and `Nats-Msg-Id` stay the same). If it fails again it
+    /// becomes a dead letter again.
+    ///
+    /// # Errors
+    /// [`BridgeError::NotFound`], [`BridgeError::Conflict`] when its subscription is gone,
+    /// [`BridgeError::Store`].
+    pub async fn retry_dead_letter(&self, id: &str) -> Result<(), BridgeError> {
+        let letter = self
+            .store
+            .dead_letter(id)
+            .await?
+            .ok_or_else(|| BridgeError::NotFound(format!("dead letter {id:?}")))?;
+        let queue = {
+            let subscriptions = self.subscriptions.lock().await;
+            let entry = subscriptions.get(&letter.subscription).ok_or_else(|| {
+                BridgeError::Conflict(format!(
+                    "subscription {:?} no longer exists; discard the dead letter instead",
+                    letter.subscription
+                ))
+            })?;
+            entry.queue.clone()
+        };
+        let message = &letter.message;
+        let envelope = Envelope {
+            source: letter.source.as_str().into(),
+            subscription: letter.subscription.as_str().into(),
+            session: letter.session.as_str().into(),
+            sequence: letter.sequence,
+            message: Arc::new(Message {
+                id: message["id"].as_str().map(str::to_owned),
+                data: Some(message["data"].clone()).filter(|data| !data.is_null()),
+                ext: message["ext"].as_object().cloned(),
+                ..Message::new(message["channel"].as_str().unwrap_or_default())
+            }),
+            received_at: Instant::now(),
+        };
+        // Removed first: if the retry fails at once, the forwarder stores it again.
+        self.store.delete_dead_letter(id).await?;
+        if queue.send(envelope).await.is_err() {
+            self.store.add_dead_letter(&letter).await?;
+            return Err(BridgeError::Conflict("the subscription is stopping".into()));
+        }
+        Ok(())
+    }
+
+    /// Why the bridge is not ready: a source not connected or not subscribed, NATS not
+    /// connected. Empty when ready.
     pub fn unready_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
-        for ((name, client), patterns) in self.sources.iter().zip(&self.patterns) {
-            let status = client.status();
+        for source in &self.sources {
+            let status = source.client.status();
             if status.state != SessionState::Connected {
-                let mut reason = format!(
-                    "source {name} is {}",
-                    format!("{:?}", status.state).to_lowercase()
-                );
+                let mut reason =
+                    format!("source {} is {}", source.name, format!("{:?}", status.state).to_lowercase());
                 if let Some(error) = status.last_error {
                     reason.push_str(&format!(": {error}"));
                 }
                 reasons.push(reason);
                 continue;
             }
-            for (pattern, _) in patterns {
-                if !status.subscriptions.contains(pattern.as_str()) {
-                    reasons.push(format!("source {name} is not subscribed to {pattern}"));
+            for route in snapshot(&source.routes) {
+                if !status.subscriptions.contains(route.pattern.as_str()) {
+                    reasons.push(format!("source {} is not subscribed to {}", source.name, route.pattern));
                 }
             }
         }
@@ -188,60 +526,64 @@ impl Bridge {
         let started = Instant::now();
         tracing::info!(grace = ?self.grace, "stopping: no new messages are taken");
         self.stop_taking.cancel();
-        let tasks = std::mem::take(
-            &mut *self
-                .source_tasks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        let mut clients = Vec::new();
+        let tasks =
+            std::mem::take(&mut *self.source_tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         for task in tasks {
-            match task.await {
-                Ok(client) => clients.push(client),
-                Err(error) => tracing::error!(error = %error, "a source task failed"),
+            if let Err(error) = task.await {
+                tracing::error!(error = %error, "a source task failed");
             }
         }
+        // Closing every queue lets each forwarder finish once it has drained.
+        let patterns: Vec<Vec<(ChannelPattern, Arc<str>)>> = self
+            .sources
+            .iter()
+            .map(|source| {
+                let routes = std::mem::take(
+                    &mut *source.routes.write().unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                routes.into_iter().map(|route| (route.pattern, route.subscription)).collect()
+            })
+            .collect();
+        let forwarders: Vec<JoinHandle<()>> = {
+            let mut subscriptions = self.subscriptions.lock().await;
+            std::mem::take(&mut *subscriptions).into_values().map(|entry| entry.forwarder).collect()
+        };
+        self.forwarders.close();
         let remaining = self.grace.saturating_sub(started.elapsed());
-        if tokio::time::timeout(remaining, self.forwarders.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "the grace period ended with deliveries in flight; storing them as dead letters"
-            );
+        if tokio::time::timeout(remaining, self.forwarders.wait()).await.is_err() {
+            tracing::warn!("the grace period ended with deliveries in flight; storing them as dead letters");
             self.stop_delivering.cancel();
             self.forwarders.wait().await;
         }
-        for ((name, client), patterns) in self.sources.iter().zip(&self.patterns) {
-            client.close().await;
+        drop(forwarders);
+        for (source, patterns) in self.sources.iter().zip(&patterns) {
+            source.client.close().await;
             // Own key space, so these never share a delivery id with a routed message.
             let session: Arc<str> =
-                format!("{}-shutdown", client.status().client_id.unwrap_or_default()).into();
+                format!("{}-shutdown", source.client.status().client_id.unwrap_or_default()).into();
             let mut drained = 0;
             loop {
-                let message = match client.receive().await {
+                let message = match source.client.receive().await {
                     Ok(message) => Arc::new(message),
                     Err(Error::Closed) => break,
                     Err(_) => continue,
                 };
                 drained += 1;
-                for (_, subscription) in patterns
-                    .iter()
-                    .filter(|(pattern, _)| pattern.matches(&message.channel))
+                for (_, subscription) in
+                    patterns.iter().filter(|(pattern, _)| pattern.matches(&message.channel))
                 {
                     let envelope = Envelope {
-                        source: name.clone(),
+                        source: source.name.clone(),
                         subscription: subscription.clone(),
                         session: session.clone(),
                         sequence: drained,
                         message: message.clone(),
                         received_at: Instant::now(),
                     };
-                    dead_letter(&self.store, &self.metrics, &envelope, DISCONNECT_REASON, 0).await;
+                    dead_letter(&*self.store, &self.metrics, &envelope, DISCONNECT_REASON, 0).await;
                 }
             }
         }
-        drop(clients);
         if let Some(nats) = &self.nats
             && let Err(error) = tokio::time::timeout(Duration::from_secs(5), nats.flush())
                 .await
@@ -252,4 +594,11 @@ impl Bridge {
         }
         tracing::info!("stopped");
     }
+}
+
+fn remove_route(routes: &RwLock<Vec<Route>>, id: &str) {
+    routes
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|route| &*route.subscription != id);
 }

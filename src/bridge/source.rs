@@ -4,23 +4,25 @@
 //! is full so that backpressure reaches the CometD side.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::envelope::Envelope;
-use super::forwarder::dead_letter;
+use super::forwarder::{Counters, dead_letter};
 use crate::cometd::{ChannelPattern, Client, Error, Message, SessionState, TransportErrorKind};
 use crate::sink::{pause, retry_backoff};
-use crate::store::FileStore;
+use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
 
 /// Why a message taken from the session could not be handed to its forwarder.
 const STOPPED_REASON: &str = "shutdown: received while the bridge was stopping";
 
 /// One subscription's route: its pattern and its forwarder's queue.
+#[derive(Clone)]
 pub struct Route {
     /// The subscription's id.
     pub subscription: Arc<str>,
@@ -28,6 +30,16 @@ pub struct Route {
     pub pattern: ChannelPattern,
     /// Its forwarder's queue.
     pub queue: mpsc::Sender<Envelope>,
+    /// Its counts.
+    pub counters: Arc<Counters>,
+}
+
+/// A source's routes; the admin API adds and removes routes while the source runs.
+pub type Routes = Arc<RwLock<Vec<Route>>>;
+
+/// A snapshot of the routes, so no lock is held while waiting for a queue.
+pub fn snapshot(routes: &Routes) -> Vec<Route> {
+    routes.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
 }
 
 /// A source's task state.
@@ -37,9 +49,9 @@ pub struct Source {
     /// The CometD client.
     pub client: Client,
     /// Where messages go.
-    pub routes: Vec<Route>,
+    pub routes: Routes,
     /// For messages that cannot be routed during shutdown.
-    pub store: FileStore,
+    pub store: Arc<dyn Store>,
     /// Metrics.
     pub metrics: Metrics,
 }
@@ -54,12 +66,8 @@ impl Source {
                 return self.client;
             }
             let mut status = self.client.watch_status().expect("the client was opened");
-            let mut session: Arc<str> = status
-                .borrow_and_update()
-                .client_id
-                .clone()
-                .unwrap_or_default()
-                .into();
+            let mut session: Arc<str> =
+                status.borrow_and_update().client_id.clone().unwrap_or_default().into();
             self.metrics.source_connected(&self.name, true);
             loop {
                 let item = tokio::select! {
@@ -83,14 +91,10 @@ impl Source {
                 match item {
                     Ok(message) => {
                         sequence += 1;
-                        self.metrics
-                            .pending(&self.name, self.client.pending_count());
+                        self.metrics.pending(&self.name, self.client.pending_count());
                         self.route(message, &session, sequence, &stop).await;
                     }
-                    Err(Error::Transport {
-                        kind: TransportErrorKind::ConnectionTimeout,
-                        ..
-                    }) => {
+                    Err(Error::Transport { kind: TransportErrorKind::ConnectionTimeout, .. }) => {
                         tracing::warn!(source = %self.name, "lost the connection to the CometD server; reconnecting");
                     }
                     Err(Error::Closed) => continue 'session,
@@ -124,16 +128,13 @@ impl Source {
                 }
             }
         }
-        let channels: BTreeSet<&str> = self
-            .routes
-            .iter()
-            .map(|route| route.pattern.as_str())
-            .collect();
-        for channel in channels {
+        let channels: BTreeSet<String> =
+            snapshot(&self.routes).iter().map(|route| route.pattern.as_str().to_string()).collect();
+        for channel in &channels {
             match self.client.subscribe(channel).await {
-                Ok(()) => tracing::info!(source = %self.name, channel, "subscribed"),
+                Ok(()) => tracing::info!(source = %self.name, channel = %channel, "subscribed"),
                 Err(error) => {
-                    tracing::error!(source = %self.name, channel, error = %error, "subscription refused")
+                    tracing::error!(source = %self.name, channel = %channel, error = %error, "subscription refused")
                 }
             }
         }
@@ -141,20 +142,11 @@ impl Source {
     }
 
     /// Hands the message to every matching subscription, in route order.
-    async fn route(
-        &self,
-        message: Message,
-        session: &Arc<str>,
-        sequence: u64,
-        stop: &CancellationToken,
-    ) {
+    async fn route(&self, message: Message, session: &Arc<str>, sequence: u64, stop: &CancellationToken) {
         let message = Arc::new(message);
         let received_at = Instant::now();
-        for route in self
-            .routes
-            .iter()
-            .filter(|route| route.pattern.matches(&message.channel))
-        {
+        let routes = snapshot(&self.routes);
+        for route in routes.iter().filter(|route| route.pattern.matches(&message.channel)) {
             let envelope = Envelope {
                 source: self.name.clone(),
                 subscription: route.subscription.clone(),
@@ -164,6 +156,7 @@ impl Source {
                 received_at,
             };
             self.metrics.received(&self.name, &route.subscription);
+            route.counters.received.fetch_add(1, Ordering::Relaxed);
             let permit = tokio::select! {
                 biased;
                 _ = stop.cancelled() => None,
@@ -172,7 +165,9 @@ impl Source {
             match permit {
                 Some(permit) => permit.send(envelope),
                 None => {
-                    dead_letter(&self.store, &self.metrics, &envelope, STOPPED_REASON, 0).await;
+                    if dead_letter(&*self.store, &self.metrics, &envelope, STOPPED_REASON, 0).await {
+                        route.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         }

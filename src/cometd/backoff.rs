@@ -58,8 +58,7 @@ mod tests {
 
     #[test]
     fn delays_stay_within_their_bound() {
-        let backoff =
-            Backoff::try_new(Duration::from_millis(10), Duration::from_millis(80)).unwrap();
+        let backoff = Backoff::try_new(Duration::from_millis(10), Duration::from_millis(80)).unwrap();
         for failures in 0..10 {
             for _ in 0..200 {
                 assert!(backoff.delay(failures) <= backoff.bound(failures));

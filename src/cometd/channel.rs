@@ -32,9 +32,7 @@ impl ChannelPattern {
     /// [`Error::InvalidOptions`] saying what is wrong with it.
     pub fn new(text: &str) -> Result<Self, Error> {
         let invalid = |why: &str| Error::InvalidOptions(format!("channel {text:?} {why}"));
-        let rest = text
-            .strip_prefix('/')
-            .ok_or_else(|| invalid("does not start with /"))?;
+        let rest = text.strip_prefix('/').ok_or_else(|| invalid("does not start with /"))?;
         let segments: Vec<&str> = rest.split('/').collect();
         let last = segments.len() - 1;
         let mut wildcard = Wildcard::None;
@@ -47,11 +45,7 @@ impl ChannelPattern {
             }
             match *segment {
                 "*" | "**" if index == last && index > 0 => {
-                    wildcard = if *segment == "*" {
-                        Wildcard::One
-                    } else {
-                        Wildcard::Many
-                    };
+                    wildcard = if *segment == "*" { Wildcard::One } else { Wildcard::Many };
                 }
                 "*" | "**" if index == last => return Err(invalid("is a wildcard at the root")),
                 segment if segment.contains('*') => {
@@ -60,10 +54,7 @@ impl ChannelPattern {
                 _ => {}
             }
         }
-        Ok(ChannelPattern {
-            text: text.to_string(),
-            wildcard,
-        })
+        Ok(ChannelPattern { text: text.to_string(), wildcard })
     }
 
     /// The pattern as written.

@@ -74,24 +74,12 @@ impl Client {
     pub(crate) fn from_options(options: ValidOptions) -> Result<Client, Error> {
         let queue = Arc::new(PendingQueue::new(options.max_pending));
         let shared = Arc::new(Shared::new(options, queue)?);
-        let ctx = Context {
-            shared,
-            ids: Arc::new(AtomicU64::new(1)),
-        };
-        Ok(Client {
-            inner: Arc::new(Inner {
-                ctx,
-                session: Mutex::new(None),
-            }),
-        })
+        let ctx = Context { shared, ids: Arc::new(AtomicU64::new(1)) };
+        Ok(Client { inner: Arc::new(Inner { ctx, session: Mutex::new(None) }) })
     }
 
     fn handle(&self) -> Option<SessionHandle> {
-        self.inner
-            .session
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.inner.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Handshakes, negotiates the connection type and sends the first `/meta/connect`;
@@ -107,11 +95,7 @@ impl Client {
     /// On error nothing keeps running in the background.
     pub async fn open(&self) -> Result<(), Error> {
         let opened = {
-            let mut slot = self
-                .inner
-                .session
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut slot = self.inner.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(handle) = slot.as_ref()
                 && handle.status.borrow().state != SessionState::Closed
             {
@@ -121,17 +105,12 @@ impl Client {
             let (status, watch) = watch::channel(SessionStatus::new());
             let (opened, opened_receiver) = oneshot::channel();
             tokio::spawn(Session::new(self.inner.ctx.clone(), receiver, status, opened).run());
-            *slot = Some(SessionHandle {
-                commands,
-                status: watch,
-            });
+            *slot = Some(SessionHandle { commands, status: watch });
             opened_receiver
         };
-        opened.await.unwrap_or_else(|_| {
-            Err(Error::InvalidOperation(
-                "the session stopped while opening".into(),
-            ))
-        })
+        opened
+            .await
+            .unwrap_or_else(|_| Err(Error::InvalidOperation("the session stopped while opening".into())))
     }
 
     /// Sends `/meta/disconnect` and stops every background task. Messages already
@@ -151,16 +130,9 @@ impl Client {
         make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
     ) -> Result<T, Error> {
         let closed = || Error::InvalidOperation(format!("cannot {what}: the client is closed"));
-        let handle = self
-            .handle()
-            .filter(|handle| handle.status.borrow().open)
-            .ok_or_else(closed)?;
+        let handle = self.handle().filter(|handle| handle.status.borrow().open).ok_or_else(closed)?;
         let (reply, answer) = oneshot::channel();
-        handle
-            .commands
-            .send(make(reply))
-            .await
-            .map_err(|_| closed())?;
+        handle.commands.send(make(reply)).await.map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
     }
 
@@ -171,12 +143,7 @@ impl Client {
     /// carried, [`Error::InvalidOperation`] if the client is closed.
     pub async fn publish(&self, channel: &str, data: Value) -> Result<Message, Error> {
         let channel = channel.to_string();
-        self.command("publish", |reply| Command::Publish {
-            channel,
-            data,
-            reply,
-        })
-        .await
+        self.command("publish", |reply| Command::Publish { channel, data, reply }).await
     }
 
     /// Subscribes to `channel` (wildcards `/*` and `/**` allowed). After a new handshake the
@@ -186,8 +153,7 @@ impl Client {
     /// As [`publish`](Self::publish).
     pub async fn subscribe(&self, channel: &str) -> Result<(), Error> {
         let channel = channel.to_string();
-        self.command("subscribe", |reply| Command::Subscribe { channel, reply })
-            .await
+        self.command("subscribe", |reply| Command::Subscribe { channel, reply }).await
     }
 
     /// Unsubscribes from `channel`.
@@ -196,11 +162,7 @@ impl Client {
     /// As [`publish`](Self::publish).
     pub async fn unsubscribe(&self, channel: &str) -> Result<(), Error> {
         let channel = channel.to_string();
-        self.command("unsubscribe", |reply| Command::Unsubscribe {
-            channel,
-            reply,
-        })
-        .await
+        self.command("unsubscribe", |reply| Command::Unsubscribe { channel, reply }).await
     }
 
     /// Waits for the next message (or error) from the server.
@@ -248,15 +210,12 @@ impl Client {
     /// The received messages as a stream; it ends once the client is closed and drained.
     /// Errors other than [`Error::Closed`] are yielded and the stream goes on.
     pub fn messages(&self) -> impl Stream<Item = Result<Message, Error>> + Send + Unpin + 'static {
-        Box::pin(futures_util::stream::unfold(
-            self.clone(),
-            |client| async move {
-                match client.receive().await {
-                    Err(Error::Closed) => None,
-                    item => Some((item, client)),
-                }
-            },
-        ))
+        Box::pin(futures_util::stream::unfold(self.clone(), |client| async move {
+            match client.receive().await {
+                Err(Error::Closed) => None,
+                item => Some((item, client)),
+            }
+        }))
     }
 
     /// Whether the client is closed: not opened yet, closed, or closed by the server.
@@ -286,8 +245,7 @@ impl Client {
 
     /// A snapshot of the session's state.
     pub fn status(&self) -> SessionStatus {
-        self.handle()
-            .map_or_else(SessionStatus::new, |handle| handle.status.borrow().clone())
+        self.handle().map_or_else(SessionStatus::new, |handle| handle.status.borrow().clone())
     }
 
     /// A receiver that sees every change of the session's state, for health checks and

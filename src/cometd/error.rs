@@ -153,10 +153,9 @@ impl Error {
     /// misuse are not (a server's `5xx` code is the exception).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Transport { kind, .. } => !matches!(
-                kind,
-                TransportErrorKind::InvalidOperation(_) | TransportErrorKind::Tls
-            ),
+            Error::Transport { kind, .. } => {
+                !matches!(kind, TransportErrorKind::InvalidOperation(_) | TransportErrorKind::Tls)
+            }
             Error::Server(error) => error.error_code().is_some_and(|code| code >= 500),
             _ => false,
         }
@@ -183,10 +182,7 @@ impl Error {
     }
 
     pub(crate) fn transport_from(kind: TransportErrorKind, source: impl Into<BoxError>) -> Self {
-        Error::Transport {
-            kind,
-            source: Some(source.into()),
-        }
+        Error::Transport { kind, source: Some(source.into()) }
     }
 
     pub(crate) fn malformed(what: impl Into<String>) -> Self {
@@ -194,10 +190,7 @@ impl Error {
     }
 
     pub(crate) fn server(message: impl Into<String>, response: Option<Message>) -> Self {
-        Error::Server(Box::new(ServerError {
-            message: message.into(),
-            response,
-        }))
+        Error::Server(Box::new(ServerError { message: message.into(), response }))
     }
 }
 
@@ -260,38 +253,20 @@ mod tests {
     use super::*;
 
     fn reply(error: &str) -> Message {
-        Message {
-            error: Some(error.into()),
-            successful: Some(false),
-            ..Message::new("/meta/subscribe")
-        }
+        Message { error: Some(error.into()), successful: Some(false), ..Message::new("/meta/subscribe") }
     }
 
     #[test]
     fn server_errors_expose_the_parsed_field_and_the_response() {
-        let error = Error::server(
-            "subscribe request failed",
-            Some(reply("403:xj3,/foo:Subscription denied")),
-        );
+        let error =
+            Error::server("subscribe request failed", Some(reply("403:xj3,/foo:Subscription denied")));
         assert_eq!(error.kind(), ErrorKind::Server);
-        assert_eq!(
-            error.to_string(),
-            "subscribe request failed: 403:xj3,/foo:Subscription denied"
-        );
+        assert_eq!(error.to_string(), "subscribe request failed: 403:xj3,/foo:Subscription denied");
         let server = error.as_server_error().expect("a server error");
         assert_eq!(server.error_code(), Some(403));
-        assert_eq!(
-            server.error_args(),
-            Some(vec!["xj3".to_string(), "/foo".to_string()])
-        );
-        assert_eq!(
-            server.error_message().as_deref(),
-            Some("Subscription denied")
-        );
-        assert_eq!(
-            server.response().map(|r| r.channel.as_str()),
-            Some("/meta/subscribe")
-        );
+        assert_eq!(server.error_args(), Some(vec!["xj3".to_string(), "/foo".to_string()]));
+        assert_eq!(server.error_message().as_deref(), Some("Subscription denied"));
+        assert_eq!(server.response().map(|r| r.channel.as_str()), Some("/meta/subscribe"));
         assert!(!error.is_retryable());
     }
 
@@ -306,17 +281,10 @@ mod tests {
             Error::transport(TransportErrorKind::ConnectionClosed).kind(),
             ErrorKind::TransportConnectionClosed
         );
-        assert_eq!(
-            Error::malformed("not an array").kind(),
-            ErrorKind::Transport
-        );
+        assert_eq!(Error::malformed("not an array").kind(), ErrorKind::Transport);
         assert!(Error::malformed("not an array").is_retryable());
         assert_eq!(
-            Error::NoCommonConnectionType {
-                offered: vec!["x".into()],
-                accepted: vec!["y".into()]
-            }
-            .kind(),
+            Error::NoCommonConnectionType { offered: vec!["x".into()], accepted: vec!["y".into()] }.kind(),
             ErrorKind::Client
         );
     }

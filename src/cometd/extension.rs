@@ -34,11 +34,7 @@ pub trait Extension: Send + Sync + 'static {
     ///
     /// # Errors
     /// An error stops the send and is returned to whoever sent it.
-    async fn outgoing(
-        &self,
-        payload: &mut Vec<Message>,
-        headers: &mut HeaderMap,
-    ) -> Result<(), Error> {
+    async fn outgoing(&self, payload: &mut Vec<Message>, headers: &mut HeaderMap) -> Result<(), Error> {
         let _ = (payload, headers);
         Ok(())
     }
@@ -48,11 +44,7 @@ pub trait Extension: Send + Sync + 'static {
     ///
     /// # Errors
     /// An error fails the exchange the payload belongs to.
-    async fn incoming(
-        &self,
-        payload: &mut Vec<Message>,
-        headers: Option<&HeaderMap>,
-    ) -> Result<(), Error> {
+    async fn incoming(&self, payload: &mut Vec<Message>, headers: Option<&HeaderMap>) -> Result<(), Error> {
         let _ = (payload, headers);
         Ok(())
     }

@@ -31,11 +31,7 @@ pub struct Message {
     /// The channel the message belongs to, e.g. `/meta/connect` or `/orders/new`.
     pub channel: String,
     /// The message id; a reply carries the id of its request.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "string_or_number"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "string_or_number")]
     pub id: Option<String>,
     /// The session id the server assigned at handshake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -78,10 +74,7 @@ pub struct Message {
 impl Message {
     /// A message on `channel` with nothing else set.
     pub fn new(channel: impl Into<String>) -> Self {
-        Message {
-            channel: channel.into(),
-            ..Message::default()
-        }
+        Message { channel: channel.into(), ..Message::default() }
     }
 
     /// Whether the channel is a `/meta/` channel.
@@ -121,18 +114,15 @@ impl Message {
     pub fn subscriptions(&self) -> Vec<String> {
         match &self.subscription {
             Some(Value::String(channel)) => vec![channel.clone()],
-            Some(Value::Array(channels)) => channels
-                .iter()
-                .filter_map(|channel| channel.as_str().map(str::to_owned))
-                .collect(),
+            Some(Value::Array(channels)) => {
+                channels.iter().filter_map(|channel| channel.as_str().map(str::to_owned)).collect()
+            }
             _ => Vec::new(),
         }
     }
 }
 
-fn string_or_number<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<String>, D::Error> {
+fn string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
     Ok(match Option::<Value>::deserialize(deserializer)? {
         Some(Value::String(id)) => Some(id),
         Some(Value::Number(id)) => Some(id.to_string()),
@@ -193,25 +183,13 @@ impl ErrorField {
         let mut parts = field.splitn(3, ':');
         let _code_part = parts.next();
         let args = parts.next().map(|args| {
-            if args.is_empty() {
-                Vec::new()
-            } else {
-                args.split(',').map(str::to_owned).collect()
-            }
+            if args.is_empty() { Vec::new() } else { args.split(',').map(str::to_owned).collect() }
         });
         let message = parts.next().map(str::to_owned);
         match (&args, &message) {
             // "400": a code alone; "400:x": no message part, args are meaningless.
-            (_, None) => ErrorField {
-                code,
-                args: None,
-                message: None,
-            },
-            _ => ErrorField {
-                code,
-                args,
-                message,
-            },
+            (_, None) => ErrorField { code, args: None, message: None },
+            _ => ErrorField { code, args, message },
         }
     }
 }
@@ -222,34 +200,19 @@ mod tests {
     use serde_json::json;
 
     /// An `error` field and its expected code, args and message.
-    type ErrorCase = (
-        &'static str,
-        Option<u16>,
-        Option<Vec<&'static str>>,
-        Option<&'static str>,
-    );
+    type ErrorCase = (&'static str, Option<u16>, Option<Vec<&'static str>>, Option<&'static str>);
 
     #[test]
     fn error_fields_split_on_the_first_two_colons() {
         let cases: &[ErrorCase] = &[
-            (
-                "402::Unknown client",
-                Some(402),
-                Some(vec![]),
-                Some("Unknown client"),
-            ),
+            ("402::Unknown client", Some(402), Some(vec![]), Some("Unknown client")),
             (
                 "403:xj3,/foo/bar:Subscription denied",
                 Some(403),
                 Some(vec!["xj3", "/foo/bar"]),
                 Some("Subscription denied"),
             ),
-            (
-                "401:c1:Unknown client",
-                Some(401),
-                Some(vec!["c1"]),
-                Some("Unknown client"),
-            ),
+            ("401:c1:Unknown client", Some(401), Some(vec!["c1"]), Some("Unknown client")),
             ("::", None, Some(vec![]), Some("")),
             ("12::", None, Some(vec![]), Some("")),
             ("4001::x", Some(400), Some(vec![]), Some("x")),
@@ -268,8 +231,7 @@ mod tests {
             assert_eq!(parsed.code, *code, "code of {field:?}");
             assert_eq!(
                 parsed.args,
-                args.as_ref()
-                    .map(|a| a.iter().map(|s| s.to_string()).collect()),
+                args.as_ref().map(|a| a.iter().map(|s| s.to_string()).collect()),
                 "args of {field:?}"
             );
             assert_eq!(parsed.message.as_deref(), *message, "message of {field:?}");
@@ -287,11 +249,7 @@ mod tests {
         assert_eq!(message.client_id.as_deref(), Some("abc"));
         assert_eq!(
             message.advice,
-            Some(Advice {
-                reconnect: Some(Reconnect::Retry),
-                interval: Some(0),
-                timeout: Some(60000)
-            })
+            Some(Advice { reconnect: Some(Reconnect::Retry), interval: Some(0), timeout: Some(60000) })
         );
         assert_eq!(serde_json::to_value(&message).expect("serialize"), wire);
     }
@@ -304,10 +262,7 @@ mod tests {
         }))
         .expect("parse");
         assert_eq!(message.id.as_deref(), Some("7"));
-        assert_eq!(
-            message.advice.and_then(|a| a.reconnect),
-            Some(Reconnect::Unknown)
-        );
+        assert_eq!(message.advice.and_then(|a| a.reconnect), Some(Reconnect::Unknown));
     }
 
     #[test]
@@ -316,14 +271,11 @@ mod tests {
         request.id = Some("5".into());
         // faye delivers the broadcast with the publisher's id before the ack.
         let broadcast: Message =
-            serde_json::from_value(json!({"channel": "/chat", "id": "5", "data": {"x": 1}}))
-                .unwrap();
+            serde_json::from_value(json!({"channel": "/chat", "id": "5", "data": {"x": 1}})).unwrap();
         let ack: Message =
-            serde_json::from_value(json!({"channel": "/chat", "id": "5", "successful": true}))
-                .unwrap();
+            serde_json::from_value(json!({"channel": "/chat", "id": "5", "successful": true})).unwrap();
         let other_ack: Message =
-            serde_json::from_value(json!({"channel": "/chat", "id": "6", "successful": true}))
-                .unwrap();
+            serde_json::from_value(json!({"channel": "/chat", "id": "6", "successful": true})).unwrap();
         assert!(!broadcast.answers(&request));
         assert!(broadcast.is_event());
         assert!(ack.answers(&request));

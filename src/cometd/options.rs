@@ -105,8 +105,7 @@ impl Tls {
         }
         let mut digest = [0u8; 32];
         for (index, byte) in digest.iter_mut().enumerate() {
-            *byte =
-                u8::from_str_radix(&hex[index * 2..index * 2 + 2], 16).map_err(|_| invalid())?;
+            *byte = u8::from_str_radix(&hex[index * 2..index * 2 + 2], 16).map_err(|_| invalid())?;
         }
         Ok(Tls::Fingerprint(digest))
     }
@@ -153,14 +152,7 @@ impl fmt::Debug for ClientOptions {
             .field("extensions", &self.extensions.len())
             .field("auth", &self.auth.is_some())
             // Header values may be credentials: names only.
-            .field(
-                "headers",
-                &self
-                    .headers
-                    .iter()
-                    .map(|(name, _)| name)
-                    .collect::<Vec<_>>(),
-            )
+            .field("headers", &self.headers.iter().map(|(name, _)| name).collect::<Vec<_>>())
             .field("backoff", &self.backoff)
             .finish()
     }
@@ -265,14 +257,7 @@ impl ClientOptions {
             .map_err(|error| Error::InvalidOptions(format!("url {:?}: {error}", self.url)))?;
         let http_url = match url.scheme() {
             "http" | "https" => url.clone(),
-            "ws" | "wss" => with_scheme(
-                &url,
-                if url.scheme() == "ws" {
-                    "http"
-                } else {
-                    "https"
-                },
-            )?,
+            "ws" | "wss" => with_scheme(&url, if url.scheme() == "ws" { "http" } else { "https" })?,
             other => {
                 return Err(Error::InvalidOptions(format!(
                     "url {:?}: scheme {other:?} is not http, https, ws or wss",
@@ -280,14 +265,7 @@ impl ClientOptions {
                 )));
             }
         };
-        let ws_url = with_scheme(
-            &http_url,
-            if http_url.scheme() == "http" {
-                "ws"
-            } else {
-                "wss"
-            },
-        )?;
+        let ws_url = with_scheme(&http_url, if http_url.scheme() == "http" { "ws" } else { "wss" })?;
         let mut connection_types = Vec::new();
         for kind in &self.connection_types {
             if !connection_types.contains(kind) {
@@ -298,23 +276,18 @@ impl ClientOptions {
             return Err(Error::InvalidOptions("connection_types is empty".into()));
         }
         if self.request_timeout.is_zero() {
-            return Err(Error::InvalidOptions(
-                "request_timeout must be more than zero".into(),
-            ));
+            return Err(Error::InvalidOptions("request_timeout must be more than zero".into()));
         }
         let backoff = Backoff::try_new(self.backoff.0, self.backoff.1)?;
         let mut headers = HeaderMap::new();
         for (name, value) in &self.headers {
             let header_name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| Error::InvalidOptions(format!("header name {name:?} is not valid")))?;
-            let header_value = HeaderValue::from_str(value).map_err(|_| {
-                Error::InvalidOptions(format!("the value of header {name:?} is not valid"))
-            })?;
+            let header_value = HeaderValue::from_str(value)
+                .map_err(|_| Error::InvalidOptions(format!("the value of header {name:?} is not valid")))?;
             headers.append(header_name, header_value);
         }
-        let max_pending = usize::try_from(self.max_pending_count)
-            .ok()
-            .filter(|count| *count > 0);
+        let max_pending = usize::try_from(self.max_pending_count).ok().filter(|count| *count > 0);
         Ok(ValidOptions {
             http_url,
             ws_url,
@@ -358,17 +331,10 @@ mod tests {
 
     #[test]
     fn websocket_urls_map_to_http_for_long_polling() {
-        let options = ClientOptions::new("wss://example.test:8443/cometd")
-            .validate()
-            .unwrap();
-        assert_eq!(
-            options.http_url.as_str(),
-            "https://example.test:8443/cometd"
-        );
+        let options = ClientOptions::new("wss://example.test:8443/cometd").validate().unwrap();
+        assert_eq!(options.http_url.as_str(), "https://example.test:8443/cometd");
         assert_eq!(options.ws_url.as_str(), "wss://example.test:8443/cometd");
-        let options = ClientOptions::new("http://127.0.0.1/bayeux")
-            .validate()
-            .unwrap();
+        let options = ClientOptions::new("http://127.0.0.1/bayeux").validate().unwrap();
         assert_eq!(options.ws_url.as_str(), "ws://127.0.0.1/bayeux");
     }
 
@@ -380,30 +346,19 @@ mod tests {
         };
         assert!(message(ClientOptions::new("ftp://x/")).contains("scheme \"ftp\""));
         assert!(message(ClientOptions::new("not a url")).contains("url"));
-        assert!(
-            message(ClientOptions::new("http://x/").connection_types([]))
-                .contains("connection_types")
-        );
-        assert!(
-            message(ClientOptions::new("http://x/").header("bad name", "v")).contains("bad name")
-        );
+        assert!(message(ClientOptions::new("http://x/").connection_types([])).contains("connection_types"));
+        assert!(message(ClientOptions::new("http://x/").header("bad name", "v")).contains("bad name"));
     }
 
     #[test]
     fn zero_or_negative_pending_counts_mean_unbounded() {
         for count in [0, -1] {
-            let options = ClientOptions::new("http://x/")
-                .max_pending_count(count)
-                .validate()
-                .unwrap();
+            let options = ClientOptions::new("http://x/").max_pending_count(count).validate().unwrap();
             assert_eq!(options.max_pending, None);
         }
         let options = ClientOptions::new("http://x/").validate().unwrap();
         assert_eq!(options.max_pending, Some(100));
-        assert_eq!(
-            options.connection_types,
-            vec![ConnectionType::WebSocket, ConnectionType::LongPolling]
-        );
+        assert_eq!(options.connection_types, vec![ConnectionType::WebSocket, ConnectionType::LongPolling]);
     }
 
     #[test]

@@ -37,9 +37,7 @@ impl PendingQueue {
 
     fn items(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
         // A panic while holding this lock cannot leave the deque half-updated.
-        self.items
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.items.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Appends an item; never waits.
@@ -105,11 +103,7 @@ mod tests {
     async fn pushes_never_wait_and_space_opens_when_popped() {
         let queue = Arc::new(PendingQueue::new(Some(2)));
         queue.extend((0..3).map(|n| Message::new(format!("/n/{n}"))));
-        assert_eq!(
-            queue.len(),
-            3,
-            "a batch larger than the limit is kept whole"
-        );
+        assert_eq!(queue.len(), 3, "a batch larger than the limit is kept whole");
         assert!(queue.is_full());
 
         let waiter = tokio::spawn({

@@ -18,8 +18,8 @@ use tokio::time::Instant;
 
 use super::error::{Error, TransportErrorKind};
 use super::message::{
-    Advice, BAYEUX_VERSION, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
-    META_UNSUBSCRIBE, Message, Reconnect,
+    Advice, BAYEUX_VERSION, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE, META_UNSUBSCRIBE,
+    Message, Reconnect,
 };
 use super::options::ConnectionType;
 use super::transport::{Shared, Transport};
@@ -79,22 +79,10 @@ impl SessionStatus {
 
 /// A request from a [`Client`](super::Client) handle.
 pub(crate) enum Command {
-    Publish {
-        channel: String,
-        data: Value,
-        reply: oneshot::Sender<Result<Message, Error>>,
-    },
-    Subscribe {
-        channel: String,
-        reply: oneshot::Sender<Result<(), Error>>,
-    },
-    Unsubscribe {
-        channel: String,
-        reply: oneshot::Sender<Result<(), Error>>,
-    },
-    Close {
-        reply: oneshot::Sender<()>,
-    },
+    Publish { channel: String, data: Value, reply: oneshot::Sender<Result<Message, Error>> },
+    Subscribe { channel: String, reply: oneshot::Sender<Result<(), Error>> },
+    Unsubscribe { channel: String, reply: oneshot::Sender<Result<(), Error>> },
+    Close { reply: oneshot::Sender<()> },
 }
 
 /// What the session needs to build requests; cheap to clone into request futures.
@@ -121,9 +109,7 @@ impl Context {
         messages: Vec<Message>,
         timeout: Duration,
     ) -> Result<Vec<Message>, Error> {
-        let replies = transport
-            .send(self.with_ids(messages.clone()), timeout)
-            .await?;
+        let replies = transport.send(self.with_ids(messages.clone()), timeout).await?;
         let Some(auth) = &self.shared.options.auth else {
             return Ok(replies);
         };
@@ -142,10 +128,7 @@ impl Context {
 /// handshake cures instead.
 fn is_auth_failure(reply: &Message) -> bool {
     reply.successful == Some(false)
-        && reply
-            .error_field()
-            .and_then(|field| field.code)
-            .is_some_and(|code| code == 401 || code == 403)
+        && reply.error_field().and_then(|field| field.code).is_some_and(|code| code == 401 || code == 403)
         && !is_unknown_session(reply)
 }
 
@@ -156,9 +139,7 @@ fn is_unknown_session(reply: &Message) -> bool {
         return false;
     };
     let message = field.message.unwrap_or_default().to_ascii_lowercase();
-    field.code == Some(402)
-        || message.contains("unknown client")
-        || message.contains("session_unknown")
+    field.code == Some(402) || message.contains("unknown client") || message.contains("session_unknown")
 }
 
 fn failure_name(channel: &str) -> &'static str {
@@ -193,11 +174,8 @@ struct Handshaken {
 /// and a refused upgrade falls back), then moves to the best type both sides support.
 async fn handshake(ctx: Context) -> Result<Handshaken, Error> {
     let options = &ctx.shared.options;
-    let accepted: Vec<String> = options
-        .connection_types
-        .iter()
-        .map(|kind| kind.as_str().to_string())
-        .collect();
+    let accepted: Vec<String> =
+        options.connection_types.iter().map(|kind| kind.as_str().to_string()).collect();
     let mut last_error = None;
     for (index, kind) in options.connection_types.iter().enumerate() {
         let is_last = index + 1 == options.connection_types.len();
@@ -209,10 +187,7 @@ async fn handshake(ctx: Context) -> Result<Handshaken, Error> {
             ..Message::new(META_HANDSHAKE)
         };
         let sent = match transport.prepare().await {
-            Ok(()) => {
-                ctx.exchange(&transport, vec![request], options.request_timeout)
-                    .await
-            }
+            Ok(()) => ctx.exchange(&transport, vec![request], options.request_timeout).await,
             Err(error) => Err(error),
         };
         let reply = match sent {
@@ -231,10 +206,7 @@ async fn handshake(ctx: Context) -> Result<Handshaken, Error> {
                 "the server accepted the handshake but sent no clientId".into(),
             ))
         })?;
-        let offered = reply
-            .supported_connection_types
-            .clone()
-            .unwrap_or_else(|| vec![kind.as_str().into()]);
+        let offered = reply.supported_connection_types.clone().unwrap_or_else(|| vec![kind.as_str().into()]);
         let common: Vec<ConnectionType> = options
             .connection_types
             .iter()
@@ -266,11 +238,7 @@ async fn handshake(ctx: Context) -> Result<Handshaken, Error> {
         let Some(transport) = chosen else {
             return Err(last_error.unwrap_or_else(|| Error::transport(TransportErrorKind::Connect)));
         };
-        return Ok(Handshaken {
-            transport: Arc::new(transport),
-            client_id,
-            advice: reply.advice,
-        });
+        return Ok(Handshaken { transport: Arc::new(transport), client_id, advice: reply.advice });
     }
     Err(last_error.unwrap_or_else(|| Error::transport(TransportErrorKind::Connect)))
 }
@@ -286,18 +254,10 @@ async fn resubscribe(
     client_id: String,
     channels: Vec<String>,
 ) -> Result<Resubscription, Error> {
-    let requests = channels
-        .iter()
-        .map(|channel| subscription_request(META_SUBSCRIBE, &client_id, channel))
-        .collect();
-    let replies = ctx
-        .exchange(&transport, requests, ctx.shared.options.request_timeout)
-        .await?;
-    Ok(channels
-        .into_iter()
-        .zip(replies)
-        .map(|(channel, reply)| (channel, check(reply).map(drop)))
-        .collect())
+    let requests =
+        channels.iter().map(|channel| subscription_request(META_SUBSCRIBE, &client_id, channel)).collect();
+    let replies = ctx.exchange(&transport, requests, ctx.shared.options.request_timeout).await?;
+    Ok(channels.into_iter().zip(replies).map(|(channel, reply)| (channel, check(reply).map(drop))).collect())
 }
 
 fn subscription_request(meta: &str, client_id: &str, channel: &str) -> Message {
@@ -327,10 +287,7 @@ async fn connect(
         ..Message::new(META_CONNECT)
     };
     let timeout = if first {
-        request.advice = Some(Advice {
-            timeout: Some(0),
-            ..Advice::default()
-        });
+        request.advice = Some(Advice { timeout: Some(0), ..Advice::default() });
         ctx.shared.options.request_timeout
     } else {
         let hold = hold.unwrap_or(DEFAULT_CONNECT_HOLD);
@@ -360,20 +317,9 @@ enum Next {
 /// A finished client request, ready to be answered; short-lived.
 #[allow(clippy::large_enum_variant)]
 enum Done {
-    Publish(
-        oneshot::Sender<Result<Message, Error>>,
-        Result<Message, Error>,
-    ),
-    Subscribe(
-        oneshot::Sender<Result<(), Error>>,
-        String,
-        Result<(), Error>,
-    ),
-    Unsubscribe(
-        oneshot::Sender<Result<(), Error>>,
-        String,
-        Result<(), Error>,
-    ),
+    Publish(oneshot::Sender<Result<Message, Error>>, Result<Message, Error>),
+    Subscribe(oneshot::Sender<Result<(), Error>>, String, Result<(), Error>),
+    Unsubscribe(oneshot::Sender<Result<(), Error>>, String, Result<(), Error>),
 }
 
 /// The session task's state.
@@ -404,11 +350,7 @@ impl Session {
         status: watch::Sender<SessionStatus>,
         opened: oneshot::Sender<Result<(), Error>>,
     ) -> Self {
-        let open_deadline = ctx
-            .shared
-            .options
-            .connection_timeout
-            .map(|timeout| Instant::now() + timeout);
+        let open_deadline = ctx.shared.options.connection_timeout.map(|timeout| Instant::now() + timeout);
         Session {
             ctx,
             commands,
@@ -482,13 +424,9 @@ impl Session {
         self.status.send_modify(|status| {
             if status.state != state {
                 // Handshaking again after a lost link is still the same outage.
-                let same_outage = matches!(
-                    status.state,
-                    SessionState::Reconnecting | SessionState::Handshaking
-                ) && matches!(
-                    state,
-                    SessionState::Reconnecting | SessionState::Handshaking
-                );
+                let same_outage =
+                    matches!(status.state, SessionState::Reconnecting | SessionState::Handshaking)
+                        && matches!(state, SessionState::Reconnecting | SessionState::Handshaking);
                 if !same_outage {
                     status.since = Instant::now();
                 }
@@ -502,10 +440,7 @@ impl Session {
 
     fn publish_session(&self) {
         self.status.send_modify(|status| {
-            status.connection_type = self
-                .transport
-                .as_ref()
-                .map(|transport| transport.connection_type());
+            status.connection_type = self.transport.as_ref().map(|transport| transport.connection_type());
             status.client_id = self.client_id.clone();
             status.subscriptions = self.subscriptions.clone();
         });
@@ -516,9 +451,7 @@ impl Session {
         match (next, &self.transport, &self.client_id) {
             (Next::Connect { first }, Some(transport), Some(client_id)) => {
                 let hold = self.advice.timeout.map(Duration::from_millis);
-                connect(ctx, transport.clone(), client_id.clone(), hold, first)
-                    .map(Step::Connected)
-                    .boxed()
+                connect(ctx, transport.clone(), client_id.clone(), hold, first).map(Step::Connected).boxed()
             }
             (Next::Resubscribe, Some(transport), Some(client_id)) => {
                 let channels = self.subscriptions.iter().cloned().collect();
@@ -550,9 +483,7 @@ impl Session {
     fn open_gives_up(&self, error: &Error) -> bool {
         self.opened.is_some()
             && (!error.is_retryable()
-                || self
-                    .open_deadline
-                    .is_some_and(|deadline| Instant::now() >= deadline))
+                || self.open_deadline.is_some_and(|deadline| Instant::now() >= deadline))
     }
 
     /// Ends `open` with `error` if it gives up; `Err(())` then stops the session.
@@ -650,11 +581,7 @@ impl Session {
                     {
                         tracing::info!(error = %error, "the server lost the session; handshaking again");
                         self.set_state(SessionState::Handshaking, Some(&error));
-                        let delay = if self.failures == 0 {
-                            Duration::ZERO
-                        } else {
-                            self.back_off()
-                        };
+                        let delay = if self.failures == 0 { Duration::ZERO } else { self.back_off() };
                         self.failures = self.failures.max(1);
                         Ok(Some((delay, Next::Handshake)))
                     }
@@ -689,40 +616,23 @@ impl Session {
     fn server_closed(&mut self, reply: Message) {
         tracing::warn!(error = ?reply.error, "the server closed the session (advice reconnect: none)");
         let error = Error::server("connection closed by the server", Some(reply));
-        self.status
-            .send_modify(|status| status.last_error = Some(error.to_string()));
+        self.status.send_modify(|status| status.last_error = Some(error.to_string()));
         self.ctx.shared.queue.push(Err(error));
     }
 
     /// Starts a client request.
     fn request(&self, command: Command) -> BoxFuture<'static, Done> {
         let ctx = self.ctx.clone();
-        let transport = self
-            .transport
-            .clone()
-            .expect("connected sessions have a transport");
-        let client_id = self
-            .client_id
-            .clone()
-            .expect("connected sessions have a client id");
+        let transport = self.transport.clone().expect("connected sessions have a transport");
+        let client_id = self.client_id.clone().expect("connected sessions have a client id");
         let timeout = ctx.shared.options.request_timeout;
         async move {
             match command {
-                Command::Publish {
-                    channel,
-                    data,
-                    reply,
-                } => {
-                    let request = Message {
-                        client_id: Some(client_id),
-                        data: Some(data),
-                        ..Message::new(channel)
-                    };
+                Command::Publish { channel, data, reply } => {
+                    let request =
+                        Message { client_id: Some(client_id), data: Some(data), ..Message::new(channel) };
                     let result = ctx.exchange(&transport, vec![request], timeout).await;
-                    Done::Publish(
-                        reply,
-                        result.and_then(|mut replies| check(replies.remove(0))),
-                    )
+                    Done::Publish(reply, result.and_then(|mut replies| check(replies.remove(0))))
                 }
                 Command::Subscribe { channel, reply } => {
                     let request = subscription_request(META_SUBSCRIBE, &client_id, &channel);
@@ -779,19 +689,8 @@ impl Session {
         if let (true, true, Some(transport), Some(client_id)) =
             (polite, was_connected, &self.transport, &self.client_id)
         {
-            let request = Message {
-                client_id: Some(client_id.clone()),
-                ..Message::new(META_DISCONNECT)
-            };
-            match self
-                .ctx
-                .exchange(
-                    transport,
-                    vec![request],
-                    self.ctx.shared.options.request_timeout,
-                )
-                .await
-            {
+            let request = Message { client_id: Some(client_id.clone()), ..Message::new(META_DISCONNECT) };
+            match self.ctx.exchange(transport, vec![request], self.ctx.shared.options.request_timeout).await {
                 Ok(_) => tracing::debug!("disconnected"),
                 // faye closes the websocket instead of answering: that is a disconnect too.
                 Err(error) => tracing::debug!(error = %error, "disconnect got no reply"),
@@ -801,11 +700,8 @@ impl Session {
             transport.close().await;
         }
         for command in self.deferred.drain(..) {
-            let closed = || {
-                Error::InvalidOperation(
-                    "the client was closed before the request could be sent".into(),
-                )
-            };
+            let closed =
+                || Error::InvalidOperation("the client was closed before the request could be sent".into());
             match command {
                 Command::Publish { reply, .. } => drop(reply.send(Err(closed()))),
                 Command::Subscribe { reply, .. } | Command::Unsubscribe { reply, .. } => {
@@ -815,9 +711,7 @@ impl Session {
             }
         }
         if let Some(opened) = self.opened.take() {
-            let _ = opened.send(Err(Error::InvalidOperation(
-                "the client was closed while opening".into(),
-            )));
+            let _ = opened.send(Err(Error::InvalidOperation("the client was closed while opening".into())));
         }
         self.status.send_modify(|status| {
             status.state = SessionState::Closed;

@@ -20,24 +20,16 @@ pub(crate) fn client_config(tls: &Tls) -> Result<Arc<ClientConfig>, Error> {
     let config = match tls {
         Tls::Config(config) => return Ok(config.clone()),
         Tls::Verify => {
-            let roots = RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
+            let roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
             builder.with_root_certificates(roots).with_no_client_auth()
         }
         Tls::Insecure => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned {
-                digest: None,
-                provider,
-            }))
+            .with_custom_certificate_verifier(Arc::new(Pinned { digest: None, provider }))
             .with_no_client_auth(),
         Tls::Fingerprint(digest) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned {
-                digest: Some(*digest),
-                provider,
-            }))
+            .with_custom_certificate_verifier(Arc::new(Pinned { digest: Some(*digest), provider }))
             .with_no_client_auth(),
     };
     Ok(Arc::new(config))
@@ -75,8 +67,7 @@ impl ServerCertVerifier for Pinned {
                     Ok(ServerCertVerified::assertion())
                 } else {
                     Err(rustls::Error::General(
-                        "the server certificate does not match the pinned SHA-256 fingerprint"
-                            .into(),
+                        "the server certificate does not match the pinned SHA-256 fingerprint".into(),
                     ))
                 }
             }

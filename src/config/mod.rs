@@ -199,10 +199,7 @@ pub struct Problem {
 
 impl Problem {
     pub(crate) fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Problem {
-            key: key.into(),
-            message: message.into(),
-        }
+        Problem { key: key.into(), message: message.into() }
     }
 }
 
@@ -288,9 +285,7 @@ pub fn parse(path: &Path, env: &Env) -> Result<RawConfig, ConfigError> {
         )
         .build()
         .map_err(|error| one(format!("{}: {error}", path.display())))?;
-    settings
-        .try_deserialize()
-        .map_err(|error| one(dotted_keys(&error.to_string())))
+    settings.try_deserialize().map_err(|error| one(dotted_keys(&error.to_string())))
 }
 
 /// The config crate writes nested keys as `subscriptions[0]sink`; add the missing dot.

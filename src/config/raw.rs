@@ -43,10 +43,7 @@ pub struct RawAdmin {
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin {
-            listen: default_admin_listen(),
-            token: None,
-        }
+        RawAdmin { listen: default_admin_listen(), token: None }
     }
 }
 
@@ -68,10 +65,7 @@ pub struct RawState {
 
 impl Default for RawState {
     fn default() -> Self {
-        RawState {
-            backend: default_state_backend(),
-            path: default_state_path(),
-        }
+        RawState { backend: default_state_backend(), path: default_state_path() }
     }
 }
 
@@ -136,10 +130,7 @@ pub struct RawBridge {
 
 impl Default for RawBridge {
     fn default() -> Self {
-        RawBridge {
-            queue_capacity: default_queue_capacity(),
-            shutdown_grace: default_shutdown_grace(),
-        }
+        RawBridge { queue_capacity: default_queue_capacity(), shutdown_grace: default_shutdown_grace() }
     }
 }
 
@@ -211,8 +202,8 @@ pub struct RawTls {
     pub fingerprint: Option<String>,
 }
 
-/// `[[subscriptions]]`
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+/// `[[subscriptions]]`, also the body of `POST /api/v1/subscriptions`.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawSubscription {
     /// Unique id.
@@ -226,7 +217,7 @@ pub struct RawSubscription {
 }
 
 /// `sink = { type = "nats" | "webhook", ... }`
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum RawSink {
     /// Publish on NATS.

@@ -16,9 +16,7 @@ impl Secret {
     /// A readable reason when the variable is unset or the file cannot be read.
     pub fn resolve(spec: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, String> {
         if let Some(name) = spec.strip_prefix("env:") {
-            return env(name)
-                .map(Secret)
-                .ok_or_else(|| format!("environment variable {name} is not set"));
+            return env(name).map(Secret).ok_or_else(|| format!("environment variable {name} is not set"));
         }
         if let Some(path) = spec.strip_prefix("file:") {
             return std::fs::read_to_string(path)
@@ -53,29 +51,13 @@ mod tests {
     #[test]
     fn secrets_resolve_from_env_file_or_inline_and_never_print() {
         let env = |name: &str| (name == "TOKEN").then(|| "from-env".to_string());
-        assert_eq!(
-            Secret::resolve("env:TOKEN", &env).unwrap().expose(),
-            "from-env"
-        );
-        assert!(
-            Secret::resolve("env:MISSING", &env)
-                .unwrap_err()
-                .contains("MISSING is not set")
-        );
+        assert_eq!(Secret::resolve("env:TOKEN", &env).unwrap().expose(), "from-env");
+        assert!(Secret::resolve("env:MISSING", &env).unwrap_err().contains("MISSING is not set"));
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("s");
         std::fs::write(&file, "from-file\n").unwrap();
-        assert_eq!(
-            Secret::resolve(&format!("file:{}", file.display()), &env)
-                .unwrap()
-                .expose(),
-            "from-file"
-        );
-        assert!(
-            Secret::resolve("file:/nonexistent/x", &env)
-                .unwrap_err()
-                .contains("cannot read")
-        );
+        assert_eq!(Secret::resolve(&format!("file:{}", file.display()), &env).unwrap().expose(), "from-file");
+        assert!(Secret::resolve("file:/nonexistent/x", &env).unwrap_err().contains("cannot read"));
         let inline = Secret::resolve("hunter2", &env).unwrap();
         assert_eq!(format!("{inline} {inline:?}"), "*** Secret(***)");
     }

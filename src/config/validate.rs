@@ -12,8 +12,8 @@ use base64::Engine;
 
 use super::raw::{RawConfig, RawSink, RawSource, RawSubscription, RawTls};
 use super::{
-    AdminConfig, BridgeConfig, Config, Env, NatsConfig, NatsSinkConfig, Payload, Problem, Secret,
-    SinkConfig, SourceConfig, StateConfig, SubscriptionConfig, WebhookSinkConfig,
+    AdminConfig, BridgeConfig, Config, Env, NatsConfig, NatsSinkConfig, Payload, Problem, Secret, SinkConfig,
+    SourceConfig, StateConfig, SubscriptionConfig, WebhookSinkConfig,
 };
 use crate::cometd::{ChannelPattern, ConnectionType, Tls};
 use crate::sink::subject::SubjectTemplate;
@@ -61,14 +61,8 @@ impl Checker<'_> {
     fn name(&mut self, key: &str, name: &str) {
         if name.is_empty() {
             self.problem(key, "must not be empty");
-        } else if !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            self.problem(
-                key,
-                format!("{name:?} may only contain letters, digits, '-', '_' and '.'"),
-            );
+        } else if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            self.problem(key, format!("{name:?} may only contain letters, digits, '-', '_' and '.'"));
         }
     }
 
@@ -88,40 +82,22 @@ impl Checker<'_> {
 /// # Errors
 /// Every problem found.
 pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
-    let mut check = Checker {
-        problems: Vec::new(),
-        env,
-    };
+    let mut check = Checker { problems: Vec::new(), env };
 
     let listen = raw.admin.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
-        check.problem(
-            "admin.listen",
-            format!(
-                "{:?} is not an address like 127.0.0.1:8080",
-                raw.admin.listen
-            ),
-        );
+        check
+            .problem("admin.listen", format!("{:?} is not an address like 127.0.0.1:8080", raw.admin.listen));
         SocketAddr::from(([127, 0, 0, 1], 0))
     });
-    let token = raw
-        .admin
-        .token
-        .as_deref()
-        .and_then(|spec| check.secret("admin.token", spec));
-    if token
-        .as_ref()
-        .is_some_and(|token| token.expose().is_empty())
-    {
+    let token = raw.admin.token.as_deref().and_then(|spec| check.secret("admin.token", spec));
+    if token.as_ref().is_some_and(|token| token.expose().is_empty()) {
         check.problem("admin.token", "must not be empty");
     }
 
     if raw.state.backend != "file" {
         check.problem(
             "state.backend",
-            format!(
-                "{:?} is not available; \"file\" is the only backend so far",
-                raw.state.backend
-            ),
+            format!("{:?} is not available; \"file\" is the only backend so far", raw.state.backend),
         );
     }
     if raw.state.path.is_empty() {
@@ -131,8 +107,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     let nats = nats_config(&mut check, &raw);
 
     let queue_capacity =
-        usize::try_from(check.positive("bridge.queue_capacity", raw.bridge.queue_capacity))
-            .unwrap_or(1);
+        usize::try_from(check.positive("bridge.queue_capacity", raw.bridge.queue_capacity)).unwrap_or(1);
     let shutdown_grace = check.duration("bridge.shutdown_grace", &raw.bridge.shutdown_grace);
 
     let mut sources = Vec::new();
@@ -140,10 +115,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     for (index, source) in raw.sources.iter().enumerate() {
         let key = format!("sources[{index}]");
         if !names.insert(source.name.clone()) {
-            check.problem(
-                format!("{key}.name"),
-                format!("{:?} is used by another source", source.name),
-            );
+            check.problem(format!("{key}.name"), format!("{:?} is used by another source", source.name));
         }
         sources.push(source_config(&mut check, &key, source));
     }
@@ -169,14 +141,9 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     }
     Ok(Config {
         admin: AdminConfig { listen, token },
-        state: StateConfig {
-            path: PathBuf::from(&raw.state.path),
-        },
+        state: StateConfig { path: PathBuf::from(&raw.state.path) },
         nats,
-        bridge: BridgeConfig {
-            queue_capacity,
-            shutdown_grace,
-        },
+        bridge: BridgeConfig { queue_capacity, shutdown_grace },
         sources,
         subscriptions,
     })
@@ -190,32 +157,22 @@ fn nats_config(check: &mut Checker<'_>, raw: &RawConfig) -> NatsConfig {
             ["nats", "tls", "ws", "wss"].contains(&parsed.scheme()) && parsed.host_str().is_some()
         });
         if !valid {
-            let which = if nats.url.contains(',') {
-                format!(" (URL {})", index + 1)
-            } else {
-                String::new()
-            };
+            let which = if nats.url.contains(',') { format!(" (URL {})", index + 1) } else { String::new() };
             check.problem("nats.url", format!("{url:?} is not a nats:// URL{which}"));
         }
     }
     let user_password = match (&nats.user, &nats.password) {
-        (Some(user), Some(password)) => check
-            .secret("nats.password", password)
-            .map(|password| (user.clone(), password)),
+        (Some(user), Some(password)) => {
+            check.secret("nats.password", password).map(|password| (user.clone(), password))
+        }
         (None, None) => None,
         _ => {
             check.problem("nats.user", "user and password go together");
             None
         }
     };
-    let token = nats
-        .token
-        .as_deref()
-        .and_then(|spec| check.secret("nats.token", spec));
-    for (key, file) in [
-        ("nats.credentials_file", &nats.credentials_file),
-        ("nats.ca_file", &nats.ca_file),
-    ] {
+    let token = nats.token.as_deref().and_then(|spec| check.secret("nats.token", spec));
+    for (key, file) in [("nats.credentials_file", &nats.credentials_file), ("nats.ca_file", &nats.ca_file)] {
         if let Some(file) = file
             && !std::path::Path::new(file).is_file()
         {
@@ -253,17 +210,10 @@ fn source_config(check: &mut Checker<'_>, key: &str, source: &RawSource) -> Sour
         }
     }
     if source.connection_types.is_empty() {
-        check.problem(
-            format!("{key}.connection_types"),
-            "must name at least one connection type",
-        );
+        check.problem(format!("{key}.connection_types"), "must name at least one connection type");
     }
-    let connection_timeout = check.duration(
-        &format!("{key}.connection_timeout"),
-        &source.connection_timeout,
-    );
-    let request_timeout =
-        check.positive_duration(&format!("{key}.request_timeout"), &source.request_timeout);
+    let connection_timeout = check.duration(&format!("{key}.connection_timeout"), &source.connection_timeout);
+    let request_timeout = check.positive_duration(&format!("{key}.request_timeout"), &source.request_timeout);
     let mut headers = Vec::new();
     for (name, value) in &source.headers {
         let header_key = format!("{key}.headers.{name}");
@@ -279,10 +229,7 @@ fn source_config(check: &mut Checker<'_>, key: &str, source: &RawSource) -> Sour
     }
     let tls = tls_config(check, &format!("{key}.tls"), &source.tls);
     if source.replay {
-        check.problem(
-            format!("{key}.replay"),
-            "the replay extension is not available yet",
-        );
+        check.problem(format!("{key}.replay"), "the replay extension is not available yet");
     }
     SourceConfig {
         name: source.name.clone(),
@@ -297,14 +244,8 @@ fn source_config(check: &mut Checker<'_>, key: &str, source: &RawSource) -> Sour
 }
 
 fn tls_config(check: &mut Checker<'_>, key: &str, tls: &RawTls) -> Tls {
-    let chosen = [
-        tls.insecure,
-        tls.ca_file.is_some(),
-        tls.fingerprint.is_some(),
-    ]
-    .iter()
-    .filter(|set| **set)
-    .count();
+    let chosen =
+        [tls.insecure, tls.ca_file.is_some(), tls.fingerprint.is_some()].iter().filter(|set| **set).count();
     if chosen > 1 {
         check.problem(key, "set only one of insecure, ca_file and fingerprint");
         return Tls::Verify;
@@ -338,24 +279,20 @@ fn ca_config(file: &str) -> Result<Arc<rustls::ClientConfig>, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    let certificates =
-        CertificateDer::pem_file_iter(file).map_err(|error| format!("{file}: {error}"))?;
+    let certificates = CertificateDer::pem_file_iter(file).map_err(|error| format!("{file}: {error}"))?;
     for certificate in certificates {
         let certificate = certificate.map_err(|error| format!("{file}: {error}"))?;
-        roots
-            .add(certificate)
-            .map_err(|error| format!("{file}: {error}"))?;
+        roots.add(certificate).map_err(|error| format!("{file}: {error}"))?;
     }
     if roots.is_empty() {
         return Err(format!("{file}: no certificate found"));
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|error| error.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|error| error.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     Ok(Arc::new(config))
 }
 
@@ -370,70 +307,39 @@ pub fn validate_subscription(
     sources: &BTreeSet<String>,
     env: &Env,
 ) -> Result<SubscriptionConfig, Vec<Problem>> {
-    let mut check = Checker {
-        problems: Vec::new(),
-        env,
-    };
+    let mut check = Checker { problems: Vec::new(), env };
     let field = |name: &str| {
-        if key.is_empty() {
-            name.to_string()
-        } else {
-            format!("{key}.{name}")
-        }
+        if key.is_empty() { name.to_string() } else { format!("{key}.{name}") }
     };
     check.name(&field("id"), &raw.id);
     if !sources.contains(&raw.source) {
-        check.problem(
-            field("source"),
-            format!("no source is named {:?}", raw.source),
-        );
+        check.problem(field("source"), format!("no source is named {:?}", raw.source));
     }
     let channel = ChannelPattern::new(&raw.channel).map_err(|error| {
         let message = error.to_string();
-        check.problem(
-            field("channel"),
-            message
-                .trim_start_matches("invalid client options: ")
-                .to_string(),
-        );
+        check.problem(field("channel"), message.trim_start_matches("invalid client options: ").to_string());
     });
     if raw.channel.starts_with("/meta/") {
         check.problem(field("channel"), "meta channels cannot be subscribed to");
     }
     let sink = match &raw.sink {
-        RawSink::Nats {
-            subject,
-            jetstream,
-            payload,
-        } => {
+        RawSink::Nats { subject, jetstream, payload } => {
             let subject = SubjectTemplate::parse(subject)
                 .map_err(|message| check.problem(field("sink.subject"), message));
             let payload = match payload.as_str() {
                 "data" => Payload::Data,
                 "envelope" => Payload::Envelope,
                 other => {
-                    check.problem(
-                        field("sink.payload"),
-                        format!("{other:?} is not \"data\" or \"envelope\""),
-                    );
+                    check
+                        .problem(field("sink.payload"), format!("{other:?} is not \"data\" or \"envelope\""));
                     Payload::Data
                 }
             };
-            subject.ok().map(|subject| {
-                SinkConfig::Nats(NatsSinkConfig {
-                    subject,
-                    jetstream: *jetstream,
-                    payload,
-                })
-            })
+            subject
+                .ok()
+                .map(|subject| SinkConfig::Nats(NatsSinkConfig { subject, jetstream: *jetstream, payload }))
         }
-        RawSink::Webhook {
-            url,
-            secret,
-            timeout,
-            max_attempts,
-            max_elapsed,
-        } => {
+        RawSink::Webhook { url, secret, timeout, max_attempts, max_elapsed } => {
             let url = match reqwest::Url::parse(url) {
                 Ok(url) if ["http", "https"].contains(&url.scheme()) => Some(url),
                 Ok(url) => {
@@ -448,31 +354,18 @@ pub fn validate_subscription(
                     None
                 }
             };
-            let secret = secret
-                .as_deref()
-                .and_then(|spec| check.secret(&field("sink.secret"), spec));
+            let secret = secret.as_deref().and_then(|spec| check.secret(&field("sink.secret"), spec));
             if let Some(secret) = &secret
                 && let Some(encoded) = secret.expose().strip_prefix("whsec_")
-                && base64::engine::general_purpose::STANDARD
-                    .decode(encoded)
-                    .is_err()
+                && base64::engine::general_purpose::STANDARD.decode(encoded).is_err()
             {
-                check.problem(
-                    field("sink.secret"),
-                    "a whsec_ secret must be base64 after the prefix",
-                );
+                check.problem(field("sink.secret"), "a whsec_ secret must be base64 after the prefix");
             }
             let timeout = check.positive_duration(&field("sink.timeout"), timeout);
             let max_attempts = check.positive(&field("sink.max_attempts"), *max_attempts);
             let max_elapsed = check.positive_duration(&field("sink.max_elapsed"), max_elapsed);
             url.map(|url| {
-                SinkConfig::Webhook(WebhookSinkConfig {
-                    url,
-                    secret,
-                    timeout,
-                    max_attempts,
-                    max_elapsed,
-                })
+                SinkConfig::Webhook(WebhookSinkConfig { url, secret, timeout, max_attempts, max_elapsed })
             })
         }
     };

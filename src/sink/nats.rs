@@ -50,21 +50,11 @@ impl NatsSink {
         metrics: Metrics,
     ) -> Self {
         let jetstream = use_jetstream.then(|| jetstream::new(client.clone()));
-        NatsSink {
-            client,
-            jetstream,
-            subject,
-            payload,
-            metrics,
-        }
+        NatsSink { client, jetstream, subject, payload, metrics }
     }
 
     fn kind(&self) -> &'static str {
-        if self.jetstream.is_some() {
-            "jetstream"
-        } else {
-            "nats"
-        }
+        if self.jetstream.is_some() { "jetstream" } else { "nats" }
     }
 
     fn message(&self, envelope: &Envelope) -> (String, HeaderMap, bytes::Bytes) {
@@ -85,20 +75,14 @@ impl NatsSink {
             headers.insert(headers::NATS_MSG_ID, envelope.delivery_id().as_str());
         }
         let payload = match self.payload {
-            Payload::Data => {
-                serde_json::to_vec(message.data.as_ref().unwrap_or(&serde_json::Value::Null))
-            }
+            Payload::Data => serde_json::to_vec(message.data.as_ref().unwrap_or(&serde_json::Value::Null)),
             Payload::Envelope => serde_json::to_vec(&**message),
         }
         .expect("JSON values serialize");
         (subject, headers, payload.into())
     }
 
-    pub(super) async fn deliver(
-        &self,
-        batch: &[Envelope],
-        stop: &CancellationToken,
-    ) -> Vec<Outcome> {
+    pub(super) async fn deliver(&self, batch: &[Envelope], stop: &CancellationToken) -> Vec<Outcome> {
         let delivered = match &self.jetstream {
             None => self.deliver_core(batch, stop).await,
             Some(jetstream) => self.deliver_jetstream(jetstream, batch, stop).await,
@@ -113,10 +97,8 @@ impl NatsSink {
         for envelope in batch {
             let (subject, headers, payload) = self.message(envelope);
             let mut failures = 0;
-            while let Err(error) = self
-                .client
-                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
-                .await
+            while let Err(error) =
+                self.client.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await
             {
                 self.failed(&envelope.subscription, "unavailable", &error);
                 if !pause(backoff.delay(failures), stop).await {
@@ -165,11 +147,7 @@ impl NatsSink {
                 Ok(count) => acked += count,
                 Err((count, reason, error)) => {
                     acked += count;
-                    self.failed(
-                        &batch[acked.min(batch.len() - 1)].subscription,
-                        reason,
-                        &error,
-                    );
+                    self.failed(&batch[acked.min(batch.len() - 1)].subscription, reason, &error);
                     if !pause(backoff.delay(failures), stop).await {
                         return acked;
                     }
@@ -198,17 +176,10 @@ impl NatsSink {
                 break;
             }
             let (subject, headers, payload) = self.message(envelope);
-            match jetstream
-                .publish_with_headers(subject, headers, payload)
-                .await
-            {
+            match jetstream.publish_with_headers(subject, headers, payload).await {
                 Ok(ack) => pending.push_back(ack),
                 Err(error) => {
-                    return Err((
-                        acked + settle(&mut pending).await,
-                        "publish",
-                        error.to_string(),
-                    ));
+                    return Err((acked + settle(&mut pending).await, "publish", error.to_string()));
                 }
             }
             if pending.len() >= ACK_WINDOW {
@@ -230,8 +201,7 @@ impl NatsSink {
 
     fn failed(&self, subscription: &str, reason: &str, error: &dyn std::fmt::Display) {
         tracing::warn!(subscription, sink = self.kind(), reason, error = %error, "NATS delivery failed; retrying");
-        self.metrics
-            .delivery_failed(subscription, self.kind(), reason);
+        self.metrics.delivery_failed(subscription, self.kind(), reason);
     }
 }
 

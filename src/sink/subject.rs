@@ -36,10 +36,7 @@ fn is_forbidden(c: char) -> bool {
 /// A value made safe for one subject token: forbidden characters become `_`.
 pub fn sanitize_token(value: &str) -> String {
     if value.chars().any(is_forbidden) {
-        value
-            .chars()
-            .map(|c| if is_forbidden(c) { '_' } else { c })
-            .collect()
+        value.chars().map(|c| if is_forbidden(c) { '_' } else { c }).collect()
     } else {
         value.to_string()
     }
@@ -57,9 +54,7 @@ impl SubjectTemplate {
         while !rest.is_empty() {
             match rest.find('{') {
                 Some(0) => {
-                    let end = rest
-                        .find('}')
-                        .ok_or_else(|| format!("unclosed '{{' in {text:?}"))?;
+                    let end = rest.find('}').ok_or_else(|| format!("unclosed '{{' in {text:?}"))?;
                     parts.push(match &rest[1..end] {
                         "channel" => Part::Channel,
                         "source" => Part::Source,
@@ -79,9 +74,7 @@ impl SubjectTemplate {
                         return Err(format!("unmatched '}}' in {text:?}"));
                     }
                     if let Some(c) = literal.chars().find(|c| *c == '*' || *c == '>') {
-                        return Err(format!(
-                            "wildcard {c:?} is not allowed in a subject to publish on"
-                        ));
+                        return Err(format!("wildcard {c:?} is not allowed in a subject to publish on"));
                     }
                     if literal.chars().any(|c| c.is_whitespace() || c.is_control()) {
                         return Err("whitespace is not allowed in a subject".into());
@@ -109,10 +102,7 @@ impl SubjectTemplate {
                 "{text:?} can render an empty token (check for '..' or a leading or trailing '.')"
             ));
         }
-        Ok(SubjectTemplate {
-            text: text.to_string(),
-            parts,
-        })
+        Ok(SubjectTemplate { text: text.to_string(), parts })
     }
 
     /// Renders the subject for one message.
@@ -122,16 +112,10 @@ impl SubjectTemplate {
             match part {
                 Part::Literal(literal) => subject.push_str(literal),
                 Part::Source => subject.push_str(&non_empty(sanitize_token(values.source))),
-                Part::Subscription => {
-                    subject.push_str(&non_empty(sanitize_token(values.subscription)))
-                }
+                Part::Subscription => subject.push_str(&non_empty(sanitize_token(values.subscription))),
                 Part::Channel => {
                     let mut first = true;
-                    for segment in values
-                        .channel
-                        .split('/')
-                        .filter(|segment| !segment.is_empty())
-                    {
+                    for segment in values.channel.split('/').filter(|segment| !segment.is_empty()) {
                         if !first {
                             subject.push('.');
                         }
@@ -163,26 +147,18 @@ mod tests {
     use super::*;
 
     fn render(template: &str, channel: &str) -> String {
-        SubjectTemplate::parse(template)
-            .expect(template)
-            .render(&SubjectValues {
-                channel,
-                source: "demo src",
-                subscription: "orders.v1",
-            })
+        SubjectTemplate::parse(template).expect(template).render(&SubjectValues {
+            channel,
+            source: "demo src",
+            subscription: "orders.v1",
+        })
     }
 
     #[test]
     fn channels_become_dotted_tokens_and_names_are_sanitized() {
-        assert_eq!(
-            render("cometd.{source}.{channel}", "/orders/eu/new"),
-            "cometd.demo_src.orders.eu.new"
-        );
+        assert_eq!(render("cometd.{source}.{channel}", "/orders/eu/new"), "cometd.demo_src.orders.eu.new");
         assert_eq!(render("x.{subscription}", "/a"), "x.orders_v1");
-        assert_eq!(
-            render("x.{channel}", "/a b/c*d/e>f/g.h"),
-            "x.a_b.c_d.e_f.g_h"
-        );
+        assert_eq!(render("x.{channel}", "/a b/c*d/e>f/g.h"), "x.a_b.c_d.e_f.g_h");
     }
 
     #[test]

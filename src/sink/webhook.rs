@@ -38,13 +38,10 @@ enum Attempt {
 fn classify(status: StatusCode, retry_after: Option<Duration>) -> Attempt {
     match status.as_u16() {
         200..=299 => Attempt::Delivered,
-        408 | 429 | 500..=599 => Attempt::Retry {
-            reason: format!("HTTP {}", status.as_u16()),
-            after: retry_after,
-        },
-        _ => Attempt::Reject {
-            reason: format!("HTTP {}", status.as_u16()),
-        },
+        408 | 429 | 500..=599 => {
+            Attempt::Retry { reason: format!("HTTP {}", status.as_u16()), after: retry_after }
+        }
+        _ => Attempt::Reject { reason: format!("HTTP {}", status.as_u16()) },
     }
 }
 
@@ -59,24 +56,12 @@ pub struct WebhookSink {
 impl WebhookSink {
     /// A sink posting with `http` as `config` says.
     pub fn new(http: reqwest::Client, config: WebhookSinkConfig, metrics: Metrics) -> Self {
-        let key = config
-            .secret
-            .as_ref()
-            .map(|secret| signing_key(secret.expose()));
-        WebhookSink {
-            http,
-            config,
-            key,
-            metrics,
-        }
+        let key = config.secret.as_ref().map(|secret| signing_key(secret.expose()));
+        WebhookSink { http, config, key, metrics }
     }
 
     /// Delivers one message; `None` when `stop` was cancelled before it was delivered.
-    pub(super) async fn deliver(
-        &self,
-        envelope: &Envelope,
-        stop: &CancellationToken,
-    ) -> Option<Outcome> {
+    pub(super) async fn deliver(&self, envelope: &Envelope, stop: &CancellationToken) -> Option<Outcome> {
         let body = serde_json::to_vec(&envelope.to_json()).expect("JSON values serialize");
         let id = format!("msg_{}", envelope.delivery_id());
         let started = Instant::now();
@@ -92,21 +77,14 @@ impl WebhookSink {
             let (reason, after) = match attempt {
                 Attempt::Delivered => return Some(Outcome::Delivered),
                 Attempt::Reject { reason } => {
-                    self.metrics
-                        .delivery_failed(&envelope.subscription, "webhook", &reason);
-                    return Some(Outcome::DeadLetter {
-                        reason: format!("rejected: {reason}"),
-                        attempts,
-                    });
+                    self.metrics.delivery_failed(&envelope.subscription, "webhook", &reason);
+                    return Some(Outcome::DeadLetter { reason: format!("rejected: {reason}"), attempts });
                 }
                 Attempt::Retry { reason, after } => (reason, after),
             };
-            self.metrics
-                .delivery_failed(&envelope.subscription, "webhook", &reason);
+            self.metrics.delivery_failed(&envelope.subscription, "webhook", &reason);
             let delay = backoff.delay(attempts - 1).max(after.unwrap_or_default());
-            if attempts >= self.config.max_attempts
-                || started.elapsed() + delay > self.config.max_elapsed
-            {
+            if attempts >= self.config.max_attempts || started.elapsed() + delay > self.config.max_elapsed {
                 return Some(Outcome::DeadLetter {
                     reason: format!("gave up after {attempts} attempts: {reason}"),
                     attempts,
@@ -127,10 +105,7 @@ impl WebhookSink {
             .timeout(self.config.timeout)
             .body(body.to_vec());
         if let Some(key) = &self.key {
-            let timestamp = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
+            let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
             request = request
                 .header("webhook-id", id)
                 .header("webhook-timestamp", timestamp.to_string())
@@ -146,18 +121,11 @@ impl WebhookSink {
                     .map(Duration::from_secs);
                 classify(response.status(), retry_after)
             }
-            Err(error) if error.is_timeout() => Attempt::Retry {
-                reason: "timeout".into(),
-                after: None,
-            },
-            Err(error) if error.is_connect() => Attempt::Retry {
-                reason: "connection failed".into(),
-                after: None,
-            },
-            Err(error) => Attempt::Retry {
-                reason: format!("request failed: {error}"),
-                after: None,
-            },
+            Err(error) if error.is_timeout() => Attempt::Retry { reason: "timeout".into(), after: None },
+            Err(error) if error.is_connect() => {
+                Attempt::Retry { reason: "connection failed".into(), after: None }
+            }
+            Err(error) => Attempt::Retry { reason: format!("request failed: {error}"), after: None },
         }
     }
 }
@@ -166,9 +134,7 @@ impl WebhookSink {
 /// of any other secret.
 fn signing_key(secret: &str) -> Vec<u8> {
     match secret.strip_prefix("whsec_") {
-        Some(encoded) => BASE64
-            .decode(encoded)
-            .unwrap_or_else(|_| secret.as_bytes().to_vec()),
+        Some(encoded) => BASE64.decode(encoded).unwrap_or_else(|_| secret.as_bytes().to_vec()),
         None => secret.as_bytes().to_vec(),
     }
 }
@@ -206,65 +172,19 @@ mod tests {
         for (status, expected) in [
             (200, Attempt::Delivered),
             (204, Attempt::Delivered),
-            (
-                408,
-                Attempt::Retry {
-                    reason: "HTTP 408".into(),
-                    after: None,
-                },
-            ),
-            (
-                429,
-                Attempt::Retry {
-                    reason: "HTTP 429".into(),
-                    after: None,
-                },
-            ),
-            (
-                500,
-                Attempt::Retry {
-                    reason: "HTTP 500".into(),
-                    after: None,
-                },
-            ),
-            (
-                503,
-                Attempt::Retry {
-                    reason: "HTTP 503".into(),
-                    after: None,
-                },
-            ),
-            (
-                400,
-                Attempt::Reject {
-                    reason: "HTTP 400".into(),
-                },
-            ),
-            (
-                404,
-                Attempt::Reject {
-                    reason: "HTTP 404".into(),
-                },
-            ),
-            (
-                410,
-                Attempt::Reject {
-                    reason: "HTTP 410".into(),
-                },
-            ),
+            (408, Attempt::Retry { reason: "HTTP 408".into(), after: None }),
+            (429, Attempt::Retry { reason: "HTTP 429".into(), after: None }),
+            (500, Attempt::Retry { reason: "HTTP 500".into(), after: None }),
+            (503, Attempt::Retry { reason: "HTTP 503".into(), after: None }),
+            (400, Attempt::Reject { reason: "HTTP 400".into() }),
+            (404, Attempt::Reject { reason: "HTTP 404".into() }),
+            (410, Attempt::Reject { reason: "HTTP 410".into() }),
         ] {
-            assert_eq!(
-                classify(StatusCode::from_u16(status).unwrap(), None),
-                expected,
-                "{status}"
-            );
+            assert_eq!(classify(StatusCode::from_u16(status).unwrap(), None), expected, "{status}");
         }
         assert_eq!(
             classify(StatusCode::TOO_MANY_REQUESTS, retry_after),
-            Attempt::Retry {
-                reason: "HTTP 429".into(),
-                after: retry_after
-            }
+            Attempt::Retry { reason: "HTTP 429".into(), after: retry_after }
         );
     }
 }

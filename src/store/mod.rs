@@ -1,23 +1,43 @@
-//! Durable state. So far: dead letters, the messages that could not be delivered, kept with
-//! the reason so that nothing is dropped silently. The [`FileStore`] needs no server.
+//! Durable state: subscriptions added through the API, and dead letters (messages that
+//! could not be delivered, kept with the reason so that nothing is dropped silently).
+//!
+//! Callers use the [`Store`] trait; [`FileStore`] is the embedded default that needs no
+//! server. Another backend (NATS JetStream KV) implements the same trait.
 
 mod file;
 
+use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use file::FileStore;
 
+use crate::config::RawSubscription;
+
+/// A delivery id as a record id: characters other than letters, digits, `-`, `_` and `.`
+/// become `_`, and an id of dots only is prefixed, so ids are safe as file names and URL
+/// path segments.
+pub fn record_id(id: &str) -> String {
+    let safe: String =
+        id.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+    if safe.chars().all(|c| c == '.') { format!("_{safe}") } else { safe }
+}
+
 /// A message that could not be delivered.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetter {
-    /// Unique id of this dead letter (the delivery id).
+    /// Unique id of this dead letter.
     pub id: String,
     /// The subscription it was for.
     pub subscription: String,
     /// The source it came from.
     pub source: String,
+    /// The CometD session it arrived on.
+    pub session: String,
+    /// Its arrival order in the source.
+    pub sequence: u64,
     /// The delivery as the sink would have received it (`source`, `subscription`,
     /// `channel`, `id`, `data`, `ext`).
+    #[schema(value_type = Object)]
     pub message: serde_json::Value,
     /// Why it was not delivered.
     pub reason: String,
@@ -47,4 +67,24 @@ pub enum StoreError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// Where the bridge keeps what must survive a restart. Every write is durable when it
+/// returns: a crash (even `kill -9`) right after leaves it readable and present.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The subscriptions added through the API.
+    async fn subscriptions(&self) -> Result<Vec<RawSubscription>, StoreError>;
+    /// Stores (or replaces) a subscription.
+    async fn put_subscription(&self, subscription: &RawSubscription) -> Result<(), StoreError>;
+    /// Removes a subscription; `false` when there was none.
+    async fn delete_subscription(&self, id: &str) -> Result<bool, StoreError>;
+    /// Stores a dead letter.
+    async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError>;
+    /// Every dead letter, oldest first.
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError>;
+    /// One dead letter.
+    async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError>;
+    /// Removes a dead letter; `false` when there was none.
+    async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError>;
 }

@@ -57,11 +57,7 @@ impl Metrics {
             "Messages the sink acknowledged",
             forwarded.clone(),
         );
-        registry.register(
-            "cometd_bridge_delivery_failures",
-            "Failed delivery attempts",
-            failures.clone(),
-        );
+        registry.register("cometd_bridge_delivery_failures", "Failed delivery attempts", failures.clone());
         registry.register(
             "cometd_bridge_dead_letters",
             "Messages stored as dead letters",
@@ -107,10 +103,7 @@ impl Metrics {
     pub fn received(&self, source: &str, subscription: &str) {
         self.inner
             .received
-            .get_or_create(&vec![
-                ("source", source.into()),
-                ("subscription", subscription.into()),
-            ])
+            .get_or_create(&vec![("source", source.into()), ("subscription", subscription.into())])
             .inc();
     }
 
@@ -118,10 +111,7 @@ impl Metrics {
     pub fn forwarded(&self, subscription: &str, sink: &str, latency: Duration) {
         self.inner
             .forwarded
-            .get_or_create(&vec![
-                ("subscription", subscription.into()),
-                ("sink", sink.into()),
-            ])
+            .get_or_create(&vec![("subscription", subscription.into()), ("sink", sink.into())])
             .inc();
         self.inner.latency.observe(latency.as_secs_f64());
     }
@@ -140,18 +130,12 @@ impl Metrics {
 
     /// A message was stored as a dead letter.
     pub fn dead_lettered(&self, subscription: &str) {
-        self.inner
-            .dead_letters
-            .get_or_create(&vec![("subscription", subscription.into())])
-            .inc();
+        self.inner.dead_letters.get_or_create(&vec![("subscription", subscription.into())]).inc();
     }
 
     /// The session of `source` connected or lost its connection.
     pub fn source_connected(&self, source: &str, connected: bool) {
-        self.inner
-            .connected
-            .get_or_create(&vec![("source", source.into())])
-            .set(i64::from(connected));
+        self.inner.connected.get_or_create(&vec![("source", source.into())]).set(i64::from(connected));
     }
 
     /// How many received messages `source` holds.

@@ -23,16 +23,9 @@ async fn replies_pass_a_full_queue(peer: Peer) {
             .unwrap_or_else(|_| panic!("publish {n} was held up by the full queue"))
             .expect("publish");
     }
-    client
-        .subscribe("/also")
-        .await
-        .expect("subscribe while the queue is full");
+    client.subscribe("/also").await.expect("subscribe while the queue is full");
     for n in 0..50 {
-        assert_eq!(
-            next(&client).await.expect("message").data,
-            Some(json!(n)),
-            "in order"
-        );
+        assert_eq!(next(&client).await.expect("message").data, Some(json!(n)), "in order");
     }
 }
 
@@ -46,24 +39,14 @@ async fn a_slow_consumer_loses_nothing(peer: Peer) {
     let publisher = peer.open(&server).await;
     subscriber.subscribe("/flood").await.expect("subscribe");
     for n in 0..COUNT {
-        publisher
-            .publish("/flood", json!({ "n": n }))
-            .await
-            .expect("publish");
+        publisher.publish("/flood", json!({ "n": n })).await.expect("publish");
     }
     if peer.connection_type() == ConnectionType::WebSocket {
         let held = subscriber.pending_count();
-        assert!(
-            held <= LIMIT as usize + 1,
-            "the subscriber buffered {held} messages"
-        );
+        assert!(held <= LIMIT as usize + 1, "the subscriber buffered {held} messages");
     }
     for n in 0..COUNT {
         let message = next(&subscriber).await.expect("message");
-        assert_eq!(
-            message.data,
-            Some(json!({ "n": n })),
-            "message {n}: none lost, order kept"
-        );
+        assert_eq!(message.data, Some(json!({ "n": n })), "message {n}: none lost, order kept");
     }
 }

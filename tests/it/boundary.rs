@@ -22,15 +22,10 @@ fn foreign_crate_paths(source: &str) -> Vec<(usize, String)> {
     for (number, line) in source.lines().enumerate() {
         let code = line.split("//").next().unwrap_or_default();
         for (index, _) in code.match_indices("crate::") {
-            let preceded_by_ident = code[..index]
-                .chars()
-                .next_back()
-                .is_some_and(|c| c.is_alphanumeric() || c == '_');
+            let preceded_by_ident =
+                code[..index].chars().next_back().is_some_and(|c| c.is_alphanumeric() || c == '_');
             let rest = &code[index + "crate::".len()..];
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
+            let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
             if !preceded_by_ident && name != "cometd" {
                 found.push((number + 1, line.trim().to_string()));
             }
@@ -42,10 +37,7 @@ fn foreign_crate_paths(source: &str) -> Vec<(usize, String)> {
 #[test]
 fn the_boundary_check_recognises_foreign_paths() {
     assert_eq!(foreign_crate_paths("use crate::cometd::Error;"), vec![]);
-    assert_eq!(
-        foreign_crate_paths("let x = 1; // crate::bridge in a comment"),
-        vec![]
-    );
+    assert_eq!(foreign_crate_paths("let x = 1; // crate::bridge in a comment"), vec![]);
     assert_eq!(foreign_crate_paths("use cometd_bridge_crate::x;"), vec![]);
     assert_eq!(foreign_crate_paths("use crate::sink::Nats;").len(), 1);
     assert_eq!(foreign_crate_paths("use crate::{bridge, cometd};").len(), 1);
@@ -64,9 +56,5 @@ fn the_cometd_client_uses_nothing_from_the_rest_of_the_crate() {
             leaks.push(format!("{}:{line}: {text}", file.display()));
         }
     }
-    assert!(
-        leaks.is_empty(),
-        "src/cometd uses the rest of the crate:\n{}",
-        leaks.join("\n")
-    );
+    assert!(leaks.is_empty(), "src/cometd uses the rest of the crate:\n{}", leaks.join("\n"));
 }

@@ -13,18 +13,11 @@ use crate::support::peer::{WAIT, open};
 use crate::support::webhook::WebhookReceiver;
 
 async fn faye() -> BayeuxServer {
-    BayeuxServer::faye(FayeOptions {
-        timeout: Some(2),
-        ..FayeOptions::default()
-    })
-    .await
+    BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await
 }
 
 fn source(faye: &BayeuxServer) -> String {
-    format!(
-        "[[sources]]\nname = \"demo\"\nurl = \"{}\"\nconnection_timeout = \"2s\"\n",
-        faye.url()
-    )
+    format!("[[sources]]\nname = \"demo\"\nurl = \"{}\"\nconnection_timeout = \"2s\"\n", faye.url())
 }
 
 async fn publisher(faye: &BayeuxServer) -> Client {
@@ -55,53 +48,27 @@ async fn messages_reach_their_nats_subjects_in_order_with_headers() {
 
     let publisher = publisher(&faye).await;
     for n in 0..20 {
-        publisher
-            .publish("/orders/eu/new", json!({ "n": n }))
-            .await
-            .expect("publish");
+        publisher.publish("/orders/eu/new", json!({ "n": n })).await.expect("publish");
     }
-    publisher
-        .publish("/elsewhere", json!("not routed"))
-        .await
-        .expect("publish");
+    publisher.publish("/elsewhere", json!("not routed")).await.expect("publish");
     for n in 0..20 {
         let message = next_nats(&mut subscriber).await;
         assert_eq!(message.subject.as_str(), "cometd.demo.orders.eu.new");
         let payload: Value = serde_json::from_slice(&message.payload).expect("JSON payload");
         assert_eq!(payload, json!({ "n": n }), "in order");
         let headers = message.headers.expect("headers");
-        assert_eq!(
-            headers.get("CometD-Source").map(|v| v.as_str()),
-            Some("demo")
-        );
-        assert_eq!(
-            headers.get("CometD-Subscription").map(|v| v.as_str()),
-            Some("orders")
-        );
-        assert_eq!(
-            headers.get("CometD-Channel").map(|v| v.as_str()),
-            Some("/orders/eu/new")
-        );
-        assert!(
-            headers.get("CometD-Message-Id").is_some(),
-            "faye keeps the publisher's id"
-        );
-        assert!(
-            headers.get("Nats-Msg-Id").is_none(),
-            "core NATS needs no de-duplication key"
-        );
+        assert_eq!(headers.get("CometD-Source").map(|v| v.as_str()), Some("demo"));
+        assert_eq!(headers.get("CometD-Subscription").map(|v| v.as_str()), Some("orders"));
+        assert_eq!(headers.get("CometD-Channel").map(|v| v.as_str()), Some("/orders/eu/new"));
+        assert!(headers.get("CometD-Message-Id").is_some(), "faye keeps the publisher's id");
+        assert!(headers.get("Nats-Msg-Id").is_none(), "core NATS needs no de-duplication key");
     }
     let metrics = app.metrics().await;
     assert!(
-        metrics.contains(
-            "cometd_bridge_messages_forwarded_total{subscription=\"orders\",sink=\"nats\"} 20"
-        ),
+        metrics.contains("cometd_bridge_messages_forwarded_total{subscription=\"orders\",sink=\"nats\"} 20"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("cometd_bridge_source_connected{source=\"demo\"} 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("cometd_bridge_source_connected{source=\"demo\"} 1"), "{metrics}");
     app.stop().await;
 }
 
@@ -124,30 +91,15 @@ async fn wildcards_route_to_every_matching_subscription() {
     app.wait_ready().await;
 
     let publisher = publisher(&faye).await;
-    publisher
-        .publish("/chat/room", json!(1))
-        .await
-        .expect("publish");
-    publisher
-        .publish("/chat/room/deep", json!(2))
-        .await
-        .expect("publish");
+    publisher.publish("/chat/room", json!(1)).await.expect("publish");
+    publisher.publish("/chat/room/deep", json!(2)).await.expect("publish");
     assert_eq!(next_nats(&mut one).await.subject.as_str(), "one.chat.room");
     let first = next_nats(&mut many).await;
     assert_eq!(first.subject.as_str(), "many.many.chat.room");
     let envelope: Value = serde_json::from_slice(&first.payload).expect("JSON");
-    assert_eq!(
-        (envelope["channel"].clone(), envelope["data"].clone()),
-        (json!("/chat/room"), json!(1))
-    );
-    assert_eq!(
-        next_nats(&mut many).await.subject.as_str(),
-        "many.many.chat.room.deep"
-    );
-    publisher
-        .publish("/chat/marker", json!(3))
-        .await
-        .expect("publish");
+    assert_eq!((envelope["channel"].clone(), envelope["data"].clone()), (json!("/chat/room"), json!(1)));
+    assert_eq!(next_nats(&mut many).await.subject.as_str(), "many.many.chat.room.deep");
+    publisher.publish("/chat/marker", json!(3)).await.expect("publish");
     assert_eq!(
         next_nats(&mut one).await.subject.as_str(),
         "one.chat.marker",
@@ -156,13 +108,8 @@ async fn wildcards_route_to_every_matching_subscription() {
     app.stop().await;
 }
 
-async fn create_stream(
-    nats: &NatsServer,
-    name: &str,
-    subjects: &str,
-) -> async_nats::jetstream::Context {
-    let jetstream =
-        async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+async fn create_stream(nats: &NatsServer, name: &str, subjects: &str) -> async_nats::jetstream::Context {
+    let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
     jetstream
         .create_stream(async_nats::jetstream::stream::Config {
             name: name.into(),
@@ -175,15 +122,7 @@ async fn create_stream(
 }
 
 async fn stream_messages(jetstream: &async_nats::jetstream::Context, name: &str) -> u64 {
-    jetstream
-        .get_stream(name)
-        .await
-        .expect("stream")
-        .info()
-        .await
-        .expect("info")
-        .state
-        .messages
+    jetstream.get_stream(name).await.expect("stream").info().await.expect("info").state.messages
 }
 
 async fn wait_for_stream(jetstream: &async_nats::jetstream::Context, name: &str, count: u64) {
@@ -194,10 +133,7 @@ async fn wait_for_stream(jetstream: &async_nats::jetstream::Context, name: &str,
             assert_eq!(have, count, "no more than the messages sent");
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the stream has {have} of {count} messages"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "the stream has {have} of {count} messages");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -216,25 +152,15 @@ async fn jetstream_stores_each_message_once_and_deduplicates_redelivery() {
     app.wait_ready().await;
     let publisher = publisher(&faye).await;
     for n in 0..10 {
-        publisher
-            .publish("/js/orders", json!({ "n": n }))
-            .await
-            .expect("publish");
+        publisher.publish("/js/orders", json!({ "n": n })).await.expect("publish");
     }
     wait_for_stream(&jetstream, "ORDERS", 10).await;
 
     let stream = jetstream.get_stream("ORDERS").await.expect("stream");
     let mut ids = Vec::new();
     for sequence in 1..=10 {
-        let stored = stream
-            .get_raw_message(sequence)
-            .await
-            .expect("stored message");
-        let id = stored
-            .headers
-            .get("Nats-Msg-Id")
-            .expect("a Nats-Msg-Id")
-            .to_string();
+        let stored = stream.get_raw_message(sequence).await.expect("stored message");
+        let id = stored.headers.get("Nats-Msg-Id").expect("a Nats-Msg-Id").to_string();
         let payload: Value = serde_json::from_slice(&stored.payload).expect("JSON");
         assert_eq!(payload, json!({ "n": sequence - 1 }), "in order");
         ids.push((id, stored));
@@ -244,19 +170,12 @@ async fn jetstream_stores_each_message_once_and_deduplicates_redelivery() {
     // Redeliver one message exactly as the bridge would on a retry: the stream drops it.
     let (_, stored) = &ids[3];
     let ack = jetstream
-        .publish_with_headers(
-            stored.subject.clone(),
-            stored.headers.clone(),
-            stored.payload.clone(),
-        )
+        .publish_with_headers(stored.subject.clone(), stored.headers.clone(), stored.payload.clone())
         .await
         .expect("publish")
         .await
         .expect("ack");
-    assert!(
-        ack.duplicate,
-        "the stream recognises the redelivery by its Nats-Msg-Id"
-    );
+    assert!(ack.duplicate, "the stream recognises the redelivery by its Nats-Msg-Id");
     assert_eq!(stream_messages(&jetstream, "ORDERS").await, 10);
     app.stop().await;
 }
@@ -280,27 +199,19 @@ async fn a_nats_outage_mid_stream_loses_nothing() {
     wait_for_stream(&jetstream, "OUTAGE", 30).await;
     nats.process().stop().await;
     for n in 30..60 {
-        publisher
-            .publish("/out", json!(n))
-            .await
-            .expect("publish while NATS is down");
+        publisher.publish("/out", json!(n)).await.expect("publish while NATS is down");
     }
     nats.process().restart().await;
     for n in 60..90 {
         publisher.publish("/out", json!(n)).await.expect("publish");
     }
-    let jetstream =
-        async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("reconnect"));
+    let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("reconnect"));
     wait_for_stream(&jetstream, "OUTAGE", 90).await;
     let stream = jetstream.get_stream("OUTAGE").await.expect("stream");
     for sequence in 1..=90u64 {
         let stored = stream.get_raw_message(sequence).await.expect("stored");
         let payload: Value = serde_json::from_slice(&stored.payload).expect("JSON");
-        assert_eq!(
-            payload,
-            json!(sequence - 1),
-            "every message, once, in order"
-        );
+        assert_eq!(payload, json!(sequence - 1), "every message, once, in order");
     }
     app.stop().await;
 }
@@ -320,20 +231,12 @@ async fn webhooks_are_signed_and_verify_with_the_reference_library() {
     let app = TestApp::spawn(&format!(
         "{}{}",
         source(&faye),
-        webhook_subscription(
-            "hook",
-            "/alerts",
-            &receiver.url(),
-            &format!(", secret = \"{SECRET}\"")
-        )
+        webhook_subscription("hook", "/alerts", &receiver.url(), &format!(", secret = \"{SECRET}\""))
     ))
     .await;
     app.wait_ready().await;
     let publisher = publisher(&faye).await;
-    publisher
-        .publish("/alerts", json!({ "level": "high" }))
-        .await
-        .expect("publish");
+    publisher.publish("/alerts", json!({ "level": "high" })).await.expect("publish");
 
     let request = receiver.next().await;
     let body = request.json();
@@ -344,9 +247,7 @@ async fn webhooks_are_signed_and_verify_with_the_reference_library() {
     assert!(body.get("id").is_some() && body.get("ext").is_some());
     assert_eq!(request.header("content-type"), "application/json");
     let verifier = standardwebhooks::Webhook::new(SECRET).expect("secret");
-    verifier
-        .verify(&request.body, &request.headers)
-        .expect("the signature verifies");
+    verifier.verify(&request.body, &request.headers).expect("the signature verifies");
     app.stop().await;
 }
 
@@ -357,49 +258,22 @@ async fn a_webhook_failing_twice_then_succeeding_gets_the_message_once() {
     let app = TestApp::spawn(&format!(
         "{}{}",
         source(&faye),
-        webhook_subscription(
-            "retry",
-            "/retry",
-            &receiver.url(),
-            &format!(", secret = \"{SECRET}\"")
-        )
+        webhook_subscription("retry", "/retry", &receiver.url(), &format!(", secret = \"{SECRET}\""))
     ))
     .await;
     app.wait_ready().await;
     let publisher = publisher(&faye).await;
-    publisher
-        .publish("/retry", json!("once"))
-        .await
-        .expect("publish");
-    let attempts = [
-        receiver.next().await,
-        receiver.next().await,
-        receiver.next().await,
-    ];
-    assert_eq!(
-        attempts.iter().map(|a| a.status).collect::<Vec<_>>(),
-        [500, 503, 200]
-    );
+    publisher.publish("/retry", json!("once")).await.expect("publish");
+    let attempts = [receiver.next().await, receiver.next().await, receiver.next().await];
+    assert_eq!(attempts.iter().map(|a| a.status).collect::<Vec<_>>(), [500, 503, 200]);
     let id = attempts[0].header("webhook-id").to_string();
-    assert!(
-        attempts.iter().all(|a| a.header("webhook-id") == id),
-        "one webhook-id across attempts"
-    );
+    assert!(attempts.iter().all(|a| a.header("webhook-id") == id), "one webhook-id across attempts");
     let verifier = standardwebhooks::Webhook::new(SECRET).expect("secret");
     for attempt in &attempts {
-        verifier
-            .verify(&attempt.body, &attempt.headers)
-            .expect("each attempt is signed afresh");
+        verifier.verify(&attempt.body, &attempt.headers).expect("each attempt is signed afresh");
     }
-    publisher
-        .publish("/retry", json!("marker"))
-        .await
-        .expect("publish");
-    assert_eq!(
-        receiver.next().await.json()["data"],
-        "marker",
-        "no fourth delivery of the first message"
-    );
+    publisher.publish("/retry", json!("marker")).await.expect("publish");
+    assert_eq!(receiver.next().await.json()["data"], "marker", "no fourth delivery of the first message");
     assert!(app.dead_letters().await.is_empty());
     let metrics = app.metrics().await;
     assert!(metrics.contains("reason=\"HTTP 500\"} 1"), "{metrics}");
@@ -418,29 +292,15 @@ async fn a_rejected_webhook_lands_in_the_dead_letters() {
     .await;
     app.wait_ready().await;
     let publisher = publisher(&faye).await;
-    publisher
-        .publish("/bad", json!({ "x": 1 }))
-        .await
-        .expect("publish");
+    publisher.publish("/bad", json!({ "x": 1 })).await.expect("publish");
     assert_eq!(receiver.next().await.status, 400);
-    publisher
-        .publish("/bad", json!("marker"))
-        .await
-        .expect("publish");
-    assert_eq!(
-        receiver.next().await.status,
-        200,
-        "later messages still flow"
-    );
+    publisher.publish("/bad", json!("marker")).await.expect("publish");
+    assert_eq!(receiver.next().await.status, 200, "later messages still flow");
     let letters = app.dead_letters().await;
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].subscription, "bad");
     assert_eq!(letters[0].reason, "rejected: HTTP 400");
     assert_eq!(letters[0].message["data"], json!({ "x": 1 }));
-    assert!(
-        app.metrics()
-            .await
-            .contains("cometd_bridge_dead_letters_total{subscription=\"bad\"} 1")
-    );
+    assert!(app.metrics().await.contains("cometd_bridge_dead_letters_total{subscription=\"bad\"} 1"));
     app.stop().await;
 }

@@ -16,54 +16,30 @@ fn binary() -> Command {
 }
 
 async fn publish(url: &str, channel: &str, json: &str) -> std::process::Output {
-    tokio::time::timeout(
-        WAIT,
-        binary().args(["publish", url, channel, json]).output(),
-    )
-    .await
-    .expect("publish finishes")
-    .expect("run publish")
+    tokio::time::timeout(WAIT, binary().args(["publish", url, channel, json]).output())
+        .await
+        .expect("publish finishes")
+        .expect("run publish")
 }
 
 #[tokio::test]
 async fn listen_prints_what_publish_sends() {
-    let server = BayeuxServer::faye(FayeOptions {
-        timeout: Some(2),
-        ..FayeOptions::default()
-    })
-    .await;
+    let server = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
     for transport in ["websocket", "long-polling"] {
         let mut listener = binary()
-            .args([
-                "listen",
-                &server.url(),
-                "/cli/**",
-                "--count",
-                "2",
-                "--transport",
-                transport,
-            ])
+            .args(["listen", &server.url(), "/cli/**", "--count", "2", "--transport", transport])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start listen");
         let mut stderr = BufReader::new(listener.stderr.take().expect("stderr")).lines();
-        let ready = tokio::time::timeout(WAIT, stderr.next_line())
-            .await
-            .expect("ready line")
-            .expect("stderr");
-        assert_eq!(
-            ready.as_deref(),
-            Some(format!("listening on /cli/** ({transport})").as_str())
-        );
+        let ready =
+            tokio::time::timeout(WAIT, stderr.next_line()).await.expect("ready line").expect("stderr");
+        assert_eq!(ready.as_deref(), Some(format!("listening on /cli/** ({transport})").as_str()));
 
         for n in 1..=2 {
             let output = publish(&server.url(), "/cli/a/b", &format!("{{\"n\":{n}}}")).await;
-            assert!(
-                output.status.success(),
-                "{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
             let reply: Value = serde_json::from_slice(&output.stdout).expect("the reply is JSON");
             assert_eq!(reply["successful"], true);
             assert_eq!(reply["channel"], "/cli/a/b");
@@ -88,19 +64,12 @@ async fn listen_prints_what_publish_sends() {
 
 #[tokio::test]
 async fn a_rejected_publish_exits_1_with_one_line() {
-    let server = BayeuxServer::faye(FayeOptions {
-        timeout: Some(2),
-        ..FayeOptions::default()
-    })
-    .await;
+    let server = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
     let output = publish(&server.url(), "/not a channel", "1").await;
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8(output.stderr).expect("UTF-8");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("publish request failed: 405:/not a channel:Invalid channel"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("publish request failed: 405:/not a channel:Invalid channel"), "{stderr}");
 }
 
 #[tokio::test]
@@ -123,27 +92,17 @@ async fn an_unreachable_server_exits_1_after_the_connection_timeout() {
     .expect("run listen");
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8(output.stderr).expect("UTF-8");
-    assert!(
-        stderr.starts_with("cometd-bridge: could not connect to the server"),
-        "{stderr}"
-    );
+    assert!(stderr.starts_with("cometd-bridge: could not connect to the server"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
 #[tokio::test]
 async fn bad_usage_exits_2() {
-    let output = binary()
-        .args(["publish", "http://127.0.0.1:1/x", "/x", "{not json"])
-        .output()
-        .await
-        .expect("run");
+    let output =
+        binary().args(["publish", "http://127.0.0.1:1/x", "/x", "{not json"]).output().await.expect("run");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("the message data is not JSON"));
-    let output = binary()
-        .args(["listen", "ftp://x/", "/x"])
-        .output()
-        .await
-        .expect("run");
+    let output = binary().args(["listen", "ftp://x/", "/x"]).output().await.expect("run");
     assert_eq!(output.status.code(), Some(2));
     let output = binary().args(["frobnicate"]).output().await.expect("run");
     assert_eq!(output.status.code(), Some(2));

@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use cometd_bridge::cometd::{
-    Client, ConnectionType, Error, ErrorKind, SessionState, TransportErrorKind,
-};
+use cometd_bridge::cometd::{Client, ConnectionType, Error, ErrorKind, SessionState, TransportErrorKind};
 use serde_json::json;
 
 use crate::on_every_peer;
@@ -37,25 +35,15 @@ async fn receives_what_it_subscribed_to_in_order(peer: Peer) {
     let server = peer.start().await;
     let subscriber = peer.open(&server).await;
     let publisher = peer.open(&server).await;
-    subscriber
-        .subscribe("/orders/new")
-        .await
-        .expect("subscribe");
+    subscriber.subscribe("/orders/new").await.expect("subscribe");
     assert!(subscriber.subscriptions().contains("/orders/new"));
     for n in 0..20 {
-        publisher
-            .publish("/orders/new", json!({ "n": n }))
-            .await
-            .expect("publish");
+        publisher.publish("/orders/new", json!({ "n": n })).await.expect("publish");
     }
     for n in 0..20 {
         let message = next(&subscriber).await.expect("a message");
         assert_eq!(message.channel, "/orders/new");
-        assert_eq!(
-            message.data,
-            Some(json!({ "n": n })),
-            "message {n} in order"
-        );
+        assert_eq!(message.data, Some(json!({ "n": n })), "message {n} in order");
     }
     assert_eq!(subscriber.pending_count(), 0);
     assert!(!subscriber.has_pending_messages());
@@ -65,25 +53,10 @@ async fn wildcards_match_one_or_many_segments(peer: Peer) {
     let server = peer.start().await;
     let subscriber = peer.open(&server).await;
     let publisher = peer.open(&server).await;
-    subscriber
-        .subscribe("/chat/*")
-        .await
-        .expect("subscribe /chat/*");
-    subscriber
-        .subscribe("/news/**")
-        .await
-        .expect("subscribe /news/**");
-    for channel in [
-        "/chat/a/deeper",
-        "/chat/room",
-        "/other",
-        "/news/eu/sport",
-        "/news/x",
-    ] {
-        publisher
-            .publish(channel, json!({ "on": channel }))
-            .await
-            .expect("publish");
+    subscriber.subscribe("/chat/*").await.expect("subscribe /chat/*");
+    subscriber.subscribe("/news/**").await.expect("subscribe /news/**");
+    for channel in ["/chat/a/deeper", "/chat/room", "/other", "/news/eu/sport", "/news/x"] {
+        publisher.publish(channel, json!({ "on": channel })).await.expect("publish");
     }
     let mut received = Vec::new();
     for _ in 0..3 {
@@ -97,44 +70,23 @@ async fn unsubscribing_stops_delivery(peer: Peer) {
     let subscriber = peer.open(&server).await;
     let publisher = peer.open(&server).await;
     subscriber.subscribe("/a").await.expect("subscribe /a");
-    subscriber
-        .subscribe("/marker")
-        .await
-        .expect("subscribe /marker");
+    subscriber.subscribe("/marker").await.expect("subscribe /marker");
     subscriber.unsubscribe("/a").await.expect("unsubscribe /a");
     assert!(!subscriber.subscriptions().contains("/a"));
-    publisher
-        .publish("/a", json!("dropped"))
-        .await
-        .expect("publish /a");
-    publisher
-        .publish("/marker", json!("kept"))
-        .await
-        .expect("publish /marker");
+    publisher.publish("/a", json!("dropped")).await.expect("publish /a");
+    publisher.publish("/marker", json!("kept")).await.expect("publish /marker");
     let message = next(&subscriber).await.expect("a message");
-    assert_eq!(
-        (message.channel.as_str(), message.data),
-        ("/marker", Some(json!("kept")))
-    );
+    assert_eq!((message.channel.as_str(), message.data), ("/marker", Some(json!("kept"))));
 }
 
 async fn publish_returns_the_server_reply(peer: Peer) {
     let server = peer.start().await;
     let client = peer.open(&server).await;
-    let reply = client
-        .publish("/service/echo", json!({ "ping": 1 }))
-        .await
-        .expect("service publish");
+    let reply = client.publish("/service/echo", json!({ "ping": 1 })).await.expect("service publish");
     assert_eq!(reply.channel, "/service/echo");
     assert_eq!(reply.successful, Some(true));
-    let reply = client
-        .publish("/broadcast", json!(1))
-        .await
-        .expect("publish");
-    assert_eq!(
-        (reply.channel.as_str(), reply.successful),
-        ("/broadcast", Some(true))
-    );
+    let reply = client.publish("/broadcast", json!(1)).await.expect("publish");
+    assert_eq!((reply.channel.as_str(), reply.successful), ("/broadcast", Some(true)));
 }
 
 async fn close_then_reopen(peer: Peer) {
@@ -143,14 +95,8 @@ async fn close_then_reopen(peer: Peer) {
     let publisher = peer.open(&server).await;
     let first_id = client.status().client_id;
     client.subscribe("/x").await.expect("subscribe");
-    publisher
-        .publish("/x", json!("before close"))
-        .await
-        .expect("publish");
-    assert_eq!(
-        next(&client).await.expect("message").data,
-        Some(json!("before close"))
-    );
+    publisher.publish("/x", json!("before close")).await.expect("publish");
+    assert_eq!(next(&client).await.expect("message").data, Some(json!("before close")));
     client.close().await;
     assert!(client.is_closed());
     assert!(matches!(next(&client).await, Err(Error::Closed)));
@@ -160,64 +106,37 @@ async fn close_then_reopen(peer: Peer) {
     client.open().await.expect("reopen");
     assert_ne!(client.status().client_id, first_id, "a new session");
     client.subscribe("/x").await.expect("subscribe again");
-    publisher
-        .publish("/x", json!("after reopen"))
-        .await
-        .expect("publish");
-    assert_eq!(
-        next(&client).await.expect("message").data,
-        Some(json!("after reopen"))
-    );
+    publisher.publish("/x", json!("after reopen")).await.expect("publish");
+    assert_eq!(next(&client).await.expect("message").data, Some(json!("after reopen")));
     let error = client.open().await.expect_err("already open");
     assert_eq!(error.kind(), ErrorKind::ClientInvalidOperation);
 }
 
 #[tokio::test]
 async fn default_connection_types_pick_websocket_on_faye() {
-    let server = BayeuxServer::faye(FayeOptions {
-        timeout: Some(2),
-        ..FayeOptions::default()
-    })
-    .await;
+    let server = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
     let client = open(Client::builder(server.url())).await;
     assert_eq!(client.connection_type(), Some(ConnectionType::WebSocket));
 }
 
 #[tokio::test]
 async fn default_connection_types_fall_back_to_long_polling_without_websocket() {
-    let server = BayeuxServer::cometd(CometdOptions {
-        timeout: Some(2000),
-        ..CometdOptions::default()
-    })
-    .await;
+    let server =
+        BayeuxServer::cometd(CometdOptions { timeout: Some(2000), ..CometdOptions::default() }).await;
     let client = open(Client::builder(server.url())).await;
     assert_eq!(client.connection_type(), Some(ConnectionType::LongPolling));
     // cometd-nodejs-server finds sessions by cookie: it must have been kept for 127.0.0.1.
-    client
-        .subscribe("/cookie/check")
-        .await
-        .expect("subscribe with the session cookie");
+    client.subscribe("/cookie/check").await.expect("subscribe with the session cookie");
 }
 
 #[tokio::test]
 async fn a_websocket_url_works_with_websocket_only() {
-    let server = BayeuxServer::faye(FayeOptions {
-        timeout: Some(2),
-        ..FayeOptions::default()
-    })
-    .await;
-    let client =
-        open(Client::builder(server.ws_url()).connection_types([ConnectionType::WebSocket])).await;
+    let server = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let client = open(Client::builder(server.ws_url()).connection_types([ConnectionType::WebSocket])).await;
     assert_eq!(client.connection_type(), Some(ConnectionType::WebSocket));
     client.subscribe("/ws/only").await.expect("subscribe");
-    client
-        .publish("/ws/only", json!("hi"))
-        .await
-        .expect("publish");
-    assert_eq!(
-        next(&client).await.expect("message").data,
-        Some(json!("hi"))
-    );
+    client.publish("/ws/only", json!("hi")).await.expect("publish");
+    assert_eq!(next(&client).await.expect("message").data, Some(json!("hi")));
 }
 
 #[tokio::test]
@@ -229,15 +148,9 @@ async fn websocket_only_against_a_long_polling_server_fails_clearly() {
         .backoff(Duration::from_millis(50), Duration::from_millis(200))
         .build()
         .expect("options");
-    let error = tokio::time::timeout(WAIT, client.open())
-        .await
-        .expect("open gives up")
-        .expect_err("no websocket");
-    assert_eq!(
-        error.transport_kind(),
-        Some(&TransportErrorKind::WebSocketUpgrade),
-        "{error}"
-    );
+    let error =
+        tokio::time::timeout(WAIT, client.open()).await.expect("open gives up").expect_err("no websocket");
+    assert_eq!(error.transport_kind(), Some(&TransportErrorKind::WebSocketUpgrade), "{error}");
     assert!(client.is_closed());
 }
 
@@ -248,17 +161,10 @@ async fn operations_on_a_closed_client_are_invalid() {
     for error in [
         client.subscribe("/a").await.expect_err("not open"),
         client.unsubscribe("/a").await.expect_err("not open"),
-        client
-            .publish("/a", json!(1))
-            .await
-            .map(drop)
-            .expect_err("not open"),
+        client.publish("/a", json!(1)).await.map(drop).expect_err("not open"),
     ] {
         assert_eq!(error.kind(), ErrorKind::ClientInvalidOperation, "{error}");
-        assert!(
-            error.to_string().contains("the client is closed"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("the client is closed"), "{error}");
     }
     assert!(matches!(client.receive().await, Err(Error::Closed)));
     client.close().await; // closing a closed client does nothing
@@ -266,39 +172,17 @@ async fn operations_on_a_closed_client_are_invalid() {
 
 #[tokio::test]
 async fn server_rejections_carry_the_parsed_error() {
-    let server = BayeuxServer::faye(FayeOptions {
-        timeout: Some(2),
-        ..FayeOptions::default()
-    })
-    .await;
+    let server = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
     let client = open(Client::builder(server.url())).await;
-    let error = client
-        .subscribe("/meta/forbidden")
-        .await
-        .expect_err("faye forbids /meta subscriptions");
+    let error = client.subscribe("/meta/forbidden").await.expect_err("faye forbids /meta subscriptions");
     let server_error = error.as_server_error().expect("a server error");
     assert_eq!(server_error.message(), "subscribe request failed");
     assert_eq!(server_error.error_code(), Some(403));
-    assert_eq!(
-        server_error.error_message().as_deref(),
-        Some("Forbidden channel")
-    );
-    assert_eq!(
-        server_error.error_args(),
-        Some(vec!["/meta/forbidden".to_string()])
-    );
-    let error = client
-        .publish("/a b", json!(1))
-        .await
-        .expect_err("invalid channel");
-    assert_eq!(
-        error.as_server_error().and_then(|e| e.error_code()),
-        Some(405)
-    );
-    assert_eq!(
-        error.as_server_error().map(|e| e.message()),
-        Some("publish request failed")
-    );
+    assert_eq!(server_error.error_message().as_deref(), Some("Forbidden channel"));
+    assert_eq!(server_error.error_args(), Some(vec!["/meta/forbidden".to_string()]));
+    let error = client.publish("/a b", json!(1)).await.expect_err("invalid channel");
+    assert_eq!(error.as_server_error().and_then(|e| e.error_code()), Some(405));
+    assert_eq!(error.as_server_error().map(|e| e.message()), Some("publish request failed"));
 }
 
 /// Sets `ext.authToken` on every outgoing message and records the channels it sees come in.
@@ -314,10 +198,7 @@ impl cometd_bridge::cometd::Extension for TokenInExt {
         _headers: &mut cometd_bridge::cometd::HeaderMap,
     ) -> Result<(), Error> {
         for message in payload {
-            message
-                .ext
-                .get_or_insert_with(Default::default)
-                .insert("authToken".into(), json!("s3cret"));
+            message.ext.get_or_insert_with(Default::default).insert("authToken".into(), json!("s3cret"));
         }
         Ok(())
     }
@@ -342,16 +223,9 @@ async fn extensions_see_every_payload_both_ways() {
     })
     .await;
     for kind in [ConnectionType::WebSocket, ConnectionType::LongPolling] {
-        let denied = Client::builder(server.url())
-            .connection_types([kind])
-            .build()
-            .expect("options");
+        let denied = Client::builder(server.url()).connection_types([kind]).build().expect("options");
         let error = denied.open().await.expect_err("no token");
-        assert_eq!(
-            error.as_server_error().and_then(|e| e.error_code()),
-            Some(403),
-            "{kind}"
-        );
+        assert_eq!(error.as_server_error().and_then(|e| e.error_code()), Some(403), "{kind}");
 
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let client = open(
@@ -364,16 +238,8 @@ async fn extensions_see_every_payload_both_ways() {
         client.publish("/ext", json!("x")).await.expect("publish");
         next(&client).await.expect("message");
         let seen = seen.lock().expect("lock").clone();
-        for channel in [
-            "/meta/handshake",
-            "/meta/connect",
-            "/meta/subscribe",
-            "/ext",
-        ] {
-            assert!(
-                seen.iter().any(|c| c == channel),
-                "{kind}: the extension saw no {channel} in {seen:?}"
-            );
+        for channel in ["/meta/handshake", "/meta/connect", "/meta/subscribe", "/ext"] {
+            assert!(seen.iter().any(|c| c == channel), "{kind}: the extension saw no {channel} in {seen:?}");
         }
     }
 }
@@ -388,35 +254,22 @@ async fn configured_headers_reach_the_server_on_both_transports() {
     .await;
     for kind in [ConnectionType::WebSocket, ConnectionType::LongPolling] {
         let client = open(
-            Client::builder(server.url())
-                .connection_types([kind])
-                .header("Authorization", "Bearer s3cret"),
+            Client::builder(server.url()).connection_types([kind]).header("Authorization", "Bearer s3cret"),
         )
         .await;
-        client
-            .subscribe("/headers")
-            .await
-            .expect("subscribe with the header");
+        client.subscribe("/headers").await.expect("subscribe with the header");
     }
 }
 
 #[tokio::test]
 async fn message_ids_keep_increasing_across_sessions() {
-    let server = BayeuxServer::faye(FayeOptions {
-        timeout: Some(2),
-        ..FayeOptions::default()
-    })
-    .await;
+    let server = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
     let client = open(Client::builder(server.url())).await;
-    let id = |reply: cometd_bridge::cometd::Message| -> u64 {
-        reply.id.expect("an id").parse().expect("numeric")
-    };
+    let id =
+        |reply: cometd_bridge::cometd::Message| -> u64 { reply.id.expect("an id").parse().expect("numeric") };
     let first = id(client.publish("/ids", json!(1)).await.expect("publish"));
     client.close().await;
     client.open().await.expect("reopen");
     let second = id(client.publish("/ids", json!(2)).await.expect("publish"));
-    assert!(
-        second > first + 2,
-        "ids {first} then {second}: a new handshake does not reset them"
-    );
+    assert!(second > first + 2, "ids {first} then {second}: a new handshake does not reset them");
 }

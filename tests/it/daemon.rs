@@ -3,6 +3,7 @@
 
 use std::process::Stdio;
 
+use cometd_bridge::store::Store;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -22,16 +23,8 @@ async fn check(toml: &str, extension: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join(format!("config.{extension}"));
     std::fs::write(&file, toml).expect("write config");
-    let output = binary()
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .await
-        .expect("run check");
-    (
-        output.status.code(),
-        String::from_utf8(output.stderr).expect("UTF-8"),
-    )
+    let output = binary().args(["check", "--config"]).arg(&file).output().await.expect("run check");
+    (output.status.code(), String::from_utf8(output.stderr).expect("UTF-8"))
 }
 
 #[tokio::test]
@@ -44,21 +37,13 @@ async fn every_class_of_bad_config_exits_2_naming_the_key() {
             "[admin]\nlisten = \"127.0.0.1:0\"\ncolour = \"blue\"\n".into(),
             "unknown field `colour`",
         ),
-        (
-            "wrong type",
-            "[bridge]\nqueue_capacity = \"many\"\n".into(),
-            "queue_capacity",
-        ),
+        ("wrong type", "[bridge]\nqueue_capacity = \"many\"\n".into(), "queue_capacity"),
         (
             "duration",
             "[bridge]\nshutdown_grace = \"soon\"\n".into(),
             "bridge.shutdown_grace: \"soon\" is not a duration",
         ),
-        (
-            "address",
-            "[admin]\nlisten = \"everywhere\"\n".into(),
-            "admin.listen:",
-        ),
+        ("address", "[admin]\nlisten = \"everywhere\"\n".into(), "admin.listen:"),
         (
             "source url",
             "[[sources]]\nname = \"demo\"\nurl = \"ftp://x/\"\n".into(),
@@ -99,36 +84,20 @@ async fn every_class_of_bad_config_exits_2_naming_the_key() {
             ),
             "subscriptions[0].sink.secret: environment variable COMETD_BRIDGE_TEST_UNSET is not set",
         ),
-        (
-            "duplicate",
-            format!("{source}{source}"),
-            "sources[1].name: \"demo\" is used by another source",
-        ),
+        ("duplicate", format!("{source}{source}"), "sources[1].name: \"demo\" is used by another source"),
     ];
     for (class, toml, expected) in cases {
         let (code, stderr) = check(toml, "toml").await;
         assert_eq!(code, Some(2), "{class}: {stderr}");
-        assert!(
-            stderr.contains(expected),
-            "{class}: expected {expected:?} in {stderr:?}"
-        );
+        assert!(stderr.contains(expected), "{class}: expected {expected:?} in {stderr:?}");
     }
     let (code, stderr) = check("admin: {listen: nowhere}\n", "yaml").await;
     assert_eq!(
         (code, stderr.trim()),
-        (
-            Some(2),
-            "admin.listen: \"nowhere\" is not an address like 127.0.0.1:8080"
-        )
+        (Some(2), "admin.listen: \"nowhere\" is not an address like 127.0.0.1:8080")
     );
     let (code, stderr) = check("{\"bridge\": {\"queue_capacity\": 0}}", "json").await;
-    assert_eq!(
-        (code, stderr.trim()),
-        (
-            Some(2),
-            "bridge.queue_capacity: must be a positive number, not 0"
-        )
-    );
+    assert_eq!((code, stderr.trim()), (Some(2), "bridge.queue_capacity: must be a positive number, not 0"));
     let (code, stderr) = check("x = 1", "ini").await;
     assert_eq!(code, Some(2));
     assert!(stderr.contains("unknown configuration format"), "{stderr}");
@@ -136,21 +105,16 @@ async fn every_class_of_bad_config_exits_2_naming_the_key() {
 
 #[tokio::test]
 async fn all_problems_are_listed_at_once() {
-    let (code, stderr) =
-        check("[admin]\nlisten = \"x\"\n[bridge]\nshutdown_grace = \"y\"\n[[sources]]\nname = \"\"\nurl = \"z\"\n", "toml").await;
+    let (code, stderr) = check(
+        "[admin]\nlisten = \"x\"\n[bridge]\nshutdown_grace = \"y\"\n[[sources]]\nname = \"\"\nurl = \"z\"\n",
+        "toml",
+    )
+    .await;
     assert_eq!(code, Some(2));
-    let keys: Vec<&str> = stderr
-        .lines()
-        .map(|line| line.split(':').next().unwrap_or_default())
-        .collect();
+    let keys: Vec<&str> = stderr.lines().map(|line| line.split(':').next().unwrap_or_default()).collect();
     assert_eq!(
         keys,
-        [
-            "admin.listen",
-            "bridge.shutdown_grace",
-            "sources[0].name",
-            "sources[0].url"
-        ],
+        ["admin.listen", "bridge.shutdown_grace", "sources[0].name", "sources[0].url"],
         "{stderr}"
     );
 }
@@ -161,22 +125,10 @@ async fn run_refuses_a_bad_config_before_binding_anything() {
     let address = held.local_addr().expect("address");
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("bad.toml");
-    std::fs::write(
-        &file,
-        format!("[admin]\nlisten = \"{address}\"\n[bridge]\nshutdown_grace = \"later\"\n"),
-    )
-    .expect("write");
-    let output = binary()
-        .args(["run", "--config"])
-        .arg(&file)
-        .output()
-        .await
-        .expect("run");
-    assert_eq!(
-        output.status.code(),
-        Some(2),
-        "validation fails before the taken port could"
-    );
+    std::fs::write(&file, format!("[admin]\nlisten = \"{address}\"\n[bridge]\nshutdown_grace = \"later\"\n"))
+        .expect("write");
+    let output = binary().args(["run", "--config"]).arg(&file).output().await.expect("run");
+    assert_eq!(output.status.code(), Some(2), "validation fails before the taken port could");
     assert!(String::from_utf8_lossy(&output.stderr).contains("bridge.shutdown_grace"));
     let output = binary()
         .args(["run"])
@@ -200,23 +152,14 @@ async fn environment_variables_override_the_file() {
         .output()
         .await
         .expect("check");
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
 /// SIGTERM while a webhook keeps failing: what is in flight goes to the dead letters within
 /// the grace period, and the process exits 0.
 #[tokio::test]
 async fn sigterm_with_deliveries_in_flight_dead_letters_them_and_exits_0() {
-    let faye = BayeuxServer::faye(FayeOptions {
-        timeout: Some(2),
-        ..FayeOptions::default()
-    })
-    .await;
+    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
     let mut receiver = WebhookReceiver::start(std::iter::repeat_n(503, 1000)).await;
     let state = tempfile::tempdir().expect("state");
     let file = state.path().join("config.toml");
@@ -246,8 +189,7 @@ async fn sigterm_with_deliveries_in_flight_dead_letters_them_and_exits_0() {
             .expect("logs")
             .expect("stderr")
             .expect("running");
-        let event: Value =
-            serde_json::from_str(&line).unwrap_or_else(|_| panic!("a JSON log line: {line}"));
+        let event: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("a JSON log line: {line}"));
         if event["fields"]["message"] == "subscribed" {
             break;
         }
@@ -255,10 +197,7 @@ async fn sigterm_with_deliveries_in_flight_dead_letters_them_and_exits_0() {
     tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
     let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
     for n in 0..5 {
-        publisher
-            .publish("/stuck", json!(n))
-            .await
-            .expect("publish");
+        publisher.publish("/stuck", json!(n)).await.expect("publish");
     }
     assert_eq!(receiver.next().await.status, 503, "a delivery is in flight");
 
@@ -275,31 +214,15 @@ async fn sigterm_with_deliveries_in_flight_dead_letters_them_and_exits_0() {
         .dead_letters()
         .await
         .expect("read");
-    let data: Vec<Value> = letters
-        .iter()
-        .map(|letter| letter.message["data"].clone())
-        .collect();
-    assert_eq!(
-        data,
-        (0..5).map(|n| json!(n)).collect::<Vec<_>>(),
-        "every message, in order: {letters:?}"
-    );
-    assert!(
-        letters
-            .iter()
-            .all(|letter| letter.reason.starts_with("shutdown")),
-        "{letters:?}"
-    );
+    let data: Vec<Value> = letters.iter().map(|letter| letter.message["data"].clone()).collect();
+    assert_eq!(data, (0..5).map(|n| json!(n)).collect::<Vec<_>>(), "every message, in order: {letters:?}");
+    assert!(letters.iter().all(|letter| letter.reason.starts_with("shutdown")), "{letters:?}");
 }
 
 /// A second SIGTERM during the drain ends the process at once.
 #[tokio::test]
 async fn a_second_signal_exits_at_once() {
-    let faye = BayeuxServer::faye(FayeOptions {
-        timeout: Some(2),
-        ..FayeOptions::default()
-    })
-    .await;
+    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
     let mut receiver = WebhookReceiver::start(std::iter::repeat_n(503, 1000)).await;
     let state = tempfile::tempdir().expect("state");
     let file = state.path().join("config.toml");
@@ -328,18 +251,14 @@ async fn a_second_signal_exits_at_once() {
             .expect("logs")
             .expect("stderr")
             .expect("running");
-        let event: Value =
-            serde_json::from_str(&line).unwrap_or_else(|_| panic!("a JSON log line: {line}"));
+        let event: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("a JSON log line: {line}"));
         if event["fields"]["message"] == message {
             return;
         }
     };
     wait_for_log("subscribed").await;
     let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
-    publisher
-        .publish("/stuck", json!(1))
-        .await
-        .expect("publish");
+    publisher.publish("/stuck", json!(1)).await.expect("publish");
     assert_eq!(receiver.next().await.status, 503, "a delivery is in flight");
     let pid = i32::try_from(daemon.id().expect("running")).expect("pid");
     // SAFETY: kill(2) on our own child.

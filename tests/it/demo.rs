@@ -17,23 +17,15 @@ async fn the_demo_shows_messages_on_nats_and_at_the_webhook() {
     .expect("the demo finishes")
     .expect("run the demo");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "demo failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     for n in 1..=3 {
-        let line = format!(
-            "NATS cometd.demo.orders.eu.new {{\"order\":{n}}} CometD-Channel=/orders/eu/new"
-        );
+        let line = format!("NATS cometd.demo.orders.eu.new {{\"order\":{n}}} CometD-Channel=/orders/eu/new");
         assert!(stdout.contains(&line), "missing {line:?} in:\n{stdout}");
     }
     assert!(stdout.contains("\"data\":{\"level\":\"high\"}"), "{stdout}");
     assert!(stdout.contains("signature=ok"), "{stdout}");
     assert!(
-        stdout.contains(
-            "cometd_bridge_messages_forwarded_total{subscription=\"orders\",sink=\"nats\"} 3"
-        ),
+        stdout.contains("cometd_bridge_messages_forwarded_total{subscription=\"orders\",sink=\"nats\"} 3"),
         "{stdout}"
     );
 }

@@ -47,10 +47,7 @@ async fn post(url: &str, payload: Value) -> Result<Value, reqwest::Error> {
 fn assert_successful_handshake(reply: &Value) {
     assert_eq!(reply["channel"], "/meta/handshake", "{reply}");
     assert_eq!(reply["successful"], true, "{reply}");
-    assert!(
-        reply["clientId"].as_str().is_some_and(|id| !id.is_empty()),
-        "no clientId in {reply}"
-    );
+    assert!(reply["clientId"].as_str().is_some_and(|id| !id.is_empty()), "no clientId in {reply}");
 }
 
 #[tokio::test]
@@ -65,9 +62,7 @@ async fn faye_answers_a_long_polling_handshake() {
 #[tokio::test]
 async fn cometd_nodejs_server_answers_a_long_polling_handshake() {
     let cometd = BayeuxServer::cometd(CometdOptions::default()).await;
-    let reply = post_handshake(&cometd.url())
-        .await
-        .expect("cometd-nodejs-server answers");
+    let reply = post_handshake(&cometd.url()).await.expect("cometd-nodejs-server answers");
     assert_successful_handshake(&reply);
     assert_eq!(reply["supportedConnectionTypes"], json!(["long-polling"]));
 }
@@ -75,13 +70,8 @@ async fn cometd_nodejs_server_answers_a_long_polling_handshake() {
 #[tokio::test]
 async fn faye_answers_a_websocket_handshake() {
     let faye = BayeuxServer::faye(FayeOptions::default()).await;
-    let (mut socket, _) = tokio_tungstenite::connect_async(faye.ws_url())
-        .await
-        .expect("upgrade");
-    socket
-        .send(WsMessage::text(handshake_request().to_string()))
-        .await
-        .expect("send handshake");
+    let (mut socket, _) = tokio_tungstenite::connect_async(faye.ws_url()).await.expect("upgrade");
+    socket.send(WsMessage::text(handshake_request().to_string())).await.expect("send handshake");
     let frame = tokio::time::timeout(WAIT, socket.next())
         .await
         .expect("a reply within the wait")
@@ -115,21 +105,12 @@ async fn a_stopped_and_restarted_faye_answers_again_on_the_same_port() {
     assert_successful_handshake(&post_handshake(&url).await.expect("first start answers"));
 
     faye.process().stop().await;
-    let refused = post_handshake(&url)
-        .await
-        .expect_err("a stopped server refuses");
-    assert!(
-        refused.is_connect(),
-        "expected connection refused, got {refused}"
-    );
+    let refused = post_handshake(&url).await.expect_err("a stopped server refuses");
+    assert!(refused.is_connect(), "expected connection refused, got {refused}");
 
     faye.process().restart().await;
     assert_eq!(faye.url(), url, "same port after restart");
-    assert_successful_handshake(
-        &post_handshake(&url)
-            .await
-            .expect("restarted server answers"),
-    );
+    assert_successful_handshake(&post_handshake(&url).await.expect("restarted server answers"));
 }
 
 #[tokio::test]
@@ -155,15 +136,10 @@ async fn a_frozen_server_stalls_and_answers_once_thawed() {
 #[tokio::test]
 async fn nats_server_answers_core_and_jetstream() {
     let nats = NatsServer::start().await;
-    let client = async_nats::connect(nats.url())
-        .await
-        .expect("connect to nats-server");
+    let client = async_nats::connect(nats.url()).await.expect("connect to nats-server");
 
     let mut subscriber = client.subscribe("harness.check").await.expect("subscribe");
-    client
-        .publish("harness.check", "ping".into())
-        .await
-        .expect("publish");
+    client.publish("harness.check", "ping".into()).await.expect("publish");
     client.flush().await.expect("flush");
     let message = tokio::time::timeout(WAIT, subscriber.next())
         .await
@@ -195,8 +171,7 @@ async fn a_restarted_nats_server_keeps_its_port_and_jetstream_store() {
     let mut nats = NatsServer::start().await;
     let url = nats.url();
     {
-        let jetstream =
-            async_nats::jetstream::new(async_nats::connect(&url).await.expect("connect"));
+        let jetstream = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connect"));
         jetstream
             .create_stream(async_nats::jetstream::stream::Config {
                 name: "KEPT".into(),
@@ -205,20 +180,12 @@ async fn a_restarted_nats_server_keeps_its_port_and_jetstream_store() {
             })
             .await
             .expect("create stream");
-        jetstream
-            .publish("kept.a", "1".into())
-            .await
-            .expect("publish")
-            .await
-            .expect("ack");
+        jetstream.publish("kept.a", "1".into()).await.expect("publish").await.expect("ack");
     }
     nats.process().restart().await;
     assert_eq!(nats.url(), url);
     let jetstream = async_nats::jetstream::new(async_nats::connect(&url).await.expect("reconnect"));
-    let mut stream = jetstream
-        .get_stream("KEPT")
-        .await
-        .expect("stream survives a restart");
+    let mut stream = jetstream.get_stream("KEPT").await.expect("stream survives a restart");
     assert_eq!(stream.info().await.expect("stream info").state.messages, 1);
 }
 

@@ -27,19 +27,16 @@ fn expected_kind(behaviour: Behaviour) -> TransportErrorKind {
         Behaviour::NotAnArray | Behaviour::MissingFields => {
             TransportErrorKind::MalformedReply("not an array of Bayeux messages".into())
         }
-        Behaviour::NoReply => {
-            TransportErrorKind::MalformedReply("no reply to /meta/handshake".into())
-        }
+        Behaviour::NoReply => TransportErrorKind::MalformedReply("no reply to /meta/handshake".into()),
         Behaviour::Valid => unreachable!(),
     }
 }
 
 fn same_kind(actual: &TransportErrorKind, expected: &TransportErrorKind) -> bool {
     match (actual, expected) {
-        (
-            TransportErrorKind::MalformedReply(actual),
-            TransportErrorKind::MalformedReply(expected),
-        ) => actual.starts_with(expected.as_str()),
+        (TransportErrorKind::MalformedReply(actual), TransportErrorKind::MalformedReply(expected)) => {
+            actual.starts_with(expected.as_str())
+        }
         (actual, expected) => actual == expected,
     }
 }
@@ -58,23 +55,15 @@ async fn each_bad_reply_fails_open_with_a_transport_error_then_open_succeeds() {
     for behaviour in BAD {
         let server = FakeServer::start(behaviour).await;
         let client = client(&server);
-        let error = tokio::time::timeout(WAIT, client.open())
-            .await
-            .expect("open gives up")
-            .expect_err("bad reply");
+        let error =
+            tokio::time::timeout(WAIT, client.open()).await.expect("open gives up").expect_err("bad reply");
         assert_eq!(error.kind(), ErrorKind::Transport, "{behaviour:?}: {error}");
         let kind = error.transport_kind().expect("a transport error");
-        assert!(
-            same_kind(kind, &expected_kind(behaviour)),
-            "{behaviour:?}: got {kind:?}"
-        );
+        assert!(same_kind(kind, &expected_kind(behaviour)), "{behaviour:?}: got {kind:?}");
         assert!(client.is_closed());
 
         server.set(Behaviour::Valid);
-        client
-            .open()
-            .await
-            .unwrap_or_else(|error| panic!("{behaviour:?} then valid: {error}"));
+        client.open().await.unwrap_or_else(|error| panic!("{behaviour:?} then valid: {error}"));
         client.subscribe("/after").await.expect("subscribe");
         client.close().await;
     }
@@ -87,20 +76,11 @@ async fn an_open_client_rides_out_bad_replies() {
     client.open().await.expect("open");
     for behaviour in BAD {
         server.set(behaviour);
-        let error = next(&client)
-            .await
-            .expect_err("bad replies take the link down");
-        assert_eq!(
-            error.transport_kind(),
-            Some(&TransportErrorKind::ConnectionTimeout),
-            "{behaviour:?}"
-        );
+        let error = next(&client).await.expect_err("bad replies take the link down");
+        assert_eq!(error.transport_kind(), Some(&TransportErrorKind::ConnectionTimeout), "{behaviour:?}");
         assert!(client.status().last_error.is_some());
         server.set(Behaviour::Valid);
         wait_for_state(&client, SessionState::Connected).await;
-        client
-            .publish("/still/working", serde_json::json!(1))
-            .await
-            .expect("publish");
+        client.publish("/still/working", serde_json::json!(1)).await.expect("publish");
     }
 }

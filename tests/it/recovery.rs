@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cometd_bridge::cometd::{
-    AuthExtension, Error, ErrorKind, Extension, HeaderMap, Message, SessionState,
-    TransportErrorKind, async_trait,
+    AuthExtension, Error, ErrorKind, Extension, HeaderMap, Message, SessionState, TransportErrorKind,
+    async_trait,
 };
 use serde_json::json;
 
@@ -16,30 +16,19 @@ use crate::on_every_peer;
 use crate::support::bayeux::FayeOptions;
 use crate::support::peer::{Peer, next, open, wait_for_state};
 
-on_every_peer!(
-    recovers_after_a_server_restart,
-    recovers_after_a_frozen_server
-);
+on_every_peer!(recovers_after_a_server_restart, recovers_after_a_frozen_server);
 
 /// Stop the server: `receive` reports the lost connection; restart it: the client
 /// handshakes again, resubscribes, and receives again.
 async fn recovers_after_a_server_restart(peer: Peer) {
     let mut server = peer.start().await;
-    let client = open(
-        peer.options(&server)
-            .connection_timeout(Some(Duration::from_secs(1))),
-    )
-    .await;
+    let client = open(peer.options(&server).connection_timeout(Some(Duration::from_secs(1)))).await;
     client.subscribe("/restart").await.expect("subscribe");
     let first_session = client.status().client_id;
 
     server.process().stop().await;
     let error = next(&client).await.expect_err("the server is gone");
-    assert_eq!(
-        error.transport_kind(),
-        Some(&TransportErrorKind::ConnectionTimeout),
-        "{error}"
-    );
+    assert_eq!(error.transport_kind(), Some(&TransportErrorKind::ConnectionTimeout), "{error}");
     assert_eq!(error.kind(), ErrorKind::TransportTimeout);
     assert!(!client.is_closed(), "a connection timeout is not final");
 
@@ -48,47 +37,27 @@ async fn recovers_after_a_server_restart(peer: Peer) {
     assert_ne!(client.status().client_id, first_session, "a new handshake");
     assert!(client.subscriptions().contains("/restart"), "resubscribed");
     let publisher = peer.open(&server).await;
-    publisher
-        .publish("/restart", json!("back"))
-        .await
-        .expect("publish");
-    assert_eq!(
-        next(&client).await.expect("delivery resumes").data,
-        Some(json!("back"))
-    );
+    publisher.publish("/restart", json!("back")).await.expect("publish");
+    assert_eq!(next(&client).await.expect("delivery resumes").data, Some(json!("back")));
 }
 
 /// Freeze the server (SIGSTOP): the held connect times out and `receive` reports it; thaw
 /// it: the client recovers, with or without a new handshake.
 async fn recovers_after_a_frozen_server(peer: Peer) {
     let mut server = peer.start().await;
-    let client = open(
-        peer.options(&server)
-            .connection_timeout(Some(Duration::from_secs(1))),
-    )
-    .await;
+    let client = open(peer.options(&server).connection_timeout(Some(Duration::from_secs(1)))).await;
     client.subscribe("/frozen").await.expect("subscribe");
 
     server.process().freeze();
     let error = next(&client).await.expect_err("the server stalls");
-    assert_eq!(
-        error.transport_kind(),
-        Some(&TransportErrorKind::ConnectionTimeout),
-        "{error}"
-    );
+    assert_eq!(error.transport_kind(), Some(&TransportErrorKind::ConnectionTimeout), "{error}");
 
     server.process().thaw();
     wait_for_state(&client, SessionState::Connected).await;
     assert!(client.subscriptions().contains("/frozen"));
     let publisher = peer.open(&server).await;
-    publisher
-        .publish("/frozen", json!("thawed"))
-        .await
-        .expect("publish");
-    assert_eq!(
-        next(&client).await.expect("delivery resumes").data,
-        Some(json!("thawed"))
-    );
+    publisher.publish("/frozen", json!("thawed")).await.expect("publish");
+    assert_eq!(next(&client).await.expect("delivery resumes").data, Some(json!("thawed")));
 }
 
 async fn advice_none_hands_out_pending_messages_then_closes(peer: Peer) {
@@ -96,10 +65,7 @@ async fn advice_none_hands_out_pending_messages_then_closes(peer: Peer) {
     let trigger_file = trigger.path().join("go-away");
     let server = peer
         .start_with(FayeOptions {
-            extensions: vec![(
-                "reconnect-none".into(),
-                json!({ "triggerFile": trigger_file }),
-            )],
+            extensions: vec![("reconnect-none".into(), json!({ "triggerFile": trigger_file }))],
             ..FayeOptions::default()
         })
         .await;
@@ -112,14 +78,8 @@ async fn advice_none_hands_out_pending_messages_then_closes(peer: Peer) {
     wait_for_state(&client, SessionState::Closed).await;
     assert!(client.is_closed());
 
-    assert_eq!(
-        next(&client).await.expect("pending first").data,
-        Some(json!(1))
-    );
-    assert_eq!(
-        next(&client).await.expect("pending first").data,
-        Some(json!(2))
-    );
+    assert_eq!(next(&client).await.expect("pending first").data, Some(json!(1)));
+    assert_eq!(next(&client).await.expect("pending first").data, Some(json!(2)));
     let error = next(&client).await.expect_err("then the server's verdict");
     let server_error = error.as_server_error().expect("a server error");
     assert_eq!(server_error.message(), "connection closed by the server");
@@ -148,26 +108,15 @@ struct FileToken {
 impl FileToken {
     fn new(path: PathBuf, renewals: std::sync::Arc<AtomicUsize>) -> Self {
         let token = std::fs::read_to_string(&path).expect("token file");
-        FileToken {
-            path,
-            token: Mutex::new(token),
-            renewals,
-        }
+        FileToken { path, token: Mutex::new(token), renewals }
     }
 }
 
 #[async_trait]
 impl Extension for FileToken {
-    async fn outgoing(
-        &self,
-        _payload: &mut Vec<Message>,
-        headers: &mut HeaderMap,
-    ) -> Result<(), Error> {
+    async fn outgoing(&self, _payload: &mut Vec<Message>, headers: &mut HeaderMap) -> Result<(), Error> {
         let token = self.token.lock().expect("token lock").clone();
-        headers.insert(
-            "authorization",
-            format!("Bearer {token}").parse().expect("header value"),
-        );
+        headers.insert("authorization", format!("Bearer {token}").parse().expect("header value"));
         Ok(())
     }
 }
@@ -175,8 +124,7 @@ impl Extension for FileToken {
 #[async_trait]
 impl AuthExtension for FileToken {
     async fn authenticate(&self) -> Result<(), Error> {
-        *self.token.lock().expect("token lock") =
-            std::fs::read_to_string(&self.path).expect("token file");
+        *self.token.lock().expect("token lock") = std::fs::read_to_string(&self.path).expect("token file");
         self.renewals.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -195,42 +143,20 @@ async fn reauthenticates_when_the_token_is_rotated(peer: Peer) {
         })
         .await;
     let renewals = std::sync::Arc::new(AtomicUsize::new(0));
-    let client = open(
-        peer.options(&server)
-            .auth(FileToken::new(token_file.clone(), renewals.clone())),
-    )
-    .await;
+    let client = open(peer.options(&server).auth(FileToken::new(token_file.clone(), renewals.clone()))).await;
     client.subscribe("/secure").await.expect("subscribe");
     assert_eq!(renewals.load(Ordering::SeqCst), 0);
 
     std::fs::write(&token_file, "second").expect("rotate token");
-    client
-        .publish("/secure", json!("own"))
-        .await
-        .expect("the publish is resent with the new token");
-    assert!(
-        renewals.load(Ordering::SeqCst) >= 1,
-        "the client re-authenticated"
-    );
-    assert_eq!(
-        next(&client).await.expect("its own message").data,
-        Some(json!("own"))
-    );
+    client.publish("/secure", json!("own")).await.expect("the publish is resent with the new token");
+    assert!(renewals.load(Ordering::SeqCst) >= 1, "the client re-authenticated");
+    assert_eq!(next(&client).await.expect("its own message").data, Some(json!("own")));
 
     let publisher_renewals = std::sync::Arc::new(AtomicUsize::new(0));
-    let publisher = open(
-        peer.options(&server)
-            .auth(FileToken::new(token_file.clone(), publisher_renewals)),
-    )
-    .await;
-    publisher
-        .publish("/secure", json!("after rotation"))
-        .await
-        .expect("publish");
-    assert_eq!(
-        next(&client).await.expect("delivery continues").data,
-        Some(json!("after rotation"))
-    );
+    let publisher =
+        open(peer.options(&server).auth(FileToken::new(token_file.clone(), publisher_renewals))).await;
+    publisher.publish("/secure", json!("after rotation")).await.expect("publish");
+    assert_eq!(next(&client).await.expect("delivery continues").data, Some(json!("after rotation")));
     assert_eq!(client.status().state, SessionState::Connected);
 }
 
@@ -262,16 +188,8 @@ async fn a_handshake_with_a_bad_token_fails_open_with_the_server_error() {
         .build()
         .expect("options");
     let error = client.open().await.expect_err("denied");
-    assert_eq!(
-        error.as_server_error().and_then(|e| e.error_code()),
-        Some(403),
-        "{error}"
-    );
-    assert_eq!(
-        renewals.load(Ordering::SeqCst),
-        1,
-        "re-authenticated once, then gave up"
-    );
+    assert_eq!(error.as_server_error().and_then(|e| e.error_code()), Some(403), "{error}");
+    assert_eq!(renewals.load(Ordering::SeqCst), 1, "re-authenticated once, then gave up");
     assert!(client.is_closed());
 }
 
@@ -291,10 +209,7 @@ async fn a_failed_resubscription_is_reported(peer: Peer) {
         .await;
     let client = peer.open(&server).await;
     client.subscribe("/kept").await.expect("subscribe /kept");
-    client
-        .subscribe("/denied")
-        .await
-        .expect("subscribe /denied before the trigger");
+    client.subscribe("/denied").await.expect("subscribe /denied before the trigger");
     std::fs::write(&trigger, "").expect("create trigger");
     server.process().restart().await;
 
@@ -303,19 +218,10 @@ async fn a_failed_resubscription_is_reported(peer: Peer) {
     assert_eq!(server_error.message(), "subscribe request failed");
     assert_eq!(server_error.error_args(), Some(vec!["/denied".to_string()]));
     wait_for_state(&client, SessionState::Connected).await;
-    assert_eq!(
-        client.subscriptions().into_iter().collect::<Vec<_>>(),
-        vec!["/kept".to_string()]
-    );
+    assert_eq!(client.subscriptions().into_iter().collect::<Vec<_>>(), vec!["/kept".to_string()]);
     let publisher = peer.open(&server).await;
-    publisher
-        .publish("/kept", json!("still here"))
-        .await
-        .expect("publish");
-    assert_eq!(
-        next(&client).await.expect("message").data,
-        Some(json!("still here"))
-    );
+    publisher.publish("/kept", json!("still here")).await.expect("publish");
+    assert_eq!(next(&client).await.expect("message").data, Some(json!("still here")));
 }
 
 #[tokio::test]

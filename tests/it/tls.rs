@@ -23,8 +23,7 @@ struct Pki {
 fn pki() -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca =
-        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA");
     let leaf_key = KeyPair::generate().expect("leaf key");
     let leaf = CertificateParams::new(vec!["localhost".to_string()])
         .expect("leaf params")
@@ -35,12 +34,7 @@ fn pki() -> Pki {
     let key_file = dir.path().join("key.pem");
     std::fs::write(&cert_file, leaf.pem()).expect("write cert");
     std::fs::write(&key_file, leaf_key.serialize_pem()).expect("write key");
-    Pki {
-        ca: ca.der().clone(),
-        leaf: leaf.der().clone(),
-        files: (cert_file, key_file),
-        _dir: dir,
-    }
+    Pki { ca: ca.der().clone(), leaf: leaf.der().clone(), files: (cert_file, key_file), _dir: dir }
 }
 
 async fn tls_faye(pki: &Pki) -> BayeuxServer {
@@ -63,14 +57,8 @@ fn options(server: &BayeuxServer, kind: ConnectionType, tls: Tls) -> ClientOptio
 async fn round_trip(options: ClientOptions) {
     let client = open(options).await;
     client.subscribe("/secure").await.expect("subscribe");
-    client
-        .publish("/secure", json!("over TLS"))
-        .await
-        .expect("publish");
-    assert_eq!(
-        next(&client).await.expect("message").data,
-        Some(json!("over TLS"))
-    );
+    client.publish("/secure", json!("over TLS")).await.expect("publish");
+    assert_eq!(next(&client).await.expect("message").data, Some(json!("over TLS")));
 }
 
 const KINDS: [ConnectionType; 2] = [ConnectionType::WebSocket, ConnectionType::LongPolling];
@@ -80,15 +68,9 @@ async fn default_verification_rejects_an_unknown_authority() {
     let pki = pki();
     let server = tls_faye(&pki).await;
     for kind in KINDS {
-        let client = options(&server, kind, Tls::Verify)
-            .build()
-            .expect("options");
+        let client = options(&server, kind, Tls::Verify).build().expect("options");
         let error = client.open().await.expect_err("untrusted certificate");
-        assert_eq!(
-            error.transport_kind(),
-            Some(&TransportErrorKind::Tls),
-            "{kind}: {error:?}"
-        );
+        assert_eq!(error.transport_kind(), Some(&TransportErrorKind::Tls), "{kind}: {error:?}");
     }
 }
 
@@ -106,27 +88,13 @@ async fn a_pinned_fingerprint_accepts_that_certificate_only() {
     let pki = pki();
     let server = tls_faye(&pki).await;
     let digest = ring::digest::digest(&ring::digest::SHA256, pki.leaf.as_ref());
-    let hex: String = digest
-        .as_ref()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect();
+    let hex: String = digest.as_ref().iter().map(|byte| format!("{byte:02x}")).collect();
     for kind in KINDS {
-        round_trip(options(
-            &server,
-            kind,
-            Tls::fingerprint(&format!("sha256:{hex}")).expect("fingerprint"),
-        ))
-        .await;
-        let client = options(&server, kind, Tls::Fingerprint([0; 32]))
-            .build()
-            .expect("options");
+        round_trip(options(&server, kind, Tls::fingerprint(&format!("sha256:{hex}")).expect("fingerprint")))
+            .await;
+        let client = options(&server, kind, Tls::Fingerprint([0; 32])).build().expect("options");
         let error = client.open().await.expect_err("another fingerprint");
-        assert_eq!(
-            error.transport_kind(),
-            Some(&TransportErrorKind::Tls),
-            "{kind}: {error:?}"
-        );
+        assert_eq!(error.transport_kind(), Some(&TransportErrorKind::Tls), "{kind}: {error:?}");
     }
 }
 
@@ -136,19 +104,13 @@ async fn a_caller_supplied_rustls_config_is_used_as_is() {
     let server = tls_faye(&pki).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.clone()).expect("add the test CA");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     for kind in KINDS {
-        round_trip(options(
-            &server,
-            kind,
-            Tls::Config(Arc::new(config.clone())),
-        ))
-        .await;
+        round_trip(options(&server, kind, Tls::Config(Arc::new(config.clone())))).await;
     }
 }

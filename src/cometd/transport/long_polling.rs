@@ -26,10 +26,7 @@ impl LongPolling {
     ) -> Result<Vec<Message>, Error> {
         let shared = &self.shared;
         let mut headers = shared.outgoing(&mut payload).await?;
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/json;charset=UTF-8"),
-        );
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json;charset=UTF-8"));
         let body = serde_json::to_vec(&payload)
             .map_err(|error| Error::transport_from(TransportErrorKind::Io, error))?;
         let response = shared
@@ -43,16 +40,12 @@ impl LongPolling {
             .map_err(http_error)?;
         let status = response.status();
         if !status.is_success() {
-            return Err(Error::transport(TransportErrorKind::HttpStatus(
-                status.as_u16(),
-            )));
+            return Err(Error::transport(TransportErrorKind::HttpStatus(status.as_u16())));
         }
         let response_headers = response.headers().clone();
         let bytes = response.bytes().await.map_err(http_error)?;
         let mut received = parse_payload(&bytes)?;
-        shared
-            .incoming(&mut received, Some(&response_headers))
-            .await?;
+        shared.incoming(&mut received, Some(&response_headers)).await?;
         let (replies, events) = sort_replies(&payload, received);
         // Events are the application's whatever happens to the replies.
         shared.queue.extend(events);

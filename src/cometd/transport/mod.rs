@@ -40,13 +40,7 @@ impl Shared {
             .cookie_provider(jar.clone())
             .build()
             .map_err(|error| Error::InvalidOptions(format!("HTTP client: {error}")))?;
-        Ok(Shared {
-            options,
-            http,
-            jar,
-            tls,
-            queue,
-        })
+        Ok(Shared { options, http, jar, tls, queue })
     }
 
     /// Runs the outgoing hooks (extensions, then auth) and returns the headers to send.
@@ -100,11 +94,7 @@ impl Transport {
     }
 
     /// Sends `payload` and returns the reply to each of its messages, in order.
-    pub(crate) async fn send(
-        &self,
-        payload: Vec<Message>,
-        timeout: Duration,
-    ) -> Result<Vec<Message>, Error> {
+    pub(crate) async fn send(&self, payload: Vec<Message>, timeout: Duration) -> Result<Vec<Message>, Error> {
         match self {
             Transport::LongPolling(transport) => transport.send(payload, timeout).await,
             Transport::WebSocket(transport) => transport.send(payload, timeout).await,
@@ -224,9 +214,7 @@ pub(crate) fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
             return true;
         }
         current = match error.downcast_ref::<std::io::Error>() {
-            Some(io) => io
-                .get_ref()
-                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
             None => error.source(),
         };
     }
@@ -249,12 +237,7 @@ mod tests {
         assert!(error(b"<html>").contains("not JSON"));
         assert!(error(b"42").contains("not an array"));
         assert!(error(b"[{\"id\":\"1\"}]").contains("not an array of Bayeux messages"));
-        assert_eq!(
-            parse_payload(b"{\"channel\":\"/a\"}")
-                .expect("object")
-                .len(),
-            1
-        );
+        assert_eq!(parse_payload(b"{\"channel\":\"/a\"}").expect("object").len(), 1);
         assert!(parse_payload(b"[]").expect("empty array").is_empty());
     }
 
@@ -272,10 +255,7 @@ mod tests {
             message(json!({"channel": "/meta/subscribe", "id": "99", "successful": true})),
         ];
         let (replies, events) = sort_replies(&requests, received);
-        assert_eq!(
-            replies[0].as_ref().map(|m| m.channel.as_str()),
-            Some("/meta/connect")
-        );
+        assert_eq!(replies[0].as_ref().map(|m| m.channel.as_str()), Some("/meta/connect"));
         assert_eq!(replies[1].as_ref().and_then(|m| m.successful), Some(true));
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].data, Some(json!(1)));
@@ -287,9 +267,6 @@ mod tests {
         let requests = vec![message(json!({"channel": "/meta/connect", "id": "7"}))];
         let (replies, _) = sort_replies(&requests, Vec::new());
         let error = require_replies(&requests, replies).expect_err("missing");
-        assert_eq!(
-            error.to_string(),
-            "malformed reply from the server: no reply to /meta/connect (id 7)"
-        );
+        assert_eq!(error.to_string(), "malformed reply from the server: no reply to /meta/connect (id 7)");
     }
 }

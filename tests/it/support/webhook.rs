@@ -27,10 +27,7 @@ impl Received {
     }
 
     pub fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or_default()
+        self.headers.get(name).and_then(|value| value.to_str().ok()).unwrap_or_default()
     }
 }
 
@@ -53,26 +50,14 @@ impl WebhookReceiver {
     pub async fn start(statuses: impl IntoIterator<Item = u16>) -> Self {
         let statuses = Arc::new(Mutex::new(statuses.into_iter().collect::<VecDeque<_>>()));
         let (sender, requests) = mpsc::unbounded_channel();
-        let script = Script {
-            statuses: statuses.clone(),
-            requests: sender,
-        };
-        let router = Router::new()
-            .route("/hook", post(record))
-            .with_state(script);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let script = Script { statuses: statuses.clone(), requests: sender };
+        let router = Router::new().route("/hook", post(record)).with_state(script);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("address").port();
         let task = tokio::spawn(async move {
             axum::serve(listener, router).await.expect("serve");
         });
-        WebhookReceiver {
-            port,
-            statuses,
-            requests,
-            task,
-        }
+        WebhookReceiver { port, statuses, requests, task }
     }
 
     pub fn url(&self) -> String {
@@ -105,16 +90,7 @@ impl Drop for WebhookReceiver {
 }
 
 async fn record(State(script): State<Script>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let status = script
-        .statuses
-        .lock()
-        .expect("lock")
-        .pop_front()
-        .unwrap_or(200);
-    let _ = script.requests.send(Received {
-        headers,
-        body,
-        status,
-    });
+    let status = script.statuses.lock().expect("lock").pop_front().unwrap_or(200);
+    let _ = script.requests.send(Received { headers, body, status });
     StatusCode::from_u16(status).expect("a valid status")
 }

@@ -1,0 +1,76 @@
+//! API errors: every failure answers `{"error": "<code>", "message": "<sentence>"}` with
+//! the right status, including malformed bodies and unknown routes.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::bridge::BridgeError;
+
+/// The JSON body of every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A stable code, e.g. `invalid_subscription`, `not_found`.
+    pub error: String,
+    /// A readable sentence.
+    pub message: String,
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+
+    /// 404 for a route that does not exist.
+    pub fn no_route() -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: self.code.into(), message: self.message };
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                "www-authenticate",
+                axum::http::HeaderValue::from_static("Bearer realm=\"cometd-bridge\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<BridgeError> for ApiError {
+    fn from(error: BridgeError) -> Self {
+        let message = error.to_string();
+        match error {
+            BridgeError::Invalid(problems) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_subscription",
+                problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+            ),
+            BridgeError::UnknownSource(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_source", message),
+            BridgeError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
+            BridgeError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            BridgeError::Upstream(_) => ApiError::new(StatusCode::BAD_GATEWAY, "upstream_rejected", message),
+            BridgeError::Unavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            }
+            BridgeError::Store(_) => {
+                tracing::error!(error = %message, "state store failure");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_error", message)
+            }
+        }
+    }
+}
