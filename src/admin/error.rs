@@ -63,10 +63,10 @@ impl From<BridgeError> for ApiError {
             BridgeError::UnknownSource(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_source", message),
             BridgeError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
             BridgeError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
-            BridgeError::Upstream(_) => ApiError::new(StatusCode::BAD_GATEWAY, "upstream_rejected", message),
-            BridgeError::Unavailable(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            BridgeError::Upstream(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upstream_rejected", message)
             }
+            BridgeError::Unavailable(_) => ApiError::new(StatusCode::CONFLICT, "nats_unavailable", message),
             BridgeError::Store(_) => {
                 tracing::error!(error = %message, "state store failure");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_error", message)

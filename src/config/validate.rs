@@ -61,6 +61,8 @@ impl Checker<'_> {
     fn name(&mut self, key: &str, name: &str) {
         if name.is_empty() {
             self.problem(key, "must not be empty");
+        } else if name.chars().all(|c| c == '.') {
+            self.problem(key, format!("{name:?} is not a usable name"));
         } else if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             self.problem(key, format!("{name:?} may only contain letters, digits, '-', '_' and '.'"));
         }

@@ -22,9 +22,14 @@ pub struct TestApp {
 impl TestApp {
     /// Starts the daemon with `toml` (its `[state]` and `[admin]` sections are added here).
     pub async fn spawn(toml: &str) -> Self {
-        let state = tempfile::tempdir().expect("state dir");
+        Self::spawn_in(toml, tempfile::tempdir().expect("state dir"), None).await
+    }
+
+    /// Starts the daemon on an existing state directory, optionally with an admin token.
+    pub async fn spawn_in(toml: &str, state: TempDir, token: Option<&str>) -> Self {
+        let token = token.map(|token| format!("token = \"{token}\"\n")).unwrap_or_default();
         let full = format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{}\"\n{toml}",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{token}[state]\npath = \"{}\"\n{toml}",
             state.path().display()
         );
         let file = state.path().join("config.toml");
@@ -75,6 +80,29 @@ impl TestApp {
             .text()
             .await
             .expect("text")
+    }
+
+    /// Calls the API; returns the status and the JSON body (`Null` when empty).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let client = super::http_client();
+        let mut request = client.request(method.parse().expect("method"), self.url(path));
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body.to_string());
+        }
+        let response = request.send().await.expect("the admin server answers");
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.expect("body");
+        let body = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("{method} {path}: not JSON: {bytes:?}"))
+        };
+        (status, body)
     }
 
     pub async fn dead_letters(&self) -> Vec<DeadLetter> {
