@@ -78,3 +78,19 @@ else
   printf '%s' "$PYTHON_PINS" > "$venv_stamp"
 fi
 echo "setup: aiocometd $("$venv/bin/python" -c 'import aiocometd; print(aiocometd.__version__)') in .tools/venv"
+
+# --- schemathesis (fuzzes the admin API from its OpenAPI document) ---------------------
+st_venv="$tools/schemathesis"
+st_requirements="$root/tests/peers/schemathesis-requirements.txt"
+st_stamp="$st_venv/.installed-requirements"
+if [ -x "$st_venv/bin/schemathesis" ] && [ -f "$st_stamp" ] && cmp -s "$st_requirements" "$st_stamp"; then
+  :
+else
+  echo "setup: installing schemathesis into .tools/schemathesis"
+  rm -rf "$st_venv"
+  python3 -m venv "$st_venv" || fail "python3 -m venv failed (install the python3-venv package)"
+  "$st_venv/bin/pip" install --quiet --disable-pip-version-check -r "$st_requirements" \
+    || fail "pip could not install schemathesis from $st_requirements"
+  cp "$st_requirements" "$st_stamp"
+fi
+echo "setup: $("$st_venv/bin/schemathesis" --version) in .tools/schemathesis"

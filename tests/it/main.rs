@@ -8,6 +8,7 @@ mod cli;
 mod client;
 mod daemon;
 mod demo;
+mod fuzz;
 mod harness;
 mod interop;
 mod malformed;
