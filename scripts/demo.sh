@@ -81,6 +81,14 @@ done
 python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$admin_port/readyz').read().decode())" \
   || fail "the bridge did not become ready: $(cat "$work/bridge.log")"
 
+say "adding a subscription through the admin API"
+command -v curl >/dev/null || fail "curl is needed for the demo's REST call (apt-get install curl)"
+body='{"id": "orders", "source": "demo", "channel": "/orders/**", "sink": {"type": "nats", "subject": "cometd.{source}.{channel}"}}'
+echo "curl -X POST http://127.0.0.1:$admin_port/api/v1/subscriptions -H 'content-type: application/json' -d '$body'"
+curl -sS --fail-with-body -X POST "http://127.0.0.1:$admin_port/api/v1/subscriptions" \
+  -H 'content-type: application/json' -d "$body" || fail "the subscription was not added"
+echo
+
 "$python" scripts/demo/nats_tail.py "nats://127.0.0.1:$nats_port" 'cometd.>' 3 > "$work/nats.out" &
 tail_pid=$!
 pids+=($tail_pid)
@@ -109,7 +117,8 @@ python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.
 say "where to look next"
 cat <<TXT
 - the configuration: config/demo.toml, and every key in config/default.toml
-- while the bridge runs: /healthz, /readyz, /metrics on its admin address
+- while the bridge runs: /api/v1/subscriptions, /api/v1/sources, /api/v1/dead-letters,
+  /metrics, /readyz on its admin address; the API is described at /api/v1/openapi.json
 - cometd-bridge listen URL CHANNEL shows CometD traffic; cometd-bridge check --config FILE validates
 TXT
 say "demo done; stopping everything it started"

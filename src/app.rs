@@ -64,8 +64,11 @@ impl App {
         let listener = TcpListener::bind(config.admin.listen)
             .await
             .map_err(|source| AppError::Bind { address: config.admin.listen, source })?;
-        let uses_nats =
-            config.subscriptions.iter().any(|subscription| matches!(subscription.sink, SinkConfig::Nats(_)));
+        let uses_nats = config.nats.configured
+            || config
+                .subscriptions
+                .iter()
+                .any(|subscription| matches!(subscription.sink, SinkConfig::Nats(_)));
         let nats = if uses_nats { Some(connect_nats(&config.nats).await?) } else { None };
         Ok(App { config, listener, store, nats, metrics: Metrics::new() })
     }

@@ -253,7 +253,7 @@ impl Bridge {
         let sink = match &config.sink {
             SinkConfig::Nats(nats_sink) => {
                 let nats = self.nats.clone().ok_or_else(|| {
-                    BridgeError::Unavailable("NATS is not connected: no subscription used it at start-up; restart the bridge with a NATS subscription in the configuration".into())
+                    BridgeError::Unavailable("the bridge has no NATS connection: add a [nats] section to the configuration and restart it".into())
                 })?;
                 Sink::Nats(Box::new(NatsSink::new(
                     nats,

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use raw::{RawConfig, RawSink, RawSubscription};
+pub use raw::{RawConfig, RawNats, RawSink, RawSubscription};
 pub use secret::Secret;
 pub use validate::{validate, validate_subscription};
 
@@ -58,6 +58,8 @@ pub struct StateConfig {
 /// `[nats]`
 #[derive(Clone, Debug)]
 pub struct NatsConfig {
+    /// Whether the file (or the environment) has a `[nats]` section.
+    pub configured: bool,
     /// Server URL(s), comma-separated.
     pub url: String,
     /// User and password.

@@ -16,9 +16,10 @@ pub struct RawConfig {
     /// Where runtime state (dead letters, ...) is kept.
     #[serde(default)]
     pub state: RawState,
-    /// The NATS server messages are forwarded to.
+    /// The NATS server messages are forwarded to; when the section is present the bridge
+    /// connects even before a subscription uses NATS (so the API can add NATS sinks).
     #[serde(default)]
-    pub nats: RawNats,
+    pub nats: Option<RawNats>,
     /// Queues and shutdown.
     #[serde(default)]
     pub bridge: RawBridge,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use base64::Engine;
 
-use super::raw::{RawConfig, RawSink, RawSource, RawSubscription, RawTls};
+use super::raw::{RawConfig, RawNats, RawSink, RawSource, RawSubscription, RawTls};
 use super::{
     AdminConfig, BridgeConfig, Config, Env, NatsConfig, NatsSinkConfig, Payload, Problem, Secret, SinkConfig,
     SourceConfig, StateConfig, SubscriptionConfig, WebhookSinkConfig,
@@ -152,7 +152,9 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
 }
 
 fn nats_config(check: &mut Checker<'_>, raw: &RawConfig) -> NatsConfig {
-    let nats = &raw.nats;
+    let configured = raw.nats.is_some();
+    let default = RawNats::default();
+    let nats = raw.nats.as_ref().unwrap_or(&default);
     for (index, url) in nats.url.split(',').enumerate() {
         let url = url.trim();
         let valid = reqwest::Url::parse(url).is_ok_and(|parsed| {
@@ -182,6 +184,7 @@ fn nats_config(check: &mut Checker<'_>, raw: &RawConfig) -> NatsConfig {
         }
     }
     NatsConfig {
+        configured,
         url: nats.url.clone(),
         user_password,
         token,

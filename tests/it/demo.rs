@@ -18,6 +18,8 @@ async fn the_demo_shows_messages_on_nats_and_at_the_webhook() {
     .expect("run the demo");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("curl -X POST http://127.0.0.1:"), "the REST call is shown:\n{stdout}");
+    assert!(stdout.contains("\"origin\":\"api\",\"state\":\"active\""), "and answered 201 active:\n{stdout}");
     for n in 1..=3 {
         let line = format!("NATS cometd.demo.orders.eu.new {{\"order\":{n}}} CometD-Channel=/orders/eu/new");
         assert!(stdout.contains(&line), "missing {line:?} in:\n{stdout}");
