@@ -1,4 +1,4 @@
-"""A webhook receiver for the demo: `webhook_echo.py PORT SECRET`.
+"""A webhook receiver for the demo: `webhook_echo.py PORT SECRET [HOST]` (host 127.0.0.1).
 
 Answers every POST with 204 and prints `WEBHOOK <body> signature=<ok|bad>`, checking the
 Standard Webhooks signature (v1, HMAC-SHA256 of id.timestamp.body) with SECRET.
@@ -28,4 +28,5 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+HOST = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
+HTTPServer((HOST, int(sys.argv[1])), Handler).serve_forever()

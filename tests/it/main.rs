@@ -12,6 +12,7 @@ mod fuzz;
 mod harness;
 mod interop;
 mod malformed;
+mod packaging;
 mod recovery;
 mod support;
 mod tls;
