@@ -3,7 +3,7 @@
 //!
 //! | aiocometd | here |
 //! |---|---|
-//! | `ClientError` | [`Error::NoCommonConnectionType`], [`Error::InvalidOptions`] ([`ErrorKind::Client`]) |
+//! | `ClientError` | [`Error::NoCommonConnectionType`], [`Error::InvalidOptions`], [`Error::Authentication`] ([`ErrorKind::Client`]) |
 //! | `ClientInvalidOperation` | [`Error::InvalidOperation`], [`Error::Closed`] |
 //! | `TransportError` | [`Error::Transport`] with a [`TransportErrorKind`] |
 //! | `TransportInvalidOperation` | [`TransportErrorKind::InvalidOperation`] |
@@ -62,6 +62,15 @@ pub enum Error {
     /// The server answered, and said no.
     #[error(transparent)]
     Server(Box<ServerError>),
+
+    /// Credentials could not be obtained (an OAuth login failed).
+    #[error("authentication failed: {message}")]
+    Authentication {
+        /// What the login host said, or why it could not be reached.
+        message: String,
+        /// Whether trying again later may succeed (network errors, 5xx).
+        retryable: bool,
+    },
 }
 
 /// The category of an [`Error`], for callers that decide by kind rather than by variant;
@@ -134,7 +143,9 @@ impl Error {
     /// The aiocometd-style category of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::InvalidOptions(_) | Error::NoCommonConnectionType { .. } => ErrorKind::Client,
+            Error::InvalidOptions(_)
+            | Error::NoCommonConnectionType { .. }
+            | Error::Authentication { .. } => ErrorKind::Client,
             Error::InvalidOperation(_) | Error::Closed => ErrorKind::ClientInvalidOperation,
             Error::Transport { kind, .. } => match kind {
                 TransportErrorKind::ConnectionTimeout | TransportErrorKind::RequestTimeout => {
@@ -157,6 +168,7 @@ impl Error {
                 !matches!(kind, TransportErrorKind::InvalidOperation(_) | TransportErrorKind::Tls)
             }
             Error::Server(error) => error.error_code().is_some_and(|code| code >= 500),
+            Error::Authentication { retryable, .. } => *retryable,
             _ => false,
         }
     }

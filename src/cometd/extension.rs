@@ -48,6 +48,15 @@ pub trait Extension: Send + Sync + 'static {
         let _ = (payload, headers);
         Ok(())
     }
+
+    /// Called when the server refused a subscription to `channel` with `reply` (also for
+    /// the automatic resubscriptions after a new handshake). Return `true` after changing
+    /// what the next subscribe sends (a replay extension falling back to another
+    /// position), and the client sends it once more. The default declines.
+    fn subscription_refused(&self, channel: &str, reply: &Message) -> bool {
+        let _ = (channel, reply);
+        false
+    }
 }
 
 /// An extension that carries credentials and can renew them.

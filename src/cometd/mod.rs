@@ -41,6 +41,8 @@ mod extension;
 mod message;
 mod options;
 mod pending;
+mod replay;
+mod salesforce;
 mod session;
 mod tls;
 mod transport;
@@ -56,5 +58,11 @@ pub use message::{
     META_UNSUBSCRIBE, Message, Reconnect,
 };
 pub use options::{ClientOptions, ConnectionType, Tls};
+pub use replay::{
+    FallbackApplied, ReplayExtension, ReplayFallback, ReplayPosition, ReplayPositions, replay_id,
+};
 pub use reqwest::header::HeaderMap;
+pub use salesforce::{
+    LOGIN_PRODUCTION, LOGIN_SANDBOX, SalesforceAuth, SalesforceCredentials, SalesforceFlow, SalesforceToken,
+};
 pub use session::{SessionState, SessionStatus};

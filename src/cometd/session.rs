@@ -130,6 +130,23 @@ fn is_auth_failure(reply: &Message) -> bool {
     reply.successful == Some(false)
         && reply.error_field().and_then(|field| field.code).is_some_and(|code| code == 401 || code == 403)
         && !is_unknown_session(reply)
+        && !is_limit_error(reply)
+}
+
+/// A server limit: `403::Organization concurrent user limit exceeded`, `…daily limit
+/// exceeded`, `503::Server is too busy` (also as Salesforce's `ext.sfdc.failureReason`).
+/// Retrying soon only makes it worse: such errors get the longest backoff.
+fn is_limit_error(reply: &Message) -> bool {
+    let failure_reason = reply
+        .ext
+        .as_ref()
+        .and_then(|ext| ext.get("sfdc"))
+        .and_then(|sfdc| sfdc.get("failureReason"))
+        .and_then(Value::as_str);
+    [reply.error.as_deref(), failure_reason]
+        .into_iter()
+        .flatten()
+        .any(|error| error.to_ascii_lowercase().contains("limit exceeded") || error.starts_with("503:"))
 }
 
 /// `401::Unknown client` (faye), `402::session_unknown` (CometD), `403::Unknown client`
@@ -254,10 +271,53 @@ async fn resubscribe(
     client_id: String,
     channels: Vec<String>,
 ) -> Result<Resubscription, Error> {
+    subscribe_all(&ctx, &transport, &client_id, channels).await
+}
+
+/// Subscribes to `channels` in one payload. A channel the server refuses is offered to the
+/// extensions ([`Extension::subscription_refused`](super::Extension::subscription_refused));
+/// if one of them adjusted its state (e.g. a replay fallback), that channel is sent once
+/// more. A transport failure fails the whole batch.
+async fn subscribe_all(
+    ctx: &Context,
+    transport: &Transport,
+    client_id: &str,
+    channels: Vec<String>,
+) -> Result<Resubscription, Error> {
+    let timeout = ctx.shared.options.request_timeout;
     let requests =
-        channels.iter().map(|channel| subscription_request(META_SUBSCRIBE, &client_id, channel)).collect();
-    let replies = ctx.exchange(&transport, requests, ctx.shared.options.request_timeout).await?;
-    Ok(channels.into_iter().zip(replies).map(|(channel, reply)| (channel, check(reply).map(drop))).collect())
+        channels.iter().map(|channel| subscription_request(META_SUBSCRIBE, client_id, channel)).collect();
+    let replies = ctx.exchange(transport, requests, timeout).await?;
+    let mut results: Resubscription =
+        channels.into_iter().zip(replies).map(|(channel, reply)| (channel, check(reply).map(drop))).collect();
+    let retry: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, (channel, result))| {
+            let reply =
+                result.as_ref().err().and_then(Error::as_server_error).and_then(|error| error.response());
+            reply.is_some_and(|reply| {
+                ctx.shared
+                    .options
+                    .extensions
+                    .iter()
+                    .any(|extension| extension.subscription_refused(channel, reply))
+            })
+        })
+        .map(|(index, _)| index)
+        .collect();
+    if retry.is_empty() {
+        return Ok(results);
+    }
+    let requests = retry
+        .iter()
+        .map(|index| subscription_request(META_SUBSCRIBE, client_id, &results[*index].0))
+        .collect();
+    let replies = ctx.exchange(transport, requests, timeout).await?;
+    for (index, reply) in retry.into_iter().zip(replies) {
+        results[index].1 = check(reply).map(drop);
+    }
+    Ok(results)
 }
 
 fn subscription_request(meta: &str, client_id: &str, channel: &str) -> Message {
@@ -479,6 +539,19 @@ impl Session {
         delay
     }
 
+    /// The delay after `error`: the longest backoff for a server limit (reported at
+    /// ERROR, since an operator must act), else the usual one.
+    fn back_off_after(&mut self, error: &Error) -> Duration {
+        let reply = error.as_server_error().and_then(|server| server.response());
+        if reply.is_some_and(is_limit_error) {
+            let delay = self.ctx.shared.options.backoff.bound(u32::MAX);
+            tracing::error!(error = %error, delay = ?delay, "the server reports a limit; backing off");
+            self.failures = self.failures.saturating_add(1);
+            return delay;
+        }
+        self.back_off()
+    }
+
     /// While `open` waits: whether to give up on this error.
     fn open_gives_up(&self, error: &Error) -> bool {
         self.opened.is_some()
@@ -533,7 +606,7 @@ impl Session {
                     tracing::warn!(error = %error, "handshake failed; retrying");
                 }
                 self.set_state(SessionState::Handshaking, Some(&error));
-                Ok(Some((self.back_off(), Next::Handshake)))
+                Ok(Some((self.back_off_after(&error), Next::Handshake)))
             }
             Step::Resubscribed(Ok(results)) => {
                 for (channel, result) in results {
@@ -567,6 +640,17 @@ impl Session {
             Step::Connected(Ok(reply)) => {
                 let reconnect = reply.advice.as_ref().and_then(|advice| advice.reconnect);
                 let error = Error::server(failure_name(META_CONNECT), Some(reply.clone()));
+                // Salesforce answers an expired token with `401` and `reconnect: none`; with
+                // an auth extension (which already tried to re-authenticate) that calls for a
+                // new handshake, not the end of the session.
+                let reconnect = match reconnect {
+                    Some(Reconnect::None)
+                        if self.ctx.shared.options.auth.is_some() && is_auth_failure(&reply) =>
+                    {
+                        Some(Reconnect::Handshake)
+                    }
+                    other => other,
+                };
                 match reconnect {
                     Some(Reconnect::None | Reconnect::Unknown) => {
                         if let Some(opened) = self.opened.take() {
@@ -581,7 +665,13 @@ impl Session {
                     {
                         tracing::info!(error = %error, "the server lost the session; handshaking again");
                         self.set_state(SessionState::Handshaking, Some(&error));
-                        let delay = if self.failures == 0 { Duration::ZERO } else { self.back_off() };
+                        let delay = if is_limit_error(&reply) {
+                            self.back_off_after(&error)
+                        } else if self.failures == 0 {
+                            Duration::ZERO
+                        } else {
+                            self.back_off()
+                        };
                         self.failures = self.failures.max(1);
                         Ok(Some((delay, Next::Handshake)))
                     }
@@ -589,7 +679,7 @@ impl Session {
                         let error = self.fail_open_if_hopeless(error)?;
                         tracing::warn!(error = %error, "connect rejected; retrying");
                         self.set_state(SessionState::Reconnecting, Some(&error));
-                        Ok(Some((self.back_off(), Next::Connect { first: false })))
+                        Ok(Some((self.back_off_after(&error), Next::Connect { first: false })))
                     }
                 }
             }
@@ -635,13 +725,9 @@ impl Session {
                     Done::Publish(reply, result.and_then(|mut replies| check(replies.remove(0))))
                 }
                 Command::Subscribe { channel, reply } => {
-                    let request = subscription_request(META_SUBSCRIBE, &client_id, &channel);
-                    let result = ctx.exchange(&transport, vec![request], timeout).await;
-                    Done::Subscribe(
-                        reply,
-                        channel,
-                        result.and_then(|mut replies| check(replies.remove(0)).map(drop)),
-                    )
+                    let result = subscribe_all(&ctx, &transport, &client_id, vec![channel.clone()]).await;
+                    let result = result.and_then(|mut results| results.remove(0).1);
+                    Done::Subscribe(reply, channel, result)
                 }
                 Command::Unsubscribe { channel, reply } => {
                     let request = subscription_request(META_UNSUBSCRIBE, &client_id, &channel);
@@ -718,5 +804,57 @@ impl Session {
             status.since = Instant::now();
             status.open = false;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn reply(value: Value) -> Message {
+        serde_json::from_value(value).expect("message")
+    }
+
+    #[test]
+    fn failures_are_told_apart_by_their_error_fields() {
+        let expired = reply(
+            json!({"channel": "/meta/connect", "successful": false, "error": "401::Authentication invalid"}),
+        );
+        let denied = reply(
+            json!({"channel": "/meta/handshake", "successful": false, "error": "403::Handshake denied",
+            "ext": {"sfdc": {"failureReason": "401::Authentication invalid"}}}),
+        );
+        let faye_unknown = reply(
+            json!({"channel": "/meta/connect", "successful": false, "error": "401:abc:Unknown client"}),
+        );
+        let cometd_unknown =
+            reply(json!({"channel": "/meta/connect", "successful": false, "error": "402::session_unknown"}));
+        let salesforce_unknown =
+            reply(json!({"channel": "/meta/connect", "successful": false, "error": "403::Unknown client"}));
+        let concurrent = reply(
+            json!({"channel": "/meta/handshake", "successful": false, "error": "403::Organization concurrent user limit exceeded"}),
+        );
+        let busy = reply(
+            json!({"channel": "/meta/handshake", "successful": false, "error": "403::Handshake denied",
+            "ext": {"sfdc": {"failureReason": "503::Server is too busy. Please try again later."}}}),
+        );
+
+        for auth in [&expired, &denied] {
+            assert!(is_auth_failure(auth) && !is_unknown_session(auth) && !is_limit_error(auth), "{auth:?}");
+        }
+        for unknown in [&faye_unknown, &cometd_unknown, &salesforce_unknown] {
+            assert!(is_unknown_session(unknown) && !is_auth_failure(unknown), "{unknown:?}");
+        }
+        for limit in [&concurrent, &busy] {
+            assert!(is_limit_error(limit) && !is_auth_failure(limit), "{limit:?}");
+        }
+    }
+
+    #[test]
+    fn failure_messages_name_the_request() {
+        assert_eq!(failure_name(META_SUBSCRIBE), "subscribe request failed");
+        assert_eq!(failure_name("/service/echo"), "service request failed");
+        assert_eq!(failure_name("/chat"), "publish request failed");
     }
 }

@@ -14,5 +14,6 @@ mod interop;
 mod malformed;
 mod packaging;
 mod recovery;
+mod replay;
 mod support;
 mod tls;

@@ -18,6 +18,8 @@ pub struct FayeOptions {
     pub extensions: Vec<(String, Value)>,
     /// Serve HTTPS/WSS with this PEM certificate and key file.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// A Salesforce-like OAuth token endpoint (see `faye-server.js`).
+    pub oauth: Option<Value>,
 }
 
 /// Options for the official cometd-nodejs-server.
@@ -56,6 +58,9 @@ impl BayeuxServer {
         }
         if let Some(ping) = options.ping {
             config["ping"] = json!(ping);
+        }
+        if let Some(oauth) = &options.oauth {
+            config["oauth"] = oauth.clone();
         }
         let tls = options.tls.is_some();
         if let Some((cert, key)) = &options.tls {

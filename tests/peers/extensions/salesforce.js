@@ -1,0 +1,88 @@
+'use strict';
+// Test fixture: faye behaving like Salesforce's Streaming API replay.
+//
+// Every event published on a non-meta, non-service channel gets a replay id (increasing,
+// not contiguous: `step` apart) and Salesforce's shape, `data = {event: {replayId,
+// createdDate}, payload: <published data>}`, and is kept in a per-channel log of at most
+// `retention` events. A /meta/subscribe must carry `ext.replay = {channel: id}`:
+//   -1  new events only;  -2  every retained event, replayed after the subscribe;
+//   id  the events after id, replayed; "400::The replayId {id} you provided was invalid..."
+//       when events after id have already left the log (outside the retention window).
+// When `unknownClientFile` exists, the next /meta/connect destroys the session and gets
+// "403::Unknown client" with handshake advice (the file is removed): events published
+// until the client subscribes again reach it only through replay.
+//
+// Options: retention (default 1000), step (default 3), unknownClientFile.
+const fs = require('fs');
+
+module.exports = (options, bayeux) => {
+  const retention = options.retention || 1000;
+  const step = options.step || 3;
+  const logs = new Map();       // channel -> [{replayId, data}]
+  const dropped = new Map();    // channel -> highest replay id that left the log
+  const pending = new Map();    // clientId + ' ' + channel -> replay from
+  const subscribers = new Set(); // clients that subscribed (not faye's own in-process client)
+  let nextId = 1;
+
+  const replayable = (channel) => !channel.startsWith('/meta/') && !channel.startsWith('/service/');
+  const isReplay = (message) => {
+    const id = message.data && message.data.event && message.data.event.replayId;
+    return id !== undefined && (logs.get(message.channel) || []).some((event) => event.replayId === id);
+  };
+
+  // Straight into faye's engine: in order, and not numbered again by `incoming`.
+  const replay = (channel, from) => {
+    const events = (logs.get(channel) || []).filter((event) => from === -2 || event.replayId > from);
+    for (const event of events) bayeux._server._engine.publish({ channel, data: event.data });
+  };
+
+  return {
+    incoming(message, callback) {
+      const channel = message.channel;
+      if (channel === '/meta/connect' && subscribers.has(message.clientId) && options.unknownClientFile
+          && fs.existsSync(options.unknownClientFile)) {
+        fs.unlinkSync(options.unknownClientFile);
+        bayeux._server._engine.destroyClient(message.clientId);
+        message.error = '403::Unknown client';
+        return callback(message);
+      }
+      if (channel === '/meta/subscribe') {
+        subscribers.add(message.clientId);
+        const map = message.ext && message.ext.replay;
+        const id = map && map[message.subscription];
+        if (typeof id !== 'number') {
+          message.error = `400::The replayId for channel ${message.subscription} wasn't found in the subscription request`;
+        } else if (id >= 0 && id < (dropped.get(message.subscription) || 0)) {
+          message.error = `400::The replayId {${id}} you provided was invalid.  Please provide a valid ID, -2 to replay all events, or -1 to replay only new events.`;
+        } else if (id !== -1) {
+          pending.set(message.clientId + ' ' + message.subscription, id);
+        }
+        return callback(message);
+      }
+      if (replayable(channel) && message.data !== undefined && !isReplay(message)) {
+        const replayId = nextId;
+        nextId += step;
+        message.data = { event: { replayId, createdDate: new Date().toISOString() }, payload: message.data };
+        const log = logs.get(channel) || [];
+        log.push({ replayId, data: message.data });
+        while (log.length > retention) dropped.set(channel, log.shift().replayId);
+        logs.set(channel, log);
+      }
+      callback(message);
+    },
+    outgoing(message, callback) {
+      if (message.channel === '/meta/connect' && message.error === '403::Unknown client') {
+        message.advice = { reconnect: 'handshake', interval: 0 };
+      }
+      if (message.channel === '/meta/subscribe' && message.successful) {
+        const key = message.clientId + ' ' + message.subscription;
+        if (pending.has(key)) {
+          const from = pending.get(key);
+          pending.delete(key);
+          setImmediate(() => replay(message.subscription, from));
+        }
+      }
+      callback(message);
+    },
+  };
+};
