@@ -44,9 +44,9 @@ pub struct AdminState {
     info(title = "cometd-bridge admin API", description = "Manage the bridge's subscriptions and dead letters at runtime."),
     paths(
         healthz, readyz, metrics, list_sources, list_subscriptions, add_subscription, get_subscription,
-        delete_subscription, list_dead_letters, retry_dead_letter, discard_dead_letter, openapi
+        delete_subscription, reset_position, list_dead_letters, retry_dead_letter, discard_dead_letter, openapi
     ),
-    components(schemas(SourceView, SubscriptionView, RawSubscription, RawSink, DeadLetter, ErrorBody, Origin)),
+    components(schemas(SourceView, SubscriptionView, RawSubscription, RawSink, DeadLetter, ErrorBody, Origin, PositionBody)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -70,6 +70,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/sources", get(list_sources))
         .route("/api/v1/subscriptions", get(list_subscriptions).post(add_subscription))
         .route("/api/v1/subscriptions/{id}", get(get_subscription).delete(delete_subscription))
+        .route("/api/v1/subscriptions/{id}/position", post(reset_position))
         .route("/api/v1/dead-letters", get(list_dead_letters))
         .route("/api/v1/dead-letters/{id}", axum::routing::delete(discard_dead_letter))
         .route("/api/v1/dead-letters/{id}/retry", post(retry_dead_letter))
@@ -218,6 +219,41 @@ async fn delete_subscription(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The body of a position reset.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PositionBody {
+    /// `"new"`, `"all"`, or a replay id to resume after.
+    #[schema(value_type = Object)]
+    pub replay_from: serde_json::Value,
+}
+
+/// Resets a replay subscription's position; the live session subscribes again from it.
+#[utoipa::path(post, path = "/api/v1/subscriptions/{id}/position", security(("bearer" = [])), params(("id" = String, Path)),
+    request_body = PositionBody, responses(
+    (status = 200, body = SubscriptionView),
+    (status = 400, body = ErrorBody),
+    (status = 401, body = ErrorBody),
+    (status = 404, body = ErrorBody),
+    (status = 409, description = "Its source does not use replay", body = ErrorBody),
+    (status = 413, body = ErrorBody),
+    (status = 415, body = ErrorBody)
+))]
+async fn reset_position(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PositionBody>,
+) -> Result<Json<SubscriptionView>, ApiError> {
+    let position = crate::config::parse_replay_from(&body.replay_from).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_position",
+            format!("replay_from: {} is not \"new\", \"all\" or a replay id", body.replay_from),
+        )
+    })?;
+    Ok(Json(state.bridge.reset_position(&id, position).await?))
+}
+
 /// Messages that could not be delivered, with the reason, oldest first.
 #[utoipa::path(get, path = "/api/v1/dead-letters", security(("bearer" = [])), responses(
     (status = 200, body = [DeadLetter]),
@@ -284,6 +320,7 @@ mod tests {
             "/api/v1/sources",
             "/api/v1/subscriptions",
             "/api/v1/subscriptions/{id}",
+            "/api/v1/subscriptions/{id}/position",
             "/api/v1/dead-letters",
             "/api/v1/dead-letters/{id}",
             "/api/v1/dead-letters/{id}/retry",

@@ -19,6 +19,8 @@ pub struct Envelope {
     pub session: Arc<str>,
     /// Arrival order within the source, over the process's life.
     pub sequence: u64,
+    /// The event's replay id, on a source with replay.
+    pub replay_id: Option<i64>,
     /// The message, shared by every subscription it was routed to.
     pub message: Arc<Message>,
     /// When it was received.
@@ -28,9 +30,15 @@ pub struct Envelope {
 impl Envelope {
     /// A key for this delivery: the same on every attempt (so a redelivery can be
     /// de-duplicated, as `Nats-Msg-Id` and `webhook-id`), never shared by two different
-    /// messages, nor by two subscriptions that forward the same message.
+    /// messages, nor by two subscriptions that forward the same message. With replay it
+    /// derives from the replay id, so an event replayed after a restart keeps its key.
     pub fn delivery_id(&self) -> String {
-        format!("{}.{}.{}.{}", self.source, self.subscription, self.session, self.sequence)
+        match self.replay_id {
+            Some(replay_id) => {
+                format!("{}.{}.{}.{replay_id}", self.source, self.subscription, self.message.channel)
+            }
+            None => format!("{}.{}.{}.{}", self.source, self.subscription, self.session, self.sequence),
+        }
     }
 
     /// The webhook body, and what the dead-letter store keeps: `source`, `subscription`,

@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::envelope::Envelope;
+use super::replay::ReplayState;
 use crate::sink::{Outcome, Sink};
 use crate::store::{DeadLetter, Store, record_id};
 use crate::telemetry::metrics::Metrics;
@@ -46,6 +47,8 @@ pub struct Forwarder {
     pub metrics: Metrics,
     /// The subscription's counts.
     pub counters: Arc<Counters>,
+    /// The source's replay state, when it uses replay: positions advance here.
+    pub replay: Option<Arc<ReplayState>>,
 }
 
 impl Forwarder {
@@ -70,6 +73,7 @@ impl Forwarder {
                 }
             }
             let outcomes = self.sink.deliver(&batch, &stop).await;
+            let done = self.positions_done(&batch);
             for (index, envelope) in batch.drain(..).enumerate() {
                 match outcomes.get(index) {
                     Some(Outcome::Delivered) => {
@@ -86,10 +90,43 @@ impl Forwarder {
                     None => self.dead_letter(&envelope, SHUTDOWN_REASON, 0).await,
                 }
             }
+            self.commit(done).await;
         }
         queue.close();
         while let Ok(envelope) = queue.try_recv() {
             self.dead_letter(&envelope, SHUTDOWN_REASON, 0).await;
+        }
+    }
+
+    /// The last replay id per channel in a batch: every message of the batch is delivered
+    /// or dead-lettered once the batch is through, in order.
+    fn positions_done(&self, batch: &[Envelope]) -> Vec<(String, i64)> {
+        if self.replay.is_none() {
+            return Vec::new();
+        }
+        let mut last: Vec<(String, i64)> = Vec::new();
+        for envelope in batch {
+            if let Some(replay_id) = envelope.replay_id {
+                match last.iter_mut().find(|(channel, _)| *channel == envelope.message.channel) {
+                    Some(entry) => entry.1 = replay_id,
+                    None => last.push((envelope.message.channel.clone(), replay_id)),
+                }
+            }
+        }
+        last
+    }
+
+    /// Advances and stores the committed positions.
+    async fn commit(&self, done: Vec<(String, i64)>) {
+        let Some(replay) = &self.replay else { return };
+        let mut positions = None;
+        for (channel, replay_id) in done {
+            positions = replay.commit(&self.subscription, &channel, replay_id).or(positions);
+        }
+        if let Some(positions) = positions
+            && let Err(error) = self.store.put_positions(&self.subscription, &positions).await
+        {
+            tracing::error!(subscription = %self.subscription, error = %error, "could not store the replay position; a restart replays from the last stored one");
         }
     }
 
@@ -115,6 +152,7 @@ pub async fn dead_letter(
         source: envelope.source.to_string(),
         session: envelope.session.to_string(),
         sequence: envelope.sequence,
+        replay_id: envelope.replay_id,
         message: envelope.to_json(),
         reason: reason.to_string(),
         attempts,

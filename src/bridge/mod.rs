@@ -4,6 +4,7 @@
 
 pub mod envelope;
 pub mod forwarder;
+pub mod replay;
 pub mod source;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,7 +18,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cometd::{ChannelPattern, Client, Error, Message, SessionState};
+use crate::cometd::{
+    ChannelPattern, Client, Error, Message, ReplayExtension, ReplayPosition, SalesforceAuth, SessionState,
+    replay_id,
+};
 use crate::config::{
     self, Config, Env, Problem, RawSink, RawSubscription, SinkConfig, SourceConfig, SubscriptionConfig,
 };
@@ -26,6 +30,7 @@ use crate::store::{DeadLetter, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 use envelope::Envelope;
 use forwarder::{Counters, Forwarder, dead_letter};
+use replay::{ReplayState, SourcePositions};
 use source::{Route, Routes, Source, snapshot};
 
 /// Why a message still pending in a session at disconnect was not forwarded.
@@ -122,6 +127,10 @@ pub struct SubscriptionView {
     pub forwarded: u64,
     /// Messages stored as dead letters.
     pub dead_letters: u64,
+    /// With replay: the committed position per channel (everything up to it was delivered
+    /// or dead-lettered); `-1`/`-2` after a reset to new/all.
+    #[schema(value_type = Object)]
+    pub positions: Option<crate::store::Positions>,
 }
 
 /// One source's session and routes.
@@ -130,6 +139,7 @@ struct SourceEntry {
     name: Arc<str>,
     client: Client,
     routes: Routes,
+    replay: Option<Arc<ReplayState>>,
 }
 
 /// One running subscription.
@@ -166,17 +176,16 @@ impl Bridge {
         let Parts { config, store, nats, metrics, http } = parts;
         let mut sources = Vec::new();
         for source_config in &config.sources {
-            let client = source_config
-                .client_options()
-                .build()
-                .map_err(|error| BridgeError::Conflict(format!("source {}: {error}", source_config.name)))?;
             let name: Arc<str> = source_config.name.as_str().into();
+            let (client, replay) = source_client(source_config, &name, &metrics)
+                .map_err(|error| BridgeError::Conflict(format!("source {}: {error}", source_config.name)))?;
             metrics.source_connected(&name, false);
             sources.push(SourceEntry {
                 config: source_config.clone(),
                 name,
                 client,
                 routes: Routes::default(),
+                replay,
             });
         }
         let bridge = Arc::new(Bridge {
@@ -196,7 +205,7 @@ impl Bridge {
         {
             let mut subscriptions = bridge.subscriptions.lock().await;
             for subscription in &config.subscriptions {
-                let entry = bridge.start_subscription(subscription.clone(), Origin::Config)?;
+                let entry = bridge.start_subscription(subscription.clone(), Origin::Config).await?;
                 subscriptions.insert(subscription.id.clone(), entry);
             }
             let names = bridge.source_names();
@@ -206,7 +215,7 @@ impl Bridge {
                     continue;
                 }
                 match config::validate_subscription(&raw, "", &names, &Env::new()) {
-                    Ok(subscription) => match bridge.start_subscription(subscription, Origin::Api) {
+                    Ok(subscription) => match bridge.start_subscription(subscription, Origin::Api).await {
                         Ok(entry) => drop(subscriptions.insert(raw.id.clone(), entry)),
                         Err(error) => {
                             tracing::error!(id = %raw.id, error = %error, "cannot start a stored subscription")
@@ -227,6 +236,7 @@ impl Bridge {
                 routes: entry.routes.clone(),
                 store: bridge.store.clone(),
                 metrics: bridge.metrics.clone(),
+                replay: entry.replay.is_some(),
             };
             tasks.push(tokio::spawn(source.run(bridge.stop_taking.clone())));
         }
@@ -243,7 +253,7 @@ impl Bridge {
     }
 
     /// Starts a subscription's forwarder and adds its route to its source.
-    fn start_subscription(
+    async fn start_subscription(
         &self,
         config: SubscriptionConfig,
         origin: Origin,
@@ -277,7 +287,12 @@ impl Bridge {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             counters: counters.clone(),
+            replay: source.replay.clone(),
         };
+        if let Some(replay) = &source.replay {
+            let committed = self.store.positions(&config.id).await?;
+            replay.add(&config.id, config.channel.clone(), config.replay_from, committed);
+        }
         let forwarder = self.forwarders.spawn(forwarder.run(receiver, self.stop_delivering.clone()));
         source.routes.write().unwrap_or_else(std::sync::PoisonError::into_inner).push(Route {
             subscription: id,
@@ -308,7 +323,7 @@ impl Bridge {
             return Err(BridgeError::Conflict(format!("a subscription with id {:?} exists", config.id)));
         }
         self.store.put_subscription(&raw).await?;
-        let entry = match self.start_subscription(config.clone(), Origin::Api) {
+        let entry = match self.start_subscription(config.clone(), Origin::Api).await {
             Ok(entry) => entry,
             Err(error) => {
                 self.store.delete_subscription(&config.id).await?;
@@ -362,6 +377,10 @@ impl Bridge {
         {
             tracing::warn!(id, channel = %pattern, error = %error, "could not unsubscribe upstream");
         }
+        if let Some(replay) = &source.replay {
+            replay.remove(id);
+            self.store.delete_positions(id).await?;
+        }
         self.store.delete_subscription(id).await?;
         tracing::info!(id, "subscription removed");
         Ok(())
@@ -397,7 +416,48 @@ impl Bridge {
             received: entry.counters.received.load(Ordering::Relaxed),
             forwarded: entry.counters.forwarded.load(Ordering::Relaxed),
             dead_letters: entry.counters.dead_letters.load(Ordering::Relaxed),
+            positions: self
+                .source(&config.source)
+                .and_then(|source| source.replay.as_ref())
+                .map(|replay| replay.committed(&config.id)),
         }
+    }
+
+    /// Sets a subscription's replay position (an operator's reset), stores it, and makes
+    /// the live session subscribe again from it.
+    ///
+    /// # Errors
+    /// [`BridgeError::NotFound`], [`BridgeError::Conflict`] when its source does not use
+    /// replay, [`BridgeError::Store`].
+    pub async fn reset_position(
+        &self,
+        id: &str,
+        position: ReplayPosition,
+    ) -> Result<SubscriptionView, BridgeError> {
+        let subscriptions = self.subscriptions.lock().await;
+        let entry =
+            subscriptions.get(id).ok_or_else(|| BridgeError::NotFound(format!("subscription {id:?}")))?;
+        let source = self.source(&entry.config.source).expect("subscriptions belong to known sources");
+        let replay = source.replay.as_ref().ok_or_else(|| {
+            BridgeError::Conflict(format!(
+                "source {:?} does not use replay (set replay = true)",
+                source.config.name
+            ))
+        })?;
+        let positions = replay.reset(id, position).expect("the subscription is tracked");
+        self.store.put_positions(id, &positions).await?;
+        let channel = entry.config.channel.as_str();
+        if source.client.subscriptions().contains(channel) {
+            let resubscribed = async {
+                source.client.unsubscribe(channel).await?;
+                source.client.subscribe(channel).await
+            };
+            if let Err(error) = resubscribed.await {
+                tracing::warn!(id, channel, error = %error, "could not subscribe again from the new position; it applies on the next subscribe");
+            }
+        }
+        tracing::info!(id, position = %position, "replay position reset");
+        Ok(self.view(entry))
     }
 
     /// Every source with its live state.
@@ -473,6 +533,7 @@ impl Bridge {
             subscription: letter.subscription.as_str().into(),
             session: letter.session.as_str().into(),
             sequence: letter.sequence,
+            replay_id: letter.replay_id,
             message: Arc::new(Message {
                 id: message["id"].as_str().map(str::to_owned),
                 data: Some(message["data"].clone()).filter(|data| !data.is_null()),
@@ -577,6 +638,7 @@ impl Bridge {
                         subscription: subscription.clone(),
                         session: session.clone(),
                         sequence: drained,
+                        replay_id: if source.replay.is_some() { replay_id(&message) } else { None },
                         message: message.clone(),
                         received_at: Instant::now(),
                     };
@@ -594,6 +656,32 @@ impl Bridge {
         }
         tracing::info!("stopped");
     }
+}
+
+/// A source's client: its options, plus the replay extension (reading the source's replay
+/// state) and Salesforce auth when configured.
+fn source_client(
+    config: &SourceConfig,
+    name: &Arc<str>,
+    metrics: &Metrics,
+) -> Result<(Client, Option<Arc<ReplayState>>), Error> {
+    let mut options = config.client_options();
+    let mut replay = None;
+    if let Some(fallback) = config.replay {
+        let state = Arc::new(ReplayState::default());
+        let metrics = metrics.clone();
+        let source = name.clone();
+        let extension = ReplayExtension::new(SourcePositions(state.clone()), fallback).on_fallback(move |applied| {
+            tracing::warn!(source = %source, channel = %applied.channel, refused = ?applied.refused, fallback = %applied.fallback, "replay position refused by the server; fallback applied");
+            metrics.replay_fallback(&source);
+        });
+        options = options.extension(extension);
+        replay = Some(state);
+    }
+    if let Some(credentials) = &config.salesforce {
+        options = options.auth(SalesforceAuth::with_tls(credentials.clone(), &config.tls)?);
+    }
+    Ok((options.build()?, replay))
 }
 
 fn remove_route(routes: &RwLock<Vec<Route>>, id: &str) {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::envelope::Envelope;
 use super::forwarder::{Counters, dead_letter};
-use crate::cometd::{ChannelPattern, Client, Error, Message, SessionState, TransportErrorKind};
+use crate::cometd::{ChannelPattern, Client, Error, Message, SessionState, TransportErrorKind, replay_id};
 use crate::sink::{pause, retry_backoff};
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
@@ -54,6 +54,8 @@ pub struct Source {
     pub store: Arc<dyn Store>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Whether events carry replay ids to track.
+    pub replay: bool,
 }
 
 impl Source {
@@ -143,6 +145,7 @@ impl Source {
 
     /// Hands the message to every matching subscription, in route order.
     async fn route(&self, message: Message, session: &Arc<str>, sequence: u64, stop: &CancellationToken) {
+        let replay_id = if self.replay { replay_id(&message) } else { None };
         let message = Arc::new(message);
         let received_at = Instant::now();
         let routes = snapshot(&self.routes);
@@ -152,6 +155,7 @@ impl Source {
                 subscription: route.subscription.clone(),
                 session: session.clone(),
                 sequence,
+                replay_id,
                 message: message.clone(),
                 received_at,
             };

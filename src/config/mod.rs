@@ -14,9 +14,11 @@ use std::time::Duration;
 
 pub use raw::{RawConfig, RawNats, RawSink, RawSubscription};
 pub use secret::Secret;
-pub use validate::{validate, validate_subscription};
+pub use validate::{parse_replay_from, validate, validate_subscription};
 
-use crate::cometd::{ChannelPattern, ClientOptions, ConnectionType, Tls};
+use crate::cometd::{
+    ChannelPattern, ClientOptions, ConnectionType, ReplayFallback, ReplayPosition, SalesforceCredentials, Tls,
+};
 use crate::sink::subject::SubjectTemplate;
 
 /// The environment, as a map, so tests pass their own instead of changing the process's.
@@ -84,7 +86,7 @@ pub struct BridgeConfig {
 }
 
 /// One `[[sources]]` entry.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SourceConfig {
     /// Unique name.
     pub name: String,
@@ -102,6 +104,22 @@ pub struct SourceConfig {
     pub headers: Vec<(String, Secret)>,
     /// Certificate checks.
     pub tls: Tls,
+    /// The replay extension, when enabled.
+    pub replay: Option<ReplayFallback>,
+    /// Salesforce OAuth login, when configured.
+    pub salesforce: Option<SalesforceCredentials>,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("connection_types", &self.connection_types)
+            .field("replay", &self.replay)
+            .field("salesforce", &self.salesforce.as_ref().map(|credentials| &credentials.login_url))
+            .finish_non_exhaustive()
+    }
 }
 
 impl SourceConfig {
@@ -131,6 +149,8 @@ pub struct SubscriptionConfig {
     pub channel: ChannelPattern,
     /// Where its messages go.
     pub sink: SinkConfig,
+    /// With replay: where to start when no position is committed.
+    pub replay_from: ReplayPosition,
     /// The entry as written, for the API.
     pub raw: RawSubscription,
 }

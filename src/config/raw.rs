@@ -172,6 +172,42 @@ pub struct RawSource {
     /// Salesforce-style replay extension.
     #[serde(default)]
     pub replay: bool,
+    /// When the server refuses a replay position: `all`, `new` or `fail`.
+    #[serde(default = "default_replay_fallback")]
+    pub replay_fallback: String,
+    /// Salesforce OAuth login.
+    pub salesforce: Option<RawSalesforce>,
+}
+
+fn default_replay_fallback() -> String {
+    "all".into()
+}
+
+/// `salesforce = { ... }` of a source.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSalesforce {
+    /// `password`, `refresh_token`, `client_credentials` or `jwt`.
+    pub flow: String,
+    /// Login host: production (default), `https://test.salesforce.com`, or My Domain.
+    #[serde(default = "default_login_url")]
+    pub login_url: String,
+    /// Connected app consumer key.
+    pub client_id: String,
+    /// Connected app consumer secret; a secret.
+    pub client_secret: Option<String>,
+    /// User name (password and JWT flows).
+    pub username: Option<String>,
+    /// Password (with security token); a secret.
+    pub password: Option<String>,
+    /// Refresh token; a secret.
+    pub refresh_token: Option<String>,
+    /// RSA private key PEM for the JWT flow.
+    pub private_key_file: Option<String>,
+}
+
+fn default_login_url() -> String {
+    "https://login.salesforce.com".into()
 }
 
 fn default_connection_types() -> Vec<String> {
@@ -215,6 +251,11 @@ pub struct RawSubscription {
     pub channel: String,
     /// Where messages go.
     pub sink: RawSink,
+    /// With replay: where to start when no position is committed yet: `new`, `all` or a
+    /// replay id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub replay_from: Option<serde_json::Value>,
 }
 
 /// `sink = { type = "nats" | "webhook", ... }`

@@ -10,12 +10,15 @@ use std::time::Duration;
 
 use base64::Engine;
 
-use super::raw::{RawConfig, RawNats, RawSink, RawSource, RawSubscription, RawTls};
+use super::raw::{RawConfig, RawNats, RawSalesforce, RawSink, RawSource, RawSubscription, RawTls};
 use super::{
     AdminConfig, BridgeConfig, Config, Env, NatsConfig, NatsSinkConfig, Payload, Problem, Secret, SinkConfig,
     SourceConfig, StateConfig, SubscriptionConfig, WebhookSinkConfig,
 };
-use crate::cometd::{ChannelPattern, ConnectionType, Tls};
+use crate::cometd::{
+    ChannelPattern, ConnectionType, ReplayFallback, ReplayPosition, SalesforceAuth, SalesforceCredentials,
+    SalesforceFlow, Tls,
+};
 use crate::sink::subject::SubjectTemplate;
 
 /// Collects problems while values are converted.
@@ -233,9 +236,22 @@ fn source_config(check: &mut Checker<'_>, key: &str, source: &RawSource) -> Sour
         }
     }
     let tls = tls_config(check, &format!("{key}.tls"), &source.tls);
-    if source.replay {
-        check.problem(format!("{key}.replay"), "the replay extension is not available yet");
-    }
+    let replay = match source.replay_fallback.as_str() {
+        "all" => ReplayFallback::All,
+        "new" => ReplayFallback::New,
+        "fail" => ReplayFallback::Fail,
+        other => {
+            check.problem(
+                format!("{key}.replay_fallback"),
+                format!("{other:?} is not \"all\", \"new\" or \"fail\""),
+            );
+            ReplayFallback::Fail
+        }
+    };
+    let salesforce = source
+        .salesforce
+        .as_ref()
+        .and_then(|salesforce| salesforce_config(check, &format!("{key}.salesforce"), salesforce));
     SourceConfig {
         name: source.name.clone(),
         url: source.url.clone(),
@@ -245,7 +261,87 @@ fn source_config(check: &mut Checker<'_>, key: &str, source: &RawSource) -> Sour
         max_pending_count: source.max_pending_count,
         headers,
         tls,
+        replay: source.replay.then_some(replay),
+        salesforce,
     }
+}
+
+fn salesforce_config(
+    check: &mut Checker<'_>,
+    key: &str,
+    raw: &RawSalesforce,
+) -> Option<SalesforceCredentials> {
+    let problems = check.problems.len();
+    let required = |check: &mut Checker<'_>, name: &str, value: &Option<String>, secret: bool| -> String {
+        match value {
+            None => {
+                check.problem(format!("{key}.{name}"), format!("is required by the {} flow", raw.flow));
+                String::new()
+            }
+            Some(value) if secret => check
+                .secret(&format!("{key}.{name}"), value)
+                .map(|secret| secret.expose().to_string())
+                .unwrap_or_default(),
+            Some(value) => value.clone(),
+        }
+    };
+    let flow = match raw.flow.as_str() {
+        "password" => SalesforceFlow::Password {
+            username: required(check, "username", &raw.username, false),
+            password: required(check, "password", &raw.password, true),
+        },
+        "refresh_token" => SalesforceFlow::RefreshToken {
+            refresh_token: required(check, "refresh_token", &raw.refresh_token, true),
+        },
+        "client_credentials" => SalesforceFlow::ClientCredentials,
+        "jwt" => {
+            let username = required(check, "username", &raw.username, false);
+            let file = required(check, "private_key_file", &raw.private_key_file, false);
+            let private_key_pem = std::fs::read_to_string(&file).unwrap_or_else(|error| {
+                if !file.is_empty() {
+                    check.problem(format!("{key}.private_key_file"), format!("{file}: {error}"));
+                }
+                String::new()
+            });
+            SalesforceFlow::JwtBearer { username, private_key_pem }
+        }
+        other => {
+            check.problem(
+                format!("{key}.flow"),
+                format!(
+                    "{other:?} is not \"password\", \"refresh_token\", \"client_credentials\" or \"jwt\""
+                ),
+            );
+            SalesforceFlow::ClientCredentials
+        }
+    };
+    let client_secret = match (&raw.client_secret, &flow) {
+        (Some(secret), _) => {
+            check.secret(&format!("{key}.client_secret"), secret).map(|s| s.expose().to_string())
+        }
+        (None, SalesforceFlow::JwtBearer { .. }) => None,
+        (None, _) => {
+            check.problem(format!("{key}.client_secret"), format!("is required by the {} flow", raw.flow));
+            None
+        }
+    };
+    if reqwest::Url::parse(&raw.login_url).is_err() {
+        check.problem(format!("{key}.login_url"), format!("{:?} is not a URL", raw.login_url));
+    }
+    let credentials = SalesforceCredentials {
+        login_url: raw.login_url.clone(),
+        client_id: raw.client_id.clone(),
+        client_secret,
+        flow,
+    };
+    if check.problems.len() > problems {
+        return None;
+    }
+    if let Err(error) = SalesforceAuth::new(credentials.clone()) {
+        check.problem(key, error.to_string());
+        return None;
+    }
+    Some(credentials)
 }
 
 fn tls_config(check: &mut Checker<'_>, key: &str, tls: &RawTls) -> Tls {
@@ -374,14 +470,33 @@ pub fn validate_subscription(
             })
         }
     };
+    let replay_from = match &raw.replay_from {
+        None => ReplayPosition::New,
+        Some(value) => parse_replay_from(value).unwrap_or_else(|| {
+            check.problem(field("replay_from"), format!("{value} is not \"new\", \"all\" or a replay id"));
+            ReplayPosition::New
+        }),
+    };
     match (channel, sink) {
         (Ok(channel), Some(sink)) if check.problems.is_empty() => Ok(SubscriptionConfig {
             id: raw.id.clone(),
             source: raw.source.clone(),
             channel,
             sink,
+            replay_from,
             raw: raw.clone(),
         }),
         _ => Err(check.problems),
+    }
+}
+
+/// `"new"`, `"all"`, or a replay id (a number, or a string of one).
+pub fn parse_replay_from(value: &serde_json::Value) -> Option<ReplayPosition> {
+    match value {
+        serde_json::Value::String(text) if text == "new" => Some(ReplayPosition::New),
+        serde_json::Value::String(text) if text == "all" => Some(ReplayPosition::All),
+        serde_json::Value::String(text) => text.parse().ok().map(ReplayPosition::from_id),
+        serde_json::Value::Number(number) => number.as_i64().map(ReplayPosition::from_id),
+        _ => None,
     }
 }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{DeadLetter, Store, StoreError};
+use super::{DeadLetter, Positions, Store, StoreError};
 use crate::config::RawSubscription;
 
 /// File-based state store.
@@ -17,6 +17,7 @@ use crate::config::RawSubscription;
 pub struct FileStore {
     subscriptions: PathBuf,
     dead_letters: PathBuf,
+    positions: PathBuf,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -34,9 +35,12 @@ impl FileStore {
     /// # Errors
     /// [`StoreError::Io`] when the directories cannot be created.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let store =
-            FileStore { subscriptions: dir.join("subscriptions"), dead_letters: dir.join("dead-letters") };
-        for path in [&store.subscriptions, &store.dead_letters] {
+        let store = FileStore {
+            subscriptions: dir.join("subscriptions"),
+            dead_letters: dir.join("dead-letters"),
+            positions: dir.join("positions"),
+        };
+        for path in [&store.subscriptions, &store.dead_letters, &store.positions] {
             std::fs::create_dir_all(path).map_err(io(path))?;
         }
         Ok(store)
@@ -138,6 +142,18 @@ impl Store for FileStore {
     async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
         Self::delete(&self.dead_letters, id).await
     }
+
+    async fn positions(&self, subscription: &str) -> Result<Positions, StoreError> {
+        Ok(Self::read_one(&self.positions, subscription).await?.unwrap_or_default())
+    }
+
+    async fn put_positions(&self, subscription: &str, positions: &Positions) -> Result<(), StoreError> {
+        Self::write(&self.positions, subscription, positions).await
+    }
+
+    async fn delete_positions(&self, subscription: &str) -> Result<(), StoreError> {
+        Self::delete(&self.positions, subscription).await.map(drop)
+    }
 }
 
 #[cfg(test)]
@@ -151,6 +167,7 @@ mod tests {
             source: "src".into(),
             session: "abc".into(),
             sequence,
+            replay_id: None,
             message: serde_json::json!({"data": 1}),
             reason: "rejected: HTTP 400".into(),
             attempts: 1,

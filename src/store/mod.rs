@@ -35,6 +35,9 @@ pub struct DeadLetter {
     pub session: String,
     /// Its arrival order in the source.
     pub sequence: u64,
+    /// Its replay id, on a source with replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_id: Option<i64>,
     /// The delivery as the sink would have received it (`source`, `subscription`,
     /// `channel`, `id`, `data`, `ext`).
     #[schema(value_type = Object)]
@@ -87,4 +90,14 @@ pub trait Store: Send + Sync + 'static {
     async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError>;
     /// Removes a dead letter; `false` when there was none.
     async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError>;
+    /// A subscription's committed replay positions, by channel.
+    async fn positions(&self, subscription: &str) -> Result<Positions, StoreError>;
+    /// Replaces a subscription's committed replay positions.
+    async fn put_positions(&self, subscription: &str, positions: &Positions) -> Result<(), StoreError>;
+    /// Forgets a subscription's positions.
+    async fn delete_positions(&self, subscription: &str) -> Result<(), StoreError>;
 }
+
+/// Committed replay positions by channel: the replay id below which (and at which)
+/// everything was delivered or dead-lettered; `-1`/`-2` for a reset to new/all.
+pub type Positions = std::collections::BTreeMap<String, i64>;

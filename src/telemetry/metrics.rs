@@ -28,6 +28,7 @@ struct Inner {
     connected: Family<Labels, Gauge>,
     pending: Family<Labels, Gauge>,
     latency: Histogram,
+    fallbacks: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -47,6 +48,7 @@ impl Metrics {
         let connected = Family::<Labels, Gauge>::default();
         let pending = Family::<Labels, Gauge>::default();
         let latency = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
+        let fallbacks = Family::<Labels, Counter>::default();
         registry.register(
             "cometd_bridge_messages_received",
             "Messages received from CometD, per subscription they were routed to",
@@ -78,6 +80,11 @@ impl Metrics {
             "From receipt to the sink's acknowledgement",
             latency.clone(),
         );
+        registry.register(
+            "cometd_bridge_replay_fallbacks",
+            "Replay positions the server refused, answered by the configured fallback",
+            fallbacks.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -88,6 +95,7 @@ impl Metrics {
                 connected,
                 pending,
                 latency,
+                fallbacks,
             }),
         }
     }
@@ -136,6 +144,11 @@ impl Metrics {
     /// The session of `source` connected or lost its connection.
     pub fn source_connected(&self, source: &str, connected: bool) {
         self.inner.connected.get_or_create(&vec![("source", source.into())]).set(i64::from(connected));
+    }
+
+    /// The server refused a replay position of `source`; the fallback was applied.
+    pub fn replay_fallback(&self, source: &str) {
+        self.inner.fallbacks.get_or_create(&vec![("source", source.into())]).inc();
     }
 
     /// How many received messages `source` holds.
