@@ -4,6 +4,7 @@ mod api;
 mod backpressure;
 mod boundary;
 mod bridge;
+mod bridge_replay;
 mod cli;
 mod client;
 mod daemon;
