@@ -79,7 +79,8 @@ module.exports = (options, bayeux) => {
         if (pending.has(key)) {
           const from = pending.get(key);
           pending.delete(key);
-          setImmediate(() => replay(message.subscription, from));
+          // Queued before anything published later, as Salesforce orders replay first.
+          replay(message.subscription, from);
         }
       }
       callback(message);
