@@ -11,8 +11,25 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use super::error::Error;
 use super::options::Tls;
 
+/// The default configuration (Mozilla roots), built once per process: every client uses
+/// it unless told otherwise, and the root store is the largest part of it.
+static DEFAULT_CONFIG: std::sync::OnceLock<Arc<ClientConfig>> = std::sync::OnceLock::new();
+
 /// The rustls configuration for `tls`.
 pub(crate) fn client_config(tls: &Tls) -> Result<Arc<ClientConfig>, Error> {
+    if let Tls::Verify = tls
+        && let Some(config) = DEFAULT_CONFIG.get()
+    {
+        return Ok(config.clone());
+    }
+    let config = build(tls)?;
+    if let Tls::Verify = tls {
+        return Ok(DEFAULT_CONFIG.get_or_init(|| config).clone());
+    }
+    Ok(config)
+}
+
+fn build(tls: &Tls) -> Result<Arc<ClientConfig>, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as Frame};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
@@ -22,6 +23,9 @@ use crate::cometd::error::{Error, TransportErrorKind};
 use crate::cometd::message::{META_CONNECT, Message};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The websocket read buffer per session.
+const READ_BUFFER_SIZE: usize = 8 * 1024;
 
 pub(crate) struct WebSocket {
     shared: Arc<Shared>,
@@ -152,7 +156,12 @@ impl Connection {
             request.headers_mut().insert(COOKIE, cookies);
         }
         let connector = Connector::Rustls(shared.tls.clone());
-        let connect = tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector));
+        // tungstenite reads through a buffer allocated up front (128 KiB by default): with
+        // thousands of sessions in one process that is most of their memory. Bayeux frames
+        // are small; a larger one still fits, as the buffer grows on demand.
+        let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_SIZE);
+        let connect =
+            tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, Some(connector));
         let (socket, response) = tokio::time::timeout(options.request_timeout, connect)
             .await
             .map_err(|_| Error::transport(TransportErrorKind::RequestTimeout))?

@@ -1,0 +1,40 @@
+"""Benchmark subscriber on aiocometd 0.4.5 (with the shims of tests/peers/aiocometd_peer.py).
+
+  aiocometd_sub.py URL CHANNEL COUNT TRANSPORT TIMEOUT_S
+
+Prints READY once subscribed, then, after COUNT messages or TIMEOUT_S seconds without one,
+one JSON line of statistics (see stats.py).
+"""
+import asyncio
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests", "peers"))
+import aiocometd_peer  # noqa: E402  (applies the shims)
+from aiocometd_peer import Client, ConnectionType, QuickFirstConnect  # noqa: E402
+
+from stats import Stats  # noqa: E402
+
+
+async def main(url, channel, count, transport, timeout):
+    asyncio.get_running_loop().set_exception_handler(aiocometd_peer._quiet_cancellations)
+    kind = ConnectionType.WEBSOCKET if transport == "websocket" else ConnectionType.LONG_POLLING
+    client = Client(url, [kind], extensions=[QuickFirstConnect()])
+    await client.open()
+    await client.subscribe(channel)
+    print("READY", flush=True)
+    stats = Stats()
+    while stats.received < count:
+        try:
+            message = await asyncio.wait_for(client.receive(), timeout)
+        except asyncio.TimeoutError:
+            break
+        stats.record(message["data"], time.time())
+    print(stats.json(), flush=True)
+    await client.close()
+
+
+if __name__ == "__main__":
+    url, channel, count, transport, timeout = sys.argv[1:6]
+    asyncio.run(main(url, channel, int(count), transport, float(timeout)))

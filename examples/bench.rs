@@ -1,0 +1,837 @@
+//! The benchmarks: `scripts/bench.sh` (which installs the peers and builds this in release
+//! mode) runs `bench` with no arguments, which starts faye and nats-server on loopback,
+//! runs every scenario a few times, and writes `bench/RESULTS.md` and
+//! `bench/results.json`. The other modes are the processes it spawns, so that each one's
+//! CPU time and memory are measured by the operating system on its own.
+//!
+//! Every load loop is bounded in count and in time; every network target is loopback.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cometd_bridge::cometd::{Client, ConnectionType};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+
+/// Runs per measured configuration; the median is reported with the min and max.
+const RUNS: usize = 3;
+/// Messages per client-receive run.
+const MESSAGES: u64 = 60_000;
+/// A subscriber gives up after this long without a message.
+const IDLE_SECS: u64 = 20;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    match args.first().map(String::as_str) {
+        None | Some("all") => runtime.block_on(orchestrate()),
+        Some("sub") => runtime.block_on(subscriber(&args[1], &args[2], args[3].parse().expect("count"), &args[4])),
+        Some("flood") => runtime.block_on(flood(&args[1..])),
+        Some("nats-sub") => runtime.block_on(nats_subscriber(&args[1], &args[2], args[3].parse().expect("count"))),
+        Some("sessions") => runtime.block_on(sessions(&args[1], args[2].parse().expect("count"))),
+        Some(other) => panic!("unknown mode {other}"),
+    }
+}
+
+fn now_us() -> u64 {
+    u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros()).expect("fits")
+}
+
+/// Gaps, duplicates, order and latency of a subscriber's messages (the same fields as
+/// `bench/peers/stats.py`).
+#[derive(Default)]
+struct Stats {
+    received: u64,
+    seen: std::collections::HashSet<u64>,
+    duplicates: u64,
+    reordered: u64,
+    last_seq: Option<u64>,
+    latencies_ms: Vec<f64>,
+    first_us: u64,
+    last_us: u64,
+}
+
+impl Stats {
+    fn record(&mut self, data: &Value) {
+        let now = now_us();
+        let seq = data["seq"].as_u64().unwrap_or(0);
+        let ts = data["ts"].as_u64().unwrap_or(now);
+        self.received += 1;
+        if !self.seen.insert(seq) {
+            self.duplicates += 1;
+        }
+        if self.last_seq.is_some_and(|last| seq < last) {
+            self.reordered += 1;
+        }
+        self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));
+        self.latencies_ms.push(now.saturating_sub(ts) as f64 / 1000.0);
+        if self.first_us == 0 {
+            self.first_us = now;
+        }
+        self.last_us = now;
+    }
+
+    fn json(&mut self) -> Value {
+        self.latencies_ms.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            let latencies = &self.latencies_ms;
+            if latencies.is_empty() { 0.0 } else { latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)] }
+        };
+        let highest = self.seen.iter().max().map_or(0, |max| max + 1);
+        json!({
+            "received": self.received,
+            "gaps": highest - self.seen.len() as u64,
+            "duplicates": self.duplicates,
+            "reordered": self.reordered,
+            "first_us": self.first_us,
+            "last_us": self.last_us,
+            "p50_ms": at(0.5),
+            "p99_ms": at(0.99),
+        })
+    }
+}
+
+/// Mode `sub`: this project's client as a benchmark subscriber.
+async fn subscriber(url: &str, channel: &str, count: u64, transport: &str) {
+    let kind = if transport == "websocket" { ConnectionType::WebSocket } else { ConnectionType::LongPolling };
+    let client = Client::builder(url).connection_types([kind]).build().expect("options");
+    client.open().await.expect("open");
+    client.subscribe(channel).await.expect("subscribe");
+    println!("READY");
+    let mut stats = Stats::default();
+    while stats.received < count {
+        match tokio::time::timeout(Duration::from_secs(IDLE_SECS), client.receive()).await {
+            Ok(Ok(message)) => stats.record(message.data.as_ref().unwrap_or(&Value::Null)),
+            Ok(Err(error)) => eprintln!("receive: {error}"),
+            Err(_) => break,
+        }
+    }
+    println!("{}", stats.json());
+    client.close().await;
+}
+
+/// Mode `nats-sub`: a plain NATS subscriber counting the bridge's output.
+async fn nats_subscriber(url: &str, subject: &str, count: u64) {
+    let client = async_nats::connect(url).await.expect("connect");
+    let mut subscription = client.subscribe(subject.to_string()).await.expect("subscribe");
+    client.flush().await.expect("flush");
+    println!("READY");
+    let mut stats = Stats::default();
+    while stats.received < count {
+        match tokio::time::timeout(Duration::from_secs(IDLE_SECS), subscription.next()).await {
+            Ok(Some(message)) => {
+                let data: Value = serde_json::from_slice(&message.payload).unwrap_or(Value::Null);
+                stats.record(&data);
+            }
+            _ => break,
+        }
+    }
+    println!("{}", stats.json());
+}
+
+/// Mode `flood URL COUNT SIZE RATE CHANNEL...`: a raw websocket Bayeux publisher, 50
+/// publishes a frame and at most 2,000 unacknowledged, round-robin over the channels. RATE
+/// 0 is as fast as the server acknowledges; otherwise messages per second. Prints the
+/// acknowledged count and rate.
+async fn flood(args: &[String]) {
+    let url = args[0].replacen("http", "ws", 1);
+    let count: u64 = args[1].parse().expect("count");
+    let size: usize = args[2].parse().expect("size");
+    let rate: u64 = args[3].parse().expect("rate");
+    let channels: Vec<&String> = args[4..].iter().collect();
+    let pad = "x".repeat(size);
+    let (socket, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("websocket");
+    let (mut writer, mut reader) = socket.split();
+    let handshake = json!([{"channel": "/meta/handshake", "version": "1.0", "supportedConnectionTypes": ["websocket"], "id": "h"}]);
+    writer.send(handshake.to_string().into()).await.expect("send");
+    let reply = reader.next().await.expect("reply").expect("frame");
+    let reply: Value = serde_json::from_str(reply.to_text().expect("text")).expect("JSON");
+    let client_id = reply[0]["clientId"].as_str().expect("client id").to_string();
+    let acked = Arc::new(AtomicU64::new(0));
+    let counter = acked.clone();
+    let reading = tokio::spawn(async move {
+        while let Some(Ok(frame)) = reader.next().await {
+            if let Ok(replies) = serde_json::from_str::<Vec<Value>>(frame.to_text().unwrap_or("[]")) {
+                let acks = replies.iter().filter(|reply| reply["successful"] == true).count() as u64;
+                counter.fetch_add(acks, Ordering::Relaxed);
+            }
+        }
+    });
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(120);
+    let mut sent = 0u64;
+    while sent < count && Instant::now() < deadline {
+        while sent - acked.load(Ordering::Relaxed) >= 2000 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        if rate > 0 {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+        }
+        let batch = if rate > 0 { 10.min(count - sent) } else { 50.min(count - sent) };
+        let frame: Vec<Value> = (0..batch)
+            .map(|i| {
+                let seq = sent + i;
+                let channel = channels[(seq % channels.len() as u64) as usize];
+                json!({"channel": channel, "clientId": client_id, "id": seq.to_string(), "data": {"seq": seq, "ts": now_us(), "pad": pad}})
+            })
+            .collect();
+        writer.send(Value::Array(frame).to_string().into()).await.expect("send");
+        sent += batch;
+    }
+    while acked.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!("{}", json!({"acked": acked.load(Ordering::Relaxed), "rate": acked.load(Ordering::Relaxed) as f64 / elapsed}));
+    reading.abort();
+}
+
+/// Mode `sessions URL N`: N idle sessions in this one process; prints the memory they take.
+async fn sessions(url: &str, count: usize) {
+    let before = rss_kb(std::process::id());
+    let mut clients = Vec::with_capacity(count);
+    let mut failed = 0;
+    for chunk in 0..count.div_ceil(100) {
+        let opening: Vec<_> = (0..100.min(count - chunk * 100))
+            .map(|_| async {
+                let client = Client::builder(url).connection_types([ConnectionType::WebSocket]).build().expect("options");
+                client.open().await.map(|()| client)
+            })
+            .collect();
+        for result in futures_util::future::join_all(opening).await {
+            match result {
+                Ok(client) => clients.push(client),
+                Err(_) => failed += 1,
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // let buffers settle before measuring
+    let after = rss_kb(std::process::id());
+    let open = clients.len();
+    println!(
+        "{}",
+        json!({"open": open, "failed": failed, "rss_before_kb": before, "rss_after_kb": after,
+               "kb_per_session": (after.saturating_sub(before)) as f64 / open.max(1) as f64})
+    );
+    for client in &clients {
+        client.close().await;
+    }
+}
+
+fn status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|line| line.starts_with(field))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:")
+}
+
+/// User + system CPU time of a running process, in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    ticks * 1_000_000 / 100
+}
+
+/// A spawned process, its stdout lines, and its resource use once reaped.
+struct Proc {
+    child: Child,
+    lines: std::io::Lines<BufReader<ChildStdout>>,
+}
+
+/// What a process used, from the kernel at reaping (wait4).
+struct Usage {
+    cpu_us: u64,
+    max_rss_kb: u64,
+}
+
+impl Proc {
+    fn spawn(mut command: Command) -> Proc {
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        Proc { child, lines }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next stdout line (`None` at end of output).
+    fn line(&mut self) -> Option<String> {
+        self.lines.next().and_then(Result::ok)
+    }
+
+    fn expect_ready(&mut self) {
+        let line = self.line();
+        assert_eq!(line.as_deref(), Some("READY"), "a READY line");
+    }
+
+    /// Waits for the process to end and returns what it used.
+    fn reap(self) -> Usage {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value to be overwritten.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 on our own child with valid out-pointers.
+        unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        let micros = |time: libc::timeval| time.tv_sec as u64 * 1_000_000 + time.tv_usec as u64;
+        Usage { cpu_us: micros(usage.ru_utime) + micros(usage.ru_stime), max_rss_kb: usage.ru_maxrss as u64 }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.reap();
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn start_faye(timeout: u64) -> (Proc, String) {
+    let mut command = Command::new("bash");
+    command.args([
+        "-c",
+        &format!(
+            "ulimit -n 20000 2>/dev/null; exec node {} '{{\"timeout\": {timeout}}}'",
+            root().join("tests/peers/faye-server.js").display()
+        ),
+    ]);
+    let mut faye = Proc::spawn(command);
+    let port = faye.line().and_then(|line| line.strip_prefix("LISTENING ").map(str::to_owned)).expect("faye port");
+    (faye, format!("http://127.0.0.1:{port}/bayeux"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
+}
+
+fn start_nats(store: &Path) -> (Proc, String) {
+    let port = free_port();
+    let mut command = Command::new(root().join(".tools/bin/nats-server"));
+    command.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"]).arg(store).arg("-l").arg(store.join("log"));
+    let nats = Proc::spawn(command);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (nats, format!("nats://127.0.0.1:{port}"))
+}
+
+fn me() -> Command {
+    Command::new(std::env::current_exe().expect("current exe"))
+}
+
+/// A subscriber process for `client` (ours, aiocometd, cometd-js).
+fn subscriber_command(client: &str, url: &str, channel: &str, count: u64, transport: &str) -> Command {
+    let count = count.to_string();
+    let idle = IDLE_SECS.to_string();
+    match client {
+        "cometd-bridge" => {
+            let mut command = me();
+            command.args(["sub", url, channel, &count, transport]);
+            command
+        }
+        "aiocometd" => {
+            let mut command = Command::new(root().join(".tools/venv/bin/python"));
+            command.arg(root().join("bench/peers/aiocometd_sub.py")).args([url, channel, &count, transport, &idle]);
+            command
+        }
+        _ => {
+            let mut command = Command::new("node");
+            command.arg(root().join("bench/peers/cometd_js_sub.mjs")).args([url, channel, &count, transport, &idle]);
+            command
+        }
+    }
+}
+
+fn flood_command(url: &str, count: u64, size: usize, rate: u64, channels: &[&str]) -> Command {
+    let mut command = me();
+    command.args(["flood", url, &count.to_string(), &size.to_string(), &rate.to_string()]).args(channels);
+    command
+}
+
+/// One measurement of a subscriber receiving a flood.
+struct Run {
+    stats: Value,
+    rate: f64,
+    cpu_us_per_msg: f64,
+    max_rss_kb: u64,
+    publisher_rate: f64,
+}
+
+fn receive_run(client: &str, url: &str, transport: &str, size: usize, count: u64) -> Run {
+    let channel = "/bench/flood";
+    let mut sub = Proc::spawn(subscriber_command(client, url, channel, count, transport));
+    sub.expect_ready();
+    let cpu_at_ready = cpu_us(sub.pid());
+    let mut publisher = Proc::spawn(flood_command(url, count, size, 0, &[channel]));
+    let published: Value = serde_json::from_str(&publisher.line().expect("publisher result")).expect("JSON");
+    publisher.reap();
+    let stats: Value = serde_json::from_str(&sub.line().expect("subscriber stats")).expect("JSON");
+    let usage = sub.reap();
+    let received = stats["received"].as_f64().unwrap_or(0.0);
+    let span = (stats["last_us"].as_f64().unwrap_or(0.0) - stats["first_us"].as_f64().unwrap_or(0.0)) / 1e6;
+    Run {
+        rate: if span > 0.0 { (received - 1.0) / span } else { 0.0 },
+        cpu_us_per_msg: (usage.cpu_us.saturating_sub(cpu_at_ready)) as f64 / received.max(1.0),
+        max_rss_kb: usage.max_rss_kb,
+        publisher_rate: published["rate"].as_f64().unwrap_or(0.0),
+        stats,
+    }
+}
+
+/// Median, min and max.
+fn summary(values: &[f64]) -> Value {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    json!({"median": sorted[sorted.len() / 2], "min": sorted[0], "max": sorted[sorted.len() - 1], "runs": values})
+}
+
+fn median(value: &Value) -> f64 {
+    value["median"].as_f64().unwrap_or(0.0)
+}
+
+async fn orchestrate() {
+    let started = Instant::now();
+    let mut results = serde_json::Map::new();
+    results.insert("machine".into(), machine());
+    let (faye, url) = start_faye(60);
+
+    // 1. Client receive: each client, both transports, two payload sizes.
+    let mut receive = Vec::new();
+    for transport in ["websocket", "long-polling"] {
+        for size in [64usize, 1024] {
+            for client in ["cometd-bridge", "aiocometd", "cometd-js"] {
+                let runs: Vec<Run> = (0..RUNS).map(|_| receive_run(client, &url, transport, size, MESSAGES)).collect();
+                let lost: u64 = runs.iter().map(|run| run.stats["gaps"].as_u64().unwrap_or(0)).sum();
+                let received: Vec<u64> = runs.iter().map(|run| run.stats["received"].as_u64().unwrap_or(0)).collect();
+                let entry = json!({
+                    "transport": transport, "payload": size, "client": client,
+                    "rate": summary(&runs.iter().map(|run| run.rate).collect::<Vec<_>>()),
+                    "cpu_us_per_msg": summary(&runs.iter().map(|run| run.cpu_us_per_msg).collect::<Vec<_>>()),
+                    "p50_ms": summary(&runs.iter().map(|run| run.stats["p50_ms"].as_f64().unwrap_or(0.0)).collect::<Vec<_>>()),
+                    "p99_ms": summary(&runs.iter().map(|run| run.stats["p99_ms"].as_f64().unwrap_or(0.0)).collect::<Vec<_>>()),
+                    "max_rss_kb": summary(&runs.iter().map(|run| run.max_rss_kb as f64).collect::<Vec<_>>()),
+                    "publisher_rate": summary(&runs.iter().map(|run| run.publisher_rate).collect::<Vec<_>>()),
+                    "received": received, "gaps": lost,
+                    "duplicates": runs.iter().map(|run| run.stats["duplicates"].as_u64().unwrap_or(0)).sum::<u64>(),
+                    "reordered": runs.iter().map(|run| run.stats["reordered"].as_u64().unwrap_or(0)).sum::<u64>(),
+                });
+                eprintln!("receive {transport} {size} B {client}: {} msg/s, {} µs/msg", median(&entry["rate"]) as u64, median(&entry["cpu_us_per_msg"]));
+                receive.push(entry);
+            }
+        }
+    }
+    results.insert("receive".into(), Value::Array(receive));
+
+    // 2–4. The bridge.
+    let store = tempfile::tempdir().expect("temp dir");
+    let (nats, nats_url) = start_nats(store.path());
+    results.insert("bridge_nats".into(), bridge_nats(&url, &nats_url).await);
+    results.insert("bridge_jetstream".into(), bridge_jetstream(&url, &nats_url).await);
+    results.insert("bridge_webhook".into(), bridge_webhook(&url).await);
+    nats.kill();
+
+    // 5–6. Sessions per process, idle daemon.
+    results.insert("sessions".into(), sessions_runs(&url));
+    results.insert("idle".into(), idle_daemon(&url).await);
+    faye.kill();
+
+    results.insert("duration_s".into(), json!(started.elapsed().as_secs_f64()));
+    let results = Value::Object(results);
+    let dir = root().join("bench");
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&results).expect("JSON")).expect("write");
+    std::fs::write(dir.join("RESULTS.md"), report(&results)).expect("write");
+    eprintln!("wrote bench/RESULTS.md and bench/results.json in {:.0} s", started.elapsed().as_secs_f64());
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|line| line.starts_with("model name"))
+        .and_then(|line| line.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string();
+    let version = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let npm_version = |dir: &str, package: &str| {
+        std::fs::read_to_string(root().join(dir).join("node_modules").join(package).join("package.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .and_then(|package| package["version"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory_kb": status_kb_from("/proc/meminfo", "MemTotal:"),
+        "kernel": version("uname", &["-r"]),
+        "rustc": version("rustc", &["--version"]),
+        "node": version("node", &["--version"]),
+        "python": version(root().join(".tools/venv/bin/python").to_str().unwrap_or("python3"), &["--version"]),
+        "nats_server": version(root().join(".tools/bin/nats-server").to_str().unwrap_or("nats-server"), &["--version"]),
+        "faye": npm_version("tests/peers", "faye"),
+        "cometd_js": npm_version("bench/peers", "cometd"),
+        "cometd_nodejs_client": npm_version("bench/peers", "cometd-nodejs-client"),
+        "aiocometd": "0.4.5",
+        "cometd_bridge": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+fn status_kb_from(file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .find(|line| line.starts_with(field))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A bridge process on a configuration; returns it once `/readyz` answers 200.
+async fn start_bridge(config: &str, dir: &Path) -> (Proc, u16, Duration) {
+    let admin = free_port();
+    let file = dir.join("config.toml");
+    std::fs::write(
+        &file,
+        format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n[state]\npath = \"{}\"\n{config}", dir.join("state").display()),
+    )
+    .expect("write config");
+    let started = Instant::now();
+    let mut command = Command::new(root().join("target/release/cometd-bridge"));
+    command.args(["run", "--config"]).arg(&file).env("RUST_LOG", "warn");
+    let bridge = Proc::spawn(command);
+    let ready = wait_ready(admin).await;
+    (bridge, admin, ready.duration_since(started))
+}
+
+async fn wait_ready(admin: u16) -> Instant {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(response) = http.get(format!("http://127.0.0.1:{admin}/readyz")).send().await
+            && response.status() == 200
+        {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "the bridge did not become ready");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn source(url: &str) -> String {
+    format!("[[sources]]\nname = \"bench\"\nurl = \"{url}\"\nconnection_types = [\"websocket\"]\nmax_pending_count = 1000\n")
+}
+
+/// Bridge → core NATS: throughput and CPU at full speed, and added latency at 10k msg/s
+/// against a direct CometD subscriber on the same flood.
+async fn bridge_nats(url: &str, nats_url: &str) -> Value {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        "[nats]\nurl = \"{nats_url}\"\n{}[[subscriptions]]\nid = \"flood\"\nsource = \"bench\"\nchannel = \"/bench/bridge\"\nsink = {{ type = \"nats\", subject = \"bench.flood\" }}\n",
+        source(url)
+    );
+    let (bridge, _, _) = start_bridge(&config, dir.path()).await;
+    let mut full = Vec::new();
+    let mut paced = Vec::new();
+    for (rate, count) in [(0u64, MESSAGES), (10_000, 30_000)] {
+        for _ in 0..RUNS {
+            let mut nats_sub = Proc::spawn({
+                let mut command = me();
+                command.args(["nats-sub", nats_url, "bench.flood", &count.to_string()]);
+                command
+            });
+            nats_sub.expect_ready();
+            let mut direct = Proc::spawn(subscriber_command("cometd-bridge", url, "/bench/bridge", count, "websocket"));
+            direct.expect_ready();
+            let cpu_before = cpu_us(bridge.pid());
+            let mut publisher = Proc::spawn(flood_command(url, count, 64, rate, &["/bench/bridge"]));
+            let _ = publisher.line();
+            publisher.reap();
+            let via_bridge: Value = serde_json::from_str(&nats_sub.line().expect("stats")).expect("JSON");
+            nats_sub.reap();
+            let cpu_after = cpu_us(bridge.pid());
+            let direct_stats: Value = serde_json::from_str(&direct.line().expect("stats")).expect("JSON");
+            direct.reap();
+            let span = |stats: &Value| {
+                (stats["last_us"].as_f64().unwrap_or(0.0) - stats["first_us"].as_f64().unwrap_or(0.0)) / 1e6
+            };
+            let received = via_bridge["received"].as_f64().unwrap_or(0.0);
+            let run = json!({
+                "rate": (received - 1.0) / span(&via_bridge).max(1e-9),
+                "direct_rate": (direct_stats["received"].as_f64().unwrap_or(0.0) - 1.0) / span(&direct_stats).max(1e-9),
+                "bridge_cpu_us_per_msg": (cpu_after - cpu_before) as f64 / received.max(1.0),
+                "p50_ms": via_bridge["p50_ms"], "p99_ms": via_bridge["p99_ms"],
+                "direct_p50_ms": direct_stats["p50_ms"], "direct_p99_ms": direct_stats["p99_ms"],
+                "received": via_bridge["received"], "gaps": via_bridge["gaps"], "reordered": via_bridge["reordered"],
+            });
+            eprintln!("bridge → NATS (rate {rate}): {run}");
+            if rate == 0 { full.push(run) } else { paced.push(run) }
+        }
+    }
+    let max_rss_kb = status_kb(bridge.pid(), "VmHWM:");
+    bridge.kill();
+    let pick = |runs: &[Value], field: &str| summary(&runs.iter().map(|run| run[field].as_f64().unwrap_or(0.0)).collect::<Vec<_>>());
+    json!({
+        "full_speed": {
+            "rate": pick(&full, "rate"), "direct_rate": pick(&full, "direct_rate"),
+            "bridge_cpu_us_per_msg": pick(&full, "bridge_cpu_us_per_msg"), "runs": full,
+        },
+        "at_10k": {
+            "p50_ms": pick(&paced, "p50_ms"), "p99_ms": pick(&paced, "p99_ms"),
+            "direct_p50_ms": pick(&paced, "direct_p50_ms"), "direct_p99_ms": pick(&paced, "direct_p99_ms"),
+            "bridge_cpu_us_per_msg": pick(&paced, "bridge_cpu_us_per_msg"), "runs": paced,
+        },
+        "bridge_max_rss_kb": max_rss_kb,
+    })
+}
+
+/// Bridge → JetStream with acks, against a plain async-nats JetStream publisher (the same
+/// ack window of 64) in the same run.
+async fn bridge_jetstream(url: &str, nats_url: &str) -> Value {
+    const COUNT: u64 = 20_000;
+    let jetstream = async_nats::jetstream::new(async_nats::connect(nats_url).await.expect("connect"));
+    let mut bridge_rates = Vec::new();
+    let mut plain_rates = Vec::new();
+    for run in 0..RUNS {
+        // The plain publisher.
+        let name = format!("PLAIN{run}");
+        jetstream
+            .create_stream(async_nats::jetstream::stream::Config { name: name.clone(), subjects: vec![format!("plain{run}.>")], ..Default::default() })
+            .await
+            .expect("stream");
+        let started = Instant::now();
+        let mut window = std::collections::VecDeque::new();
+        for seq in 0..COUNT {
+            let payload = json!({"seq": seq, "ts": now_us(), "pad": "x".repeat(64)}).to_string();
+            window.push_back(jetstream.publish(format!("plain{run}.x"), payload.into()).await.expect("publish"));
+            if window.len() >= 64 {
+                window.pop_front().expect("ack").await.expect("ack");
+            }
+        }
+        for ack in window {
+            ack.await.expect("ack");
+        }
+        plain_rates.push(COUNT as f64 / started.elapsed().as_secs_f64());
+
+        // The bridge.
+        let name = format!("BRIDGE{run}");
+        jetstream
+            .create_stream(async_nats::jetstream::stream::Config { name: name.clone(), subjects: vec![format!("bridge{run}.>")], ..Default::default() })
+            .await
+            .expect("stream");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = format!(
+            "[nats]\nurl = \"{nats_url}\"\n{}[[subscriptions]]\nid = \"js\"\nsource = \"bench\"\nchannel = \"/bench/js{run}\"\nsink = {{ type = \"nats\", subject = \"bridge{run}.x\", jetstream = true }}\n",
+            source(url)
+        );
+        let (bridge, _, _) = start_bridge(&config, dir.path()).await;
+        let started = Instant::now();
+        let mut publisher = Proc::spawn(flood_command(url, COUNT, 64, 0, &[&format!("/bench/js{run}")]));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let stored = jetstream.get_stream(&name).await.expect("stream").info().await.expect("info").state.messages;
+            if stored >= COUNT || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        bridge_rates.push(COUNT as f64 / started.elapsed().as_secs_f64());
+        let _ = publisher.line();
+        publisher.reap();
+        bridge.kill();
+        eprintln!("JetStream: bridge {:.0} msg/s, plain publisher {:.0} msg/s", bridge_rates[run], plain_rates[run]);
+    }
+    json!({"messages": COUNT, "bridge_rate": summary(&bridge_rates), "plain_publisher_rate": summary(&plain_rates)})
+}
+
+/// Bridge → one webhook receiver through 10 subscriptions: rate and per-subscription order.
+async fn bridge_webhook(url: &str) -> Value {
+    const COUNT: u64 = 20_000;
+    let received = Arc::new(Mutex::new(BTreeMap::<String, Vec<u64>>::new()));
+    let total = Arc::new(AtomicU64::new(0));
+    let app = {
+        let received = received.clone();
+        let total = total.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let received = received.clone();
+                let total = total.clone();
+                async move {
+                    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let subscription = body["subscription"].as_str().unwrap_or_default().to_string();
+                    received.lock().expect("lock").entry(subscription).or_default().push(body["data"]["seq"].as_u64().unwrap_or(0));
+                    total.fetch_add(1, Ordering::Relaxed);
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hook = format!("http://{}/hook", listener.local_addr().expect("address"));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut rates = Vec::new();
+    let mut ordered = true;
+    for _ in 0..RUNS {
+        received.lock().expect("lock").clear();
+        total.store(0, Ordering::Relaxed);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let subscriptions: String = (0..10)
+            .map(|i| format!("[[subscriptions]]\nid = \"w{i}\"\nsource = \"bench\"\nchannel = \"/bench/w{i}\"\nsink = {{ type = \"webhook\", url = \"{hook}\" }}\n"))
+            .collect();
+        let (bridge, _, _) = start_bridge(&format!("{}{subscriptions}", source(url)), dir.path()).await;
+        let channels: Vec<String> = (0..10).map(|i| format!("/bench/w{i}")).collect();
+        let channel_refs: Vec<&str> = channels.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        let mut publisher = Proc::spawn(flood_command(url, COUNT, 64, 0, &channel_refs));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while total.load(Ordering::Relaxed) < COUNT && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rates.push(total.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64());
+        ordered &= received.lock().expect("lock").values().all(|seqs| seqs.windows(2).all(|pair| pair[0] < pair[1]));
+        let _ = publisher.line();
+        publisher.reap();
+        bridge.kill();
+        eprintln!("webhook: {:.0} msg/s", rates.last().copied().unwrap_or(0.0));
+    }
+    server.abort();
+    json!({"messages": COUNT, "subscriptions": 10, "rate": summary(&rates), "order_kept": ordered})
+}
+
+fn sessions_runs(url: &str) -> Value {
+    let mut runs = Vec::new();
+    for count in [1_000usize, 10_000] {
+        let mut command = Command::new("bash");
+        command.args([
+            "-c",
+            &format!("ulimit -n 20000 2>/dev/null; exec {} sessions {url} {count}", std::env::current_exe().expect("exe").display()),
+        ]);
+        let mut process = Proc::spawn(command);
+        let result: Value = process.line().and_then(|line| serde_json::from_str(&line).ok()).unwrap_or(Value::Null);
+        process.reap();
+        eprintln!("sessions {count}: {result}");
+        runs.push(json!({"requested": count, "result": result}));
+    }
+    Value::Array(runs)
+}
+
+async fn idle_daemon(url: &str) -> Value {
+    let mut ready = Vec::new();
+    let mut rss = Vec::new();
+    for _ in 0..RUNS {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = format!("{}[[subscriptions]]\nid = \"idle\"\nsource = \"bench\"\nchannel = \"/bench/idle\"\nsink = {{ type = \"webhook\", url = \"http://127.0.0.1:9/\" }}\n", source(url));
+        let (bridge, _, to_ready) = start_bridge(&config, dir.path()).await;
+        tokio::time::sleep(Duration::from_secs(2)).await; // idle
+        ready.push(to_ready.as_secs_f64() * 1000.0);
+        rss.push(rss_kb(bridge.pid()) as f64);
+        bridge.kill();
+    }
+    json!({"ready_ms": summary(&ready), "rss_kb": summary(&rss)})
+}
+
+fn report(results: &Value) -> String {
+    let mut out = String::new();
+    let machine = &results["machine"];
+    let w = &mut out;
+    let _ = writeln!(w, "# Benchmark results\n");
+    let _ = writeln!(w, "Written by `scripts/bench.sh` (the `bench` example); raw numbers in `bench/results.json`.");
+    let _ = writeln!(w, "Every figure is the median of {RUNS} runs, with min–max. All processes (faye, nats-server, the publisher, the");
+    let _ = writeln!(w, "clients, the bridge) share the machine, so rates swing between runs; ratios within one run are steadier.\n");
+    let _ = writeln!(w, "Machine: {} ({} cores, {} MB), kernel {}. {}; node {}; {}; {}.", machine["cpu"].as_str().unwrap_or(""), machine["cores"], machine["memory_kb"].as_u64().unwrap_or(0) / 1024, machine["kernel"].as_str().unwrap_or(""), machine["rustc"].as_str().unwrap_or(""), machine["node"].as_str().unwrap_or(""), machine["python"].as_str().unwrap_or(""), machine["nats_server"].as_str().unwrap_or(""));
+    let _ = writeln!(w, "Peers: faye {}, aiocometd {}, CometD JS client {} with cometd-nodejs-client {}.\n", machine["faye"].as_str().unwrap_or(""), machine["aiocometd"].as_str().unwrap_or(""), machine["cometd_js"].as_str().unwrap_or(""), machine["cometd_nodejs_client"].as_str().unwrap_or(""));
+    let range = |value: &Value, digits: usize| {
+        format!("{:.*} ({:.*}–{:.*})", digits, median(value), digits, value["min"].as_f64().unwrap_or(0.0), digits, value["max"].as_f64().unwrap_or(0.0))
+    };
+
+    let _ = writeln!(w, "## Client receive ({MESSAGES} messages a run, one publisher flooding faye over websocket)\n");
+    let _ = writeln!(w, "| transport | payload | client | msgs/s | CPU µs/msg | p50 ms | p99 ms | peak RSS MB | lost / dup / reordered |");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|");
+    let receive = results["receive"].as_array().cloned().unwrap_or_default();
+    for entry in &receive {
+        let _ = writeln!(w, "| {} | {} B | {} | {} | {} | {} | {} | {:.1} | {} / {} / {} |", entry["transport"].as_str().unwrap_or(""), entry["payload"], entry["client"].as_str().unwrap_or(""), range(&entry["rate"], 0), range(&entry["cpu_us_per_msg"], 2), range(&entry["p50_ms"], 1), range(&entry["p99_ms"], 1), median(&entry["max_rss_kb"]) / 1024.0, entry["gaps"], entry["duplicates"], entry["reordered"]);
+    }
+    let _ = writeln!(w, "\n### Targets (ratios in the same run)\n");
+    let _ = writeln!(w, "| transport | payload | rate ÷ fastest peer (≥ 1) | CPU ÷ aiocometd (≤ 0.05) | CPU ÷ JS client (≤ 0.2) |");
+    let _ = writeln!(w, "|---|---|---|---|---|");
+    for transport in ["websocket", "long-polling"] {
+        for size in [64, 1024] {
+            let find = |client: &str| receive.iter().find(|e| e["transport"] == transport && e["payload"] == size && e["client"] == client);
+            if let (Some(ours), Some(aio), Some(js)) = (find("cometd-bridge"), find("aiocometd"), find("cometd-js")) {
+                let fastest = median(&aio["rate"]).max(median(&js["rate"]));
+                let _ = writeln!(w, "| {transport} | {size} B | {:.2} | {:.3} | {:.3} |", median(&ours["rate"]) / fastest.max(1.0), median(&ours["cpu_us_per_msg"]) / median(&aio["cpu_us_per_msg"]).max(1e-9), median(&ours["cpu_us_per_msg"]) / median(&js["cpu_us_per_msg"]).max(1e-9));
+            }
+        }
+    }
+
+    let nats = &results["bridge_nats"];
+    let _ = writeln!(w, "\n## Bridge → core NATS (64 B payloads)\n");
+    let _ = writeln!(w, "| measure | value | target |");
+    let _ = writeln!(w, "|---|---|---|");
+    let full = &nats["full_speed"];
+    let _ = writeln!(w, "| end-to-end msgs/s (full speed) | {} | |", range(&full["rate"], 0));
+    let _ = writeln!(w, "| direct CometD subscriber on the same flood, msgs/s | {} | |", range(&full["direct_rate"], 0));
+    let _ = writeln!(w, "| bridge rate ÷ client alone | {:.2} | ≥ 0.95 |", median(&full["rate"]) / median(&full["direct_rate"]).max(1.0));
+    let _ = writeln!(w, "| bridge CPU µs per forwarded message (full speed) | {} | ≤ 10 |", range(&full["bridge_cpu_us_per_msg"], 2));
+    let paced = &nats["at_10k"];
+    let _ = writeln!(w, "| p50 / p99 ms via the bridge at 10k msg/s | {} / {} | |", range(&paced["p50_ms"], 2), range(&paced["p99_ms"], 2));
+    let _ = writeln!(w, "| p50 / p99 ms direct at 10k msg/s | {} / {} | |", range(&paced["direct_p50_ms"], 2), range(&paced["direct_p99_ms"], 2));
+    let _ = writeln!(w, "| added p99 ms | {:.2} | ≤ 1 |", median(&paced["p99_ms"]) - median(&paced["direct_p99_ms"]));
+    let _ = writeln!(w, "| bridge peak RSS MB | {:.1} | |", nats["bridge_max_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0);
+
+    let js = &results["bridge_jetstream"];
+    let _ = writeln!(w, "\n## Bridge → JetStream with acks ({} messages)\n", js["messages"]);
+    let _ = writeln!(w, "| measure | value | target |");
+    let _ = writeln!(w, "|---|---|---|");
+    let _ = writeln!(w, "| bridge msgs/s (flood start to all stored) | {} | |", range(&js["bridge_rate"], 0));
+    let _ = writeln!(w, "| plain async-nats JetStream publisher, 64 acks in flight, msgs/s | {} | |", range(&js["plain_publisher_rate"], 0));
+    let _ = writeln!(w, "| ratio | {:.2} | ≥ 0.8 |", median(&js["bridge_rate"]) / median(&js["plain_publisher_rate"]).max(1.0));
+
+    let hook = &results["bridge_webhook"];
+    let _ = writeln!(w, "\n## Bridge → webhook, {} subscriptions to one receiver ({} messages)\n", hook["subscriptions"], hook["messages"]);
+    let _ = writeln!(w, "msgs/s {}; order kept per subscription: {}.", range(&hook["rate"], 0), hook["order_kept"]);
+
+    let _ = writeln!(w, "\n## Sessions per process (idle websocket sessions to faye)\n");
+    let _ = writeln!(w, "| requested | open | failed | RSS KB per session | target |");
+    let _ = writeln!(w, "|---|---|---|---|---|");
+    for run in results["sessions"].as_array().cloned().unwrap_or_default() {
+        let result = &run["result"];
+        let _ = writeln!(w, "| {} | {} | {} | {:.1} | ≤ 30 |", run["requested"], result["open"], result["failed"], result["kb_per_session"].as_f64().unwrap_or(0.0));
+    }
+    let idle = &results["idle"];
+    let _ = writeln!(w, "\n## Idle daemon (one source, one subscription)\n");
+    let _ = writeln!(w, "| measure | value | target |");
+    let _ = writeln!(w, "|---|---|---|");
+    let _ = writeln!(w, "| RSS MB | {:.1} | ≤ 15 |", median(&idle["rss_kb"]) / 1024.0);
+    let _ = writeln!(w, "| start to `/readyz` 200, ms | {} | ≤ 100 |", range(&idle["ready_ms"], 0));
+    let _ = writeln!(w, "\nThe whole run took {:.0} s.", results["duration_s"].as_f64().unwrap_or(0.0));
+    out
+}
+
+use std::fmt::Write as _;
