@@ -27,13 +27,49 @@ const IDLE_SECS: u64 = 20;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    // The measured clients run on a single-threaded runtime, as the Node and Python peers
+    // run on one event loop; the orchestrator uses both cores.
+    let runtime = match args.first().map(String::as_str) {
+        Some("sub" | "nats-sub" | "sessions") => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build(),
+    }
+    .expect("runtime");
     match args.first().map(String::as_str) {
         None | Some("all") => runtime.block_on(orchestrate()),
-        Some("sub") => runtime.block_on(subscriber(&args[1], &args[2], args[3].parse().expect("count"), &args[4])),
+        Some("sub") => {
+            runtime.block_on(subscriber(&args[1], &args[2], args[3].parse().expect("count"), &args[4]))
+        }
         Some("flood") => runtime.block_on(flood(&args[1..])),
-        Some("nats-sub") => runtime.block_on(nats_subscriber(&args[1], &args[2], args[3].parse().expect("count"))),
+        Some("nats-sub") => {
+            runtime.block_on(nats_subscriber(&args[1], &args[2], args[3].parse().expect("count")))
+        }
         Some("sessions") => runtime.block_on(sessions(&args[1], args[2].parse().expect("count"))),
+        Some("bridge") => runtime.block_on(async {
+            // A quick look while optimising: the NATS and JetStream bridge scenarios.
+            let (faye, url) = start_faye(60);
+            let store = tempfile::tempdir().expect("temp dir");
+            let (nats, nats_url) = start_nats(store.path());
+            eprintln!("{}", bridge_nats(&url, &nats_url).await["full_speed"]);
+            eprintln!("{}", bridge_jetstream(&url, &nats_url).await);
+            nats.kill();
+            faye.kill();
+        }),
+        Some("receive") => {
+            // A quick look while optimising: one run of one client, every transport and size.
+            let (faye, url) = start_faye(60);
+            for transport in ["websocket", "long-polling"] {
+                for size in [64usize, 1024] {
+                    let run = receive_run(&args[1], &url, transport, size, MESSAGES);
+                    eprintln!(
+                        "{transport} {size} B: {:.0} msg/s, {:.2} µs/msg, p50 {} ms, peak RSS {} KB",
+                        run.rate, run.cpu_us_per_msg, run.stats["p50_ms"], run.max_rss_kb
+                    );
+                }
+            }
+            faye.kill();
+        }
         Some(other) => panic!("unknown mode {other}"),
     }
 }
@@ -80,7 +116,11 @@ impl Stats {
         self.latencies_ms.sort_by(f64::total_cmp);
         let at = |q: f64| {
             let latencies = &self.latencies_ms;
-            if latencies.is_empty() { 0.0 } else { latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)] }
+            if latencies.is_empty() {
+                0.0
+            } else {
+                latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)]
+            }
         };
         let highest = self.seen.iter().max().map_or(0, |max| max + 1);
         json!({
@@ -188,7 +228,10 @@ async fn flood(args: &[String]) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    println!("{}", json!({"acked": acked.load(Ordering::Relaxed), "rate": acked.load(Ordering::Relaxed) as f64 / elapsed}));
+    println!(
+        "{}",
+        json!({"acked": acked.load(Ordering::Relaxed), "rate": acked.load(Ordering::Relaxed) as f64 / elapsed})
+    );
     reading.abort();
 }
 
@@ -200,7 +243,10 @@ async fn sessions(url: &str, count: usize) {
     for chunk in 0..count.div_ceil(100) {
         let opening: Vec<_> = (0..100.min(count - chunk * 100))
             .map(|_| async {
-                let client = Client::builder(url).connection_types([ConnectionType::WebSocket]).build().expect("options");
+                let client = Client::builder(url)
+                    .connection_types([ConnectionType::WebSocket])
+                    .build()
+                    .expect("options");
                 client.open().await.map(|()| client)
             })
             .collect();
@@ -312,7 +358,8 @@ fn start_faye(timeout: u64) -> (Proc, String) {
         ),
     ]);
     let mut faye = Proc::spawn(command);
-    let port = faye.line().and_then(|line| line.strip_prefix("LISTENING ").map(str::to_owned)).expect("faye port");
+    let port =
+        faye.line().and_then(|line| line.strip_prefix("LISTENING ").map(str::to_owned)).expect("faye port");
     (faye, format!("http://127.0.0.1:{port}/bayeux"))
 }
 
@@ -323,7 +370,11 @@ fn free_port() -> u16 {
 fn start_nats(store: &Path) -> (Proc, String) {
     let port = free_port();
     let mut command = Command::new(root().join(".tools/bin/nats-server"));
-    command.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"]).arg(store).arg("-l").arg(store.join("log"));
+    command
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store)
+        .arg("-l")
+        .arg(store.join("log"));
     let nats = Proc::spawn(command);
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -349,12 +400,16 @@ fn subscriber_command(client: &str, url: &str, channel: &str, count: u64, transp
         }
         "aiocometd" => {
             let mut command = Command::new(root().join(".tools/venv/bin/python"));
-            command.arg(root().join("bench/peers/aiocometd_sub.py")).args([url, channel, &count, transport, &idle]);
+            command
+                .arg(root().join("bench/peers/aiocometd_sub.py"))
+                .args([url, channel, &count, transport, &idle]);
             command
         }
         _ => {
             let mut command = Command::new("node");
-            command.arg(root().join("bench/peers/cometd_js_sub.mjs")).args([url, channel, &count, transport, &idle]);
+            command
+                .arg(root().join("bench/peers/cometd_js_sub.mjs"))
+                .args([url, channel, &count, transport, &idle]);
             command
         }
     }
@@ -418,9 +473,11 @@ async fn orchestrate() {
     for transport in ["websocket", "long-polling"] {
         for size in [64usize, 1024] {
             for client in ["cometd-bridge", "aiocometd", "cometd-js"] {
-                let runs: Vec<Run> = (0..RUNS).map(|_| receive_run(client, &url, transport, size, MESSAGES)).collect();
+                let runs: Vec<Run> =
+                    (0..RUNS).map(|_| receive_run(client, &url, transport, size, MESSAGES)).collect();
                 let lost: u64 = runs.iter().map(|run| run.stats["gaps"].as_u64().unwrap_or(0)).sum();
-                let received: Vec<u64> = runs.iter().map(|run| run.stats["received"].as_u64().unwrap_or(0)).collect();
+                let received: Vec<u64> =
+                    runs.iter().map(|run| run.stats["received"].as_u64().unwrap_or(0)).collect();
                 let entry = json!({
                     "transport": transport, "payload": size, "client": client,
                     "rate": summary(&runs.iter().map(|run| run.rate).collect::<Vec<_>>()),
@@ -433,7 +490,11 @@ async fn orchestrate() {
                     "duplicates": runs.iter().map(|run| run.stats["duplicates"].as_u64().unwrap_or(0)).sum::<u64>(),
                     "reordered": runs.iter().map(|run| run.stats["reordered"].as_u64().unwrap_or(0)).sum::<u64>(),
                 });
-                eprintln!("receive {transport} {size} B {client}: {} msg/s, {} µs/msg", median(&entry["rate"]) as u64, median(&entry["cpu_us_per_msg"]));
+                eprintln!(
+                    "receive {transport} {size} B {client}: {} msg/s, {} µs/msg",
+                    median(&entry["rate"]) as u64,
+                    median(&entry["cpu_us_per_msg"])
+                );
                 receive.push(entry);
             }
         }
@@ -456,7 +517,8 @@ async fn orchestrate() {
     results.insert("duration_s".into(), json!(started.elapsed().as_secs_f64()));
     let results = Value::Object(results);
     let dir = root().join("bench");
-    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&results).expect("JSON")).expect("write");
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&results).expect("JSON"))
+        .expect("write");
     std::fs::write(dir.join("RESULTS.md"), report(&results)).expect("write");
     eprintln!("wrote bench/RESULTS.md and bench/results.json in {:.0} s", started.elapsed().as_secs_f64());
 }
@@ -517,7 +579,10 @@ async fn start_bridge(config: &str, dir: &Path) -> (Proc, u16, Duration) {
     let file = dir.join("config.toml");
     std::fs::write(
         &file,
-        format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n[state]\npath = \"{}\"\n{config}", dir.join("state").display()),
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[state]\npath = \"{}\"\n{config}",
+            dir.join("state").display()
+        ),
     )
     .expect("write config");
     let started = Instant::now();
@@ -544,7 +609,9 @@ async fn wait_ready(admin: u16) -> Instant {
 }
 
 fn source(url: &str) -> String {
-    format!("[[sources]]\nname = \"bench\"\nurl = \"{url}\"\nconnection_types = [\"websocket\"]\nmax_pending_count = 1000\n")
+    format!(
+        "[[sources]]\nname = \"bench\"\nurl = \"{url}\"\nconnection_types = [\"websocket\"]\nmax_pending_count = 1000\n"
+    )
 }
 
 /// Bridge → core NATS: throughput and CPU at full speed, and added latency at 10k msg/s
@@ -566,7 +633,8 @@ async fn bridge_nats(url: &str, nats_url: &str) -> Value {
                 command
             });
             nats_sub.expect_ready();
-            let mut direct = Proc::spawn(subscriber_command("cometd-bridge", url, "/bench/bridge", count, "websocket"));
+            let mut direct =
+                Proc::spawn(subscriber_command("cometd-bridge", url, "/bench/bridge", count, "websocket"));
             direct.expect_ready();
             let cpu_before = cpu_us(bridge.pid());
             let mut publisher = Proc::spawn(flood_command(url, count, 64, rate, &["/bench/bridge"]));
@@ -595,7 +663,9 @@ async fn bridge_nats(url: &str, nats_url: &str) -> Value {
     }
     let max_rss_kb = status_kb(bridge.pid(), "VmHWM:");
     bridge.kill();
-    let pick = |runs: &[Value], field: &str| summary(&runs.iter().map(|run| run[field].as_f64().unwrap_or(0.0)).collect::<Vec<_>>());
+    let pick = |runs: &[Value], field: &str| {
+        summary(&runs.iter().map(|run| run[field].as_f64().unwrap_or(0.0)).collect::<Vec<_>>())
+    };
     json!({
         "full_speed": {
             "rate": pick(&full, "rate"), "direct_rate": pick(&full, "direct_rate"),
@@ -621,14 +691,20 @@ async fn bridge_jetstream(url: &str, nats_url: &str) -> Value {
         // The plain publisher.
         let name = format!("PLAIN{run}");
         jetstream
-            .create_stream(async_nats::jetstream::stream::Config { name: name.clone(), subjects: vec![format!("plain{run}.>")], ..Default::default() })
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![format!("plain{run}.>")],
+                ..Default::default()
+            })
             .await
             .expect("stream");
         let started = Instant::now();
         let mut window = std::collections::VecDeque::new();
         for seq in 0..COUNT {
             let payload = json!({"seq": seq, "ts": now_us(), "pad": "x".repeat(64)}).to_string();
-            window.push_back(jetstream.publish(format!("plain{run}.x"), payload.into()).await.expect("publish"));
+            window.push_back(
+                jetstream.publish(format!("plain{run}.x"), payload.into()).await.expect("publish"),
+            );
             if window.len() >= 64 {
                 window.pop_front().expect("ack").await.expect("ack");
             }
@@ -641,7 +717,11 @@ async fn bridge_jetstream(url: &str, nats_url: &str) -> Value {
         // The bridge.
         let name = format!("BRIDGE{run}");
         jetstream
-            .create_stream(async_nats::jetstream::stream::Config { name: name.clone(), subjects: vec![format!("bridge{run}.>")], ..Default::default() })
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![format!("bridge{run}.>")],
+                ..Default::default()
+            })
             .await
             .expect("stream");
         let dir = tempfile::tempdir().expect("temp dir");
@@ -654,7 +734,8 @@ async fn bridge_jetstream(url: &str, nats_url: &str) -> Value {
         let mut publisher = Proc::spawn(flood_command(url, COUNT, 64, 0, &[&format!("/bench/js{run}")]));
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let stored = jetstream.get_stream(&name).await.expect("stream").info().await.expect("info").state.messages;
+            let stored =
+                jetstream.get_stream(&name).await.expect("stream").info().await.expect("info").state.messages;
             if stored >= COUNT || Instant::now() > deadline {
                 break;
             }
@@ -664,7 +745,10 @@ async fn bridge_jetstream(url: &str, nats_url: &str) -> Value {
         let _ = publisher.line();
         publisher.reap();
         bridge.kill();
-        eprintln!("JetStream: bridge {:.0} msg/s, plain publisher {:.0} msg/s", bridge_rates[run], plain_rates[run]);
+        eprintln!(
+            "JetStream: bridge {:.0} msg/s, plain publisher {:.0} msg/s",
+            bridge_rates[run], plain_rates[run]
+        );
     }
     json!({"messages": COUNT, "bridge_rate": summary(&bridge_rates), "plain_publisher_rate": summary(&plain_rates)})
 }
@@ -685,7 +769,12 @@ async fn bridge_webhook(url: &str) -> Value {
                 async move {
                     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                     let subscription = body["subscription"].as_str().unwrap_or_default().to_string();
-                    received.lock().expect("lock").entry(subscription).or_default().push(body["data"]["seq"].as_u64().unwrap_or(0));
+                    received
+                        .lock()
+                        .expect("lock")
+                        .entry(subscription)
+                        .or_default()
+                        .push(body["data"]["seq"].as_u64().unwrap_or(0));
                     total.fetch_add(1, Ordering::Relaxed);
                     axum::http::StatusCode::NO_CONTENT
                 }
@@ -714,7 +803,8 @@ async fn bridge_webhook(url: &str) -> Value {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         rates.push(total.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64());
-        ordered &= received.lock().expect("lock").values().all(|seqs| seqs.windows(2).all(|pair| pair[0] < pair[1]));
+        ordered &=
+            received.lock().expect("lock").values().all(|seqs| seqs.windows(2).all(|pair| pair[0] < pair[1]));
         let _ = publisher.line();
         publisher.reap();
         bridge.kill();
@@ -730,10 +820,14 @@ fn sessions_runs(url: &str) -> Value {
         let mut command = Command::new("bash");
         command.args([
             "-c",
-            &format!("ulimit -n 20000 2>/dev/null; exec {} sessions {url} {count}", std::env::current_exe().expect("exe").display()),
+            &format!(
+                "ulimit -n 20000 2>/dev/null; exec {} sessions {url} {count}",
+                std::env::current_exe().expect("exe").display()
+            ),
         ]);
         let mut process = Proc::spawn(command);
-        let result: Value = process.line().and_then(|line| serde_json::from_str(&line).ok()).unwrap_or(Value::Null);
+        let result: Value =
+            process.line().and_then(|line| serde_json::from_str(&line).ok()).unwrap_or(Value::Null);
         process.reap();
         eprintln!("sessions {count}: {result}");
         runs.push(json!({"requested": count, "result": result}));
@@ -746,7 +840,10 @@ async fn idle_daemon(url: &str) -> Value {
     let mut rss = Vec::new();
     for _ in 0..RUNS {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = format!("{}[[subscriptions]]\nid = \"idle\"\nsource = \"bench\"\nchannel = \"/bench/idle\"\nsink = {{ type = \"webhook\", url = \"http://127.0.0.1:9/\" }}\n", source(url));
+        let config = format!(
+            "{}[[subscriptions]]\nid = \"idle\"\nsource = \"bench\"\nchannel = \"/bench/idle\"\nsink = {{ type = \"webhook\", url = \"http://127.0.0.1:9/\" }}\n",
+            source(url)
+        );
         let (bridge, _, to_ready) = start_bridge(&config, dir.path()).await;
         tokio::time::sleep(Duration::from_secs(2)).await; // idle
         ready.push(to_ready.as_secs_f64() * 1000.0);
@@ -761,31 +858,101 @@ fn report(results: &Value) -> String {
     let machine = &results["machine"];
     let w = &mut out;
     let _ = writeln!(w, "# Benchmark results\n");
-    let _ = writeln!(w, "Written by `scripts/bench.sh` (the `bench` example); raw numbers in `bench/results.json`.");
-    let _ = writeln!(w, "Every figure is the median of {RUNS} runs, with min–max. All processes (faye, nats-server, the publisher, the");
-    let _ = writeln!(w, "clients, the bridge) share the machine, so rates swing between runs; ratios within one run are steadier.\n");
-    let _ = writeln!(w, "Machine: {} ({} cores, {} MB), kernel {}. {}; node {}; {}; {}.", machine["cpu"].as_str().unwrap_or(""), machine["cores"], machine["memory_kb"].as_u64().unwrap_or(0) / 1024, machine["kernel"].as_str().unwrap_or(""), machine["rustc"].as_str().unwrap_or(""), machine["node"].as_str().unwrap_or(""), machine["python"].as_str().unwrap_or(""), machine["nats_server"].as_str().unwrap_or(""));
-    let _ = writeln!(w, "Peers: faye {}, aiocometd {}, CometD JS client {} with cometd-nodejs-client {}.\n", machine["faye"].as_str().unwrap_or(""), machine["aiocometd"].as_str().unwrap_or(""), machine["cometd_js"].as_str().unwrap_or(""), machine["cometd_nodejs_client"].as_str().unwrap_or(""));
+    let _ = writeln!(
+        w,
+        "Written by `scripts/bench.sh` (the `bench` example); raw numbers in `bench/results.json`."
+    );
+    let _ = writeln!(
+        w,
+        "Every figure is the median of {RUNS} runs, with min–max. All processes (faye, nats-server, the publisher, the"
+    );
+    let _ = writeln!(
+        w,
+        "clients, the bridge) share the machine, so rates swing between runs; ratios within one run are steadier.\n"
+    );
+    let _ = writeln!(
+        w,
+        "Machine: {} ({} cores, {} MB), kernel {}. {}; node {}; {}; {}.",
+        machine["cpu"].as_str().unwrap_or(""),
+        machine["cores"],
+        machine["memory_kb"].as_u64().unwrap_or(0) / 1024,
+        machine["kernel"].as_str().unwrap_or(""),
+        machine["rustc"].as_str().unwrap_or(""),
+        machine["node"].as_str().unwrap_or(""),
+        machine["python"].as_str().unwrap_or(""),
+        machine["nats_server"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        w,
+        "Peers: faye {}, aiocometd {}, CometD JS client {} with cometd-nodejs-client {}.\n",
+        machine["faye"].as_str().unwrap_or(""),
+        machine["aiocometd"].as_str().unwrap_or(""),
+        machine["cometd_js"].as_str().unwrap_or(""),
+        machine["cometd_nodejs_client"].as_str().unwrap_or("")
+    );
     let range = |value: &Value, digits: usize| {
-        format!("{:.*} ({:.*}–{:.*})", digits, median(value), digits, value["min"].as_f64().unwrap_or(0.0), digits, value["max"].as_f64().unwrap_or(0.0))
+        format!(
+            "{:.*} ({:.*}–{:.*})",
+            digits,
+            median(value),
+            digits,
+            value["min"].as_f64().unwrap_or(0.0),
+            digits,
+            value["max"].as_f64().unwrap_or(0.0)
+        )
     };
 
-    let _ = writeln!(w, "## Client receive ({MESSAGES} messages a run, one publisher flooding faye over websocket)\n");
-    let _ = writeln!(w, "| transport | payload | client | msgs/s | CPU µs/msg | p50 ms | p99 ms | peak RSS MB | lost / dup / reordered |");
+    let _ = writeln!(
+        w,
+        "## Client receive ({MESSAGES} messages a run, one publisher flooding faye over websocket)\n"
+    );
+    let _ = writeln!(
+        w,
+        "| transport | payload | client | msgs/s | CPU µs/msg | p50 ms | p99 ms | peak RSS MB | lost / dup / reordered |"
+    );
     let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|");
     let receive = results["receive"].as_array().cloned().unwrap_or_default();
     for entry in &receive {
-        let _ = writeln!(w, "| {} | {} B | {} | {} | {} | {} | {} | {:.1} | {} / {} / {} |", entry["transport"].as_str().unwrap_or(""), entry["payload"], entry["client"].as_str().unwrap_or(""), range(&entry["rate"], 0), range(&entry["cpu_us_per_msg"], 2), range(&entry["p50_ms"], 1), range(&entry["p99_ms"], 1), median(&entry["max_rss_kb"]) / 1024.0, entry["gaps"], entry["duplicates"], entry["reordered"]);
+        let _ = writeln!(
+            w,
+            "| {} | {} B | {} | {} | {} | {} | {} | {:.1} | {} / {} / {} |",
+            entry["transport"].as_str().unwrap_or(""),
+            entry["payload"],
+            entry["client"].as_str().unwrap_or(""),
+            range(&entry["rate"], 0),
+            range(&entry["cpu_us_per_msg"], 2),
+            range(&entry["p50_ms"], 1),
+            range(&entry["p99_ms"], 1),
+            median(&entry["max_rss_kb"]) / 1024.0,
+            entry["gaps"],
+            entry["duplicates"],
+            entry["reordered"]
+        );
     }
     let _ = writeln!(w, "\n### Targets (ratios in the same run)\n");
-    let _ = writeln!(w, "| transport | payload | rate ÷ fastest peer (≥ 1) | CPU ÷ aiocometd (≤ 0.05) | CPU ÷ JS client (≤ 0.2) |");
+    let _ = writeln!(
+        w,
+        "| transport | payload | rate ÷ fastest peer (≥ 1) | CPU ÷ aiocometd (≤ 0.05) | CPU ÷ JS client (≤ 0.2) |"
+    );
     let _ = writeln!(w, "|---|---|---|---|---|");
     for transport in ["websocket", "long-polling"] {
         for size in [64, 1024] {
-            let find = |client: &str| receive.iter().find(|e| e["transport"] == transport && e["payload"] == size && e["client"] == client);
-            if let (Some(ours), Some(aio), Some(js)) = (find("cometd-bridge"), find("aiocometd"), find("cometd-js")) {
+            let find = |client: &str| {
+                receive
+                    .iter()
+                    .find(|e| e["transport"] == transport && e["payload"] == size && e["client"] == client)
+            };
+            if let (Some(ours), Some(aio), Some(js)) =
+                (find("cometd-bridge"), find("aiocometd"), find("cometd-js"))
+            {
                 let fastest = median(&aio["rate"]).max(median(&js["rate"]));
-                let _ = writeln!(w, "| {transport} | {size} B | {:.2} | {:.3} | {:.3} |", median(&ours["rate"]) / fastest.max(1.0), median(&ours["cpu_us_per_msg"]) / median(&aio["cpu_us_per_msg"]).max(1e-9), median(&ours["cpu_us_per_msg"]) / median(&js["cpu_us_per_msg"]).max(1e-9));
+                let _ = writeln!(
+                    w,
+                    "| {transport} | {size} B | {:.2} | {:.3} | {:.3} |",
+                    median(&ours["rate"]) / fastest.max(1.0),
+                    median(&ours["cpu_us_per_msg"]) / median(&aio["cpu_us_per_msg"]).max(1e-9),
+                    median(&ours["cpu_us_per_msg"]) / median(&js["cpu_us_per_msg"]).max(1e-9)
+                );
             }
         }
     }
@@ -796,33 +963,87 @@ fn report(results: &Value) -> String {
     let _ = writeln!(w, "|---|---|---|");
     let full = &nats["full_speed"];
     let _ = writeln!(w, "| end-to-end msgs/s (full speed) | {} | |", range(&full["rate"], 0));
-    let _ = writeln!(w, "| direct CometD subscriber on the same flood, msgs/s | {} | |", range(&full["direct_rate"], 0));
-    let _ = writeln!(w, "| bridge rate ÷ client alone | {:.2} | ≥ 0.95 |", median(&full["rate"]) / median(&full["direct_rate"]).max(1.0));
-    let _ = writeln!(w, "| bridge CPU µs per forwarded message (full speed) | {} | ≤ 10 |", range(&full["bridge_cpu_us_per_msg"], 2));
+    let _ = writeln!(
+        w,
+        "| direct CometD subscriber on the same flood, msgs/s | {} | |",
+        range(&full["direct_rate"], 0)
+    );
+    let _ = writeln!(
+        w,
+        "| bridge rate ÷ client alone | {:.2} | ≥ 0.95 |",
+        median(&full["rate"]) / median(&full["direct_rate"]).max(1.0)
+    );
+    let _ = writeln!(
+        w,
+        "| bridge CPU µs per forwarded message (full speed) | {} | ≤ 10 |",
+        range(&full["bridge_cpu_us_per_msg"], 2)
+    );
     let paced = &nats["at_10k"];
-    let _ = writeln!(w, "| p50 / p99 ms via the bridge at 10k msg/s | {} / {} | |", range(&paced["p50_ms"], 2), range(&paced["p99_ms"], 2));
-    let _ = writeln!(w, "| p50 / p99 ms direct at 10k msg/s | {} / {} | |", range(&paced["direct_p50_ms"], 2), range(&paced["direct_p99_ms"], 2));
-    let _ = writeln!(w, "| added p99 ms | {:.2} | ≤ 1 |", median(&paced["p99_ms"]) - median(&paced["direct_p99_ms"]));
-    let _ = writeln!(w, "| bridge peak RSS MB | {:.1} | |", nats["bridge_max_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0);
+    let _ = writeln!(
+        w,
+        "| p50 / p99 ms via the bridge at 10k msg/s | {} / {} | |",
+        range(&paced["p50_ms"], 2),
+        range(&paced["p99_ms"], 2)
+    );
+    let _ = writeln!(
+        w,
+        "| p50 / p99 ms direct at 10k msg/s | {} / {} | |",
+        range(&paced["direct_p50_ms"], 2),
+        range(&paced["direct_p99_ms"], 2)
+    );
+    let _ = writeln!(
+        w,
+        "| added p99 ms | {:.2} | ≤ 1 |",
+        median(&paced["p99_ms"]) - median(&paced["direct_p99_ms"])
+    );
+    let _ = writeln!(
+        w,
+        "| bridge peak RSS MB | {:.1} | |",
+        nats["bridge_max_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0
+    );
 
     let js = &results["bridge_jetstream"];
     let _ = writeln!(w, "\n## Bridge → JetStream with acks ({} messages)\n", js["messages"]);
     let _ = writeln!(w, "| measure | value | target |");
     let _ = writeln!(w, "|---|---|---|");
     let _ = writeln!(w, "| bridge msgs/s (flood start to all stored) | {} | |", range(&js["bridge_rate"], 0));
-    let _ = writeln!(w, "| plain async-nats JetStream publisher, 64 acks in flight, msgs/s | {} | |", range(&js["plain_publisher_rate"], 0));
-    let _ = writeln!(w, "| ratio | {:.2} | ≥ 0.8 |", median(&js["bridge_rate"]) / median(&js["plain_publisher_rate"]).max(1.0));
+    let _ = writeln!(
+        w,
+        "| plain async-nats JetStream publisher, 64 acks in flight, msgs/s | {} | |",
+        range(&js["plain_publisher_rate"], 0)
+    );
+    let _ = writeln!(
+        w,
+        "| ratio | {:.2} | ≥ 0.8 |",
+        median(&js["bridge_rate"]) / median(&js["plain_publisher_rate"]).max(1.0)
+    );
 
     let hook = &results["bridge_webhook"];
-    let _ = writeln!(w, "\n## Bridge → webhook, {} subscriptions to one receiver ({} messages)\n", hook["subscriptions"], hook["messages"]);
-    let _ = writeln!(w, "msgs/s {}; order kept per subscription: {}.", range(&hook["rate"], 0), hook["order_kept"]);
+    let _ = writeln!(
+        w,
+        "\n## Bridge → webhook, {} subscriptions to one receiver ({} messages)\n",
+        hook["subscriptions"], hook["messages"]
+    );
+    let _ = writeln!(
+        w,
+        "msgs/s {}; order kept per subscription: {}.",
+        range(&hook["rate"], 0),
+        hook["order_kept"]
+    );
 
     let _ = writeln!(w, "\n## Sessions per process (idle websocket sessions to faye)\n");
     let _ = writeln!(w, "| requested | open | failed | RSS KB per session | target |");
     let _ = writeln!(w, "|---|---|---|---|---|");
     for run in results["sessions"].as_array().cloned().unwrap_or_default() {
         let result = &run["result"];
-        let _ = writeln!(w, "| {} | {} | {} | {:.1} | ≤ 30 |", run["requested"], result["open"], result["failed"], result["kb_per_session"].as_f64().unwrap_or(0.0));
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {:.1} | ≤ 30 |",
+            run["requested"],
+            result["open"],
+            result["failed"],
+            result["kb_per_session"].as_f64().unwrap_or(0.0)
+        );
     }
     let idle = &results["idle"];
     let _ = writeln!(w, "\n## Idle daemon (one source, one subscription)\n");

@@ -56,6 +56,7 @@ impl Forwarder {
     /// empty, or until `stop` is cancelled, after which whatever is left is dead-lettered.
     pub async fn run(self, mut queue: mpsc::Receiver<Envelope>, stop: CancellationToken) {
         let mut batch = Vec::with_capacity(self.sink.batch_size());
+        let forwarded = self.metrics.forwarded_counter(&self.subscription, self.sink_kind);
         loop {
             let first = tokio::select! {
                 biased;
@@ -78,11 +79,8 @@ impl Forwarder {
                 match outcomes.get(index) {
                     Some(Outcome::Delivered) => {
                         Counters::add(&self.counters.forwarded);
-                        self.metrics.forwarded(
-                            &self.subscription,
-                            self.sink_kind,
-                            envelope.received_at.elapsed(),
-                        );
+                        forwarded.inc();
+                        self.metrics.forward_latency(envelope.received_at.elapsed());
                     }
                     Some(Outcome::DeadLetter { reason, attempts }) => {
                         self.dead_letter(&envelope, reason, *attempts).await;

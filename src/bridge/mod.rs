@@ -8,8 +8,8 @@ pub mod replay;
 pub mod source;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -31,7 +31,7 @@ use crate::telemetry::metrics::Metrics;
 use envelope::Envelope;
 use forwarder::{Counters, Forwarder, dead_letter};
 use replay::{ReplayState, SourcePositions};
-use source::{Route, Routes, Source, snapshot};
+use source::{Route, Routes, Source};
 
 /// Why a message still pending in a session at disconnect was not forwarded.
 const DISCONNECT_REASON: &str = "shutdown: received but not yet forwarded when the session closed";
@@ -294,7 +294,8 @@ impl Bridge {
             replay.add(&config.id, config.channel.clone(), config.replay_from, committed);
         }
         let forwarder = self.forwarders.spawn(forwarder.run(receiver, self.stop_delivering.clone()));
-        source.routes.write().unwrap_or_else(std::sync::PoisonError::into_inner).push(Route {
+        source.routes.add(Route {
+            received: self.metrics.received_counter(&source.name, &id),
             subscription: id,
             pattern: config.channel.clone(),
             queue: queue.clone(),
@@ -370,7 +371,7 @@ impl Bridge {
         drop(entry.queue);
         let _ = entry.forwarder.await;
         let pattern = entry.config.channel.as_str();
-        let still_needed = snapshot(&source.routes).iter().any(|route| route.pattern.as_str() == pattern);
+        let still_needed = source.routes.snapshot().iter().any(|route| route.pattern.as_str() == pattern);
         if !still_needed
             && source.client.subscriptions().contains(pattern)
             && let Err(error) = source.client.unsubscribe(pattern).await
@@ -566,7 +567,7 @@ impl Bridge {
                 reasons.push(reason);
                 continue;
             }
-            for route in snapshot(&source.routes) {
+            for route in source.routes.snapshot().iter() {
                 if !status.subscriptions.contains(route.pattern.as_str()) {
                     reasons.push(format!("source {} is not subscribed to {}", source.name, route.pattern));
                 }
@@ -599,9 +600,7 @@ impl Bridge {
             .sources
             .iter()
             .map(|source| {
-                let routes = std::mem::take(
-                    &mut *source.routes.write().unwrap_or_else(std::sync::PoisonError::into_inner),
-                );
+                let routes = source.routes.take_all();
                 routes.into_iter().map(|route| (route.pattern, route.subscription)).collect()
             })
             .collect();
@@ -684,9 +683,6 @@ fn source_client(
     Ok((options.build()?, replay))
 }
 
-fn remove_route(routes: &RwLock<Vec<Route>>, id: &str) {
-    routes
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .retain(|route| &*route.subscription != id);
+fn remove_route(routes: &Routes, id: &str) {
+    routes.remove(id);
 }

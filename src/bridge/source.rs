@@ -6,6 +6,8 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
+
+use prometheus_client::metrics::counter::Counter;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -32,14 +34,44 @@ pub struct Route {
     pub queue: mpsc::Sender<Envelope>,
     /// Its counts.
     pub counters: Arc<Counters>,
+    /// Its `cometd_bridge_messages_received_total` series, looked up once.
+    pub received: Counter,
 }
 
-/// A source's routes; the admin API adds and removes routes while the source runs.
-pub type Routes = Arc<RwLock<Vec<Route>>>;
+/// A source's routes. The admin API adds and removes routes while the source runs; the
+/// source takes a snapshot per message, which costs one reference count, and holds no
+/// lock while it waits for a queue.
+#[derive(Clone, Default)]
+pub struct Routes(Arc<RwLock<Arc<Vec<Route>>>>);
 
-/// A snapshot of the routes, so no lock is held while waiting for a queue.
-pub fn snapshot(routes: &Routes) -> Vec<Route> {
-    routes.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+impl Routes {
+    /// The routes as they are now.
+    pub fn snapshot(&self) -> Arc<Vec<Route>> {
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn replace(&self, change: impl FnOnce(&mut Vec<Route>)) {
+        let mut current = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut routes = current.as_ref().clone();
+        change(&mut routes);
+        *current = Arc::new(routes);
+    }
+
+    /// Adds a route.
+    pub fn add(&self, route: Route) {
+        self.replace(|routes| routes.push(route));
+    }
+
+    /// Removes a subscription's route.
+    pub fn remove(&self, subscription: &str) {
+        self.replace(|routes| routes.retain(|route| &*route.subscription != subscription));
+    }
+
+    /// Removes every route (shutdown), returning them.
+    pub fn take_all(&self) -> Vec<Route> {
+        let mut current = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::take(&mut *current).as_ref().clone()
+    }
 }
 
 /// A source's task state.
@@ -131,7 +163,7 @@ impl Source {
             }
         }
         let channels: BTreeSet<String> =
-            snapshot(&self.routes).iter().map(|route| route.pattern.as_str().to_string()).collect();
+            self.routes.snapshot().iter().map(|route| route.pattern.as_str().to_string()).collect();
         for channel in &channels {
             match self.client.subscribe(channel).await {
                 Ok(()) => tracing::info!(source = %self.name, channel = %channel, "subscribed"),
@@ -148,7 +180,7 @@ impl Source {
         let replay_id = if self.replay { replay_id(&message) } else { None };
         let message = Arc::new(message);
         let received_at = Instant::now();
-        let routes = snapshot(&self.routes);
+        let routes = self.routes.snapshot();
         for route in routes.iter().filter(|route| route.pattern.matches(&message.channel)) {
             let envelope = Envelope {
                 source: self.name.clone(),
@@ -159,7 +191,7 @@ impl Source {
                 message: message.clone(),
                 received_at,
             };
-            self.metrics.received(&self.name, &route.subscription);
+            route.received.inc();
             route.counters.received.fetch_add(1, Ordering::Relaxed);
             let permit = tokio::select! {
                 biased;

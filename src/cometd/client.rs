@@ -176,26 +176,32 @@ impl Client {
     /// - [`Error::Closed`] once the client is closed and nothing is pending.
     pub async fn receive(&self) -> Result<Message, Error> {
         let queue = &self.inner.ctx.shared.queue;
+        if let Some(item) = queue.pop() {
+            return item;
+        }
         let started = Instant::now();
+        let Some(mut handle) = self.handle() else {
+            return Err(Error::Closed);
+        };
         loop {
             let pushed = queue.pushed();
             if let Some(item) = queue.pop() {
                 return item;
             }
-            let Some(mut handle) = self.handle() else {
-                return Err(Error::Closed);
-            };
-            let status = handle.status.borrow_and_update().clone();
-            let deadline = match status.state {
-                SessionState::Closed | SessionState::Disconnecting => return Err(Error::Closed),
-                SessionState::Reconnecting | SessionState::Handshaking if status.open => self
-                    .inner
-                    .ctx
-                    .shared
-                    .options
-                    .connection_timeout
-                    .map(|timeout| status.since.max(started) + timeout),
-                _ => None,
+            // Only what decides the wait is read; the status is not cloned.
+            let deadline = {
+                let status = handle.status.borrow_and_update();
+                match status.state {
+                    SessionState::Closed | SessionState::Disconnecting => return Err(Error::Closed),
+                    SessionState::Reconnecting | SessionState::Handshaking if status.open => self
+                        .inner
+                        .ctx
+                        .shared
+                        .options
+                        .connection_timeout
+                        .map(|timeout| status.since.max(started) + timeout),
+                    _ => None,
+                }
             };
             tokio::select! {
                 _ = pushed => {}

@@ -438,12 +438,12 @@ impl Session {
                 biased;
                 command = self.commands.recv() => match command {
                     None => {
-                        self.shut_down(true).await;
+                        Box::pin(self.shut_down(true)).await;
                         return;
                     }
                     Some(Command::Close { reply }) => {
                         drop(step.take());
-                        self.shut_down(true).await;
+                        Box::pin(self.shut_down(true)).await;
                         let _ = reply.send(());
                         return;
                     }
@@ -458,7 +458,7 @@ impl Session {
                         Ok(Some((delay, next))) => scheduled = Some((Instant::now() + delay, next)),
                         Ok(None) => {}
                         Err(()) => {
-                            self.shut_down(false).await;
+                            Box::pin(self.shut_down(false)).await;
                             return;
                         }
                     }
@@ -856,5 +856,32 @@ mod tests {
         assert_eq!(failure_name(META_SUBSCRIBE), "subscribe request failed");
         assert_eq!(failure_name("/service/echo"), "service request failed");
         assert_eq!(failure_name("/chat"), "publish request failed");
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// An idle session holds its task and a pending `/meta/connect`; with thousands of
+    /// sessions in a process their futures are most of the memory. Large, rarely used
+    /// futures (opening a socket, an HTTP request, shutting down) are boxed to keep these
+    /// small; this guards against losing that by accident.
+    #[test]
+    fn an_idle_sessions_futures_stay_small() {
+        let options = super::super::options::ClientOptions::new("http://127.0.0.1:1/x").validate().unwrap();
+        let queue = std::sync::Arc::new(super::super::pending::PendingQueue::new(None));
+        let shared = std::sync::Arc::new(super::Shared::new(options, queue).unwrap());
+        let ctx = super::Context { shared: shared.clone(), ids: Default::default() };
+        let transport = std::sync::Arc::new(super::Transport::new(super::ConnectionType::WebSocket, shared));
+        let connect = super::connect(ctx.clone(), transport.clone(), "x".into(), None, false);
+        assert!(
+            std::mem::size_of_val(&connect) <= 1024,
+            "connect: {} bytes",
+            std::mem::size_of_val(&connect)
+        );
+        let (_commands, receiver) = tokio::sync::mpsc::channel(1);
+        let (status, _) = tokio::sync::watch::channel(super::SessionStatus::new());
+        let (opened, _) = tokio::sync::oneshot::channel();
+        let run = super::Session::new(ctx, receiver, status, opened).run();
+        assert!(std::mem::size_of_val(&run) <= 2048, "session task: {} bytes", std::mem::size_of_val(&run));
     }
 }

@@ -57,13 +57,25 @@ impl NatsSink {
         if self.jetstream.is_some() { "jetstream" } else { "nats" }
     }
 
-    fn message(&self, envelope: &Envelope) -> (String, HeaderMap, bytes::Bytes) {
+    fn message(
+        &self,
+        envelope: &Envelope,
+        last_subject: &mut Option<(String, String)>,
+    ) -> (String, HeaderMap, bytes::Bytes) {
         let message = &envelope.message;
-        let subject = self.subject.render(&SubjectValues {
-            channel: &message.channel,
-            source: &envelope.source,
-            subscription: &envelope.subscription,
-        });
+        // Consecutive messages usually share a channel: render its subject once.
+        let subject = match last_subject {
+            Some((channel, subject)) if *channel == message.channel => subject.clone(),
+            _ => {
+                let subject = self.subject.render(&SubjectValues {
+                    channel: &message.channel,
+                    source: &envelope.source,
+                    subscription: &envelope.subscription,
+                });
+                *last_subject = Some((message.channel.clone(), subject.clone()));
+                subject
+            }
+        };
         let mut headers = HeaderMap::new();
         headers.insert(headers::SOURCE, &*envelope.source);
         headers.insert(headers::SUBSCRIPTION, &*envelope.subscription);
@@ -94,17 +106,22 @@ impl NatsSink {
     /// were delivered (all, or none when stopped).
     async fn deliver_core(&self, batch: &[Envelope], stop: &CancellationToken) -> usize {
         let backoff = retry_backoff();
+        let mut last_subject = None;
         for envelope in batch {
-            let (subject, headers, payload) = self.message(envelope);
             let mut failures = 0;
-            while let Err(error) =
-                self.client.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await
-            {
-                self.failed(&envelope.subscription, "unavailable", &error);
-                if !pause(backoff.delay(failures), stop).await {
-                    return 0;
+            // Built again only for a retry, so the usual path copies nothing.
+            loop {
+                let (subject, headers, payload) = self.message(envelope, &mut last_subject);
+                match self.client.publish_with_headers(subject, headers, payload).await {
+                    Ok(()) => break,
+                    Err(error) => {
+                        self.failed(&envelope.subscription, "unavailable", &error);
+                        if !pause(backoff.delay(failures), stop).await {
+                            return 0;
+                        }
+                        failures += 1;
+                    }
                 }
-                failures += 1;
             }
         }
         let mut failures = 0;
@@ -171,11 +188,12 @@ impl NatsSink {
     ) -> Result<usize, (usize, &'static str, String)> {
         let mut pending = VecDeque::new();
         let mut acked = 0;
+        let mut last_subject = None;
         for envelope in batch {
             if stop.is_cancelled() {
                 break;
             }
-            let (subject, headers, payload) = self.message(envelope);
+            let (subject, headers, payload) = self.message(envelope, &mut last_subject);
             match jetstream.publish_with_headers(subject, headers, payload).await {
                 Ok(ack) => pending.push_back(ack),
                 Err(error) => {

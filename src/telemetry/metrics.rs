@@ -107,20 +107,25 @@ impl Metrics {
         text
     }
 
-    /// A message from `source` was routed to `subscription`.
-    pub fn received(&self, source: &str, subscription: &str) {
+    /// The series counting messages from `source` routed to `subscription`: looked up
+    /// once per route, since building the label set for every message costs allocations.
+    pub fn received_counter(&self, source: &str, subscription: &str) -> Counter {
         self.inner
             .received
             .get_or_create(&vec![("source", source.into()), ("subscription", subscription.into())])
-            .inc();
+            .clone()
     }
 
-    /// The sink acknowledged a message, `latency` after it was received.
-    pub fn forwarded(&self, subscription: &str, sink: &str, latency: Duration) {
+    /// The series counting what the sink acknowledged for `subscription`.
+    pub fn forwarded_counter(&self, subscription: &str, sink: &str) -> Counter {
         self.inner
             .forwarded
             .get_or_create(&vec![("subscription", subscription.into()), ("sink", sink.into())])
-            .inc();
+            .clone()
+    }
+
+    /// The sink acknowledged a message, `latency` after it was received.
+    pub fn forward_latency(&self, latency: Duration) {
         self.inner.latency.observe(latency.as_secs_f64());
     }
 

@@ -137,7 +137,8 @@ fn every_shipped_configuration_is_valid() {
     assert_valid(&webhooks_file, &env, "config/webhooks.toml");
     // A key made for the tests only stands in for the JWT flow's key.
     let key = project_dir().join("tests/peers/test-only-rsa.pem");
-    let salesforce = read("config/salesforce.toml").replace("/run/secrets/salesforce-jwt.pem", &key.display().to_string());
+    let salesforce =
+        read("config/salesforce.toml").replace("/run/secrets/salesforce-jwt.pem", &key.display().to_string());
     let salesforce_file = dir.path().join("salesforce.toml");
     std::fs::write(&salesforce_file, salesforce).expect("write");
     assert_valid(&salesforce_file, &env, "config/salesforce.toml");

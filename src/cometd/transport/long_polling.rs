@@ -30,7 +30,7 @@ impl LongPolling {
         let body = serde_json::to_vec(&payload)
             .map_err(|error| Error::transport_from(TransportErrorKind::Io, error))?;
         let response = shared
-            .http
+            .http()?
             .post(shared.options.http_url.clone())
             .headers(headers)
             .body(body)

@@ -25,7 +25,9 @@ pub(crate) use websocket::WebSocket;
 /// What every transport of one client shares.
 pub(crate) struct Shared {
     pub(crate) options: ValidOptions,
-    pub(crate) http: reqwest::Client,
+    /// The HTTP client, made on first use: a websocket session never needs one, and with
+    /// thousands of sessions in a process it would be a good part of their memory.
+    http: std::sync::OnceLock<reqwest::Client>,
     pub(crate) jar: Arc<Jar>,
     pub(crate) tls: Arc<rustls::ClientConfig>,
     pub(crate) queue: Arc<PendingQueue>,
@@ -35,12 +37,27 @@ impl Shared {
     pub(crate) fn new(options: ValidOptions, queue: Arc<PendingQueue>) -> Result<Self, Error> {
         let tls = super::tls::client_config(&options.tls)?;
         let jar = Arc::new(Jar::default());
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured((*tls).clone())
-            .cookie_provider(jar.clone())
+        let shared = Shared { options, http: std::sync::OnceLock::new(), jar, tls, queue };
+        // Built once here to report a bad configuration now; dropped until needed.
+        shared.build_http()?;
+        Ok(shared)
+    }
+
+    fn build_http(&self) -> Result<reqwest::Client, Error> {
+        reqwest::Client::builder()
+            .tls_backend_preconfigured((*self.tls).clone())
+            .cookie_provider(self.jar.clone())
             .build()
-            .map_err(|error| Error::InvalidOptions(format!("HTTP client: {error}")))?;
-        Ok(Shared { options, http, jar, tls, queue })
+            .map_err(|error| Error::InvalidOptions(format!("HTTP client: {error}")))
+    }
+
+    /// The HTTP client for long-polling.
+    pub(crate) fn http(&self) -> Result<&reqwest::Client, Error> {
+        if let Some(http) = self.http.get() {
+            return Ok(http);
+        }
+        let http = self.build_http()?;
+        Ok(self.http.get_or_init(|| http))
     }
 
     /// Runs the outgoing hooks (extensions, then auth) and returns the headers to send.
@@ -94,10 +111,14 @@ impl Transport {
     }
 
     /// Sends `payload` and returns the reply to each of its messages, in order.
+    ///
+    /// Each transport's future is boxed: the two differ a lot in size (an HTTP request
+    /// against a send on an open socket), and a future of this enum would otherwise
+    /// reserve the larger one for every idle session.
     pub(crate) async fn send(&self, payload: Vec<Message>, timeout: Duration) -> Result<Vec<Message>, Error> {
         match self {
-            Transport::LongPolling(transport) => transport.send(payload, timeout).await,
-            Transport::WebSocket(transport) => transport.send(payload, timeout).await,
+            Transport::LongPolling(transport) => Box::pin(transport.send(payload, timeout)).await,
+            Transport::WebSocket(transport) => Box::pin(transport.send(payload, timeout)).await,
         }
     }
 

@@ -25,7 +25,7 @@ use crate::cometd::message::{META_CONNECT, Message};
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The websocket read buffer per session.
-const READ_BUFFER_SIZE: usize = 8 * 1024;
+const READ_BUFFER_SIZE: usize = 4 * 1024;
 
 pub(crate) struct WebSocket {
     shared: Arc<Shared>,
@@ -62,7 +62,9 @@ impl WebSocket {
         {
             return Ok(connection.clone());
         }
-        let connection = Arc::new(Connection::open(self.shared.clone(), headers).await?);
+        // Boxed: opening a socket (TCP, TLS, HTTP upgrade) is a large future that every
+        // send would otherwise carry, though it rarely runs.
+        let connection = Arc::new(Box::pin(Connection::open(self.shared.clone(), headers)).await?);
         *slot = Some(connection.clone());
         Ok(connection)
     }
@@ -292,9 +294,9 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
                 _ = registered => {}
             }
         }
-        let text = match reader.next().await {
-            Some(Ok(Frame::Text(text))) => text.as_bytes().to_vec(),
-            Some(Ok(Frame::Binary(bytes))) => bytes.to_vec(),
+        let frame = match reader.next().await {
+            Some(Ok(Frame::Text(text))) => Frame::Text(text),
+            Some(Ok(Frame::Binary(bytes))) => Frame::Binary(bytes),
             Some(Ok(Frame::Close(_))) | None => break TransportErrorKind::ConnectionClosed,
             Some(Ok(_)) => continue, // ping, pong: handled by tungstenite
             Some(Err(error)) => {
@@ -302,7 +304,13 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
                 break TransportErrorKind::ConnectionClosed;
             }
         };
-        let mut received = match parse_payload(&text) {
+        // Parsed in place: the frame's bytes are not copied.
+        let bytes: &[u8] = match &frame {
+            Frame::Text(text) => text.as_bytes(),
+            Frame::Binary(bytes) => bytes,
+            _ => &[],
+        };
+        let mut received = match parse_payload(bytes) {
             Ok(received) => received,
             Err(error) => {
                 tracing::warn!(error = %error, "malformed websocket frame; closing the socket");
