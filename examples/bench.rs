@@ -56,6 +56,11 @@ fn main() {
             nats.kill();
             faye.kill();
         }),
+        Some("idle") => runtime.block_on(async {
+            let (faye, url) = start_faye(60);
+            eprintln!("{}", idle_daemon(&url).await);
+            faye.kill();
+        }),
         Some("receive") => {
             // A quick look while optimising: one run of one client, every transport and size.
             let (faye, url) = start_faye(60);

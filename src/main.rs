@@ -4,11 +4,6 @@
 
 use std::process::ExitCode;
 
-/// mimalloc: the bridge allocates and frees small buffers on several threads for every
-/// message, where glibc's allocator spent a fifth of the CPU (see bench/RESULTS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::Parser;
 use cometd_bridge::cli::{self, Cli, Command, CommandError};
 use cometd_bridge::{config, telemetry};

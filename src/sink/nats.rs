@@ -4,8 +4,8 @@
 
 use std::collections::VecDeque;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream;
+use async_nats::{HeaderMap, Subject};
 use tokio_util::sync::CancellationToken;
 
 use super::subject::{SubjectTemplate, SubjectValues};
@@ -60,18 +60,18 @@ impl NatsSink {
     fn message(
         &self,
         envelope: &Envelope,
-        last_subject: &mut Option<(String, String)>,
-    ) -> (String, HeaderMap, bytes::Bytes) {
+        last_subject: &mut Option<(String, Subject)>,
+    ) -> (Subject, HeaderMap, bytes::Bytes) {
         let message = &envelope.message;
         // Consecutive messages usually share a channel: render its subject once.
         let subject = match last_subject {
             Some((channel, subject)) if *channel == message.channel => subject.clone(),
             _ => {
-                let subject = self.subject.render(&SubjectValues {
+                let subject = Subject::from(self.subject.render(&SubjectValues {
                     channel: &message.channel,
                     source: &envelope.source,
                     subscription: &envelope.subscription,
-                });
+                }));
                 *last_subject = Some((message.channel.clone(), subject.clone()));
                 subject
             }
