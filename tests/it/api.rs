@@ -1,13 +1,11 @@
 //! The admin API through real HTTP: every route and error status, auth, runtime
 //! subscriptions that receive from faye and survive restarts (also `kill -9`), dead letters.
 
-use std::process::Stdio;
-
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::support::app::TestApp;
 use crate::support::bayeux::{BayeuxServer, FayeOptions};
+use crate::support::daemon::Daemon;
 use crate::support::peer::{WAIT, open};
 use crate::support::webhook::WebhookReceiver;
 
@@ -264,32 +262,9 @@ async fn a_subscription_is_kept_through_kill_9_right_after_201() {
         ),
     )
     .expect("write config");
-    let start = || async {
-        let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_cometd-bridge"))
-            .args(["run", "--log-format", "json", "--config"])
-            .arg(&file)
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the daemon");
-        let mut logs = BufReader::new(daemon.stderr.take().expect("stderr")).lines();
-        let admin = loop {
-            let line = tokio::time::timeout(WAIT, logs.next_line())
-                .await
-                .expect("logs")
-                .expect("read")
-                .expect("running");
-            let event: Value = serde_json::from_str(&line).expect("JSON log");
-            if event["fields"]["message"] == "cometd-bridge started" {
-                break event["fields"]["admin"].as_str().expect("admin address").to_string();
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
-        (daemon, admin)
-    };
     let client = crate::support::http_client();
-    let (mut daemon, admin) = start().await;
+    let daemon = Daemon::start(&file).await;
+    let admin = daemon.admin.clone();
     let response = client
         .post(format!("http://{admin}/api/v1/subscriptions"))
         .header("content-type", "application/json")
@@ -298,10 +273,10 @@ async fn a_subscription_is_kept_through_kill_9_right_after_201() {
         .await
         .expect("post");
     assert_eq!(response.status(), 201);
-    daemon.start_kill().expect("kill -9");
-    daemon.wait().await.expect("killed");
+    daemon.kill_9().await;
 
-    let (_daemon, admin) = start().await;
+    let daemon = Daemon::start(&file).await;
+    let admin = daemon.admin.clone();
     let response =
         client.get(format!("http://{admin}/api/v1/subscriptions/durable")).send().await.expect("get");
     assert_eq!(response.status(), 200, "the acknowledged subscription survived kill -9");

@@ -4,15 +4,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 use crate::support::app::TestApp;
 use crate::support::bayeux::{BayeuxServer, FayeOptions};
+use crate::support::daemon::Daemon;
 use crate::support::nats::NatsServer;
 use crate::support::peer::{WAIT, open};
 use crate::support::webhook::WebhookReceiver;
@@ -96,34 +94,11 @@ async fn publish_numbers(faye: &BayeuxServer, numbers: std::ops::Range<u64>) {
     }
 }
 
-/// Starts the binary on `config`; returns it with its admin address once the source is
-/// subscribed (seen in its JSON logs).
-async fn start_daemon(config: &Path) -> (Child, String) {
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_cometd-bridge"))
-        .args(["run", "--log-format", "json", "--config"])
-        .arg(config)
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the daemon");
-    let mut logs = BufReader::new(daemon.stderr.take().expect("stderr")).lines();
-    let mut admin = None;
-    loop {
-        let line = tokio::time::timeout(WAIT, logs.next_line())
-            .await
-            .expect("logs")
-            .expect("read")
-            .expect("running");
-        let event: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("a JSON log line: {line}"));
-        match event["fields"]["message"].as_str() {
-            Some("cometd-bridge started") => admin = event["fields"]["admin"].as_str().map(str::to_owned),
-            Some("subscribed") => break,
-            _ => {}
-        }
-    }
-    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
-    (daemon, admin.expect("the admin address was logged"))
+/// Starts the binary on `config`, once its source has subscribed.
+async fn start_daemon(config: &Path) -> Daemon {
+    let mut daemon = Daemon::start(config).await;
+    daemon.wait_for_log("subscribed").await;
+    daemon
 }
 
 #[tokio::test]
@@ -145,7 +120,7 @@ async fn kill_9_mid_stream_loses_nothing_and_jetstream_drops_the_replayed_copies
     )
     .expect("write config");
 
-    let (mut daemon, _) = start_daemon(&config).await;
+    let daemon = start_daemon(&config).await;
     publish_numbers(&faye, 0..40).await;
     // Let part of it through, then kill the bridge without warning.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -153,8 +128,7 @@ async fn kill_9_mid_stream_loses_nothing_and_jetstream_drops_the_replayed_copies
         assert!(tokio::time::Instant::now() < deadline, "nothing reached JetStream");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    daemon.start_kill().expect("kill -9");
-    daemon.wait().await.expect("killed");
+    daemon.kill_9().await;
     publish_numbers(&faye, 40..60).await; // while the bridge is down
     // A crash can also fall between the stream's ack and the commit: replay from earlier.
     let mut stream = jetstream.get_stream("SF").await.expect("stream");
@@ -163,7 +137,7 @@ async fn kill_9_mid_stream_loses_nothing_and_jetstream_drops_the_replayed_copies
     rewind(state.path(), "orders", third["event"]["replayId"].as_i64().expect("a replay id"));
     let _ = stream.info().await;
 
-    let (_daemon, _) = start_daemon(&config).await;
+    let _daemon = start_daemon(&config).await;
     publish_numbers(&faye, 60..80).await;
     wait_for_stream(&jetstream, 80).await;
     assert_eq!(stored_numbers(&jetstream).await, (0..80).collect::<Vec<_>>(), "every event once, in order");
@@ -204,18 +178,17 @@ async fn kill_9_with_a_webhook_repeats_only_with_the_same_webhook_id() {
     .expect("write config");
     let mut seen: BTreeMap<u64, Seen> = BTreeMap::new();
 
-    let (mut daemon, _) = start_daemon(&config).await;
+    let daemon = start_daemon(&config).await;
     publish_numbers(&faye, 0..20).await;
     for _ in 0..5 {
         record(&mut seen, receiver.next().await);
     }
-    daemon.start_kill().expect("kill -9");
-    daemon.wait().await.expect("killed");
+    daemon.kill_9().await;
     publish_numbers(&faye, 20..30).await;
     // As if the crash fell between the receiver's answer and the commit: resume after
     // event 0, so events 1.. come again.
     rewind(state.path(), "hook", seen[&0].replay_id);
-    let (_daemon, _) = start_daemon(&config).await;
+    let _daemon = start_daemon(&config).await;
     publish_numbers(&faye, 30..40).await;
     while seen.len() < 40 || seen[&1].deliveries < 2 {
         record(&mut seen, receiver.next().await);

@@ -1,14 +1,12 @@
 //! The `cometd-bridge run` and `check` commands as a user runs them: exit codes, problems
 //! named by key, and a SIGTERM with deliveries in flight.
 
-use std::process::Stdio;
-
 use cometd_bridge::store::Store;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::support::bayeux::{BayeuxServer, FayeOptions};
+use crate::support::daemon::Daemon;
 use crate::support::peer::{WAIT, open};
 use crate::support::webhook::WebhookReceiver;
 
@@ -155,6 +153,29 @@ async fn environment_variables_override_the_file() {
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
+/// A configuration whose only subscription goes to a webhook that keeps failing.
+fn stuck_config(
+    state: &std::path::Path,
+    faye: &BayeuxServer,
+    receiver: &WebhookReceiver,
+    grace: &str,
+) -> std::path::PathBuf {
+    let file = state.join("config.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{}\"\n[bridge]\nshutdown_grace = \"{grace}\"\n\
+             [[sources]]\nname = \"demo\"\nurl = \"{}\"\n\
+             [[subscriptions]]\nid = \"stuck\"\nsource = \"demo\"\nchannel = \"/stuck\"\nsink = {{ type = \"webhook\", url = \"{}\" }}\n",
+            state.display(),
+            faye.url(),
+            receiver.url()
+        ),
+    )
+    .expect("write config");
+    file
+}
+
 /// SIGTERM while a webhook keeps failing: what is in flight goes to the dead letters within
 /// the grace period, and the process exits 0.
 #[tokio::test]
@@ -162,49 +183,16 @@ async fn sigterm_with_deliveries_in_flight_dead_letters_them_and_exits_0() {
     let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
     let mut receiver = WebhookReceiver::start(std::iter::repeat_n(503, 1000)).await;
     let state = tempfile::tempdir().expect("state");
-    let file = state.path().join("config.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{}\"\n[bridge]\nshutdown_grace = \"1s\"\n\
-             [[sources]]\nname = \"demo\"\nurl = \"{}\"\n\
-             [[subscriptions]]\nid = \"stuck\"\nsource = \"demo\"\nchannel = \"/stuck\"\nsink = {{ type = \"webhook\", url = \"{}\" }}\n",
-            state.path().display(),
-            faye.url(),
-            receiver.url()
-        ),
-    )
-    .expect("write config");
-    let mut daemon = binary()
-        .args(["run", "--log-format", "json", "--config"])
-        .arg(&file)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the daemon");
-    let mut logs = BufReader::new(daemon.stderr.take().expect("stderr")).lines();
-    // Wait for the source to subscribe (a log event), then publish.
-    loop {
-        let line = tokio::time::timeout(WAIT, logs.next_line())
-            .await
-            .expect("logs")
-            .expect("stderr")
-            .expect("running");
-        let event: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("a JSON log line: {line}"));
-        if event["fields"]["message"] == "subscribed" {
-            break;
-        }
-    }
-    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+    let mut daemon = Daemon::start(&stuck_config(state.path(), &faye, &receiver, "1s")).await;
+    daemon.wait_for_log("subscribed").await;
     let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
     for n in 0..5 {
         publisher.publish("/stuck", json!(n)).await.expect("publish");
     }
     assert_eq!(receiver.next().await.status, 503, "a delivery is in flight");
 
-    let pid = i32::try_from(daemon.id().expect("running")).expect("pid");
-    // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = tokio::time::timeout(WAIT, daemon.wait())
+    daemon.signal(libc::SIGTERM);
+    let status = tokio::time::timeout(WAIT, daemon.child.wait())
         .await
         .expect("exits within the grace period")
         .expect("status");
@@ -225,48 +213,15 @@ async fn a_second_signal_exits_at_once() {
     let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
     let mut receiver = WebhookReceiver::start(std::iter::repeat_n(503, 1000)).await;
     let state = tempfile::tempdir().expect("state");
-    let file = state.path().join("config.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{}\"\n[bridge]\nshutdown_grace = \"1h\"\n\
-             [[sources]]\nname = \"demo\"\nurl = \"{}\"\n\
-             [[subscriptions]]\nid = \"stuck\"\nsource = \"demo\"\nchannel = \"/stuck\"\nsink = {{ type = \"webhook\", url = \"{}\" }}\n",
-            state.path().display(),
-            faye.url(),
-            receiver.url()
-        ),
-    )
-    .expect("write config");
-    let mut daemon = binary()
-        .args(["run", "--log-format", "json", "--config"])
-        .arg(&file)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the daemon");
-    let mut logs = BufReader::new(daemon.stderr.take().expect("stderr")).lines();
-    let mut wait_for_log = async |message: &str| loop {
-        let line = tokio::time::timeout(WAIT, logs.next_line())
-            .await
-            .expect("logs")
-            .expect("stderr")
-            .expect("running");
-        let event: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("a JSON log line: {line}"));
-        if event["fields"]["message"] == message {
-            return;
-        }
-    };
-    wait_for_log("subscribed").await;
+    let mut daemon = Daemon::start(&stuck_config(state.path(), &faye, &receiver, "1h")).await;
+    daemon.wait_for_log("subscribed").await;
     let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
     publisher.publish("/stuck", json!(1)).await.expect("publish");
     assert_eq!(receiver.next().await.status, 503, "a delivery is in flight");
-    let pid = i32::try_from(daemon.id().expect("running")).expect("pid");
-    // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    wait_for_log("shutdown requested; a second signal exits at once").await;
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = tokio::time::timeout(WAIT, daemon.wait())
+    daemon.signal(libc::SIGTERM);
+    daemon.wait_for_log("shutdown requested; a second signal exits at once").await;
+    daemon.signal(libc::SIGTERM);
+    let status = tokio::time::timeout(WAIT, daemon.child.wait())
         .await
         .expect("exits at once, not after 1h")
         .expect("status");

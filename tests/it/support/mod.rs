@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod bayeux;
+pub mod daemon;
 pub mod fake;
 pub mod nats;
 pub mod peer;
