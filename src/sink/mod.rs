@@ -43,7 +43,7 @@ impl Sink {
     /// (or collects acks) once; a webhook takes one request per message.
     pub fn batch_size(&self) -> usize {
         match self {
-            Sink::Nats(_) => 256,
+            Sink::Nats(_) => 512,
             Sink::Webhook(_) => 1,
         }
     }
