@@ -337,7 +337,7 @@ impl Bridge {
             && let Err(error) = source.client.subscribe(pattern).await
             && matches!(error, Error::Server(_))
         {
-            remove_route(&source.routes, &config.id);
+            source.routes.remove(&config.id);
             drop(entry.queue);
             let _ = entry.forwarder.await;
             self.store.delete_subscription(&config.id).await?;
@@ -367,7 +367,7 @@ impl Bridge {
         }
         let entry = subscriptions.remove(id).expect("checked above");
         let source = self.source(&entry.config.source).expect("subscriptions belong to known sources");
-        remove_route(&source.routes, id);
+        source.routes.remove(id);
         drop(entry.queue);
         let _ = entry.forwarder.await;
         let pattern = entry.config.channel.as_str();
@@ -681,8 +681,4 @@ fn source_client(
         options = options.auth(SalesforceAuth::with_tls(credentials.clone(), &config.tls)?);
     }
     Ok((options.build()?, replay))
-}
-
-fn remove_route(routes: &Routes, id: &str) {
-    routes.remove(id);
 }

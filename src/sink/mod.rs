@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use nats::NatsSink;
+pub use nats::{ACK_WINDOW, NatsSink};
 pub use webhook::WebhookSink;
 
 use crate::bridge::envelope::Envelope;

@@ -15,7 +15,7 @@ use crate::config::Payload;
 use crate::telemetry::metrics::Metrics;
 
 /// JetStream acks awaited at most at once per subscription.
-const ACK_WINDOW: usize = 256;
+pub const ACK_WINDOW: usize = 256;
 
 /// Header names of the contract.
 pub mod headers {

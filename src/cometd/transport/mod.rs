@@ -37,10 +37,7 @@ impl Shared {
     pub(crate) fn new(options: ValidOptions, queue: Arc<PendingQueue>) -> Result<Self, Error> {
         let tls = super::tls::client_config(&options.tls)?;
         let jar = Arc::new(Jar::default());
-        let shared = Shared { options, http: std::sync::OnceLock::new(), jar, tls, queue };
-        // Built once here to report a bad configuration now; dropped until needed.
-        shared.build_http()?;
-        Ok(shared)
+        Ok(Shared { options, http: std::sync::OnceLock::new(), jar, tls, queue })
     }
 
     fn build_http(&self) -> Result<reqwest::Client, Error> {
