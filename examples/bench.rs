@@ -91,8 +91,8 @@ fn main() {
                 for size in [64usize, 1024] {
                     let run = receive_run(&args[1], &url, transport, size, MESSAGES);
                     eprintln!(
-                        "{transport} {size} B: {:.0} msg/s, {:.2} µs/msg, p50 {} ms, peak RSS {} KB",
-                        run.rate, run.cpu_us_per_msg, run.stats["p50_ms"], run.max_rss_kb
+                        "{transport} {size} B: {:.0} msg/s, {:.2} µs/msg ({:.2} user), p50 {} ms, peak RSS {} KB",
+                        run.rate, run.cpu_us_per_msg, run.user_us_per_msg, run.stats["p50_ms"], run.max_rss_kb
                     );
                 }
             }
@@ -314,11 +314,16 @@ fn rss_kb(pid: u32) -> u64 {
 
 /// User + system CPU time of a running process, in microseconds.
 fn cpu_us(pid: u32) -> u64 {
+    let (user, system) = cpu_split_us(pid);
+    user + system
+}
+
+/// A process's user and kernel CPU time so far, in µs (from `/proc`, 10 ms ticks).
+fn cpu_split_us(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    ticks * 1_000_000 / 100
+    let ticks = |index: usize| fields.get(index).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) * 1_000_000 / 100, ticks(12) * 1_000_000 / 100)
 }
 
 /// A spawned process, its stdout lines, and its resource use once reaped.
@@ -329,7 +334,8 @@ struct Proc {
 
 /// What a process used, from the kernel at reaping (wait4).
 struct Usage {
-    cpu_us: u64,
+    user_us: u64,
+    system_us: u64,
     max_rss_kb: u64,
 }
 
@@ -363,7 +369,11 @@ impl Proc {
         // SAFETY: wait4 on our own child with valid out-pointers.
         unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
         let micros = |time: libc::timeval| time.tv_sec as u64 * 1_000_000 + time.tv_usec as u64;
-        Usage { cpu_us: micros(usage.ru_utime) + micros(usage.ru_stime), max_rss_kb: usage.ru_maxrss as u64 }
+        Usage {
+            user_us: micros(usage.ru_utime),
+            system_us: micros(usage.ru_stime),
+            max_rss_kb: usage.ru_maxrss as u64,
+        }
     }
 
     fn kill(mut self) {
@@ -467,6 +477,8 @@ struct Run {
     stats: Value,
     rate: f64,
     cpu_us_per_msg: f64,
+    /// The user-space part of `cpu_us_per_msg`; the rest is the kernel's.
+    user_us_per_msg: f64,
     max_rss_kb: u64,
     publisher_rate: f64,
 }
@@ -475,7 +487,7 @@ fn receive_run(client: &str, url: &str, transport: &str, size: usize, count: u64
     let channel = "/bench/flood";
     let mut sub = Proc::spawn(subscriber_command(client, url, channel, count, transport));
     sub.expect_ready();
-    let cpu_at_ready = cpu_us(sub.pid());
+    let (user_at_ready, system_at_ready) = cpu_split_us(sub.pid());
     let mut publisher = Proc::spawn(flood_command(url, count, size, 0, &[channel]));
     let published: Value = serde_json::from_str(&publisher.line().expect("publisher result")).expect("JSON");
     publisher.reap();
@@ -485,7 +497,10 @@ fn receive_run(client: &str, url: &str, transport: &str, size: usize, count: u64
     let span = (stats["last_us"].as_f64().unwrap_or(0.0) - stats["first_us"].as_f64().unwrap_or(0.0)) / 1e6;
     Run {
         rate: if span > 0.0 { (received - 1.0) / span } else { 0.0 },
-        cpu_us_per_msg: (usage.cpu_us.saturating_sub(cpu_at_ready)) as f64 / received.max(1.0),
+        cpu_us_per_msg: (usage.user_us + usage.system_us).saturating_sub(user_at_ready + system_at_ready)
+            as f64
+            / received.max(1.0),
+        user_us_per_msg: usage.user_us.saturating_sub(user_at_ready) as f64 / received.max(1.0),
         max_rss_kb: usage.max_rss_kb,
         publisher_rate: published["rate"].as_f64().unwrap_or(0.0),
         stats,
@@ -523,6 +538,7 @@ async fn orchestrate() {
                     "transport": transport, "payload": size, "client": client,
                     "rate": summary(&runs.iter().map(|run| run.rate).collect::<Vec<_>>()),
                     "cpu_us_per_msg": summary(&runs.iter().map(|run| run.cpu_us_per_msg).collect::<Vec<_>>()),
+                    "user_us_per_msg": summary(&runs.iter().map(|run| run.user_us_per_msg).collect::<Vec<_>>()),
                     "p50_ms": summary(&runs.iter().map(|run| run.stats["p50_ms"].as_f64().unwrap_or(0.0)).collect::<Vec<_>>()),
                     "p99_ms": summary(&runs.iter().map(|run| run.stats["p99_ms"].as_f64().unwrap_or(0.0)).collect::<Vec<_>>()),
                     "max_rss_kb": summary(&runs.iter().map(|run| run.max_rss_kb as f64).collect::<Vec<_>>()),
@@ -1053,19 +1069,20 @@ fn report(results: &Value) -> String {
     );
     let _ = writeln!(
         w,
-        "| transport | payload | client | msgs/s | CPU µs/msg | p50 ms | p99 ms | peak RSS MB | lost / dup / reordered |"
+        "| transport | payload | client | msgs/s | CPU µs/msg | of which user space | p50 ms | p99 ms | peak RSS MB | lost / dup / reordered |"
     );
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|");
     let receive = results["receive"].as_array().cloned().unwrap_or_default();
     for entry in &receive {
         let _ = writeln!(
             w,
-            "| {} | {} B | {} | {} | {} | {} | {} | {:.1} | {} / {} / {} |",
+            "| {} | {} B | {} | {} | {} | {:.2} | {} | {} | {:.1} | {} / {} / {} |",
             entry["transport"].as_str().unwrap_or(""),
             entry["payload"],
             entry["client"].as_str().unwrap_or(""),
             range(&entry["rate"], 0),
             range(&entry["cpu_us_per_msg"], 2),
+            median(&entry["user_us_per_msg"]),
             range(&entry["p50_ms"], 1),
             range(&entry["p99_ms"], 1),
             median(&entry["max_rss_kb"]) / 1024.0,
@@ -1077,9 +1094,9 @@ fn report(results: &Value) -> String {
     let _ = writeln!(w, "\n### Targets (ratios in the same run)\n");
     let _ = writeln!(
         w,
-        "| transport | payload | rate ÷ fastest peer (≥ 1) | CPU ÷ aiocometd (≤ 0.05) | CPU ÷ JS client (≤ 0.2) |"
+        "| transport | payload | rate ÷ fastest peer (≥ 1) | CPU ÷ aiocometd (≤ 0.05) | CPU ÷ JS client (≤ 0.2) | user-space CPU ÷ aiocometd's | user-space CPU ÷ JS client's |"
     );
-    let _ = writeln!(w, "|---|---|---|---|---|");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|");
     for transport in ["websocket", "long-polling"] {
         for size in [64, 1024] {
             let find = |client: &str| {
@@ -1093,10 +1110,12 @@ fn report(results: &Value) -> String {
                 let fastest = median(&aio["rate"]).max(median(&js["rate"]));
                 let _ = writeln!(
                     w,
-                    "| {transport} | {size} B | {:.2} | {:.3} | {:.3} |",
+                    "| {transport} | {size} B | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} |",
                     median(&ours["rate"]) / fastest.max(1.0),
                     median(&ours["cpu_us_per_msg"]) / median(&aio["cpu_us_per_msg"]).max(1e-9),
-                    median(&ours["cpu_us_per_msg"]) / median(&js["cpu_us_per_msg"]).max(1e-9)
+                    median(&ours["cpu_us_per_msg"]) / median(&js["cpu_us_per_msg"]).max(1e-9),
+                    median(&ours["user_us_per_msg"]) / median(&aio["user_us_per_msg"]).max(1e-9),
+                    median(&ours["user_us_per_msg"]) / median(&js["user_us_per_msg"]).max(1e-9)
                 );
             }
         }

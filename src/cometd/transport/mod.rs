@@ -144,6 +144,13 @@ impl Transport {
     }
 }
 
+/// Parses a websocket text frame. Its UTF-8 was checked when the frame was read, so the
+/// strings in it are not checked a second time; anything but a well-formed array of
+/// messages takes the general path for its single-message form or its error.
+pub(crate) fn parse_text_payload(text: &str) -> Result<Vec<Message>, Error> {
+    serde_json::from_str::<Vec<Message>>(text).or_else(|_| parse_payload(text.as_bytes()))
+}
+
 /// Parses a received payload: a JSON array of messages (a single object is accepted too).
 pub(crate) fn parse_payload(bytes: &[u8]) -> Result<Vec<Message>, Error> {
     match serde_json::from_slice::<Vec<Message>>(bytes) {
@@ -257,6 +264,17 @@ mod tests {
         assert!(error(b"[{\"id\":\"1\"}]").contains("not an array of Bayeux messages"));
         assert_eq!(parse_payload(b"{\"channel\":\"/a\"}").expect("object").len(), 1);
         assert!(parse_payload(b"[]").expect("empty array").is_empty());
+    }
+
+    #[test]
+    fn text_frames_parse_as_bytes_do() {
+        for text in
+            ["", "<html>", "42", "[{\"id\":\"1\"}]", "{\"channel\":\"/a\"}", "[]", "[{\"channel\":\"/é\"}]"]
+        {
+            let as_text = parse_text_payload(text).map_err(|error| error.to_string());
+            let as_bytes = parse_payload(text.as_bytes()).map_err(|error| error.to_string());
+            assert_eq!(as_text, as_bytes, "{text}");
+        }
     }
 
     #[test]

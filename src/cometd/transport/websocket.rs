@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as Frame};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-use super::{Shared, is_tls, parse_payload};
+use super::{Shared, is_tls, parse_payload, parse_text_payload};
 use crate::cometd::error::{Error, TransportErrorKind};
 use crate::cometd::message::{META_CONNECT, Message};
 
@@ -305,12 +305,12 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
             }
         };
         // Parsed in place: the frame's bytes are not copied.
-        let bytes: &[u8] = match &frame {
-            Frame::Text(text) => text.as_bytes(),
-            Frame::Binary(bytes) => bytes,
-            _ => &[],
+        let parsed = match &frame {
+            Frame::Text(text) => parse_text_payload(text.as_str()),
+            Frame::Binary(bytes) => parse_payload(bytes),
+            _ => Ok(Vec::new()),
         };
-        let mut received = match parse_payload(bytes) {
+        let mut received = match parsed {
             Ok(received) => received,
             Err(error) => {
                 tracing::warn!(error = %error, "malformed websocket frame; closing the socket");
