@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cometd_bridge::cometd::{Client, ConnectionType};
+use cometd_bridge::cometd::{Client, ConnectionType, ReadCoalescing};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 
@@ -39,7 +39,8 @@ fn main() {
     match args.first().map(String::as_str) {
         None | Some("all") => runtime.block_on(orchestrate()),
         Some("sub") => {
-            runtime.block_on(subscriber(&args[1], &args[2], args[3].parse().expect("count"), &args[4]))
+            let coalescing = args.get(5).is_none_or(|client| client != "cometd-bridge-polled");
+            runtime.block_on(subscriber(&args[1], &args[2], args[3].parse().expect("count"), &args[4], coalescing))
         }
         Some("flood") => runtime.block_on(flood(&args[1..])),
         Some("nats-sub") => {
@@ -164,10 +165,15 @@ impl Stats {
     }
 }
 
-/// Mode `sub`: this project's client as a benchmark subscriber.
-async fn subscriber(url: &str, channel: &str, count: u64, transport: &str) {
+/// Mode `sub`: this project's client as a benchmark subscriber, with its default options
+/// (`cometd-bridge`) or with read coalescing off (`cometd-bridge-polled`).
+async fn subscriber(url: &str, channel: &str, count: u64, transport: &str, coalescing: bool) {
     let kind = if transport == "websocket" { ConnectionType::WebSocket } else { ConnectionType::LongPolling };
-    let client = Client::builder(url).connection_types([kind]).build().expect("options");
+    let client = Client::builder(url)
+        .connection_types([kind])
+        .read_coalescing(coalescing.then(ReadCoalescing::default))
+        .build()
+        .expect("options");
     client.open().await.expect("open");
     client.subscribe(channel).await.expect("subscribe");
     println!("READY");
@@ -431,7 +437,7 @@ fn subscriber_command(client: &str, url: &str, channel: &str, count: u64, transp
     let count = count.to_string();
     let idle = IDLE_SECS.to_string();
     match client {
-        "cometd-bridge" => match std::env::var_os("BENCH_PROFILE") {
+        "cometd-bridge" | "cometd-bridge-polled" => match std::env::var_os("BENCH_PROFILE") {
             // A profiling aid: `BENCH_PROFILE=perf.data bench receive cometd-bridge`.
             Some(output) => {
                 let mut command = Command::new("perf");
@@ -440,12 +446,12 @@ fn subscriber_command(client: &str, url: &str, channel: &str, count: u64, transp
                     .arg(output)
                     .arg("--")
                     .arg(std::env::current_exe().expect("current exe"));
-                command.args(["sub", url, channel, &count, transport]);
+                command.args(["sub", url, channel, &count, transport, client]);
                 command
             }
             None => {
                 let mut command = me();
-                command.args(["sub", url, channel, &count, transport]);
+                command.args(["sub", url, channel, &count, transport, client]);
                 command
             }
         },
@@ -528,7 +534,7 @@ async fn orchestrate() {
     let mut receive = Vec::new();
     for transport in ["websocket", "long-polling"] {
         for size in [64usize, 1024] {
-            for client in ["cometd-bridge", "aiocometd", "cometd-js"] {
+            for client in ["cometd-bridge", "cometd-bridge-polled", "aiocometd", "cometd-js"] {
                 let runs: Vec<Run> =
                     (0..RUNS).map(|_| receive_run(client, &url, transport, size, MESSAGES)).collect();
                 let lost: u64 = runs.iter().map(|run| run.stats["gaps"].as_u64().unwrap_or(0)).sum();
@@ -1065,7 +1071,7 @@ fn report(results: &Value) -> String {
 
     let _ = writeln!(
         w,
-        "## Client receive ({MESSAGES} messages a run, one publisher flooding faye over websocket)\n"
+        "## Client receive ({MESSAGES} messages a run, one publisher flooding faye over websocket)\n\n`cometd-bridge` is the client with its default options; `cometd-bridge-polled` turns read coalescing off (a busy websocket is then read on every wake-up), to show what coalescing buys and costs. The targets use the defaults.\n"
     );
     let _ = writeln!(
         w,

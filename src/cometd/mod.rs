@@ -66,3 +66,4 @@ pub use salesforce::{
     LOGIN_PRODUCTION, LOGIN_SANDBOX, SalesforceAuth, SalesforceCredentials, SalesforceFlow, SalesforceToken,
 };
 pub use session::{SessionState, SessionStatus};
+pub use transport::coalesce::ReadCoalescing;

@@ -17,7 +17,8 @@ pub use secret::Secret;
 pub use validate::{parse_replay_from, validate, validate_subscription};
 
 use crate::cometd::{
-    ChannelPattern, ClientOptions, ConnectionType, ReplayFallback, ReplayPosition, SalesforceCredentials, Tls,
+    ChannelPattern, ClientOptions, ConnectionType, ReadCoalescing, ReplayFallback, ReplayPosition,
+    SalesforceCredentials, Tls,
 };
 use crate::sink::subject::SubjectTemplate;
 
@@ -100,6 +101,8 @@ pub struct SourceConfig {
     pub request_timeout: Duration,
     /// Prefetch limit.
     pub max_pending_count: i64,
+    /// Whether a busy websocket reads on a timer.
+    pub read_coalescing: bool,
     /// Extra HTTP headers.
     pub headers: Vec<(String, Secret)>,
     /// Certificate checks.
@@ -130,6 +133,7 @@ impl SourceConfig {
             .connection_timeout(self.connection_timeout)
             .request_timeout(self.request_timeout)
             .max_pending_count(self.max_pending_count)
+            .read_coalescing(self.read_coalescing.then(ReadCoalescing::default))
             .tls(self.tls.clone());
         for (name, value) in &self.headers {
             options = options.header(name.clone(), value.expose());
@@ -327,4 +331,27 @@ fn dotted_keys(message: &str) -> String {
 /// The process environment as an [`Env`].
 pub fn process_env() -> Env {
     std::env::vars().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source_options(extra: &str) -> ClientOptions {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("bridge.toml");
+        std::fs::write(
+            &file,
+            format!("[[sources]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/bayeux\"\n{extra}"),
+        )
+        .expect("write");
+        let config = load(&file, &Env::new()).expect("valid");
+        config.sources[0].client_options()
+    }
+
+    #[test]
+    fn read_coalescing_is_on_unless_turned_off() {
+        assert_eq!(source_options("").read_coalescing, Some(ReadCoalescing::default()));
+        assert_eq!(source_options("read_coalescing = false\n").read_coalescing, None);
+    }
 }

@@ -163,6 +163,9 @@ pub struct RawSource {
     /// Messages the client prefetches before it stops polling.
     #[serde(default = "default_max_pending_count")]
     pub max_pending_count: i64,
+    /// Whether a busy websocket reads on a timer (see `ClientOptions::read_coalescing`).
+    #[serde(default = "default_read_coalescing")]
+    pub read_coalescing: bool,
     /// Extra HTTP headers; values may be secrets.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -220,6 +223,10 @@ fn default_connection_timeout() -> String {
 
 fn default_request_timeout() -> String {
     "30s".into()
+}
+
+fn default_read_coalescing() -> bool {
+    true
 }
 
 fn default_max_pending_count() -> i64 {

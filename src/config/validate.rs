@@ -259,6 +259,7 @@ fn source_config(check: &mut Checker<'_>, key: &str, source: &RawSource) -> Sour
         connection_timeout: Some(connection_timeout).filter(|timeout| !timeout.is_zero()),
         request_timeout,
         max_pending_count: source.max_pending_count,
+        read_coalescing: source.read_coalescing,
         headers,
         tls,
         replay: source.replay.then_some(replay),

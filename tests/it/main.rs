@@ -7,6 +7,7 @@ mod bridge;
 mod bridge_replay;
 mod cli;
 mod client;
+mod coalescing;
 mod daemon;
 mod demo;
 mod fuzz;

@@ -5,6 +5,7 @@
 //! so cookies set at handshake (sticky sessions, `BAYEUX_BROWSER`) follow the session from
 //! long-polling to websocket and back.
 
+pub mod coalesce;
 mod long_polling;
 mod websocket;
 

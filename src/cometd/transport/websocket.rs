@@ -18,11 +18,12 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as Frame};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
+use super::coalesce::CoalescingStream;
 use super::{Shared, is_tls, parse_payload, parse_text_payload};
 use crate::cometd::error::{Error, TransportErrorKind};
 use crate::cometd::message::{META_CONNECT, Message};
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Socket = WebSocketStream<MaybeTlsStream<CoalescingStream>>;
 
 /// The websocket read buffer per session.
 const READ_BUFFER_SIZE: usize = 4 * 1024;
@@ -162,12 +163,17 @@ impl Connection {
         // thousands of sessions in one process that is most of their memory. Bayeux frames
         // are small; a larger one still fits, as the buffer grows on demand.
         let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_SIZE);
-        let connect =
-            tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, Some(connector));
+        let coalescing = options.read_coalescing;
+        let connect = async move {
+            let stream = connect_tcp(request.uri()).await?;
+            let stream = CoalescingStream::new(stream, coalescing);
+            tokio_tungstenite::client_async_tls_with_config(request, stream, Some(config), Some(connector))
+                .await
+                .map_err(upgrade_error)
+        };
         let (socket, response) = tokio::time::timeout(options.request_timeout, connect)
             .await
-            .map_err(|_| Error::transport(TransportErrorKind::RequestTimeout))?
-            .map_err(upgrade_error)?;
+            .map_err(|_| Error::transport(TransportErrorKind::RequestTimeout))??;
         shared.jar.set_cookies(&mut response.headers().get_all(SET_COOKIE).iter(), &options.http_url);
         let (writer, reader) = socket.split();
         let waiting = Arc::new(Waiting::default());
@@ -334,6 +340,20 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
         shared.queue.extend(events);
     };
     waiting.fail_all(failure);
+}
+
+/// Opens the TCP connection for `uri` (`ws://` or `wss://`), with Nagle's algorithm off.
+async fn connect_tcp(uri: &tungstenite::http::Uri) -> Result<TcpStream, Error> {
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::transport_from(TransportErrorKind::Connect, "the URL has no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
+    let stream = TcpStream::connect((host, port))
+        .await
+        .map_err(|error| Error::transport_from(TransportErrorKind::Connect, error))?;
+    stream.set_nodelay(true).map_err(|error| Error::transport_from(TransportErrorKind::Connect, error))?;
+    Ok(stream)
 }
 
 fn upgrade_error(error: tungstenite::Error) -> Error {

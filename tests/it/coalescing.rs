@@ -1,0 +1,46 @@
+//! Read coalescing against faye over websocket: with a policy eager enough to switch on
+//! during any flood, nothing is lost or reordered, requests still get their replies while
+//! the socket is read on a timer, and a message after the flood arrives promptly.
+
+use std::time::Duration;
+
+use cometd_bridge::cometd::ReadCoalescing;
+use serde_json::json;
+
+use crate::support::peer::{Peer, WAIT, next, open};
+
+/// Busy after a single wake-up in a window: every flood below reads on the timer.
+const EAGER: ReadCoalescing = ReadCoalescing { wakeups_per_window: 1, interval: Duration::from_millis(1) };
+
+#[tokio::test]
+async fn a_flood_read_on_the_timer_arrives_whole_and_in_order() {
+    const COUNT: u64 = 3_000;
+    let peer = Peer::FayeWebSocket;
+    let server = peer.start().await;
+    let subscriber = open(peer.options(&server).read_coalescing(Some(EAGER)).max_pending_count(0)).await;
+    let publisher = peer.open(&server).await;
+    subscriber.subscribe("/flood").await.expect("subscribe");
+    let flood = tokio::spawn(async move {
+        for n in 0..COUNT {
+            publisher.publish("/flood", json!({ "n": n })).await.expect("publish");
+        }
+        publisher
+    });
+    for n in 0..COUNT {
+        let message = next(&subscriber).await.expect("message");
+        assert_eq!(message.data, Some(json!({ "n": n })), "message {n}: none lost, order kept");
+        if n == COUNT / 2 {
+            // A request mid-flood is written and answered while the socket is busy.
+            tokio::time::timeout(WAIT, subscriber.subscribe("/also"))
+                .await
+                .expect("a subscribe mid-flood got its reply")
+                .expect("subscribe");
+        }
+    }
+    let publisher = flood.await.expect("publisher task");
+    // The flood is over; one more message is read as soon as it arrives, not held.
+    publisher.publish("/also", json!("after")).await.expect("publish");
+    let after = next(&subscriber).await.expect("the message after the flood");
+    assert_eq!(after.data, Some(json!("after")));
+    assert_eq!(after.channel, "/also");
+}
