@@ -19,7 +19,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 
 /// Runs per measured configuration; the median is reported with the min and max.
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 /// Messages per client-receive run.
 const MESSAGES: u64 = 60_000;
 /// A subscriber gives up after this long without a message.
@@ -528,12 +528,13 @@ async fn orchestrate() {
     let started = Instant::now();
     let mut results = serde_json::Map::new();
     results.insert("machine".into(), machine());
-    let (faye, url) = start_faye(60);
 
-    // 1. Client receive: each client, both transports, two payload sizes.
+    // 1. Client receive: each client, both transports, two payload sizes. Each group gets a
+    // fresh faye: its heap grows over a run, which would slow the later groups.
     let mut receive = Vec::new();
     for transport in ["websocket", "long-polling"] {
         for size in [64usize, 1024] {
+            let (faye, url) = start_faye(60);
             for client in ["cometd-bridge", "cometd-bridge-polled", "aiocometd", "cometd-js"] {
                 let runs: Vec<Run> =
                     (0..RUNS).map(|_| receive_run(client, &url, transport, size, MESSAGES)).collect();
@@ -560,19 +561,27 @@ async fn orchestrate() {
                 );
                 receive.push(entry);
             }
+            faye.kill();
         }
     }
     results.insert("receive".into(), Value::Array(receive));
 
-    // 2–4. The bridge.
+    // 2–4. The bridge, each scenario on a fresh faye.
     let store = tempfile::tempdir().expect("temp dir");
     let (nats, nats_url) = start_nats(store.path());
+    let (faye, url) = start_faye(60);
     results.insert("bridge_nats".into(), bridge_nats(&url, &nats_url).await);
+    faye.kill();
+    let (faye, url) = start_faye(60);
     results.insert("bridge_jetstream".into(), bridge_jetstream(&url, &nats_url).await);
+    faye.kill();
+    let (faye, url) = start_faye(60);
     results.insert("bridge_webhook".into(), bridge_webhook(&url).await);
+    faye.kill();
     nats.kill();
 
     // 5–6. Sessions per process, idle daemon.
+    let (faye, url) = start_faye(60);
     results.insert("sessions".into(), sessions_runs(&url));
     results.insert("idle".into(), idle_daemon(&url).await);
     faye.kill();
@@ -1035,7 +1044,7 @@ fn report(results: &Value) -> String {
     );
     let _ = writeln!(
         w,
-        "clients, the bridge) share the machine, so rates swing between runs; ratios within one run are steadier.\n"
+        "clients, the bridge) share the machine, so rates swing between runs; ratios within one run are steadier.\nEach receive group (transport and payload) and each bridge scenario starts on a fresh faye.\n"
     );
     let _ = writeln!(
         w,

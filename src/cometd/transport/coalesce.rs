@@ -6,8 +6,8 @@
 //! [`ReadCoalescing::wakeups_per_window`] times in one [`WINDOW`], the stream leaves the
 //! runtime's readiness polling and reads on a timer instead, every
 //! [`ReadCoalescing::interval`], taking whatever has arrived in one go. It goes back to
-//! readiness polling as soon as a tick finds the socket empty, or a window's bytes fall to
-//! half of those of the window that made it busy. A quiet or moderate stream keeps its
+//! readiness polling after three ticks in a row find the socket empty, or when a window's
+//! bytes fall to half of those of the window that made it busy. A quiet or moderate stream keeps its
 //! latency; a busy one trades up to about two intervals of delay (the runtime's timer
 //! has millisecond resolution) for a fraction of the wake-ups.
 
@@ -23,6 +23,10 @@ use tokio::time::Sleep;
 
 /// The period over which a socket's wake-ups and bytes are counted.
 pub const WINDOW: Duration = Duration::from_millis(10);
+
+/// Consecutive empty ticks after which a timed socket goes back to readiness polling: a
+/// busy stream has short gaps (a server's garbage collection, say) that should not end it.
+const EMPTY_TICKS: u32 = 3;
 
 /// When a busy websocket switches to timed reads, and how often it reads then. See
 /// [`ClientOptions::read_coalescing`](crate::cometd::ClientOptions::read_coalescing).
@@ -56,6 +60,8 @@ pub(crate) struct CoalescingStream {
     quiet_bytes: usize,
     /// While timed: whether the current tick has read anything yet.
     tick_read: bool,
+    /// While timed: ticks in a row that found nothing.
+    empty_ticks: u32,
     /// While timed: the reader's waker. A write that has to go back to readiness polling
     /// wakes it, so that the reader registers for readiness too.
     reader: Option<Waker>,
@@ -86,6 +92,7 @@ impl CoalescingStream {
             drained: false,
             quiet_bytes: 0,
             tick_read: false,
+            empty_ticks: 0,
             reader: None,
         }
     }
@@ -125,6 +132,7 @@ impl CoalescingStream {
             let socket = stream.into_std()?;
             self.mode = Mode::Timed { socket, tick: Box::pin(tokio::time::sleep(interval)) };
             self.tick_read = false;
+            self.empty_ticks = 0;
             self.start_window(Instant::now());
             tracing::trace!("websocket busy: reading on a timer");
         }
@@ -187,7 +195,8 @@ impl CoalescingStream {
                     // This tick has taken everything there was.
                     let now = Instant::now();
                     let window_over = now.duration_since(self.window_start) >= WINDOW;
-                    if !self.tick_read || (window_over && self.bytes < self.quiet_bytes) {
+                    self.empty_ticks = if self.tick_read { 0 } else { self.empty_ticks + 1 };
+                    if self.empty_ticks >= EMPTY_TICKS || (window_over && self.bytes < self.quiet_bytes) {
                         self.switch_to_polled()?;
                         return self.poll_read_polled(cx, buf);
                     }
