@@ -442,7 +442,7 @@ fn subscriber_command(client: &str, url: &str, channel: &str, count: u64, transp
             Some(output) => {
                 let mut command = Command::new("perf");
                 command
-                    .args(["record", "-g", "-q", "-o"])
+                    .args(["record", "-F", "4000", "--call-graph", "dwarf,32768", "-q", "-o"])
                     .arg(output)
                     .arg("--")
                     .arg(std::env::current_exe().expect("current exe"));

@@ -19,52 +19,95 @@ use super::message::Message;
 pub(crate) type Pending = Result<Message, Error>;
 
 pub(crate) struct PendingQueue {
-    items: Mutex<VecDeque<Pending>>,
+    items: Mutex<Items>,
     limit: Option<usize>,
     pushed: Notify,
     popped: Notify,
 }
 
+/// The items, kept as the batches they arrived in: a long-polling response can bring tens
+/// of thousands of events, and its vector is queued as it is rather than copied message by
+/// message into one long deque.
+#[derive(Default)]
+struct Items {
+    batches: VecDeque<Batch>,
+    len: usize,
+}
+
+enum Batch {
+    Messages(std::vec::IntoIter<Message>),
+    Error(Error),
+}
+
 impl PendingQueue {
     pub(crate) fn new(limit: Option<usize>) -> Self {
         PendingQueue {
-            items: Mutex::new(VecDeque::new()),
+            items: Mutex::new(Items::default()),
             limit,
             pushed: Notify::new(),
             popped: Notify::new(),
         }
     }
 
-    fn items(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
-        // A panic while holding this lock cannot leave the deque half-updated.
+    fn items(&self) -> std::sync::MutexGuard<'_, Items> {
+        // A panic while holding this lock cannot leave the items half-updated.
         self.items.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Appends an item; never waits.
     pub(crate) fn push(&self, item: Pending) {
-        self.items().push_back(item);
+        let batch = match item {
+            Ok(message) => Batch::Messages(vec![message].into_iter()),
+            Err(error) => Batch::Error(error),
+        };
+        let mut items = self.items();
+        items.batches.push_back(batch);
+        items.len += 1;
+        drop(items);
         self.pushed.notify_waiters();
     }
 
-    /// Appends several items in order; never waits.
-    pub(crate) fn extend(&self, items: impl IntoIterator<Item = Message>) {
-        let mut queue = self.items();
-        let before = queue.len();
-        queue.extend(items.into_iter().map(Ok));
-        let added = queue.len() > before;
-        drop(queue);
-        if added {
-            self.pushed.notify_waiters();
+    /// Appends several messages in order; never waits.
+    pub(crate) fn extend(&self, messages: Vec<Message>) {
+        if messages.is_empty() {
+            return;
         }
+        let mut items = self.items();
+        items.len += messages.len();
+        items.batches.push_back(Batch::Messages(messages.into_iter()));
+        drop(items);
+        self.pushed.notify_waiters();
     }
 
     /// Takes the oldest item, if any.
     pub(crate) fn pop(&self) -> Option<Pending> {
-        let item = self.items().pop_front();
-        if item.is_some() {
+        let mut items = self.items();
+        let item = loop {
+            match items.batches.front_mut()? {
+                Batch::Messages(messages) => {
+                    let message = messages.next();
+                    if messages.len() == 0 {
+                        items.batches.pop_front();
+                    }
+                    if let Some(message) = message {
+                        break Ok(message);
+                    }
+                }
+                Batch::Error(_) => {
+                    if let Some(Batch::Error(error)) = items.batches.pop_front() {
+                        break Err(error);
+                    }
+                }
+            }
+        };
+        let was_full = self.limit.is_some_and(|limit| items.len >= limit);
+        items.len -= 1;
+        drop(items);
+        // Only a queue that stops being full has anyone to wake (see `wait_for_space`).
+        if was_full {
             self.popped.notify_waiters();
         }
-        item
+        Some(item)
     }
 
     /// Waits until an item is pushed. Create the future before checking [`pop`](Self::pop)
@@ -74,7 +117,7 @@ impl PendingQueue {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.items().len()
+        self.items().len
     }
 
     /// Whether the queue holds as many items as its limit allows.
@@ -102,7 +145,7 @@ mod tests {
     #[tokio::test]
     async fn pushes_never_wait_and_space_opens_when_popped() {
         let queue = Arc::new(PendingQueue::new(Some(2)));
-        queue.extend((0..3).map(|n| Message::new(format!("/n/{n}"))));
+        queue.extend((0..3).map(|n| Message::new(format!("/n/{n}"))).collect());
         assert_eq!(queue.len(), 3, "a batch larger than the limit is kept whole");
         assert!(queue.is_full());
 
@@ -115,5 +158,24 @@ mod tests {
         waiter.await.expect("space opened");
         assert_eq!(queue.pop().unwrap().unwrap().channel, "/n/2");
         assert!(queue.pop().is_none());
+    }
+
+    #[test]
+    fn messages_and_errors_come_out_in_the_order_they_went_in() {
+        let queue = PendingQueue::new(None);
+        queue.extend(vec![Message::new("/a/1"), Message::new("/a/2")]);
+        queue.push(Err(Error::malformed("in between")));
+        queue.extend(Vec::new());
+        queue.push(Ok(Message::new("/b/1")));
+        queue.extend(vec![Message::new("/c/1")]);
+        assert_eq!(queue.len(), 5);
+        let popped: Vec<String> = std::iter::from_fn(|| queue.pop())
+            .map(|item| match item {
+                Ok(message) => message.channel,
+                Err(error) => error.to_string(),
+            })
+            .collect();
+        assert_eq!(popped, ["/a/1", "/a/2", "malformed reply from the server: in between", "/b/1", "/c/1"]);
+        assert_eq!(queue.len(), 0);
     }
 }

@@ -149,12 +149,14 @@ impl Transport {
 /// strings in it are not checked a second time; anything but a well-formed array of
 /// messages takes the general path for its single-message form or its error.
 pub(crate) fn parse_text_payload(text: &str) -> Result<Vec<Message>, Error> {
-    serde_json::from_str::<Vec<Message>>(text).or_else(|_| parse_payload(text.as_bytes()))
+    let capacity = message_count_estimate(text.as_bytes());
+    messages_from(serde_json::de::StrRead::new(text), capacity).or_else(|_| parse_payload(text.as_bytes()))
 }
 
 /// Parses a received payload: a JSON array of messages (a single object is accepted too).
 pub(crate) fn parse_payload(bytes: &[u8]) -> Result<Vec<Message>, Error> {
-    match serde_json::from_slice::<Vec<Message>>(bytes) {
+    let capacity = message_count_estimate(bytes);
+    match messages_from(serde_json::de::SliceRead::new(bytes), capacity) {
         Ok(messages) => Ok(messages),
         Err(array_error) => match serde_json::from_slice::<Message>(bytes) {
             Ok(message) => Ok(vec![message]),
@@ -172,29 +174,71 @@ pub(crate) fn parse_payload(bytes: &[u8]) -> Result<Vec<Message>, Error> {
     }
 }
 
+/// About how many messages a payload holds, so that the vector they go into is sized up
+/// front: a long-polling response can hold tens of thousands, and a vector that grows is
+/// copied each time. Every message has a `"channel"` key, so the count of those is an
+/// upper bound; it is capped at one message per 24 bytes (an event is rarely smaller), so
+/// that data full of `"channel"` strings cannot make the reservation outgrow the parse.
+/// A payload of a few kilobytes (a websocket frame, usually one message) is not scanned:
+/// its vector grows a few times at little cost.
+fn message_count_estimate(payload: &[u8]) -> usize {
+    static CHANNEL_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"channel\""));
+    if payload.len() < 4096 {
+        return 1;
+    }
+    CHANNEL_KEY.find_iter(payload).count().min(payload.len() / 24)
+}
+
+/// A JSON array of messages read into a vector of `capacity`, with nothing after it.
+fn messages_from<'de, R: serde_json::de::Read<'de>>(
+    read: R,
+    capacity: usize,
+) -> serde_json::Result<Vec<Message>> {
+    struct Messages(usize);
+    impl<'de> serde::de::Visitor<'de> for Messages {
+        type Value = Vec<Message>;
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("an array of Bayeux messages")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Message>, A::Error> {
+            let mut messages = Vec::with_capacity(self.0);
+            while let Some(message) = seq.next_element()? {
+                messages.push(message);
+            }
+            Ok(messages)
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::new(read);
+    let messages = serde::Deserializer::deserialize_seq(&mut deserializer, Messages(capacity))?;
+    deserializer.end()?;
+    Ok(messages)
+}
+
 /// Sorts received messages into the replies to `requests` (one slot each, in request
 /// order) and the events for the application. Anything else (a reply to nothing we sent)
 /// is dropped with a debug log.
 pub(crate) fn sort_replies(
     requests: &[Message],
-    received: Vec<Message>,
+    mut received: Vec<Message>,
 ) -> (Vec<Option<Message>>, Vec<Message>) {
     let mut replies: Vec<Option<Message>> = vec![None; requests.len()];
-    let mut events = Vec::new();
-    for message in received {
+    // Replies are few and events many: the replies are taken out, and the events stay
+    // where they are, in order, rather than each being moved into a new vector.
+    let not_events: Vec<Message> = received.extract_if(.., |message| !message.is_event()).collect();
+    for message in not_events {
         let slot = requests
             .iter()
             .zip(replies.iter())
             .position(|(request, reply)| reply.is_none() && message.answers(request));
         match slot {
             Some(index) => replies[index] = Some(message),
-            None if message.is_event() => events.push(message),
             None => {
                 tracing::debug!(channel = %message.channel, id = ?message.id, "ignoring a reply to no pending request")
             }
         }
     }
-    (replies, events)
+    (replies, received)
 }
 
 /// Every request's reply, or a malformed-reply error naming the first one missing.
@@ -276,6 +320,27 @@ mod tests {
             let as_bytes = parse_payload(text.as_bytes()).map_err(|error| error.to_string());
             assert_eq!(as_text, as_bytes, "{text}");
         }
+    }
+
+    #[test]
+    fn a_large_payload_parses_whole_and_in_order_whatever_its_data_says() {
+        // Past the size where the messages are counted first; data that mentions
+        // "channel" over-counts, a message with a long payload under-counts.
+        let mut events: Vec<serde_json::Value> = (0..500)
+            .map(|n| json!({"channel": "/chat", "id": n.to_string(), "data": {"channel": "/elsewhere", "n": n}}))
+            .collect();
+        events.push(json!({"channel": "/chat", "id": "500", "data": {"n": 500, "pad": "x".repeat(20_000)}}));
+        let text = serde_json::to_string(&events).expect("json");
+        assert!(text.len() > 4096);
+        for parsed in [parse_payload(text.as_bytes()), parse_text_payload(&text)] {
+            let ids: Vec<String> =
+                parsed.expect("parsed").into_iter().filter_map(|message| message.id).collect();
+            assert_eq!(ids, (0..=500).map(|n| n.to_string()).collect::<Vec<_>>());
+        }
+        assert!(
+            parse_payload(format!("{text} trailing").as_bytes()).is_err(),
+            "nothing may follow the array"
+        );
     }
 
     #[test]
