@@ -176,18 +176,24 @@ pub(crate) fn parse_payload(bytes: &[u8]) -> Result<Vec<Message>, Error> {
 
 /// About how many messages a payload holds, so that the vector they go into is sized up
 /// front: a long-polling response can hold tens of thousands, and a vector that grows is
-/// copied each time. Every message has a `"channel"` key, so the count of those is an
-/// upper bound; it is capped at one message per 24 bytes (an event is rarely smaller), so
-/// that data full of `"channel"` strings cannot make the reservation outgrow the parse.
-/// A payload of a few kilobytes (a websocket frame, usually one message) is not scanned:
-/// its vector grows a few times at little cost.
+/// copied each time. Every message has a `"channel"` key: they are counted in the first
+/// [`SAMPLE`] bytes and the count scaled to the whole payload (a server's batch is mostly
+/// alike messages; a wrong guess only costs a reallocation). It is capped at one message
+/// per 24 bytes (an event is rarely smaller), so that data full of `"channel"` strings
+/// cannot make the reservation outgrow the parse. A payload of a few kilobytes (a
+/// websocket frame, usually one message) is not scanned: its vector grows a few times at
+/// little cost.
 fn message_count_estimate(payload: &[u8]) -> usize {
+    const SAMPLE: usize = 64 * 1024;
     static CHANNEL_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"channel\""));
     if payload.len() < 4096 {
         return 1;
     }
-    CHANNEL_KEY.find_iter(payload).count().min(payload.len() / 24)
+    let sample = &payload[..payload.len().min(SAMPLE)];
+    let in_sample = CHANNEL_KEY.find_iter(sample).count();
+    let scaled = in_sample.saturating_mul(payload.len()).div_ceil(sample.len());
+    scaled.min(payload.len() / 24)
 }
 
 /// A JSON array of messages read into a vector of `capacity`, with nothing after it.
@@ -329,9 +335,9 @@ mod tests {
         let mut events: Vec<serde_json::Value> = (0..500)
             .map(|n| json!({"channel": "/chat", "id": n.to_string(), "data": {"channel": "/elsewhere", "n": n}}))
             .collect();
-        events.push(json!({"channel": "/chat", "id": "500", "data": {"n": 500, "pad": "x".repeat(20_000)}}));
+        events.push(json!({"channel": "/chat", "id": "500", "data": {"n": 500, "pad": "x".repeat(80_000)}}));
         let text = serde_json::to_string(&events).expect("json");
-        assert!(text.len() > 4096);
+        assert!(text.len() > 64 * 1024, "past the sampled prefix too");
         for parsed in [parse_payload(text.as_bytes()), parse_text_payload(&text)] {
             let ids: Vec<String> =
                 parsed.expect("parsed").into_iter().filter_map(|message| message.id).collect();
