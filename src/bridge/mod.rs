@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cometd::{
-    ChannelPattern, Client, Error, Message, ReplayExtension, ReplayPosition, SalesforceAuth, SessionState,
-    replay_id,
+    ChannelPattern, Client, Data, Error, Message, ReplayExtension, ReplayPosition, SalesforceAuth,
+    SessionState, replay_id,
 };
 use crate::config::{
     self, Config, Env, Problem, RawSink, RawSubscription, SinkConfig, SourceConfig, SubscriptionConfig,
@@ -537,7 +537,7 @@ impl Bridge {
             replay_id: letter.replay_id,
             message: Arc::new(Message {
                 id: message["id"].as_str().map(str::to_owned),
-                data: Some(message["data"].clone()).filter(|data| !data.is_null()),
+                data: Some(&message["data"]).filter(|data| !data.is_null()).map(Data::from),
                 ext: message["ext"].as_object().cloned(),
                 ..Message::new(message["channel"].as_str().unwrap_or_default())
             }),

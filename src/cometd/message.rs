@@ -3,7 +3,9 @@
 //! Knows nothing of transports or sessions: it is the vocabulary the rest of the client
 //! speaks.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// `/meta/handshake`: opens a session and negotiates the connection type.
@@ -36,9 +38,9 @@ pub struct Message {
     /// The session id the server assigned at handshake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
-    /// The application payload of a publish or an event.
+    /// The application payload of a publish or an event, as the JSON text it came in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<Value>,
+    pub data: Option<Data>,
     /// Present on replies: whether the request succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub successful: Option<bool>,
@@ -119,6 +121,76 @@ impl Message {
             }
             _ => Vec::new(),
         }
+    }
+}
+
+/// The `data` of a message, kept as the JSON text the server sent and parsed only when
+/// asked: into the application's own type with [`parse`](Data::parse) (which skips what
+/// the type does not name), or into a [`Value`] with [`value`](Data::value). A bridge that
+/// forwards events never parses them at all, and the server's formatting and key order
+/// are kept. Build one from a [`Value`] (`Data::from(json!(...))`) to publish.
+///
+/// Two `Data` are equal when they hold the same JSON, however it is spaced or ordered.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Data(Box<RawValue>);
+
+impl Data {
+    /// The JSON text, exactly as received.
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Parses the data into `T`.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+
+    /// Parses the data into a [`Value`]. Data nested deeper than serde_json parses (128
+    /// levels) comes back as its JSON text in a [`Value::String`].
+    pub fn value(&self) -> Value {
+        self.parse().unwrap_or_else(|_| Value::String(self.json().to_owned()))
+    }
+
+    /// [`value`](Data::value), by value: handy as `message.data.map(Data::into_value)`.
+    pub fn into_value(self) -> Value {
+        self.value()
+    }
+}
+
+impl From<Value> for Data {
+    fn from(value: Value) -> Self {
+        Data::from(&value)
+    }
+}
+
+impl From<&Value> for Data {
+    fn from(value: &Value) -> Self {
+        Data(serde_json::value::to_raw_value(value).expect("a JSON value always serializes"))
+    }
+}
+
+impl PartialEq for Data {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json() || self.value() == other.value()
+    }
+}
+
+impl PartialEq<Value> for Data {
+    fn eq(&self, other: &Value) -> bool {
+        self.value() == *other
+    }
+}
+
+impl std::fmt::Debug for Data {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.json())
+    }
+}
+
+impl std::fmt::Display for Data {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.json())
     }
 }
 
@@ -236,6 +308,45 @@ mod tests {
             );
             assert_eq!(parsed.message.as_deref(), *message, "message of {field:?}");
         }
+    }
+
+    #[test]
+    fn data_is_kept_as_the_server_sent_it_and_parsed_on_demand() {
+        let wire = r#"[{"channel":"/orders","data":{"z":1,"a":[1, 2],"name":"caf\u00e9"}}]"#;
+        let message = crate::cometd::transport::parse_text_payload(wire).expect("parse").remove(0);
+        let data = message.data.as_ref().expect("data");
+        assert_eq!(
+            data.json(),
+            r#"{"z":1,"a":[1, 2],"name":"caf\u00e9"}"#,
+            "text, key order and escapes kept"
+        );
+        assert_eq!(data.value(), json!({"z": 1, "a": [1, 2], "name": "café"}));
+        #[derive(Deserialize, Debug, PartialEq)]
+        struct Order {
+            z: u32,
+        }
+        assert_eq!(data.parse::<Order>().expect("typed"), Order { z: 1 });
+        assert!(data.parse::<Vec<u8>>().is_err(), "a shape that does not fit is an error");
+        let serialized = serde_json::to_string(&message).expect("serialize");
+        assert!(serialized.contains(r#""data":{"z":1,"a":[1, 2],"name":"caf\u00e9"}"#), "{serialized}");
+        // Equality is by JSON content, not by spacing or key order.
+        assert_eq!(*data, Data::from(json!({"a": [1, 2], "name": "café", "z": 1})));
+        assert_ne!(*data, Data::from(json!({"z": 2})));
+        // From a Value, as tests and the dead-letter retry build messages.
+        let built: Message =
+            serde_json::from_value(json!({"channel": "/a", "data": {"n": 1}})).expect("from value");
+        assert_eq!(built.data.map(Data::into_value), Some(json!({"n": 1})));
+    }
+
+    #[test]
+    fn data_nested_past_the_parse_limit_comes_back_as_text() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let wire = format!(r#"[{{"channel":"/deep","data":{deep}}}]"#);
+        // serde_json captures raw JSON without a depth limit, so the message is accepted.
+        let data =
+            crate::cometd::transport::parse_text_payload(&wire).expect("parse").remove(0).data.expect("data");
+        assert!(data.parse::<Value>().is_err(), "too deep for a Value");
+        assert_eq!(data.value(), Value::String(deep));
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub use client::Client;
 pub use error::{BoxError, Error, ErrorKind, ServerError, TransportErrorKind};
 pub use extension::{AuthExtension, Extension};
 pub use message::{
-    Advice, BAYEUX_VERSION, ErrorField, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
+    Advice, BAYEUX_VERSION, Data, ErrorField, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
     META_UNSUBSCRIBE, Message, Reconnect,
 };
 pub use options::{ClientOptions, ConnectionType, Tls};

@@ -148,7 +148,18 @@ fn is_replay_error(reply: &Message) -> bool {
 /// events and change data capture all carry it there), as a number or a numeric string.
 /// `None` for any other shape; nothing fails on an unknown shape.
 pub fn replay_id(message: &Message) -> Option<i64> {
-    match message.data.as_ref()?.get("event")?.get("replayId")? {
+    /// Just the part of the data that holds the replay id; the rest is skipped unparsed.
+    #[derive(serde::Deserialize)]
+    struct Shape {
+        event: Option<Event>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Event {
+        #[serde(rename = "replayId")]
+        replay_id: Option<Value>,
+    }
+    let shape: Shape = message.data.as_ref()?.parse().ok()?;
+    match shape.event?.replay_id? {
         Value::Number(id) => id.as_i64(),
         Value::String(id) => id.parse().ok(),
         _ => None,

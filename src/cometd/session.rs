@@ -18,8 +18,8 @@ use tokio::time::Instant;
 
 use super::error::{Error, TransportErrorKind};
 use super::message::{
-    Advice, BAYEUX_VERSION, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE, META_UNSUBSCRIBE,
-    Message, Reconnect,
+    Advice, BAYEUX_VERSION, Data, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
+    META_UNSUBSCRIBE, Message, Reconnect,
 };
 use super::options::ConnectionType;
 use super::transport::{Shared, Transport};
@@ -719,8 +719,11 @@ impl Session {
         async move {
             match command {
                 Command::Publish { channel, data, reply } => {
-                    let request =
-                        Message { client_id: Some(client_id), data: Some(data), ..Message::new(channel) };
+                    let request = Message {
+                        client_id: Some(client_id),
+                        data: Some(Data::from(data)),
+                        ..Message::new(channel)
+                    };
                     let result = ctx.exchange(&transport, vec![request], timeout).await;
                     Done::Publish(reply, result.and_then(|mut replies| check(replies.remove(0))))
                 }

@@ -98,12 +98,13 @@ impl NatsSink {
         if self.jetstream.is_some() {
             headers.insert(names::NATS_MSG_ID, envelope.delivery_id());
         }
-        let payload = match self.payload {
-            Payload::Data => serde_json::to_vec(message.data.as_ref().unwrap_or(&serde_json::Value::Null)),
-            Payload::Envelope => serde_json::to_vec(&**message),
-        }
-        .expect("JSON values serialize");
-        (subject, headers, payload.into())
+        // The data goes out as the JSON text it came in, without being parsed.
+        let payload = match (self.payload, &message.data) {
+            (Payload::Data, Some(data)) => bytes::Bytes::copy_from_slice(data.json().as_bytes()),
+            (Payload::Data, None) => bytes::Bytes::from_static(b"null"),
+            (Payload::Envelope, _) => serde_json::to_vec(&**message).expect("messages serialize").into(),
+        };
+        (subject, headers, payload)
     }
 
     pub(super) async fn deliver(&self, batch: &[Envelope], stop: &CancellationToken) -> Vec<Outcome> {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cometd_bridge::cometd::{Client, ClientOptions, ConnectionType, Tls, TransportErrorKind};
+use cometd_bridge::cometd::{Client, ClientOptions, ConnectionType, Data, Tls, TransportErrorKind};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
@@ -58,7 +58,7 @@ async fn round_trip(options: ClientOptions) {
     let client = open(options).await;
     client.subscribe("/secure").await.expect("subscribe");
     client.publish("/secure", json!("over TLS")).await.expect("publish");
-    assert_eq!(next(&client).await.expect("message").data, Some(json!("over TLS")));
+    assert_eq!(next(&client).await.expect("message").data.map(Data::into_value), Some(json!("over TLS")));
 }
 
 const KINDS: [ConnectionType; 2] = [ConnectionType::WebSocket, ConnectionType::LongPolling];

@@ -32,7 +32,7 @@ const EMPTY_TICKS: u32 = 3;
 /// [`ClientOptions::read_coalescing`](crate::cometd::ClientOptions::read_coalescing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadCoalescing {
-    /// Wake-ups within one [`WINDOW`] that make the socket busy.
+    /// Wake-ups within one 10 ms window that make the socket busy.
     pub wakeups_per_window: u32,
     /// How often a busy socket is read.
     pub interval: Duration,
