@@ -372,6 +372,30 @@ mod tests {
     }
 
     #[test]
+    fn replies_anywhere_in_a_response_leave_the_events_in_order() {
+        let requests = vec![
+            message(json!({"channel": "/meta/connect", "id": "1"})),
+            message(json!({"channel": "/meta/subscribe", "id": "2"})),
+            message(json!({"channel": "/chat", "id": "3", "data": 0})),
+        ];
+        let event = |n: u32| message(json!({"channel": "/chat", "data": n}));
+        // faye's order (replies first), then replies in the middle and at the end.
+        let received = vec![
+            message(json!({"channel": "/meta/connect", "id": "1", "successful": true})),
+            event(1),
+            event(2),
+            message(json!({"channel": "/meta/subscribe", "id": "2", "successful": true})),
+            event(3),
+            message(json!({"channel": "/chat", "id": "3", "successful": true})),
+        ];
+        let (replies, events) = sort_replies(&requests, received);
+        let order: Vec<serde_json::Value> =
+            events.into_iter().filter_map(|event| event.data.map(Data::into_value)).collect();
+        assert_eq!(order, [json!(1), json!(2), json!(3)]);
+        assert!(require_replies(&requests, replies).is_ok(), "every reply found");
+    }
+
+    #[test]
     fn a_missing_reply_is_a_malformed_reply_error() {
         let requests = vec![message(json!({"channel": "/meta/connect", "id": "7"}))];
         let (replies, _) = sort_replies(&requests, Vec::new());
