@@ -146,8 +146,10 @@ impl Data {
         serde_json::from_str(self.0.get())
     }
 
-    /// Parses the data into a [`Value`]. Data nested deeper than serde_json parses (128
-    /// levels) comes back as its JSON text in a [`Value::String`].
+    /// Parses the data into a [`Value`]. Data that serde_json cannot make a `Value` of
+    /// (nested deeper than 128 levels, say, which it accepts as raw text but will not
+    /// parse) comes back as its JSON text in a [`Value::String`]; [`parse`](Data::parse)
+    /// gives the error instead.
     pub fn value(&self) -> Value {
         self.parse().unwrap_or_else(|_| Value::String(self.json().to_owned()))
     }
