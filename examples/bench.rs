@@ -5,7 +5,8 @@
 //! CPU time and memory are measured by the operating system on its own, and aids for
 //! looking closer: `bench report` (RESULTS.md again from results.json), `bench receive
 //! <client> [transport]`, `bench bridge [nats|jetstream]`, `bench stage`, and
-//! `BENCH_PROFILE=perf.data` to run this client's subscriber under `perf record`.
+//! `BENCH_PROFILE=perf.data` to run this client's subscriber under `perf record`
+//! (`BENCH_PROFILE_EVENT=page-faults` to sample another event than CPU time).
 //!
 //! Every load loop is bounded in count and in time; every network target is loopback.
 
@@ -491,8 +492,13 @@ fn subscriber_command(client: &str, url: &str, channel: &str, count: u64, transp
                 // A profiling aid: `BENCH_PROFILE=perf.data bench receive cometd-bridge`.
                 Some(output) => {
                     let mut command = Command::new("perf");
+                    command.args(["record", "-F", "4000", "--call-graph", "dwarf,32768", "-q"]);
+                    // Another event than CPU time, e.g. BENCH_PROFILE_EVENT=page-faults.
+                    if let Some(event) = std::env::var_os("BENCH_PROFILE_EVENT") {
+                        command.arg("-e").arg(event);
+                    }
                     command
-                        .args(["record", "-F", "4000", "--call-graph", "dwarf,32768", "-q", "-o"])
+                        .arg("-o")
                         .arg(output)
                         .arg("--")
                         .arg(std::env::current_exe().expect("current exe"));
