@@ -142,12 +142,16 @@ impl Probe {
     }
 }
 
-/// Gaps, duplicates, order and latency of a subscriber's messages (the same fields as
-/// `bench/peers/stats.py`).
+/// Gaps, duplicates, order and latency of a subscriber's messages (the same fields, kept
+/// the same way, as `bench/peers/stats.py` and `cometd_js_sub.mjs`: sequence numbers seen
+/// in a bitmap, latencies in a list sorted at the end).
 #[derive(Default)]
 struct Stats {
     received: u64,
-    seen: std::collections::HashSet<u64>,
+    /// One bit per sequence number.
+    seen: Vec<u64>,
+    distinct: u64,
+    highest: Option<u64>,
     duplicates: u64,
     reordered: u64,
     last_seq: Option<u64>,
@@ -162,9 +166,18 @@ impl Stats {
         let seq = probe.seq;
         let ts = probe.ts.unwrap_or(now);
         self.received += 1;
-        if !self.seen.insert(seq) {
+        assert!(seq < 1 << 32, "sequence numbers come from the flood: {seq}");
+        let (word, bit) = ((seq / 64) as usize, 1u64 << (seq % 64));
+        if word >= self.seen.len() {
+            self.seen.resize((word + 1).next_power_of_two(), 0);
+        }
+        if self.seen[word] & bit == 0 {
+            self.seen[word] |= bit;
+            self.distinct += 1;
+        } else {
             self.duplicates += 1;
         }
+        self.highest = Some(self.highest.map_or(seq, |highest| highest.max(seq)));
         if self.last_seq.is_some_and(|last| seq < last) {
             self.reordered += 1;
         }
@@ -186,10 +199,10 @@ impl Stats {
                 latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)]
             }
         };
-        let highest = self.seen.iter().max().map_or(0, |max| max + 1);
+        let highest = self.highest.map_or(0, |max| max + 1);
         json!({
             "received": self.received,
-            "gaps": highest - self.seen.len() as u64,
+            "gaps": highest - self.distinct,
             "duplicates": self.duplicates,
             "reordered": self.reordered,
             "first_us": self.first_us,
@@ -222,18 +235,22 @@ async fn subscriber(
     client.subscribe(channel).await.expect("subscribe");
     println!("READY");
     let mut stats = Stats::default();
+    let mut idle = IdleWatch::new();
     while stats.received < count {
-        match tokio::time::timeout(Duration::from_secs(IDLE_SECS), client.receive()).await {
-            Ok(Ok(message)) => {
-                let probe = match (&message.data, whole_value) {
-                    (Some(data), false) => data.parse().unwrap_or_default(),
-                    (Some(data), true) => Probe::of_value(&data.value()),
-                    (None, _) => Probe::default(),
-                };
-                stats.record(probe);
-            }
-            Ok(Err(error)) => eprintln!("receive: {error}"),
-            Err(_) => break,
+        tokio::select! {
+            biased;
+            received = client.receive() => match received {
+                Ok(message) => {
+                    let probe = match (&message.data, whole_value) {
+                        (Some(data), false) => data.parse().unwrap_or_default(),
+                        (Some(data), true) => Probe::of_value(&data.value()),
+                        (None, _) => Probe::default(),
+                    };
+                    stats.record(probe);
+                }
+                Err(error) => eprintln!("receive: {error}"),
+            },
+            expired = idle.expired(stats.received) => if expired { break },
         }
     }
     println!("{}", stats.json());
@@ -247,15 +264,46 @@ async fn nats_subscriber(url: &str, subject: &str, count: u64) {
     client.flush().await.expect("flush");
     println!("READY");
     let mut stats = Stats::default();
+    let mut idle = IdleWatch::new();
     while stats.received < count {
-        match tokio::time::timeout(Duration::from_secs(IDLE_SECS), subscription.next()).await {
-            Ok(Some(message)) => {
-                stats.record(serde_json::from_slice(&message.payload).unwrap_or_default());
-            }
-            _ => break,
+        tokio::select! {
+            biased;
+            message = subscription.next() => match message {
+                Some(message) => stats.record(serde_json::from_slice(&message.payload).unwrap_or_default()),
+                None => break,
+            },
+            expired = idle.expired(stats.received) => if expired { break },
         }
     }
     println!("{}", stats.json());
+}
+
+/// Gives up on a subscriber after [`IDLE_SECS`] without a message, checked once a second
+/// rather than with a timer per message (the peers' subscribers do the same), so that the
+/// bookkeeping costs little next to the client being measured.
+struct IdleWatch {
+    tick: tokio::time::Interval,
+    last_count: u64,
+    idle_ticks: u64,
+}
+
+impl IdleWatch {
+    fn new() -> Self {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        IdleWatch { tick, last_count: 0, idle_ticks: 0 }
+    }
+
+    /// Waits for the next tick; true when `received` has not moved for [`IDLE_SECS`].
+    async fn expired(&mut self, received: u64) -> bool {
+        self.tick.tick().await;
+        if received == self.last_count {
+            self.idle_ticks += 1;
+        } else {
+            (self.last_count, self.idle_ticks) = (received, 0);
+        }
+        self.idle_ticks > IDLE_SECS
+    }
 }
 
 /// Mode `flood URL COUNT SIZE RATE CHANNEL...`: a raw websocket Bayeux publisher, 50

@@ -6,9 +6,14 @@ import json
 
 
 class Stats:
+    """Sequence numbers seen are kept in a bitmap, latencies in a list sorted at the end
+    (the same as the Rust and JS subscribers)."""
+
     def __init__(self):
         self.received = 0
-        self.seen = set()
+        self.seen = bytearray(1024)
+        self.distinct = 0
+        self.highest = -1
         self.duplicates = 0
         self.reordered = 0
         self.last_seq = -1
@@ -20,9 +25,15 @@ class Stats:
         now_us = now_s * 1e6
         seq = data["seq"]
         self.received += 1
-        if seq in self.seen:
+        byte, bit = seq >> 3, 1 << (seq & 7)
+        if byte >= len(self.seen):
+            self.seen.extend(bytearray(max(byte + 1, 2 * len(self.seen)) - len(self.seen)))
+        if self.seen[byte] & bit:
             self.duplicates += 1
-        self.seen.add(seq)
+        else:
+            self.seen[byte] |= bit
+            self.distinct += 1
+        self.highest = max(self.highest, seq)
         if seq < self.last_seq:
             self.reordered += 1
         self.last_seq = max(self.last_seq, seq)
@@ -33,7 +44,7 @@ class Stats:
 
     def json(self):
         latencies = sorted(self.latencies) or [0.0]
-        gaps = (max(self.seen) + 1 - len(self.seen)) if self.seen else 0
+        gaps = self.highest + 1 - self.distinct
         return json.dumps({
             "received": self.received,
             "gaps": gaps,
