@@ -72,6 +72,53 @@ async fn messages_reach_their_nats_subjects_in_order_with_headers() {
     app.stop().await;
 }
 
+/// Publishes `data`, JSON text as it is, through faye's long-polling endpoint: a
+/// `serde_json::Value` would sort its keys, and this test is about the order being kept.
+async fn publish_raw(faye: &BayeuxServer, channel: &str, data: &str) {
+    let http = crate::support::http_client();
+    let post = |body: String| {
+        let request =
+            http.post(faye.url()).header("content-type", "application/json").body(body).timeout(WAIT);
+        async move {
+            let body = request.send().await.expect("faye answers").bytes().await.expect("a body");
+            let reply: Value = serde_json::from_slice(&body).expect("JSON reply");
+            assert_eq!(reply[0]["successful"], true, "{reply}");
+            reply
+        }
+    };
+    let handshake = post(
+        json!([{"channel": "/meta/handshake", "version": "1.0", "supportedConnectionTypes": ["long-polling"]}])
+            .to_string(),
+    )
+    .await;
+    let client_id = handshake[0]["clientId"].as_str().expect("a client id");
+    post(format!(r#"[{{"channel":"{channel}","clientId":"{client_id}","data":{data}}}]"#)).await;
+}
+
+#[tokio::test]
+async fn data_reaches_nats_byte_for_byte_as_the_server_sent_it() {
+    let faye = faye().await;
+    let nats = NatsServer::start().await;
+    let app = TestApp::spawn(&format!(
+        "[nats]\nurl = \"{}\"\n{}[[subscriptions]]\nid = \"orders\"\nsource = \"demo\"\nchannel = \"/orders\"\nsink = {{ type = \"nats\", subject = \"orders\" }}\n",
+        nats.url(),
+        source(&faye)
+    ))
+    .await;
+    let nats_client = async_nats::connect(nats.url()).await.expect("connect");
+    let mut subscriber = nats_client.subscribe("orders").await.expect("subscribe");
+    nats_client.flush().await.expect("flush");
+    app.wait_ready().await;
+
+    // Keys out of alphabetical order and a non-ASCII string: faye writes them back as it
+    // read them, and the bridge forwards that text unchanged.
+    let data = r#"{"z":1,"a":[1,2],"name":"café"}"#;
+    publish_raw(&faye, "/orders", data).await;
+    let message = next_nats(&mut subscriber).await;
+    assert_eq!(std::str::from_utf8(&message.payload).expect("UTF-8"), data);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn wildcards_route_to_every_matching_subscription() {
     let faye = faye().await;

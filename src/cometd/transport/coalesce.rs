@@ -7,8 +7,8 @@
 //! runtime's readiness polling and reads on a timer instead, every
 //! [`ReadCoalescing::interval`], taking whatever has arrived in one go. It goes back to
 //! readiness polling after three ticks in a row find the socket empty, or when a window's
-//! bytes fall to half of those of the window that made it busy. A quiet or moderate stream keeps its
-//! latency; a busy one trades up to about two intervals of delay (the runtime's timer
+//! bytes fall to half of those of the window that made it busy. A quiet or moderate stream
+//! keeps its latency; a busy one trades up to about two intervals of delay (the runtime's timer
 //! has millisecond resolution) for a fraction of the wake-ups.
 
 use std::future::Future;
