@@ -226,7 +226,7 @@ impl ServerError {
 
     /// The reply's raw `error` field.
     pub fn error(&self) -> Option<&str> {
-        self.response.as_ref()?.error.as_deref()
+        self.response.as_ref()?.protocol().error.as_deref()
     }
 
     fn field(&self) -> ErrorField {
@@ -263,9 +263,11 @@ impl std::error::Error for ServerError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cometd::message::Protocol;
 
     fn reply(error: &str) -> Message {
-        Message { error: Some(error.into()), successful: Some(false), ..Message::new("/meta/subscribe") }
+        Message { successful: Some(false), ..Message::new("/meta/subscribe") }
+            .with_protocol(Protocol { error: Some(error.into()), ..Protocol::default() })
     }
 
     #[test]

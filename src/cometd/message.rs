@@ -27,56 +27,181 @@ pub const BAYEUX_VERSION: &str = "1.0";
 /// Every field of the Bayeux specification is here; fields a server adds beyond the
 /// specification are not kept. `id` is accepted as a string or a number and always
 /// written as a string.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+///
+/// The fields an event carries are inline; those only the protocol's own exchanges carry
+/// (advice, versions, subscriptions, errors) are in [`Protocol`], boxed and absent from a
+/// plain event, so that an event stays small while thousands of them wait in the queue.
+/// Read them with [`protocol`](Message::protocol) and set them with
+/// [`protocol_mut`](Message::protocol_mut).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", from = "WireMessage")]
 pub struct Message {
     /// The channel the message belongs to, e.g. `/meta/connect` or `/orders/new`.
     pub channel: String,
     /// The message id; a reply carries the id of its request.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "string_or_number")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// The session id the server assigned at handshake.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
     /// The application payload of a publish or an event, as the JSON text it came in.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<Data>,
     /// Present on replies: whether the request succeeded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub successful: Option<bool>,
+    /// Extension data, read and written by [`Extension`](super::Extension)s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ext: Option<Map<String, Value>>,
+    /// The protocol's own fields, `None` when the message has none of them.
+    #[serde(flatten)]
+    pub protocol: Option<Box<Protocol>>,
+}
+
+/// The fields of a [`Message`] that the protocol's own exchanges carry (handshake,
+/// connect, subscribe and their replies) and events do not.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Protocol {
     /// Present on failed replies: `code:args:message` (see [`ErrorField`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// How the server wants the client to behave next.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub advice: Option<Advice>,
-    /// Extension data, read and written by [`Extension`](super::Extension)s.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ext: Option<Map<String, Value>>,
     /// The channel (or, from some servers, channels) of a subscribe or unsubscribe.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub subscription: Option<Value>,
     /// The connection type of a `/meta/connect`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_type: Option<String>,
     /// The protocol version of a handshake.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
     /// The lowest protocol version a handshake accepts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub minimum_version: Option<String>,
     /// The connection types offered in a handshake or its reply.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub supported_connection_types: Option<Vec<String>>,
     /// When the message was sent, as the server wrote it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<String>,
+}
+
+/// What [`Message::protocol`] lends for a message without protocol fields.
+static NO_PROTOCOL: Protocol = Protocol::NONE;
+
+impl Protocol {
+    /// No protocol fields: what [`Message::protocol`] shows for a message without them.
+    const NONE: Protocol = Protocol {
+        error: None,
+        advice: None,
+        subscription: None,
+        connection_type: None,
+        version: None,
+        minimum_version: None,
+        supported_connection_types: None,
+        timestamp: None,
+    };
+
+    fn is_empty(&self) -> bool {
+        *self == Protocol::NONE
+    }
+}
+
+/// A message as it is parsed: every field flat, as on the wire; the protocol fields are
+/// boxed only when one of them is there.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireMessage {
+    channel: String,
+    #[serde(default, deserialize_with = "string_or_number")]
+    id: Option<String>,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    data: Option<Data>,
+    #[serde(default)]
+    successful: Option<bool>,
+    #[serde(default)]
+    ext: Option<Map<String, Value>>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    advice: Option<Advice>,
+    #[serde(default)]
+    subscription: Option<Value>,
+    #[serde(default)]
+    connection_type: Option<String>,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    minimum_version: Option<String>,
+    #[serde(default)]
+    supported_connection_types: Option<Vec<String>>,
+    #[serde(default)]
+    timestamp: Option<String>,
+}
+
+impl From<WireMessage> for Message {
+    fn from(wire: WireMessage) -> Self {
+        let protocol = Protocol {
+            error: wire.error,
+            advice: wire.advice,
+            subscription: wire.subscription,
+            connection_type: wire.connection_type,
+            version: wire.version,
+            minimum_version: wire.minimum_version,
+            supported_connection_types: wire.supported_connection_types,
+            timestamp: wire.timestamp,
+        };
+        Message {
+            channel: wire.channel,
+            id: wire.id,
+            client_id: wire.client_id,
+            data: wire.data,
+            successful: wire.successful,
+            ext: wire.ext,
+            protocol: (!protocol.is_empty()).then(|| Box::new(protocol)),
+        }
+    }
+}
+
+/// Equal when every field is; a message whose protocol fields are boxed but all absent
+/// equals one without the box.
+impl PartialEq for Message {
+    fn eq(&self, other: &Self) -> bool {
+        self.channel == other.channel
+            && self.id == other.id
+            && self.client_id == other.client_id
+            && self.data == other.data
+            && self.successful == other.successful
+            && self.ext == other.ext
+            && self.protocol() == other.protocol()
+    }
 }
 
 impl Message {
     /// A message on `channel` with nothing else set.
     pub fn new(channel: impl Into<String>) -> Self {
         Message { channel: channel.into(), ..Message::default() }
+    }
+
+    /// The protocol's own fields; all `None` for a message without them, such as an event.
+    pub fn protocol(&self) -> &Protocol {
+        self.protocol.as_deref().unwrap_or(&NO_PROTOCOL)
+    }
+
+    /// The message with these protocol fields, to build a request.
+    pub fn with_protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = (!protocol.is_empty()).then(|| Box::new(protocol));
+        self
+    }
+
+    /// The protocol's own fields, to set them.
+    pub fn protocol_mut(&mut self) -> &mut Protocol {
+        self.protocol.get_or_insert_with(Box::default)
     }
 
     /// Whether the channel is a `/meta/` channel.
@@ -109,12 +234,12 @@ impl Message {
 
     /// The parsed `error` field, if the message has one.
     pub fn error_field(&self) -> Option<ErrorField> {
-        self.error.as_deref().map(ErrorField::parse)
+        self.protocol().error.as_deref().map(ErrorField::parse)
     }
 
     /// The channels named by `subscription`, whether it is a string or an array.
     pub fn subscriptions(&self) -> Vec<String> {
-        match &self.subscription {
+        match &self.protocol().subscription {
             Some(Value::String(channel)) => vec![channel.clone()],
             Some(Value::Array(channels)) => {
                 channels.iter().filter_map(|channel| channel.as_str().map(str::to_owned)).collect()
@@ -361,7 +486,7 @@ mod tests {
         let message: Message = serde_json::from_value(wire.clone()).expect("parse");
         assert_eq!(message.client_id.as_deref(), Some("abc"));
         assert_eq!(
-            message.advice,
+            message.protocol().advice,
             Some(Advice { reconnect: Some(Reconnect::Retry), interval: Some(0), timeout: Some(60000) })
         );
         assert_eq!(serde_json::to_value(&message).expect("serialize"), wire);
@@ -375,7 +500,7 @@ mod tests {
         }))
         .expect("parse");
         assert_eq!(message.id.as_deref(), Some("7"));
-        assert_eq!(message.advice.and_then(|a| a.reconnect), Some(Reconnect::Unknown));
+        assert_eq!(message.protocol().advice.as_ref().and_then(|a| a.reconnect), Some(Reconnect::Unknown));
     }
 
     #[test]
@@ -397,11 +522,32 @@ mod tests {
     }
 
     #[test]
+    fn events_leave_the_protocol_fields_unboxed_and_requests_write_them_flat() {
+        let event: Message =
+            serde_json::from_str(r#"{"channel":"/orders","id":"9","data":{"n":1}}"#).expect("event");
+        assert!(event.protocol.is_none(), "an event allocates no protocol fields");
+        assert_eq!(*event.protocol(), Protocol::default());
+        // Thousands of events wait in the queue at a time; the size is what each costs.
+        assert!(std::mem::size_of::<Message>() <= 160, "{} bytes", std::mem::size_of::<Message>());
+        let request = Message::new(META_CONNECT)
+            .with_protocol(Protocol { connection_type: Some("websocket".into()), ..Protocol::default() });
+        assert_eq!(
+            serde_json::to_value(&request).expect("serialize"),
+            json!({"channel": "/meta/connect", "connectionType": "websocket"})
+        );
+        // A message whose protocol fields were boxed and left empty equals one without.
+        let mut touched = event.clone();
+        touched.protocol_mut();
+        assert_eq!(touched, event);
+        assert!(Message::new("/a").with_protocol(Protocol::default()).protocol.is_none());
+    }
+
+    #[test]
     fn subscription_may_be_a_string_or_an_array() {
         let mut message = Message::new(META_SUBSCRIBE);
-        message.subscription = Some(json!("/a"));
+        message.protocol_mut().subscription = Some(json!("/a"));
         assert_eq!(message.subscriptions(), vec!["/a"]);
-        message.subscription = Some(json!(["/a", "/b"]));
+        message.protocol_mut().subscription = Some(json!(["/a", "/b"]));
         assert_eq!(message.subscriptions(), vec!["/a", "/b"]);
     }
 }

@@ -55,7 +55,7 @@ pub use error::{BoxError, Error, ErrorKind, ServerError, TransportErrorKind};
 pub use extension::{AuthExtension, Extension};
 pub use message::{
     Advice, BAYEUX_VERSION, Data, ErrorField, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
-    META_UNSUBSCRIBE, Message, Reconnect,
+    META_UNSUBSCRIBE, Message, Protocol, Reconnect,
 };
 pub use options::{ClientOptions, ConnectionType, Tls};
 pub use replay::{

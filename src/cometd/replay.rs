@@ -141,7 +141,11 @@ impl ReplayExtension {
 fn is_replay_error(reply: &Message) -> bool {
     let Some(field) = reply.error_field() else { return false };
     field.code == Some(400)
-        && reply.error.as_deref().is_some_and(|error| error.to_ascii_lowercase().contains("replay"))
+        && reply
+            .protocol()
+            .error
+            .as_deref()
+            .is_some_and(|error| error.to_ascii_lowercase().contains("replay"))
 }
 
 /// The replay id of an event: `data.event.replayId` (PushTopic, generic events, platform
@@ -176,7 +180,7 @@ impl Extension for ReplayExtension {
                 }
                 META_SUBSCRIBE => {
                     let Some(channel) =
-                        message.subscription.as_ref().and_then(Value::as_str).map(str::to_owned)
+                        message.protocol().subscription.as_ref().and_then(Value::as_str).map(str::to_owned)
                     else {
                         continue;
                     };
@@ -211,7 +215,7 @@ impl Extension for ReplayExtension {
         if !is_replay_error(reply) {
             return false;
         }
-        let error = reply.error.clone().unwrap_or_default();
+        let error = reply.protocol().error.clone().unwrap_or_default();
         let fallback = match self.fallback {
             ReplayFallback::Fail => {
                 tracing::error!(channel, error = %error, "the server refused the replay position; no fallback is configured");
@@ -242,6 +246,7 @@ impl Extension for ReplayExtension {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cometd::message::Protocol;
     use serde_json::json;
 
     fn message(value: Value) -> Message {
@@ -271,8 +276,10 @@ mod tests {
             |channel: &str| if channel == "/a" { ReplayPosition::After(41) } else { ReplayPosition::New },
             ReplayFallback::All,
         );
-        let subscribe =
-            |channel: &str| Message { subscription: Some(json!(channel)), ..Message::new(META_SUBSCRIBE) };
+        let subscribe = |channel: &str| {
+            Message::new(META_SUBSCRIBE)
+                .with_protocol(Protocol { subscription: Some(json!(channel)), ..Protocol::default() })
+        };
         let mut payload = vec![Message::new(META_HANDSHAKE), subscribe("/a"), subscribe("/b")];
         extension.outgoing(&mut payload, &mut HeaderMap::new()).await.unwrap();
         assert_eq!(payload[0].ext.as_ref().unwrap()["replay"], json!(true));

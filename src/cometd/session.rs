@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::error::{Error, TransportErrorKind};
 use super::message::{
     Advice, BAYEUX_VERSION, Data, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
-    META_UNSUBSCRIBE, Message, Reconnect,
+    META_UNSUBSCRIBE, Message, Protocol, Reconnect,
 };
 use super::options::ConnectionType;
 use super::transport::{Shared, Transport};
@@ -143,7 +143,7 @@ fn is_limit_error(reply: &Message) -> bool {
         .and_then(|ext| ext.get("sfdc"))
         .and_then(|sfdc| sfdc.get("failureReason"))
         .and_then(Value::as_str);
-    [reply.error.as_deref(), failure_reason]
+    [reply.protocol().error.as_deref(), failure_reason]
         .into_iter()
         .flatten()
         .any(|error| error.to_ascii_lowercase().contains("limit exceeded") || error.starts_with("503:"))
@@ -197,12 +197,12 @@ async fn handshake(ctx: Context) -> Result<Handshaken, Error> {
     for (index, kind) in options.connection_types.iter().enumerate() {
         let is_last = index + 1 == options.connection_types.len();
         let transport = Transport::new(*kind, ctx.shared.clone());
-        let request = Message {
+        let request = Message::new(META_HANDSHAKE).with_protocol(Protocol {
             version: Some(BAYEUX_VERSION.into()),
             minimum_version: Some(BAYEUX_VERSION.into()),
             supported_connection_types: Some(accepted.clone()),
-            ..Message::new(META_HANDSHAKE)
-        };
+            ..Protocol::default()
+        });
         let sent = match transport.prepare().await {
             Ok(()) => ctx.exchange(&transport, vec![request], options.request_timeout).await,
             Err(error) => Err(error),
@@ -223,7 +223,8 @@ async fn handshake(ctx: Context) -> Result<Handshaken, Error> {
                 "the server accepted the handshake but sent no clientId".into(),
             ))
         })?;
-        let offered = reply.supported_connection_types.clone().unwrap_or_else(|| vec![kind.as_str().into()]);
+        let offered =
+            reply.protocol().supported_connection_types.clone().unwrap_or_else(|| vec![kind.as_str().into()]);
         let common: Vec<ConnectionType> = options
             .connection_types
             .iter()
@@ -255,7 +256,11 @@ async fn handshake(ctx: Context) -> Result<Handshaken, Error> {
         let Some(transport) = chosen else {
             return Err(last_error.unwrap_or_else(|| Error::transport(TransportErrorKind::Connect)));
         };
-        return Ok(Handshaken { transport: Arc::new(transport), client_id, advice: reply.advice });
+        return Ok(Handshaken {
+            transport: Arc::new(transport),
+            client_id,
+            advice: reply.protocol().advice.clone(),
+        });
     }
     Err(last_error.unwrap_or_else(|| Error::transport(TransportErrorKind::Connect)))
 }
@@ -321,11 +326,8 @@ async fn subscribe_all(
 }
 
 fn subscription_request(meta: &str, client_id: &str, channel: &str) -> Message {
-    Message {
-        client_id: Some(client_id.into()),
-        subscription: Some(Value::String(channel.into())),
-        ..Message::new(meta)
-    }
+    Message { client_id: Some(client_id.into()), ..Message::new(meta) }
+        .with_protocol(Protocol { subscription: Some(Value::String(channel.into())), ..Protocol::default() })
 }
 
 /// One `/meta/connect`. The first after a handshake asks the server not to hold it, so
@@ -341,13 +343,13 @@ async fn connect(
         // Backpressure: ask for more events only when the application has room for them.
         ctx.shared.queue.wait_for_space().await;
     }
-    let mut request = Message {
-        client_id: Some(client_id),
-        connection_type: Some(transport.connection_type().as_str().into()),
-        ..Message::new(META_CONNECT)
-    };
+    let mut request =
+        Message { client_id: Some(client_id), ..Message::new(META_CONNECT) }.with_protocol(Protocol {
+            connection_type: Some(transport.connection_type().as_str().into()),
+            ..Protocol::default()
+        });
     let timeout = if first {
-        request.advice = Some(Advice { timeout: Some(0), ..Advice::default() });
+        request.protocol_mut().advice = Some(Advice { timeout: Some(0), ..Advice::default() });
         ctx.shared.options.request_timeout
     } else {
         let hold = hold.unwrap_or(DEFAULT_CONNECT_HOLD);
@@ -591,7 +593,7 @@ impl Session {
                 let error = self.fail_open_if_hopeless(error)?;
                 if let Some(reply) = error.as_server_error().and_then(|server| server.response())
                     && matches!(
-                        reply.advice.as_ref().and_then(|advice| advice.reconnect),
+                        reply.protocol().advice.as_ref().and_then(|advice| advice.reconnect),
                         Some(Reconnect::None)
                     )
                 {
@@ -625,7 +627,7 @@ impl Session {
                 Ok(Some((self.back_off(), Next::Handshake)))
             }
             Step::Connected(Ok(reply)) if reply.successful == Some(true) => {
-                if let Some(advice) = &reply.advice {
+                if let Some(advice) = &reply.protocol().advice {
                     self.merge_advice(advice);
                 }
                 self.failures = 0;
@@ -638,7 +640,7 @@ impl Session {
                 Ok(Some((interval, Next::Connect { first: false })))
             }
             Step::Connected(Ok(reply)) => {
-                let reconnect = reply.advice.as_ref().and_then(|advice| advice.reconnect);
+                let reconnect = reply.protocol().advice.as_ref().and_then(|advice| advice.reconnect);
                 let error = Error::server(failure_name(META_CONNECT), Some(reply.clone()));
                 // Salesforce answers an expired token with `401` and `reconnect: none`; with
                 // an auth extension (which already tried to re-authenticate) that calls for a
@@ -704,7 +706,7 @@ impl Session {
 
     /// The server said `reconnect: none`: hand out what is pending, then the error.
     fn server_closed(&mut self, reply: Message) {
-        tracing::warn!(error = ?reply.error, "the server closed the session (advice reconnect: none)");
+        tracing::warn!(error = ?reply.protocol().error, "the server closed the session (advice reconnect: none)");
         let error = Error::server("connection closed by the server", Some(reply));
         self.status.send_modify(|status| status.last_error = Some(error.to_string()));
         self.ctx.shared.queue.push(Err(error));
