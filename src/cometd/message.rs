@@ -3,8 +3,10 @@
 //! Knows nothing of transports or sessions: it is the vocabulary the rest of the client
 //! speaks.
 
+use bytes::Bytes;
+use bytestring::ByteString;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -34,7 +36,7 @@ pub const BAYEUX_VERSION: &str = "1.0";
 /// Read them with [`protocol`](Message::protocol) and set them with
 /// [`protocol_mut`](Message::protocol_mut).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", from = "WireMessage")]
+#[serde(rename_all = "camelCase", from = "WireMessage<Data>")]
 pub struct Message {
     /// The channel the message belongs to, e.g. `/meta/connect` or `/orders/new`.
     pub channel: String,
@@ -111,17 +113,17 @@ impl Protocol {
 }
 
 /// A message as it is parsed: every field flat, as on the wire; the protocol fields are
-/// boxed only when one of them is there.
+/// boxed only when one of them is there. `D` is how `data` is read: as a [`Data`] of its
+/// own, or borrowed from the payload being parsed, to share the payload's buffer.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct WireMessage {
+pub(crate) struct WireMessage<D> {
     channel: String,
     #[serde(default, deserialize_with = "string_or_number")]
     id: Option<String>,
     #[serde(default)]
     client_id: Option<String>,
-    #[serde(default)]
-    data: Option<Data>,
+    data: Option<D>,
     #[serde(default)]
     successful: Option<bool>,
     #[serde(default)]
@@ -144,25 +146,32 @@ struct WireMessage {
     timestamp: Option<String>,
 }
 
-impl From<WireMessage> for Message {
-    fn from(wire: WireMessage) -> Self {
+impl From<WireMessage<Data>> for Message {
+    fn from(wire: WireMessage<Data>) -> Self {
+        wire.into_message(|data| data)
+    }
+}
+
+impl<D> WireMessage<D> {
+    /// The message, with its data made a [`Data`] by `data`.
+    pub(crate) fn into_message(self, data: impl FnOnce(D) -> Data) -> Message {
         let protocol = Protocol {
-            error: wire.error,
-            advice: wire.advice,
-            subscription: wire.subscription,
-            connection_type: wire.connection_type,
-            version: wire.version,
-            minimum_version: wire.minimum_version,
-            supported_connection_types: wire.supported_connection_types,
-            timestamp: wire.timestamp,
+            error: self.error,
+            advice: self.advice,
+            subscription: self.subscription,
+            connection_type: self.connection_type,
+            version: self.version,
+            minimum_version: self.minimum_version,
+            supported_connection_types: self.supported_connection_types,
+            timestamp: self.timestamp,
         };
         Message {
-            channel: wire.channel,
-            id: wire.id,
-            client_id: wire.client_id,
-            data: wire.data,
-            successful: wire.successful,
-            ext: wire.ext,
+            channel: self.channel,
+            id: self.id,
+            client_id: self.client_id,
+            data: self.data.map(data),
+            successful: self.successful,
+            ext: self.ext,
             protocol: (!protocol.is_empty()).then(|| Box::new(protocol)),
         }
     }
@@ -255,20 +264,33 @@ impl Message {
 /// forwards events never parses them at all, and the server's formatting and key order
 /// are kept. Build one from a [`Value`] (`Data::from(json!(...))`) to publish.
 ///
+/// Received data is not copied out of the payload it arrived in: it shares the payload's
+/// buffer, and that buffer lives as long as any `Data` from it does. An application that
+/// keeps a few events long after the rest are gone can [`detach`](Data::detach) them.
+///
 /// Two `Data` are equal when they hold the same JSON, however it is spaced or ordered.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Data(Box<RawValue>);
+#[derive(Clone)]
+pub struct Data(ByteString);
 
 impl Data {
+    /// The data `raw` of a payload being parsed, sharing `payload`'s buffer.
+    pub(crate) fn shared(payload: &ByteString, raw: &RawValue) -> Data {
+        Data(payload.slice_ref(raw.get()))
+    }
+
     /// The JSON text, exactly as received.
     pub fn json(&self) -> &str {
-        self.0.get()
+        &self.0
+    }
+
+    /// The JSON text as shared bytes, to send on without copying it.
+    pub fn json_bytes(&self) -> Bytes {
+        self.0.as_bytes().clone()
     }
 
     /// Parses the data into `T`.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        serde_json::from_str(self.0.get())
+        serde_json::from_str(self.json())
     }
 
     /// Parses the data into a [`Value`]. Data that serde_json cannot make a `Value` of
@@ -283,6 +305,28 @@ impl Data {
     pub fn into_value(self) -> Value {
         self.value()
     }
+
+    /// The same data in a buffer of its own, so that keeping it does not keep the rest of
+    /// the payload it arrived in.
+    pub fn detach(&self) -> Data {
+        Data(ByteString::from(self.json()))
+    }
+}
+
+/// Written as the JSON it holds, not as a string.
+impl Serialize for Data {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let raw: &RawValue = serde_json::from_str(self.json()).map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
+    }
+}
+
+/// Read as the JSON text of any value, into a buffer of its own.
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        Ok(Data(ByteString::from(Box::<str>::from(raw))))
+    }
 }
 
 impl From<Value> for Data {
@@ -293,7 +337,7 @@ impl From<Value> for Data {
 
 impl From<&Value> for Data {
     fn from(value: &Value) -> Self {
-        Data(serde_json::value::to_raw_value(value).expect("a JSON value always serializes"))
+        Data(ByteString::from(value.to_string()))
     }
 }
 
@@ -440,7 +484,7 @@ mod tests {
     #[test]
     fn data_is_kept_as_the_server_sent_it_and_parsed_on_demand() {
         let wire = r#"[{"channel":"/orders","data":{"z":1,"a":[1, 2],"name":"caf\u00e9"}}]"#;
-        let message = crate::cometd::transport::parse_text_payload(wire).expect("parse").remove(0);
+        let message = crate::cometd::transport::parse_payload(wire.into()).expect("parse").remove(0);
         let data = message.data.as_ref().expect("data");
         assert_eq!(
             data.json(),
@@ -470,8 +514,11 @@ mod tests {
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         let wire = format!(r#"[{{"channel":"/deep","data":{deep}}}]"#);
         // serde_json captures raw JSON without a depth limit, so the message is accepted.
-        let data =
-            crate::cometd::transport::parse_text_payload(&wire).expect("parse").remove(0).data.expect("data");
+        let data = crate::cometd::transport::parse_payload(wire.clone().into())
+            .expect("parse")
+            .remove(0)
+            .data
+            .expect("data");
         assert!(data.parse::<Value>().is_err(), "too deep for a Value");
         assert_eq!(data.value(), Value::String(deep));
     }

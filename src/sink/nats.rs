@@ -100,7 +100,7 @@ impl NatsSink {
         }
         // The data goes out as the JSON text it came in, without being parsed.
         let payload = match (self.payload, &message.data) {
-            (Payload::Data, Some(data)) => bytes::Bytes::copy_from_slice(data.json().as_bytes()),
+            (Payload::Data, Some(data)) => data.json_bytes(),
             (Payload::Data, None) => bytes::Bytes::from_static(b"null"),
             (Payload::Envelope, _) => serde_json::to_vec(&**message).expect("messages serialize").into(),
         };

@@ -44,7 +44,7 @@ impl LongPolling {
         }
         let response_headers = response.headers().clone();
         let bytes = response.bytes().await.map_err(http_error)?;
-        let mut received = parse_payload(&bytes)?;
+        let mut received = parse_payload(bytes)?;
         shared.incoming(&mut received, Some(&response_headers)).await?;
         let (replies, events) = sort_replies(&payload, received);
         // Events are the application's whatever happens to the replies.

@@ -12,11 +12,15 @@ mod websocket;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use bytestring::ByteString;
 use reqwest::cookie::Jar;
 use reqwest::header::HeaderMap;
 
 use super::error::{Error, TransportErrorKind};
-use super::message::Message;
+use serde_json::value::RawValue;
+
+use super::message::{Data, Message, WireMessage};
 use super::options::{ConnectionType, ValidOptions};
 use super::pending::PendingQueue;
 
@@ -145,25 +149,26 @@ impl Transport {
     }
 }
 
-/// Parses a websocket text frame. Its UTF-8 was checked when the frame was read, so the
-/// strings in it are not checked a second time; anything but a well-formed array of
-/// messages takes the general path for its single-message form or its error.
-pub(crate) fn parse_text_payload(text: &str) -> Result<Vec<Message>, Error> {
-    let capacity = message_count_estimate(text.as_bytes());
-    messages_from(serde_json::de::StrRead::new(text), capacity).or_else(|_| parse_payload(text.as_bytes()))
+/// Parses a received payload: a JSON array of messages (a single object is accepted too).
+/// Its UTF-8 is checked once, here; the messages' data are then slices of it.
+pub(crate) fn parse_payload(bytes: Bytes) -> Result<Vec<Message>, Error> {
+    match ByteString::try_from(bytes) {
+        Ok(text) => parse_text(text),
+        Err(error) => Err(Error::malformed(format!("not JSON ({error})"))),
+    }
 }
 
-/// Parses a received payload: a JSON array of messages (a single object is accepted too).
-pub(crate) fn parse_payload(bytes: &[u8]) -> Result<Vec<Message>, Error> {
-    let capacity = message_count_estimate(bytes);
-    match messages_from(serde_json::de::SliceRead::new(bytes), capacity) {
+/// Parses a payload known to be UTF-8.
+fn parse_text(text: ByteString) -> Result<Vec<Message>, Error> {
+    let capacity = message_count_estimate(text.as_bytes());
+    match messages_from(&text, capacity) {
         Ok(messages) => Ok(messages),
-        Err(array_error) => match serde_json::from_slice::<Message>(bytes) {
+        Err(array_error) => match serde_json::from_str::<Message>(&text) {
             Ok(message) => Ok(vec![message]),
             Err(_) => {
-                let what = if bytes.is_empty() {
+                let what = if text.is_empty() {
                     "empty body".to_string()
-                } else if serde_json::from_slice::<serde_json::Value>(bytes).is_ok() {
+                } else if serde_json::from_str::<serde_json::Value>(&text).is_ok() {
                     format!("not an array of Bayeux messages ({array_error})")
                 } else {
                     format!("not JSON ({array_error})")
@@ -196,27 +201,28 @@ fn message_count_estimate(payload: &[u8]) -> usize {
     scaled.min(payload.len() / 24)
 }
 
-/// A JSON array of messages read into a vector of `capacity`, with nothing after it.
-fn messages_from<'de, R: serde_json::de::Read<'de>>(
-    read: R,
-    capacity: usize,
-) -> serde_json::Result<Vec<Message>> {
-    struct Messages(usize);
-    impl<'de> serde::de::Visitor<'de> for Messages {
+/// A JSON array of messages read into a vector of `capacity`, with nothing after it. Each
+/// message's data is a slice of `payload`, not a copy.
+fn messages_from(payload: &ByteString, capacity: usize) -> serde_json::Result<Vec<Message>> {
+    struct Messages<'p> {
+        payload: &'p ByteString,
+        capacity: usize,
+    }
+    impl<'de> serde::de::Visitor<'de> for Messages<'_> {
         type Value = Vec<Message>;
         fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
             formatter.write_str("an array of Bayeux messages")
         }
         fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Message>, A::Error> {
-            let mut messages = Vec::with_capacity(self.0);
-            while let Some(message) = seq.next_element()? {
-                messages.push(message);
+            let mut messages = Vec::with_capacity(self.capacity);
+            while let Some(wire) = seq.next_element::<WireMessage<&'de RawValue>>()? {
+                messages.push(wire.into_message(|raw| Data::shared(self.payload, raw)));
             }
             Ok(messages)
         }
     }
-    let mut deserializer = serde_json::Deserializer::new(read);
-    let messages = serde::Deserializer::deserialize_seq(&mut deserializer, Messages(capacity))?;
+    let mut deserializer = serde_json::Deserializer::from_str(payload);
+    let messages = serde::Deserializer::deserialize_seq(&mut deserializer, Messages { payload, capacity })?;
     deserializer.end()?;
     Ok(messages)
 }
@@ -309,24 +315,28 @@ mod tests {
 
     #[test]
     fn malformed_payloads_are_named() {
-        let error = |bytes: &[u8]| parse_payload(bytes).expect_err("malformed").to_string();
+        let parse = |bytes: &[u8]| parse_payload(Bytes::copy_from_slice(bytes));
+        let error = |bytes: &[u8]| parse(bytes).expect_err("malformed").to_string();
         assert!(error(b"").contains("empty body"));
         assert!(error(b"<html>").contains("not JSON"));
+        assert!(error(b"[{\"channel\":\"/\xff\"}]").contains("not JSON (invalid utf-8"));
         assert!(error(b"42").contains("not an array"));
         assert!(error(b"[{\"id\":\"1\"}]").contains("not an array of Bayeux messages"));
-        assert_eq!(parse_payload(b"{\"channel\":\"/a\"}").expect("object").len(), 1);
-        assert!(parse_payload(b"[]").expect("empty array").is_empty());
+        assert_eq!(parse(b"{\"channel\":\"/a\"}").expect("object").len(), 1);
+        assert!(parse(b"[]").expect("empty array").is_empty());
     }
 
     #[test]
-    fn text_frames_parse_as_bytes_do() {
-        for text in
-            ["", "<html>", "42", "[{\"id\":\"1\"}]", "{\"channel\":\"/a\"}", "[]", "[{\"channel\":\"/é\"}]"]
-        {
-            let as_text = parse_text_payload(text).map_err(|error| error.to_string());
-            let as_bytes = parse_payload(text.as_bytes()).map_err(|error| error.to_string());
-            assert_eq!(as_text, as_bytes, "{text}");
-        }
+    fn data_share_the_payload_buffer_until_detached() {
+        let payload = Bytes::from(r#"[{"channel":"/a","data":{"n":1}},{"channel":"/b","data":[2]}]"#);
+        let inside = |data: &Data| payload.as_ptr_range().contains(&data.json_bytes().as_ptr());
+        let messages = parse_payload(payload.clone()).expect("parse");
+        let data: Vec<&Data> = messages.iter().filter_map(|message| message.data.as_ref()).collect();
+        assert_eq!(data.iter().map(|data| data.json()).collect::<Vec<_>>(), [r#"{"n":1}"#, "[2]"]);
+        assert!(data.iter().all(|data| inside(data)), "not copied out of the payload");
+        let detached = data[0].detach();
+        assert_eq!(detached, *data[0]);
+        assert!(!inside(&detached), "a buffer of its own");
     }
 
     #[test]
@@ -339,13 +349,11 @@ mod tests {
         events.push(json!({"channel": "/chat", "id": "500", "data": {"n": 500, "pad": "x".repeat(80_000)}}));
         let text = serde_json::to_string(&events).expect("json");
         assert!(text.len() > 64 * 1024, "past the sampled prefix too");
-        for parsed in [parse_payload(text.as_bytes()), parse_text_payload(&text)] {
-            let ids: Vec<String> =
-                parsed.expect("parsed").into_iter().filter_map(|message| message.id).collect();
-            assert_eq!(ids, (0..=500).map(|n| n.to_string()).collect::<Vec<_>>());
-        }
+        let parsed = parse_payload(Bytes::from(text.clone())).expect("parsed");
+        let ids: Vec<String> = parsed.into_iter().filter_map(|message| message.id).collect();
+        assert_eq!(ids, (0..=500).map(|n| n.to_string()).collect::<Vec<_>>());
         assert!(
-            parse_payload(format!("{text} trailing").as_bytes()).is_err(),
+            parse_payload(Bytes::from(format!("{text} trailing"))).is_err(),
             "nothing may follow the array"
         );
     }

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::{self, Message as Frame};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::coalesce::CoalescingStream;
-use super::{Shared, is_tls, parse_payload, parse_text_payload};
+use super::{Shared, is_tls, parse_payload};
 use crate::cometd::error::{Error, TransportErrorKind};
 use crate::cometd::message::{META_CONNECT, Message};
 
@@ -300,9 +300,9 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
                 _ = registered => {}
             }
         }
-        let frame = match reader.next().await {
-            Some(Ok(Frame::Text(text))) => Frame::Text(text),
-            Some(Ok(Frame::Binary(bytes))) => Frame::Binary(bytes),
+        let bytes = match reader.next().await {
+            Some(Ok(Frame::Text(text))) => bytes::Bytes::from(text),
+            Some(Ok(Frame::Binary(bytes))) => bytes,
             Some(Ok(Frame::Close(_))) | None => break TransportErrorKind::ConnectionClosed,
             Some(Ok(_)) => continue, // ping, pong: handled by tungstenite
             Some(Err(error)) => {
@@ -310,12 +310,10 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
                 break TransportErrorKind::ConnectionClosed;
             }
         };
-        // Parsed in place: the frame's bytes are not copied.
-        let parsed = match &frame {
-            Frame::Text(text) => parse_text_payload(text.as_str()),
-            Frame::Binary(bytes) => parse_payload(bytes),
-            _ => Ok(Vec::new()),
-        };
+        // Parsed in place: the frame's bytes are not copied, and the messages' data share
+        // them. A text frame's UTF-8 was checked as it was read; that check cannot be
+        // handed on, so it is made again, once for the whole frame.
+        let parsed = parse_payload(bytes);
         let mut received = match parsed {
             Ok(received) => received,
             Err(error) => {
