@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 
-use super::{Shared, http_error, parse_payload, require_replies, sort_replies};
+use super::chunked::ChunkedPayload;
+use super::{Shared, http_error, require_replies, sort_replies};
 use crate::cometd::error::{Error, TransportErrorKind};
 use crate::cometd::message::Message;
 
@@ -43,8 +44,13 @@ impl LongPolling {
             return Err(Error::transport(TransportErrorKind::HttpStatus(status.as_u16())));
         }
         let response_headers = response.headers().clone();
-        let bytes = response.bytes().await.map_err(http_error)?;
-        let mut received = parse_payload(bytes)?;
+        // Parsed as it arrives: a response of megabytes is never copied whole.
+        let mut parser = ChunkedPayload::new(response.content_length());
+        let mut response = response;
+        while let Some(chunk) = response.chunk().await.map_err(http_error)? {
+            parser.feed(chunk);
+        }
+        let mut received = parser.finish()?;
         shared.incoming(&mut received, Some(&response_headers)).await?;
         let (replies, events) = sort_replies(&payload, received);
         // Events are the application's whatever happens to the replies.

@@ -5,6 +5,7 @@
 //! so cookies set at handshake (sticky sessions, `BAYEUX_BROWSER`) follow the session from
 //! long-polling to websocket and back.
 
+mod chunked;
 pub mod coalesce;
 mod long_polling;
 mod websocket;
@@ -160,7 +161,7 @@ pub(crate) fn parse_payload(bytes: Bytes) -> Result<Vec<Message>, Error> {
 
 /// Parses a payload known to be UTF-8.
 fn parse_text(text: ByteString) -> Result<Vec<Message>, Error> {
-    let capacity = message_count_estimate(text.as_bytes());
+    let capacity = message_count_estimate(text.as_bytes(), text.len());
     match messages_from(&text, capacity) {
         Ok(messages) => Ok(messages),
         Err(array_error) => match serde_json::from_str::<Message>(&text) {
@@ -179,26 +180,27 @@ fn parse_text(text: ByteString) -> Result<Vec<Message>, Error> {
     }
 }
 
-/// About how many messages a payload holds, so that the vector they go into is sized up
-/// front: a long-polling response can hold tens of thousands, and a vector that grows is
-/// copied each time. Every message has a `"channel"` key: they are counted in the first
-/// [`SAMPLE`] bytes and the count scaled to the whole payload (a server's batch is mostly
+/// About how many messages a payload of `len` bytes that starts with `start` holds, so
+/// that the vector they go into is sized up front: a long-polling response can hold tens
+/// of thousands, and a vector that grows is copied each time. Every message has a
+/// `"channel"` key: they are counted in the first [`SAMPLE`] bytes and the count scaled to
+/// the whole payload (a server's batch is mostly
 /// alike messages; a wrong guess only costs a reallocation). It is capped at one message
 /// per 24 bytes (an event is rarely smaller), so that data full of `"channel"` strings
 /// cannot make the reservation outgrow the parse. A payload of a few kilobytes (a
 /// websocket frame, usually one message) is not scanned: its vector grows a few times at
 /// little cost.
-fn message_count_estimate(payload: &[u8]) -> usize {
+fn message_count_estimate(start: &[u8], len: usize) -> usize {
     const SAMPLE: usize = 64 * 1024;
     static CHANNEL_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"channel\""));
-    if payload.len() < 4096 {
+    if len < 4096 || start.is_empty() {
         return 1;
     }
-    let sample = &payload[..payload.len().min(SAMPLE)];
+    let sample = &start[..start.len().min(SAMPLE)];
     let in_sample = CHANNEL_KEY.find_iter(sample).count();
-    let scaled = in_sample.saturating_mul(payload.len()).div_ceil(sample.len());
-    scaled.min(payload.len() / 24)
+    let scaled = in_sample.saturating_mul(len).div_ceil(sample.len());
+    scaled.min(len / 24)
 }
 
 /// A JSON array of messages read into a vector of `capacity`, with nothing after it. Each
