@@ -112,38 +112,17 @@ impl Protocol {
     }
 }
 
-/// A message as it is parsed: every field flat, as on the wire; the protocol fields are
-/// boxed only when one of them is there. `D` is how `data` is read: as a [`Data`] of its
-/// own, or borrowed from the payload being parsed, to share the payload's buffer.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// A message as it is parsed, its data not yet made a [`Data`]. `D` is how `data` is read:
+/// as a [`Data`] of its own, or borrowed from the payload being parsed, to share the
+/// payload's buffer.
 pub(crate) struct WireMessage<D> {
     channel: String,
-    #[serde(default, deserialize_with = "string_or_number")]
     id: Option<String>,
-    #[serde(default)]
     client_id: Option<String>,
     data: Option<D>,
-    #[serde(default)]
     successful: Option<bool>,
-    #[serde(default)]
     ext: Option<Map<String, Value>>,
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    advice: Option<Advice>,
-    #[serde(default)]
-    subscription: Option<Value>,
-    #[serde(default)]
-    connection_type: Option<String>,
-    #[serde(default)]
-    version: Option<String>,
-    #[serde(default)]
-    minimum_version: Option<String>,
-    #[serde(default)]
-    supported_connection_types: Option<Vec<String>>,
-    #[serde(default)]
-    timestamp: Option<String>,
+    protocol: Option<Box<Protocol>>,
 }
 
 impl From<WireMessage<Data>> for Message {
@@ -155,16 +134,6 @@ impl From<WireMessage<Data>> for Message {
 impl<D> WireMessage<D> {
     /// The message, with its data made a [`Data`] by `data`.
     pub(crate) fn into_message(self, data: impl FnOnce(D) -> Data) -> Message {
-        let protocol = Protocol {
-            error: self.error,
-            advice: self.advice,
-            subscription: self.subscription,
-            connection_type: self.connection_type,
-            version: self.version,
-            minimum_version: self.minimum_version,
-            supported_connection_types: self.supported_connection_types,
-            timestamp: self.timestamp,
-        };
         Message {
             channel: self.channel,
             id: self.id,
@@ -172,8 +141,145 @@ impl<D> WireMessage<D> {
             data: self.data.map(data),
             successful: self.successful,
             ext: self.ext,
-            protocol: (!protocol.is_empty()).then(|| Box::new(protocol)),
+            protocol: self.protocol,
         }
+    }
+}
+
+/// The fields of a message on the wire; any other is skipped.
+#[derive(Clone, Copy, Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
+enum Field {
+    Channel,
+    Id,
+    ClientId,
+    Data,
+    Successful,
+    Ext,
+    Error,
+    Advice,
+    Subscription,
+    ConnectionType,
+    Version,
+    MinimumVersion,
+    SupportedConnectionTypes,
+    Timestamp,
+    #[serde(other)]
+    Other,
+}
+
+/// The wire names of [`Field`], in its order.
+const FIELDS: &[&str] = &[
+    "channel",
+    "id",
+    "clientId",
+    "data",
+    "successful",
+    "ext",
+    "error",
+    "advice",
+    "subscription",
+    "connectionType",
+    "version",
+    "minimumVersion",
+    "supportedConnectionTypes",
+    "timestamp",
+];
+
+/// Read by hand rather than derived so that the message is built in place: the protocol
+/// fields go straight into their box, allocated only when one of them is there, and no
+/// flat intermediate of every field is moved around for each event. A field given twice
+/// is an error; `null` is the same as absent.
+impl<'de, D: Deserialize<'de>> Deserialize<'de> for WireMessage<D> {
+    fn deserialize<De: Deserializer<'de>>(deserializer: De) -> Result<Self, De::Error> {
+        struct Fields<D>(std::marker::PhantomData<D>);
+        impl<'de, D: Deserialize<'de>> serde::de::Visitor<'de> for Fields<D> {
+            type Value = WireMessage<D>;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a Bayeux message")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut channel = None;
+                let mut wire = WireMessage {
+                    channel: String::new(),
+                    id: None,
+                    client_id: None,
+                    data: None,
+                    successful: None,
+                    ext: None,
+                    protocol: None,
+                };
+                let mut seen = 0u16;
+                while let Some(field) = map.next_key::<Field>()? {
+                    if let Field::Other = field {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        continue;
+                    }
+                    let bit = 1 << field as u16;
+                    if seen & bit != 0 {
+                        return Err(serde::de::Error::duplicate_field(FIELDS[field as usize]));
+                    }
+                    seen |= bit;
+                    let protocol = &mut wire.protocol;
+                    match field {
+                        Field::Channel => channel = Some(map.next_value()?),
+                        Field::Id => wire.id = map.next_value::<Id>()?.0,
+                        Field::ClientId => wire.client_id = map.next_value()?,
+                        Field::Data => wire.data = map.next_value()?,
+                        Field::Successful => wire.successful = map.next_value()?,
+                        Field::Ext => wire.ext = map.next_value()?,
+                        Field::Error => set(&mut map, protocol, |fields| &mut fields.error)?,
+                        Field::Advice => set(&mut map, protocol, |fields| &mut fields.advice)?,
+                        Field::Subscription => set(&mut map, protocol, |fields| &mut fields.subscription)?,
+                        Field::ConnectionType => {
+                            set(&mut map, protocol, |fields| &mut fields.connection_type)?
+                        }
+                        Field::Version => set(&mut map, protocol, |fields| &mut fields.version)?,
+                        Field::MinimumVersion => {
+                            set(&mut map, protocol, |fields| &mut fields.minimum_version)?
+                        }
+                        Field::SupportedConnectionTypes => {
+                            set(&mut map, protocol, |fields| &mut fields.supported_connection_types)?
+                        }
+                        Field::Timestamp => set(&mut map, protocol, |fields| &mut fields.timestamp)?,
+                        Field::Other => unreachable!("skipped above"),
+                    }
+                }
+                wire.channel = channel.ok_or_else(|| serde::de::Error::missing_field("channel"))?;
+                Ok(wire)
+            }
+        }
+
+        /// Reads a protocol field's value and, unless it is `null`, stores it in `field`
+        /// of the protocol fields, boxing them if it is the first.
+        fn set<'de, A: serde::de::MapAccess<'de>, T: Deserialize<'de>>(
+            map: &mut A,
+            protocol: &mut Option<Box<Protocol>>,
+            field: impl FnOnce(&mut Protocol) -> &mut Option<T>,
+        ) -> Result<(), A::Error> {
+            if let Some(value) = map.next_value::<Option<T>>()? {
+                *field(protocol.get_or_insert_with(Box::default)) = Some(value);
+            }
+            Ok(())
+        }
+
+        deserializer.deserialize_struct("Message", FIELDS, Fields(std::marker::PhantomData))
+    }
+}
+
+/// A message id, sent by some servers as a number: kept as the string it would be. Any
+/// other type is taken for no id.
+struct Id(Option<String>);
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Id(match Value::deserialize(deserializer)? {
+            Value::String(id) => Some(id),
+            Value::Number(id) => Some(id.to_string()),
+            _ => None,
+        }))
     }
 }
 
@@ -363,14 +469,6 @@ impl std::fmt::Display for Data {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter.write_str(self.json())
     }
-}
-
-fn string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
-    Ok(match Option::<Value>::deserialize(deserializer)? {
-        Some(Value::String(id)) => Some(id),
-        Some(Value::Number(id)) => Some(id.to_string()),
-        _ => None,
-    })
 }
 
 /// The `advice` field: what the server wants the client to do next.
@@ -587,6 +685,21 @@ mod tests {
         touched.protocol_mut();
         assert_eq!(touched, event);
         assert!(Message::new("/a").with_protocol(Protocol::default()).protocol.is_none());
+        // `null` is absent, and allocates nothing either; unknown fields are skipped.
+        let nulls: Message =
+            serde_json::from_str(r#"{"channel":"/a","advice":null,"error":null,"x":{"y":[1]},"data":null}"#)
+                .expect("nulls");
+        assert!(nulls.protocol.is_none() && nulls.data.is_none());
+    }
+
+    #[test]
+    fn malformed_messages_are_refused_with_the_reason() {
+        let error = |text: &str| serde_json::from_str::<Message>(text).expect_err(text).to_string();
+        assert!(error(r#"{"id":"1"}"#).contains("missing field `channel`"));
+        assert!(error(r#"{"channel":"/a","channel":"/b"}"#).contains("duplicate field `channel`"));
+        assert!(error(r#"{"channel":"/a","advice":{},"advice":{}}"#).contains("duplicate field `advice`"));
+        assert!(error(r#"{"channel":"/a","successful":"yes"}"#).contains("invalid type"));
+        assert!(error(r#"["/a"]"#).contains("expected a Bayeux message"));
     }
 
     #[test]
