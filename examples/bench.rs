@@ -6,7 +6,8 @@
 //! looking closer: `bench report` (RESULTS.md again from results.json), `bench receive
 //! <client> [transport]`, `bench bridge [nats|jetstream]`, `bench stage`, and
 //! `BENCH_PROFILE=perf.data` to run this client's subscriber under `perf record`
-//! (`BENCH_PROFILE_EVENT=page-faults` to sample another event than CPU time).
+//! (`BENCH_PROFILE_EVENT=page-faults` to sample another event than CPU time,
+//! `BENCH_PROFILE_FLAT=1` for a flat profile that disturbs the client less).
 //!
 //! Every load loop is bounded in count and in time; every network target is loopback.
 
@@ -434,6 +435,20 @@ fn cpu_split_us(pid: u32) -> (u64, u64) {
 struct Proc {
     child: Child,
     lines: std::io::Lines<BufReader<ChildStdout>>,
+    /// Set once `wait4` has reaped it, so that dropping it does not signal a pid that may
+    /// have been reused.
+    reaped: bool,
+}
+
+impl Drop for Proc {
+    /// A process the run did not stop (it panicked on the way) is killed, not left running
+    /// with the run's output pipe open.
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// What a process used, from the kernel at reaping (wait4).
@@ -447,7 +462,7 @@ impl Proc {
     fn spawn(mut command: Command) -> Proc {
         let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
         let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        Proc { child, lines }
+        Proc { child, lines, reaped: false }
     }
 
     fn pid(&self) -> u32 {
@@ -465,13 +480,14 @@ impl Proc {
     }
 
     /// Waits for the process to end and returns what it used.
-    fn reap(self) -> Usage {
+    fn reap(mut self) -> Usage {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
         let mut status = 0;
         // SAFETY: an all-zero rusage is a valid value to be overwritten.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: wait4 on our own child with valid out-pointers.
         unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        self.reaped = true;
         let micros = |time: libc::timeval| time.tv_sec as u64 * 1_000_000 + time.tv_usec as u64;
         Usage {
             user_us: micros(usage.ru_utime),
@@ -540,7 +556,13 @@ fn subscriber_command(client: &str, url: &str, channel: &str, count: u64, transp
                 // A profiling aid: `BENCH_PROFILE=perf.data bench receive cometd-bridge`.
                 Some(output) => {
                     let mut command = Command::new("perf");
-                    command.args(["record", "-F", "4000", "--call-graph", "dwarf,32768", "-q"]);
+                    if std::env::var_os("BENCH_PROFILE_FLAT").is_some() {
+                        // A flat profile disturbs the measured process far less (websocket
+                        // reading, in particular, changes under the full one).
+                        command.args(["record", "-F", "999", "-q"]);
+                    } else {
+                        command.args(["record", "-F", "4000", "--call-graph", "dwarf,32768", "-q"]);
+                    }
                     // Another event than CPU time, e.g. BENCH_PROFILE_EVENT=page-faults.
                     if let Some(event) = std::env::var_os("BENCH_PROFILE_EVENT") {
                         command.arg("-e").arg(event);
@@ -1379,6 +1401,11 @@ fn report(results: &Value) -> String {
     let _ = writeln!(w, "| RSS MB | {:.1} | ≤ 15 |", median(&idle["rss_kb"]) / 1024.0);
     let _ = writeln!(w, "| start to `/readyz` 200, ms | {} | ≤ 100 |", range(&idle["ready_ms"], 0));
     let _ = writeln!(w, "\nThe whole run took {:.0} s.", results["duration_s"].as_f64().unwrap_or(0.0));
+    let _ = writeln!(
+        w,
+        "\nBefore and after for every change that moved these numbers, with the profiles that led \
+         to them and the targets still missed: `bench/HISTORY.md`."
+    );
     out
 }
 
