@@ -7,7 +7,8 @@
 //! <client> [transport]`, `bench bridge [nats|jetstream]`, `bench stage`, and
 //! `BENCH_PROFILE=perf.data` to run this client's subscriber under `perf record`
 //! (`BENCH_PROFILE_EVENT=page-faults` to sample another event than CPU time,
-//! `BENCH_PROFILE_FLAT=1` for a flat profile that disturbs the client less).
+//! `BENCH_PROFILE_FLAT=1` for a flat profile that disturbs the client less, and
+//! `BENCH_PROFILE_TOOL=callgrind` for instruction counts under valgrind instead).
 //!
 //! Every load loop is bounded in count and in time; every network target is loopback.
 
@@ -553,6 +554,20 @@ fn subscriber_command(client: &str, url: &str, channel: &str, count: u64, transp
     match client {
         "cometd-bridge" | "cometd-bridge-polled" | "cometd-bridge-value" => {
             match std::env::var_os("BENCH_PROFILE") {
+                // Instruction counts, undisturbed by timing (this machine's VM has no
+                // hardware counters for perf): `BENCH_PROFILE=callgrind.out
+                // BENCH_PROFILE_TOOL=callgrind bench receive cometd-bridge`.
+                Some(output)
+                    if std::env::var_os("BENCH_PROFILE_TOOL").is_some_and(|tool| tool == "callgrind") =>
+                {
+                    let mut command = Command::new("valgrind");
+                    command
+                        .args(["--tool=callgrind", "-q"])
+                        .arg(format!("--callgrind-out-file={}", Path::new(&output).display()));
+                    command.arg(std::env::current_exe().expect("current exe"));
+                    command.args(["sub", url, channel, &count, transport, client]);
+                    command
+                }
                 // A profiling aid: `BENCH_PROFILE=perf.data bench receive cometd-bridge`.
                 Some(output) => {
                     let mut command = Command::new("perf");
@@ -662,11 +677,17 @@ async fn orchestrate() {
     for transport in ["websocket", "long-polling"] {
         for size in [64usize, 1024] {
             let (faye, url) = start_faye(60);
-            for client in
-                ["cometd-bridge", "cometd-bridge-polled", "cometd-bridge-value", "aiocometd", "cometd-js"]
-            {
-                let runs: Vec<Run> =
-                    (0..RUNS).map(|_| receive_run(client, &url, transport, size, MESSAGES)).collect();
+            const CLIENTS: [&str; 5] =
+                ["cometd-bridge", "cometd-bridge-polled", "cometd-bridge-value", "aiocometd", "cometd-js"];
+            // The clients take turns run by run, so that a slow spell of the machine (its
+            // speed drifts by up to a fifth) falls on all of them, not on one client's runs.
+            let mut runs_of: Vec<Vec<Run>> = CLIENTS.iter().map(|_| Vec::new()).collect();
+            for _ in 0..RUNS {
+                for (client, runs) in CLIENTS.iter().zip(&mut runs_of) {
+                    runs.push(receive_run(client, &url, transport, size, MESSAGES));
+                }
+            }
+            for (client, runs) in CLIENTS.into_iter().zip(runs_of) {
                 let lost: u64 = runs.iter().map(|run| run.stats["gaps"].as_u64().unwrap_or(0)).sum();
                 let received: Vec<u64> =
                     runs.iter().map(|run| run.stats["received"].as_u64().unwrap_or(0)).collect();
@@ -1173,7 +1194,7 @@ fn report(results: &Value) -> String {
     );
     let _ = writeln!(
         w,
-        "clients, the bridge) share the machine, so rates swing between runs; ratios within one run are steadier.\nEach receive group (transport and payload) and each bridge scenario starts on a fresh faye.\n"
+        "clients, the bridge) share the machine, so rates swing between runs; ratios within one run are steadier.\nEach receive group (transport and payload) and each bridge scenario starts on a fresh faye; within a receive group the clients take turns run by run.\n"
     );
     let _ = writeln!(
         w,
