@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::bridge::BridgeError;
 use crate::bridge::{Bridge, Parts};
-use crate::config::{Config, NatsConfig, SinkConfig};
-use crate::store::{FileStore, Store, StoreError};
+use crate::config::{Config, NatsConfig, SinkConfig, StateBackend};
+use crate::store::{FileStore, NatsKvStore, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
 /// Why the daemon could not start or run.
@@ -52,24 +52,32 @@ pub struct App {
 }
 
 impl App {
-    /// Opens the store, binds the admin address and starts connecting to NATS (in the
-    /// background: a NATS outage is waited out, not fatal).
+    /// Binds the admin address, starts connecting to NATS (in the background: a NATS
+    /// outage is waited out, not fatal) and opens the store (with the `nats-kv` backend,
+    /// that needs the NATS server: the bridge does not start without its state).
     ///
     /// # Errors
     /// [`AppError`] when the store, the address or the NATS options do not work.
     pub async fn build(config: Config) -> Result<App, AppError> {
         // reqwest is built without a default TLS provider; the process uses ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let store: Arc<dyn Store> = Arc::new(FileStore::open(&config.state.path)?);
         let listener = TcpListener::bind(config.admin.listen)
             .await
             .map_err(|source| AppError::Bind { address: config.admin.listen, source })?;
         let uses_nats = config.nats.configured
+            || matches!(config.state.backend, StateBackend::NatsKv { .. })
             || config
                 .subscriptions
                 .iter()
                 .any(|subscription| matches!(subscription.sink, SinkConfig::Nats(_)));
         let nats = if uses_nats { Some(connect_nats(&config.nats).await?) } else { None };
+        let store: Arc<dyn Store> = match &config.state.backend {
+            StateBackend::File => Arc::new(FileStore::open(&config.state.path)?),
+            StateBackend::NatsKv { bucket } => {
+                let client = nats.clone().expect("the nats-kv backend counts as a use of NATS");
+                Arc::new(NatsKvStore::open(client, bucket).await?)
+            }
+        };
         Ok(App { config, listener, store, nats, metrics: Metrics::new() })
     }
 

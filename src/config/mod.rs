@@ -54,8 +54,23 @@ pub struct AdminConfig {
 /// `[state]`
 #[derive(Clone, Debug)]
 pub struct StateConfig {
+    /// Where the state is kept.
+    pub backend: StateBackend,
     /// Directory of the file store.
     pub path: PathBuf,
+}
+
+/// `state.backend`: where runtime subscriptions, replay positions and dead letters are kept.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateBackend {
+    /// One file a record under `state.path` (the default): no server needed.
+    File,
+    /// NATS JetStream key-value buckets named `<bucket>-subscriptions`,
+    /// `<bucket>-dead-letters` and `<bucket>-positions`, on the `[nats]` connection.
+    NatsKv {
+        /// `state.bucket`.
+        bucket: String,
+    },
 }
 
 /// `[nats]`

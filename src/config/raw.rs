@@ -56,17 +56,24 @@ fn default_admin_listen() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawState {
-    /// `file` (the embedded default).
+    /// `file` (the embedded default) or `nats-kv`.
     #[serde(default = "default_state_backend")]
     pub backend: String,
     /// Directory of the file backend.
     #[serde(default = "default_state_path")]
     pub path: String,
+    /// Name the `nats-kv` backend's buckets start with.
+    #[serde(default = "default_state_bucket")]
+    pub bucket: String,
 }
 
 impl Default for RawState {
     fn default() -> Self {
-        RawState { backend: default_state_backend(), path: default_state_path() }
+        RawState {
+            backend: default_state_backend(),
+            path: default_state_path(),
+            bucket: default_state_bucket(),
+        }
     }
 }
 
@@ -76,6 +83,10 @@ fn default_state_backend() -> String {
 
 fn default_state_path() -> String {
     "data/state".into()
+}
+
+fn default_state_bucket() -> String {
+    "cometd-bridge".into()
 }
 
 /// `[nats]`

@@ -13,7 +13,7 @@ use base64::Engine;
 use super::raw::{RawConfig, RawNats, RawSalesforce, RawSink, RawSource, RawSubscription, RawTls};
 use super::{
     AdminConfig, BridgeConfig, Config, Env, NatsConfig, NatsSinkConfig, Payload, Problem, Secret, SinkConfig,
-    SourceConfig, StateConfig, SubscriptionConfig, WebhookSinkConfig,
+    SourceConfig, StateBackend, StateConfig, SubscriptionConfig, WebhookSinkConfig,
 };
 use crate::cometd::{
     ChannelPattern, ConnectionType, ReplayFallback, ReplayPosition, SalesforceAuth, SalesforceCredentials,
@@ -99,12 +99,22 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         check.problem("admin.token", "must not be empty");
     }
 
-    if raw.state.backend != "file" {
-        check.problem(
-            "state.backend",
-            format!("{:?} is not available; \"file\" is the only backend so far", raw.state.backend),
-        );
-    }
+    let backend = match raw.state.backend.as_str() {
+        "file" => StateBackend::File,
+        "nats-kv" => {
+            // The bucket names derived from it must be valid: letters, digits, `-`, `_`.
+            let bucket = &raw.state.bucket;
+            if bucket.is_empty() || !bucket.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                check.problem("state.bucket", "must be letters, digits, `-` and `_` only, and not empty");
+            }
+            StateBackend::NatsKv { bucket: bucket.clone() }
+        }
+        other => {
+            check.problem("state.backend", format!("{other:?} is not a backend: \"file\" or \"nats-kv\""));
+            StateBackend::File
+        }
+    };
     if raw.state.path.is_empty() {
         check.problem("state.path", "must not be empty");
     }
@@ -146,7 +156,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     }
     Ok(Config {
         admin: AdminConfig { listen, token },
-        state: StateConfig { path: PathBuf::from(&raw.state.path) },
+        state: StateConfig { backend, path: PathBuf::from(&raw.state.path) },
         nats,
         bridge: BridgeConfig { queue_capacity, shutdown_grace },
         sources,

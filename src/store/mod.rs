@@ -2,14 +2,16 @@
 //! could not be delivered, kept with the reason so that nothing is dropped silently).
 //!
 //! Callers use the [`Store`] trait; [`FileStore`] is the embedded default that needs no
-//! server. Another backend (NATS JetStream KV) implements the same trait.
+//! server, [`NatsKvStore`] keeps the same records in NATS JetStream key-value buckets.
 
 mod file;
+mod nats_kv;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use file::FileStore;
+pub use nats_kv::NatsKvStore;
 
 use crate::config::RawSubscription;
 
@@ -61,6 +63,14 @@ pub enum StoreError {
         /// What failed.
         #[source]
         source: std::io::Error,
+    },
+    /// The NATS key-value bucket could not be reached, read or written.
+    #[error("state store (NATS KV bucket {bucket}): {message}")]
+    Nats {
+        /// The bucket.
+        bucket: String,
+        /// What failed.
+        message: String,
     },
     /// A stored record could not be read back.
     #[error("state store {path}: corrupt record: {message}")]

@@ -43,6 +43,16 @@ async fn every_class_of_bad_config_exits_2_naming_the_key() {
         ),
         ("address", "[admin]\nlisten = \"everywhere\"\n".into(), "admin.listen:"),
         (
+            "state backend",
+            "[state]\nbackend = \"redis\"\n".into(),
+            "state.backend: \"redis\" is not a backend",
+        ),
+        (
+            "state bucket",
+            "[state]\nbackend = \"nats-kv\"\nbucket = \"a.b\"\n".into(),
+            "state.bucket: must be letters, digits",
+        ),
+        (
             "source url",
             "[[sources]]\nname = \"demo\"\nurl = \"ftp://x/\"\n".into(),
             "sources[0].url: scheme \"ftp\"",

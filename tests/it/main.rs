@@ -17,5 +17,6 @@ mod malformed;
 mod packaging;
 mod recovery;
 mod replay;
+mod store;
 mod support;
 mod tls;

@@ -27,9 +27,14 @@ impl TestApp {
 
     /// Starts the daemon on an existing state directory, optionally with an admin token.
     pub async fn spawn_in(toml: &str, state: TempDir, token: Option<&str>) -> Self {
+        Self::spawn_with_state(toml, state, token, "").await
+    }
+
+    /// Starts the daemon with more `[state]` keys than its path (`backend`, `bucket`).
+    pub async fn spawn_with_state(toml: &str, state: TempDir, token: Option<&str>, state_keys: &str) -> Self {
         let token = token.map(|token| format!("token = \"{token}\"\n")).unwrap_or_default();
         let full = format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n{token}[state]\npath = \"{}\"\n{toml}",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{token}[state]\npath = \"{}\"\n{state_keys}{toml}",
             state.path().display()
         );
         let file = state.path().join("config.toml");

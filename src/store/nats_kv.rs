@@ -1,0 +1,192 @@
+//! The NATS store: the same records as the file store, in three JetStream key-value buckets
+//! (`<bucket>-subscriptions`, `<bucket>-dead-letters`, `<bucket>-positions`) on the
+//! bridge's NATS connection. It suits a bridge without a persistent disk (a container that
+//! may be rescheduled anywhere), and keeps the state where the forwarded messages go.
+//!
+//! A write returns once the server has stored it. Keys are the record ids in base64url,
+//! since ids may hold characters a key may not; each record keeps its own id.
+
+use async_nats::jetstream::{self, kv};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures_util::TryStreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{DeadLetter, Positions, Store, StoreError};
+use crate::config::RawSubscription;
+
+/// State kept in NATS JetStream key-value buckets.
+#[derive(Clone, Debug)]
+pub struct NatsKvStore {
+    subscriptions: Bucket,
+    dead_letters: Bucket,
+    positions: Bucket,
+}
+
+/// One bucket and its name, for error messages.
+#[derive(Clone, Debug)]
+struct Bucket {
+    name: String,
+    store: kv::Store,
+}
+
+impl NatsKvStore {
+    /// Opens the buckets named after `bucket` on `client`'s server, creating those that do
+    /// not exist yet (file storage, one value per key).
+    ///
+    /// # Errors
+    /// [`StoreError::Nats`] when a bucket can be neither found nor created, e.g. when the
+    /// server is unreachable or has no JetStream.
+    pub async fn open(client: async_nats::Client, bucket: &str) -> Result<Self, StoreError> {
+        let jetstream = jetstream::new(client);
+        Ok(NatsKvStore {
+            subscriptions: Bucket::open(&jetstream, format!("{bucket}-subscriptions")).await?,
+            dead_letters: Bucket::open(&jetstream, format!("{bucket}-dead-letters")).await?,
+            positions: Bucket::open(&jetstream, format!("{bucket}-positions")).await?,
+        })
+    }
+}
+
+impl Bucket {
+    async fn open(jetstream: &jetstream::Context, name: String) -> Result<Self, StoreError> {
+        let store = match jetstream.get_key_value(name.as_str()).await {
+            Ok(store) => store,
+            // Anything but "no such bucket" (the server unreachable, no JetStream) would
+            // only fail again, after another timeout, when creating it.
+            Err(error) if !is_missing(&error) => return Err(nats_error(&name, "cannot be opened", error)),
+            Err(_) => jetstream
+                .create_key_value(kv::Config {
+                    bucket: name.clone(),
+                    description: "cometd-bridge state".into(),
+                    history: 1,
+                    storage: jetstream::stream::StorageType::File,
+                    ..kv::Config::default()
+                })
+                .await
+                .map_err(|error| nats_error(&name, "cannot be created", error))?,
+        };
+        Ok(Bucket { name, store })
+    }
+
+    async fn put<T: Serialize>(&self, id: &str, record: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(record).expect("records serialize");
+        self.store.put(key(id), bytes.into()).await.map_err(|error| nats_error(&self.name, "put", error))?;
+        Ok(())
+    }
+
+    async fn get<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>, StoreError> {
+        let key = key(id);
+        match self.store.get(key.as_str()).await.map_err(|error| nats_error(&self.name, "get", error))? {
+            Some(bytes) => self.parse(&key, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every record, in the order of their ids.
+    async fn all<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        let keys: Vec<String> = match self.store.keys().await {
+            Ok(keys) => keys.try_collect().await.map_err(|error| nats_error(&self.name, "keys", error))?,
+            Err(error) => return Err(nats_error(&self.name, "keys", error)),
+        };
+        let mut keyed = Vec::with_capacity(keys.len());
+        for key in keys {
+            // A record deleted since the keys were listed is skipped.
+            if let Some(bytes) =
+                self.store.get(key.as_str()).await.map_err(|error| nats_error(&self.name, "get", error))?
+            {
+                let id = URL_SAFE_NO_PAD.decode(&key).ok().and_then(|id| String::from_utf8(id).ok());
+                keyed.push((id.unwrap_or_else(|| key.clone()), self.parse(&key, &bytes)?));
+            }
+        }
+        keyed.sort_by(|(a, _), (b, _)| a.cmp(b));
+        Ok(keyed.into_iter().map(|(_, record)| record).collect())
+    }
+
+    /// Removes a record; `false` when there was none.
+    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let key = key(id);
+        let existed = self
+            .store
+            .get(key.as_str())
+            .await
+            .map_err(|error| nats_error(&self.name, "get", error))?
+            .is_some();
+        if existed {
+            self.store.purge(key.as_str()).await.map_err(|error| nats_error(&self.name, "purge", error))?;
+        }
+        Ok(existed)
+    }
+
+    fn parse<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
+            path: format!("NATS KV {}/{key}", self.name),
+            message: error.to_string(),
+        })
+    }
+}
+
+/// Whether opening a bucket failed because it does not exist.
+fn is_missing(error: &jetstream::context::KeyValueError) -> bool {
+    use jetstream::context::{GetStreamError, GetStreamErrorKind};
+    std::error::Error::source(error).and_then(|source| source.downcast_ref::<GetStreamError>()).is_some_and(
+        |error| {
+            matches!(error.kind(), GetStreamErrorKind::JetStream(error)
+                if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+        },
+    )
+}
+
+/// A record id as a key: base64url, which every id can be written in and a key may hold.
+fn key(id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(id)
+}
+
+fn nats_error(bucket: &str, action: &str, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Nats { bucket: bucket.to_string(), message: format!("{action}: {error}") }
+}
+
+#[async_trait::async_trait]
+impl Store for NatsKvStore {
+    async fn subscriptions(&self) -> Result<Vec<RawSubscription>, StoreError> {
+        self.subscriptions.all().await
+    }
+
+    async fn put_subscription(&self, subscription: &RawSubscription) -> Result<(), StoreError> {
+        self.subscriptions.put(&subscription.id, subscription).await
+    }
+
+    async fn delete_subscription(&self, id: &str) -> Result<bool, StoreError> {
+        self.subscriptions.delete(id).await
+    }
+
+    async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        self.dead_letters.put(&letter.id, letter).await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut letters: Vec<DeadLetter> = self.dead_letters.all().await?;
+        letters.sort_by(|a, b| (&a.failed_at, a.sequence).cmp(&(&b.failed_at, b.sequence)));
+        Ok(letters)
+    }
+
+    async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+        self.dead_letters.get(id).await
+    }
+
+    async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
+        self.dead_letters.delete(id).await
+    }
+
+    async fn positions(&self, subscription: &str) -> Result<Positions, StoreError> {
+        Ok(self.positions.get(subscription).await?.unwrap_or_default())
+    }
+
+    async fn put_positions(&self, subscription: &str, positions: &Positions) -> Result<(), StoreError> {
+        self.positions.put(subscription, positions).await
+    }
+
+    async fn delete_positions(&self, subscription: &str) -> Result<(), StoreError> {
+        self.positions.delete(subscription).await.map(drop)
+    }
+}

@@ -1,0 +1,192 @@
+//! Both state backends keep the same records the same way: the file store in a temporary
+//! directory, the NATS KV store on a real nats-server; and a daemon on the NATS KV backend
+//! keeps its runtime subscriptions and dead letters in NATS, not on its disk.
+
+use cometd_bridge::config::RawSubscription;
+use cometd_bridge::store::{DeadLetter, FileStore, NatsKvStore, Store, StoreError};
+use serde_json::{Value, json};
+
+use crate::support::app::TestApp;
+use crate::support::bayeux::{BayeuxServer, FayeOptions};
+use crate::support::nats::NatsServer;
+use crate::support::peer::{WAIT, open};
+use crate::support::webhook::WebhookReceiver;
+
+fn subscription(id: &str, channel: &str) -> RawSubscription {
+    serde_json::from_value(json!({
+        "id": id, "source": "demo", "channel": channel,
+        "sink": { "type": "nats", "subject": "out.{channel}" }
+    }))
+    .expect("a subscription")
+}
+
+fn letter(id: &str, sequence: u64, failed_at: &str) -> DeadLetter {
+    DeadLetter {
+        id: id.into(),
+        subscription: "orders".into(),
+        source: "demo".into(),
+        session: "s1".into(),
+        sequence,
+        replay_id: None,
+        message: json!({"channel": "/orders", "data": {"n": sequence}}),
+        reason: "rejected: HTTP 400".into(),
+        attempts: 1,
+        failed_at: failed_at.into(),
+    }
+}
+
+fn ids(subscriptions: &[RawSubscription]) -> Vec<&str> {
+    subscriptions.iter().map(|subscription| subscription.id.as_str()).collect()
+}
+
+/// Writes, reads back, replaces and removes every kind of record through `store`.
+async fn keeps_every_record(store: &dyn Store) {
+    assert!(store.subscriptions().await.expect("list").is_empty());
+    // An id with characters a file name or a key could not hold as they are.
+    store.put_subscription(&subscription("eu orders/1", "/orders/eu")).await.expect("put");
+    store.put_subscription(&subscription("a", "/a")).await.expect("put");
+    store.put_subscription(&subscription("a", "/a/replaced")).await.expect("replace");
+    let listed = store.subscriptions().await.expect("list");
+    assert_eq!(ids(&listed), ["a", "eu orders/1"]);
+    assert_eq!(listed[0].channel, "/a/replaced", "a put replaces");
+    assert!(store.delete_subscription("eu orders/1").await.expect("delete"));
+    assert!(!store.delete_subscription("eu orders/1").await.expect("delete again"), "already gone");
+    assert_eq!(ids(&store.subscriptions().await.expect("list")), ["a"]);
+
+    store.add_dead_letter(&letter("demo.orders.s1.2", 2, "2026-01-01T00:00:02.000Z")).await.expect("add");
+    store.add_dead_letter(&letter("demo.orders.s1.1", 1, "2026-01-01T00:00:01.000Z")).await.expect("add");
+    let letters = store.dead_letters().await.expect("letters");
+    let sequences: Vec<u64> = letters.iter().map(|letter| letter.sequence).collect();
+    assert_eq!(sequences, [1, 2], "oldest first");
+    assert_eq!(letters[0], letter("demo.orders.s1.1", 1, "2026-01-01T00:00:01.000Z"), "read back whole");
+    assert_eq!(
+        store.dead_letter("demo.orders.s1.2").await.expect("get").map(|letter| letter.sequence),
+        Some(2)
+    );
+    assert!(store.delete_dead_letter("demo.orders.s1.2").await.expect("delete"));
+    assert!(!store.delete_dead_letter("demo.orders.s1.2").await.expect("delete again"));
+    assert_eq!(store.dead_letter("demo.orders.s1.2").await.expect("get"), None);
+
+    assert!(store.positions("a").await.expect("positions").is_empty(), "none committed yet");
+    let positions = [("/a".to_string(), 41), ("/b".to_string(), -2)].into_iter().collect();
+    store.put_positions("a", &positions).await.expect("put positions");
+    assert_eq!(store.positions("a").await.expect("positions"), positions);
+    store.delete_positions("a").await.expect("delete positions");
+    assert!(store.positions("a").await.expect("positions").is_empty());
+}
+
+#[tokio::test]
+async fn the_file_store_keeps_every_record() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    keeps_every_record(&FileStore::open(dir.path()).expect("open")).await;
+}
+
+#[tokio::test]
+async fn the_nats_kv_store_keeps_every_record_across_connections() {
+    let nats = NatsServer::start().await;
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let store = NatsKvStore::open(client, "test").await.expect("open");
+    keeps_every_record(&store).await;
+    store.put_subscription(&subscription("kept", "/kept")).await.expect("put");
+
+    // Another connection, as after a restart, finds the buckets and what is in them.
+    let again = NatsKvStore::open(async_nats::connect(nats.url()).await.expect("connect"), "test")
+        .await
+        .expect("reopen");
+    assert_eq!(ids(&again.subscriptions().await.expect("list")), ["a", "kept"]);
+    // Another bucket name is another, empty, state.
+    let other = NatsKvStore::open(async_nats::connect(nats.url()).await.expect("connect"), "other")
+        .await
+        .expect("open other");
+    assert!(other.subscriptions().await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn a_record_that_does_not_parse_is_named_not_skipped() {
+    let nats = NatsServer::start().await;
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let store = NatsKvStore::open(client.clone(), "corrupt").await.expect("open");
+    let bucket =
+        async_nats::jetstream::new(client).get_key_value("corrupt-subscriptions").await.expect("bucket");
+    bucket.put("eA", "{\"id\":".into()).await.expect("put garbage");
+    match store.subscriptions().await {
+        Err(StoreError::Corrupt { path, .. }) => assert!(path.contains("corrupt-subscriptions"), "{path}"),
+        other => panic!("expected a corrupt record error, got {other:?}"),
+    }
+}
+
+/// The daemon with `state.backend = "nats-kv"`: a subscription added through the API, and
+/// a dead letter, are still there for a daemon started on another, empty, directory.
+#[tokio::test]
+async fn a_daemon_on_the_nats_kv_backend_keeps_its_state_in_nats() {
+    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let nats = NatsServer::start().await;
+    let mut receiver = WebhookReceiver::start([400]).await;
+    let config =
+        format!("[nats]\nurl = \"{}\"\n[[sources]]\nname = \"demo\"\nurl = \"{}\"\n", nats.url(), faye.url());
+    let state_keys = "backend = \"nats-kv\"\nbucket = \"bridge\"\n";
+    let app = TestApp::spawn_with_state(&config, tempfile::tempdir().expect("dir"), None, state_keys).await;
+    app.wait_ready().await;
+    let body = json!({ "id": "kept", "source": "demo", "channel": "/kept", "sink": { "type": "webhook", "url": receiver.url() } });
+    let (status, answer) = app.call("POST", "/api/v1/subscriptions", Some(body)).await;
+    assert_eq!(status, 201, "{answer}");
+    let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
+    publisher.publish("/kept", json!("refused")).await.expect("publish");
+    assert_eq!(receiver.next().await.status, 400, "the receiver refuses the first delivery");
+    let letters = wait_for_letters(&app).await;
+    let state = app.stop().await;
+    assert!(
+        std::fs::read_dir(state.path())
+            .expect("state dir")
+            .all(|entry| { entry.map(|entry| entry.file_name() == "config.toml").unwrap_or(false) }),
+        "nothing but the config was written to the state directory"
+    );
+
+    let app = TestApp::spawn_with_state(&config, tempfile::tempdir().expect("dir"), None, state_keys).await;
+    app.wait_ready().await;
+    let (status, kept) = app.call("GET", "/api/v1/subscriptions/kept", None).await;
+    assert_eq!((status, kept["origin"].clone()), (200, json!("api")), "{kept}");
+    let (_, listed) = app.call("GET", "/api/v1/dead-letters", None).await;
+    assert_eq!(listed, letters, "the dead letter is still listed");
+    publisher.publish("/kept", json!("after restart")).await.expect("publish");
+    assert_eq!(receiver.next().await.json()["data"], "after restart");
+    app.stop().await;
+}
+
+async fn wait_for_letters(app: &TestApp) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, letters) = app.call("GET", "/api/v1/dead-letters", None).await;
+        assert_eq!(status, 200);
+        if letters.as_array().is_some_and(|letters| !letters.is_empty()) {
+            return letters;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter was listed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// With no NATS server to hold its state, the daemon does not start, and says which
+/// bucket it could not open.
+#[tokio::test]
+async fn without_nats_a_daemon_on_the_nats_kv_backend_does_not_start() {
+    let unused =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("config.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[state]\nbackend = \"nats-kv\"\npath = \"{}\"\n[nats]\nurl = \"nats://127.0.0.1:{unused}\"\n",
+            dir.path().display()
+        ),
+    )
+    .expect("write config");
+    let config =
+        cometd_bridge::config::load(&file, &cometd_bridge::config::Env::new()).expect("valid config");
+    let built = tokio::time::timeout(WAIT * 2, cometd_bridge::app::App::build(config))
+        .await
+        .expect("gives up in time");
+    let error = built.err().expect("no state, no start").to_string();
+    assert!(error.contains("NATS KV bucket cometd-bridge-subscriptions"), "{error}");
+}
