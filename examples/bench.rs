@@ -737,8 +737,19 @@ async fn orchestrate() {
     faye.kill();
 
     results.insert("duration_s".into(), json!(started.elapsed().as_secs_f64()));
-    let results = Value::Object(results);
     let dir = root().join("bench");
+    // The committed run this one replaces, in headline figures: RESULTS.md shows before and
+    // after for whatever changed since.
+    if let Some(previous) = std::fs::read(dir.join("results.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+    {
+        results.insert("previous".into(), json!({
+            "machine": previous["machine"],
+            "headline": headline(&previous).into_iter().map(|(name, value, _)| json!({"name": name, "value": value})).collect::<Vec<_>>(),
+        }));
+    }
+    let results = Value::Object(results);
     std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&results).expect("JSON"))
         .expect("write");
     std::fs::write(dir.join("RESULTS.md"), report(&results)).expect("write");
@@ -1422,12 +1433,93 @@ fn report(results: &Value) -> String {
     let _ = writeln!(w, "| RSS MB | {:.1} | ≤ 15 |", median(&idle["rss_kb"]) / 1024.0);
     let _ = writeln!(w, "| start to `/readyz` 200, ms | {} | ≤ 100 |", range(&idle["ready_ms"], 0));
     let _ = writeln!(w, "\nThe whole run took {:.0} s.", results["duration_s"].as_f64().unwrap_or(0.0));
+    if let Some(previous) = results["previous"]["headline"].as_array() {
+        let _ = writeln!(w, "\n## Against the previous committed run\n");
+        let _ = writeln!(
+            w,
+            "The headline figures of the run this one replaced (its `results.json`), beside this run's. \
+             Absolute figures move with the machine's speed from run to run; the ratios are the ones to compare.\n"
+        );
+        let _ = writeln!(w, "| figure | before | now | target |");
+        let _ = writeln!(w, "|---|---|---|---|");
+        for (name, now, target) in headline(results) {
+            let before = previous
+                .iter()
+                .find(|figure| figure["name"] == name.as_str())
+                .and_then(|figure| figure["value"].as_f64());
+            let before = before.map_or("–".to_string(), |value| format!("{value:.3}"));
+            let _ = writeln!(w, "| {name} | {before} | {now:.3} | {target} |");
+        }
+    }
     let _ = writeln!(
         w,
         "\nBefore and after for every change that moved these numbers, with the profiles that led \
          to them and the targets still missed: `bench/HISTORY.md`."
     );
     out
+}
+
+/// The figures the targets are about, as (name, value, target), from a run's results.
+fn headline(results: &Value) -> Vec<(String, f64, &'static str)> {
+    let mut figures = Vec::new();
+    let receive = results["receive"].as_array().cloned().unwrap_or_default();
+    for transport in ["websocket", "long-polling"] {
+        for size in [64, 1024] {
+            let cpu = |client: &str| {
+                receive
+                    .iter()
+                    .find(|e| e["transport"] == transport && e["payload"] == size && e["client"] == client)
+                    .map(|entry| median(&entry["cpu_us_per_msg"]))
+            };
+            if let (Some(ours), Some(aio), Some(js)) =
+                (cpu("cometd-bridge"), cpu("aiocometd"), cpu("cometd-js"))
+            {
+                figures.push((format!("client CPU µs/msg, {transport} {size} B"), ours, ""));
+                figures.push((
+                    format!("client CPU ÷ JS client, {transport} {size} B"),
+                    ours / js.max(1e-9),
+                    "≤ 0.2",
+                ));
+                figures.push((
+                    format!("client CPU ÷ aiocometd, {transport} {size} B"),
+                    ours / aio.max(1e-9),
+                    "≤ 0.05",
+                ));
+            }
+        }
+    }
+    let nats = &results["bridge_nats"];
+    figures.push((
+        "bridge → NATS CPU µs/msg (full speed)".into(),
+        median(&nats["full_speed"]["bridge_cpu_us_per_msg"]),
+        "≤ 10",
+    ));
+    figures.push((
+        "bridge → NATS added p99 ms at 10k msg/s".into(),
+        median(&nats["at_10k"]["p99_ms"]) - median(&nats["at_10k"]["direct_p99_ms"]),
+        "≤ 1",
+    ));
+    let js = &results["bridge_jetstream"];
+    figures.push((
+        "JetStream delivery stage ÷ plain publisher".into(),
+        median(&js["stage_rate"]) / median(&js["plain_publisher_rate"]).max(1.0),
+        "≥ 0.8",
+    ));
+    figures.push((
+        "JetStream delivery stage ÷ publisher with `Nats-Msg-Id`".into(),
+        median(&js["stage_rate"]) / median(&js["plain_publisher_with_message_id_rate"]).max(1.0),
+        "",
+    ));
+    for run in results["sessions"].as_array().cloned().unwrap_or_default() {
+        figures.push((
+            format!("RSS KB per idle session ({} sessions)", run["requested"]),
+            run["result"]["kb_per_session"].as_f64().unwrap_or(0.0),
+            "≤ 30",
+        ));
+    }
+    figures.push(("idle daemon RSS MB".into(), median(&results["idle"]["rss_kb"]) / 1024.0, "≤ 15"));
+    figures.push(("idle daemon start to /readyz ms".into(), median(&results["idle"]["ready_ms"]), "≤ 100"));
+    figures
 }
 
 use std::fmt::Write as _;
