@@ -17,10 +17,9 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use reqwest::cookie::Jar;
 use reqwest::header::HeaderMap;
-
-use super::error::{Error, TransportErrorKind};
 use serde_json::value::RawValue;
 
+use super::error::{Error, TransportErrorKind};
 use super::message::{Data, Message, WireMessage};
 use super::options::{ConnectionType, ValidOptions};
 use super::pending::PendingQueue;
@@ -184,12 +183,11 @@ fn parse_text(text: ByteString) -> Result<Vec<Message>, Error> {
 /// that the vector they go into is sized up front: a long-polling response can hold tens
 /// of thousands, and a vector that grows is copied each time. Every message has a
 /// `"channel"` key: they are counted in the first [`SAMPLE`] bytes and the count scaled to
-/// the whole payload (a server's batch is mostly
-/// alike messages; a wrong guess only costs a reallocation). It is capped at one message
-/// per 24 bytes (an event is rarely smaller), so that data full of `"channel"` strings
-/// cannot make the reservation outgrow the parse. A payload of a few kilobytes (a
-/// websocket frame, usually one message) is not scanned: its vector grows a few times at
-/// little cost.
+/// the whole payload (a server's batch is mostly alike messages; a wrong guess only costs
+/// a reallocation). It is capped at one message per 24 bytes (an event is rarely smaller),
+/// so that data full of `"channel"` strings cannot make the reservation outgrow the parse.
+/// A payload of a few kilobytes (a websocket frame, usually one message) is not scanned:
+/// its vector grows a few times at little cost.
 fn message_count_estimate(start: &[u8], len: usize) -> usize {
     const SAMPLE: usize = 64 * 1024;
     static CHANNEL_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
