@@ -1275,11 +1275,7 @@ fn report(results: &Value) -> String {
     let _ = writeln!(w, "|---|---|---|---|---|---|---|");
     for transport in ["websocket", "long-polling"] {
         for size in [64, 1024] {
-            let find = |client: &str| {
-                receive
-                    .iter()
-                    .find(|e| e["transport"] == transport && e["payload"] == size && e["client"] == client)
-            };
+            let find = |client| receive_entry(&receive, transport, size, client);
             if let (Some(ours), Some(aio), Some(js)) =
                 (find("cometd-bridge"), find("aiocometd"), find("cometd-js"))
             {
@@ -1459,17 +1455,19 @@ fn report(results: &Value) -> String {
     out
 }
 
+/// One client's receive figures for a transport and payload size.
+fn receive_entry<'r>(receive: &'r [Value], transport: &str, size: u64, client: &str) -> Option<&'r Value> {
+    receive.iter().find(|e| e["transport"] == transport && e["payload"] == size && e["client"] == client)
+}
+
 /// The figures the targets are about, as (name, value, target), from a run's results.
 fn headline(results: &Value) -> Vec<(String, f64, &'static str)> {
     let mut figures = Vec::new();
     let receive = results["receive"].as_array().cloned().unwrap_or_default();
     for transport in ["websocket", "long-polling"] {
         for size in [64, 1024] {
-            let cpu = |client: &str| {
-                receive
-                    .iter()
-                    .find(|e| e["transport"] == transport && e["payload"] == size && e["client"] == client)
-                    .map(|entry| median(&entry["cpu_us_per_msg"]))
+            let cpu = |client| {
+                receive_entry(&receive, transport, size, client).map(|entry| median(&entry["cpu_us_per_msg"]))
             };
             if let (Some(ours), Some(aio), Some(js)) =
                 (cpu("cometd-bridge"), cpu("aiocometd"), cpu("cometd-js"))

@@ -306,16 +306,7 @@ async fn dead_letters_are_listed_retried_and_discarded() {
     assert_eq!(first_attempt.status, 400);
     assert_eq!(receiver.next().await.status, 400);
     // The receiver is healthy now (it answers 200 from here on).
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let letters = loop {
-        let (status, letters) = app.call("GET", "/api/v1/dead-letters", None).await;
-        assert_eq!(status, 200);
-        if letters.as_array().expect("array").len() == 2 {
-            break letters;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the two dead letters were not listed: {letters}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let letters = app.wait_for_dead_letters(2).await;
     assert_eq!(letters[0]["message"]["data"], "first");
     assert_eq!(letters[0]["reason"], "rejected: HTTP 400");
     assert_eq!(letters[0]["subscription"], "hook");

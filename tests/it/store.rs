@@ -4,7 +4,7 @@
 
 use cometd_bridge::config::RawSubscription;
 use cometd_bridge::store::{DeadLetter, FileStore, NatsKvStore, Store, StoreError};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::app::TestApp;
 use crate::support::bayeux::{BayeuxServer, FayeOptions};
@@ -133,7 +133,7 @@ async fn a_daemon_on_the_nats_kv_backend_keeps_its_state_in_nats() {
     let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
     publisher.publish("/kept", json!("refused")).await.expect("publish");
     assert_eq!(receiver.next().await.status, 400, "the receiver refuses the first delivery");
-    let letters = wait_for_letters(&app).await;
+    let letters = app.wait_for_dead_letters(1).await;
     let state = app.stop().await;
     assert!(
         std::fs::read_dir(state.path())
@@ -153,19 +153,6 @@ async fn a_daemon_on_the_nats_kv_backend_keeps_its_state_in_nats() {
     app.stop().await;
 }
 
-async fn wait_for_letters(app: &TestApp) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, letters) = app.call("GET", "/api/v1/dead-letters", None).await;
-        assert_eq!(status, 200);
-        if letters.as_array().is_some_and(|letters| !letters.is_empty()) {
-            return letters;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no dead letter was listed");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 /// With no NATS server to hold its state, the daemon does not start, and says which
 /// bucket it could not open.
 #[tokio::test]
@@ -173,17 +160,12 @@ async fn without_nats_a_daemon_on_the_nats_kv_backend_does_not_start() {
     let unused =
         std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
     let dir = tempfile::tempdir().expect("dir");
-    let file = dir.path().join("config.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n[state]\nbackend = \"nats-kv\"\npath = \"{}\"\n[nats]\nurl = \"nats://127.0.0.1:{unused}\"\n",
-            dir.path().display()
-        ),
-    )
-    .expect("write config");
-    let config =
-        cometd_bridge::config::load(&file, &cometd_bridge::config::Env::new()).expect("valid config");
+    let config = TestApp::config(
+        &format!("[nats]\nurl = \"nats://127.0.0.1:{unused}\"\n"),
+        &dir,
+        None,
+        "backend = \"nats-kv\"\n",
+    );
     let built = tokio::time::timeout(WAIT * 2, cometd_bridge::app::App::build(config))
         .await
         .expect("gives up in time");

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cometd_bridge::app::App;
-use cometd_bridge::config::{self, Env};
+use cometd_bridge::config::{self, Config, Env};
 use cometd_bridge::store::{DeadLetter, FileStore, Store};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -32,15 +32,7 @@ impl TestApp {
 
     /// Starts the daemon with more `[state]` keys than its path (`backend`, `bucket`).
     pub async fn spawn_with_state(toml: &str, state: TempDir, token: Option<&str>, state_keys: &str) -> Self {
-        let token = token.map(|token| format!("token = \"{token}\"\n")).unwrap_or_default();
-        let full = format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n{token}[state]\npath = \"{}\"\n{state_keys}{toml}",
-            state.path().display()
-        );
-        let file = state.path().join("config.toml");
-        std::fs::write(&file, full).expect("write config");
-        let config =
-            config::load(&file, &Env::new()).unwrap_or_else(|error| panic!("invalid test config:\n{error}"));
+        let config = Self::config(toml, &state, token, state_keys);
         let app = App::build(config).await.expect("the app builds");
         let admin = app.admin_address();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -52,6 +44,35 @@ impl TestApp {
             .expect("the app runs and stops cleanly");
         });
         TestApp { admin, state, stop: Some(stop), task: Some(task) }
+    }
+
+    /// The daemon's configuration: `toml` with `[admin]` on port 0 and `[state]` in
+    /// `state` (plus `state_keys`), written to `state/config.toml` and loaded as the binary
+    /// loads it.
+    pub fn config(toml: &str, state: &TempDir, token: Option<&str>, state_keys: &str) -> Config {
+        let token = token.map(|token| format!("token = \"{token}\"\n")).unwrap_or_default();
+        let full = format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{token}[state]\npath = \"{}\"\n{state_keys}{toml}",
+            state.path().display()
+        );
+        let file = state.path().join("config.toml");
+        std::fs::write(&file, full).expect("write config");
+        config::load(&file, &Env::new()).unwrap_or_else(|error| panic!("invalid test config:\n{error}"))
+    }
+
+    /// Lists the dead letters through the API until there are `count`, failing the test
+    /// after the wait.
+    pub async fn wait_for_dead_letters(&self, count: usize) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + super::peer::WAIT;
+        loop {
+            let (status, letters) = self.call("GET", "/api/v1/dead-letters", None).await;
+            assert_eq!(status, 200, "{letters}");
+            if letters.as_array().is_some_and(|letters| letters.len() == count) {
+                return letters;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not {count} dead letters: {letters}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
