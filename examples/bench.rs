@@ -1028,25 +1028,30 @@ async fn plain_publisher(
     count as f64 / started.elapsed().as_secs_f64()
 }
 
-/// The bridge's delivery stage alone: its forwarder and JetStream sink, as the daemon runs
-/// them, handed `count` messages like the plain publisher's through the forwarder's
-/// queue. Returns messages per second until the forwarder has every ack.
+/// The bridge's delivery stage alone: its spool, forwarder and JetStream sink, as the
+/// daemon runs them, handed `count` messages like the plain publisher's by appending them
+/// to the spool in batches of 512. Returns messages per second until the forwarder has
+/// every ack.
 async fn delivery_stage(
     nats_url: &str,
     jetstream: &async_nats::jetstream::Context,
     prefix: &str,
     count: u64,
 ) -> f64 {
-    use cometd_bridge::bridge::envelope::Envelope;
-    use cometd_bridge::bridge::forwarder::{Counters, Forwarder};
-    use cometd_bridge::sink::{NatsSink, Sink, subject::SubjectTemplate};
+    use cometd_bridge::bridge::forwarder::{Counters, Forwarder, Stop};
+    use cometd_bridge::bridge::spool::{Spool, SpoolLimit, Spooled};
+    use cometd_bridge::delivery::Envelope;
+    use cometd_bridge::sink::{NatsSink, RetryPolicy, Sink, subject::SubjectTemplate};
+    use cometd_bridge::store::{EmbeddedStore, SpoolAppend, Store};
 
     create_stream(jetstream, &prefix.to_uppercase(), &format!("{prefix}.>")).await;
     let client = async_nats::connect(nats_url).await.expect("connect");
     let metrics = cometd_bridge::telemetry::metrics::Metrics::new();
     let subject = SubjectTemplate::parse(&format!("{prefix}.x")).expect("subject");
     let dir = tempfile::tempdir().expect("temp dir");
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
     let counters = Arc::new(Counters::default());
+    let spool = Spool::new("stage".into(), store.clone(), SpoolLimit::new(u64::MAX), None);
     let forwarder = Forwarder {
         subscription: "stage".into(),
         sink: Sink::Nats(Box::new(NatsSink::new(
@@ -1054,40 +1059,66 @@ async fn delivery_stage(
             subject,
             true,
             cometd_bridge::config::Payload::Data,
-            metrics.clone(),
         ))),
-        sink_kind: "jetstream",
-        store: Arc::new(cometd_bridge::store::FileStore::open(dir.path()).expect("store")),
+        spool: spool.clone(),
+        store: store.clone(),
         metrics,
         counters: counters.clone(),
         replay: None,
+        retry: RetryPolicy::new(cometd_bridge::config::RetryConfig {
+            max_elapsed: Duration::from_secs(3600),
+            max_backoff: Duration::from_secs(1),
+            max_attempts: None,
+        }),
     };
     let (source, session): (Arc<str>, Arc<str>) = ("bench".into(), "session".into());
-    let (queue, receiver) = tokio::sync::mpsc::channel(count as usize);
+    let stop = Stop::default();
     let started = Instant::now();
-    // The forwarder runs as the daemon runs it; the queue is filled as fast as it drains.
-    let task = tokio::spawn(forwarder.run(receiver, tokio_util::sync::CancellationToken::new()));
-    for seq in 0..count {
-        let message = cometd_bridge::cometd::Message {
-            channel: "/bench/stage".into(),
-            data: Some(json!({"seq": seq, "ts": now_us(), "pad": "x".repeat(64)}).into()),
-            ..Default::default()
-        };
-        let envelope = Envelope {
-            source: source.clone(),
-            subscription: "stage".into(),
-            session: session.clone(),
-            sequence: seq,
-            replay_id: None,
-            message: Arc::new(message),
-            received_at: Instant::now(),
-        };
-        queue.send(envelope).await.expect("the forwarder is running");
+    // The forwarder runs as the daemon runs it; the spool is filled as fast as it can be.
+    let task = tokio::spawn(forwarder.run(1, stop.clone()));
+    let mut seq = 0;
+    while seq < count {
+        let mut envelopes = Vec::new();
+        while seq < count && envelopes.len() < 512 {
+            let message = cometd_bridge::cometd::Message {
+                channel: "/bench/stage".into(),
+                data: Some(json!({"seq": seq, "ts": now_us(), "pad": "x".repeat(64)}).into()),
+                ..Default::default()
+            };
+            envelopes.push(Envelope {
+                source: source.clone(),
+                subscription: "stage".into(),
+                session: session.clone(),
+                sequence: seq,
+                replay_id: None,
+                message: Arc::new(message),
+                received_at: std::time::SystemTime::now(),
+            });
+            seq += 1;
+        }
+        let appends: Vec<SpoolAppend> = envelopes
+            .iter()
+            .map(|envelope| SpoolAppend { subscription: "stage".into(), record: envelope.to_record() })
+            .collect();
+        let sizes: Vec<u64> = appends.iter().map(|append| append.record.len() as u64).collect();
+        let sequences = store.spool_append(appends.into()).await.expect("spooled");
+        spool.appended(
+            envelopes.into_iter().zip(sequences).zip(sizes).map(|((envelope, sequence), bytes)| Spooled {
+                sequence,
+                bytes,
+                envelope,
+            }),
+        );
     }
-    drop(queue);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while counters.forwarded.load(Ordering::Relaxed) < count {
+        assert!(Instant::now() < deadline, "the forwarder did not deliver every message in time");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    stop.soon.cancel();
     task.await.expect("the forwarder finished");
-    assert_eq!(counters.forwarded.load(Ordering::Relaxed), count, "every message acknowledged");
-    count as f64 / started.elapsed().as_secs_f64()
+    rate
 }
 
 /// Bridge → one webhook receiver through 10 subscriptions: rate and per-subscription order.

@@ -13,7 +13,7 @@ use crate::admin::{self, AdminState};
 use crate::bridge::BridgeError;
 use crate::bridge::{Bridge, Parts};
 use crate::config::{Config, NatsConfig, SinkConfig, StateBackend};
-use crate::store::{FileStore, NatsKvStore, Store, StoreError};
+use crate::store::{EmbeddedStore, NatsKvStore, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
 /// Why the daemon could not start or run.
@@ -72,7 +72,7 @@ impl App {
                 .any(|subscription| matches!(subscription.sink, SinkConfig::Nats(_)));
         let nats = if uses_nats { Some(connect_nats(&config.nats).await?) } else { None };
         let store: Arc<dyn Store> = match &config.state.backend {
-            StateBackend::File => Arc::new(FileStore::open(&config.state.path)?),
+            StateBackend::Embedded => Arc::new(EmbeddedStore::open(&config.state.path)?),
             StateBackend::NatsKv { bucket } => {
                 let client = nats.clone().expect("the nats-kv backend counts as a use of NATS");
                 Arc::new(NatsKvStore::open(client, bucket).await?)
@@ -91,7 +91,9 @@ impl App {
     /// # Errors
     /// [`AppError`] when a source cannot be started or the admin server fails.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+        // Redirects are never followed: a 3xx would turn a POST into a body-less GET.
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|error| AppError::Nats(format!("HTTP client: {error}")))?;
         let token = self.config.admin.token.clone();

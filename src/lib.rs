@@ -5,7 +5,9 @@
 //! - [`cometd`]: the client. It uses nothing else from this crate, so it can be used alone.
 //! - [`config`]: loading and validating the daemon's configuration.
 //! - [`bridge`]: source tasks (one per CometD server) and forwarders (one per subscription).
-//! - [`sink`]: NATS and webhook delivery; [`store`]: dead letters.
+//! - [`delivery`]: a message on its way to a sink, and its spooled form.
+//! - [`sink`]: NATS and webhook delivery, and how failures are retried; [`store`]: the
+//!   state store (subscriptions, positions, dead letters, spools).
 //! - [`admin`]: health, readiness and metrics over HTTP; [`telemetry`]: logs and metrics.
 //! - [`app`]: the daemon put together; [`shutdown`]: signals; [`cli`]: the command line.
 
@@ -17,6 +19,7 @@ pub mod bridge;
 pub mod cli;
 pub mod cometd;
 pub mod config;
+pub mod delivery;
 pub mod shutdown;
 pub mod sink;
 pub mod store;

@@ -19,7 +19,7 @@ use utoipa::OpenApi;
 pub use error::{ApiError, ErrorBody};
 pub use extract::ApiJson;
 
-use crate::bridge::{Bridge, Origin, SourceView, SubscriptionView};
+use crate::bridge::{BacklogView, Bridge, Origin, SourceView, SubscriptionView};
 use crate::config::{RawSink, RawSubscription, Secret};
 use crate::store::DeadLetter;
 use crate::telemetry::metrics::Metrics;
@@ -46,7 +46,7 @@ pub struct AdminState {
         healthz, readyz, metrics, list_sources, list_subscriptions, add_subscription, get_subscription,
         delete_subscription, reset_position, list_dead_letters, retry_dead_letter, discard_dead_letter, openapi
     ),
-    components(schemas(SourceView, SubscriptionView, RawSubscription, RawSink, DeadLetter, ErrorBody, Origin, PositionBody)),
+    components(schemas(SourceView, SubscriptionView, BacklogView, RawSubscription, RawSink, DeadLetter, ErrorBody, Origin, PositionBody)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -146,6 +146,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(State(state): State<AdminState>) -> Response {
+    state.bridge.refresh_metrics().await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
         .into_response()
 }

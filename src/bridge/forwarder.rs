@@ -1,20 +1,22 @@
-//! The forwarder: one task per subscription that hands its messages to the sink in order,
-//! and stores what cannot be delivered as dead letters.
+//! The forwarder: one task per subscription that delivers its spool to the sink in order.
+//! Each message of a batch ends delivered, dead-lettered (a permanent failure, or
+//! transient failures past `retry.max_elapsed`), or still spooled (the bridge is
+//! stopping); a settled prefix of the batch leaves the spool in one transaction with its
+//! dead letters and its replay positions, so a crash at any point repeats deliveries
+//! (with the same delivery ids) but loses none.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::envelope::Envelope;
 use super::replay::ReplayState;
-use crate::sink::{Outcome, Sink};
-use crate::store::{DeadLetter, Store, record_id};
+use super::spool::{Spool, Spooled};
+use crate::delivery::Envelope;
+use crate::sink::{Failure, RetryPolicy, Sink, pause};
+use crate::store::{DeadLetter, Settlement, Store, record_id};
 use crate::telemetry::metrics::Metrics;
-
-/// Why messages still queued at the end of the grace period were not delivered.
-pub const SHUTDOWN_REASON: &str = "shutdown: not delivered within the grace period";
 
 /// A subscription's counts, for the API.
 #[derive(Debug, Default)]
@@ -28,9 +30,36 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn add(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    fn add(counter: &AtomicU64, count: u64) {
+        counter.fetch_add(count, Ordering::Relaxed);
     }
+}
+
+/// How a forwarder is told to stop.
+#[derive(Clone, Debug, Default)]
+pub struct Stop {
+    /// Finish the attempt in flight (settling what it delivered), start no other.
+    pub soon: CancellationToken,
+    /// Abandon the attempt in flight: its messages stay in the spool.
+    pub now: CancellationToken,
+}
+
+impl Stop {
+    /// Tokens that also fire when `parent`'s do.
+    pub fn child(parent: &Stop) -> Stop {
+        Stop { soon: parent.soon.child_token(), now: parent.now.child_token() }
+    }
+}
+
+/// What became of one message of a batch.
+#[derive(Clone, Debug)]
+enum Status {
+    /// Not settled yet.
+    Spooled,
+    /// The sink acknowledged it.
+    Delivered,
+    /// It becomes a dead letter.
+    DeadLetter { reason: String, attempts: u32 },
 }
 
 /// A subscription's delivery task.
@@ -39,9 +68,9 @@ pub struct Forwarder {
     pub subscription: Arc<str>,
     /// Where messages go.
     pub sink: Sink,
-    /// The metrics label of the sink.
-    pub sink_kind: &'static str,
-    /// Where undeliverable messages go.
+    /// Where they come from.
+    pub spool: Arc<Spool>,
+    /// Where settlements go.
     pub store: Arc<dyn Store>,
     /// Metrics.
     pub metrics: Metrics,
@@ -49,102 +78,191 @@ pub struct Forwarder {
     pub counters: Arc<Counters>,
     /// The source's replay state, when it uses replay: positions advance here.
     pub replay: Option<Arc<ReplayState>>,
+    /// How transient failures are retried.
+    pub retry: RetryPolicy,
 }
 
 impl Forwarder {
-    /// Delivers what arrives on `queue`, one batch at a time, until the queue is closed and
-    /// empty, or until `stop` is cancelled, after which whatever is left is dead-lettered.
-    pub async fn run(self, mut queue: mpsc::Receiver<Envelope>, stop: CancellationToken) {
-        let mut batch = Vec::with_capacity(self.sink.batch_size());
-        let forwarded = self.metrics.forwarded_counter(&self.subscription, self.sink_kind);
+    /// Delivers the spool from sequence `first` on until told to stop.
+    pub async fn run(self, first: u64, stop: Stop) {
+        let forwarded = self.metrics.forwarded_counter(&self.subscription, self.sink.kind());
+        let mut next = first;
         loop {
-            let first = tokio::select! {
+            let batch = tokio::select! {
                 biased;
-                _ = stop.cancelled() => break,
-                envelope = queue.recv() => match envelope {
-                    Some(envelope) => envelope,
-                    None => return,
-                },
+                _ = stop.soon.cancelled() => return,
+                batch = self.spool.next_batch(next, self.sink.batch_size()) => batch,
             };
-            batch.push(first);
-            while batch.len() < self.sink.batch_size() {
-                match queue.try_recv() {
-                    Ok(envelope) => batch.push(envelope),
-                    Err(_) => break,
+            let batch = match batch {
+                Ok(batch) if batch.is_empty() => continue,
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::error!(subscription = %self.subscription, error = %error, "cannot read the spool; trying again");
+                    if !pause(Duration::from_secs(1), &stop.soon).await {
+                        return;
+                    }
+                    continue;
                 }
+            };
+            self.spool.set_oldest(Some(batch[0].envelope.received_at));
+            if !self.deliver(&batch, &stop, &forwarded).await {
+                return;
             }
-            let outcomes = self.sink.deliver(&batch, &stop).await;
-            let done = self.positions_done(&batch);
-            for (index, envelope) in batch.drain(..).enumerate() {
-                match outcomes.get(index) {
-                    Some(Outcome::Delivered) => {
-                        Counters::add(&self.counters.forwarded);
+            next = batch.last().expect("a batch is not empty").sequence + 1;
+        }
+    }
+
+    /// Delivers `batch` until every message is delivered or dead-lettered, and settles it;
+    /// `false` when stopped first (what is not settled stays in the spool).
+    async fn deliver(
+        &self,
+        batch: &[Spooled],
+        stop: &Stop,
+        forwarded: &prometheus_client::metrics::counter::Counter,
+    ) -> bool {
+        let mut status = vec![Status::Spooled; batch.len()];
+        let mut attempts = vec![0u32; batch.len()];
+        let mut settled = 0;
+        let mut failures = 0u32;
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let pending: Vec<usize> =
+                (0..batch.len()).filter(|index| matches!(status[*index], Status::Spooled)).collect();
+            if pending.is_empty() {
+                break;
+            }
+            let envelopes: Vec<&Envelope> = pending.iter().map(|index| &batch[*index].envelope).collect();
+            let results = self.sink.attempt(&envelopes, &stop.now).await;
+            let mut failure: Option<Failure> = None;
+            for (result, index) in results.into_iter().zip(&pending) {
+                attempts[*index] += 1;
+                match result {
+                    Ok(()) => {
+                        status[*index] = Status::Delivered;
                         forwarded.inc();
-                        self.metrics.forward_latency(envelope.received_at.elapsed());
+                        let received_at = batch[*index].envelope.received_at;
+                        self.metrics.forward_latency(
+                            SystemTime::now().duration_since(received_at).unwrap_or_default(),
+                        );
                     }
-                    Some(Outcome::DeadLetter { reason, attempts }) => {
-                        self.dead_letter(&envelope, reason, *attempts).await;
+                    Err(failed) => {
+                        self.metrics.delivery_failed(&self.subscription, self.sink.kind(), failed.label);
+                        if failed.is_permanent() {
+                            status[*index] = Status::DeadLetter {
+                                reason: failed.reason.clone(),
+                                attempts: attempts[*index],
+                            };
+                        } else {
+                            failure = Some(failed);
+                        }
                     }
-                    None => self.dead_letter(&envelope, SHUTDOWN_REASON, 0).await,
                 }
             }
-            self.commit(done).await;
-        }
-        queue.close();
-        while let Ok(envelope) = queue.try_recv() {
-            self.dead_letter(&envelope, SHUTDOWN_REASON, 0).await;
-        }
-    }
-
-    /// The last replay id per channel in a batch: every message of the batch is delivered
-    /// or dead-lettered once the batch is through, in order.
-    fn positions_done(&self, batch: &[Envelope]) -> Vec<(String, i64)> {
-        if self.replay.is_none() {
-            return Vec::new();
-        }
-        let mut last: Vec<(String, i64)> = Vec::new();
-        for envelope in batch {
-            if let Some(replay_id) = envelope.replay_id {
-                match last.iter_mut().find(|(channel, _)| *channel == envelope.message.channel) {
-                    Some(entry) => entry.1 = replay_id,
-                    None => last.push((envelope.message.channel.clone(), replay_id)),
+            if stop.soon.is_cancelled() || stop.now.is_cancelled() {
+                self.settle(batch, &status, &mut settled, &stop.now).await;
+                return false;
+            }
+            if status.iter().all(|status| !matches!(status, Status::Spooled)) {
+                break;
+            }
+            let failure = failure.unwrap_or_else(|| Failure::transient("unavailable", "not attempted"));
+            failures += 1;
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            let delay = self.retry.delay(failures, failure.retry_after());
+            let most_attempts = pending.iter().map(|index| attempts[*index]).max().unwrap_or(0);
+            if self.retry.exhausted(since, most_attempts, delay) {
+                let reason = format!(
+                    "gave up after {most_attempts} attempts over {}: {}",
+                    humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())),
+                    failure.reason
+                );
+                for index in pending {
+                    if matches!(status[index], Status::Spooled) {
+                        status[index] =
+                            Status::DeadLetter { reason: reason.clone(), attempts: attempts[index] };
+                    }
                 }
+                continue;
+            }
+            tracing::warn!(subscription = %self.subscription, sink = self.sink.kind(), reason = %failure.reason, attempt = most_attempts, delay = ?delay, "delivery failed; retrying from the spool");
+            self.settle(batch, &status, &mut settled, &stop.now).await;
+            if !pause(delay, &stop.soon).await {
+                return false;
             }
         }
-        last
+        self.settle(batch, &status, &mut settled, &stop.now).await
     }
 
-    /// Advances and stores the committed positions.
-    async fn commit(&self, done: Vec<(String, i64)>) {
-        let Some(replay) = &self.replay else { return };
+    /// Settles the messages from `settled` up to the first one still spooled: trims them
+    /// from the spool with their dead letters and positions in one transaction, retrying
+    /// a failing store until `stop`. Returns whether the whole batch is settled.
+    async fn settle(
+        &self,
+        batch: &[Spooled],
+        status: &[Status],
+        settled: &mut usize,
+        stop: &CancellationToken,
+    ) -> bool {
+        let end = status.iter().position(|status| matches!(status, Status::Spooled)).unwrap_or(batch.len());
+        if end <= *settled {
+            return end == batch.len();
+        }
+        let part = &batch[*settled..end];
+        let dead_letters: Vec<DeadLetter> = part
+            .iter()
+            .zip(&status[*settled..end])
+            .filter_map(|(spooled, status)| match status {
+                Status::DeadLetter { reason, attempts } => {
+                    Some(dead_letter(&spooled.envelope, reason, *attempts))
+                }
+                _ => None,
+            })
+            .collect();
+        let settlement = Settlement {
+            subscription: self.subscription.to_string(),
+            through: part.last().expect("not empty").sequence,
+            positions: self.positions(part),
+            dead_letters,
+        };
+        let mut failures = 0;
+        while let Err(error) = self.store.spool_settle(settlement.clone()).await {
+            tracing::error!(subscription = %self.subscription, error = %error, "cannot settle delivered messages in the state store; trying again (they stay in the spool meanwhile)");
+            failures += 1;
+            if !pause(Duration::from_millis(100 * 2u64.pow(failures.min(6))), stop).await {
+                return false;
+            }
+        }
+        for letter in &settlement.dead_letters {
+            tracing::warn!(subscription = %self.subscription, id = %letter.id, reason = %letter.reason, "message stored as a dead letter");
+            self.metrics.dead_lettered(&self.subscription);
+        }
+        let delivered = part.len() - settlement.dead_letters.len();
+        Counters::add(&self.counters.forwarded, delivered as u64);
+        Counters::add(&self.counters.dead_letters, settlement.dead_letters.len() as u64);
+        self.spool.settled(part.len() as u64, part.iter().map(|spooled| spooled.bytes).sum());
+        self.spool.set_oldest(batch.get(end).map(|spooled| spooled.envelope.received_at));
+        *settled = end;
+        end == batch.len()
+    }
+
+    /// The committed positions after `part`, when it carries replay ids.
+    fn positions(&self, part: &[Spooled]) -> Option<crate::store::Positions> {
+        let replay = self.replay.as_ref()?;
         let mut positions = None;
-        for (channel, replay_id) in done {
-            positions = replay.commit(&self.subscription, &channel, replay_id).or(positions);
+        for spooled in part {
+            if let Some(replay_id) = spooled.envelope.replay_id {
+                positions = replay
+                    .commit(&self.subscription, &spooled.envelope.message.channel, replay_id)
+                    .or(positions);
+            }
         }
-        if let Some(positions) = positions
-            && let Err(error) = self.store.put_positions(&self.subscription, &positions).await
-        {
-            tracing::error!(subscription = %self.subscription, error = %error, "could not store the replay position; a restart replays from the last stored one");
-        }
-    }
-
-    async fn dead_letter(&self, envelope: &Envelope, reason: &str, attempts: u32) {
-        if dead_letter(&*self.store, &self.metrics, envelope, reason, attempts).await {
-            Counters::add(&self.counters.dead_letters);
-        }
+        positions
     }
 }
 
-/// Stores `envelope` as a dead letter; a store failure is logged at ERROR, since the
-/// message is then lost. Returns whether it was stored.
-pub async fn dead_letter(
-    store: &dyn Store,
-    metrics: &Metrics,
-    envelope: &Envelope,
-    reason: &str,
-    attempts: u32,
-) -> bool {
-    let letter = DeadLetter {
+/// The dead letter of `envelope`.
+pub fn dead_letter(envelope: &Envelope, reason: &str, attempts: u32) -> DeadLetter {
+    DeadLetter {
         id: record_id(&envelope.delivery_id()),
         subscription: envelope.subscription.to_string(),
         source: envelope.source.to_string(),
@@ -154,17 +272,6 @@ pub async fn dead_letter(
         message: envelope.to_json(),
         reason: reason.to_string(),
         attempts,
-        failed_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-    };
-    match store.add_dead_letter(&letter).await {
-        Ok(()) => {
-            tracing::warn!(subscription = %envelope.subscription, id = %letter.id, reason, "message stored as a dead letter");
-            metrics.dead_lettered(&envelope.subscription);
-            true
-        }
-        Err(error) => {
-            tracing::error!(subscription = %envelope.subscription, id = %letter.id, reason, error = %error, message = %letter.message, "could not store a dead letter; the message is lost");
-            false
-        }
+        failed_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
     }
 }

@@ -1,40 +1,39 @@
-//! The bridge: a source task per CometD server, a forwarder task per subscription, the
-//! registry that adds and removes subscriptions at runtime, and the shutdown that drains
-//! them in the contract's order.
+//! The bridge: a source task per CometD server that spools what it receives, a forwarder
+//! task per subscription that delivers its spool, the registry that adds and removes
+//! subscriptions at runtime, and the shutdown that stops them in the contract's order.
 
-pub mod envelope;
 pub mod forwarder;
 pub mod replay;
 pub mod source;
+pub mod spool;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cometd::{
-    ChannelPattern, Client, Data, Error, Message, ReplayExtension, ReplayPosition, SalesforceAuth,
-    SessionState, replay_id,
+    Client, Data, Error, Message, ReplayExtension, ReplayPosition, SalesforceAuth, SessionState,
 };
 use crate::config::{
     self, Config, Env, Problem, RawSink, RawSubscription, SinkConfig, SourceConfig, SubscriptionConfig,
 };
-use crate::sink::{NatsSink, Sink, WebhookSink};
-use crate::store::{DeadLetter, Store, StoreError};
+use crate::delivery::Envelope;
+use crate::sink::{NatsSink, RetryPolicy, Sink, WebhookSink};
+use crate::store::{DeadLetter, SpoolAppend, SpoolSummary, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
-use envelope::Envelope;
-use forwarder::{Counters, Forwarder, dead_letter};
+use forwarder::{Counters, Forwarder, Stop};
 use replay::{ReplayState, SourcePositions};
-use source::{Route, Routes, Source};
+use source::{Route, Routes, Source, Spooler};
+use spool::{Spool, SpoolLimit, Spooled};
 
-/// Why a message still pending in a session at disconnect was not forwarded.
-const DISCONNECT_REASON: &str = "shutdown: received but not yet forwarded when the session closed";
+/// How long removing a subscription waits for its delivery in flight.
+const REMOVE_WAIT: Duration = Duration::from_secs(5);
 
 /// What the bridge needs from the outside.
 pub struct Parts {
@@ -127,10 +126,36 @@ pub struct SubscriptionView {
     pub forwarded: u64,
     /// Messages stored as dead letters.
     pub dead_letters: u64,
+    /// What its spool holds: received, not yet delivered or dead-lettered.
+    pub backlog: BacklogView,
     /// With replay: the committed position per channel (everything up to it was delivered
     /// or dead-lettered); `-1`/`-2` after a reset to new/all.
     #[schema(value_type = Object)]
     pub positions: Option<crate::store::Positions>,
+}
+
+/// A spool's backlog as the API shows it.
+#[derive(Clone, Copy, Debug, Default, Serialize, utoipa::ToSchema)]
+pub struct BacklogView {
+    /// Messages waiting.
+    pub messages: u64,
+    /// Their size in the store.
+    pub bytes: u64,
+    /// Age of the oldest, in seconds; 0 when there is none.
+    pub oldest_age_seconds: f64,
+}
+
+impl From<spool::Backlog> for BacklogView {
+    fn from(backlog: spool::Backlog) -> Self {
+        BacklogView {
+            messages: backlog.messages,
+            bytes: backlog.bytes,
+            oldest_age_seconds: backlog
+                .oldest
+                .and_then(|oldest| SystemTime::now().duration_since(oldest).ok())
+                .map_or(0.0, |age| age.as_secs_f64()),
+        }
+    }
 }
 
 /// One source's session and routes.
@@ -138,17 +163,24 @@ struct SourceEntry {
     config: SourceConfig,
     name: Arc<str>,
     client: Client,
-    routes: Routes,
+    spooler: Spooler,
     replay: Option<Arc<ReplayState>>,
+}
+
+impl SourceEntry {
+    fn routes(&self) -> &Routes {
+        &self.spooler.routes
+    }
 }
 
 /// One running subscription.
 struct SubscriptionEntry {
     config: SubscriptionConfig,
     origin: Origin,
-    queue: mpsc::Sender<Envelope>,
+    spool: Arc<Spool>,
     counters: Arc<Counters>,
     forwarder: JoinHandle<()>,
+    stop: Stop,
 }
 
 /// A running bridge.
@@ -159,11 +191,11 @@ pub struct Bridge {
     nats: Option<async_nats::Client>,
     http: reqwest::Client,
     metrics: Metrics,
-    queue_capacity: usize,
+    limit: Arc<SpoolLimit>,
     source_tasks: std::sync::Mutex<Vec<JoinHandle<Client>>>,
     forwarders: TaskTracker,
     stop_taking: CancellationToken,
-    stop_delivering: CancellationToken,
+    stop_delivering: Stop,
     grace: Duration,
 }
 
@@ -180,14 +212,17 @@ impl Bridge {
             let (client, replay) = source_client(source_config, &name, &metrics)
                 .map_err(|error| BridgeError::Conflict(format!("source {}: {error}", source_config.name)))?;
             metrics.source_connected(&name, false);
-            sources.push(SourceEntry {
-                config: source_config.clone(),
-                name,
-                client,
+            metrics.source_paused(&name, false);
+            let spooler = Spooler {
+                name: name.clone(),
                 routes: Routes::default(),
-                replay,
-            });
+                store: store.clone(),
+                replay: replay.is_some(),
+                sequence: Arc::default(),
+            };
+            sources.push(SourceEntry { config: source_config.clone(), name, client, spooler, replay });
         }
+        let mut summaries = store.spool_summaries().await?;
         let bridge = Arc::new(Bridge {
             sources,
             subscriptions: tokio::sync::Mutex::new(BTreeMap::new()),
@@ -195,17 +230,18 @@ impl Bridge {
             nats,
             http,
             metrics,
-            queue_capacity: config.bridge.queue_capacity,
+            limit: SpoolLimit::new(config.state.spool_max_bytes),
             source_tasks: std::sync::Mutex::new(Vec::new()),
             forwarders: TaskTracker::new(),
             stop_taking: CancellationToken::new(),
-            stop_delivering: CancellationToken::new(),
+            stop_delivering: Stop::default(),
             grace: config.bridge.shutdown_grace,
         });
         {
             let mut subscriptions = bridge.subscriptions.lock().await;
             for subscription in &config.subscriptions {
-                let entry = bridge.start_subscription(subscription.clone(), Origin::Config).await?;
+                let summary = summaries.remove(&subscription.id);
+                let entry = bridge.start_subscription(subscription.clone(), Origin::Config, summary).await?;
                 subscriptions.insert(subscription.id.clone(), entry);
             }
             let names = bridge.source_names();
@@ -215,7 +251,10 @@ impl Bridge {
                     continue;
                 }
                 match config::validate_subscription(&raw, "", &names, &Env::new()) {
-                    Ok(subscription) => match bridge.start_subscription(subscription, Origin::Api).await {
+                    Ok(subscription) => match bridge
+                        .start_subscription(subscription, Origin::Api, summaries.remove(&raw.id))
+                        .await
+                    {
                         Ok(entry) => drop(subscriptions.insert(raw.id.clone(), entry)),
                         Err(error) => {
                             tracing::error!(id = %raw.id, error = %error, "cannot start a stored subscription")
@@ -228,15 +267,17 @@ impl Bridge {
                 }
             }
         }
+        for (subscription, summary) in summaries {
+            tracing::error!(subscription = %subscription, messages = summary.messages, "a spool belongs to no subscription any more (removed from the configuration); its messages stay in the state store, not delivered");
+        }
         let mut tasks = Vec::new();
         for entry in &bridge.sources {
             let source = Source {
                 name: entry.name.clone(),
                 client: entry.client.clone(),
-                routes: entry.routes.clone(),
-                store: bridge.store.clone(),
+                spooler: entry.spooler.clone(),
+                limit: bridge.limit.clone(),
                 metrics: bridge.metrics.clone(),
-                replay: entry.replay.is_some(),
             };
             tasks.push(tokio::spawn(source.run(bridge.stop_taking.clone())));
         }
@@ -252,11 +293,13 @@ impl Bridge {
         self.sources.iter().find(|source| source.config.name == name)
     }
 
-    /// Starts a subscription's forwarder and adds its route to its source.
+    /// Starts a subscription's forwarder on its spool (resuming what `summary` says the
+    /// store holds) and adds its route to its source.
     async fn start_subscription(
         &self,
         config: SubscriptionConfig,
         origin: Origin,
+        summary: Option<SpoolSummary>,
     ) -> Result<SubscriptionEntry, BridgeError> {
         let source =
             self.source(&config.source).ok_or_else(|| BridgeError::UnknownSource(config.source.clone()))?;
@@ -270,38 +313,55 @@ impl Bridge {
                     nats_sink.subject.clone(),
                     nats_sink.jetstream,
                     nats_sink.payload,
-                    self.metrics.clone(),
                 )))
             }
             SinkConfig::Webhook(webhook) => {
-                Sink::Webhook(WebhookSink::new(self.http.clone(), webhook.clone(), self.metrics.clone()))
+                Sink::Webhook(WebhookSink::new(self.http.clone(), webhook.clone()))
             }
         };
-        let (queue, receiver) = mpsc::channel::<Envelope>(self.queue_capacity);
         let id: Arc<str> = config.id.as_str().into();
         let counters = Arc::new(Counters::default());
+        let spool = Spool::new(id.clone(), self.store.clone(), self.limit.clone(), summary);
         let forwarder = Forwarder {
             subscription: id.clone(),
             sink,
-            sink_kind: config.sink.kind(),
+            spool: spool.clone(),
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             counters: counters.clone(),
             replay: source.replay.clone(),
+            retry: RetryPolicy::new(config.retry),
         };
         if let Some(replay) = &source.replay {
             let committed = self.store.positions(&config.id).await?;
             replay.add(&config.id, config.channel.clone(), config.replay_from, committed);
         }
-        let forwarder = self.forwarders.spawn(forwarder.run(receiver, self.stop_delivering.clone()));
-        source.routes.add(Route {
+        if let Some(summary) = summary {
+            tracing::info!(subscription = %id, messages = summary.messages, "resuming delivery of the spooled messages");
+        }
+        let stop = Stop::child(&self.stop_delivering);
+        let first = summary.map_or(1, |summary| summary.first);
+        let forwarder = self.forwarders.spawn(forwarder.run(first, stop.clone()));
+        source.routes().add(Route {
             received: self.metrics.received_counter(&source.name, &id),
             subscription: id,
             pattern: config.channel.clone(),
-            queue: queue.clone(),
+            spool: spool.clone(),
             counters: counters.clone(),
         });
-        Ok(SubscriptionEntry { config, origin, queue, counters, forwarder })
+        Ok(SubscriptionEntry { config, origin, spool, counters, forwarder, stop })
+    }
+
+    /// Stops a subscription's forwarder: it finishes the delivery in flight, or abandons
+    /// it after [`REMOVE_WAIT`].
+    async fn stop_forwarder(entry: SubscriptionEntry) -> SubscriptionEntry {
+        entry.stop.soon.cancel();
+        let mut entry = entry;
+        if tokio::time::timeout(REMOVE_WAIT, &mut entry.forwarder).await.is_err() {
+            entry.stop.now.cancel();
+            let _ = (&mut entry.forwarder).await;
+        }
+        entry
     }
 
     /// Adds a subscription at runtime: validates it, stores it, starts its forwarder and
@@ -324,7 +384,7 @@ impl Bridge {
             return Err(BridgeError::Conflict(format!("a subscription with id {:?} exists", config.id)));
         }
         self.store.put_subscription(&raw).await?;
-        let entry = match self.start_subscription(config.clone(), Origin::Api).await {
+        let entry = match self.start_subscription(config.clone(), Origin::Api, None).await {
             Ok(entry) => entry,
             Err(error) => {
                 self.store.delete_subscription(&config.id).await?;
@@ -337,9 +397,10 @@ impl Bridge {
             && let Err(error) = source.client.subscribe(pattern).await
             && matches!(error, Error::Server(_))
         {
-            source.routes.remove(&config.id);
-            drop(entry.queue);
-            let _ = entry.forwarder.await;
+            source.routes().remove(&config.id);
+            let entry = Self::stop_forwarder(entry).await;
+            entry.spool.release_all();
+            self.store.spool_delete(&config.id).await?;
             self.store.delete_subscription(&config.id).await?;
             return Err(BridgeError::Upstream(error));
         }
@@ -350,8 +411,9 @@ impl Bridge {
     }
 
     /// Removes a subscription added through the API: its route goes first, its forwarder
-    /// drains, then the channel is unsubscribed upstream unless another subscription of the
-    /// source still uses it, and the record is deleted.
+    /// finishes the delivery in flight, then the channel is unsubscribed upstream unless
+    /// another subscription of the source still uses it, and the record and its spool are
+    /// deleted (what was still spooled is discarded, and counted in the log).
     ///
     /// # Errors
     /// [`BridgeError::NotFound`], [`BridgeError::Conflict`] for a configured subscription,
@@ -366,12 +428,12 @@ impl Bridge {
             )));
         }
         let entry = subscriptions.remove(id).expect("checked above");
+        drop(subscriptions);
         let source = self.source(&entry.config.source).expect("subscriptions belong to known sources");
-        source.routes.remove(id);
-        drop(entry.queue);
-        let _ = entry.forwarder.await;
+        source.routes().remove(id);
+        let entry = Self::stop_forwarder(entry).await;
         let pattern = entry.config.channel.as_str();
-        let still_needed = source.routes.snapshot().iter().any(|route| route.pattern.as_str() == pattern);
+        let still_needed = source.routes().snapshot().iter().any(|route| route.pattern.as_str() == pattern);
         if !still_needed
             && source.client.subscriptions().contains(pattern)
             && let Err(error) = source.client.unsubscribe(pattern).await
@@ -382,8 +444,20 @@ impl Bridge {
             replay.remove(id);
             self.store.delete_positions(id).await?;
         }
+        let backlog = entry.spool.backlog();
+        entry.spool.release_all();
+        self.store.spool_delete(id).await?;
         self.store.delete_subscription(id).await?;
-        tracing::info!(id, "subscription removed");
+        self.metrics.forget_subscription(id);
+        if backlog.messages > 0 {
+            tracing::warn!(
+                id,
+                discarded = backlog.messages,
+                "subscription removed with messages still spooled; they are discarded"
+            );
+        } else {
+            tracing::info!(id, "subscription removed");
+        }
         Ok(())
     }
 
@@ -417,6 +491,7 @@ impl Bridge {
             received: entry.counters.received.load(Ordering::Relaxed),
             forwarded: entry.counters.forwarded.load(Ordering::Relaxed),
             dead_letters: entry.counters.dead_letters.load(Ordering::Relaxed),
+            backlog: entry.spool.backlog().into(),
             positions: self
                 .source(&config.source)
                 .and_then(|source| source.replay.as_ref())
@@ -505,20 +580,17 @@ impl Bridge {
         }
     }
 
-    /// Hands a dead letter back to its subscription's forwarder, with its original
-    /// delivery id (so `webhook-id` and `Nats-Msg-Id` stay the same). If it fails again it
-    /// becomes a dead letter again.
+    /// Hands a dead letter back to its subscription: in one transaction it leaves the
+    /// dead letters and joins the spool, with its original delivery id (so `webhook-id`
+    /// and `Nats-Msg-Id` stay the same). If it fails again it is a dead letter again.
     ///
     /// # Errors
-    /// [`BridgeError::NotFound`], [`BridgeError::Conflict`] when its subscription is gone,
-    /// [`BridgeError::Store`].
+    /// [`BridgeError::NotFound`] (also when a concurrent retry took it), [`BridgeError::Conflict`]
+    /// when its subscription is gone, [`BridgeError::Store`].
     pub async fn retry_dead_letter(&self, id: &str) -> Result<(), BridgeError> {
-        let letter = self
-            .store
-            .dead_letter(id)
-            .await?
-            .ok_or_else(|| BridgeError::NotFound(format!("dead letter {id:?}")))?;
-        let queue = {
+        let not_found = || BridgeError::NotFound(format!("dead letter {id:?}"));
+        let letter = self.store.dead_letter(id).await?.ok_or_else(not_found)?;
+        let spool = {
             let subscriptions = self.subscriptions.lock().await;
             let entry = subscriptions.get(&letter.subscription).ok_or_else(|| {
                 BridgeError::Conflict(format!(
@@ -526,7 +598,7 @@ impl Bridge {
                     letter.subscription
                 ))
             })?;
-            entry.queue.clone()
+            entry.spool.clone()
         };
         let message = &letter.message;
         let envelope = Envelope {
@@ -541,15 +613,27 @@ impl Bridge {
                 ext: message["ext"].as_object().cloned(),
                 ..Message::new(message["channel"].as_str().unwrap_or_default())
             }),
-            received_at: Instant::now(),
+            received_at: SystemTime::now(),
         };
-        // Removed first: if the retry fails at once, the forwarder stores it again.
-        self.store.delete_dead_letter(id).await?;
-        if queue.send(envelope).await.is_err() {
-            self.store.add_dead_letter(&letter).await?;
-            return Err(BridgeError::Conflict("the subscription is stopping".into()));
-        }
+        let record = envelope.to_record();
+        let bytes = record.len() as u64;
+        let append = SpoolAppend { subscription: envelope.subscription.clone(), record };
+        let sequence = self.store.requeue_dead_letter(id, append).await?.ok_or_else(not_found)?;
+        spool.appended([Spooled { sequence, bytes, envelope }]);
         Ok(())
+    }
+
+    /// Updates the spool gauges, before metrics are rendered.
+    pub async fn refresh_metrics(&self) {
+        for (id, entry) in self.subscriptions.lock().await.iter() {
+            let backlog = BacklogView::from(entry.spool.backlog());
+            self.metrics.spool(
+                id,
+                backlog.messages,
+                backlog.bytes,
+                Duration::from_secs_f64(backlog.oldest_age_seconds),
+            );
+        }
     }
 
     /// Why the bridge is not ready: a source not connected or not subscribed, NATS not
@@ -567,7 +651,7 @@ impl Bridge {
                 reasons.push(reason);
                 continue;
             }
-            for route in source.routes.snapshot().iter() {
+            for route in source.routes().snapshot().iter() {
                 if !status.subscriptions.contains(route.pattern.as_str()) {
                     reasons.push(format!("source {} is not subscribed to {}", source.name, route.pattern));
                 }
@@ -581,9 +665,10 @@ impl Bridge {
         reasons
     }
 
-    /// Shuts down in the contract's order: stop taking messages; let the forwarders drain
-    /// for the grace period, then dead-letter what is left; disconnect every session
-    /// (dead-lettering what it still held); flush NATS.
+    /// Shuts down in the contract's order: stop taking messages; let each forwarder
+    /// finish the delivery in flight for the grace period, then abandon it; disconnect
+    /// every session, spooling what it still held; flush NATS. Spooled messages stay for
+    /// the next start.
     pub async fn shut_down(&self) {
         let started = Instant::now();
         tracing::info!(grace = ?self.grace, "stopping: no new messages are taken");
@@ -595,55 +680,34 @@ impl Bridge {
                 tracing::error!(error = %error, "a source task failed");
             }
         }
-        // Closing every queue lets each forwarder finish once it has drained.
-        let patterns: Vec<Vec<(ChannelPattern, Arc<str>)>> = self
-            .sources
-            .iter()
-            .map(|source| {
-                let routes = source.routes.take_all();
-                routes.into_iter().map(|route| (route.pattern, route.subscription)).collect()
-            })
-            .collect();
-        let forwarders: Vec<JoinHandle<()>> = {
-            let mut subscriptions = self.subscriptions.lock().await;
-            std::mem::take(&mut *subscriptions).into_values().map(|entry| entry.forwarder).collect()
-        };
+        self.stop_delivering.soon.cancel();
         self.forwarders.close();
         let remaining = self.grace.saturating_sub(started.elapsed());
         if tokio::time::timeout(remaining, self.forwarders.wait()).await.is_err() {
-            tracing::warn!("the grace period ended with deliveries in flight; storing them as dead letters");
-            self.stop_delivering.cancel();
+            tracing::warn!("the grace period ended with deliveries in flight; they stay in the spool");
+            self.stop_delivering.now.cancel();
             self.forwarders.wait().await;
         }
-        drop(forwarders);
-        for (source, patterns) in self.sources.iter().zip(&patterns) {
+        for source in &self.sources {
             source.client.close().await;
-            // Own key space, so these never share a delivery id with a routed message.
-            let session: Arc<str> =
-                format!("{}-shutdown", source.client.status().client_id.unwrap_or_default()).into();
-            let mut drained = 0;
+            let session: Arc<str> = source.client.status().client_id.unwrap_or_default().into();
+            let mut held = Vec::new();
             loop {
-                let message = match source.client.receive().await {
-                    Ok(message) => Arc::new(message),
+                match source.client.receive().await {
+                    Ok(message) => held.push(message),
                     Err(Error::Closed) => break,
                     Err(_) => continue,
-                };
-                drained += 1;
-                for (_, subscription) in
-                    patterns.iter().filter(|(pattern, _)| pattern.matches(&message.channel))
-                {
-                    let envelope = Envelope {
-                        source: source.name.clone(),
-                        subscription: subscription.clone(),
-                        session: session.clone(),
-                        sequence: drained,
-                        replay_id: if source.replay.is_some() { replay_id(&message) } else { None },
-                        message: message.clone(),
-                        received_at: Instant::now(),
-                    };
-                    dead_letter(&*self.store, &self.metrics, &envelope, DISCONNECT_REASON, 0).await;
                 }
             }
+            if !held.is_empty() {
+                tracing::info!(source = %source.name, messages = held.len(), "spooling what the session still held");
+                source.spooler.spool(held, &session, &self.stop_taking).await;
+            }
+        }
+        let backlog: u64 =
+            self.subscriptions.lock().await.values().map(|entry| entry.spool.backlog().messages).sum();
+        if backlog > 0 {
+            tracing::info!(messages = backlog, "spooled messages are kept for the next start");
         }
         if let Some(nats) = &self.nats
             && let Err(error) = tokio::time::timeout(Duration::from_secs(5), nats.flush())

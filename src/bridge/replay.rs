@@ -40,11 +40,13 @@ impl ReplayState {
     }
 
     /// Records that everything up to `replay_id` on `channel` is done for `id`; returns
-    /// the subscription's positions to persist.
+    /// the subscription's positions to persist. A position never moves backwards (a
+    /// retried dead letter carries an old replay id).
     pub fn commit(&self, id: &str, channel: &str, replay_id: i64) -> Option<Positions> {
         let mut subscriptions = self.write();
         let subscription = subscriptions.get_mut(id)?;
-        subscription.committed.insert(channel.to_string(), replay_id);
+        let committed = subscription.committed.entry(channel.to_string()).or_insert(replay_id);
+        *committed = (*committed).max(replay_id);
         Some(subscription.committed.clone())
     }
 

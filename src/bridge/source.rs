@@ -1,37 +1,40 @@
 //! The source task: one per CometD server. It keeps the session open (re-opening it if the
-//! server closes it), subscribes to every channel its subscriptions need, and routes each
-//! message to every subscription whose pattern matches, waiting when a forwarder's queue
-//! is full so that backpressure reaches the CometD side.
+//! server closes it), subscribes to every channel its subscriptions need, and appends each
+//! message to the spool of every subscription whose pattern matches, in one durable
+//! transaction per batch of what has arrived. It never waits on a sink: only full spools
+//! (`state.spool_max_bytes`) pause it.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
+use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
-use std::time::Instant;
-
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::envelope::Envelope;
-use super::forwarder::{Counters, dead_letter};
-use crate::cometd::{ChannelPattern, Client, Error, Message, SessionState, TransportErrorKind, replay_id};
-use crate::sink::{pause, retry_backoff};
-use crate::store::Store;
+use super::forwarder::Counters;
+use super::spool::{Spool, SpoolLimit, Spooled};
+use crate::cometd::{
+    Backoff, ChannelPattern, Client, Error, Message, SessionState, TransportErrorKind, replay_id,
+};
+use crate::delivery::Envelope;
+use crate::sink::pause;
+use crate::store::{SpoolAppend, Store};
 use crate::telemetry::metrics::Metrics;
 
-/// Why a message taken from the session could not be handed to its forwarder.
-const STOPPED_REASON: &str = "shutdown: received while the bridge was stopping";
+/// Messages taken from the session at most per spool transaction.
+const BATCH: usize = 512;
 
-/// One subscription's route: its pattern and its forwarder's queue.
+/// One subscription's route: its pattern and its spool.
 #[derive(Clone)]
 pub struct Route {
     /// The subscription's id.
     pub subscription: Arc<str>,
     /// The channel pattern it subscribed to.
     pub pattern: ChannelPattern,
-    /// Its forwarder's queue.
-    pub queue: mpsc::Sender<Envelope>,
+    /// Its spool.
+    pub spool: Arc<Spool>,
     /// Its counts.
     pub counters: Arc<Counters>,
     /// Its `cometd_bridge_messages_received_total` series, looked up once.
@@ -39,8 +42,7 @@ pub struct Route {
 }
 
 /// A source's routes. The admin API adds and removes routes while the source runs; the
-/// source takes a snapshot per message, which costs one reference count, and holds no
-/// lock while it waits for a queue.
+/// source takes a snapshot per batch, which costs one reference count.
 #[derive(Clone, Default)]
 pub struct Routes(Arc<RwLock<Arc<Vec<Route>>>>);
 
@@ -66,11 +68,86 @@ impl Routes {
     pub fn remove(&self, subscription: &str) {
         self.replace(|routes| routes.retain(|route| &*route.subscription != subscription));
     }
+}
 
-    /// Removes every route (shutdown), returning them.
-    pub fn take_all(&self) -> Vec<Route> {
-        let mut current = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        std::mem::take(&mut *current).as_ref().clone()
+/// Appends a source's messages to the spools of the subscriptions they match. The source
+/// task uses it while it runs, and shutdown for what the session still held.
+#[derive(Clone)]
+pub struct Spooler {
+    /// The source's name.
+    pub name: Arc<str>,
+    /// Where messages go.
+    pub routes: Routes,
+    /// The store holding the spools.
+    pub store: Arc<dyn Store>,
+    /// Whether events carry replay ids to track.
+    pub replay: bool,
+    /// Arrival order within the source, over the process's life.
+    pub sequence: Arc<AtomicU64>,
+}
+
+impl Spooler {
+    /// Appends `messages` to the matching spools, durably, retrying a failing store until
+    /// `stop` (after which one last try is made and a failure is logged with the content).
+    pub async fn spool(&self, messages: Vec<Message>, session: &Arc<str>, stop: &CancellationToken) {
+        let received_at = SystemTime::now();
+        let routes = self.routes.snapshot();
+        let mut appends = Vec::with_capacity(messages.len());
+        let mut targets: Vec<(usize, Envelope, u64)> = Vec::with_capacity(messages.len());
+        for message in messages {
+            let sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+            let replay_id = if self.replay { replay_id(&message) } else { None };
+            let message = Arc::new(message);
+            for (index, route) in
+                routes.iter().enumerate().filter(|(_, route)| route.pattern.matches(&message.channel))
+            {
+                let envelope = Envelope {
+                    source: self.name.clone(),
+                    subscription: route.subscription.clone(),
+                    session: session.clone(),
+                    sequence,
+                    replay_id,
+                    message: message.clone(),
+                    received_at,
+                };
+                let record = envelope.to_record();
+                let bytes = record.len() as u64;
+                appends.push(SpoolAppend { subscription: route.subscription.clone(), record });
+                targets.push((index, envelope, bytes));
+                route.received.inc();
+                route.counters.received.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if appends.is_empty() {
+            return;
+        }
+        let appends: Arc<[SpoolAppend]> = appends.into();
+        let mut failures = 0;
+        let sequences = loop {
+            match self.store.spool_append(appends.clone()).await {
+                Ok(sequences) => break sequences,
+                Err(error) if stop.is_cancelled() => {
+                    for append in appends.iter() {
+                        tracing::error!(source = %self.name, subscription = %append.subscription, error = %error, record = %String::from_utf8_lossy(&append.record), "cannot spool a received message while stopping; it is lost");
+                    }
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(source = %self.name, error = %error, "cannot append received messages to the spool; trying again");
+                    failures += 1;
+                    let _ = pause(Duration::from_millis(100 * 2u64.pow(failures.min(6))), stop).await;
+                }
+            }
+        };
+        let mut per_route: Vec<Vec<Spooled>> = vec![Vec::new(); routes.len()];
+        for ((index, envelope, bytes), sequence) in targets.into_iter().zip(sequences) {
+            per_route[index].push(Spooled { sequence, bytes, envelope });
+        }
+        for (route, spooled) in routes.iter().zip(per_route) {
+            if !spooled.is_empty() {
+                route.spool.appended(spooled);
+            }
+        }
     }
 }
 
@@ -81,20 +158,18 @@ pub struct Source {
     /// The CometD client.
     pub client: Client,
     /// Where messages go.
-    pub routes: Routes,
-    /// For messages that cannot be routed during shutdown.
-    pub store: Arc<dyn Store>,
+    pub spooler: Spooler,
+    /// The room left in the spools.
+    pub limit: Arc<SpoolLimit>,
     /// Metrics.
     pub metrics: Metrics,
-    /// Whether events carry replay ids to track.
-    pub replay: bool,
 }
 
 impl Source {
     /// Runs until `stop` is cancelled; returns the client, still open, so that shutdown can
     /// disconnect it after the forwarders drained.
     pub async fn run(self, stop: CancellationToken) -> Client {
-        let mut sequence = 0u64;
+        let mut known_session: Option<Arc<str>> = None;
         'session: loop {
             if !self.open(&stop).await {
                 return self.client;
@@ -102,8 +177,12 @@ impl Source {
             let mut status = self.client.watch_status().expect("the client was opened");
             let mut session: Arc<str> =
                 status.borrow_and_update().client_id.clone().unwrap_or_default().into();
+            self.session_changed(&mut known_session, &session);
             self.metrics.source_connected(&self.name, true);
             loop {
+                if self.limit.is_full() && !self.wait_for_room(&stop).await {
+                    return self.client;
+                }
                 let item = tokio::select! {
                     biased;
                     _ = stop.cancelled() => return self.client,
@@ -117,6 +196,7 @@ impl Source {
                         self.metrics.source_connected(&self.name, status.state == SessionState::Connected);
                         if let Some(client_id) = &status.client_id && **client_id != *session {
                             session = client_id.as_str().into();
+                            self.session_changed(&mut known_session, &session);
                         }
                         continue;
                     }
@@ -124,9 +204,28 @@ impl Source {
                 };
                 match item {
                     Ok(message) => {
-                        sequence += 1;
+                        let mut batch = vec![message];
+                        // Whatever else has arrived goes in the same transaction.
+                        let mut deferred = None;
+                        while batch.len() < BATCH {
+                            match self.client.receive().now_or_never() {
+                                Some(Ok(message)) => batch.push(message),
+                                Some(Err(error)) => {
+                                    deferred = Some(error);
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
                         self.metrics.pending(&self.name, self.client.pending_count());
-                        self.route(message, &session, sequence, &stop).await;
+                        self.spooler.spool(batch, &session, &stop).await;
+                        match deferred {
+                            Some(Error::Closed) => continue 'session,
+                            Some(error) => {
+                                tracing::error!(source = %self.name, error = %error, "the CometD server reported an error")
+                            }
+                            None => {}
+                        }
                     }
                     Err(Error::Transport { kind: TransportErrorKind::ConnectionTimeout, .. }) => {
                         tracing::warn!(source = %self.name, "lost the connection to the CometD server; reconnecting");
@@ -142,7 +241,7 @@ impl Source {
 
     /// Opens the session and subscribes, retrying with backoff; `false` when stopped first.
     async fn open(&self, stop: &CancellationToken) -> bool {
-        let backoff = retry_backoff();
+        let backoff = open_backoff();
         let mut failures = 0;
         loop {
             let opened = tokio::select! {
@@ -163,7 +262,7 @@ impl Source {
             }
         }
         let channels: BTreeSet<String> =
-            self.routes.snapshot().iter().map(|route| route.pattern.as_str().to_string()).collect();
+            self.spooler.routes.snapshot().iter().map(|route| route.pattern.as_str().to_string()).collect();
         for channel in &channels {
             match self.client.subscribe(channel).await {
                 Ok(()) => tracing::info!(source = %self.name, channel = %channel, "subscribed"),
@@ -175,37 +274,37 @@ impl Source {
         true
     }
 
-    /// Hands the message to every matching subscription, in route order.
-    async fn route(&self, message: Message, session: &Arc<str>, sequence: u64, stop: &CancellationToken) {
-        let replay_id = if self.replay { replay_id(&message) } else { None };
-        let message = Arc::new(message);
-        let received_at = Instant::now();
-        let routes = self.routes.snapshot();
-        for route in routes.iter().filter(|route| route.pattern.matches(&message.channel)) {
-            let envelope = Envelope {
-                source: self.name.clone(),
-                subscription: route.subscription.clone(),
-                session: session.clone(),
-                sequence,
-                replay_id,
-                message: message.clone(),
-                received_at,
-            };
-            route.received.inc();
-            route.counters.received.fetch_add(1, Ordering::Relaxed);
-            let permit = tokio::select! {
-                biased;
-                _ = stop.cancelled() => None,
-                permit = route.queue.reserve() => permit.ok(),
-            };
-            match permit {
-                Some(permit) => permit.send(envelope),
-                None => {
-                    if dead_letter(&*self.store, &self.metrics, &envelope, STOPPED_REASON, 0).await {
-                        route.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
+    /// Counts and reports a session the server forgot: any new session after the first.
+    fn session_changed(&self, known: &mut Option<Arc<str>>, session: &Arc<str>) {
+        if session.is_empty() {
+            return;
+        }
+        if let Some(previous) = known.replace(session.clone())
+            && previous != *session
+        {
+            self.metrics.session_lost(&self.name);
+            tracing::warn!(source = %self.name, previous = %previous, session = %session, "the CometD session was lost and a new one started: messages published meanwhile may be lost unless the source uses replay");
         }
     }
+
+    /// Pauses while the spools are full; `false` when stopped first.
+    async fn wait_for_room(&self, stop: &CancellationToken) -> bool {
+        tracing::error!(source = %self.name, "the spools are full (state.spool_max_bytes): this source stops polling until sinks catch up");
+        self.metrics.source_paused(&self.name, true);
+        let resumed = tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            _ = self.limit.wait_for_room() => true,
+        };
+        self.metrics.source_paused(&self.name, false);
+        if resumed {
+            tracing::info!(source = %self.name, "the spools have room again; polling resumes");
+        }
+        resumed
+    }
+}
+
+/// The delays between attempts to open a session: 100 ms doubling to 30 s, with jitter.
+fn open_backoff() -> Backoff {
+    Backoff::try_new(Duration::from_millis(100), Duration::from_secs(30)).expect("a valid backoff")
 }

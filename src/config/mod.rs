@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use raw::{RawConfig, RawNats, RawSink, RawSubscription};
+pub use raw::{RawConfig, RawNats, RawRetry, RawSink, RawSubscription};
 pub use secret::Secret;
 pub use validate::{parse_replay_from, validate, validate_subscription};
 
@@ -56,15 +56,18 @@ pub struct AdminConfig {
 pub struct StateConfig {
     /// Where the state is kept.
     pub backend: StateBackend,
-    /// Directory of the file store.
+    /// Directory of the embedded database.
     pub path: PathBuf,
+    /// The most all spools together may hold before sources pause.
+    pub spool_max_bytes: u64,
 }
 
-/// `state.backend`: where runtime subscriptions, replay positions and dead letters are kept.
+/// `state.backend`: where runtime subscriptions, replay positions, dead letters and spools
+/// are kept.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StateBackend {
-    /// One file a record under `state.path` (the default): no server needed.
-    File,
+    /// One embedded database file under `state.path` (the default): no server needed.
+    Embedded,
     /// NATS JetStream key-value buckets named `<bucket>-subscriptions`,
     /// `<bucket>-dead-letters` and `<bucket>-positions`, on the `[nats]` connection.
     NatsKv {
@@ -170,8 +173,22 @@ pub struct SubscriptionConfig {
     pub sink: SinkConfig,
     /// With replay: where to start when no position is committed.
     pub replay_from: ReplayPosition,
+    /// How transient failures are retried.
+    pub retry: RetryConfig,
     /// The entry as written, for the API.
     pub raw: RawSubscription,
+}
+
+/// How long and how patiently a subscription's transient failures are retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// A message still failing after this long becomes a dead letter.
+    pub max_elapsed: Duration,
+    /// The longest wait between two attempts.
+    pub max_backoff: Duration,
+    /// A message still failing after this many attempts becomes a dead letter (the first
+    /// release's `sink.max_attempts`; unlimited by default).
+    pub max_attempts: Option<u32>,
 }
 
 /// Where a subscription's messages go.
@@ -223,10 +240,8 @@ pub struct WebhookSinkConfig {
     pub secret: Option<Secret>,
     /// Timeout of one attempt.
     pub timeout: Duration,
-    /// Attempts before dead-lettering.
-    pub max_attempts: u32,
-    /// Total time before dead-lettering.
-    pub max_elapsed: Duration,
+    /// Requests in flight at once (1 keeps the order).
+    pub max_in_flight: usize,
 }
 
 /// One thing wrong with the configuration, under its key.

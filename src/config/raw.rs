@@ -56,15 +56,18 @@ fn default_admin_listen() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawState {
-    /// `file` (the embedded default) or `nats-kv`.
+    /// `embedded` (the default), `nats`; `file` and `nats-kv` are their first-release names.
     #[serde(default = "default_state_backend")]
     pub backend: String,
-    /// Directory of the file backend.
+    /// Directory of the embedded database.
     #[serde(default = "default_state_path")]
     pub path: String,
-    /// Name the `nats-kv` backend's buckets start with.
+    /// Name the `nats` backend's buckets start with.
     #[serde(default = "default_state_bucket")]
     pub bucket: String,
+    /// The most all spools together may hold before sources pause, e.g. `"1GiB"`.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: String,
 }
 
 impl Default for RawState {
@@ -73,12 +76,17 @@ impl Default for RawState {
             backend: default_state_backend(),
             path: default_state_path(),
             bucket: default_state_bucket(),
+            spool_max_bytes: default_spool_max_bytes(),
         }
     }
 }
 
 fn default_state_backend() -> String {
-    "file".into()
+    "embedded".into()
+}
+
+fn default_spool_max_bytes() -> String {
+    "1GiB".into()
 }
 
 fn default_state_path() -> String {
@@ -274,6 +282,35 @@ pub struct RawSubscription {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub replay_from: Option<serde_json::Value>,
+    /// How long transient failures are retried before a message is dead-lettered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RawRetry>,
+}
+
+/// `retry = { max_elapsed = "24h", max_backoff = "5m" }` of a subscription.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// How long a message is retried before it becomes a dead letter.
+    #[serde(default = "default_retry_max_elapsed")]
+    pub max_elapsed: String,
+    /// The longest wait between two attempts.
+    #[serde(default = "default_retry_max_backoff")]
+    pub max_backoff: String,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        RawRetry { max_elapsed: default_retry_max_elapsed(), max_backoff: default_retry_max_backoff() }
+    }
+}
+
+fn default_retry_max_elapsed() -> String {
+    "24h".into()
+}
+
+fn default_retry_max_backoff() -> String {
+    "5m".into()
 }
 
 /// `sink = { type = "nats" | "webhook", ... }`
@@ -300,12 +337,16 @@ pub enum RawSink {
         /// Timeout of one attempt.
         #[serde(default = "default_webhook_timeout")]
         timeout: String,
-        /// Attempts before the message is dead-lettered.
-        #[serde(default = "default_max_attempts")]
-        max_attempts: i64,
-        /// Total time before the message is dead-lettered.
-        #[serde(default = "default_max_elapsed")]
-        max_elapsed: String,
+        /// First release: attempts before the message is dead-lettered; unset by default
+        /// (the subscription's `retry` decides).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_attempts: Option<i64>,
+        /// First release: overrides the subscription's `retry.max_elapsed` when set.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_elapsed: Option<String>,
+        /// Requests in flight at once; 1 (the default) keeps the order.
+        #[serde(default = "default_max_in_flight")]
+        max_in_flight: i64,
     },
 }
 
@@ -317,10 +358,6 @@ fn default_webhook_timeout() -> String {
     "10s".into()
 }
 
-fn default_max_attempts() -> i64 {
-    8
-}
-
-fn default_max_elapsed() -> String {
-    "5m".into()
+fn default_max_in_flight() -> i64 {
+    1
 }

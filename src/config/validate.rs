@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use base64::Engine;
 
+use super::raw::RawRetry;
 use super::raw::{RawConfig, RawNats, RawSalesforce, RawSink, RawSource, RawSubscription, RawTls};
 use super::{
-    AdminConfig, BridgeConfig, Config, Env, NatsConfig, NatsSinkConfig, Payload, Problem, Secret, SinkConfig,
-    SourceConfig, StateBackend, StateConfig, SubscriptionConfig, WebhookSinkConfig,
+    AdminConfig, BridgeConfig, Config, Env, NatsConfig, NatsSinkConfig, Payload, Problem, RetryConfig,
+    Secret, SinkConfig, SourceConfig, StateBackend, StateConfig, SubscriptionConfig, WebhookSinkConfig,
 };
 use crate::cometd::{
     ChannelPattern, ConnectionType, ReplayFallback, ReplayPosition, SalesforceAuth, SalesforceCredentials,
@@ -100,8 +101,8 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     }
 
     let backend = match raw.state.backend.as_str() {
-        "file" => StateBackend::File,
-        "nats-kv" => {
+        "embedded" | "file" => StateBackend::Embedded,
+        "nats" | "nats-kv" => {
             // The bucket names derived from it must be valid: letters, digits, `-`, `_`.
             let bucket = &raw.state.bucket;
             if bucket.is_empty() || !bucket.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -111,13 +112,26 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             StateBackend::NatsKv { bucket: bucket.clone() }
         }
         other => {
-            check.problem("state.backend", format!("{other:?} is not a backend: \"file\" or \"nats-kv\""));
-            StateBackend::File
+            check.problem("state.backend", format!("{other:?} is not a backend: \"embedded\" or \"nats\""));
+            StateBackend::Embedded
         }
     };
     if raw.state.path.is_empty() {
         check.problem("state.path", "must not be empty");
     }
+    let spool_max_bytes = match parse_size(&raw.state.spool_max_bytes) {
+        Some(bytes) if bytes > 0 => bytes,
+        _ => {
+            check.problem(
+                "state.spool_max_bytes",
+                format!(
+                    "{:?} is not a size; write e.g. \"1GiB\", \"512MiB\" or \"100MB\"",
+                    raw.state.spool_max_bytes
+                ),
+            );
+            1
+        }
+    };
 
     let nats = nats_config(&mut check, &raw);
 
@@ -156,7 +170,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     }
     Ok(Config {
         admin: AdminConfig { listen, token },
-        state: StateConfig { backend, path: PathBuf::from(&raw.state.path) },
+        state: StateConfig { backend, path: PathBuf::from(&raw.state.path), spool_max_bytes },
         nats,
         bridge: BridgeConfig { queue_capacity, shutdown_grace },
         sources,
@@ -451,7 +465,7 @@ pub fn validate_subscription(
                 .ok()
                 .map(|subject| SinkConfig::Nats(NatsSinkConfig { subject, jetstream: *jetstream, payload }))
         }
-        RawSink::Webhook { url, secret, timeout, max_attempts, max_elapsed } => {
+        RawSink::Webhook { url, secret, timeout, max_in_flight, .. } => {
             let url = match reqwest::Url::parse(url) {
                 Ok(url) if ["http", "https"].contains(&url.scheme()) => Some(url),
                 Ok(url) => {
@@ -474,11 +488,8 @@ pub fn validate_subscription(
                 check.problem(field("sink.secret"), "a whsec_ secret must be base64 after the prefix");
             }
             let timeout = check.positive_duration(&field("sink.timeout"), timeout);
-            let max_attempts = check.positive(&field("sink.max_attempts"), *max_attempts);
-            let max_elapsed = check.positive_duration(&field("sink.max_elapsed"), max_elapsed);
-            url.map(|url| {
-                SinkConfig::Webhook(WebhookSinkConfig { url, secret, timeout, max_attempts, max_elapsed })
-            })
+            let max_in_flight = check.positive(&field("sink.max_in_flight"), *max_in_flight) as usize;
+            url.map(|url| SinkConfig::Webhook(WebhookSinkConfig { url, secret, timeout, max_in_flight }))
         }
     };
     let replay_from = match &raw.replay_from {
@@ -488,6 +499,7 @@ pub fn validate_subscription(
             ReplayPosition::New
         }),
     };
+    let retry = retry_config(&mut check, &field, raw);
     match (channel, sink) {
         (Ok(channel), Some(sink)) if check.problems.is_empty() => Ok(SubscriptionConfig {
             id: raw.id.clone(),
@@ -495,10 +507,54 @@ pub fn validate_subscription(
             channel,
             sink,
             replay_from,
+            retry,
             raw: raw.clone(),
         }),
         _ => Err(check.problems),
     }
+}
+
+/// The subscription's `retry`, with the first release's `sink.max_attempts` and
+/// `sink.max_elapsed` applied over it when they are set.
+fn retry_config(
+    check: &mut Checker<'_>,
+    field: &dyn Fn(&str) -> String,
+    raw: &RawSubscription,
+) -> RetryConfig {
+    let defaults = RawRetry::default();
+    let retry = raw.retry.as_ref().unwrap_or(&defaults);
+    let mut max_elapsed = check.positive_duration(&field("retry.max_elapsed"), &retry.max_elapsed);
+    let max_backoff = check.positive_duration(&field("retry.max_backoff"), &retry.max_backoff);
+    let mut max_attempts = None;
+    if let RawSink::Webhook { max_attempts: attempts, max_elapsed: elapsed, .. } = &raw.sink {
+        if let Some(attempts) = attempts {
+            max_attempts = Some(check.positive(&field("sink.max_attempts"), *attempts));
+        }
+        if let Some(elapsed) = elapsed {
+            max_elapsed = check.positive_duration(&field("sink.max_elapsed"), elapsed);
+        }
+    }
+    RetryConfig { max_elapsed, max_backoff, max_attempts }
+}
+
+/// A size in bytes: a number, optionally followed by `B`, `KB`, `MB`, `GB` (powers of
+/// 1000) or `KiB`, `MiB`, `GiB` (powers of 1024).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(factor)
 }
 
 /// `"new"`, `"all"`, or a replay id (a number, or a string of one).

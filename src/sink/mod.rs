@@ -1,34 +1,24 @@
-//! Sinks: where a subscription's messages go. Each decides for itself which failures are
-//! worth retrying (like vector's `RetryLogic`); what it cannot deliver comes back as a
-//! dead letter with the reason, never dropped.
+//! Sinks: where a subscription's messages go. A sink makes one attempt at a batch and says,
+//! message by message, what became of it; each failure is classified (see [`retry`]) as
+//! worth retrying or not. Retrying is the forwarder's job, from the spool.
 
 mod nats;
+pub mod retry;
 pub mod subject;
 mod webhook;
-
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 pub use nats::{ACK_WINDOW, NatsSink};
+pub use retry::{Failure, FailureKind, RetryPolicy, pause};
 pub use webhook::WebhookSink;
 
-use crate::bridge::envelope::Envelope;
-use crate::cometd::Backoff;
+use crate::delivery::Envelope;
 
-/// What became of one message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The sink acknowledged it.
-    Delivered,
-    /// It will not be delivered: store it as a dead letter.
-    DeadLetter {
-        /// Why, for the operator.
-        reason: String,
-        /// Attempts made.
-        attempts: u32,
-    },
-}
+/// What became of the messages of one attempt, in order: one result per message from
+/// the start of the batch. A shorter list means the rest were not tried (the sink stops
+/// at a transient failure to keep the order, or it was stopped).
+pub type Attempted = Vec<Result<(), Failure>>;
 
 /// A subscription's sink.
 pub enum Sink {
@@ -40,38 +30,34 @@ pub enum Sink {
 
 impl Sink {
     /// The most messages worth handing over at once: NATS publishes a batch and flushes
-    /// (or collects acks) once; a webhook takes one request per message.
+    /// (or collects acks) once; a webhook posts up to `max_in_flight` at once.
     pub fn batch_size(&self) -> usize {
         match self {
             Sink::Nats(_) => 512,
-            Sink::Webhook(_) => 1,
+            Sink::Webhook(sink) => sink.max_in_flight(),
         }
     }
 
-    /// Delivers `batch` in order and returns one outcome per message, in order. When
-    /// `stop` is cancelled it returns early: the messages without an outcome were not
-    /// delivered.
-    pub async fn deliver(&self, batch: &[Envelope], stop: &CancellationToken) -> Vec<Outcome> {
+    /// Whether a failed message may hold back the ones after it: with one webhook request
+    /// at a time, or on NATS, later messages wait (order is kept); with several webhook
+    /// requests in flight, order is not kept anyway.
+    pub fn keeps_order(&self) -> bool {
+        self.batch_size() == 1 || matches!(self, Sink::Nats(_))
+    }
+
+    /// The metrics label of the sink.
+    pub fn kind(&self) -> &'static str {
         match self {
-            Sink::Nats(sink) => sink.deliver(batch, stop).await,
-            Sink::Webhook(sink) => match batch.first() {
-                Some(envelope) => sink.deliver(envelope, stop).await.into_iter().collect(),
-                None => Vec::new(),
-            },
+            Sink::Nats(sink) => sink.kind(),
+            Sink::Webhook(_) => "webhook",
         }
     }
-}
 
-/// The retry delays of every sink: 100 ms doubling to 30 s, with full jitter.
-pub(crate) fn retry_backoff() -> Backoff {
-    Backoff::try_new(Duration::from_millis(100), Duration::from_secs(30)).expect("a valid backoff")
-}
-
-/// Sleeps `delay` unless `stop` is cancelled first; returns whether it slept the whole time.
-pub(crate) async fn pause(delay: Duration, stop: &CancellationToken) -> bool {
-    tokio::select! {
-        biased;
-        _ = stop.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
+    /// Makes one attempt at delivering `batch`. When `stop` is cancelled it returns early.
+    pub async fn attempt(&self, batch: &[&Envelope], stop: &CancellationToken) -> Attempted {
+        match self {
+            Sink::Nats(sink) => sink.attempt(batch, stop).await,
+            Sink::Webhook(sink) => sink.attempt(batch, stop).await,
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The NATS sink: core publishes confirmed by a flush, or JetStream publishes confirmed by
-//! the stream's ack, with a bounded window of acks in flight. A NATS outage is waited out;
-//! async-nats reconnects by itself and the batch is retried in order.
+//! the stream's ack, with a bounded window of acks in flight. A NATS outage is a transient
+//! failure (async-nats reconnects by itself and the forwarder retries in order); a message
+//! NATS can never take is a permanent one.
 
 use std::collections::VecDeque;
 
@@ -9,10 +10,9 @@ use async_nats::{HeaderMap, Subject};
 use tokio_util::sync::CancellationToken;
 
 use super::subject::{SubjectTemplate, SubjectValues};
-use super::{Outcome, pause, retry_backoff};
-use crate::bridge::envelope::Envelope;
+use super::{Attempted, Failure};
 use crate::config::Payload;
-use crate::telemetry::metrics::Metrics;
+use crate::delivery::{Envelope, without_controls};
 
 /// JetStream acks awaited at most at once per subscription.
 pub const ACK_WINDOW: usize = 256;
@@ -49,7 +49,6 @@ pub struct NatsSink {
     jetstream: Option<jetstream::Context>,
     subject: SubjectTemplate,
     payload: Payload,
-    metrics: Metrics,
 }
 
 impl NatsSink {
@@ -59,13 +58,13 @@ impl NatsSink {
         subject: SubjectTemplate,
         use_jetstream: bool,
         payload: Payload,
-        metrics: Metrics,
     ) -> Self {
         let jetstream = use_jetstream.then(|| jetstream::new(client.clone()));
-        NatsSink { client, jetstream, subject, payload, metrics }
+        NatsSink { client, jetstream, subject, payload }
     }
 
-    fn kind(&self) -> &'static str {
+    /// `nats` or `jetstream`, for metrics labels.
+    pub fn kind(&self) -> &'static str {
         if self.jetstream.is_some() { "jetstream" } else { "nats" }
     }
 
@@ -91,12 +90,13 @@ impl NatsSink {
         let mut headers = HeaderMap::new();
         headers.insert(names::SOURCE, &*envelope.source);
         headers.insert(names::SUBSCRIPTION, &*envelope.subscription);
-        headers.insert(names::CHANNEL, message.channel.as_str());
+        // Values a server or a publisher chose never carry a line break into a header.
+        headers.insert(names::CHANNEL, &*without_controls(&message.channel));
         if let Some(id) = &message.id {
-            headers.insert(names::MESSAGE_ID, id.as_str());
+            headers.insert(names::MESSAGE_ID, &*without_controls(id));
         }
         if self.jetstream.is_some() {
-            headers.insert(names::NATS_MSG_ID, envelope.delivery_id());
+            headers.insert(names::NATS_MSG_ID, &*without_controls(&envelope.delivery_id()));
         }
         // The data goes out as the JSON text it came in, without being parsed.
         let payload = match (self.payload, &message.data) {
@@ -107,144 +107,194 @@ impl NatsSink {
         (subject, headers, payload)
     }
 
-    pub(super) async fn deliver(&self, batch: &[Envelope], stop: &CancellationToken) -> Vec<Outcome> {
-        let delivered = match &self.jetstream {
-            None => self.deliver_core(batch, stop).await,
-            Some(jetstream) => self.deliver_jetstream(jetstream, batch, stop).await,
-        };
-        vec![Outcome::Delivered; delivered]
+    /// Makes one attempt at `batch`: core publishes confirmed by one flush, or JetStream
+    /// publishes with up to [`ACK_WINDOW`] acks in flight. A message that can never be
+    /// published (its subject starts with `$`, it is over the server's `max_payload`, no
+    /// stream takes its subject) fails permanently and the others go on; a transient
+    /// failure ends the attempt there, so that order is kept.
+    pub(super) async fn attempt(&self, batch: &[&Envelope], stop: &CancellationToken) -> Attempted {
+        match &self.jetstream {
+            None => self.attempt_core(batch, stop).await,
+            Some(jetstream) => self.attempt_jetstream(jetstream, batch, stop).await,
+        }
     }
 
-    /// Publishes the batch, then flushes until the server has it all. Returns how many
-    /// were delivered (all, or none when stopped).
-    async fn deliver_core(&self, batch: &[Envelope], stop: &CancellationToken) -> usize {
-        let backoff = retry_backoff();
+    /// A message ready to publish, or why it can never be.
+    fn prepare(
+        &self,
+        envelope: &Envelope,
+        last_subject: &mut Option<(String, Subject)>,
+    ) -> Result<(Subject, HeaderMap, bytes::Bytes), Failure> {
+        let (subject, headers, payload) = self.message(envelope, last_subject);
+        if subject.starts_with('$') {
+            return Err(Failure::permanent(
+                "invalid_subject",
+                format!("the subject {subject:?} starts with `$`, which NATS keeps for its own APIs"),
+            ));
+        }
+        let max_payload = self.client.server_info().max_payload;
+        if max_payload > 0 && payload.len() > max_payload {
+            return Err(Failure::permanent(
+                "too_large",
+                format!(
+                    "the payload ({} bytes) is over the server's max_payload ({max_payload} bytes)",
+                    payload.len()
+                ),
+            ));
+        }
+        Ok((subject, headers, payload))
+    }
+
+    async fn attempt_core(&self, batch: &[&Envelope], stop: &CancellationToken) -> Attempted {
+        let mut results = Vec::with_capacity(batch.len());
         let mut last_subject = None;
         for envelope in batch {
-            let mut failures = 0;
-            // Built again only for a retry, so the usual path copies nothing.
-            loop {
-                let (subject, headers, payload) = self.message(envelope, &mut last_subject);
-                match self.client.publish_with_headers(subject, headers, payload).await {
-                    Ok(()) => break,
-                    Err(error) => {
-                        self.failed(&envelope.subscription, "unavailable", &error);
-                        if !pause(backoff.delay(failures), stop).await {
-                            return 0;
-                        }
-                        failures += 1;
-                    }
+            let (subject, headers, payload) = match self.prepare(envelope, &mut last_subject) {
+                Ok(message) => message,
+                Err(failure) => {
+                    results.push(Err(failure));
+                    continue;
                 }
-            }
-        }
-        let mut failures = 0;
-        loop {
-            let flushed = tokio::select! {
-                biased;
-                _ = stop.cancelled() => return 0,
-                flushed = self.client.flush() => flushed,
             };
-            match flushed {
-                Ok(()) => return batch.len(),
+            match self.client.publish_with_headers(subject, headers, payload).await {
+                Ok(()) => results.push(Ok(())),
                 Err(error) => {
-                    if let Some(envelope) = batch.first() {
-                        self.failed(&envelope.subscription, "unavailable", &error);
+                    let failure = match error.kind() {
+                        async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                            Failure::permanent("too_large", error.to_string())
+                        }
+                        async_nats::client::PublishErrorKind::InvalidSubject => {
+                            Failure::permanent("invalid_subject", error.to_string())
+                        }
+                        async_nats::client::PublishErrorKind::Send => {
+                            Failure::transient("unavailable", format!("NATS publish failed: {error}"))
+                        }
+                    };
+                    let transient = !failure.is_permanent();
+                    results.push(Err(failure));
+                    if transient {
+                        break;
                     }
-                    if !pause(backoff.delay(failures), stop).await {
-                        return 0;
-                    }
-                    failures += 1;
                 }
             }
         }
-    }
-
-    /// Publishes through JetStream with up to [`ACK_WINDOW`] acks in flight. On a failed
-    /// publish or ack, everything from that message on is published again, in order; the
-    /// stream drops the copies it already has by their `Nats-Msg-Id`. Returns how many
-    /// messages, from the start of the batch, were acknowledged.
-    async fn deliver_jetstream(
-        &self,
-        jetstream: &jetstream::Context,
-        batch: &[Envelope],
-        stop: &CancellationToken,
-    ) -> usize {
-        let backoff = retry_backoff();
-        let mut acked = 0;
-        let mut failures = 0;
-        while acked < batch.len() {
-            match self.publish_window(jetstream, &batch[acked..], stop).await {
-                Ok(count) => acked += count,
-                Err((count, reason, error)) => {
-                    acked += count;
-                    self.failed(&batch[acked.min(batch.len() - 1)].subscription, reason, &error);
-                    if !pause(backoff.delay(failures), stop).await {
-                        return acked;
-                    }
-                    failures += 1;
-                }
-            }
-            if stop.is_cancelled() {
-                return acked;
+        let flushed = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Vec::new(),
+            flushed = self.client.flush() => flushed,
+        };
+        if let Err(error) = flushed {
+            // Nothing published since the last flush is known to have arrived.
+            let failure = Failure::transient("unavailable", format!("NATS flush failed: {error}"));
+            if let Some(first) = results.iter().position(Result::is_ok) {
+                results.truncate(first);
+                results.push(Err(failure));
             }
         }
-        acked
+        results
     }
 
-    /// Publishes `batch` keeping a window of pending acks; returns the number acked before
-    /// the first failure, with the failure.
-    async fn publish_window(
+    /// Publishes through JetStream; a failed publish or ack is classified (a missing
+    /// stream is checked with the server before it counts as permanent, so a restarting
+    /// server is waited out).
+    async fn attempt_jetstream(
         &self,
         jetstream: &jetstream::Context,
-        batch: &[Envelope],
+        batch: &[&Envelope],
         stop: &CancellationToken,
-    ) -> Result<usize, (usize, &'static str, String)> {
-        let mut pending = VecDeque::new();
-        let mut acked = 0;
+    ) -> Attempted {
+        let mut results: Vec<Option<Result<(), Failure>>> = Vec::with_capacity(batch.len());
+        let mut pending: VecDeque<(usize, Subject, jetstream::context::PublishAckFuture)> = VecDeque::new();
         let mut last_subject = None;
-        for envelope in batch {
+        for (index, envelope) in batch.iter().enumerate() {
             if stop.is_cancelled() {
                 break;
             }
-            let (subject, headers, payload) = self.message(envelope, &mut last_subject);
-            match jetstream.publish_with_headers(subject, headers, payload).await {
-                Ok(ack) => pending.push_back(ack),
+            let (subject, headers, payload) = match self.prepare(envelope, &mut last_subject) {
+                Ok(message) => message,
+                Err(failure) => {
+                    results.push(Some(Err(failure)));
+                    continue;
+                }
+            };
+            match jetstream.publish_with_headers(subject.clone(), headers, payload).await {
+                Ok(ack) => {
+                    results.push(None);
+                    pending.push_back((index, subject, ack));
+                }
                 Err(error) => {
-                    return Err((acked + settle(&mut pending).await, "publish", error.to_string()));
+                    let failure = self.classify(jetstream, &subject, &error).await;
+                    let transient = !failure.is_permanent();
+                    results.push(Some(Err(failure)));
+                    if transient {
+                        break;
+                    }
                 }
             }
-            if pending.len() >= ACK_WINDOW {
-                let ack = pending.pop_front().expect("the window is full");
-                if let Err(error) = ack.await {
-                    return Err((acked, "ack", error.to_string()));
+            while pending.len() >= ACK_WINDOW {
+                let (index, subject, ack) = pending.pop_front().expect("the window is full");
+                results[index] = Some(self.settle(jetstream, &subject, ack).await);
+            }
+        }
+        while let Some((index, subject, ack)) = pending.pop_front() {
+            results[index] = Some(self.settle(jetstream, &subject, ack).await);
+        }
+        // Up to the first message without a result or with a transient failure.
+        let mut attempted = Vec::with_capacity(results.len());
+        for result in results {
+            match result {
+                Some(Ok(())) => attempted.push(Ok(())),
+                Some(Err(failure)) => {
+                    let transient = !failure.is_permanent();
+                    attempted.push(Err(failure));
+                    if transient {
+                        break;
+                    }
                 }
-                acked += 1;
+                None => break,
             }
         }
-        while let Some(ack) = pending.pop_front() {
-            if let Err(error) = ack.await {
-                return Err((acked, "ack", error.to_string()));
+        attempted
+    }
+
+    async fn settle(
+        &self,
+        jetstream: &jetstream::Context,
+        subject: &Subject,
+        ack: jetstream::context::PublishAckFuture,
+    ) -> Result<(), Failure> {
+        match ack.await {
+            Ok(_) => Ok(()),
+            Err(error) => Err(self.classify(jetstream, subject, &error).await),
+        }
+    }
+
+    async fn classify(
+        &self,
+        jetstream: &jetstream::Context,
+        subject: &Subject,
+        error: &jetstream::context::PublishError,
+    ) -> Failure {
+        use jetstream::context::{GetStreamByNameErrorKind, PublishErrorKind};
+        match error.kind() {
+            PublishErrorKind::MaxPayloadExceeded => Failure::permanent("too_large", error.to_string()),
+            PublishErrorKind::StreamNotFound => {
+                let lookup = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    jetstream.stream_by_subject(subject.to_string()),
+                )
+                .await;
+                match lookup {
+                    Ok(Err(lookup)) if matches!(lookup.kind(), GetStreamByNameErrorKind::NotFound) => {
+                        Failure::permanent(
+                            "no_stream",
+                            format!("no JetStream stream takes the subject {subject:?}"),
+                        )
+                    }
+                    _ => Failure::transient("unavailable", format!("JetStream publish failed: {error}")),
+                }
             }
-            acked += 1;
+            _ => Failure::transient("unavailable", format!("JetStream publish failed: {error}")),
         }
-        Ok(acked)
     }
-
-    fn failed(&self, subscription: &str, reason: &str, error: &dyn std::fmt::Display) {
-        tracing::warn!(subscription, sink = self.kind(), reason, error = %error, "NATS delivery failed; retrying");
-        self.metrics.delivery_failed(subscription, self.kind(), reason);
-    }
-}
-
-/// Awaits the acks still pending in order; returns how many succeeded before a failure.
-async fn settle(pending: &mut VecDeque<jetstream::context::PublishAckFuture>) -> usize {
-    let mut acked = 0;
-    while let Some(ack) = pending.pop_front() {
-        if ack.await.is_err() {
-            pending.clear();
-            break;
-        }
-        acked += 1;
-    }
-    acked
 }

@@ -1,12 +1,12 @@
-//! The webhook sink: one signed HTTP POST per message, retried on timeouts, connection
-//! errors, 408, 429 and 5xx with jittered exponential backoff (honouring `Retry-After`),
-//! bounded by an attempt count and a total time.
+//! The webhook sink: one signed HTTP POST per message, up to `max_in_flight` at once. 2xx
+//! is delivered; timeouts, connection errors, 408, 429 and 5xx are transient (honouring
+//! `Retry-After`); redirects (never followed) and other 4xx are permanent.
 //!
 //! Signing follows Standard Webhooks: `webhook-id` (the same on every attempt, so the
 //! receiver can de-duplicate), `webhook-timestamp` and `webhook-signature`
 //! (`v1,` + base64 HMAC-SHA256 of `id.timestamp.body`), recomputed on each attempt.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -14,34 +14,41 @@ use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use tokio_util::sync::CancellationToken;
 
-use super::{Outcome, pause, retry_backoff};
-use crate::bridge::envelope::Envelope;
+use super::{Attempted, Failure, FailureKind};
 use crate::config::WebhookSinkConfig;
-use crate::telemetry::metrics::Metrics;
+use crate::delivery::{Envelope, visible_ascii};
 
-/// What one attempt came to.
-#[derive(Debug, PartialEq, Eq)]
-enum Attempt {
-    Delivered,
-    /// Worth trying again, after at least the server's `Retry-After`.
-    Retry {
-        reason: String,
-        after: Option<Duration>,
-    },
-    /// Not worth trying again.
-    Reject {
-        reason: String,
-    },
+/// What an HTTP status means for the message.
+fn classify(status: StatusCode, retry_after: Option<Duration>) -> Result<(), Failure> {
+    let code = status.as_u16();
+    match code {
+        200..=299 => Ok(()),
+        408 | 429 | 500..=599 => Err(Failure {
+            reason: format!("HTTP {code}"),
+            label: status_label(code),
+            kind: FailureKind::Transient { retry_after },
+        }),
+        300..=399 => Err(Failure::permanent("redirect", format!("HTTP {code}: redirects are not followed"))),
+        _ => Err(Failure::permanent(status_label(code), format!("rejected: HTTP {code}"))),
+    }
 }
 
-/// Decides what an HTTP status means for the message.
-fn classify(status: StatusCode, retry_after: Option<Duration>) -> Attempt {
-    match status.as_u16() {
-        200..=299 => Attempt::Delivered,
-        408 | 429 | 500..=599 => {
-            Attempt::Retry { reason: format!("HTTP {}", status.as_u16()), after: retry_after }
-        }
-        _ => Attempt::Reject { reason: format!("HTTP {}", status.as_u16()) },
+/// A bounded metrics label for a status.
+fn status_label(code: u16) -> &'static str {
+    match code {
+        408 => "http_408",
+        429 => "http_429",
+        500 => "http_500",
+        502 => "http_502",
+        503 => "http_503",
+        504 => "http_504",
+        501..=599 => "http_5xx",
+        400 => "http_400",
+        401 => "http_401",
+        403 => "http_403",
+        404 => "http_404",
+        410 => "http_410",
+        _ => "http_4xx",
     }
 }
 
@@ -50,68 +57,47 @@ pub struct WebhookSink {
     http: reqwest::Client,
     config: WebhookSinkConfig,
     key: Option<Vec<u8>>,
-    metrics: Metrics,
 }
 
 impl WebhookSink {
-    /// A sink posting with `http` as `config` says.
-    pub fn new(http: reqwest::Client, config: WebhookSinkConfig, metrics: Metrics) -> Self {
+    /// A sink posting with `http` (which must not follow redirects) as `config` says.
+    pub fn new(http: reqwest::Client, config: WebhookSinkConfig) -> Self {
         let key = config.secret.as_ref().map(|secret| signing_key(secret.expose()));
-        WebhookSink { http, config, key, metrics }
+        WebhookSink { http, config, key }
     }
 
-    /// Delivers one message; `None` when `stop` was cancelled before it was delivered.
-    pub(super) async fn deliver(&self, envelope: &Envelope, stop: &CancellationToken) -> Option<Outcome> {
-        let body = serde_json::to_vec(&envelope.to_json()).expect("JSON values serialize");
-        let id = format!("msg_{}", envelope.delivery_id());
-        let started = Instant::now();
-        let backoff = retry_backoff();
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let attempt = tokio::select! {
-                biased;
-                _ = stop.cancelled() => return None,
-                attempt = self.attempt(&id, &body) => attempt,
-            };
-            let (reason, after) = match attempt {
-                Attempt::Delivered => return Some(Outcome::Delivered),
-                Attempt::Reject { reason } => {
-                    self.metrics.delivery_failed(&envelope.subscription, "webhook", &reason);
-                    return Some(Outcome::DeadLetter { reason: format!("rejected: {reason}"), attempts });
-                }
-                Attempt::Retry { reason, after } => (reason, after),
-            };
-            self.metrics.delivery_failed(&envelope.subscription, "webhook", &reason);
-            let delay = backoff.delay(attempts - 1).max(after.unwrap_or_default());
-            if attempts >= self.config.max_attempts || started.elapsed() + delay > self.config.max_elapsed {
-                return Some(Outcome::DeadLetter {
-                    reason: format!("gave up after {attempts} attempts: {reason}"),
-                    attempts,
-                });
-            }
-            tracing::info!(subscription = %envelope.subscription, attempt = attempts, reason, delay = ?delay, "webhook delivery failed; retrying");
-            if !pause(delay, stop).await {
-                return None;
-            }
+    /// Requests in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.config.max_in_flight.max(1)
+    }
+
+    /// Posts every message of `batch` at once; nothing when `stop` is cancelled first.
+    pub(super) async fn attempt(&self, batch: &[&Envelope], stop: &CancellationToken) -> Attempted {
+        let attempts = futures_util::future::join_all(batch.iter().map(|envelope| self.post(envelope)));
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => Vec::new(),
+            results = attempts => results,
         }
     }
 
-    async fn attempt(&self, id: &str, body: &[u8]) -> Attempt {
+    async fn post(&self, envelope: &Envelope) -> Result<(), Failure> {
+        let body = serde_json::to_vec(&envelope.to_json()).expect("JSON values serialize");
+        let id = visible_ascii(&format!("msg_{}", envelope.delivery_id()));
         let mut request = self
             .http
             .post(self.config.url.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .timeout(self.config.timeout)
-            .body(body.to_vec());
+            .timeout(self.config.timeout);
         if let Some(key) = &self.key {
             let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            let signature = sign(key, &id, timestamp, &body);
             request = request
                 .header("webhook-id", id)
                 .header("webhook-timestamp", timestamp.to_string())
-                .header("webhook-signature", sign(key, id, timestamp, body));
+                .header("webhook-signature", signature);
         }
-        match request.send().await {
+        match request.body(body).send().await {
             Ok(response) => {
                 let retry_after = response
                     .headers()
@@ -121,13 +107,34 @@ impl WebhookSink {
                     .map(Duration::from_secs);
                 classify(response.status(), retry_after)
             }
-            Err(error) if error.is_timeout() => Attempt::Retry { reason: "timeout".into(), after: None },
-            Err(error) if error.is_connect() => {
-                Attempt::Retry { reason: "connection failed".into(), after: None }
+            Err(error) if error.is_timeout() => Err(Failure::transient("timeout", "timeout")),
+            Err(error) => {
+                let chain = error_chain(&error);
+                if chain.contains("certificate") || chain.contains("tls") || chain.contains("TLS") {
+                    Err(Failure::transient("tls", format!("TLS failed: {chain}")))
+                } else if error.is_connect() {
+                    Err(Failure::transient("connect", format!("connection failed: {chain}")))
+                } else {
+                    Err(Failure::transient("request", format!("request failed: {chain}")))
+                }
             }
-            Err(error) => Attempt::Retry { reason: format!("request failed: {error}"), after: None },
         }
     }
+}
+
+/// An error with its sources, `: `-separated.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The HMAC key of a Standard Webhooks secret: the base64 after `whsec_`, or the raw bytes
@@ -169,22 +176,21 @@ mod tests {
     #[test]
     fn statuses_are_classified_for_retry() {
         let retry_after = Some(Duration::from_secs(3));
-        for (status, expected) in [
-            (200, Attempt::Delivered),
-            (204, Attempt::Delivered),
-            (408, Attempt::Retry { reason: "HTTP 408".into(), after: None }),
-            (429, Attempt::Retry { reason: "HTTP 429".into(), after: None }),
-            (500, Attempt::Retry { reason: "HTTP 500".into(), after: None }),
-            (503, Attempt::Retry { reason: "HTTP 503".into(), after: None }),
-            (400, Attempt::Reject { reason: "HTTP 400".into() }),
-            (404, Attempt::Reject { reason: "HTTP 404".into() }),
-            (410, Attempt::Reject { reason: "HTTP 410".into() }),
-        ] {
-            assert_eq!(classify(StatusCode::from_u16(status).unwrap(), None), expected, "{status}");
+        for status in [200, 204] {
+            assert_eq!(classify(StatusCode::from_u16(status).unwrap(), None), Ok(()), "{status}");
+        }
+        for status in [408, 429, 500, 503] {
+            let failure = classify(StatusCode::from_u16(status).unwrap(), None).unwrap_err();
+            assert!(!failure.is_permanent(), "{status}");
+            assert_eq!(failure.reason, format!("HTTP {status}"));
+        }
+        for status in [301, 302, 303, 307, 400, 404, 410] {
+            let failure = classify(StatusCode::from_u16(status).unwrap(), None).unwrap_err();
+            assert!(failure.is_permanent(), "{status}");
         }
         assert_eq!(
-            classify(StatusCode::TOO_MANY_REQUESTS, retry_after),
-            Attempt::Retry { reason: "HTTP 429".into(), after: retry_after }
+            classify(StatusCode::TOO_MANY_REQUESTS, retry_after).unwrap_err().retry_after(),
+            retry_after
         );
     }
 }

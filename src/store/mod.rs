@@ -1,16 +1,24 @@
-//! Durable state: subscriptions added through the API, and dead letters (messages that
-//! could not be delivered, kept with the reason so that nothing is dropped silently).
+//! Durable state: subscriptions added through the API, replay positions, dead letters
+//! (messages that could not be delivered, kept with the reason so that nothing is dropped
+//! silently), and each subscription's spool (the messages received and not yet settled).
 //!
-//! Callers use the [`Store`] trait; [`FileStore`] is the embedded default that needs no
-//! server, [`NatsKvStore`] keeps the same records in NATS JetStream key-value buckets.
+//! Callers use the [`Store`] trait; [`EmbeddedStore`] is the default, one transactional
+//! database file that needs no server; [`NatsKvStore`] keeps the records in NATS
+//! JetStream key-value buckets. The first release's one-file-per-record store is imported
+//! by the embedded store on its first start.
 
-mod file;
+mod embedded;
+mod memory_spool;
 mod nats_kv;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use file::FileStore;
+pub use embedded::{EmbeddedStore, FILE_NAME};
+pub use memory_spool::MemorySpool;
 pub use nats_kv::NatsKvStore;
 
 use crate::config::RawSubscription;
@@ -72,6 +80,22 @@ pub enum StoreError {
         /// What failed.
         message: String,
     },
+    /// Another process has the embedded database open.
+    #[error(
+        "state store {path} is in use by another process: two bridges on one state directory would forward everything twice; stop the other one or give this one its own state.path"
+    )]
+    Locked {
+        /// The database file.
+        path: String,
+    },
+    /// The embedded database failed.
+    #[error("state store {path}: {message}")]
+    Database {
+        /// The database file.
+        path: String,
+        /// What failed.
+        message: String,
+    },
     /// A stored record could not be read back.
     #[error("state store {path}: corrupt record: {message}")]
     Corrupt {
@@ -106,6 +130,71 @@ pub trait Store: Send + Sync + 'static {
     async fn put_positions(&self, subscription: &str, positions: &Positions) -> Result<(), StoreError>;
     /// Forgets a subscription's positions.
     async fn delete_positions(&self, subscription: &str) -> Result<(), StoreError>;
+
+    /// Appends messages to their subscriptions' spools, all durably or none; returns each
+    /// one's spool sequence, in order. Sequences of a spool start at 1 and never repeat.
+    async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<u64>, StoreError>;
+    /// Up to `max` messages of a spool, from sequence `from` on, in order.
+    async fn spool_read(
+        &self,
+        subscription: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<SpoolEntry>, StoreError>;
+    /// Settles a delivered batch at once: trims the spool through a sequence, stores the
+    /// batch's dead letters and the new committed positions.
+    async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError>;
+    /// What each non-empty spool holds, to resume after a start.
+    async fn spool_summaries(&self) -> Result<BTreeMap<String, SpoolSummary>, StoreError>;
+    /// Drops a spool (its subscription was removed).
+    async fn spool_delete(&self, subscription: &str) -> Result<(), StoreError>;
+    /// Removes a dead letter and appends it to its subscription's spool, both or neither;
+    /// `None` when the dead letter was not there (already retried or discarded).
+    async fn requeue_dead_letter(&self, id: &str, append: SpoolAppend) -> Result<Option<u64>, StoreError>;
+}
+
+/// A message to append to a spool.
+#[derive(Clone, Debug)]
+pub struct SpoolAppend {
+    /// The subscription whose spool it joins.
+    pub subscription: Arc<str>,
+    /// The spooled message, serialized.
+    pub record: Vec<u8>,
+}
+
+/// A message read from a spool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpoolEntry {
+    /// Its place in the spool.
+    pub sequence: u64,
+    /// The spooled message, serialized.
+    pub record: Vec<u8>,
+}
+
+/// The outcome of a delivered batch, committed at once.
+#[derive(Clone, Debug)]
+pub struct Settlement {
+    /// The subscription.
+    pub subscription: String,
+    /// The spool is trimmed through this sequence.
+    pub through: u64,
+    /// The committed replay positions after the batch, when they moved.
+    pub positions: Option<Positions>,
+    /// The batch's messages that will not be delivered.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// What a spool holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpoolSummary {
+    /// Its first sequence.
+    pub first: u64,
+    /// Its last sequence.
+    pub last: u64,
+    /// Messages in it.
+    pub messages: u64,
+    /// Their size.
+    pub bytes: u64,
 }
 
 /// Committed replay positions by channel: the replay id below which (and at which)

@@ -5,6 +5,9 @@
 //!
 //! A write returns once the server has stored it. Keys are the record ids in base64url,
 //! since ids may hold characters a key may not; each record keeps its own id.
+//!
+//! Spools are not in JetStream yet: this backend keeps them in memory, so a restart or a
+//! crash loses what was received and not yet delivered (the README says so).
 
 use async_nats::jetstream::{self, kv};
 use base64::Engine;
@@ -13,7 +16,12 @@ use futures_util::TryStreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{DeadLetter, Positions, Store, StoreError};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{
+    DeadLetter, MemorySpool, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError,
+};
 use crate::config::RawSubscription;
 
 /// State kept in NATS JetStream key-value buckets.
@@ -22,6 +30,7 @@ pub struct NatsKvStore {
     subscriptions: Bucket,
     dead_letters: Bucket,
     positions: Bucket,
+    spool: Arc<MemorySpool>,
 }
 
 /// One bucket and its name, for error messages.
@@ -44,6 +53,7 @@ impl NatsKvStore {
             subscriptions: Bucket::open(&jetstream, format!("{bucket}-subscriptions")).await?,
             dead_letters: Bucket::open(&jetstream, format!("{bucket}-dead-letters")).await?,
             positions: Bucket::open(&jetstream, format!("{bucket}-positions")).await?,
+            spool: Arc::default(),
         })
     }
 }
@@ -188,5 +198,47 @@ impl Store for NatsKvStore {
 
     async fn delete_positions(&self, subscription: &str) -> Result<(), StoreError> {
         self.positions.delete(subscription).await.map(drop)
+    }
+
+    async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<u64>, StoreError> {
+        Ok(self.spool.append(&appends))
+    }
+
+    async fn spool_read(
+        &self,
+        subscription: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<SpoolEntry>, StoreError> {
+        Ok(self.spool.read(subscription, from, max))
+    }
+
+    /// Dead letters and positions first, the trim last: a failure in between repeats
+    /// deliveries (with their delivery ids) rather than losing them.
+    async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError> {
+        for letter in &settlement.dead_letters {
+            self.dead_letters.put(&letter.id, letter).await?;
+        }
+        if let Some(positions) = &settlement.positions {
+            self.positions.put(&settlement.subscription, positions).await?;
+        }
+        self.spool.trim(&settlement.subscription, settlement.through);
+        Ok(())
+    }
+
+    async fn spool_summaries(&self) -> Result<BTreeMap<String, SpoolSummary>, StoreError> {
+        Ok(self.spool.summaries())
+    }
+
+    async fn spool_delete(&self, subscription: &str) -> Result<(), StoreError> {
+        self.spool.delete(subscription);
+        Ok(())
+    }
+
+    async fn requeue_dead_letter(&self, id: &str, append: SpoolAppend) -> Result<Option<u64>, StoreError> {
+        if !self.dead_letters.delete(id).await? {
+            return Ok(None);
+        }
+        Ok(self.spool.append(&[append]).pop())
     }
 }

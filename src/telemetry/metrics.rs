@@ -29,6 +29,11 @@ struct Inner {
     pending: Family<Labels, Gauge>,
     latency: Histogram,
     fallbacks: Family<Labels, Counter>,
+    session_losses: Family<Labels, Counter>,
+    paused: Family<Labels, Gauge>,
+    spool_messages: Family<Labels, Gauge>,
+    spool_bytes: Family<Labels, Gauge>,
+    spool_oldest_age: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -49,6 +54,32 @@ impl Metrics {
         let pending = Family::<Labels, Gauge>::default();
         let latency = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
         let fallbacks = Family::<Labels, Counter>::default();
+        let session_losses = Family::<Labels, Counter>::default();
+        let paused = Family::<Labels, Gauge>::default();
+        let spool_messages = Family::<Labels, Gauge>::default();
+        let spool_bytes = Family::<Labels, Gauge>::default();
+        let spool_oldest_age = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "cometd_bridge_session_losses",
+            "Sessions the CometD server forgot (a new handshake after one had succeeded)",
+            session_losses.clone(),
+        );
+        registry.register(
+            "cometd_bridge_source_paused",
+            "1 while the source stops polling because the spools are full",
+            paused.clone(),
+        );
+        registry.register(
+            "cometd_bridge_spool_messages",
+            "Messages received and not yet delivered or dead-lettered",
+            spool_messages.clone(),
+        );
+        registry.register("cometd_bridge_spool_bytes", "Size of the spooled messages", spool_bytes.clone());
+        registry.register(
+            "cometd_bridge_spool_oldest_age_seconds",
+            "Age of the oldest spooled message",
+            spool_oldest_age.clone(),
+        );
         registry.register(
             "cometd_bridge_messages_received",
             "Messages received from CometD, per subscription they were routed to",
@@ -96,6 +127,11 @@ impl Metrics {
                 pending,
                 latency,
                 fallbacks,
+                session_losses,
+                paused,
+                spool_messages,
+                spool_bytes,
+                spool_oldest_age,
             }),
         }
     }
@@ -162,5 +198,32 @@ impl Metrics {
             .pending
             .get_or_create(&vec![("source", source.into())])
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// The CometD server forgot the session of `source`.
+    pub fn session_lost(&self, source: &str) {
+        self.inner.session_losses.get_or_create(&vec![("source", source.into())]).inc();
+    }
+
+    /// `source` stopped or resumed polling because of full spools.
+    pub fn source_paused(&self, source: &str, paused: bool) {
+        self.inner.paused.get_or_create(&vec![("source", source.into())]).set(i64::from(paused));
+    }
+
+    /// What the spool of `subscription` holds.
+    pub fn spool(&self, subscription: &str, messages: u64, bytes: u64, oldest_age: Duration) {
+        let labels = vec![("subscription", subscription.into())];
+        self.inner.spool_messages.get_or_create(&labels).set(i64::try_from(messages).unwrap_or(i64::MAX));
+        self.inner.spool_bytes.get_or_create(&labels).set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.inner.spool_oldest_age.get_or_create(&labels).set(oldest_age.as_secs_f64());
+    }
+
+    /// Drops the series of a removed subscription.
+    pub fn forget_subscription(&self, subscription: &str) {
+        let labels = vec![("subscription", subscription.into())];
+        self.inner.spool_messages.remove(&labels);
+        self.inner.spool_bytes.remove(&labels);
+        self.inner.spool_oldest_age.remove(&labels);
+        self.inner.dead_letters.remove(&labels);
     }
 }

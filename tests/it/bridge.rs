@@ -323,7 +323,7 @@ async fn a_webhook_failing_twice_then_succeeding_gets_the_message_once() {
     assert_eq!(receiver.next().await.json()["data"], "marker", "no fourth delivery of the first message");
     assert!(app.dead_letters().await.is_empty());
     let metrics = app.metrics().await;
-    assert!(metrics.contains("reason=\"HTTP 500\"} 1"), "{metrics}");
+    assert!(metrics.contains("reason=\"http_500\"} 1"), "{metrics}");
     app.stop().await;
 }
 

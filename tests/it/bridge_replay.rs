@@ -77,14 +77,17 @@ async fn wait_for_stream(jetstream: &async_nats::jetstream::Context, count: u64)
     }
 }
 
-/// Moves the stored position back to `replay_id`, as if the bridge had crashed after the
-/// sink acknowledged the later events but before it committed them.
-fn rewind(state: &Path, subscription: &str, replay_id: i64) {
-    let file = state.join("positions").join(format!("{subscription}.json"));
-    let mut positions: BTreeMap<String, i64> =
-        serde_json::from_slice(&std::fs::read(&file).expect("a committed position")).expect("positions");
+/// Moves the stored position back to `replay_id` and empties the spool, as if the bridge
+/// had crashed after the sink acknowledged the later events but before it settled them
+/// (the server replays them all from the position).
+async fn rewind(state: &Path, subscription: &str, replay_id: i64) {
+    use cometd_bridge::store::Store;
+    let store = cometd_bridge::store::EmbeddedStore::open(state).expect("the stopped daemon's store");
+    store.spool_delete(subscription).await.expect("empty the spool");
+    let mut positions: BTreeMap<String, i64> = store.positions(subscription).await.expect("positions");
+    assert!(positions.contains_key(CHANNEL), "a committed position: {positions:?}");
     positions.insert(CHANNEL.to_string(), replay_id);
-    std::fs::write(&file, serde_json::to_vec(&positions).expect("JSON")).expect("rewind");
+    store.put_positions(subscription, &positions).await.expect("rewind");
 }
 
 async fn publish_numbers(faye: &BayeuxServer, numbers: std::ops::Range<u64>) {
@@ -134,7 +137,7 @@ async fn kill_9_mid_stream_loses_nothing_and_jetstream_drops_the_replayed_copies
     let mut stream = jetstream.get_stream("SF").await.expect("stream");
     let third: Value =
         serde_json::from_slice(&stream.get_raw_message(3).await.expect("stored").payload).expect("JSON");
-    rewind(state.path(), "orders", third["event"]["replayId"].as_i64().expect("a replay id"));
+    rewind(state.path(), "orders", third["event"]["replayId"].as_i64().expect("a replay id")).await;
     let _ = stream.info().await;
 
     let _daemon = start_daemon(&config).await;
@@ -187,7 +190,7 @@ async fn kill_9_with_a_webhook_repeats_only_with_the_same_webhook_id() {
     publish_numbers(&faye, 20..30).await;
     // As if the crash fell between the receiver's answer and the commit: resume after
     // event 0, so events 1.. come again.
-    rewind(state.path(), "hook", seen[&0].replay_id);
+    rewind(state.path(), "hook", seen[&0].replay_id).await;
     let _daemon = start_daemon(&config).await;
     publish_numbers(&faye, 30..40).await;
     while seen.len() < 40 || seen[&1].deliveries < 2 {

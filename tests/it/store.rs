@@ -3,7 +3,7 @@
 //! keeps its runtime subscriptions and dead letters in NATS, not on its disk.
 
 use cometd_bridge::config::RawSubscription;
-use cometd_bridge::store::{DeadLetter, FileStore, NatsKvStore, Store, StoreError};
+use cometd_bridge::store::{DeadLetter, EmbeddedStore, NatsKvStore, Store, StoreError};
 use serde_json::json;
 
 use crate::support::app::TestApp;
@@ -76,9 +76,9 @@ async fn keeps_every_record(store: &dyn Store) {
 }
 
 #[tokio::test]
-async fn the_file_store_keeps_every_record() {
+async fn the_embedded_store_keeps_every_record() {
     let dir = tempfile::tempdir().expect("temp dir");
-    keeps_every_record(&FileStore::open(dir.path()).expect("open")).await;
+    keeps_every_record(&EmbeddedStore::open(dir.path()).expect("open")).await;
 }
 
 #[tokio::test]

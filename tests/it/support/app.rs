@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cometd_bridge::app::App;
 use cometd_bridge::config::{self, Config, Env};
-use cometd_bridge::store::{DeadLetter, FileStore, Store};
+use cometd_bridge::store::DeadLetter;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -131,8 +131,11 @@ impl TestApp {
         (status, body)
     }
 
+    /// The dead letters, through the API (the daemon holds its database open).
     pub async fn dead_letters(&self) -> Vec<DeadLetter> {
-        FileStore::open(self.state.path()).expect("store").dead_letters().await.expect("dead letters")
+        let (status, letters) = self.call("GET", "/api/v1/dead-letters", None).await;
+        assert_eq!(status, 200, "{letters}");
+        serde_json::from_value(letters).expect("dead letters")
     }
 
     /// Stops the daemon as SIGTERM would, and waits until it has.

@@ -69,6 +69,11 @@ impl WebhookReceiver {
         self.statuses.lock().expect("lock").extend(statuses);
     }
 
+    /// Forgets the statuses still scripted: from now on every request gets 200.
+    pub fn heal(&self) {
+        self.statuses.lock().expect("lock").clear();
+    }
+
     /// The next request, within the test's wait.
     pub async fn next(&mut self) -> Received {
         tokio::time::timeout(super::peer::WAIT, self.requests.recv())

@@ -1,0 +1,167 @@
+//! What a sink delivers: one Bayeux message on its way to one subscription's sink, with
+//! where it came from and when; and its form in a spool. Both the bridge and the sinks use
+//! it, so it sits below them.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::cometd::Message;
+
+/// One message routed to one subscription.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    /// The source's name.
+    pub source: Arc<str>,
+    /// The subscription's id.
+    pub subscription: Arc<str>,
+    /// The CometD session the message arrived on.
+    pub session: Arc<str>,
+    /// Arrival order within the source, over the process's life.
+    pub sequence: u64,
+    /// The event's replay id, on a source with replay.
+    pub replay_id: Option<i64>,
+    /// The message, shared by every subscription it was routed to.
+    pub message: Arc<Message>,
+    /// When it was received.
+    pub received_at: SystemTime,
+}
+
+impl Envelope {
+    /// A key for this delivery: the same on every attempt (so a redelivery can be
+    /// de-duplicated, as `Nats-Msg-Id` and `webhook-id`), never shared by two different
+    /// messages, nor by two subscriptions that forward the same message. With replay it
+    /// derives from the replay id, so an event replayed after a restart keeps its key.
+    pub fn delivery_id(&self) -> String {
+        match self.replay_id {
+            Some(replay_id) => {
+                format!("{}.{}.{}.{replay_id}", self.source, self.subscription, self.message.channel)
+            }
+            None => format!("{}.{}.{}.{}", self.source, self.subscription, self.session, self.sequence),
+        }
+    }
+
+    /// The message as a spool keeps it.
+    pub fn to_record(&self) -> Vec<u8> {
+        serde_json::to_vec(&RecordRef {
+            source: &self.source,
+            subscription: &self.subscription,
+            session: &self.session,
+            sequence: self.sequence,
+            replay_id: self.replay_id,
+            received_at_ms: unix_millis(self.received_at),
+            message: &self.message,
+        })
+        .expect("messages serialize")
+    }
+
+    /// A message read back from a spool.
+    ///
+    /// # Errors
+    /// The parse error of a record that is not a spooled message.
+    pub fn from_record(record: &[u8]) -> Result<Envelope, serde_json::Error> {
+        let record: Record = serde_json::from_slice(record)?;
+        Ok(Envelope {
+            source: record.source.into(),
+            subscription: record.subscription.into(),
+            session: record.session.into(),
+            sequence: record.sequence,
+            replay_id: record.replay_id,
+            message: Arc::new(record.message),
+            received_at: UNIX_EPOCH + Duration::from_millis(record.received_at_ms),
+        })
+    }
+
+    /// The webhook body, and what the dead-letter store keeps: `source`, `subscription`,
+    /// `channel`, `id`, `data`, `ext`.
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "source": &*self.source,
+            "subscription": &*self.subscription,
+            "channel": self.message.channel,
+            "id": self.message.id,
+            "data": self.message.data,
+            "ext": self.message.ext,
+        })
+    }
+}
+
+/// `text` fit for a header value of any protocol: characters outside visible ASCII
+/// become `_`. Values that come from a server or a publisher (ids, channels, sessions)
+/// go through it, so a crafted value can never split or break a header.
+pub fn visible_ascii(text: &str) -> String {
+    text.chars().map(|c| if c.is_ascii_graphic() { c } else { '_' }).collect()
+}
+
+/// `text` without control characters (each becomes `_`), for NATS headers, which carry
+/// UTF-8 but no line breaks.
+pub fn without_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars().map(|c| if c.is_control() { '_' } else { c }).collect::<String>().into()
+    } else {
+        text.into()
+    }
+}
+
+/// The spooled form, written from borrowed fields.
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    source: &'a str,
+    subscription: &'a str,
+    session: &'a str,
+    sequence: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replay_id: Option<i64>,
+    received_at_ms: u64,
+    message: &'a Message,
+}
+
+/// The spooled form, read back.
+#[derive(Deserialize)]
+struct Record {
+    source: String,
+    subscription: String,
+    session: String,
+    sequence: u64,
+    #[serde(default)]
+    replay_id: Option<i64>,
+    received_at_ms: u64,
+    message: Message,
+}
+
+fn unix_millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cometd::Data;
+
+    #[test]
+    fn a_spooled_message_reads_back_as_it_was_written() {
+        let envelope = Envelope {
+            source: "demo".into(),
+            subscription: "orders".into(),
+            session: "abc".into(),
+            sequence: 7,
+            replay_id: Some(42),
+            message: Arc::new(Message {
+                id: Some("m\r\n1".into()),
+                data: Some(Data::from(json!({"b": 1, "a": "é"}))),
+                ..Message::new("/orders/eu")
+            }),
+            received_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+        };
+        let back = Envelope::from_record(&envelope.to_record()).expect("parses");
+        assert_eq!(back.delivery_id(), envelope.delivery_id());
+        assert_eq!(back.to_json(), envelope.to_json());
+        assert_eq!(back.received_at, envelope.received_at);
+        assert_eq!(
+            back.message.data.as_ref().map(Data::json),
+            envelope.message.data.as_ref().map(Data::json)
+        );
+    }
+}
