@@ -211,8 +211,7 @@ impl Bridge {
             let name: Arc<str> = source_config.name.as_str().into();
             let (client, replay) = source_client(source_config, &name, &metrics)
                 .map_err(|error| BridgeError::Conflict(format!("source {}: {error}", source_config.name)))?;
-            metrics.source_connected(&name, false);
-            metrics.source_paused(&name, false);
+            metrics.source_added(&name);
             let spooler = Spooler {
                 name: name.clone(),
                 routes: Routes::default(),

@@ -98,7 +98,7 @@ pub struct NatsConfig {
 /// `[bridge]`
 #[derive(Clone, Debug)]
 pub struct BridgeConfig {
-    /// Messages buffered per subscription.
+    /// First release: messages buffered per subscription; unused since the spool.
     pub queue_capacity: usize,
     /// How long shutdown waits for deliveries.
     pub shutdown_grace: Duration,

@@ -205,6 +205,14 @@ impl Metrics {
         self.inner.session_losses.get_or_create(&vec![("source", source.into())]).inc();
     }
 
+    /// Shows `source`'s per-source series from the start, at 0.
+    pub fn source_added(&self, source: &str) {
+        let labels = vec![("source", source.into())];
+        drop(self.inner.session_losses.get_or_create(&labels));
+        self.source_connected(source, false);
+        self.source_paused(source, false);
+    }
+
     /// `source` stopped or resumed polling because of full spools.
     pub fn source_paused(&self, source: &str, paused: bool) {
         self.inner.paused.get_or_create(&vec![("source", source.into())]).set(i64::from(paused));

@@ -10,6 +10,7 @@ mod client;
 mod coalescing;
 mod daemon;
 mod demo;
+mod durable;
 mod fuzz;
 mod harness;
 mod interop;

@@ -1,0 +1,282 @@
+//! Durable, isolated delivery: a sink down for longer than the CometD server keeps a
+//! silent session loses nothing and costs no session; one sink down holds back no other
+//! subscription; a `kill -9` with a backlog repeats deliveries only under their ids; a
+//! first-release state directory is imported; a crafted message id still arrives.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::support::app::TestApp;
+use crate::support::bayeux::{BayeuxServer, FayeOptions};
+use crate::support::daemon::Daemon;
+use crate::support::nats::NatsServer;
+use crate::support::peer::{WAIT, open};
+use crate::support::webhook::WebhookReceiver;
+
+/// faye holding each `/meta/connect` 2 s: a session that does not poll for a few seconds
+/// more is dropped, with whatever it held.
+async fn faye() -> BayeuxServer {
+    BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await
+}
+
+fn source(faye: &BayeuxServer) -> String {
+    format!("[[sources]]\nname = \"demo\"\nurl = \"{}\"\n", faye.url())
+}
+
+fn webhook(id: &str, channel: &str, url: &str) -> String {
+    format!(
+        "[[subscriptions]]\nid = \"{id}\"\nsource = \"demo\"\nchannel = \"{channel}\"\nsink = {{ type = \"webhook\", url = \"{url}\" }}\nretry = {{ max_backoff = \"1s\" }}\n"
+    )
+}
+
+/// Publishes `count` numbered messages on `channel` at `rate` per second.
+async fn publish_paced(faye: &BayeuxServer, channel: &str, numbers: std::ops::Range<u64>, rate: u64) {
+    let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
+    let mut ticks = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    for n in numbers {
+        ticks.tick().await;
+        publisher.publish(channel, json!({ "n": n })).await.expect("publish");
+    }
+    publisher.close().await;
+}
+
+/// Collects the numbers delivered with a 2xx until every one of `expected` arrived;
+/// returns how often each came.
+async fn delivered(receiver: &mut WebhookReceiver, expected: u64) -> BTreeMap<u64, usize> {
+    let mut seen = BTreeMap::new();
+    while (seen.len() as u64) < expected {
+        let request = receiver.next().await;
+        if request.status == 200 {
+            let n = request.json()["data"]["n"].as_u64().expect("a numbered message");
+            *seen.entry(n).or_insert(0) += 1;
+        }
+    }
+    while let Some(request) = receiver.try_next() {
+        if request.status == 200 {
+            let n = request.json()["data"]["n"].as_u64().expect("a numbered message");
+            *seen.entry(n).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(name))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+}
+
+/// A webhook answering 503 for 12 s (several session timeouts of faye) while 30 msg/s
+/// arrive, with small client and queue capacities (the first release stalled its session
+/// behind them): the source keeps polling, every message arrives exactly once, no dead
+/// letter, no lost session.
+#[tokio::test]
+async fn a_webhook_down_longer_than_the_session_timeout_loses_nothing() {
+    let faye = faye().await;
+    let mut receiver = WebhookReceiver::start(std::iter::repeat_n(503, 1_000_000)).await;
+    let app = TestApp::spawn(&format!(
+        "[bridge]\nqueue_capacity = 20\n{}max_pending_count = 20\n{}",
+        source(&faye),
+        webhook("hook", "/down", &receiver.url())
+    ))
+    .await;
+    app.wait_ready().await;
+    let publishing = tokio::spawn({
+        let faye_url = faye.url();
+        async move {
+            let faye = faye_url;
+            let publisher = open(cometd_bridge::cometd::Client::builder(faye)).await;
+            let mut ticks = tokio::time::interval(Duration::from_millis(33));
+            for n in 0..450u64 {
+                ticks.tick().await;
+                publisher.publish("/down", json!({ "n": n })).await.expect("publish");
+            }
+            publisher.close().await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (_, subscriptions) = app.call("GET", "/api/v1/subscriptions/hook", None).await;
+    assert!(
+        subscriptions["backlog"]["messages"].as_u64().unwrap_or_default() > 100,
+        "a backlog builds up: {subscriptions}"
+    );
+    receiver.heal();
+    publishing.await.expect("published");
+    let seen = delivered(&mut receiver, 450).await;
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (0..450).collect::<Vec<_>>());
+    assert!(seen.values().all(|count| *count == 1), "each exactly once: {seen:?}");
+    assert!(app.dead_letters().await.is_empty());
+    let metrics = app.metrics().await;
+    assert_eq!(metric(&metrics, "cometd_bridge_session_losses_total"), 0.0, "{metrics}");
+    assert_eq!(metric(&metrics, "cometd_bridge_spool_messages{subscription=\"hook\"}"), 0.0);
+    app.stop().await;
+}
+
+/// Two subscriptions of one source on the same channel: one webhook keeps failing, the
+/// other receives everything while the first has still delivered nothing.
+#[tokio::test]
+async fn one_sink_down_holds_back_no_other_subscription() {
+    let faye = faye().await;
+    let failing = WebhookReceiver::start(std::iter::repeat_n(503, 1_000_000)).await;
+    let mut working = WebhookReceiver::start([]).await;
+    let app = TestApp::spawn(&format!(
+        "{}{}{}",
+        source(&faye),
+        webhook("down", "/shared", &failing.url()),
+        webhook("up", "/shared", &working.url())
+    ))
+    .await;
+    app.wait_ready().await;
+    publish_paced(&faye, "/shared", 0..200, 50).await;
+    let seen = delivered(&mut working, 200).await;
+    assert_eq!(seen.len(), 200);
+    let (_, down) = app.call("GET", "/api/v1/subscriptions/down", None).await;
+    assert_eq!(down["forwarded"], 0, "{down}");
+    assert_eq!(down["backlog"]["messages"], 200, "{down}");
+    app.stop().await;
+}
+
+fn daemon_config(state: &std::path::Path, faye: &BayeuxServer, url: &str) -> std::path::PathBuf {
+    let file = state.join("config.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{}\"\n{}{}",
+            state.display(),
+            source(faye),
+            webhook("hook", "/crash", url)
+        ),
+    )
+    .expect("write config");
+    file
+}
+
+/// `kill -9` with a backlog: after the restart every message arrives, and one that
+/// arrives twice has the same `webhook-id` both times.
+#[tokio::test]
+async fn kill_9_with_a_backlog_delivers_it_after_the_restart() {
+    let faye = faye().await;
+    let mut failing = WebhookReceiver::start(std::iter::repeat_n(503, 1_000_000)).await;
+    let state = tempfile::tempdir().expect("state");
+    let mut daemon = Daemon::start(&daemon_config(state.path(), &faye, &failing.url())).await;
+    daemon.wait_for_log("subscribed").await;
+    publish_paced(&faye, "/crash", 0..50, 100).await;
+    assert_eq!(failing.next().await.status, 503);
+    // Killed once all 50 are spooled (before that, the ack extension's issue).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body: Value = crate::support::http_client()
+            .get(format!("http://{}/api/v1/subscriptions/hook", daemon.admin))
+            .send()
+            .await
+            .expect("admin answers")
+            .bytes()
+            .await
+            .map(|bytes| serde_json::from_slice(&bytes).expect("JSON"))
+            .expect("a body");
+        if body["backlog"]["messages"] == 50 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not spooled: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut ids: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    daemon.kill_9().await;
+    while let Some(request) = failing.try_next() {
+        let n = request.json()["data"]["n"].as_u64().expect("numbered");
+        ids.entry(n).or_default().insert(request.header("webhook-id").to_string());
+    }
+
+    let mut working = WebhookReceiver::start([]).await;
+    let mut daemon = Daemon::start(&daemon_config(state.path(), &faye, &working.url())).await;
+    let mut order = Vec::new();
+    while order.len() < 50 {
+        let request = working.next().await;
+        let n = request.json()["data"]["n"].as_u64().expect("numbered");
+        ids.entry(n).or_default().insert(request.header("webhook-id").to_string());
+        order.push(n);
+    }
+    assert_eq!(order, (0..50).collect::<Vec<_>>(), "every message, in order");
+    assert!(ids.values().all(|ids| ids.len() <= 1), "one webhook-id per message: {ids:?}");
+    daemon.signal(libc::SIGTERM);
+    let _ = tokio::time::timeout(WAIT, daemon.child.wait()).await.expect("exits");
+}
+
+/// A state directory of the first release (one JSON file per record) is imported on the
+/// first start and moved aside.
+#[tokio::test]
+async fn a_file_store_directory_is_imported() {
+    let faye = faye().await;
+    let state = tempfile::tempdir().expect("state");
+    let subscription = json!({
+        "id": "kept", "source": "demo", "channel": "/kept",
+        "sink": { "type": "webhook", "url": "http://127.0.0.1:9/hook" }
+    });
+    let letter = json!({
+        "id": "demo.kept.s1.1", "subscription": "kept", "source": "demo", "session": "s1",
+        "sequence": 1, "message": {"channel": "/kept", "data": 1}, "reason": "rejected: HTTP 400",
+        "attempts": 1, "failed_at": "2026-01-01T00:00:00.000Z"
+    });
+    for (dir, name, record) in
+        [("subscriptions", "kept", &subscription), ("dead-letters", "demo.kept.s1.1", &letter)]
+    {
+        std::fs::create_dir_all(state.path().join(dir)).expect("dir");
+        std::fs::write(state.path().join(dir).join(format!("{name}.json")), record.to_string())
+            .expect("write");
+    }
+    let app = TestApp::spawn_in(&source(&faye), state, None).await;
+    let (_, kept) = app.call("GET", "/api/v1/subscriptions/kept", None).await;
+    assert_eq!(kept["origin"], "api", "{kept}");
+    let letters = app.dead_letters().await;
+    assert_eq!(letters.iter().map(|letter| letter.id.as_str()).collect::<Vec<_>>(), ["demo.kept.s1.1"]);
+    assert!(app.state.path().join("migrated-file-store/subscriptions/kept.json").is_file());
+    assert!(!app.state.path().join("subscriptions").exists(), "not imported twice");
+    app.stop().await;
+}
+
+/// A publisher's message id with a line break in it: the message still reaches NATS, its
+/// header without the break, and the next message after it too.
+#[tokio::test]
+async fn a_crafted_message_id_is_sanitised_and_delivered() {
+    let faye = faye().await;
+    let nats = NatsServer::start().await;
+    let app = TestApp::spawn(&format!(
+        "[nats]\nurl = \"{}\"\n{}[[subscriptions]]\nid = \"ids\"\nsource = \"demo\"\nchannel = \"/ids\"\nsink = {{ type = \"nats\", subject = \"ids\" }}\n",
+        nats.url(),
+        source(&faye)
+    ))
+    .await;
+    app.wait_ready().await;
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let mut subscriber = client.subscribe("ids").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let http = crate::support::http_client();
+    let post = |body: Value| {
+        let request = http.post(faye.url()).header("content-type", "application/json").body(body.to_string());
+        async move {
+            let bytes = request.send().await.expect("faye answers").bytes().await.expect("a body");
+            serde_json::from_slice::<Value>(&bytes).expect("JSON")
+        }
+    };
+    let handshake = post(json!([{"channel": "/meta/handshake", "version": "1.0", "supportedConnectionTypes": ["long-polling"]}])).await;
+    let client_id = handshake[0]["clientId"].as_str().expect("a client id").to_string();
+    for (id, n) in [("evil\r\nInjected: yes", 1), ("plain", 2)] {
+        post(json!([{"channel": "/ids", "clientId": client_id, "id": id, "data": {"n": n}}])).await;
+    }
+    for (expected, n) in [("evil__Injected: yes", 1), ("plain", 2)] {
+        let message =
+            tokio::time::timeout(WAIT, subscriber.next()).await.expect("in time").expect("a message");
+        let data: Value = serde_json::from_slice(&message.payload).expect("JSON");
+        assert_eq!(data["n"], n);
+        let headers = message.headers.expect("headers");
+        assert_eq!(headers.get("CometD-Message-Id").map(|value| value.as_str()), Some(expected));
+        assert!(headers.get("Injected").is_none());
+    }
+    app.stop().await;
+}
