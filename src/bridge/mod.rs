@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cometd::{
-    Client, Data, Error, Message, ReplayExtension, ReplayPosition, SalesforceAuth, SessionState,
+    AckConfirmer, AckExtension, Client, DEFAULT_CONFIRM_WAIT, Data, Error, Message, ReplayExtension,
+    ReplayPosition, SalesforceAuth, SessionState,
 };
 use crate::config::{
     self, Config, Env, Problem, RawSink, RawSubscription, SinkConfig, SourceConfig, SubscriptionConfig,
@@ -209,7 +210,7 @@ impl Bridge {
         let mut sources = Vec::new();
         for source_config in &config.sources {
             let name: Arc<str> = source_config.name.as_str().into();
-            let (client, replay) = source_client(source_config, &name, &metrics)
+            let SourceClient { client, replay, ack } = source_client(source_config, &name, &metrics)
                 .map_err(|error| BridgeError::Conflict(format!("source {}: {error}", source_config.name)))?;
             metrics.source_added(&name);
             let spooler = Spooler {
@@ -218,6 +219,7 @@ impl Bridge {
                 store: store.clone(),
                 replay: replay.is_some(),
                 sequence: Arc::default(),
+                ack,
             };
             sources.push(SourceEntry { config: source_config.clone(), name, client, spooler, replay });
         }
@@ -720,14 +722,26 @@ impl Bridge {
     }
 }
 
+/// A source's client and the handles of its extensions.
+struct SourceClient {
+    client: Client,
+    /// The replay state its replay extension reads, with replay.
+    replay: Option<Arc<ReplayState>>,
+    /// Confirms spooled messages to its ack extension, unless `ack = false`.
+    ack: Option<AckConfirmer>,
+}
+
 /// A source's client: its options, plus the replay extension (reading the source's replay
-/// state) and Salesforce auth when configured.
-fn source_client(
-    config: &SourceConfig,
-    name: &Arc<str>,
-    metrics: &Metrics,
-) -> Result<(Client, Option<Arc<ReplayState>>), Error> {
+/// state), the ack extension (acknowledging a batch once it is spooled) and Salesforce auth
+/// when configured.
+fn source_client(config: &SourceConfig, name: &Arc<str>, metrics: &Metrics) -> Result<SourceClient, Error> {
     let mut options = config.client_options();
+    let mut ack = None;
+    if config.ack {
+        let (extension, confirmer) = AckExtension::confirmed(DEFAULT_CONFIRM_WAIT);
+        options = options.extension(extension);
+        ack = Some(confirmer);
+    }
     let mut replay = None;
     if let Some(fallback) = config.replay {
         let state = Arc::new(ReplayState::default());
@@ -743,5 +757,5 @@ fn source_client(
     if let Some(credentials) = &config.salesforce {
         options = options.auth(SalesforceAuth::with_tls(credentials.clone(), &config.tls)?);
     }
-    Ok((options.build()?, replay))
+    Ok(SourceClient { client: options.build()?, replay, ack })
 }

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use super::forwarder::Counters;
 use super::spool::{Spool, SpoolLimit, Spooled};
 use crate::cometd::{
-    Backoff, ChannelPattern, Client, Error, Message, SessionState, TransportErrorKind, replay_id,
+    AckConfirmer, Backoff, ChannelPattern, Client, Error, Message, SessionState, TransportErrorKind,
+    replay_id,
 };
 use crate::delivery::Envelope;
 use crate::sink::pause;
@@ -84,12 +85,25 @@ pub struct Spooler {
     pub replay: bool,
     /// Arrival order within the source, over the process's life.
     pub sequence: Arc<AtomicU64>,
+    /// With the ack extension: told once messages are spooled, so that the server drops
+    /// a batch only then.
+    pub ack: Option<AckConfirmer>,
 }
 
 impl Spooler {
     /// Appends `messages` to the matching spools, durably, retrying a failing store until
     /// `stop` (after which one last try is made and a failure is logged with the content).
     pub async fn spool(&self, messages: Vec<Message>, session: &Arc<str>, stop: &CancellationToken) {
+        let count = messages.len() as u64;
+        if self.append(messages, session, stop).await
+            && let Some(ack) = &self.ack
+        {
+            ack.confirm(count);
+        }
+    }
+
+    /// Appends; `false` when the messages could not be spooled (and are lost).
+    async fn append(&self, messages: Vec<Message>, session: &Arc<str>, stop: &CancellationToken) -> bool {
         let received_at = SystemTime::now();
         let routes = self.routes.snapshot();
         let mut appends = Vec::with_capacity(messages.len());
@@ -119,7 +133,7 @@ impl Spooler {
             }
         }
         if appends.is_empty() {
-            return;
+            return true;
         }
         let appends: Arc<[SpoolAppend]> = appends.into();
         let mut failures = 0;
@@ -130,7 +144,7 @@ impl Spooler {
                     for append in appends.iter() {
                         tracing::error!(source = %self.name, subscription = %append.subscription, error = %error, record = %String::from_utf8_lossy(&append.record), "cannot spool a received message while stopping; it is lost");
                     }
-                    return;
+                    return false;
                 }
                 Err(error) => {
                     tracing::error!(source = %self.name, error = %error, "cannot append received messages to the spool; trying again");
@@ -148,6 +162,7 @@ impl Spooler {
                 route.spool.appended(spooled);
             }
         }
+        true
     }
 }
 

@@ -33,6 +33,7 @@
 
 #![deny(missing_docs)]
 
+mod ack;
 mod backoff;
 mod channel;
 mod client;
@@ -47,6 +48,7 @@ mod session;
 mod tls;
 mod transport;
 
+pub use ack::{AckConfirmer, AckExtension, DEFAULT_CONFIRM_WAIT};
 pub use async_trait::async_trait;
 pub use backoff::Backoff;
 pub use channel::ChannelPattern;

@@ -127,6 +127,8 @@ pub struct SourceConfig {
     pub tls: Tls,
     /// The replay extension, when enabled.
     pub replay: Option<ReplayFallback>,
+    /// Whether the handshake asks for the ack extension.
+    pub ack: bool,
     /// Salesforce OAuth login, when configured.
     pub salesforce: Option<SalesforceCredentials>,
 }

@@ -194,11 +194,18 @@ pub struct RawSource {
     /// Salesforce-style replay extension.
     #[serde(default)]
     pub replay: bool,
+    /// The CometD ack extension, used when the server offers it.
+    #[serde(default = "default_ack")]
+    pub ack: bool,
     /// When the server refuses a replay position: `all`, `new` or `fail`.
     #[serde(default = "default_replay_fallback")]
     pub replay_fallback: String,
     /// Salesforce OAuth login.
     pub salesforce: Option<RawSalesforce>,
+}
+
+fn default_ack() -> bool {
+    true
 }
 
 fn default_replay_fallback() -> String {

@@ -287,6 +287,7 @@ fn source_config(check: &mut Checker<'_>, key: &str, source: &RawSource) -> Sour
         headers,
         tls,
         replay: source.replay.then_some(replay),
+        ack: source.ack,
         salesforce,
     }
 }

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, real servers from `support`.
 
+mod ack;
 mod api;
 mod backpressure;
 mod boundary;

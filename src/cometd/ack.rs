@@ -1,0 +1,279 @@
+//! The CometD acknowledgement extension (`ext.ack`): the server numbers each batch of
+//! events it sends on a `/meta/connect` reply and keeps the batch until the client's next
+//! connect acknowledges it; a batch that is not acknowledged (its reply was lost with a
+//! dropped connection) is sent again. The handshake asks for it and it applies when the
+//! server's handshake reply says `ext.ack: true`.
+//!
+//! By default a batch is acknowledged once the client has received it, as the CometD
+//! JavaScript client does. With [`AckExtension::confirmed`], it is acknowledged only once
+//! the application said it has processed the batch's events ([`AckConfirmer::confirm`]),
+//! so that what the server drops has been made durable first: the next connect waits for
+//! that, up to a limit, after which it acknowledges only the batches already processed and
+//! the server sends the others again.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::header::HeaderMap;
+use serde_json::{Map, Value};
+use tokio::sync::Notify;
+
+use super::error::Error;
+use super::extension::Extension;
+use super::message::{META_CONNECT, META_HANDSHAKE, Message};
+
+/// How long a connect waits by default for the application to process the last batch.
+pub const DEFAULT_CONFIRM_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+struct State {
+    /// Batches received since the handshake: (batch number, events received in total
+    /// once it had arrived).
+    batches: VecDeque<(i64, u64)>,
+    /// The batch acknowledged last (0 after a handshake).
+    acknowledged: i64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Whether the server agreed, in the current session.
+    enabled: AtomicBool,
+    /// Events received over the extension's life.
+    received: AtomicU64,
+    /// Events the application processed over the extension's life.
+    confirmed: AtomicU64,
+    confirmations: Notify,
+    state: Mutex<State>,
+    /// `None`: acknowledge what was received; else wait for confirmations this long.
+    confirm_wait: Option<Duration>,
+}
+
+/// The client side of the CometD acknowledgement extension; add it with
+/// [`ClientOptions::extension`](super::ClientOptions::extension).
+#[derive(Clone, Debug)]
+pub struct AckExtension {
+    shared: Arc<Shared>,
+}
+
+/// Tells an [`AckExtension::confirmed`] extension how many events the application has
+/// processed (made durable, forwarded...). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AckConfirmer {
+    shared: Arc<Shared>,
+}
+
+impl AckConfirmer {
+    /// `count` more events, taken from [`Client::receive`](super::Client::receive) in
+    /// order, are processed.
+    pub fn confirm(&self, count: u64) {
+        self.shared.confirmed.fetch_add(count, Ordering::AcqRel);
+        self.shared.confirmations.notify_waiters();
+    }
+}
+
+impl Default for AckExtension {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AckExtension {
+    fn with_wait(confirm_wait: Option<Duration>) -> Self {
+        AckExtension {
+            shared: Arc::new(Shared {
+                enabled: AtomicBool::new(false),
+                received: AtomicU64::new(0),
+                confirmed: AtomicU64::new(0),
+                confirmations: Notify::new(),
+                state: Mutex::new(State::default()),
+                confirm_wait,
+            }),
+        }
+    }
+
+    /// Acknowledges each batch once it has been received.
+    pub fn new() -> Self {
+        Self::with_wait(None)
+    }
+
+    /// Acknowledges each batch only once the application confirmed its events through the
+    /// returned [`AckConfirmer`], waiting up to `wait` before each connect.
+    pub fn confirmed(wait: Duration) -> (Self, AckConfirmer) {
+        let extension = Self::with_wait(Some(wait));
+        let confirmer = AckConfirmer { shared: extension.shared.clone() };
+        (extension, confirmer)
+    }
+
+    /// Whether the server acknowledges batches in the current session.
+    pub fn is_enabled(&self) -> bool {
+        self.shared.enabled.load(Ordering::Acquire)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The newest batch whose events are all processed (all received, without
+    /// confirmations), forgetting the batches it covers.
+    fn processed_batch(&self) -> i64 {
+        let confirmed = match self.shared.confirm_wait {
+            None => u64::MAX,
+            Some(_) => self.shared.confirmed.load(Ordering::Acquire),
+        };
+        let mut state = self.state();
+        while let Some((batch, events)) = state.batches.front().copied() {
+            if events > confirmed {
+                break;
+            }
+            state.acknowledged = batch;
+            state.batches.pop_front();
+        }
+        state.acknowledged
+    }
+
+    /// Waits, up to the configured time, until every event received so far is confirmed.
+    async fn wait_for_confirmations(&self) {
+        let Some(wait) = self.shared.confirm_wait else { return };
+        let target = self.shared.received.load(Ordering::Acquire);
+        let all_confirmed = async {
+            loop {
+                let notified = self.shared.confirmations.notified();
+                if self.shared.confirmed.load(Ordering::Acquire) >= target {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(wait, all_confirmed).await;
+    }
+}
+
+#[async_trait]
+impl Extension for AckExtension {
+    async fn outgoing(&self, payload: &mut Vec<Message>, _headers: &mut HeaderMap) -> Result<(), Error> {
+        if payload.iter().any(|message| message.channel == META_CONNECT) && self.is_enabled() {
+            self.wait_for_confirmations().await;
+        }
+        for message in payload.iter_mut() {
+            match message.channel.as_str() {
+                META_HANDSHAKE => {
+                    self.shared.enabled.store(false, Ordering::Release);
+                    *self.state() = State::default();
+                    message.ext.get_or_insert_with(Map::new).insert("ack".into(), Value::Bool(true));
+                }
+                META_CONNECT if self.is_enabled() => {
+                    let batch = self.processed_batch();
+                    message.ext.get_or_insert_with(Map::new).insert("ack".into(), Value::from(batch));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn incoming(&self, payload: &mut Vec<Message>, _headers: Option<&HeaderMap>) -> Result<(), Error> {
+        let events = payload.iter().filter(|message| message.is_event()).count() as u64;
+        let received = self.shared.received.fetch_add(events, Ordering::AcqRel) + events;
+        for message in payload.iter() {
+            let ack = message.ext.as_ref().and_then(|ext| ext.get("ack"));
+            match message.channel.as_str() {
+                META_HANDSHAKE if message.successful == Some(true) => {
+                    let enabled = match ack {
+                        Some(Value::Bool(enabled)) => *enabled,
+                        Some(Value::Object(fields)) => fields.get("enabled") == Some(&Value::Bool(true)),
+                        _ => false,
+                    };
+                    self.shared.enabled.store(enabled, Ordering::Release);
+                }
+                META_CONNECT if message.successful == Some(true) && self.is_enabled() => {
+                    if let Some(batch) = ack.and_then(Value::as_i64) {
+                        self.state().batches.push_back((batch, received));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn message(value: Value) -> Message {
+        serde_json::from_value(value).expect("a message")
+    }
+
+    async fn handshake(extension: &AckExtension) {
+        let mut request = vec![Message::new(META_HANDSHAKE)];
+        extension.outgoing(&mut request, &mut HeaderMap::new()).await.unwrap();
+        assert_eq!(request[0].ext.as_ref().unwrap()["ack"], json!(true));
+        let mut reply =
+            vec![message(json!({"channel": "/meta/handshake", "successful": true, "ext": {"ack": true}}))];
+        extension.incoming(&mut reply, None).await.unwrap();
+        assert!(extension.is_enabled());
+    }
+
+    async fn batch(extension: &AckExtension, number: i64, events: usize) {
+        let mut payload: Vec<Message> =
+            (0..events).map(|n| message(json!({"channel": "/a", "data": n}))).collect();
+        payload
+            .push(message(json!({"channel": "/meta/connect", "successful": true, "ext": {"ack": number}})));
+        extension.incoming(&mut payload, None).await.unwrap();
+    }
+
+    async fn next_ack(extension: &AckExtension) -> Value {
+        let mut request = vec![Message::new(META_CONNECT)];
+        extension.outgoing(&mut request, &mut HeaderMap::new()).await.unwrap();
+        request[0].ext.as_ref().map_or(Value::Null, |ext| ext["ack"].clone())
+    }
+
+    #[tokio::test]
+    async fn received_batches_are_acknowledged_by_the_next_connect() {
+        let extension = AckExtension::new();
+        handshake(&extension).await;
+        assert_eq!(next_ack(&extension).await, json!(0));
+        batch(&extension, 1, 3).await;
+        assert_eq!(next_ack(&extension).await, json!(1));
+    }
+
+    #[tokio::test]
+    async fn with_confirmations_only_processed_batches_are_acknowledged() {
+        let (extension, confirmer) = AckExtension::confirmed(Duration::from_millis(50));
+        handshake(&extension).await;
+        batch(&extension, 1, 2).await;
+        batch(&extension, 2, 3).await;
+        confirmer.confirm(2);
+        assert_eq!(next_ack(&extension).await, json!(1), "batch 2 is not processed: sent again");
+        confirmer.confirm(3);
+        assert_eq!(next_ack(&extension).await, json!(2));
+    }
+
+    #[tokio::test]
+    async fn a_connect_waits_for_the_confirmation() {
+        let (extension, confirmer) = AckExtension::confirmed(Duration::from_secs(60));
+        handshake(&extension).await;
+        batch(&extension, 7, 1).await;
+        let later = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            confirmer.confirm(1);
+        });
+        assert_eq!(next_ack(&extension).await, json!(7));
+        later.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_server_without_acks_gets_none() {
+        let extension = AckExtension::new();
+        let mut reply = vec![message(json!({"channel": "/meta/handshake", "successful": true}))];
+        extension.incoming(&mut reply, None).await.unwrap();
+        assert!(!extension.is_enabled());
+        assert_eq!(next_ack(&extension).await, Value::Null);
+    }
+}

@@ -1,0 +1,111 @@
+//! The ack extension against the official cometd-nodejs-server with its server-side ack
+//! extension: negotiated at the handshake, every batch acknowledged once received, and an
+//! unconfirmed batch sent again by the server; against faye (no ack) it stays off.
+
+use std::time::Duration;
+
+use cometd_bridge::cometd::{AckExtension, Client, Data, Message};
+use serde_json::{Value, json};
+
+use crate::support::app::TestApp;
+use crate::support::bayeux::{BayeuxServer, CometdOptions, FayeOptions};
+use crate::support::peer::{WAIT, open};
+use crate::support::webhook::WebhookReceiver;
+
+async fn ack_server() -> BayeuxServer {
+    BayeuxServer::cometd(CometdOptions { timeout: Some(2000), ack: true, ..CometdOptions::default() }).await
+}
+
+async fn next(client: &Client) -> Message {
+    tokio::time::timeout(WAIT, client.receive()).await.expect("a message within the wait").expect("a message")
+}
+
+fn number(message: &Message) -> u64 {
+    message
+        .data
+        .clone()
+        .map(Data::into_value)
+        .and_then(|data| data["n"].as_u64())
+        .expect("a numbered message")
+}
+
+async fn publish(server: &BayeuxServer, channel: &str, numbers: std::ops::Range<u64>) {
+    let publisher = open(Client::builder(server.url())).await;
+    for n in numbers {
+        publisher.publish(channel, json!({ "n": n })).await.expect("publish");
+    }
+    publisher.close().await;
+}
+
+#[tokio::test]
+async fn batches_are_acknowledged_and_each_message_arrives_once() {
+    let server = ack_server().await;
+    let extension = AckExtension::new();
+    let client = open(Client::builder(server.url()).extension(extension.clone())).await;
+    assert!(extension.is_enabled(), "the server agreed to acknowledgements");
+    client.subscribe("/acked").await.expect("subscribe");
+    publish(&server, "/acked", 0..20).await;
+    let mut numbers = Vec::new();
+    while numbers.len() < 20 {
+        numbers.push(number(&next(&client).await));
+    }
+    assert_eq!(numbers, (0..20).collect::<Vec<_>>());
+    // A marker after them: nothing was sent twice in between.
+    publish(&server, "/acked", 20..21).await;
+    assert_eq!(number(&next(&client).await), 20);
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_batch_never_confirmed_is_sent_again() {
+    let server = ack_server().await;
+    let (extension, confirmer) = AckExtension::confirmed(Duration::from_millis(300));
+    let client = open(Client::builder(server.url()).extension(extension)).await;
+    client.subscribe("/unconfirmed").await.expect("subscribe");
+    publish(&server, "/unconfirmed", 0..1).await;
+    assert_eq!(number(&next(&client).await), 0);
+    // Not confirmed: the next connect acknowledges the batch before it, and the server
+    // sends message 0 again.
+    assert_eq!(number(&next(&client).await), 0, "the unacknowledged batch came again");
+    confirmer.confirm(2);
+    publish(&server, "/unconfirmed", 1..2).await;
+    assert_eq!(number(&next(&client).await), 1, "once confirmed, no further copy");
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_server_without_acks_leaves_it_off() {
+    let server = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let extension = AckExtension::new();
+    let client = open(Client::builder(server.url()).extension(extension.clone())).await;
+    assert!(!extension.is_enabled());
+    client.subscribe("/plain").await.expect("subscribe");
+    client.publish("/plain", json!({"n": 7})).await.expect("publish");
+    assert_eq!(number(&next(&client).await), 7);
+    client.close().await;
+}
+
+/// The bridge on a server with acks: each batch is acknowledged once spooled, and every
+/// message reaches the webhook once.
+#[tokio::test]
+async fn the_bridge_acknowledges_spooled_batches() {
+    let server = ack_server().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    let app = TestApp::spawn(&format!(
+        "[[sources]]\nname = \"demo\"\nurl = \"{}\"\n[[subscriptions]]\nid = \"acked\"\nsource = \"demo\"\nchannel = \"/bridged\"\nsink = {{ type = \"webhook\", url = \"{}\" }}\n",
+        server.url(),
+        receiver.url()
+    ))
+    .await;
+    app.wait_ready().await;
+    publish(&server, "/bridged", 0..30).await;
+    let mut numbers = Vec::new();
+    while numbers.len() < 30 {
+        let body: Value = receiver.next().await.json();
+        numbers.push(body["data"]["n"].as_u64().expect("numbered"));
+    }
+    assert_eq!(numbers, (0..30).collect::<Vec<_>>(), "each once, in order");
+    publish(&server, "/bridged", 30..31).await;
+    assert_eq!(receiver.next().await.json()["data"]["n"], 30, "no copy before the marker");
+    app.stop().await;
+}
