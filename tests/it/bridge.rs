@@ -155,7 +155,11 @@ async fn wildcards_route_to_every_matching_subscription() {
     app.stop().await;
 }
 
-async fn create_stream(nats: &NatsServer, name: &str, subjects: &str) -> async_nats::jetstream::Context {
+pub(crate) async fn create_stream(
+    nats: &NatsServer,
+    name: &str,
+    subjects: &str,
+) -> async_nats::jetstream::Context {
     let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
     jetstream
         .create_stream(async_nats::jetstream::stream::Config {
@@ -172,7 +176,7 @@ async fn stream_messages(jetstream: &async_nats::jetstream::Context, name: &str)
     jetstream.get_stream(name).await.expect("stream").info().await.expect("info").state.messages
 }
 
-async fn wait_for_stream(jetstream: &async_nats::jetstream::Context, name: &str, count: u64) {
+pub(crate) async fn wait_for_stream(jetstream: &async_nats::jetstream::Context, name: &str, count: u64) {
     let deadline = tokio::time::Instant::now() + WAIT * 2;
     loop {
         let have = stream_messages(jetstream, name).await;

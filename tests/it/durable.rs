@@ -32,17 +32,6 @@ fn webhook(id: &str, channel: &str, url: &str) -> String {
     )
 }
 
-/// Publishes `count` numbered messages on `channel` at `rate` per second.
-async fn publish_paced(faye: &BayeuxServer, channel: &str, numbers: std::ops::Range<u64>, rate: u64) {
-    let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
-    let mut ticks = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
-    for n in numbers {
-        ticks.tick().await;
-        publisher.publish(channel, json!({ "n": n })).await.expect("publish");
-    }
-    publisher.close().await;
-}
-
 /// Collects the numbers delivered with a 2xx until every one of `expected` arrived;
 /// returns how often each came.
 async fn delivered(receiver: &mut WebhookReceiver, expected: u64) -> BTreeMap<u64, usize> {
@@ -87,19 +76,7 @@ async fn a_webhook_down_longer_than_the_session_timeout_loses_nothing() {
     ))
     .await;
     app.wait_ready().await;
-    let publishing = tokio::spawn({
-        let faye_url = faye.url();
-        async move {
-            let faye = faye_url;
-            let publisher = open(cometd_bridge::cometd::Client::builder(faye)).await;
-            let mut ticks = tokio::time::interval(Duration::from_millis(33));
-            for n in 0..450u64 {
-                ticks.tick().await;
-                publisher.publish("/down", json!({ "n": n })).await.expect("publish");
-            }
-            publisher.close().await;
-        }
-    });
+    let publishing = tokio::spawn(publish_paced(faye.url(), "/down", 0..450, 30));
     tokio::time::sleep(Duration::from_secs(12)).await;
     let (_, subscriptions) = app.call("GET", "/api/v1/subscriptions/hook", None).await;
     assert!(
@@ -133,7 +110,7 @@ async fn one_sink_down_holds_back_no_other_subscription() {
     ))
     .await;
     app.wait_ready().await;
-    publish_paced(&faye, "/shared", 0..200, 50).await;
+    publish_paced(faye.url(), "/shared", 0..200, 50).await;
     let seen = delivered(&mut working, 200).await;
     assert_eq!(seen.len(), 200);
     let (_, down) = app.call("GET", "/api/v1/subscriptions/down", None).await;
@@ -166,7 +143,7 @@ async fn kill_9_with_a_backlog_delivers_it_after_the_restart() {
     let state = tempfile::tempdir().expect("state");
     let mut daemon = Daemon::start(&daemon_config(state.path(), &faye, &failing.url())).await;
     daemon.wait_for_log("subscribed").await;
-    publish_paced(&faye, "/crash", 0..50, 100).await;
+    publish_paced(faye.url(), "/crash", 0..50, 100).await;
     assert_eq!(failing.next().await.status, 503);
     // Killed once all 50 are spooled (before that, the ack extension's issue).
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -279,4 +256,105 @@ async fn a_crafted_message_id_is_sanitised_and_delivered() {
         assert!(headers.get("Injected").is_none());
     }
     app.stop().await;
+}
+
+/// JetStream down for 10 s (several session timeouts of faye) while 30 msg/s arrive: the
+/// stream ends with every message once, in order.
+#[tokio::test]
+async fn jetstream_down_longer_than_the_session_timeout_stores_each_message_once() {
+    let faye = faye().await;
+    let mut nats = NatsServer::start().await;
+    crate::bridge::create_stream(&nats, "DOWN", "down.>").await;
+    let app = TestApp::spawn(&format!(
+        "[nats]\nurl = \"{}\"\n{}[[subscriptions]]\nid = \"js\"\nsource = \"demo\"\nchannel = \"/js\"\nsink = {{ type = \"nats\", subject = \"down.x\", jetstream = true }}\nretry = {{ max_backoff = \"1s\" }}\n",
+        nats.url(),
+        source(&faye)
+    ))
+    .await;
+    app.wait_ready().await;
+    let publishing = tokio::spawn(publish_paced(faye.url(), "/js", 0..450, 30));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.process().stop().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    nats.process().restart().await;
+    publishing.await.expect("published");
+    let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("reconnect"));
+    crate::bridge::wait_for_stream(&jetstream, "DOWN", 450).await;
+    let stream = jetstream.get_stream("DOWN").await.expect("stream");
+    for sequence in 1..=450u64 {
+        let stored = stream.get_raw_message(sequence).await.expect("stored");
+        let payload: Value = serde_json::from_slice(&stored.payload).expect("JSON");
+        assert_eq!(payload["n"], sequence - 1, "every message, once, in order");
+    }
+    assert!(app.dead_letters().await.is_empty());
+    assert_eq!(metric(&app.metrics().await, "cometd_bridge_session_losses_total"), 0.0);
+    app.stop().await;
+}
+
+/// Publishes numbered messages on `channel` at `rate` per second.
+async fn publish_paced(url: String, channel: &'static str, numbers: std::ops::Range<u64>, rate: u64) {
+    let publisher = open(cometd_bridge::cometd::Client::builder(url)).await;
+    let mut ticks = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    for n in numbers {
+        ticks.tick().await;
+        publisher.publish(channel, json!({ "n": n })).await.expect("publish");
+    }
+    publisher.close().await;
+}
+
+/// A webhook taking 100 ms per request with `max_in_flight = 8`: eight requests run at
+/// once, and every message arrives once.
+#[tokio::test]
+async fn max_in_flight_runs_requests_at_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Clone, Default)]
+    struct Slow {
+        now: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+        seen: Arc<std::sync::Mutex<Vec<u64>>>,
+    }
+    async fn answer(
+        axum::extract::State(slow): axum::extract::State<Slow>,
+        body: axum::body::Bytes,
+    ) -> &'static str {
+        let now = slow.now.fetch_add(1, Ordering::SeqCst) + 1;
+        slow.most.fetch_max(now, Ordering::SeqCst);
+        // The receiver's own latency, as the issue's scenario has it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let body: Value = serde_json::from_slice(&body).expect("JSON");
+        slow.seen.lock().expect("lock").push(body["data"]["n"].as_u64().expect("numbered"));
+        slow.now.fetch_sub(1, Ordering::SeqCst);
+        "ok"
+    }
+    let slow = Slow::default();
+    let router = axum::Router::new().route("/hook", axum::routing::post(answer)).with_state(slow.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("address"));
+    let server = tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+
+    let faye = faye().await;
+    let app = TestApp::spawn(&format!(
+        "{}[[subscriptions]]\nid = \"wide\"\nsource = \"demo\"\nchannel = \"/wide\"\nsink = {{ type = \"webhook\", url = \"{url}\", max_in_flight = 8 }}\n",
+        source(&faye)
+    ))
+    .await;
+    app.wait_ready().await;
+    publish_paced(faye.url(), "/wide", 0..100, 200).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, wide) = app.call("GET", "/api/v1/subscriptions/wide", None).await;
+        if wide["forwarded"] == 100 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not all delivered: {wide}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut seen = slow.seen.lock().expect("lock").clone();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..100).collect::<Vec<_>>(), "each once");
+    assert_eq!(slow.most.load(Ordering::SeqCst), 8, "eight requests at once, never more");
+    app.stop().await;
+    server.abort();
 }
