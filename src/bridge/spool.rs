@@ -14,8 +14,13 @@ use tokio::sync::Notify;
 use crate::delivery::Envelope;
 use crate::store::{SpoolSummary, Store, StoreError};
 
-/// Bytes of recent messages a spool keeps in memory for its forwarder.
+/// Memory a spool's cache of recent messages may take, counted as each message's
+/// stored size plus [`CACHE_OVERHEAD`].
 const CACHE_BYTES: u64 = 8 << 20;
+
+/// What a cached message costs beyond its stored size: the envelope, the parsed message
+/// and their allocations.
+const CACHE_OVERHEAD: u64 = 512;
 
 /// One message in a spool.
 #[derive(Clone, Debug)]
@@ -155,8 +160,8 @@ impl Spool {
             if state.cached.is_empty() {
                 state.overflowed = false;
             }
-            if !state.overflowed && state.cached_bytes + spooled.bytes <= CACHE_BYTES {
-                state.cached_bytes += spooled.bytes;
+            if !state.overflowed && state.cached_bytes + spooled.bytes + CACHE_OVERHEAD <= CACHE_BYTES {
+                state.cached_bytes += spooled.bytes + CACHE_OVERHEAD;
                 state.cached.push_back(spooled);
             } else {
                 state.overflowed = true;
@@ -181,7 +186,7 @@ impl Spool {
                 let mut state = self.lock();
                 while state.cached.front().is_some_and(|first| first.sequence < next) {
                     let stale = state.cached.pop_front().expect("checked");
-                    state.cached_bytes -= stale.bytes;
+                    state.cached_bytes -= stale.bytes + CACHE_OVERHEAD;
                 }
                 if state.cached.is_empty() {
                     state.overflowed = false;
@@ -191,7 +196,8 @@ impl Spool {
                         Some(first) if first.sequence == next => {
                             let count = max.min(state.cached.len());
                             let batch: Vec<Spooled> = state.cached.drain(..count).collect();
-                            state.cached_bytes -= batch.iter().map(|spooled| spooled.bytes).sum::<u64>();
+                            state.cached_bytes -=
+                                batch.iter().map(|spooled| spooled.bytes + CACHE_OVERHEAD).sum::<u64>();
                             return Ok(batch);
                         }
                         Some(first) => Some(first.sequence),

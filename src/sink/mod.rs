@@ -30,19 +30,13 @@ pub enum Sink {
 
 impl Sink {
     /// The most messages worth handing over at once: NATS publishes a batch and flushes
-    /// (or collects acks) once; a webhook posts up to `max_in_flight` at once.
+    /// (or collects acks) once; a webhook posts `max_in_flight` at a time through a batch.
+    /// A batch leaves the spool in one transaction, so a larger one costs fewer syncs.
     pub fn batch_size(&self) -> usize {
         match self {
             Sink::Nats(_) => 512,
-            Sink::Webhook(sink) => sink.max_in_flight(),
+            Sink::Webhook(sink) => sink.max_in_flight().max(64),
         }
-    }
-
-    /// Whether a failed message may hold back the ones after it: with one webhook request
-    /// at a time, or on NATS, later messages wait (order is kept); with several webhook
-    /// requests in flight, order is not kept anyway.
-    pub fn keeps_order(&self) -> bool {
-        self.batch_size() == 1 || matches!(self, Sink::Nats(_))
     }
 
     /// The metrics label of the sink.

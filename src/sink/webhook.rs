@@ -71,14 +71,27 @@ impl WebhookSink {
         self.config.max_in_flight.max(1)
     }
 
-    /// Posts every message of `batch` at once; nothing when `stop` is cancelled first.
+    /// Posts `batch`, `max_in_flight` messages at a time, until a group has a transient
+    /// failure (the rest are not tried: with one at a time, that keeps the order) or
+    /// `stop` is cancelled.
     pub(super) async fn attempt(&self, batch: &[&Envelope], stop: &CancellationToken) -> Attempted {
-        let attempts = futures_util::future::join_all(batch.iter().map(|envelope| self.post(envelope)));
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => Vec::new(),
-            results = attempts => results,
+        let mut results = Vec::with_capacity(batch.len());
+        for group in batch.chunks(self.max_in_flight()) {
+            let attempts = futures_util::future::join_all(group.iter().map(|envelope| self.post(envelope)));
+            let group_results = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return results,
+                group_results = attempts => group_results,
+            };
+            let failed = group_results
+                .iter()
+                .any(|result| result.as_ref().is_err_and(|failure| !failure.is_permanent()));
+            results.extend(group_results);
+            if failed {
+                break;
+            }
         }
+        results
     }
 
     async fn post(&self, envelope: &Envelope) -> Result<(), Failure> {
