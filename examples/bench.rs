@@ -1101,7 +1101,7 @@ async fn delivery_stage(
             .map(|envelope| SpoolAppend { subscription: "stage".into(), record: envelope.to_record() })
             .collect();
         let sizes: Vec<u64> = appends.iter().map(|append| append.record.len() as u64).collect();
-        let sequences = store.spool_append(appends.into()).await.expect("spooled");
+        let sequences = store.spool_append(appends.into()).await.expect("spooled").into_iter().flatten();
         spool.appended(
             envelopes.into_iter().zip(sequences).zip(sizes).map(|((envelope, sequence), bytes)| Spooled {
                 sequence,

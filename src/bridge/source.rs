@@ -155,7 +155,9 @@ impl Spooler {
         };
         let mut per_route: Vec<Vec<Spooled>> = vec![Vec::new(); routes.len()];
         for ((index, envelope, bytes), sequence) in targets.into_iter().zip(sequences) {
-            per_route[index].push(Spooled { sequence, bytes, envelope });
+            if let Some(sequence) = sequence {
+                per_route[index].push(Spooled { sequence, bytes, envelope });
+            }
         }
         for (route, spooled) in routes.iter().zip(per_route) {
             if !spooled.is_empty() {

@@ -316,7 +316,7 @@ impl Store for EmbeddedStore {
         self.remove(POSITIONS, subscription).await.map(drop)
     }
 
-    async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<u64>, StoreError> {
+    async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<Option<u64>>, StoreError> {
         self.blocking(move |store| {
             store.write(|txn| {
                 let mut table = txn.open_table(SPOOL)?;
@@ -331,7 +331,7 @@ impl Store for EmbeddedStore {
                     };
                     table.insert((subscription, sequence), append.record.as_slice())?;
                     next.insert(subscription, sequence + 1);
-                    sequences.push(sequence);
+                    sequences.push(Some(sequence));
                 }
                 for (subscription, sequence) in next {
                     counters.insert(subscription, sequence)?;
@@ -478,8 +478,8 @@ mod tests {
                 .spool_append(vec![append("a", "a1"), append("b", "b1"), append("a", "a2")].into())
                 .await
                 .unwrap();
-            assert_eq!(sequences, [1, 1, 2]);
-            assert_eq!(store.spool_append(vec![append("a", "a3")].into()).await.unwrap(), [3]);
+            assert_eq!(sequences, [Some(1), Some(1), Some(2)]);
+            assert_eq!(store.spool_append(vec![append("a", "a3")].into()).await.unwrap(), [Some(3)]);
             let read = store.spool_read("a", 2, 10).await.unwrap();
             assert_eq!(read.iter().map(|entry| entry.sequence).collect::<Vec<_>>(), [2, 3]);
             assert_eq!(read[0].record, b"a2");
@@ -511,7 +511,7 @@ mod tests {
             .await
             .unwrap();
         assert!(store.spool_read("a", 0, 10).await.unwrap().is_empty());
-        assert_eq!(store.spool_append(vec![append("a", "a4")].into()).await.unwrap(), [4]);
+        assert_eq!(store.spool_append(vec![append("a", "a4")].into()).await.unwrap(), [Some(4)]);
         store.spool_delete("a").await.unwrap();
         store.spool_delete("b").await.unwrap();
         assert!(store.spool_summaries().await.unwrap().is_empty());

@@ -8,8 +8,8 @@
 //! by the embedded store on its first start.
 
 mod embedded;
-mod memory_spool;
 mod nats_kv;
+mod nats_spool;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use embedded::{EmbeddedStore, FILE_NAME};
-pub use memory_spool::MemorySpool;
 pub use nats_kv::NatsKvStore;
+pub use nats_spool::NatsSpool;
 
 use crate::config::RawSubscription;
 
@@ -131,9 +131,11 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets a subscription's positions.
     async fn delete_positions(&self, subscription: &str) -> Result<(), StoreError>;
 
-    /// Appends messages to their subscriptions' spools, all durably or none; returns each
-    /// one's spool sequence, in order. Sequences of a spool start at 1 and never repeat.
-    async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<u64>, StoreError>;
+    /// Appends messages to their subscriptions' spools, durably; returns each one's spool
+    /// sequence, in order, or `None` for one this store cannot hold (too large; it is
+    /// logged). Sequences of a spool are consecutive and never repeat. On an error, any
+    /// of them may have been appended (the embedded store appends all or none).
+    async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<Option<u64>>, StoreError>;
     /// Up to `max` messages of a spool, from sequence `from` on, in order.
     async fn spool_read(
         &self,

@@ -6,8 +6,7 @@
 //! A write returns once the server has stored it. Keys are the record ids in base64url,
 //! since ids may hold characters a key may not; each record keeps its own id.
 //!
-//! Spools are not in JetStream yet: this backend keeps them in memory, so a restart or a
-//! crash loses what was received and not yet delivered (the README says so).
+//! Spools are JetStream streams, one per subscription (see [`NatsSpool`]).
 
 use async_nats::jetstream::{self, kv};
 use base64::Engine;
@@ -20,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{
-    DeadLetter, MemorySpool, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError,
+    DeadLetter, NatsSpool, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError,
 };
 use crate::config::RawSubscription;
 
@@ -30,7 +29,7 @@ pub struct NatsKvStore {
     subscriptions: Bucket,
     dead_letters: Bucket,
     positions: Bucket,
-    spool: Arc<MemorySpool>,
+    spool: Arc<NatsSpool>,
 }
 
 /// One bucket and its name, for error messages.
@@ -48,12 +47,12 @@ impl NatsKvStore {
     /// [`StoreError::Nats`] when a bucket can be neither found nor created, e.g. when the
     /// server is unreachable or has no JetStream.
     pub async fn open(client: async_nats::Client, bucket: &str) -> Result<Self, StoreError> {
-        let jetstream = jetstream::new(client);
+        let jetstream = jetstream::new(client.clone());
         Ok(NatsKvStore {
             subscriptions: Bucket::open(&jetstream, format!("{bucket}-subscriptions")).await?,
             dead_letters: Bucket::open(&jetstream, format!("{bucket}-dead-letters")).await?,
             positions: Bucket::open(&jetstream, format!("{bucket}-positions")).await?,
-            spool: Arc::default(),
+            spool: Arc::new(NatsSpool::new(client, bucket)),
         })
     }
 }
@@ -200,8 +199,8 @@ impl Store for NatsKvStore {
         self.positions.delete(subscription).await.map(drop)
     }
 
-    async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<u64>, StoreError> {
-        Ok(self.spool.append(&appends))
+    async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<Option<u64>>, StoreError> {
+        self.spool.append(&appends).await
     }
 
     async fn spool_read(
@@ -210,7 +209,7 @@ impl Store for NatsKvStore {
         from: u64,
         max: usize,
     ) -> Result<Vec<SpoolEntry>, StoreError> {
-        Ok(self.spool.read(subscription, from, max))
+        self.spool.read(subscription, from, max).await
     }
 
     /// Dead letters and positions first, the trim last: a failure in between repeats
@@ -222,23 +221,31 @@ impl Store for NatsKvStore {
         if let Some(positions) = &settlement.positions {
             self.positions.put(&settlement.subscription, positions).await?;
         }
-        self.spool.trim(&settlement.subscription, settlement.through);
-        Ok(())
+        self.spool.trim(&settlement.subscription, settlement.through).await
     }
 
     async fn spool_summaries(&self) -> Result<BTreeMap<String, SpoolSummary>, StoreError> {
-        Ok(self.spool.summaries())
+        self.spool.summaries().await
     }
 
     async fn spool_delete(&self, subscription: &str) -> Result<(), StoreError> {
-        self.spool.delete(subscription);
-        Ok(())
+        self.spool.delete(subscription).await
     }
 
+    /// Appended first, then removed from the dead letters: a crash in between leaves it in
+    /// both (delivered, and retried again with the same delivery id) rather than neither.
     async fn requeue_dead_letter(&self, id: &str, append: SpoolAppend) -> Result<Option<u64>, StoreError> {
-        if !self.dead_letters.delete(id).await? {
+        if self.dead_letters.get::<DeadLetter>(id).await?.is_none() {
             return Ok(None);
         }
-        Ok(self.spool.append(&[append]).pop())
+        let subscription = append.subscription.clone();
+        let Some(sequence) = self.spool.append(&[append]).await?.pop().flatten() else {
+            return Err(StoreError::Nats {
+                bucket: self.dead_letters.name.clone(),
+                message: format!("dead letter {id:?} of {subscription:?} is too large for the NATS spool"),
+            });
+        };
+        self.dead_letters.delete(id).await?;
+        Ok(Some(sequence))
     }
 }

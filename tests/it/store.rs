@@ -3,7 +3,9 @@
 //! keeps its runtime subscriptions and dead letters in NATS, not on its disk.
 
 use cometd_bridge::config::RawSubscription;
-use cometd_bridge::store::{DeadLetter, EmbeddedStore, NatsKvStore, Store, StoreError};
+use cometd_bridge::store::{
+    DeadLetter, EmbeddedStore, NatsKvStore, Settlement, SpoolAppend, Store, StoreError,
+};
 use serde_json::json;
 
 use crate::support::app::TestApp;
@@ -75,10 +77,57 @@ async fn keeps_every_record(store: &dyn Store) {
     assert!(store.positions("a").await.expect("positions").is_empty());
 }
 
+fn append(subscription: &str, text: &str) -> SpoolAppend {
+    SpoolAppend { subscription: subscription.into(), record: text.as_bytes().to_vec() }
+}
+
+/// Appends to, reads, settles (with a dead letter and positions) and drops spools.
+async fn keeps_spools(store: &dyn Store) {
+    let sequences = store
+        .spool_append(vec![append("s1", "a"), append("s2", "x"), append("s1", "b"), append("s1", "c")].into())
+        .await
+        .expect("append");
+    let (a, b, c) = (sequences[0].expect("a"), sequences[2].expect("b"), sequences[3].expect("c"));
+    assert!(a < b && b < c, "in order: {sequences:?}");
+    let read = store.spool_read("s1", 0, 10).await.expect("read");
+    assert_eq!(read.iter().map(|entry| entry.record.as_slice()).collect::<Vec<_>>(), [b"a", b"b", b"c"]);
+    assert_eq!(
+        store.spool_read("s1", b, 1).await.expect("read").iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [b]
+    );
+    store
+        .spool_settle(Settlement {
+            subscription: "s1".into(),
+            through: b,
+            positions: Some([("/s".to_string(), 9)].into_iter().collect()),
+            dead_letters: vec![letter("s1-letter", 1, "2026-01-01T00:00:00.000Z")],
+        })
+        .await
+        .expect("settle");
+    assert_eq!(store.spool_read("s1", 0, 10).await.expect("read")[0].sequence, c, "trimmed through b");
+    assert_eq!(store.positions("s1").await.expect("positions")["/s"], 9);
+    assert!(store.dead_letter("s1-letter").await.expect("get").is_some());
+    let summaries = store.spool_summaries().await.expect("summaries");
+    assert_eq!((summaries["s1"].first, summaries["s1"].last, summaries["s1"].messages), (c, c, 1));
+    assert_eq!(summaries["s2"].messages, 1);
+    let requeued = store.requeue_dead_letter("s1-letter", append("s1", "d")).await.expect("requeue");
+    assert!(requeued.is_some_and(|sequence| sequence > c));
+    assert!(store.dead_letter("s1-letter").await.expect("get").is_none(), "moved, not copied");
+    assert_eq!(store.requeue_dead_letter("s1-letter", append("s1", "e")).await.expect("again"), None);
+    store.spool_delete("s1").await.expect("delete");
+    store.spool_delete("s2").await.expect("delete");
+    assert!(store.spool_summaries().await.expect("summaries").is_empty());
+    let after = store.spool_append(vec![append("s1", "f")].into()).await.expect("append");
+    assert!(after[0].is_some(), "a dropped spool can be used again");
+    store.spool_delete("s1").await.expect("delete");
+}
+
 #[tokio::test]
 async fn the_embedded_store_keeps_every_record() {
     let dir = tempfile::tempdir().expect("temp dir");
-    keeps_every_record(&EmbeddedStore::open(dir.path()).expect("open")).await;
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    keeps_every_record(&store).await;
+    keeps_spools(&store).await;
 }
 
 #[tokio::test]
@@ -87,6 +136,7 @@ async fn the_nats_kv_store_keeps_every_record_across_connections() {
     let client = async_nats::connect(nats.url()).await.expect("connect");
     let store = NatsKvStore::open(client, "test").await.expect("open");
     keeps_every_record(&store).await;
+    keeps_spools(&store).await;
     store.put_subscription(&subscription("kept", "/kept")).await.expect("put");
 
     // Another connection, as after a restart, finds the buckets and what is in them.
@@ -150,6 +200,56 @@ async fn a_daemon_on_the_nats_kv_backend_keeps_its_state_in_nats() {
     assert_eq!(listed, letters, "the dead letter is still listed");
     publisher.publish("/kept", json!("after restart")).await.expect("publish");
     assert_eq!(receiver.next().await.json()["data"], "after restart");
+    app.stop().await;
+}
+
+/// The daemon on the NATS backend with a webhook down: its backlog is in JetStream, so a
+/// daemon started on another, empty, directory delivers it.
+#[tokio::test]
+async fn a_daemon_on_the_nats_backend_keeps_its_backlog_in_jetstream() {
+    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let nats = NatsServer::start().await;
+    let failing = WebhookReceiver::start(std::iter::repeat_n(503, 1_000_000)).await;
+    let mut working = WebhookReceiver::start([]).await;
+    let config = |url: String| {
+        format!(
+            "[nats]\nurl = \"{}\"\n[[sources]]\nname = \"demo\"\nurl = \"{}\"\n[[subscriptions]]\nid = \"later\"\nsource = \"demo\"\nchannel = \"/later\"\nsink = {{ type = \"webhook\", url = \"{url}\" }}\n",
+            nats.url(),
+            faye.url()
+        )
+    };
+    let state_keys = "backend = \"nats\"\nbucket = \"bridge\"\n";
+    let app = TestApp::spawn_with_state(
+        &config(failing.url()),
+        tempfile::tempdir().expect("dir"),
+        None,
+        state_keys,
+    )
+    .await;
+    app.wait_ready().await;
+    let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
+    for n in 0..10 {
+        publisher.publish("/later", json!(n)).await.expect("publish");
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while app.call("GET", "/api/v1/subscriptions/later", None).await.1["backlog"]["messages"] != 10 {
+        assert!(tokio::time::Instant::now() < deadline, "not spooled");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    app.stop().await;
+
+    let app = TestApp::spawn_with_state(
+        &config(working.url()),
+        tempfile::tempdir().expect("dir"),
+        None,
+        state_keys,
+    )
+    .await;
+    let mut data = Vec::new();
+    while data.len() < 10 {
+        data.push(working.next().await.json()["data"].clone());
+    }
+    assert_eq!(data, (0..10).map(|n| json!(n)).collect::<Vec<_>>(), "the backlog, in order");
     app.stop().await;
 }
 
