@@ -68,7 +68,8 @@ fn main() {
             let (nats, nats_url) = start_nats(store.path());
             // An optional argument picks one: `nats` or `jetstream`.
             if args.get(1).is_none_or(|only| only == "nats") {
-                eprintln!("{}", bridge_nats(&url, &nats_url).await["full_speed"]);
+                eprintln!("{}", bridge_nats(&url, &nats_url, "embedded").await["full_speed"]);
+                eprintln!("{}", bridge_nats(&url, &nats_url, "memory").await["full_speed"]);
             }
             if args.get(1).is_none_or(|only| only == "jetstream") {
                 eprintln!("{}", bridge_jetstream(&url, &nats_url).await);
@@ -89,6 +90,16 @@ fn main() {
                 eprintln!("stage {stage:.0} msg/s, plain {plain:.0} msg/s, plain with Nats-Msg-Id {with_id:.0} msg/s");
             }
             nats.kill();
+        }),
+        Some("spool") => runtime.block_on(async {
+            // The spool alone, and the webhook at a receiver's latency.
+            let store = tempfile::tempdir().expect("temp dir");
+            let (nats, nats_url) = start_nats(store.path());
+            eprintln!("{}", spool_alone(&nats_url).await);
+            nats.kill();
+            let (faye, url) = start_faye(60);
+            eprintln!("{}", webhook_latency(&url).await);
+            faye.kill();
         }),
         Some("idle") => runtime.block_on(async {
             let (faye, url) = start_faye(60);
@@ -720,13 +731,20 @@ async fn orchestrate() {
     let store = tempfile::tempdir().expect("temp dir");
     let (nats, nats_url) = start_nats(store.path());
     let (faye, url) = start_faye(60);
-    results.insert("bridge_nats".into(), bridge_nats(&url, &nats_url).await);
+    results.insert("bridge_nats".into(), bridge_nats(&url, &nats_url, "embedded").await);
     faye.kill();
+    let (faye, url) = start_faye(60);
+    results.insert("bridge_nats_memory".into(), bridge_nats(&url, &nats_url, "memory").await);
+    faye.kill();
+    results.insert("spool".into(), spool_alone(&nats_url).await);
     let (faye, url) = start_faye(60);
     results.insert("bridge_jetstream".into(), bridge_jetstream(&url, &nats_url).await);
     faye.kill();
     let (faye, url) = start_faye(60);
     results.insert("bridge_webhook".into(), bridge_webhook(&url).await);
+    faye.kill();
+    let (faye, url) = start_faye(60);
+    results.insert("webhook_latency".into(), webhook_latency(&url).await);
     faye.kill();
     nats.kill();
 
@@ -806,14 +824,20 @@ fn status_kb_from(file: &str, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A bridge process on a configuration; returns it once `/readyz` answers 200.
+/// A bridge process on a configuration, its state on the embedded store; returns it once
+/// `/readyz` answers 200.
 async fn start_bridge(config: &str, dir: &Path) -> (Proc, u16, Duration) {
+    start_bridge_on(config, dir, "embedded").await
+}
+
+/// [`start_bridge`] on the state backend `backend`.
+async fn start_bridge_on(config: &str, dir: &Path, backend: &str) -> (Proc, u16, Duration) {
     let admin = free_port();
     let file = dir.join("config.toml");
     std::fs::write(
         &file,
         format!(
-            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[state]\npath = \"{}\"\n{config}",
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[state]\nbackend = \"{backend}\"\npath = \"{}\"\n{config}",
             dir.join("state").display()
         ),
     )
@@ -848,14 +872,15 @@ fn source(url: &str) -> String {
 }
 
 /// Bridge → core NATS: throughput and CPU at full speed, and added latency at 10k msg/s
-/// against a direct CometD subscriber on the same flood.
-async fn bridge_nats(url: &str, nats_url: &str) -> Value {
+/// against a direct CometD subscriber on the same flood, with the bridge's state (and so
+/// its spools) on `backend`: `embedded` (durable) or `memory` (what durability costs).
+async fn bridge_nats(url: &str, nats_url: &str, backend: &str) -> Value {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = format!(
         "[nats]\nurl = \"{nats_url}\"\n{}[[subscriptions]]\nid = \"flood\"\nsource = \"bench\"\nchannel = \"/bench/bridge\"\nsink = {{ type = \"nats\", subject = \"bench.flood\" }}\n",
         source(url)
     );
-    let (bridge, _, _) = start_bridge(&config, dir.path()).await;
+    let (bridge, _, _) = start_bridge_on(&config, dir.path(), backend).await;
     let mut full = Vec::new();
     let mut paced = Vec::new();
     for (rate, count) in [(0u64, MESSAGES), (10_000, 30_000)] {
@@ -890,7 +915,7 @@ async fn bridge_nats(url: &str, nats_url: &str) -> Value {
                 "direct_p50_ms": direct_stats["p50_ms"], "direct_p99_ms": direct_stats["p99_ms"],
                 "received": via_bridge["received"], "gaps": via_bridge["gaps"], "reordered": via_bridge["reordered"],
             });
-            eprintln!("bridge → NATS (rate {rate}): {run}");
+            eprintln!("bridge → NATS, {backend} spool (rate {rate}): {run}");
             if rate == 0 { full.push(run) } else { paced.push(run) }
         }
     }
@@ -1182,6 +1207,143 @@ async fn bridge_webhook(url: &str) -> Value {
     json!({"messages": COUNT, "subscriptions": 10, "rate": summary(&rates), "order_kept": ordered})
 }
 
+/// The spool alone: appends of 1 KiB messages to the embedded store in group commits of
+/// 512 (each synced), then the drain of that backlog into core NATS by a forwarder that
+/// reads it back from the store, as after a restart.
+async fn spool_alone(nats_url: &str) -> Value {
+    use cometd_bridge::bridge::forwarder::{Counters, Forwarder, Stop};
+    use cometd_bridge::bridge::spool::{Spool, SpoolLimit};
+    use cometd_bridge::delivery::Envelope;
+    use cometd_bridge::sink::{NatsSink, RetryPolicy, Sink, subject::SubjectTemplate};
+    use cometd_bridge::store::{EmbeddedStore, SpoolAppend, Store};
+
+    const COUNT: u64 = 60_000;
+    const GROUP: usize = 512;
+    let mut append_rates = Vec::new();
+    let mut drain_rates = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+        let pad = "x".repeat(1000);
+        let records: Vec<SpoolAppend> = (0..COUNT)
+            .map(|seq| {
+                let envelope = Envelope {
+                    source: "bench".into(),
+                    subscription: "drain".into(),
+                    session: "session".into(),
+                    sequence: seq,
+                    replay_id: None,
+                    message: Arc::new(cometd_bridge::cometd::Message {
+                        channel: "/bench/drain".into(),
+                        data: Some(json!({"seq": seq, "pad": pad}).into()),
+                        ..Default::default()
+                    }),
+                    received_at: std::time::SystemTime::now(),
+                };
+                SpoolAppend { subscription: "drain".into(), record: envelope.to_record() }
+            })
+            .collect();
+        let started = Instant::now();
+        for group in records.chunks(GROUP) {
+            store.spool_append(group.to_vec().into()).await.expect("append");
+        }
+        append_rates.push(COUNT as f64 / started.elapsed().as_secs_f64());
+
+        let summary = store.spool_summaries().await.expect("summaries").remove("drain");
+        let client = async_nats::connect(nats_url).await.expect("connect");
+        let counters = Arc::new(Counters::default());
+        let spool = Spool::new("drain".into(), store.clone(), SpoolLimit::new(u64::MAX), summary);
+        let forwarder = Forwarder {
+            subscription: "drain".into(),
+            sink: Sink::Nats(Box::new(NatsSink::new(
+                client,
+                SubjectTemplate::parse("bench.drain").expect("subject"),
+                false,
+                cometd_bridge::config::Payload::Data,
+            ))),
+            spool,
+            store: store.clone(),
+            metrics: cometd_bridge::telemetry::metrics::Metrics::new(),
+            counters: counters.clone(),
+            replay: None,
+            retry: RetryPolicy::new(cometd_bridge::config::RetryConfig {
+                max_elapsed: Duration::from_secs(3600),
+                max_backoff: Duration::from_secs(1),
+                max_attempts: None,
+            }),
+        };
+        let stop = Stop::default();
+        let started = Instant::now();
+        let task = tokio::spawn(forwarder.run(summary.map_or(1, |summary| summary.first), stop.clone()));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while counters.forwarded.load(Ordering::Relaxed) < COUNT {
+            assert!(Instant::now() < deadline, "the backlog did not drain in time");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drain_rates.push(COUNT as f64 / started.elapsed().as_secs_f64());
+        stop.soon.cancel();
+        task.await.expect("the forwarder stopped");
+        eprintln!(
+            "spool: {:.0} appends/s of 1 KiB in groups of {GROUP}, backlog of {COUNT} drained into NATS at {:.0} msg/s",
+            append_rates.last().copied().unwrap_or(0.0),
+            drain_rates.last().copied().unwrap_or(0.0)
+        );
+    }
+    json!({"messages": COUNT, "group": GROUP, "append_rate": summary(&append_rates), "drain_rate": summary(&drain_rates)})
+}
+
+/// The bridge → one webhook subscription whose receiver takes 20 ms or 100 ms per request,
+/// with `max_in_flight` 1 and 16: messages a second, one run each (bounded by count).
+async fn webhook_latency(url: &str) -> Value {
+    let total = Arc::new(AtomicU64::new(0));
+    let mut results = Vec::new();
+    for (latency_ms, in_flight, count) in
+        [(20u64, 1u64, 150u64), (100, 1, 50), (20, 16, 2_000), (100, 16, 800)]
+    {
+        total.store(0, Ordering::Relaxed);
+        let app = {
+            let total = total.clone();
+            axum::Router::new().route(
+                "/hook",
+                axum::routing::post(move || {
+                    let total = total.clone();
+                    async move {
+                        // The receiver's latency is the scenario.
+                        tokio::time::sleep(Duration::from_millis(latency_ms)).await;
+                        total.fetch_add(1, Ordering::Relaxed);
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                }),
+            )
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let hook = format!("http://{}/hook", listener.local_addr().expect("address"));
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = format!(
+            "{}[[subscriptions]]\nid = \"slow\"\nsource = \"bench\"\nchannel = \"/bench/slow\"\nsink = {{ type = \"webhook\", url = \"{hook}\", max_in_flight = {in_flight} }}\n",
+            source(url)
+        );
+        let (bridge, _, _) = start_bridge(&config, dir.path()).await;
+        let started = Instant::now();
+        let mut publisher = Proc::spawn(flood_command(url, count, 64, 0, &["/bench/slow"]));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while total.load(Ordering::Relaxed) < count && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let rate = total.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+        let _ = publisher.line();
+        publisher.reap();
+        bridge.kill();
+        server.abort();
+        eprintln!("webhook at {latency_ms} ms, max_in_flight {in_flight}: {rate:.1} msg/s");
+        results.push(
+            json!({"latency_ms": latency_ms, "max_in_flight": in_flight, "messages": count, "rate": rate}),
+        );
+    }
+    Value::Array(results)
+}
+
 fn sessions_runs(url: &str) -> Value {
     let mut runs = Vec::new();
     for count in [1_000usize, 10_000] {
@@ -1374,6 +1536,71 @@ fn report(results: &Value) -> String {
         nats["bridge_max_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0
     );
 
+    let memory = &results["bridge_nats_memory"];
+    if !memory.is_null() {
+        let _ = writeln!(
+            w,
+            "\n## Durable spool: what it costs (bridge → core NATS, state on the embedded store against `state.backend = \"memory\"`)\n"
+        );
+        let _ = writeln!(w, "| measure | embedded | memory | ratio or difference | target |");
+        let _ = writeln!(w, "|---|---|---|---|---|");
+        let (durable, volatile) = (&nats["full_speed"], &memory["full_speed"]);
+        let _ = writeln!(
+            w,
+            "| msgs/s at full speed | {} | {} | {:.2} | ≥ 0.9 |",
+            range(&durable["rate"], 0),
+            range(&volatile["rate"], 0),
+            median(&durable["rate"]) / median(&volatile["rate"]).max(1.0)
+        );
+        let _ = writeln!(
+            w,
+            "| bridge CPU µs/msg at full speed | {} | {} | {:+.2} | ≤ +3 |",
+            range(&durable["bridge_cpu_us_per_msg"], 2),
+            range(&volatile["bridge_cpu_us_per_msg"], 2),
+            median(&durable["bridge_cpu_us_per_msg"]) - median(&volatile["bridge_cpu_us_per_msg"])
+        );
+        let _ = writeln!(
+            w,
+            "| bridge CPU µs/msg at 10k msg/s | {} | {} | {:+.2} | |",
+            range(&nats["at_10k"]["bridge_cpu_us_per_msg"], 2),
+            range(&memory["at_10k"]["bridge_cpu_us_per_msg"], 2),
+            median(&nats["at_10k"]["bridge_cpu_us_per_msg"])
+                - median(&memory["at_10k"]["bridge_cpu_us_per_msg"])
+        );
+    }
+    let spool = &results["spool"];
+    if !spool.is_null() {
+        let _ = writeln!(w, "\n## The spool alone ({} messages of 1 KiB)\n", spool["messages"]);
+        let _ = writeln!(w, "| measure | value | target |");
+        let _ = writeln!(w, "|---|---|---|");
+        let _ = writeln!(
+            w,
+            "| appends/s, group commits of {} (each synced) | {} | ≥ 50,000 |",
+            spool["group"],
+            range(&spool["append_rate"], 0)
+        );
+        let _ =
+            writeln!(w, "| backlog drained into core NATS, msgs/s | {} | |", range(&spool["drain_rate"], 0));
+    }
+    if let Some(latency) = results["webhook_latency"].as_array() {
+        let _ =
+            writeln!(w, "\n## Bridge → one webhook subscription at a receiver's latency (one run each)\n");
+        let _ = writeln!(w, "| receiver latency | max_in_flight | messages | msgs/s | target |");
+        let _ = writeln!(w, "|---|---|---|---|---|");
+        for run in latency {
+            let target =
+                if run["latency_ms"] == 100 && run["max_in_flight"] == 16 { "≥ 60 (at 8)" } else { "" };
+            let _ = writeln!(
+                w,
+                "| {} ms | {} | {} | {:.1} | {target} |",
+                run["latency_ms"],
+                run["max_in_flight"],
+                run["messages"],
+                run["rate"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+
     let js = &results["bridge_jetstream"];
     let _ = writeln!(w, "\n## Bridge → JetStream with acks ({} messages)\n", js["messages"]);
     let _ = writeln!(w, "| measure | value | target |");
@@ -1528,6 +1755,32 @@ fn headline(results: &Value) -> Vec<(String, f64, &'static str)> {
         median(&nats["at_10k"]["p99_ms"]) - median(&nats["at_10k"]["direct_p99_ms"]),
         "≤ 1",
     ));
+    let memory = &results["bridge_nats_memory"];
+    if !memory.is_null() {
+        figures.push((
+            "bridge → NATS rate, durable ÷ memory spool".into(),
+            median(&nats["full_speed"]["rate"]) / median(&memory["full_speed"]["rate"]).max(1.0),
+            "≥ 0.9",
+        ));
+        figures.push((
+            "bridge → NATS CPU µs/msg added by the durable spool".into(),
+            median(&nats["full_speed"]["bridge_cpu_us_per_msg"])
+                - median(&memory["full_speed"]["bridge_cpu_us_per_msg"]),
+            "≤ 3",
+        ));
+    }
+    if !results["spool"].is_null() {
+        figures.push((
+            "spool appends/s of 1 KiB".into(),
+            median(&results["spool"]["append_rate"]),
+            "≥ 50,000",
+        ));
+        figures.push((
+            "spool backlog drain into NATS msgs/s".into(),
+            median(&results["spool"]["drain_rate"]),
+            "",
+        ));
+    }
     let js = &results["bridge_jetstream"];
     figures.push((
         "JetStream delivery stage ÷ plain publisher".into(),

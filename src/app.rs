@@ -13,7 +13,7 @@ use crate::admin::{self, AdminState};
 use crate::bridge::BridgeError;
 use crate::bridge::{Bridge, Parts};
 use crate::config::{Config, NatsConfig, SinkConfig, StateBackend};
-use crate::store::{EmbeddedStore, NatsKvStore, Store, StoreError};
+use crate::store::{EmbeddedStore, MemoryStore, NatsKvStore, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
 /// Why the daemon could not start or run.
@@ -73,6 +73,12 @@ impl App {
         let nats = if uses_nats { Some(connect_nats(&config.nats).await?) } else { None };
         let store: Arc<dyn Store> = match &config.state.backend {
             StateBackend::Embedded => Arc::new(EmbeddedStore::open(&config.state.path)?),
+            StateBackend::Memory => {
+                tracing::warn!(
+                    "state.backend = \"memory\": subscriptions added through the API, dead letters and the backlog are lost when the bridge stops"
+                );
+                MemoryStore::new()
+            }
             StateBackend::NatsKv { bucket } => {
                 let client = nats.clone().expect("the nats-kv backend counts as a use of NATS");
                 Arc::new(NatsKvStore::open(client, bucket).await?)

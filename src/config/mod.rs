@@ -68,6 +68,8 @@ pub struct StateConfig {
 pub enum StateBackend {
     /// One embedded database file under `state.path` (the default): no server needed.
     Embedded,
+    /// In memory only: nothing survives a restart.
+    Memory,
     /// NATS JetStream key-value buckets named `<bucket>-subscriptions`,
     /// `<bucket>-dead-letters` and `<bucket>-positions`, on the `[nats]` connection.
     NatsKv {

@@ -102,6 +102,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
 
     let backend = match raw.state.backend.as_str() {
         "embedded" | "file" => StateBackend::Embedded,
+        "memory" => StateBackend::Memory,
         "nats" | "nats-kv" => {
             // The bucket names derived from it must be valid: letters, digits, `-`, `_`.
             let bucket = &raw.state.bucket;
@@ -112,7 +113,10 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             StateBackend::NatsKv { bucket: bucket.clone() }
         }
         other => {
-            check.problem("state.backend", format!("{other:?} is not a backend: \"embedded\" or \"nats\""));
+            check.problem(
+                "state.backend",
+                format!("{other:?} is not a backend: \"embedded\", \"nats\" or \"memory\""),
+            );
             StateBackend::Embedded
         }
     };

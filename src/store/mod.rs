@@ -4,10 +4,12 @@
 //!
 //! Callers use the [`Store`] trait; [`EmbeddedStore`] is the default, one transactional
 //! database file that needs no server; [`NatsKvStore`] keeps the records in NATS
-//! JetStream key-value buckets. The first release's one-file-per-record store is imported
+//! JetStream key-value buckets and streams; [`MemoryStore`] keeps nothing across a
+//! restart (for measuring what durability costs). The first release's one-file-per-record store is imported
 //! by the embedded store on its first start.
 
 mod embedded;
+mod memory;
 mod nats_kv;
 mod nats_spool;
 
@@ -18,6 +20,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use embedded::{EmbeddedStore, FILE_NAME};
+pub use memory::MemoryStore;
 pub use nats_kv::NatsKvStore;
 pub use nats_spool::NatsSpool;
 

@@ -131,6 +131,13 @@ async fn the_embedded_store_keeps_every_record() {
 }
 
 #[tokio::test]
+async fn the_memory_store_keeps_every_record_while_it_runs() {
+    let store = cometd_bridge::store::MemoryStore::new();
+    keeps_every_record(&*store).await;
+    keeps_spools(&*store).await;
+}
+
+#[tokio::test]
 async fn the_nats_kv_store_keeps_every_record_across_connections() {
     let nats = NatsServer::start().await;
     let client = async_nats::connect(nats.url()).await.expect("connect");
