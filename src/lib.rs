@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`cometd`]: the client. It uses nothing else from this crate, so it can be used alone.
-//! - [`config`]: loading and validating the daemon's configuration.
+//! - [`config`]: loading and validating the daemon's configuration; [`secret`]: values
+//!   that never print.
 //! - [`bridge`]: source tasks (one per CometD server) and forwarders (one per subscription).
 //! - [`delivery`]: a message on its way to a sink, and its spooled form.
 //! - [`sink`]: NATS and webhook delivery, and how failures are retried; [`store`]: the
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod cometd;
 pub mod config;
 pub mod delivery;
+pub mod secret;
 pub mod shutdown;
 pub mod sink;
 pub mod store;

@@ -146,7 +146,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(State(state): State<AdminState>) -> Response {
-    state.bridge.refresh_metrics().await;
+    state.bridge.refresh_metrics();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
         .into_response()
 }
@@ -166,7 +166,7 @@ async fn list_sources(State(state): State<AdminState>) -> Json<Vec<SourceView>> 
     (status = 401, body = ErrorBody)
 ))]
 async fn list_subscriptions(State(state): State<AdminState>) -> Json<Vec<SubscriptionView>> {
-    Json(state.bridge.subscriptions().await)
+    Json(state.bridge.subscriptions())
 }
 
 /// Adds a subscription (the body is one `[[subscriptions]]` entry). It is stored before
@@ -199,7 +199,7 @@ async fn get_subscription(
     State(state): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Json<SubscriptionView>, ApiError> {
-    state.bridge.subscription(&id).await.map(Json).ok_or_else(|| {
+    state.bridge.subscription(&id).map(Json).ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("subscription {id:?} not found"))
     })
 }

@@ -3,16 +3,17 @@
 //! subscriptions at runtime, and the shutdown that stops them in the contract's order.
 
 pub mod forwarder;
+mod registry;
 pub mod replay;
 pub mod source;
 pub mod spool;
+mod views;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,16 +23,18 @@ use crate::cometd::{
     ReplayPosition, SalesforceAuth, SessionState,
 };
 use crate::config::{
-    self, Config, Env, Problem, RawSink, RawSubscription, SinkConfig, SourceConfig, SubscriptionConfig,
+    self, Config, Env, RawSink, RawSubscription, SinkConfig, SourceConfig, SubscriptionConfig,
 };
 use crate::delivery::Envelope;
 use crate::sink::{NatsSink, RetryPolicy, Sink, WebhookSink};
-use crate::store::{DeadLetter, SpoolAppend, SpoolSummary, Store, StoreError};
+use crate::store::{DeadLetter, SpoolAppend, SpoolSummary, Store};
 use crate::telemetry::metrics::Metrics;
 use forwarder::{Counters, Forwarder, Stop};
+use registry::{Registry, SubscriptionEntry};
 use replay::{ReplayState, SourcePositions};
 use source::{Route, Routes, Source, Spooler};
 use spool::{Spool, SpoolLimit, Spooled};
+pub use views::{BacklogView, BridgeError, Origin, SourceView, SubscriptionView};
 
 /// How long removing a subscription waits for its delivery in flight.
 const REMOVE_WAIT: Duration = Duration::from_secs(5);
@@ -50,115 +53,6 @@ pub struct Parts {
     pub http: reqwest::Client,
 }
 
-/// Why a registry operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum BridgeError {
-    /// The subscription is not valid.
-    #[error("invalid subscription")]
-    Invalid(Vec<Problem>),
-    /// No such source.
-    #[error("no source is named {0:?}")]
-    UnknownSource(String),
-    /// No such subscription or dead letter.
-    #[error("{0} not found")]
-    NotFound(String),
-    /// The id is taken, or the record cannot be changed this way.
-    #[error("{0}")]
-    Conflict(String),
-    /// The CometD server refused the subscription.
-    #[error("the CometD server refused the subscription: {0}")]
-    Upstream(Error),
-    /// NATS is needed but not configured.
-    #[error("{0}")]
-    Unavailable(String),
-    /// The state store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// Where a subscription was defined.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Origin {
-    /// In the configuration file: read-only through the API.
-    Config,
-    /// Added through the API: stored in the state store.
-    Api,
-}
-
-/// A source as the API shows it.
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
-pub struct SourceView {
-    /// Its name.
-    pub name: String,
-    /// Its CometD endpoint.
-    pub url: String,
-    /// `connected`, `connecting` or `disconnected`.
-    pub state: &'static str,
-    /// `websocket` or `long-polling`, once negotiated.
-    pub connection_type: Option<&'static str>,
-    /// The session id the server assigned.
-    pub client_id: Option<String>,
-    /// The last failure.
-    pub last_error: Option<String>,
-    /// The channels the server confirmed.
-    pub subscriptions: Vec<String>,
-}
-
-/// A subscription as the API shows it (secrets masked).
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
-pub struct SubscriptionView {
-    /// Its id.
-    pub id: String,
-    /// Its source.
-    pub source: String,
-    /// Its channel or pattern.
-    pub channel: String,
-    /// Where its messages go, as configured; secrets are shown as `***`.
-    #[schema(value_type = Object)]
-    pub sink: RawSink,
-    /// Where it was defined.
-    pub origin: Origin,
-    /// `active` when the server confirmed the channel, else `pending`.
-    pub state: &'static str,
-    /// Messages routed to it.
-    pub received: u64,
-    /// Messages its sink acknowledged.
-    pub forwarded: u64,
-    /// Messages stored as dead letters.
-    pub dead_letters: u64,
-    /// What its spool holds: received, not yet delivered or dead-lettered.
-    pub backlog: BacklogView,
-    /// With replay: the committed position per channel (everything up to it was delivered
-    /// or dead-lettered); `-1`/`-2` after a reset to new/all.
-    #[schema(value_type = Object)]
-    pub positions: Option<crate::store::Positions>,
-}
-
-/// A spool's backlog as the API shows it.
-#[derive(Clone, Copy, Debug, Default, Serialize, utoipa::ToSchema)]
-pub struct BacklogView {
-    /// Messages waiting.
-    pub messages: u64,
-    /// Their size in the store.
-    pub bytes: u64,
-    /// Age of the oldest, in seconds; 0 when there is none.
-    pub oldest_age_seconds: f64,
-}
-
-impl From<spool::Backlog> for BacklogView {
-    fn from(backlog: spool::Backlog) -> Self {
-        BacklogView {
-            messages: backlog.messages,
-            bytes: backlog.bytes,
-            oldest_age_seconds: backlog
-                .oldest
-                .and_then(|oldest| SystemTime::now().duration_since(oldest).ok())
-                .map_or(0.0, |age| age.as_secs_f64()),
-        }
-    }
-}
-
 /// One source's session and routes.
 struct SourceEntry {
     config: SourceConfig,
@@ -174,20 +68,10 @@ impl SourceEntry {
     }
 }
 
-/// One running subscription.
-struct SubscriptionEntry {
-    config: SubscriptionConfig,
-    origin: Origin,
-    spool: Arc<Spool>,
-    counters: Arc<Counters>,
-    forwarder: JoinHandle<()>,
-    stop: Stop,
-}
-
 /// A running bridge.
 pub struct Bridge {
     sources: Vec<SourceEntry>,
-    subscriptions: tokio::sync::Mutex<BTreeMap<String, SubscriptionEntry>>,
+    subscriptions: Registry,
     store: Arc<dyn Store>,
     nats: Option<async_nats::Client>,
     http: reqwest::Client,
@@ -226,7 +110,7 @@ impl Bridge {
         let mut summaries = store.spool_summaries().await?;
         let bridge = Arc::new(Bridge {
             sources,
-            subscriptions: tokio::sync::Mutex::new(BTreeMap::new()),
+            subscriptions: Registry::default(),
             store,
             nats,
             http,
@@ -239,15 +123,15 @@ impl Bridge {
             grace: config.bridge.shutdown_grace,
         });
         {
-            let mut subscriptions = bridge.subscriptions.lock().await;
+            let subscriptions = &bridge.subscriptions;
             for subscription in &config.subscriptions {
                 let summary = summaries.remove(&subscription.id);
-                let entry = bridge.start_subscription(subscription.clone(), Origin::Config, summary).await?;
-                subscriptions.insert(subscription.id.clone(), entry);
+                subscriptions
+                    .insert(bridge.start_subscription(subscription.clone(), Origin::Config, summary).await?);
             }
             let names = bridge.source_names();
             for raw in bridge.store.subscriptions().await? {
-                if subscriptions.contains_key(&raw.id) {
+                if subscriptions.contains(&raw.id) {
                     tracing::error!(id = %raw.id, "a stored subscription has the id of a configured one; ignoring it");
                     continue;
                 }
@@ -256,7 +140,7 @@ impl Bridge {
                         .start_subscription(subscription, Origin::Api, summaries.remove(&raw.id))
                         .await
                     {
-                        Ok(entry) => drop(subscriptions.insert(raw.id.clone(), entry)),
+                        Ok(entry) => subscriptions.insert(entry),
                         Err(error) => {
                             tracing::error!(id = %raw.id, error = %error, "cannot start a stored subscription")
                         }
@@ -380,11 +264,29 @@ impl Bridge {
             config::validate_subscription(&raw, "", &names, &Env::new()).map_err(BridgeError::Invalid)?;
         let source =
             self.source(&config.source).ok_or_else(|| BridgeError::UnknownSource(config.source.clone()))?;
-        let mut subscriptions = self.subscriptions.lock().await;
-        if subscriptions.contains_key(&config.id) {
+        if !self.subscriptions.reserve(&config.id) {
             return Err(BridgeError::Conflict(format!("a subscription with id {:?} exists", config.id)));
         }
-        self.store.put_subscription(&raw).await?;
+        let entry = match self.start_added(&raw, config, source).await {
+            Ok(entry) => entry,
+            Err(error) => {
+                self.subscriptions.release(&raw.id);
+                return Err(error);
+            }
+        };
+        let view = self.view(&entry);
+        self.subscriptions.insert(entry);
+        Ok(view)
+    }
+
+    /// Stores, starts and subscribes upstream a reserved subscription.
+    async fn start_added(
+        &self,
+        raw: &RawSubscription,
+        config: SubscriptionConfig,
+        source: &SourceEntry,
+    ) -> Result<SubscriptionEntry, BridgeError> {
+        self.store.put_subscription(raw).await?;
         let entry = match self.start_subscription(config.clone(), Origin::Api, None).await {
             Ok(entry) => entry,
             Err(error) => {
@@ -406,9 +308,7 @@ impl Bridge {
             return Err(BridgeError::Upstream(error));
         }
         tracing::info!(id = %config.id, source = %config.source, channel = %pattern, "subscription added");
-        subscriptions.insert(config.id.clone(), entry);
-        let entry = &subscriptions[&config.id];
-        Ok(self.view(entry))
+        Ok(entry)
     }
 
     /// Removes a subscription added through the API: its route goes first, its forwarder
@@ -420,16 +320,15 @@ impl Bridge {
     /// [`BridgeError::NotFound`], [`BridgeError::Conflict`] for a configured subscription,
     /// [`BridgeError::Store`].
     pub async fn remove_subscription(&self, id: &str) -> Result<(), BridgeError> {
-        let mut subscriptions = self.subscriptions.lock().await;
-        let entry =
-            subscriptions.get(id).ok_or_else(|| BridgeError::NotFound(format!("subscription {id:?}")))?;
-        if entry.origin == Origin::Config {
-            return Err(BridgeError::Conflict(format!(
-                "subscription {id:?} is defined in the configuration file; remove it there and restart the bridge"
-            )));
-        }
-        let entry = subscriptions.remove(id).expect("checked above");
-        drop(subscriptions);
+        let entry = self
+            .subscriptions
+            .remove(id, |entry| match entry.origin {
+                Origin::Config => Err(BridgeError::Conflict(format!(
+                    "subscription {id:?} is defined in the configuration file; remove it there and restart the bridge"
+                ))),
+                Origin::Api => Ok(()),
+            })
+            .ok_or_else(|| BridgeError::NotFound(format!("subscription {id:?}")))??;
         let source = self.source(&entry.config.source).expect("subscriptions belong to known sources");
         source.routes().remove(id);
         let entry = Self::stop_forwarder(entry).await;
@@ -463,13 +362,13 @@ impl Bridge {
     }
 
     /// Every subscription.
-    pub async fn subscriptions(&self) -> Vec<SubscriptionView> {
-        self.subscriptions.lock().await.values().map(|entry| self.view(entry)).collect()
+    pub fn subscriptions(&self) -> Vec<SubscriptionView> {
+        self.subscriptions.all(|entry| self.view(entry))
     }
 
     /// One subscription.
-    pub async fn subscription(&self, id: &str) -> Option<SubscriptionView> {
-        self.subscriptions.lock().await.get(id).map(|entry| self.view(entry))
+    pub fn subscription(&self, id: &str) -> Option<SubscriptionView> {
+        self.subscriptions.get(id, |entry| self.view(entry))
     }
 
     fn view(&self, entry: &SubscriptionEntry) -> SubscriptionView {
@@ -511,10 +410,11 @@ impl Bridge {
         id: &str,
         position: ReplayPosition,
     ) -> Result<SubscriptionView, BridgeError> {
-        let subscriptions = self.subscriptions.lock().await;
-        let entry =
-            subscriptions.get(id).ok_or_else(|| BridgeError::NotFound(format!("subscription {id:?}")))?;
-        let source = self.source(&entry.config.source).expect("subscriptions belong to known sources");
+        let (source, channel) = self
+            .subscriptions
+            .get(id, |entry| (entry.config.source.clone(), entry.config.channel.to_string()))
+            .ok_or_else(|| BridgeError::NotFound(format!("subscription {id:?}")))?;
+        let source = self.source(&source).expect("subscriptions belong to known sources");
         let replay = source.replay.as_ref().ok_or_else(|| {
             BridgeError::Conflict(format!(
                 "source {:?} does not use replay (set replay = true)",
@@ -523,7 +423,7 @@ impl Bridge {
         })?;
         let positions = replay.reset(id, position).expect("the subscription is tracked");
         self.store.put_positions(id, &positions).await?;
-        let channel = entry.config.channel.as_str();
+        let channel = channel.as_str();
         if source.client.subscriptions().contains(channel) {
             let resubscribed = async {
                 source.client.unsubscribe(channel).await?;
@@ -534,7 +434,9 @@ impl Bridge {
             }
         }
         tracing::info!(id, position = %position, "replay position reset");
-        Ok(self.view(entry))
+        self.subscriptions
+            .get(id, |entry| self.view(entry))
+            .ok_or_else(|| BridgeError::NotFound(format!("subscription {id:?}")))
     }
 
     /// Every source with its live state.
@@ -591,16 +493,13 @@ impl Bridge {
     pub async fn retry_dead_letter(&self, id: &str) -> Result<(), BridgeError> {
         let not_found = || BridgeError::NotFound(format!("dead letter {id:?}"));
         let letter = self.store.dead_letter(id).await?.ok_or_else(not_found)?;
-        let spool = {
-            let subscriptions = self.subscriptions.lock().await;
-            let entry = subscriptions.get(&letter.subscription).ok_or_else(|| {
+        let spool =
+            self.subscriptions.get(&letter.subscription, |entry| entry.spool.clone()).ok_or_else(|| {
                 BridgeError::Conflict(format!(
                     "subscription {:?} no longer exists; discard the dead letter instead",
                     letter.subscription
                 ))
             })?;
-            entry.spool.clone()
-        };
         let message = &letter.message;
         let envelope = Envelope {
             source: letter.source.as_str().into(),
@@ -625,16 +524,12 @@ impl Bridge {
     }
 
     /// Updates the spool gauges, before metrics are rendered.
-    pub async fn refresh_metrics(&self) {
-        for (id, entry) in self.subscriptions.lock().await.iter() {
+    pub fn refresh_metrics(&self) {
+        self.subscriptions.all(|entry| {
             let backlog = BacklogView::from(entry.spool.backlog());
-            self.metrics.spool(
-                id,
-                backlog.messages,
-                backlog.bytes,
-                Duration::from_secs_f64(backlog.oldest_age_seconds),
-            );
-        }
+            let age = Duration::from_secs_f64(backlog.oldest_age_seconds);
+            self.metrics.spool(&entry.config.id, backlog.messages, backlog.bytes, age);
+        });
     }
 
     /// Why the bridge is not ready: a source not connected or not subscribed, NATS not
@@ -705,8 +600,7 @@ impl Bridge {
                 source.spooler.spool(held, &session, &self.stop_taking).await;
             }
         }
-        let backlog: u64 =
-            self.subscriptions.lock().await.values().map(|entry| entry.spool.backlog().messages).sum();
+        let backlog: u64 = self.subscriptions.all(|entry| entry.spool.backlog().messages).into_iter().sum();
         if backlog > 0 {
             tracing::info!(messages = backlog, "spooled messages are kept for the next start");
         }

@@ -3,7 +3,6 @@
 //! into domain types with **every** problem reported under its key.
 
 mod raw;
-mod secret;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -13,14 +12,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use raw::{RawConfig, RawNats, RawRetry, RawSink, RawSubscription};
-pub use secret::Secret;
+// The sinks own their settings; the configuration builds them.
+pub use crate::secret::Secret;
+pub use crate::sink::RetryConfig;
+pub use crate::sink::settings::{NatsSinkConfig, Payload, SinkConfig, WebhookSinkConfig};
 pub use validate::{parse_replay_from, validate, validate_subscription};
 
 use crate::cometd::{
     ChannelPattern, ClientOptions, ConnectionType, ReadCoalescing, ReplayFallback, ReplayPosition,
     SalesforceCredentials, Tls,
 };
-use crate::sink::subject::SubjectTemplate;
 
 /// The environment, as a map, so tests pass their own instead of changing the process's.
 pub type Env = BTreeMap<String, String>;
@@ -181,71 +182,6 @@ pub struct SubscriptionConfig {
     pub retry: RetryConfig,
     /// The entry as written, for the API.
     pub raw: RawSubscription,
-}
-
-/// How long and how patiently a subscription's transient failures are retried.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetryConfig {
-    /// A message still failing after this long becomes a dead letter.
-    pub max_elapsed: Duration,
-    /// The longest wait between two attempts.
-    pub max_backoff: Duration,
-    /// A message still failing after this many attempts becomes a dead letter (the first
-    /// release's `sink.max_attempts`; unlimited by default).
-    pub max_attempts: Option<u32>,
-}
-
-/// Where a subscription's messages go.
-#[derive(Clone, Debug)]
-pub enum SinkConfig {
-    /// NATS, core or JetStream.
-    Nats(NatsSinkConfig),
-    /// An HTTP endpoint.
-    Webhook(WebhookSinkConfig),
-}
-
-impl SinkConfig {
-    /// `nats`, `jetstream` or `webhook`, for metrics labels.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SinkConfig::Nats(nats) if nats.jetstream => "jetstream",
-            SinkConfig::Nats(_) => "nats",
-            SinkConfig::Webhook(_) => "webhook",
-        }
-    }
-}
-
-/// `sink = { type = "nats", ... }`
-#[derive(Clone, Debug)]
-pub struct NatsSinkConfig {
-    /// Where to publish.
-    pub subject: SubjectTemplate,
-    /// Through JetStream, waiting for acks.
-    pub jetstream: bool,
-    /// What to send.
-    pub payload: Payload,
-}
-
-/// The NATS message body.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Payload {
-    /// The Bayeux message's `data`.
-    Data,
-    /// The whole Bayeux message.
-    Envelope,
-}
-
-/// `sink = { type = "webhook", ... }`
-#[derive(Clone, Debug)]
-pub struct WebhookSinkConfig {
-    /// The endpoint.
-    pub url: reqwest::Url,
-    /// Standard Webhooks signing key (decoded).
-    pub secret: Option<Secret>,
-    /// Timeout of one attempt.
-    pub timeout: Duration,
-    /// Requests in flight at once (1 keeps the order).
-    pub max_in_flight: usize,
 }
 
 /// One thing wrong with the configuration, under its key.

@@ -4,13 +4,14 @@
 
 mod nats;
 pub mod retry;
+pub mod settings;
 pub mod subject;
 mod webhook;
 
 use tokio_util::sync::CancellationToken;
 
 pub use nats::{ACK_WINDOW, NatsSink};
-pub use retry::{Failure, FailureKind, RetryPolicy, pause};
+pub use retry::{Failure, FailureKind, RetryConfig, RetryPolicy, pause};
 pub use webhook::WebhookSink;
 
 use crate::delivery::Envelope;

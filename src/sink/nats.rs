@@ -9,9 +9,9 @@ use async_nats::jetstream;
 use async_nats::{HeaderMap, Subject};
 use tokio_util::sync::CancellationToken;
 
+use super::settings::Payload;
 use super::subject::{SubjectTemplate, SubjectValues};
 use super::{Attempted, Failure};
-use crate::config::Payload;
 use crate::delivery::{Envelope, without_controls};
 
 /// JetStream acks awaited at most at once per subscription.

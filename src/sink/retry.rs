@@ -7,7 +7,18 @@
 use std::time::{Duration, Instant};
 
 use crate::cometd::Backoff;
-use crate::config::RetryConfig;
+
+/// How long and how patiently a subscription's transient failures are retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// A message still failing after this long becomes a dead letter.
+    pub max_elapsed: Duration,
+    /// The longest wait between two attempts.
+    pub max_backoff: Duration,
+    /// A message still failing after this many attempts becomes a dead letter (the first
+    /// release's `sink.max_attempts`; unlimited by default).
+    pub max_attempts: Option<u32>,
+}
 
 /// Why one message was not delivered this time.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -14,8 +14,8 @@ use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use tokio_util::sync::CancellationToken;
 
+use super::settings::WebhookSinkConfig;
 use super::{Attempted, Failure, FailureKind};
-use crate::config::WebhookSinkConfig;
 use crate::delivery::{Envelope, visible_ascii};
 
 /// What an HTTP status means for the message.

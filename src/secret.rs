@@ -1,5 +1,5 @@
-//! Secrets in the configuration: written inline, as `env:NAME` or as `file:PATH`, resolved
-//! once at load time, and never printed.
+//! Secrets (tokens, passwords, signing keys): written inline, as `env:NAME` or as `file:PATH`,
+//! resolved once when the configuration is loaded, and never printed.
 
 use std::fmt;
 

@@ -1,0 +1,87 @@
+//! The running subscriptions by id. One owner, changed only in short synchronous steps,
+//! never across an await, so that a slow upstream or sink never holds up the API, the
+//! metrics or shutdown. An id being added is reserved first: two concurrent adds of one
+//! id conflict, and nobody sees a subscription before it runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::task::JoinHandle;
+
+use super::forwarder::{Counters, Stop};
+use super::spool::Spool;
+use super::views::Origin;
+use crate::config::SubscriptionConfig;
+
+/// One running subscription.
+pub(super) struct SubscriptionEntry {
+    pub(super) config: SubscriptionConfig,
+    pub(super) origin: Origin,
+    pub(super) spool: Arc<Spool>,
+    pub(super) counters: Arc<Counters>,
+    pub(super) forwarder: JoinHandle<()>,
+    pub(super) stop: Stop,
+}
+
+#[derive(Default)]
+struct Entries {
+    running: BTreeMap<String, SubscriptionEntry>,
+    reserved: BTreeSet<String>,
+}
+
+/// The running subscriptions.
+#[derive(Default)]
+pub(super) struct Registry {
+    entries: Mutex<Entries>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reserves `id` for a subscription being added; `false` when it is taken.
+    pub(super) fn reserve(&self, id: &str) -> bool {
+        let mut entries = self.lock();
+        !entries.running.contains_key(id) && entries.reserved.insert(id.to_string())
+    }
+
+    /// Gives up a reservation (the add failed).
+    pub(super) fn release(&self, id: &str) {
+        self.lock().reserved.remove(id);
+    }
+
+    /// Adds a running subscription (ending its reservation, if any).
+    pub(super) fn insert(&self, entry: SubscriptionEntry) {
+        let mut entries = self.lock();
+        entries.reserved.remove(&entry.config.id);
+        entries.running.insert(entry.config.id.clone(), entry);
+    }
+
+    /// Whether `id` runs or is being added.
+    pub(super) fn contains(&self, id: &str) -> bool {
+        let entries = self.lock();
+        entries.running.contains_key(id) || entries.reserved.contains(id)
+    }
+
+    /// Takes `id` out when `check` allows it; `None` when it does not run.
+    pub(super) fn remove<E>(
+        &self,
+        id: &str,
+        check: impl FnOnce(&SubscriptionEntry) -> Result<(), E>,
+    ) -> Option<Result<SubscriptionEntry, E>> {
+        let mut entries = self.lock();
+        let entry = entries.running.get(id)?;
+        Some(check(entry).map(|()| entries.running.remove(id).expect("checked above")))
+    }
+
+    /// What `read` makes of `id`'s entry, if it runs.
+    pub(super) fn get<T>(&self, id: &str, read: impl FnOnce(&SubscriptionEntry) -> T) -> Option<T> {
+        self.lock().running.get(id).map(read)
+    }
+
+    /// What `read` makes of every entry, in id order.
+    pub(super) fn all<T>(&self, read: impl FnMut(&SubscriptionEntry) -> T) -> Vec<T> {
+        self.lock().running.values().map(read).collect()
+    }
+}

@@ -1,0 +1,120 @@
+//! What the bridge shows and answers: the API's views of sources and subscriptions, and
+//! why a runtime change was refused.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::spool;
+use crate::cometd::Error;
+use crate::config::{Problem, RawSink};
+use crate::store::StoreError;
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The subscription is not valid.
+    #[error("invalid subscription")]
+    Invalid(Vec<Problem>),
+    /// No such source.
+    #[error("no source is named {0:?}")]
+    UnknownSource(String),
+    /// No such subscription or dead letter.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The id is taken, or the record cannot be changed this way.
+    #[error("{0}")]
+    Conflict(String),
+    /// The CometD server refused the subscription.
+    #[error("the CometD server refused the subscription: {0}")]
+    Upstream(Error),
+    /// NATS is needed but not configured.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where a subscription was defined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// In the configuration file: read-only through the API.
+    Config,
+    /// Added through the API: stored in the state store.
+    Api,
+}
+
+/// A source as the API shows it.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct SourceView {
+    /// Its name.
+    pub name: String,
+    /// Its CometD endpoint.
+    pub url: String,
+    /// `connected`, `connecting` or `disconnected`.
+    pub state: &'static str,
+    /// `websocket` or `long-polling`, once negotiated.
+    pub connection_type: Option<&'static str>,
+    /// The session id the server assigned.
+    pub client_id: Option<String>,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// The channels the server confirmed.
+    pub subscriptions: Vec<String>,
+}
+
+/// A subscription as the API shows it (secrets masked).
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct SubscriptionView {
+    /// Its id.
+    pub id: String,
+    /// Its source.
+    pub source: String,
+    /// Its channel or pattern.
+    pub channel: String,
+    /// Where its messages go, as configured; secrets are shown as `***`.
+    #[schema(value_type = Object)]
+    pub sink: RawSink,
+    /// Where it was defined.
+    pub origin: Origin,
+    /// `active` when the server confirmed the channel, else `pending`.
+    pub state: &'static str,
+    /// Messages routed to it.
+    pub received: u64,
+    /// Messages its sink acknowledged.
+    pub forwarded: u64,
+    /// Messages stored as dead letters.
+    pub dead_letters: u64,
+    /// What its spool holds: received, not yet delivered or dead-lettered.
+    pub backlog: BacklogView,
+    /// With replay: the committed position per channel (everything up to it was delivered
+    /// or dead-lettered); `-1`/`-2` after a reset to new/all.
+    #[schema(value_type = Object)]
+    pub positions: Option<crate::store::Positions>,
+}
+
+/// A spool's backlog as the API shows it.
+#[derive(Clone, Copy, Debug, Default, Serialize, utoipa::ToSchema)]
+pub struct BacklogView {
+    /// Messages waiting.
+    pub messages: u64,
+    /// Their size in the store.
+    pub bytes: u64,
+    /// Age of the oldest, in seconds; 0 when there is none.
+    pub oldest_age_seconds: f64,
+}
+
+impl From<spool::Backlog> for BacklogView {
+    fn from(backlog: spool::Backlog) -> Self {
+        BacklogView {
+            messages: backlog.messages,
+            bytes: backlog.bytes,
+            oldest_age_seconds: backlog
+                .oldest
+                .and_then(|oldest| SystemTime::now().duration_since(oldest).ok())
+                .map_or(0.0, |age| age.as_secs_f64()),
+        }
+    }
+}
