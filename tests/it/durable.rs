@@ -16,8 +16,8 @@ use crate::support::nats::NatsServer;
 use crate::support::peer::{WAIT, open};
 use crate::support::webhook::WebhookReceiver;
 
-/// faye holding each `/meta/connect` 2 s: a session that does not poll for a few seconds
-/// more is dropped, with whatever it held.
+/// faye holding each `/meta/connect` 2 s: it drops a session that has not polled for 4 s
+/// (twice its timeout), with whatever it held.
 async fn faye() -> BayeuxServer {
     BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await
 }
@@ -61,10 +61,10 @@ fn metric(metrics: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
 }
 
-/// A webhook answering 503 for 12 s (several session timeouts of faye) while 30 msg/s
-/// arrive, with small client and queue capacities (the first release stalled its session
-/// behind them): the source keeps polling, every message arrives exactly once, no dead
-/// letter, no lost session.
+/// A webhook answering 503 for 60 s (15 session timeouts of faye) while 30 msg/s arrive,
+/// with small client and queue capacities (the first release stalled its session behind
+/// them): the source keeps polling, every message arrives exactly once, no dead letter, no
+/// lost session.
 #[tokio::test]
 async fn a_webhook_down_longer_than_the_session_timeout_loses_nothing() {
     let faye = faye().await;
@@ -76,8 +76,9 @@ async fn a_webhook_down_longer_than_the_session_timeout_loses_nothing() {
     ))
     .await;
     app.wait_ready().await;
-    let publishing = tokio::spawn(publish_paced(faye.url(), "/down", 0..450, 30));
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    let publishing = tokio::spawn(publish_paced(faye.url(), "/down", 0..1950, 30));
+    // The outage itself.
+    tokio::time::sleep(Duration::from_secs(60)).await;
     let (_, subscriptions) = app.call("GET", "/api/v1/subscriptions/hook", None).await;
     assert!(
         subscriptions["backlog"]["messages"].as_u64().unwrap_or_default() > 100,
@@ -85,8 +86,8 @@ async fn a_webhook_down_longer_than_the_session_timeout_loses_nothing() {
     );
     receiver.heal();
     publishing.await.expect("published");
-    let seen = delivered(&mut receiver, 450).await;
-    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (0..450).collect::<Vec<_>>());
+    let seen = delivered(&mut receiver, 1950).await;
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (0..1950).collect::<Vec<_>>());
     assert!(seen.values().all(|count| *count == 1), "each exactly once: {seen:?}");
     assert!(app.dead_letters().await.is_empty());
     let metrics = app.metrics().await;
@@ -258,8 +259,8 @@ async fn a_crafted_message_id_is_sanitised_and_delivered() {
     app.stop().await;
 }
 
-/// JetStream down for 10 s (several session timeouts of faye) while 30 msg/s arrive: the
-/// stream ends with every message once, in order.
+/// JetStream down for 40 s (10 session timeouts of faye) while 30 msg/s arrive: the stream
+/// ends with every message once, in order.
 #[tokio::test]
 async fn jetstream_down_longer_than_the_session_timeout_stores_each_message_once() {
     let faye = faye().await;
@@ -272,16 +273,17 @@ async fn jetstream_down_longer_than_the_session_timeout_stores_each_message_once
     ))
     .await;
     app.wait_ready().await;
-    let publishing = tokio::spawn(publish_paced(faye.url(), "/js", 0..450, 30));
+    let publishing = tokio::spawn(publish_paced(faye.url(), "/js", 0..1350, 30));
     tokio::time::sleep(Duration::from_secs(2)).await;
     nats.process().stop().await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The outage itself.
+    tokio::time::sleep(Duration::from_secs(40)).await;
     nats.process().restart().await;
     publishing.await.expect("published");
     let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("reconnect"));
-    crate::bridge::wait_for_stream(&jetstream, "DOWN", 450).await;
+    crate::bridge::wait_for_stream(&jetstream, "DOWN", 1350).await;
     let stream = jetstream.get_stream("DOWN").await.expect("stream");
-    for sequence in 1..=450u64 {
+    for sequence in 1..=1350u64 {
         let stored = stream.get_raw_message(sequence).await.expect("stored");
         let payload: Value = serde_json::from_slice(&stored.payload).expect("JSON");
         assert_eq!(payload["n"], sequence - 1, "every message, once, in order");
