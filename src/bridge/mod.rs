@@ -163,6 +163,7 @@ impl Bridge {
                 spooler: entry.spooler.clone(),
                 limit: bridge.limit.clone(),
                 metrics: bridge.metrics.clone(),
+                subscribing: Arc::default(),
             };
             tasks.push(tokio::spawn(source.run(bridge.stop_taking.clone())));
         }

@@ -180,7 +180,12 @@ pub struct Source {
     pub limit: Arc<SpoolLimit>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Channels being subscribed by [`Source::reconcile`], so that none is asked twice.
+    pub subscribing: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
+
+/// How often a source checks that every route's channel is subscribed upstream.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 
 impl Source {
     /// Runs until `stop` is cancelled; returns the client, still open, so that shutdown can
@@ -196,6 +201,8 @@ impl Source {
                 status.borrow_and_update().client_id.clone().unwrap_or_default().into();
             self.session_changed(&mut known_session, &session);
             self.metrics.source_connected(&self.name, true);
+            let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+            reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 if self.limit.is_full() && !self.wait_for_room(&stop).await {
                     return self.client;
@@ -210,11 +217,20 @@ impl Source {
                             drop(status);
                             continue 'session;
                         }
-                        self.metrics.source_connected(&self.name, status.state == SessionState::Connected);
+                        let connected = status.state == SessionState::Connected;
+                        self.metrics.source_connected(&self.name, connected);
                         if let Some(client_id) = &status.client_id && **client_id != *session {
                             session = client_id.as_str().into();
                             self.session_changed(&mut known_session, &session);
                         }
+                        drop(status);
+                        if connected {
+                            self.reconcile();
+                        }
+                        continue;
+                    }
+                    _ = reconcile.tick() => {
+                        self.reconcile();
                         continue;
                     }
                     item = self.client.receive() => item,
@@ -289,6 +305,40 @@ impl Source {
             }
         }
         true
+    }
+
+    /// Subscribes upstream, in the background, every route's channel the session does not
+    /// have: one added while the session was down, or whose subscribe failed on the way.
+    fn reconcile(&self) {
+        if self.client.status().state != SessionState::Connected {
+            return;
+        }
+        let subscribed = self.client.subscriptions();
+        let routes = self.spooler.routes.snapshot();
+        for pattern in routes.iter().map(|route| route.pattern.as_str()) {
+            if subscribed.contains(pattern) {
+                continue;
+            }
+            if !self
+                .subscribing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(pattern.to_string())
+            {
+                continue;
+            }
+            let (client, subscribing, source, channel) =
+                (self.client.clone(), self.subscribing.clone(), self.name.clone(), pattern.to_string());
+            tokio::spawn(async move {
+                match client.subscribe(&channel).await {
+                    Ok(()) => tracing::info!(source = %source, channel = %channel, "subscribed"),
+                    Err(error) => {
+                        tracing::warn!(source = %source, channel = %channel, error = %error, "subscribe failed; trying again later")
+                    }
+                }
+                subscribing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&channel);
+            });
+        }
     }
 
     /// Counts and reports a session the server forgot: any new session after the first.

@@ -360,3 +360,30 @@ async fn max_in_flight_runs_requests_at_once() {
     app.stop().await;
     server.abort();
 }
+
+/// A subscription posted while the CometD server is down is `pending`, and becomes
+/// `active` (and delivers) once the server is back, without a restart of the bridge.
+#[tokio::test]
+async fn a_subscription_added_while_the_server_is_down_subscribes_when_it_is_back() {
+    let mut faye = faye().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    let app = TestApp::spawn(&source(&faye)).await;
+    app.wait_ready().await;
+    faye.process().stop().await;
+    let body = json!({ "id": "late", "source": "demo", "channel": "/late", "sink": { "type": "webhook", "url": receiver.url() } });
+    let (status, added) = app.call("POST", "/api/v1/subscriptions", Some(body)).await;
+    assert_eq!((status, added["state"].clone()), (201, json!("pending")), "{added}");
+    faye.process().restart().await;
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    loop {
+        let (_, late) = app.call("GET", "/api/v1/subscriptions/late", None).await;
+        if late["state"] == "active" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still not active: {late}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    publish_paced(faye.url(), "/late", 0..1, 10).await;
+    assert_eq!(receiver.next().await.json()["data"]["n"], 0);
+    app.stop().await;
+}
