@@ -113,8 +113,8 @@ async fn a_webhook_down_for_minutes_under_load_loses_nothing() {
         }
     }
     let duplicates: u64 = seen.iter().map(|count| u64::from(count.saturating_sub(1))).sum();
-    let letters: Value =
-        serde_json::from_str(&get(&daemon.admin, "/api/v1/dead-letters").await).expect("JSON");
+    let page: Value = serde_json::from_str(&get(&daemon.admin, "/api/v1/dead-letters").await).expect("JSON");
+    let letters = page["dead_letters"].clone();
     let metrics = get(&daemon.admin, "/metrics").await;
     let losses = metrics
         .lines()

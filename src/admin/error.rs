@@ -60,6 +60,9 @@ impl From<BridgeError> for ApiError {
                 "invalid_subscription",
                 problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
             ),
+            BridgeError::Forbidden(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "forbidden_destination", message)
+            }
             BridgeError::UnknownSource(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_source", message),
             BridgeError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
             BridgeError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),

@@ -7,12 +7,13 @@ mod extract;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::OpenApi;
 
@@ -46,7 +47,7 @@ pub struct AdminState {
         healthz, readyz, metrics, list_sources, list_subscriptions, add_subscription, get_subscription,
         delete_subscription, reset_position, list_dead_letters, retry_dead_letter, discard_dead_letter, openapi
     ),
-    components(schemas(SourceView, SubscriptionView, BacklogView, RawSubscription, RawSink, DeadLetter, ErrorBody, Origin, PositionBody)),
+    components(schemas(SourceView, SubscriptionView, BacklogView, DeadLetterPage, RawSubscription, RawSink, DeadLetter, ErrorBody, Origin, PositionBody)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -255,13 +256,43 @@ async fn reset_position(
     Ok(Json(state.bridge.reset_position(&id, position).await?))
 }
 
-/// Messages that could not be delivered, with the reason, oldest first.
-#[utoipa::path(get, path = "/api/v1/dead-letters", security(("bearer" = [])), responses(
-    (status = 200, body = [DeadLetter]),
+/// Which page of dead letters: `?limit=` (default 100, at most 1000) and `?after=<id>`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct PageQuery {
+    /// Dead letters per page: 1 to 1000, 100 by default.
+    limit: Option<usize>,
+    /// Continue after this id (the previous page's `next`).
+    after: Option<String>,
+}
+
+/// One page of dead letters.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeadLetterPage {
+    /// The dead letters, in id order.
+    dead_letters: Vec<DeadLetter>,
+    /// The id to continue after (`?after=`), or null on the last page.
+    next: Option<String>,
+}
+
+/// Messages that could not be delivered, with the reason, a page at a time in id order.
+#[utoipa::path(get, path = "/api/v1/dead-letters", security(("bearer" = [])), params(PageQuery), responses(
+    (status = 200, body = DeadLetterPage),
+    (status = 400, body = ErrorBody),
     (status = 401, body = ErrorBody)
 ))]
-async fn list_dead_letters(State(state): State<AdminState>) -> Result<Json<Vec<DeadLetter>>, ApiError> {
-    Ok(Json(state.bridge.dead_letters().await?))
+async fn list_dead_letters(
+    State(state): State<AdminState>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeadLetterPage>, ApiError> {
+    let invalid = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message);
+    let Query(query) = query.map_err(|rejection| invalid(rejection.body_text()))?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(invalid(format!("limit: {limit} is not between 1 and 1000")));
+    }
+    let (dead_letters, next) = state.bridge.dead_letters_page(query.after.as_deref(), limit).await?;
+    Ok(Json(DeadLetterPage { dead_letters, next }))
 }
 
 /// Hands a dead letter back to its subscription's sink (same delivery id as before).

@@ -27,6 +27,8 @@ pub struct Counters {
     pub forwarded: AtomicU64,
     /// Messages stored as dead letters.
     pub dead_letters: AtomicU64,
+    /// The forwarder's last unexpected failure.
+    pub health: super::supervise::TaskHealth,
 }
 
 impl Counters {
@@ -62,7 +64,9 @@ enum Status {
     DeadLetter { reason: String, attempts: u32 },
 }
 
-/// A subscription's delivery task.
+/// A subscription's delivery task; a clone delivers through the same sink connection
+/// (a supervisor starts a clone again after a failure).
+#[derive(Clone)]
 pub struct Forwarder {
     /// The subscription's id.
     pub subscription: Arc<str>,
@@ -239,7 +243,11 @@ impl Forwarder {
         let delivered = part.len() - settlement.dead_letters.len();
         Counters::add(&self.counters.forwarded, delivered as u64);
         Counters::add(&self.counters.dead_letters, settlement.dead_letters.len() as u64);
-        self.spool.settled(part.len() as u64, part.iter().map(|spooled| spooled.bytes).sum());
+        self.spool.settled(
+            settlement.through,
+            part.len() as u64,
+            part.iter().map(|spooled| spooled.bytes).sum(),
+        );
         self.spool.set_oldest(batch.get(end).map(|spooled| spooled.envelope.received_at));
         *settled = end;
         end == batch.len()

@@ -7,6 +7,7 @@ mod registry;
 pub mod replay;
 pub mod source;
 pub mod spool;
+mod supervise;
 mod views;
 
 use std::collections::BTreeSet;
@@ -60,6 +61,10 @@ struct SourceEntry {
     client: Client,
     spooler: Spooler,
     replay: Option<Arc<ReplayState>>,
+    health: Arc<supervise::TaskHealth>,
+    /// Channels being (re)subscribed, shared with the source task so that it does not
+    /// subscribe one in the middle of an operator's unsubscribe and subscribe.
+    subscribing: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 impl SourceEntry {
@@ -77,11 +82,12 @@ pub struct Bridge {
     http: reqwest::Client,
     metrics: Metrics,
     limit: Arc<SpoolLimit>,
-    source_tasks: std::sync::Mutex<Vec<JoinHandle<Client>>>,
+    source_tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     forwarders: TaskTracker,
     stop_taking: CancellationToken,
     stop_delivering: Stop,
     grace: Duration,
+    allow_private_webhooks: bool,
 }
 
 impl Bridge {
@@ -105,7 +111,15 @@ impl Bridge {
                 sequence: Arc::default(),
                 ack,
             };
-            sources.push(SourceEntry { config: source_config.clone(), name, client, spooler, replay });
+            sources.push(SourceEntry {
+                config: source_config.clone(),
+                name,
+                client,
+                spooler,
+                replay,
+                health: Arc::default(),
+                subscribing: Arc::default(),
+            });
         }
         let mut summaries = store.spool_summaries().await?;
         let bridge = Arc::new(Bridge {
@@ -121,6 +135,7 @@ impl Bridge {
             stop_taking: CancellationToken::new(),
             stop_delivering: Stop::default(),
             grace: config.bridge.shutdown_grace,
+            allow_private_webhooks: config.admin.allow_private_webhooks,
         });
         {
             let subscriptions = &bridge.subscriptions;
@@ -163,9 +178,15 @@ impl Bridge {
                 spooler: entry.spooler.clone(),
                 limit: bridge.limit.clone(),
                 metrics: bridge.metrics.clone(),
-                subscribing: Arc::default(),
+                subscribing: entry.subscribing.clone(),
             };
-            tasks.push(tokio::spawn(source.run(bridge.stop_taking.clone())));
+            let (health, metrics, stop) =
+                (entry.health.clone(), bridge.metrics.clone(), bridge.stop_taking.clone());
+            let task = format!("source {}", entry.name);
+            tasks.push(tokio::spawn(async move {
+                supervise::supervise(task, &health, &metrics, &stop, || source.clone().run(stop.clone()))
+                    .await;
+            }));
         }
         *bridge.source_tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tasks;
         Ok(bridge)
@@ -226,8 +247,17 @@ impl Bridge {
             tracing::info!(subscription = %id, messages = summary.messages, "resuming delivery of the spooled messages");
         }
         let stop = Stop::child(&self.stop_delivering);
-        let first = summary.map_or(1, |summary| summary.first);
-        let forwarder = self.forwarders.spawn(forwarder.run(first, stop.clone()));
+        let forwarder = {
+            let (stop, metrics, counters) = (stop.clone(), self.metrics.clone(), counters.clone());
+            let task = format!("forwarder {id}");
+            self.forwarders.spawn(async move {
+                supervise::supervise(task, &counters.health, &metrics, &stop.soon, || {
+                    let first = forwarder.spool.resume_from();
+                    forwarder.clone().run(first, stop.clone())
+                })
+                .await;
+            })
+        };
         source.routes().add(Route {
             received: self.metrics.received_counter(&source.name, &id),
             subscription: id,
@@ -258,6 +288,7 @@ impl Bridge {
     /// [`BridgeError::Invalid`], [`BridgeError::UnknownSource`], [`BridgeError::Conflict`]
     /// (id taken), [`BridgeError::Upstream`] (refused by the server), [`BridgeError::Store`].
     pub async fn add_subscription(&self, raw: RawSubscription) -> Result<SubscriptionView, BridgeError> {
+        self.check_posted(&raw)?;
         // Every source name counts as known here, so an unknown one gets its own 404.
         let mut names = self.source_names();
         names.insert(raw.source.clone());
@@ -278,6 +309,30 @@ impl Bridge {
         let view = self.view(&entry);
         self.subscriptions.insert(entry);
         Ok(view)
+    }
+
+    /// What the API refuses that the (trusted) configuration file may do: secret
+    /// references, which would let a caller read the bridge's environment or files, and
+    /// webhooks to loopback, link-local or private addresses, unless allowed.
+    fn check_posted(&self, raw: &RawSubscription) -> Result<(), BridgeError> {
+        let RawSink::Webhook { url, secret, .. } = &raw.sink else { return Ok(()) };
+        if let Some(secret) = secret
+            && (secret.starts_with("env:") || secret.starts_with("file:"))
+        {
+            return Err(BridgeError::Invalid(vec![config::Problem::new(
+                "sink.secret",
+                "secret references (env:, file:) are not accepted through the API; give the secret itself, or define the subscription in the configuration file",
+            )]));
+        }
+        if !self.allow_private_webhooks
+            && let Ok(parsed) = reqwest::Url::parse(url)
+            && let Some(kind) = config::private_destination(&parsed)
+        {
+            return Err(BridgeError::Forbidden(format!(
+                "sink.url: {url:?} is a {kind} address; webhooks posted through the API may not target it (set admin.allow_private_webhooks = true to allow it)"
+            )));
+        }
+        Ok(())
     }
 
     /// Stores, starts and subscribes upstream a reserved subscription.
@@ -425,12 +480,15 @@ impl Bridge {
         let positions = replay.reset(id, position).expect("the subscription is tracked");
         self.store.put_positions(id, &positions).await?;
         let channel = channel.as_str();
-        if source.client.subscriptions().contains(channel) {
+        let lock = || source.subscribing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if source.client.subscriptions().contains(channel) && lock().insert(channel.to_string()) {
             let resubscribed = async {
                 source.client.unsubscribe(channel).await?;
                 source.client.subscribe(channel).await
             };
-            if let Err(error) = resubscribed.await {
+            let resubscribed = resubscribed.await;
+            lock().remove(channel);
+            if let Err(error) = resubscribed {
                 tracing::warn!(id, channel, error = %error, "could not subscribe again from the new position; it applies on the next subscribe");
             }
         }
@@ -471,6 +529,21 @@ impl Bridge {
     /// [`BridgeError::Store`].
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BridgeError> {
         Ok(self.store.dead_letters().await?)
+    }
+
+    /// Up to `limit` dead letters in id order after the id `after`, and the id to continue
+    /// after when more follow.
+    ///
+    /// # Errors
+    /// [`BridgeError::Store`].
+    pub async fn dead_letters_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, Option<String>), BridgeError> {
+        let (letters, more) = self.store.dead_letters_page(after, limit).await?;
+        let next = more.then(|| letters.last().map(|letter| letter.id.clone())).flatten();
+        Ok((letters, next))
     }
 
     /// Removes a dead letter for good.
@@ -538,6 +611,9 @@ impl Bridge {
     pub fn unready_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
         for source in &self.sources {
+            if let Some(reason) = source.health.unready_reason() {
+                reasons.push(format!("source {}'s task {reason}", source.name));
+            }
             let status = source.client.status();
             if status.state != SessionState::Connected {
                 let mut reason =
@@ -552,6 +628,13 @@ impl Bridge {
                 if !status.subscriptions.contains(route.pattern.as_str()) {
                     reasons.push(format!("source {} is not subscribed to {}", source.name, route.pattern));
                 }
+            }
+        }
+        let forwarders =
+            self.subscriptions.all(|entry| (entry.config.id.clone(), entry.counters.health.unready_reason()));
+        for (id, reason) in forwarders {
+            if let Some(reason) = reason {
+                reasons.push(format!("subscription {id}'s forwarder {reason}"));
             }
         }
         if let Some(nats) = &self.nats
@@ -604,6 +687,9 @@ impl Bridge {
         let backlog: u64 = self.subscriptions.all(|entry| entry.spool.backlog().messages).into_iter().sum();
         if backlog > 0 {
             tracing::info!(messages = backlog, "spooled messages are kept for the next start");
+        }
+        if let Err(error) = self.store.sync().await {
+            tracing::error!(error = %error, "could not make the last settlements durable; their messages are delivered again after the restart");
         }
         if let Some(nats) = &self.nats
             && let Err(error) = tokio::time::timeout(Duration::from_secs(5), nats.flush())

@@ -168,7 +168,9 @@ impl Spooler {
     }
 }
 
-/// A source's task state.
+/// A source's task state; a clone runs on the same session (a supervisor starts a clone
+/// again after a failure).
+#[derive(Clone)]
 pub struct Source {
     /// The source's name.
     pub name: Arc<str>,

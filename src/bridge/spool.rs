@@ -90,6 +90,8 @@ pub struct Backlog {
 struct State {
     /// The last sequence appended (0 before any).
     last_appended: u64,
+    /// Where delivery resumes: after the last settled sequence.
+    resume_from: u64,
     /// Recent messages, with consecutive sequences.
     cached: VecDeque<Spooled>,
     cached_bytes: u64,
@@ -122,7 +124,7 @@ impl Spool {
         limit: Arc<SpoolLimit>,
         summary: Option<SpoolSummary>,
     ) -> Arc<Self> {
-        let mut state = State::default();
+        let mut state = State { resume_from: summary.map_or(1, |summary| summary.first), ..State::default() };
         if let Some(summary) = summary {
             state.last_appended = summary.last;
             state.backlog.messages = summary.messages;
@@ -237,7 +239,7 @@ impl Spool {
                         dead_letters: Vec::new(),
                     };
                     self.store.spool_settle(settlement).await?;
-                    self.settled(count, bytes);
+                    self.settled(through, count, bytes);
                     return Ok(Vec::new());
                 }
                 if until != u64::MAX {
@@ -250,9 +252,16 @@ impl Spool {
         }
     }
 
-    /// Marks `messages` messages of `bytes` as settled (delivered or dead-lettered).
-    pub fn settled(&self, messages: u64, bytes: u64) {
+    /// Where a forwarder starts: after the last settled message.
+    pub fn resume_from(&self) -> u64 {
+        self.lock().resume_from
+    }
+
+    /// Marks `messages` messages of `bytes`, through sequence `through`, as settled
+    /// (delivered or dead-lettered).
+    pub fn settled(&self, through: u64, messages: u64, bytes: u64) {
         let mut state = self.lock();
+        state.resume_from = state.resume_from.max(through + 1);
         state.backlog.messages = state.backlog.messages.saturating_sub(messages);
         state.backlog.bytes = state.backlog.bytes.saturating_sub(bytes);
         if state.backlog.messages == 0 {

@@ -28,6 +28,10 @@ pub enum BridgeError {
     /// The CometD server refused the subscription.
     #[error("the CometD server refused the subscription: {0}")]
     Upstream(Error),
+    /// A webhook posted through the API points at a loopback, link-local or private
+    /// address.
+    #[error("{0}")]
+    Forbidden(String),
     /// NATS is needed but not configured.
     #[error("{0}")]
     Unavailable(String),

@@ -16,7 +16,7 @@ pub use raw::{RawConfig, RawNats, RawRetry, RawSink, RawSubscription};
 pub use crate::secret::Secret;
 pub use crate::sink::RetryConfig;
 pub use crate::sink::settings::{NatsSinkConfig, Payload, SinkConfig, WebhookSinkConfig};
-pub use validate::{parse_replay_from, validate, validate_subscription};
+pub use validate::{parse_replay_from, private_destination, validate, validate_subscription};
 
 use crate::cometd::{
     ChannelPattern, ClientOptions, ConnectionType, ReadCoalescing, ReplayFallback, ReplayPosition,
@@ -50,6 +50,9 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Bearer token for `/api/*`.
     pub token: Option<Secret>,
+    /// Whether webhooks posted through the API may target loopback, link-local and
+    /// private addresses.
+    pub allow_private_webhooks: bool,
 }
 
 /// `[state]`

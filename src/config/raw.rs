@@ -40,11 +40,23 @@ pub struct RawAdmin {
     pub listen: String,
     /// Bearer token required on `/api/*`; a secret.
     pub token: Option<String>,
+    /// Lets `run` serve the API without a token on an address other than loopback.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
+    /// Lets subscriptions posted through the API send webhooks to loopback, link-local and
+    /// private addresses.
+    #[serde(default)]
+    pub allow_private_webhooks: bool,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin { listen: default_admin_listen(), token: None }
+        RawAdmin {
+            listen: default_admin_listen(),
+            token: None,
+            allow_unauthenticated: false,
+            allow_private_webhooks: false,
+        }
     }
 }
 

@@ -99,6 +99,14 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     if token.as_ref().is_some_and(|token| token.expose().is_empty()) {
         check.problem("admin.token", "must not be empty");
     }
+    if raw.admin.token.is_none() && !listen.ip().is_loopback() && !raw.admin.allow_unauthenticated {
+        check.problem(
+            "admin.token",
+            format!(
+                "required when admin.listen ({listen}) is not a loopback address: without it anyone who reaches the port can add subscriptions; set a token, or admin.allow_unauthenticated = true"
+            ),
+        );
+    }
 
     let backend = match raw.state.backend.as_str() {
         "embedded" | "file" => StateBackend::Embedded,
@@ -173,7 +181,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         return Err(check.problems);
     }
     Ok(Config {
-        admin: AdminConfig { listen, token },
+        admin: AdminConfig { listen, token, allow_private_webhooks: raw.admin.allow_private_webhooks },
         state: StateConfig { backend, path: PathBuf::from(&raw.state.path), spool_max_bytes },
         nats,
         bridge: BridgeConfig { queue_capacity, shutdown_grace },
@@ -540,6 +548,49 @@ fn retry_config(
         }
     }
     RetryConfig { max_elapsed, max_backoff, max_attempts }
+}
+
+/// What kind of address `url` names when it is one a webhook posted by a stranger must not
+/// reach: `loopback`, `link-local`, `private` (RFC 1918, CGNAT, IPv6 unique local) or
+/// `unspecified`. Host names other than `localhost` are not resolved.
+pub fn private_destination(url: &reqwest::Url) -> Option<&'static str> {
+    use std::net::{IpAddr, Ipv4Addr};
+    fn v4(ip: Ipv4Addr) -> Option<&'static str> {
+        if ip.is_loopback() {
+            Some("loopback")
+        } else if ip.is_link_local() {
+            Some("link-local")
+        } else if ip.is_private() || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64) {
+            Some("private")
+        } else if ip.is_unspecified() || ip.is_broadcast() {
+            Some("unspecified")
+        } else {
+            None
+        }
+    }
+    let host = url.host_str()?;
+    let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() else {
+        let name = host.trim_end_matches('.').to_ascii_lowercase();
+        return (name == "localhost" || name.ends_with(".localhost")).then_some("loopback");
+    };
+    match ip {
+        IpAddr::V4(ip) => v4(ip),
+        IpAddr::V6(ip) => {
+            if let Some(mapped) = ip.to_ipv4_mapped() {
+                v4(mapped)
+            } else if ip.is_loopback() {
+                Some("loopback")
+            } else if ip.is_unspecified() {
+                Some("unspecified")
+            } else if (ip.segments()[0] & 0xfe00) == 0xfc00 {
+                Some("private")
+            } else if (ip.segments()[0] & 0xffc0) == 0xfe80 {
+                Some("link-local")
+            } else {
+                None
+            }
+        }
+    }
 }
 
 /// A size in bytes: a number, optionally followed by `B`, `KB`, `MB`, `GB` (powers of

@@ -21,7 +21,8 @@ use crate::delivery::Envelope;
 /// at a transient failure to keep the order, or it was stopped).
 pub type Attempted = Vec<Result<(), Failure>>;
 
-/// A subscription's sink.
+/// A subscription's sink; a clone shares its connection.
+#[derive(Clone)]
 pub enum Sink {
     /// NATS, core or JetStream.
     Nats(Box<NatsSink>),

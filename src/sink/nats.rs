@@ -44,6 +44,7 @@ pub mod headers {
 }
 
 /// Publishes a subscription's messages on NATS.
+#[derive(Clone)]
 pub struct NatsSink {
     client: async_nats::Client,
     jetstream: Option<jetstream::Context>,
@@ -156,7 +157,13 @@ impl NatsSink {
                     continue;
                 }
             };
-            match self.client.publish_with_headers(subject, headers, payload).await {
+            // A publish waits while the client's buffer is full (NATS down): never past a stop.
+            let published = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Vec::new(),
+                published = self.client.publish_with_headers(subject, headers, payload) => published,
+            };
+            match published {
                 Ok(()) => results.push(Ok(())),
                 Err(error) => {
                     let failure = match error.kind() {
@@ -217,7 +224,12 @@ impl NatsSink {
                     continue;
                 }
             };
-            match jetstream.publish_with_headers(subject.clone(), headers, payload).await {
+            let published = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                published = jetstream.publish_with_headers(subject.clone(), headers, payload) => published,
+            };
+            match published {
                 Ok(ack) => {
                     results.push(None);
                     pending.push_back((index, subject, ack));
@@ -237,7 +249,11 @@ impl NatsSink {
             }
         }
         while let Some((index, subject, ack)) = pending.pop_front() {
-            results[index] = Some(self.settle(jetstream, &subject, ack).await);
+            results[index] = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                settled = self.settle(jetstream, &subject, ack) => Some(settled),
+            };
         }
         // Up to the first message without a result or with a transient failure.
         let mut attempted = Vec::with_capacity(results.len());

@@ -47,8 +47,14 @@ impl SubjectTemplate {
     ///
     /// # Errors
     /// A readable reason: an unknown `{placeholder}`, an unclosed brace, a wildcard,
-    /// whitespace, or an empty token (`a..b`, a leading or trailing `.`).
+    /// whitespace, an empty token (`a..b`, a leading or trailing `.`), or a leading `$`
+    /// (NATS keeps `$JS.`, `$KV.`, `$SYS.`... for its own APIs, the bridge's state included).
     pub fn parse(text: &str) -> Result<Self, String> {
+        if text.starts_with('$') {
+            return Err(format!(
+                "{text:?} starts with `$`, which NATS keeps for its own APIs ($JS, $KV, $SYS)"
+            ));
+        }
         let mut parts = Vec::new();
         let mut rest = text;
         while !rest.is_empty() {
@@ -174,6 +180,8 @@ mod tests {
             ("a.{nope}", "unknown placeholder"),
             ("a.{channel", "unclosed"),
             ("a}.b", "unmatched"),
+            ("$KV.cometd-bridge-subscriptions.{channel}", "starts with `$`"),
+            ("$JS.API.x", "starts with `$`"),
         ] {
             let error = SubjectTemplate::parse(template).expect_err(template);
             assert!(error.contains(why), "{template}: {error}");

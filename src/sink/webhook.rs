@@ -53,6 +53,7 @@ fn status_label(code: u16) -> &'static str {
 }
 
 /// Posts a subscription's messages to one endpoint.
+#[derive(Clone)]
 pub struct WebhookSink {
     http: reqwest::Client,
     config: WebhookSinkConfig,

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -94,7 +94,19 @@ impl EmbeddedStore {
         &self,
         work: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, StoreError> {
-        let txn = self.db.begin_write().map_err(|error| self.error(error))?;
+        self.write_with(Durability::Immediate, work)
+    }
+
+    /// Runs `work` in one write transaction committed with `durability`. A commit without
+    /// durability is atomic and ordered like any other, and becomes durable with the next
+    /// durable one; a crash before that undoes it whole.
+    fn write_with<T>(
+        &self,
+        durability: Durability,
+        work: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        let mut txn = self.db.begin_write().map_err(|error| self.error(error))?;
+        txn.set_durability(durability).map_err(|error| self.error(error))?;
         let result = work(&txn).map_err(|error| self.error(error))?;
         txn.commit().map_err(|error| self.error(error))?;
         Ok(result)
@@ -300,6 +312,47 @@ impl Store for EmbeddedStore {
         self.get(DEAD_LETTERS, id).await
     }
 
+    async fn dead_letters_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, bool), StoreError> {
+        let after = after.map(str::to_string);
+        self.blocking(move |store| {
+            let raw: Vec<(String, Vec<u8>)> = store.read(|txn| {
+                let table = txn.open_table(DEAD_LETTERS)?;
+                let range = match &after {
+                    Some(after) => table.range::<&str>((
+                        std::ops::Bound::Excluded(after.as_str()),
+                        std::ops::Bound::Unbounded,
+                    ))?,
+                    None => table.range::<&str>(..)?,
+                };
+                let mut records = Vec::new();
+                for entry in range.take(limit + 1) {
+                    let (key, value) = entry?;
+                    records.push((key.value().to_string(), value.value().to_vec()));
+                }
+                Ok(records)
+            })?;
+            let more = raw.len() > limit;
+            let letters = raw
+                .into_iter()
+                .take(limit)
+                .filter_map(|(key, bytes)| match serde_json::from_slice(&bytes) {
+                    Ok(letter) => Some(letter),
+                    Err(error) => {
+                        let error = store.corrupt(DEAD_LETTERS.name(), &key, error);
+                        tracing::error!(error = %error, "skipping an unreadable record");
+                        None
+                    }
+                })
+                .collect();
+            Ok((letters, more))
+        })
+        .await
+    }
+
     async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
         self.remove(DEAD_LETTERS, id).await
     }
@@ -376,8 +429,11 @@ impl Store for EmbeddedStore {
             .positions
             .as_ref()
             .map(|positions| serde_json::to_vec(positions).expect("positions serialize"));
+        // Not synced: a crash before the next synced write undoes the trim together with the
+        // batch's dead letters and position, so the batch is delivered again (under the same
+        // delivery ids) and nothing is lost; syncing each settlement would double the syncs.
         self.blocking(move |store| {
-            store.write(|txn| {
+            store.write_with(Durability::None, |txn| {
                 let subscription = settlement.subscription.as_str();
                 {
                     let mut table = txn.open_table(SPOOL)?;
@@ -394,6 +450,10 @@ impl Store for EmbeddedStore {
             })
         })
         .await
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        self.blocking(move |store| store.write(|_| Ok(()))).await
     }
 
     async fn spool_summaries(&self) -> Result<BTreeMap<String, SpoolSummary>, StoreError> {

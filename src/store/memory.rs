@@ -84,6 +84,27 @@ impl Store for MemoryStore {
         Ok(self.lock().dead_letters.get(id).cloned())
     }
 
+    async fn dead_letters_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, bool), StoreError> {
+        let state = self.lock();
+        let from = match after {
+            Some(after) => std::ops::Bound::Excluded(after.to_string()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut letters: Vec<DeadLetter> = state
+            .dead_letters
+            .range((from, std::ops::Bound::Unbounded))
+            .take(limit + 1)
+            .map(|(_, letter)| letter.clone())
+            .collect();
+        let more = letters.len() > limit;
+        letters.truncate(limit);
+        Ok((letters, more))
+    }
+
     async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self.lock().dead_letters.remove(id).is_some())
     }

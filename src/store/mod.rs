@@ -123,6 +123,13 @@ pub trait Store: Send + Sync + 'static {
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError>;
     /// Every dead letter, oldest first.
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError>;
+    /// Up to `limit` dead letters in id order, after the id `after` (exclusive); the
+    /// second value says whether more follow.
+    async fn dead_letters_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, bool), StoreError>;
     /// One dead letter.
     async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError>;
     /// Removes a dead letter; `false` when there was none.
@@ -147,8 +154,13 @@ pub trait Store: Send + Sync + 'static {
         max: usize,
     ) -> Result<Vec<SpoolEntry>, StoreError>;
     /// Settles a delivered batch at once: trims the spool through a sequence, stores the
-    /// batch's dead letters and the new committed positions.
+    /// batch's dead letters and the new committed positions. A store may make it durable
+    /// only with its next write or [`sync`](Store::sync), as long as a crash undoes it whole.
     async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError>;
+    /// Makes every settlement so far durable (at shutdown).
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// What each non-empty spool holds, to resume after a start.
     async fn spool_summaries(&self) -> Result<BTreeMap<String, SpoolSummary>, StoreError>;
     /// Drops a spool (its subscription was removed).

@@ -92,6 +92,20 @@ impl Bucket {
         }
     }
 
+    /// Every id, in order.
+    async fn ids(&self) -> Result<Vec<String>, StoreError> {
+        let keys: Vec<String> = match self.store.keys().await {
+            Ok(keys) => keys.try_collect().await.map_err(|error| nats_error(&self.name, "keys", error))?,
+            Err(error) => return Err(nats_error(&self.name, "keys", error)),
+        };
+        let mut ids: Vec<String> = keys
+            .iter()
+            .filter_map(|key| URL_SAFE_NO_PAD.decode(key).ok().and_then(|id| String::from_utf8(id).ok()))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
     /// Every record, in the order of their ids.
     async fn all<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
         let keys: Vec<String> = match self.store.keys().await {
@@ -181,6 +195,24 @@ impl Store for NatsKvStore {
 
     async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
         self.dead_letters.get(id).await
+    }
+
+    /// Lists the keys, then reads only the page's records.
+    async fn dead_letters_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, bool), StoreError> {
+        let ids = self.dead_letters.ids().await?;
+        let start = after.map_or(0, |after| ids.partition_point(|id| id.as_str() <= after));
+        let mut letters = Vec::with_capacity(limit);
+        for id in ids.iter().skip(start).take(limit) {
+            // One removed since the keys were listed is skipped.
+            if let Some(letter) = self.dead_letters.get(id).await? {
+                letters.push(letter);
+            }
+        }
+        Ok((letters, ids.len() > start + limit))
     }
 
     async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {

@@ -30,10 +30,15 @@ struct Inner {
     latency: Histogram,
     fallbacks: Family<Labels, Counter>,
     session_losses: Family<Labels, Counter>,
+    task_restarts: Family<Labels, Counter>,
     paused: Family<Labels, Gauge>,
     spool_messages: Family<Labels, Gauge>,
     spool_bytes: Family<Labels, Gauge>,
     spool_oldest_age: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// The label sets of series per subscription, so that its series can be dropped with it.
+    series: std::sync::Mutex<
+        std::collections::BTreeMap<String, std::collections::BTreeSet<(&'static str, Labels)>>,
+    >,
 }
 
 impl Default for Metrics {
@@ -55,6 +60,12 @@ impl Metrics {
         let latency = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
         let fallbacks = Family::<Labels, Counter>::default();
         let session_losses = Family::<Labels, Counter>::default();
+        let task_restarts = Family::<Labels, Counter>::default();
+        registry.register(
+            "cometd_bridge_task_restarts",
+            "Forwarder and source tasks restarted after failing unexpectedly",
+            task_restarts.clone(),
+        );
         let paused = Family::<Labels, Gauge>::default();
         let spool_messages = Family::<Labels, Gauge>::default();
         let spool_bytes = Family::<Labels, Gauge>::default();
@@ -128,10 +139,12 @@ impl Metrics {
                 latency,
                 fallbacks,
                 session_losses,
+                task_restarts,
                 paused,
                 spool_messages,
                 spool_bytes,
                 spool_oldest_age,
+                series: std::sync::Mutex::default(),
             }),
         }
     }
@@ -146,18 +159,27 @@ impl Metrics {
     /// The series counting messages from `source` routed to `subscription`: looked up
     /// once per route, since building the label set for every message costs allocations.
     pub fn received_counter(&self, source: &str, subscription: &str) -> Counter {
+        let labels = vec![("source", source.into()), ("subscription", subscription.into())];
+        self.remember(subscription, "received", &labels);
+        self.inner.received.get_or_create(&labels).clone()
+    }
+
+    /// Notes a series of `subscription` in `family`, to drop it with the subscription.
+    fn remember(&self, subscription: &str, family: &'static str, labels: &Labels) {
         self.inner
-            .received
-            .get_or_create(&vec![("source", source.into()), ("subscription", subscription.into())])
-            .clone()
+            .series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(subscription.to_string())
+            .or_default()
+            .insert((family, labels.clone()));
     }
 
     /// The series counting what the sink acknowledged for `subscription`.
     pub fn forwarded_counter(&self, subscription: &str, sink: &str) -> Counter {
-        self.inner
-            .forwarded
-            .get_or_create(&vec![("subscription", subscription.into()), ("sink", sink.into())])
-            .clone()
+        let labels = vec![("subscription", subscription.into()), ("sink", sink.into())];
+        self.remember(subscription, "forwarded", &labels);
+        self.inner.forwarded.get_or_create(&labels).clone()
     }
 
     /// The sink acknowledged a message, `latency` after it was received.
@@ -167,14 +189,10 @@ impl Metrics {
 
     /// A delivery attempt failed for `reason` (e.g. `timeout`, `status_503`, `unavailable`).
     pub fn delivery_failed(&self, subscription: &str, sink: &str, reason: &str) {
-        self.inner
-            .failures
-            .get_or_create(&vec![
-                ("subscription", subscription.into()),
-                ("sink", sink.into()),
-                ("reason", reason.into()),
-            ])
-            .inc();
+        let labels =
+            vec![("subscription", subscription.into()), ("sink", sink.into()), ("reason", reason.into())];
+        self.remember(subscription, "failures", &labels);
+        self.inner.failures.get_or_create(&labels).inc();
     }
 
     /// A message was stored as a dead letter.
@@ -205,6 +223,11 @@ impl Metrics {
         self.inner.session_losses.get_or_create(&vec![("source", source.into())]).inc();
     }
 
+    /// `task` (e.g. `forwarder orders`) failed and was restarted.
+    pub fn task_restarted(&self, task: &str) {
+        self.inner.task_restarts.get_or_create(&vec![("task", task.into())]).inc();
+    }
+
     /// Shows `source`'s per-source series from the start, at 0.
     pub fn source_added(&self, source: &str) {
         let labels = vec![("source", source.into())];
@@ -233,5 +256,14 @@ impl Metrics {
         self.inner.spool_bytes.remove(&labels);
         self.inner.spool_oldest_age.remove(&labels);
         self.inner.dead_letters.remove(&labels);
+        let series =
+            self.inner.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(subscription);
+        for (family, labels) in series.unwrap_or_default() {
+            match family {
+                "received" => drop(self.inner.received.remove(&labels)),
+                "forwarded" => drop(self.inner.forwarded.remove(&labels)),
+                _ => drop(self.inner.failures.remove(&labels)),
+            }
+        }
     }
 }

@@ -14,6 +14,7 @@ mod demo;
 mod durable;
 mod fuzz;
 mod harness;
+mod hostile;
 mod interop;
 mod malformed;
 mod packaging;

@@ -93,18 +93,28 @@ fn the_dockerfile_matches_the_binary_and_the_configuration() {
     assert_eq!(user, ["cometd-bridge"], "runs as its own user");
     assert!(read("Dockerfile").contains("useradd --system --uid 10001"), "the user is created, non-root");
 
-    // The image's environment on top of the configuration it ships is a valid setup.
+    // The image's environment on top of the configuration it ships is a valid setup once
+    // the admin token is given (its API listens on every interface), and refused without.
     let dir = tempfile::tempdir().expect("temp dir");
     let state_dir = dir.path().join("state");
     let state_text = state_dir.display().to_string();
+    let image = [
+        ("COMETD_BRIDGE__STATE__PATH", state_text.as_str()),
+        ("COMETD_BRIDGE__ADMIN__LISTEN", listen.as_str()),
+    ];
     assert_valid(
         &project_dir().join("config/default.toml"),
-        &[
-            ("COMETD_BRIDGE__STATE__PATH", state_text.as_str()),
-            ("COMETD_BRIDGE__ADMIN__LISTEN", listen.as_str()),
-        ],
-        "the image's default configuration",
+        &[image[0], image[1], ("COMETD_BRIDGE__ADMIN__TOKEN", "a-token")],
+        "the image's default configuration with a token",
     );
+    let refused = Command::new(env!("CARGO_BIN_EXE_cometd-bridge"))
+        .args(["check", "--config"])
+        .arg(project_dir().join("config/default.toml"))
+        .envs(image)
+        .output()
+        .expect("run check");
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("admin.token: required"), "{refused:?}");
 
     let ignored = read(".dockerignore");
     for needless in ["target", ".tools", "**/node_modules"] {

@@ -30,9 +30,20 @@ impl TestApp {
         Self::spawn_with_state(toml, state, token, "").await
     }
 
+    /// Starts the daemon with more `[admin]` keys than its address.
+    pub async fn spawn_with_admin(toml: &str, admin_keys: &str) -> Self {
+        let state = tempfile::tempdir().expect("state dir");
+        let config = Self::config_with(toml, &state, admin_keys, "");
+        Self::start(config, state).await
+    }
+
     /// Starts the daemon with more `[state]` keys than its path (`backend`, `bucket`).
     pub async fn spawn_with_state(toml: &str, state: TempDir, token: Option<&str>, state_keys: &str) -> Self {
         let config = Self::config(toml, &state, token, state_keys);
+        Self::start(config, state).await
+    }
+
+    async fn start(config: Config, state: TempDir) -> Self {
         let app = App::build(config).await.expect("the app builds");
         let admin = app.admin_address();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -46,13 +57,19 @@ impl TestApp {
         TestApp { admin, state, stop: Some(stop), task: Some(task) }
     }
 
-    /// The daemon's configuration: `toml` with `[admin]` on port 0 and `[state]` in
-    /// `state` (plus `state_keys`), written to `state/config.toml` and loaded as the binary
+    /// The daemon's configuration: `toml` with `[admin]` on port 0 (webhooks to loopback
+    /// allowed) and `[state]` in `state` (plus `state_keys`), written to `state/config.toml` and loaded as the binary
     /// loads it.
     pub fn config(toml: &str, state: &TempDir, token: Option<&str>, state_keys: &str) -> Config {
         let token = token.map(|token| format!("token = \"{token}\"\n")).unwrap_or_default();
+        // The harness' webhook receivers listen on loopback.
+        Self::config_with(toml, state, &format!("{token}allow_private_webhooks = true\n"), state_keys)
+    }
+
+    /// [`TestApp::config`] with `admin_keys` in `[admin]`.
+    pub fn config_with(toml: &str, state: &TempDir, admin_keys: &str, state_keys: &str) -> Config {
         let full = format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n{token}[state]\npath = \"{}\"\n{state_keys}{toml}",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{admin_keys}[state]\npath = \"{}\"\n{state_keys}{toml}",
             state.path().display()
         );
         let file = state.path().join("config.toml");
@@ -65,8 +82,9 @@ impl TestApp {
     pub async fn wait_for_dead_letters(&self, count: usize) -> serde_json::Value {
         let deadline = tokio::time::Instant::now() + super::peer::WAIT;
         loop {
-            let (status, letters) = self.call("GET", "/api/v1/dead-letters", None).await;
-            assert_eq!(status, 200, "{letters}");
+            let (status, page) = self.call("GET", "/api/v1/dead-letters", None).await;
+            assert_eq!(status, 200, "{page}");
+            let letters = page["dead_letters"].clone();
             if letters.as_array().is_some_and(|letters| letters.len() == count) {
                 return letters;
             }
@@ -131,11 +149,12 @@ impl TestApp {
         (status, body)
     }
 
-    /// The dead letters, through the API (the daemon holds its database open).
+    /// The dead letters (the first page), through the API (the daemon holds its database
+    /// open).
     pub async fn dead_letters(&self) -> Vec<DeadLetter> {
-        let (status, letters) = self.call("GET", "/api/v1/dead-letters", None).await;
-        assert_eq!(status, 200, "{letters}");
-        serde_json::from_value(letters).expect("dead letters")
+        let (status, page) = self.call("GET", "/api/v1/dead-letters", None).await;
+        assert_eq!(status, 200, "{page}");
+        serde_json::from_value(page["dead_letters"].clone()).expect("dead letters")
     }
 
     /// Stops the daemon as SIGTERM would, and waits until it has.
