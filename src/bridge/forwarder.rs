@@ -53,6 +53,31 @@ impl Stop {
     }
 }
 
+/// Delivered messages are settled at most this long after the first of them...
+const SETTLE_AFTER: Duration = Duration::from_millis(50);
+
+/// ...or once this many are waiting: one transaction for many small batches, and a crash
+/// delivers at most these again (under the same delivery ids).
+const SETTLE_EVERY: u64 = 4096;
+
+/// Delivered or dead-lettered messages not settled yet, as one settlement.
+struct Unsettled {
+    since: Instant,
+    settlement: Settlement,
+    messages: u64,
+    bytes: u64,
+    /// When the first message after them was received, if one is in flight.
+    oldest_after: Option<SystemTime>,
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What became of one message of a batch.
 #[derive(Clone, Debug)]
 enum Status {
@@ -91,10 +116,18 @@ impl Forwarder {
     pub async fn run(self, first: u64, stop: Stop) {
         let forwarded = self.metrics.forwarded_counter(&self.subscription, self.sink.kind());
         let mut next = first;
+        let mut unsettled: Option<Unsettled> = None;
         loop {
+            let commit_by = unsettled.as_ref().map(|unsettled| unsettled.since + SETTLE_AFTER);
             let batch = tokio::select! {
                 biased;
-                _ = stop.soon.cancelled() => return,
+                _ = stop.soon.cancelled() => break,
+                _ = sleep_until_some(commit_by) => {
+                    if !self.commit(&mut unsettled, &stop.now).await {
+                        return;
+                    }
+                    continue;
+                }
                 batch = self.spool.next_batch(next, self.sink.batch_size()) => batch,
             };
             let batch = match batch {
@@ -103,26 +136,37 @@ impl Forwarder {
                 Err(error) => {
                     tracing::error!(subscription = %self.subscription, error = %error, "cannot read the spool; trying again");
                     if !pause(Duration::from_secs(1), &stop.soon).await {
-                        return;
+                        break;
                     }
                     continue;
                 }
             };
-            self.spool.set_oldest(Some(batch[0].envelope.received_at));
-            if !self.deliver(&batch, &stop, &forwarded).await {
+            if unsettled.is_none() {
+                self.spool.set_oldest(Some(batch[0].envelope.received_at));
+            }
+            if !self.deliver(&batch, &stop, &forwarded, &mut unsettled).await {
+                break;
+            }
+            if unsettled.as_ref().is_some_and(|unsettled| unsettled.messages >= SETTLE_EVERY)
+                && !self.commit(&mut unsettled, &stop.now).await
+            {
                 return;
             }
             next = batch.last().expect("a batch is not empty").sequence + 1;
         }
+        // What was delivered is settled before the forwarder goes.
+        self.commit(&mut unsettled, &stop.now).await;
     }
 
-    /// Delivers `batch` until every message is delivered or dead-lettered, and settles it;
-    /// `false` when stopped first (what is not settled stays in the spool).
+    /// Delivers `batch` until every message is delivered or dead-lettered, adding what
+    /// is done to `unsettled`; `false` when stopped first (what is not done stays in the
+    /// spool).
     async fn deliver(
         &self,
         batch: &[Spooled],
         stop: &Stop,
         forwarded: &prometheus_client::metrics::counter::Counter,
+        unsettled: &mut Option<Unsettled>,
     ) -> bool {
         let mut status = vec![Status::Spooled; batch.len()];
         let mut attempts = vec![0u32; batch.len()];
@@ -144,6 +188,7 @@ impl Forwarder {
                     Ok(()) => {
                         status[*index] = Status::Delivered;
                         forwarded.inc();
+                        Counters::add(&self.counters.forwarded, 1);
                         let received_at = batch[*index].envelope.received_at;
                         self.metrics.forward_latency(
                             SystemTime::now().duration_since(received_at).unwrap_or_default(),
@@ -163,7 +208,7 @@ impl Forwarder {
                 }
             }
             if stop.soon.is_cancelled() || stop.now.is_cancelled() {
-                self.settle(batch, &status, &mut settled, &stop.now).await;
+                self.done(batch, &status, &mut settled, unsettled);
                 return false;
             }
             if status.iter().all(|status| !matches!(status, Status::Spooled)) {
@@ -189,27 +234,27 @@ impl Forwarder {
                 continue;
             }
             tracing::warn!(subscription = %self.subscription, sink = self.sink.kind(), reason = %failure.reason, attempt = most_attempts, delay = ?delay, "delivery failed; retrying from the spool");
-            self.settle(batch, &status, &mut settled, &stop.now).await;
-            if !pause(delay, &stop.soon).await {
+            // What is done before the failing message is settled now: the wait may be long.
+            self.done(batch, &status, &mut settled, unsettled);
+            if !self.commit(unsettled, &stop.now).await || !pause(delay, &stop.soon).await {
                 return false;
             }
         }
-        self.settle(batch, &status, &mut settled, &stop.now).await
+        self.done(batch, &status, &mut settled, unsettled);
+        true
     }
 
-    /// Settles the messages from `settled` up to the first one still spooled: trims them
-    /// from the spool with their dead letters and positions in one transaction, retrying
-    /// a failing store until `stop`. Returns whether the whole batch is settled.
-    async fn settle(
+    /// Adds the messages from `settled` up to the first one still spooled to `unsettled`.
+    fn done(
         &self,
         batch: &[Spooled],
         status: &[Status],
         settled: &mut usize,
-        stop: &CancellationToken,
-    ) -> bool {
+        unsettled: &mut Option<Unsettled>,
+    ) {
         let end = status.iter().position(|status| matches!(status, Status::Spooled)).unwrap_or(batch.len());
         if end <= *settled {
-            return end == batch.len();
+            return;
         }
         let part = &batch[*settled..end];
         let dead_letters: Vec<DeadLetter> = part
@@ -222,35 +267,51 @@ impl Forwarder {
                 _ => None,
             })
             .collect();
-        let settlement = Settlement {
-            subscription: self.subscription.to_string(),
-            through: part.last().expect("not empty").sequence,
-            positions: self.positions(part),
-            dead_letters,
-        };
+        let through = part.last().expect("not empty").sequence;
+        let positions = self.positions(part);
+        let entry = unsettled.get_or_insert_with(|| Unsettled {
+            since: Instant::now(),
+            settlement: Settlement {
+                subscription: self.subscription.to_string(),
+                through,
+                positions: None,
+                dead_letters: Vec::new(),
+            },
+            messages: 0,
+            bytes: 0,
+            oldest_after: None,
+        });
+        entry.settlement.through = through;
+        entry.settlement.dead_letters.extend(dead_letters);
+        entry.settlement.positions = positions.or(entry.settlement.positions.take());
+        entry.messages += part.len() as u64;
+        entry.bytes += part.iter().map(|spooled| spooled.bytes).sum::<u64>();
+        entry.oldest_after = batch.get(end).map(|spooled| spooled.envelope.received_at);
+        *settled = end;
+    }
+
+    /// Settles what `unsettled` holds: trims it from the spool with its dead letters and
+    /// positions in one transaction, retrying a failing store until `stop`. `false` when
+    /// stopped first (the messages stay in the spool and are delivered again).
+    async fn commit(&self, unsettled: &mut Option<Unsettled>, stop: &CancellationToken) -> bool {
+        let Some(done) = unsettled.take() else { return true };
         let mut failures = 0;
-        while let Err(error) = self.store.spool_settle(settlement.clone()).await {
+        while let Err(error) = self.store.spool_settle(done.settlement.clone()).await {
             tracing::error!(subscription = %self.subscription, error = %error, "cannot settle delivered messages in the state store; trying again (they stay in the spool meanwhile)");
             failures += 1;
             if !pause(Duration::from_millis(100 * 2u64.pow(failures.min(6))), stop).await {
                 return false;
             }
         }
-        for letter in &settlement.dead_letters {
+        let letters = &done.settlement.dead_letters;
+        for letter in letters {
             tracing::warn!(subscription = %self.subscription, id = %letter.id, reason = %letter.reason, "message stored as a dead letter");
             self.metrics.dead_lettered(&self.subscription);
         }
-        let delivered = part.len() - settlement.dead_letters.len();
-        Counters::add(&self.counters.forwarded, delivered as u64);
-        Counters::add(&self.counters.dead_letters, settlement.dead_letters.len() as u64);
-        self.spool.settled(
-            settlement.through,
-            part.len() as u64,
-            part.iter().map(|spooled| spooled.bytes).sum(),
-        );
-        self.spool.set_oldest(batch.get(end).map(|spooled| spooled.envelope.received_at));
-        *settled = end;
-        end == batch.len()
+        Counters::add(&self.counters.dead_letters, letters.len() as u64);
+        self.spool.settled(done.settlement.through, done.messages, done.bytes);
+        self.spool.set_oldest(done.oldest_after);
+        true
     }
 
     /// The committed positions after `part`, when it carries replay ids.

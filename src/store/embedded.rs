@@ -452,6 +452,12 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    /// Each append is synced: at most one a millisecond while messages keep coming cuts
+    /// the syncs per message at moderate rates, for at most a millisecond of delay.
+    fn append_window(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(1)
+    }
+
     async fn sync(&self) -> Result<(), StoreError> {
         self.blocking(move |store| store.write(|_| Ok(()))).await
     }

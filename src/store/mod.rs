@@ -157,6 +157,11 @@ pub trait Store: Send + Sync + 'static {
     /// batch's dead letters and the new committed positions. A store may make it durable
     /// only with its next write or [`sync`](Store::sync), as long as a crash undoes it whole.
     async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError>;
+    /// How long a source may hold a small batch to join the next one into one append, while
+    /// messages keep coming: worth it where each append costs a sync (group commit).
+    fn append_window(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
     /// Makes every settlement so far durable (at shutdown).
     async fn sync(&self) -> Result<(), StoreError> {
         Ok(())

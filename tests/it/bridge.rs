@@ -347,6 +347,7 @@ async fn a_rejected_webhook_lands_in_the_dead_letters() {
     assert_eq!(receiver.next().await.status, 400);
     publisher.publish("/bad", json!("marker")).await.expect("publish");
     assert_eq!(receiver.next().await.status, 200, "later messages still flow");
+    app.wait_for_dead_letters(1).await;
     let letters = app.dead_letters().await;
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].subscription, "bad");

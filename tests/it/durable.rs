@@ -16,10 +16,10 @@ use crate::support::nats::NatsServer;
 use crate::support::peer::{WAIT, open};
 use crate::support::webhook::WebhookReceiver;
 
-/// faye holding each `/meta/connect` 2 s: it drops a session that has not polled for 4 s
+/// faye holding each `/meta/connect` 3 s: it drops a session that has not polled for 6 s
 /// (twice its timeout), with whatever it held.
 async fn faye() -> BayeuxServer {
-    BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await
+    BayeuxServer::faye(FayeOptions { timeout: Some(3), ..FayeOptions::default() }).await
 }
 
 fn source(faye: &BayeuxServer) -> String {
@@ -61,7 +61,7 @@ fn metric(metrics: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
 }
 
-/// A webhook answering 503 for 60 s (15 session timeouts of faye) while 30 msg/s arrive,
+/// A webhook answering 503 for 60 s (10 session timeouts of faye) while 30 msg/s arrive,
 /// with small client and queue capacities (the first release stalled its session behind
 /// them): the source keeps polling, every message arrives exactly once, no dead letter, no
 /// lost session.
@@ -259,7 +259,7 @@ async fn a_crafted_message_id_is_sanitised_and_delivered() {
     app.stop().await;
 }
 
-/// JetStream down for 40 s (10 session timeouts of faye) while 30 msg/s arrive: the stream
+/// JetStream down for 40 s (6 session timeouts of faye) while 30 msg/s arrive: the stream
 /// ends with every message once, in order.
 #[tokio::test]
 async fn jetstream_down_longer_than_the_session_timeout_stores_each_message_once() {
