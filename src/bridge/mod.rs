@@ -681,8 +681,7 @@ impl Bridge {
             }
             if !held.is_empty() {
                 tracing::info!(source = %source.name, messages = held.len(), "spooling what the session still held");
-                let held = held.into_iter().map(|message| (session.clone(), message)).collect();
-                source.spooler.spool(held, &self.stop_taking).await;
+                source.spooler.spool(held, &session, &self.stop_taking).await;
             }
         }
         let backlog: u64 = self.subscriptions.all(|entry| entry.spool.backlog().messages).into_iter().sum();

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
@@ -24,49 +24,8 @@ use crate::sink::pause;
 use crate::store::{SpoolAppend, Store};
 use crate::telemetry::metrics::Metrics;
 
-/// Messages taken from the session and not yet appended, at most: while an append runs
-/// the source keeps taking messages, so that the session keeps polling.
-const STAGED_MAX: usize = 8192;
-
-/// A batch this large is appended at once, without waiting out the store's append window.
-const GROUP_MIN: usize = 32;
-
-/// Appends of a source: what is staged for the next one, and the one running.
-#[derive(Default)]
-struct Appends {
-    staged: Vec<(Arc<str>, Message)>,
-    in_flight: Option<tokio::task::JoinHandle<()>>,
-    started: Option<Instant>,
-    paused: bool,
-}
-
-impl Appends {
-    /// When the store's append window after the last append ends, if one started.
-    fn window_ends(&self, window: Duration) -> Option<Instant> {
-        self.started.map(|started| started + window)
-    }
-
-    /// Waits until the append in flight is done (for ever when none is).
-    async fn appended(&mut self) {
-        match &mut self.in_flight {
-            Some(task) => {
-                if let Err(error) = task.await {
-                    tracing::error!(error = %error, "a spool append failed unexpectedly; its messages are lost");
-                }
-                self.in_flight = None;
-            }
-            None => std::future::pending().await,
-        }
-    }
-}
-
-/// Sleeps until `deadline`, or for ever without one.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-        None => std::future::pending().await,
-    }
-}
+/// Messages taken from the session at most per spool transaction.
+const BATCH: usize = 512;
 
 /// One subscription's route: its pattern and its spool.
 #[derive(Clone)]
@@ -134,9 +93,9 @@ pub struct Spooler {
 impl Spooler {
     /// Appends `messages` to the matching spools, durably, retrying a failing store until
     /// `stop` (after which one last try is made and a failure is logged with the content).
-    pub async fn spool(&self, messages: Vec<(Arc<str>, Message)>, stop: &CancellationToken) {
+    pub async fn spool(&self, messages: Vec<Message>, session: &Arc<str>, stop: &CancellationToken) {
         let count = messages.len() as u64;
-        if self.append(messages, stop).await
+        if self.append(messages, session, stop).await
             && let Some(ack) = &self.ack
         {
             ack.confirm(count);
@@ -144,12 +103,12 @@ impl Spooler {
     }
 
     /// Appends; `false` when the messages could not be spooled (and are lost).
-    async fn append(&self, messages: Vec<(Arc<str>, Message)>, stop: &CancellationToken) -> bool {
+    async fn append(&self, messages: Vec<Message>, session: &Arc<str>, stop: &CancellationToken) -> bool {
         let received_at = SystemTime::now();
         let routes = self.routes.snapshot();
         let mut appends = Vec::with_capacity(messages.len());
         let mut targets: Vec<(usize, Envelope, u64)> = Vec::with_capacity(messages.len());
-        for (session, message) in messages {
+        for message in messages {
             let sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
             let replay_id = if self.replay { replay_id(&message) } else { None };
             let message = Arc::new(message);
@@ -235,10 +194,8 @@ impl Source {
     /// disconnect it after the forwarders drained.
     pub async fn run(self, stop: CancellationToken) -> Client {
         let mut known_session: Option<Arc<str>> = None;
-        let mut appends = Appends::default();
         'session: loop {
             if !self.open(&stop).await {
-                self.finish(&mut appends, &stop).await;
                 return self.client;
             }
             let mut status = self.client.watch_status().expect("the client was opened");
@@ -248,35 +205,13 @@ impl Source {
             self.metrics.source_connected(&self.name, true);
             let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
             reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let window = self.spooler.store.append_window();
             loop {
-                let window_ends = appends.window_ends(window);
-                if appends.in_flight.is_none()
-                    && !appends.staged.is_empty()
-                    && (appends.staged.len() >= GROUP_MIN
-                        || window_ends.is_none_or(|ends| ends <= Instant::now()))
-                {
-                    self.start_append(&mut appends, &stop);
-                    continue;
+                if self.limit.is_full() && !self.wait_for_room(&stop).await {
+                    return self.client;
                 }
-                let full = self.limit.is_full();
-                if full != appends.paused {
-                    self.paused(&mut appends, full);
-                }
-                // Messages are taken from the session while an append runs, up to STAGED_MAX;
-                // so the session keeps polling whatever the store's latency.
-                let can_take = appends.staged.len() < STAGED_MAX && !full;
-                let window_wait =
-                    window_ends.filter(|_| appends.in_flight.is_none() && !appends.staged.is_empty());
                 let item = tokio::select! {
                     biased;
-                    _ = stop.cancelled() => {
-                        self.finish(&mut appends, &stop).await;
-                        return self.client;
-                    }
-                    () = appends.appended() => continue,
-                    () = sleep_until_some(window_wait) => continue,
-                    () = self.limit.wait_for_room(), if full => continue,
+                    _ = stop.cancelled() => return self.client,
                     changed = status.changed() => {
                         let status = status.borrow_and_update();
                         if changed.is_err() || status.state == SessionState::Closed {
@@ -300,13 +235,25 @@ impl Source {
                         self.reconcile();
                         continue;
                     }
-                    item = self.client.receive(), if can_take => item,
+                    item = self.client.receive() => item,
                 };
                 match item {
                     Ok(message) => {
-                        appends.staged.push((session.clone(), message));
-                        let deferred = self.take_ready(&mut appends.staged, &session);
+                        let mut batch = vec![message];
+                        // Whatever else has arrived goes in the same transaction.
+                        let mut deferred = None;
+                        while batch.len() < BATCH {
+                            match self.client.receive().now_or_never() {
+                                Some(Ok(message)) => batch.push(message),
+                                Some(Err(error)) => {
+                                    deferred = Some(error);
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
                         self.metrics.pending(&self.name, self.client.pending_count());
+                        self.spooler.spool(batch, &session, &stop).await;
                         match deferred {
                             Some(Error::Closed) => continue 'session,
                             Some(error) => {
@@ -324,37 +271,6 @@ impl Source {
                     }
                 }
             }
-        }
-    }
-
-    /// Appends what is staged, in the background.
-    fn start_append(&self, appends: &mut Appends, stop: &CancellationToken) {
-        let batch = std::mem::take(&mut appends.staged);
-        let (spooler, stop) = (self.spooler.clone(), stop.clone());
-        appends.started = Some(Instant::now());
-        appends.in_flight = Some(tokio::spawn(async move { spooler.spool(batch, &stop).await }));
-    }
-
-    /// Waits for the append in flight, then appends what is still staged: at a stop, what
-    /// was taken from the session is spooled before the session closes.
-    async fn finish(&self, appends: &mut Appends, stop: &CancellationToken) {
-        if appends.in_flight.is_some() {
-            appends.appended().await;
-        }
-        let staged = std::mem::take(&mut appends.staged);
-        if !staged.is_empty() {
-            self.spooler.spool(staged, stop).await;
-        }
-    }
-
-    /// Reports that the spools are full (the source stops taking messages) or have room.
-    fn paused(&self, appends: &mut Appends, full: bool) {
-        appends.paused = full;
-        self.metrics.source_paused(&self.name, full);
-        if full {
-            tracing::error!(source = %self.name, "the spools are full (state.spool_max_bytes): this source stops polling until sinks catch up");
-        } else {
-            tracing::info!(source = %self.name, "the spools have room again; polling resumes");
         }
     }
 
@@ -391,19 +307,6 @@ impl Source {
             }
         }
         true
-    }
-
-    /// Moves the messages already received into `batch`, up to [`STAGED_MAX`]; returns an
-    /// error the client reported on the way.
-    fn take_ready(&self, batch: &mut Vec<(Arc<str>, Message)>, session: &Arc<str>) -> Option<Error> {
-        while batch.len() < STAGED_MAX {
-            match self.client.receive().now_or_never() {
-                Some(Ok(message)) => batch.push((session.clone(), message)),
-                Some(Err(error)) => return Some(error),
-                None => return None,
-            }
-        }
-        None
     }
 
     /// Subscribes upstream, in the background, every route's channel the session does not
@@ -451,6 +354,22 @@ impl Source {
             self.metrics.session_lost(&self.name);
             tracing::warn!(source = %self.name, previous = %previous, session = %session, "the CometD session was lost and a new one started: messages published meanwhile may be lost unless the source uses replay");
         }
+    }
+
+    /// Pauses while the spools are full; `false` when stopped first.
+    async fn wait_for_room(&self, stop: &CancellationToken) -> bool {
+        tracing::error!(source = %self.name, "the spools are full (state.spool_max_bytes): this source stops polling until sinks catch up");
+        self.metrics.source_paused(&self.name, true);
+        let resumed = tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            _ = self.limit.wait_for_room() => true,
+        };
+        self.metrics.source_paused(&self.name, false);
+        if resumed {
+            tracing::info!(source = %self.name, "the spools have room again; polling resumes");
+        }
+        resumed
     }
 }
 
