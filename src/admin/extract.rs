@@ -1,5 +1,6 @@
 //! `ApiJson`: axum's JSON extractor with its rejections turned into the API's error shape
-//! (415 for a wrong content type, 413 for a body too large, 400 naming the field).
+//! (415 for a wrong content type, 413 for a body too large, 400 naming the field, also
+//! every unknown key with its path).
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
@@ -15,8 +16,25 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(request, state).await {
-            Ok(axum::Json(value)) => Ok(ApiJson(value)),
+        match axum::Json::<serde_json::Value>::from_request(request, state).await {
+            Ok(axum::Json(value)) => {
+                let mut unknown = Vec::new();
+                let parsed: Result<T, _> =
+                    serde_ignored::deserialize(value, |path| unknown.push(crate::config::key_path(&path)));
+                let invalid =
+                    |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_subscription", message);
+                match parsed {
+                    Ok(_) if !unknown.is_empty() => Err(invalid(
+                        unknown
+                            .iter()
+                            .map(|key| format!("{key}: unknown key"))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    )),
+                    Ok(value) => Ok(ApiJson(value)),
+                    Err(error) => Err(invalid(format!("the body does not fit: {error}"))),
+                }
+            }
             Err(rejection) => Err(match &rejection {
                 JsonRejection::MissingJsonContentType(_) => ApiError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -25,9 +43,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 ),
                 JsonRejection::JsonSyntaxError(_) => {
                     ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", rejection.body_text())
-                }
-                JsonRejection::JsonDataError(_) => {
-                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_subscription", rejection.body_text())
                 }
                 _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,

@@ -244,15 +244,32 @@ impl From<Vec<Problem>> for ConfigError {
 /// # Errors
 /// [`ConfigError::Invalid`] listing every problem.
 pub fn load(path: &Path, env: &Env) -> Result<Config, ConfigError> {
-    let raw = parse(path, env)?;
-    validate(raw, env).map_err(ConfigError::from)
+    let (raw, mut problems) = parse_lenient(path, env)?;
+    match validate(raw, env) {
+        Ok(config) if problems.is_empty() => Ok(config),
+        Ok(_) => Err(problems.into()),
+        Err(more) => {
+            problems.extend(more);
+            Err(problems.into())
+        }
+    }
 }
 
 /// Reads the file and the environment overrides into the raw structs.
 ///
 /// # Errors
-/// One problem: the file is missing, unreadable, or not shaped like the configuration.
+/// The problems: the file is missing, unreadable or not shaped like the configuration,
+/// or it has keys the configuration does not know (each named by its path).
 pub fn parse(path: &Path, env: &Env) -> Result<RawConfig, ConfigError> {
+    match parse_lenient(path, env)? {
+        (raw, problems) if problems.is_empty() => Ok(raw),
+        (_, problems) => Err(problems.into()),
+    }
+}
+
+/// [`parse`], returning the unknown keys as problems beside what could be read, so that
+/// validation can report its problems too.
+fn parse_lenient(path: &Path, env: &Env) -> Result<(RawConfig, Vec<Problem>), ConfigError> {
     let one = |message: String| ConfigError::from(vec![Problem::new("", message)]);
     let format = match path.extension().and_then(|ext| ext.to_str()) {
         Some("toml") => config::FileFormat::Toml,
@@ -284,7 +301,34 @@ pub fn parse(path: &Path, env: &Env) -> Result<RawConfig, ConfigError> {
         )
         .build()
         .map_err(|error| one(format!("{}: {error}", path.display())))?;
-    settings.try_deserialize().map_err(|error| one(dotted_keys(&error.to_string())))
+    let mut unknown = Vec::new();
+    let raw: Result<RawConfig, _> =
+        serde_ignored::deserialize(settings, |path| unknown.push(key_path(&path)));
+    let mut problems: Vec<Problem> =
+        unknown.into_iter().map(|key| Problem::new(key, "unknown key")).collect();
+    match raw {
+        Ok(raw) => Ok((raw, problems)),
+        Err(error) => {
+            problems.insert(0, Problem::new("", dotted_keys(&error.to_string())));
+            Err(problems.into())
+        }
+    }
+}
+
+/// A key's path as the configuration writes it: `admin.bogus`, `subscriptions[2].sink`.
+pub fn key_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", key_path(parent)),
+        Path::Map { parent, key } => {
+            let parent = key_path(parent);
+            if parent.is_empty() { key.clone() } else { format!("{parent}.{key}") }
+        }
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+            key_path(parent)
+        }
+    }
 }
 
 /// The config crate writes nested keys as `subscriptions[0]sink`; add the missing dot.

@@ -8,7 +8,6 @@ use serde::Deserialize;
 
 /// The whole configuration file.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// The admin HTTP server (health, metrics, API).
     #[serde(default)]
@@ -33,7 +32,6 @@ pub struct RawConfig {
 
 /// `[admin]`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     /// Address of the admin HTTP server.
     #[serde(default = "default_admin_listen")]
@@ -66,7 +64,6 @@ fn default_admin_listen() -> String {
 
 /// `[state]`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawState {
     /// `embedded` (the default), `nats`; `file` and `nats-kv` are their first-release names.
     #[serde(default = "default_state_backend")]
@@ -111,7 +108,6 @@ fn default_state_bucket() -> String {
 
 /// `[nats]`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawNats {
     /// Server URL(s), comma-separated.
     #[serde(default = "default_nats_url")]
@@ -150,7 +146,6 @@ fn default_nats_url() -> String {
 
 /// `[bridge]`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawBridge {
     /// Messages buffered per subscription between the source and its sink.
     #[serde(default = "default_queue_capacity")]
@@ -176,7 +171,6 @@ fn default_shutdown_grace() -> String {
 
 /// `[[sources]]`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawSource {
     /// Unique name, used in subjects, headers and metrics.
     pub name: String,
@@ -226,7 +220,6 @@ fn default_replay_fallback() -> String {
 
 /// `salesforce = { ... }` of a source.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawSalesforce {
     /// `password`, `refresh_token`, `client_credentials` or `jwt`.
     pub flow: String,
@@ -273,7 +266,6 @@ fn default_max_pending_count() -> i64 {
 
 /// `tls = { ... }` of a source.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTls {
     /// Accept any certificate (test servers only).
     #[serde(default)]
@@ -286,7 +278,6 @@ pub struct RawTls {
 
 /// `[[subscriptions]]`, also the body of `POST /api/v1/subscriptions`.
 #[derive(Clone, Debug, Deserialize, serde::Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct RawSubscription {
     /// Unique id.
     pub id: String,
@@ -308,7 +299,6 @@ pub struct RawSubscription {
 
 /// `retry = { max_elapsed = "24h", max_backoff = "5m" }` of a subscription.
 #[derive(Clone, Debug, Deserialize, serde::Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct RawRetry {
     /// How long a message is retried before it becomes a dead letter.
     #[serde(default = "default_retry_max_elapsed")]

@@ -151,7 +151,7 @@ async fn every_error_answers_in_the_contract_shape() {
             json!({"id": "x", "source": "demo", "channel": "/x", "colour": 1, "sink": {"type": "webhook", "url": "http://127.0.0.1:1/"}}),
             400,
             "invalid_subscription",
-            "unknown field `colour`",
+            "colour: unknown key",
         ),
         (
             webhook_body("x", "/x", &receiver)

@@ -1,7 +1,5 @@
 //! The bridge end to end, in-process: real faye, real nats-server, a real webhook receiver.
 
-use std::time::Duration;
-
 use cometd_bridge::cometd::Client;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -10,6 +8,7 @@ use crate::support::app::TestApp;
 use crate::support::bayeux::{BayeuxServer, FayeOptions};
 use crate::support::nats::NatsServer;
 use crate::support::peer::{WAIT, open};
+use crate::support::scenario::{create_stream, stream_messages, wait_for_stream};
 use crate::support::webhook::WebhookReceiver;
 
 async fn faye() -> BayeuxServer {
@@ -153,40 +152,6 @@ async fn wildcards_route_to_every_matching_subscription() {
         "/chat/room/deep did not reach /chat/*"
     );
     app.stop().await;
-}
-
-pub(crate) async fn create_stream(
-    nats: &NatsServer,
-    name: &str,
-    subjects: &str,
-) -> async_nats::jetstream::Context {
-    let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
-    jetstream
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: name.into(),
-            subjects: vec![subjects.into()],
-            ..Default::default()
-        })
-        .await
-        .expect("create stream");
-    jetstream
-}
-
-async fn stream_messages(jetstream: &async_nats::jetstream::Context, name: &str) -> u64 {
-    jetstream.get_stream(name).await.expect("stream").info().await.expect("info").state.messages
-}
-
-pub(crate) async fn wait_for_stream(jetstream: &async_nats::jetstream::Context, name: &str, count: u64) {
-    let deadline = tokio::time::Instant::now() + WAIT * 2;
-    loop {
-        let have = stream_messages(jetstream, name).await;
-        if have >= count {
-            assert_eq!(have, count, "no more than the messages sent");
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the stream has {have} of {count} messages");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]

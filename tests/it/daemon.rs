@@ -33,7 +33,7 @@ async fn every_class_of_bad_config_exits_2_naming_the_key() {
         (
             "unknown key",
             "[admin]\nlisten = \"127.0.0.1:0\"\ncolour = \"blue\"\n".into(),
-            "unknown field `colour`",
+            "admin.colour: unknown key",
         ),
         ("wrong type", "[bridge]\nqueue_capacity = \"many\"\n".into(), "queue_capacity"),
         (
@@ -125,6 +125,27 @@ async fn all_problems_are_listed_at_once() {
         ["admin.listen", "bridge.shutdown_grace", "sources[0].name", "sources[0].url"],
         "{stderr}"
     );
+}
+
+/// Unknown keys anywhere (a table, a source, a subscription) are each named by their full
+/// path, beside the other problems of the file.
+#[tokio::test]
+async fn every_unknown_key_is_named_with_its_path() {
+    let (code, stderr) = check(
+        "[admin]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n[state]\nspool_max_bytes = \"lots\"\n[[sources]]\nname = \"demo\"\nurl = \"http://127.0.0.1:1/bayeux\"\ncolour = \"red\"\n\
+         [[subscriptions]]\nid = \"s\"\nsource = \"demo\"\nchannel = \"/s\"\nsink = { type = \"nats\", subject = \"s\" }\nretry = { max_elapsed = \"1h\", tries = 3 }\n",
+        "toml",
+    )
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    for expected in [
+        "admin.bogus: unknown key",
+        "sources[0].colour: unknown key",
+        "subscriptions[0].retry.tries: unknown key",
+        "state.spool_max_bytes: \"lots\" is not a size",
+    ] {
+        assert!(stderr.lines().any(|line| line.starts_with(expected)), "no {expected:?} in\n{stderr}");
+    }
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
-//! Durable, isolated delivery: a sink down for longer than the CometD server keeps a
-//! silent session loses nothing and costs no session; one sink down holds back no other
-//! subscription; a `kill -9` with a backlog repeats deliveries only under their ids; a
-//! first-release state directory is imported; a crafted message id still arrives.
+//! Durable, isolated delivery: one sink down holds back no other subscription; a `kill -9`
+//! with a backlog repeats deliveries only under their ids; a first-release state directory
+//! is imported; a crafted message id still arrives; `max_in_flight`; a subscription added
+//! while the server is down. The long outages are in `tests/outage.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -10,91 +10,12 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::support::app::TestApp;
-use crate::support::bayeux::{BayeuxServer, FayeOptions};
+use crate::support::bayeux::BayeuxServer;
 use crate::support::daemon::Daemon;
 use crate::support::nats::NatsServer;
-use crate::support::peer::{WAIT, open};
+use crate::support::peer::WAIT;
+use crate::support::scenario::{delivered, faye, publish_paced, source, webhook};
 use crate::support::webhook::WebhookReceiver;
-
-/// faye holding each `/meta/connect` 3 s: it drops a session that has not polled for 6 s
-/// (twice its timeout), with whatever it held.
-async fn faye() -> BayeuxServer {
-    BayeuxServer::faye(FayeOptions { timeout: Some(3), ..FayeOptions::default() }).await
-}
-
-fn source(faye: &BayeuxServer) -> String {
-    format!("[[sources]]\nname = \"demo\"\nurl = \"{}\"\n", faye.url())
-}
-
-fn webhook(id: &str, channel: &str, url: &str) -> String {
-    format!(
-        "[[subscriptions]]\nid = \"{id}\"\nsource = \"demo\"\nchannel = \"{channel}\"\nsink = {{ type = \"webhook\", url = \"{url}\" }}\nretry = {{ max_backoff = \"1s\" }}\n"
-    )
-}
-
-/// Collects the numbers delivered with a 2xx until every one of `expected` arrived;
-/// returns how often each came.
-async fn delivered(receiver: &mut WebhookReceiver, expected: u64) -> BTreeMap<u64, usize> {
-    let mut seen = BTreeMap::new();
-    while (seen.len() as u64) < expected {
-        let request = receiver.next().await;
-        if request.status == 200 {
-            let n = request.json()["data"]["n"].as_u64().expect("a numbered message");
-            *seen.entry(n).or_insert(0) += 1;
-        }
-    }
-    while let Some(request) = receiver.try_next() {
-        if request.status == 200 {
-            let n = request.json()["data"]["n"].as_u64().expect("a numbered message");
-            *seen.entry(n).or_insert(0) += 1;
-        }
-    }
-    seen
-}
-
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(name))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-}
-
-/// A webhook answering 503 for 60 s (10 session timeouts of faye) while 30 msg/s arrive,
-/// with small client and queue capacities (the first release stalled its session behind
-/// them): the source keeps polling, every message arrives exactly once, no dead letter, no
-/// lost session.
-#[tokio::test]
-async fn a_webhook_down_longer_than_the_session_timeout_loses_nothing() {
-    let faye = faye().await;
-    let mut receiver = WebhookReceiver::start(std::iter::repeat_n(503, 1_000_000)).await;
-    let app = TestApp::spawn(&format!(
-        "[bridge]\nqueue_capacity = 20\n{}max_pending_count = 20\n{}",
-        source(&faye),
-        webhook("hook", "/down", &receiver.url())
-    ))
-    .await;
-    app.wait_ready().await;
-    let publishing = tokio::spawn(publish_paced(faye.url(), "/down", 0..1950, 30));
-    // The outage itself.
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    let (_, subscriptions) = app.call("GET", "/api/v1/subscriptions/hook", None).await;
-    assert!(
-        subscriptions["backlog"]["messages"].as_u64().unwrap_or_default() > 100,
-        "a backlog builds up: {subscriptions}"
-    );
-    receiver.heal();
-    publishing.await.expect("published");
-    let seen = delivered(&mut receiver, 1950).await;
-    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (0..1950).collect::<Vec<_>>());
-    assert!(seen.values().all(|count| *count == 1), "each exactly once: {seen:?}");
-    assert!(app.dead_letters().await.is_empty());
-    let metrics = app.metrics().await;
-    assert_eq!(metric(&metrics, "cometd_bridge_session_losses_total"), 0.0, "{metrics}");
-    assert_eq!(metric(&metrics, "cometd_bridge_spool_messages{subscription=\"hook\"}"), 0.0);
-    app.stop().await;
-}
 
 /// Two subscriptions of one source on the same channel: one webhook keeps failing, the
 /// other receives everything while the first has still delivered nothing.
@@ -257,51 +178,6 @@ async fn a_crafted_message_id_is_sanitised_and_delivered() {
         assert!(headers.get("Injected").is_none());
     }
     app.stop().await;
-}
-
-/// JetStream down for 40 s (6 session timeouts of faye) while 30 msg/s arrive: the stream
-/// ends with every message once, in order.
-#[tokio::test]
-async fn jetstream_down_longer_than_the_session_timeout_stores_each_message_once() {
-    let faye = faye().await;
-    let mut nats = NatsServer::start().await;
-    crate::bridge::create_stream(&nats, "DOWN", "down.>").await;
-    let app = TestApp::spawn(&format!(
-        "[nats]\nurl = \"{}\"\n{}[[subscriptions]]\nid = \"js\"\nsource = \"demo\"\nchannel = \"/js\"\nsink = {{ type = \"nats\", subject = \"down.x\", jetstream = true }}\nretry = {{ max_backoff = \"1s\" }}\n",
-        nats.url(),
-        source(&faye)
-    ))
-    .await;
-    app.wait_ready().await;
-    let publishing = tokio::spawn(publish_paced(faye.url(), "/js", 0..1350, 30));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    nats.process().stop().await;
-    // The outage itself.
-    tokio::time::sleep(Duration::from_secs(40)).await;
-    nats.process().restart().await;
-    publishing.await.expect("published");
-    let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("reconnect"));
-    crate::bridge::wait_for_stream(&jetstream, "DOWN", 1350).await;
-    let stream = jetstream.get_stream("DOWN").await.expect("stream");
-    for sequence in 1..=1350u64 {
-        let stored = stream.get_raw_message(sequence).await.expect("stored");
-        let payload: Value = serde_json::from_slice(&stored.payload).expect("JSON");
-        assert_eq!(payload["n"], sequence - 1, "every message, once, in order");
-    }
-    assert!(app.dead_letters().await.is_empty());
-    assert_eq!(metric(&app.metrics().await, "cometd_bridge_session_losses_total"), 0.0);
-    app.stop().await;
-}
-
-/// Publishes numbered messages on `channel` at `rate` per second.
-async fn publish_paced(url: String, channel: &'static str, numbers: std::ops::Range<u64>, rate: u64) {
-    let publisher = open(cometd_bridge::cometd::Client::builder(url)).await;
-    let mut ticks = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
-    for n in numbers {
-        ticks.tick().await;
-        publisher.publish(channel, json!({ "n": n })).await.expect("publish");
-    }
-    publisher.close().await;
 }
 
 /// A webhook taking 100 ms per request with `max_in_flight = 8`: eight requests run at

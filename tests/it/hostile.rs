@@ -179,3 +179,20 @@ async fn dead_letters_come_a_page_at_a_time() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn unknown_keys_in_a_posted_subscription_are_named() {
+    let faye = faye().await;
+    let app = TestApp::spawn(&source(&faye)).await;
+    let mut body = webhook("u", "https://hooks.example.com/x", None);
+    body["bogus"] = json!(1);
+    body["retry"] = json!({ "max_elapsed": "1h", "tries": 3 });
+    let (status, answer) = app.call("POST", "/api/v1/subscriptions", Some(body)).await;
+    assert_eq!((status, answer["error"].clone()), (400, json!("invalid_subscription")), "{answer}");
+    let message = answer["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("bogus: unknown key") && message.contains("retry.tries: unknown key"),
+        "{message}"
+    );
+    app.stop().await;
+}

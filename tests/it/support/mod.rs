@@ -10,6 +10,7 @@ pub mod fake;
 pub mod nats;
 pub mod peer;
 pub mod process;
+pub mod scenario;
 pub mod webhook;
 
 use std::path::PathBuf;
