@@ -599,6 +599,7 @@ impl Bridge {
 
     /// Updates the spool gauges, before metrics are rendered.
     pub fn refresh_metrics(&self) {
+        self.metrics.state_errors(self.store.unreadable_records());
         self.subscriptions.all(|entry| {
             let backlog = BacklogView::from(entry.spool.backlog());
             let age = Duration::from_secs_f64(backlog.oldest_age_seconds);

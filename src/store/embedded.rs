@@ -41,6 +41,7 @@ pub const FILE_NAME: &str = "state.redb";
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: Arc<str>,
+    unreadable: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -71,7 +72,7 @@ impl EmbeddedStore {
                 }
                 other => StoreError::Corrupt { path: path.to_string(), message: other.to_string() },
             })?;
-        let store = EmbeddedStore { db: Arc::new(db), path };
+        let store = EmbeddedStore { db: Arc::new(db), path, unreadable: Arc::default() };
         store.write(|txn| {
             // Created up front, so that reads never meet a missing table.
             txn.open_table(SUBSCRIPTIONS)?;
@@ -191,6 +192,7 @@ impl EmbeddedStore {
                     Err(error) => {
                         let error = store.corrupt(table.name(), &key, error);
                         tracing::error!(error = %error, "skipping an unreadable record");
+                        store.unreadable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         None
                     }
                 })
@@ -344,6 +346,7 @@ impl Store for EmbeddedStore {
                     Err(error) => {
                         let error = store.corrupt(DEAD_LETTERS.name(), &key, error);
                         tracing::error!(error = %error, "skipping an unreadable record");
+                        store.unreadable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         None
                     }
                 })
@@ -456,6 +459,10 @@ impl Store for EmbeddedStore {
     /// the syncs per message at moderate rates, for at most a millisecond of delay.
     fn append_window(&self) -> std::time::Duration {
         std::time::Duration::from_millis(1)
+    }
+
+    fn unreadable_records(&self) -> u64 {
+        self.unreadable.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn sync(&self) -> Result<(), StoreError> {

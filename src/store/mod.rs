@@ -162,6 +162,11 @@ pub trait Store: Send + Sync + 'static {
     fn append_window(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }
+    /// Records skipped since the store opened because they could not be read (each is
+    /// logged); for `cometd_bridge_state_errors_total`.
+    fn unreadable_records(&self) -> u64 {
+        0
+    }
     /// Makes every settlement so far durable (at shutdown).
     async fn sync(&self) -> Result<(), StoreError> {
         Ok(())

@@ -37,6 +37,8 @@ pub struct NatsKvStore {
 struct Bucket {
     name: String,
     store: kv::Store,
+    /// Records skipped as unreadable, shared by the store's buckets.
+    unreadable: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl NatsKvStore {
@@ -48,10 +50,17 @@ impl NatsKvStore {
     /// server is unreachable or has no JetStream.
     pub async fn open(client: async_nats::Client, bucket: &str) -> Result<Self, StoreError> {
         let jetstream = jetstream::new(client.clone());
+        let mut subscriptions = Bucket::open(&jetstream, format!("{bucket}-subscriptions")).await?;
+        let mut dead_letters = Bucket::open(&jetstream, format!("{bucket}-dead-letters")).await?;
+        let mut positions = Bucket::open(&jetstream, format!("{bucket}-positions")).await?;
+        let unreadable = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        for bucket in [&mut subscriptions, &mut dead_letters, &mut positions] {
+            bucket.unreadable = unreadable.clone();
+        }
         Ok(NatsKvStore {
-            subscriptions: Bucket::open(&jetstream, format!("{bucket}-subscriptions")).await?,
-            dead_letters: Bucket::open(&jetstream, format!("{bucket}-dead-letters")).await?,
-            positions: Bucket::open(&jetstream, format!("{bucket}-positions")).await?,
+            subscriptions,
+            dead_letters,
+            positions,
             spool: Arc::new(NatsSpool::new(client, bucket)),
         })
     }
@@ -75,7 +84,7 @@ impl Bucket {
                 .await
                 .map_err(|error| nats_error(&name, "cannot be created", error))?,
         };
-        Ok(Bucket { name, store })
+        Ok(Bucket { name, store, unreadable: Arc::default() })
     }
 
     async fn put<T: Serialize>(&self, id: &str, record: &T) -> Result<(), StoreError> {
@@ -119,7 +128,10 @@ impl Bucket {
                 self.store.get(key.as_str()).await.map_err(|error| nats_error(&self.name, "get", error))?
             {
                 let id = URL_SAFE_NO_PAD.decode(&key).ok().and_then(|id| String::from_utf8(id).ok());
-                keyed.push((id.unwrap_or_else(|| key.clone()), self.parse(&key, &bytes)?));
+                match self.parse(&key, &bytes) {
+                    Ok(record) => keyed.push((id.unwrap_or_else(|| key.clone()), record)),
+                    Err(error) => self.skip(&error),
+                }
             }
         }
         keyed.sort_by(|(a, _), (b, _)| a.cmp(b));
@@ -139,6 +151,12 @@ impl Bucket {
             self.store.purge(key.as_str()).await.map_err(|error| nats_error(&self.name, "purge", error))?;
         }
         Ok(existed)
+    }
+
+    /// Reports and counts an unreadable record that a listing leaves out.
+    fn skip(&self, error: &StoreError) {
+        tracing::error!(error = %error, "skipping an unreadable record");
+        self.unreadable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn parse<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -207,9 +225,12 @@ impl Store for NatsKvStore {
         let start = after.map_or(0, |after| ids.partition_point(|id| id.as_str() <= after));
         let mut letters = Vec::with_capacity(limit);
         for id in ids.iter().skip(start).take(limit) {
-            // One removed since the keys were listed is skipped.
-            if let Some(letter) = self.dead_letters.get(id).await? {
-                letters.push(letter);
+            // One removed since the keys were listed, or unreadable, is skipped.
+            match self.dead_letters.get(id).await {
+                Ok(Some(letter)) => letters.push(letter),
+                Ok(None) => {}
+                Err(error @ StoreError::Corrupt { .. }) => self.dead_letters.skip(&error),
+                Err(error) => return Err(error),
             }
         }
         Ok((letters, ids.len() > start + limit))
@@ -266,6 +287,10 @@ impl Store for NatsKvStore {
 
     /// Appended first, then removed from the dead letters: a crash in between leaves it in
     /// both (delivered, and retried again with the same delivery id) rather than neither.
+    fn unreadable_records(&self) -> u64 {
+        self.subscriptions.unreadable.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn requeue_dead_letter(&self, id: &str, append: SpoolAppend) -> Result<Option<u64>, StoreError> {
         if self.dead_letters.get::<DeadLetter>(id).await?.is_none() {
             return Ok(None);

@@ -31,6 +31,7 @@ struct Inner {
     fallbacks: Family<Labels, Counter>,
     session_losses: Family<Labels, Counter>,
     task_restarts: Family<Labels, Counter>,
+    state_errors: Counter,
     paused: Family<Labels, Gauge>,
     spool_messages: Family<Labels, Gauge>,
     spool_bytes: Family<Labels, Gauge>,
@@ -61,6 +62,12 @@ impl Metrics {
         let fallbacks = Family::<Labels, Counter>::default();
         let session_losses = Family::<Labels, Counter>::default();
         let task_restarts = Family::<Labels, Counter>::default();
+        let state_errors = Counter::default();
+        registry.register(
+            "cometd_bridge_state_errors",
+            "Records of the state store skipped because they could not be read",
+            state_errors.clone(),
+        );
         registry.register(
             "cometd_bridge_task_restarts",
             "Forwarder and source tasks restarted after failing unexpectedly",
@@ -140,6 +147,7 @@ impl Metrics {
                 fallbacks,
                 session_losses,
                 task_restarts,
+                state_errors,
                 paused,
                 spool_messages,
                 spool_bytes,
@@ -221,6 +229,14 @@ impl Metrics {
     /// The CometD server forgot the session of `source`.
     pub fn session_lost(&self, source: &str) {
         self.inner.session_losses.get_or_create(&vec![("source", source.into())]).inc();
+    }
+
+    /// The state store has skipped `total` unreadable records since it opened.
+    pub fn state_errors(&self, total: u64) {
+        let counted = self.inner.state_errors.get();
+        if total > counted {
+            self.inner.state_errors.inc_by(total - counted);
+        }
     }
 
     /// `task` (e.g. `forwarder orders`) failed and was restarted.

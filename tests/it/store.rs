@@ -3,9 +3,7 @@
 //! keeps its runtime subscriptions and dead letters in NATS, not on its disk.
 
 use cometd_bridge::config::RawSubscription;
-use cometd_bridge::store::{
-    DeadLetter, EmbeddedStore, NatsKvStore, Settlement, SpoolAppend, Store, StoreError,
-};
+use cometd_bridge::store::{DeadLetter, EmbeddedStore, NatsKvStore, Settlement, SpoolAppend, Store};
 use serde_json::json;
 
 use crate::support::app::TestApp;
@@ -158,18 +156,62 @@ async fn the_nats_kv_store_keeps_every_record_across_connections() {
     assert!(other.subscriptions().await.expect("list").is_empty());
 }
 
+/// One unreadable record (NATS KV): reported and skipped; it breaks no listing.
 #[tokio::test]
-async fn a_record_that_does_not_parse_is_named_not_skipped() {
+async fn an_unreadable_kv_record_is_skipped_and_counted() {
     let nats = NatsServer::start().await;
     let client = async_nats::connect(nats.url()).await.expect("connect");
     let store = NatsKvStore::open(client.clone(), "corrupt").await.expect("open");
-    let bucket =
-        async_nats::jetstream::new(client).get_key_value("corrupt-subscriptions").await.expect("bucket");
+    store.put_subscription(&subscription("fine", "/fine")).await.expect("put");
+    let jetstream = async_nats::jetstream::new(client);
+    let bucket = jetstream.get_key_value("corrupt-subscriptions").await.expect("bucket");
     bucket.put("eA", "{\"id\":".into()).await.expect("put garbage");
-    match store.subscriptions().await {
-        Err(StoreError::Corrupt { path, .. }) => assert!(path.contains("corrupt-subscriptions"), "{path}"),
-        other => panic!("expected a corrupt record error, got {other:?}"),
+    let letters = jetstream.get_key_value("corrupt-dead-letters").await.expect("bucket");
+    letters.put("eQ", "not json".into()).await.expect("put garbage");
+    store.add_dead_letter(&letter("z-fine", 1, "2026-01-01T00:00:00.000Z")).await.expect("add");
+    assert_eq!(ids(&store.subscriptions().await.expect("the listing still works")), ["fine"]);
+    let (page, more) = store.dead_letters_page(None, 10).await.expect("the page still works");
+    assert_eq!(
+        (page.iter().map(|letter| letter.id.as_str()).collect::<Vec<_>>(), more),
+        (vec!["z-fine"], false)
+    );
+    assert_eq!(store.unreadable_records(), 2);
+}
+
+/// One unreadable record (embedded): reported and skipped, and a daemon on that state
+/// starts, lists its dead letters and counts it in `cometd_bridge_state_errors_total`.
+#[tokio::test]
+async fn an_unreadable_embedded_record_is_skipped_and_counted() {
+    let state = tempfile::tempdir().expect("state");
+    {
+        let store = EmbeddedStore::open(state.path()).expect("open");
+        store.add_dead_letter(&letter("b-fine", 1, "2026-01-01T00:00:00.000Z")).await.expect("add");
     }
+    {
+        let db = redb::Database::create(state.path().join("state.redb")).expect("the file");
+        let txn = db.begin_write().expect("write");
+        {
+            let table: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("dead_letters");
+            let mut table = txn.open_table(table).expect("table");
+            table.insert("a-broken", b"{\"id\":".as_slice()).expect("insert");
+            let subscriptions: redb::TableDefinition<&str, &[u8]> =
+                redb::TableDefinition::new("subscriptions");
+            txn.open_table(subscriptions).expect("table").insert("broken", b"[]".as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let app =
+        TestApp::spawn_in(&format!("[[sources]]\nname = \"demo\"\nurl = \"{}\"\n", faye.url()), state, None)
+            .await;
+    let letters = app.dead_letters().await;
+    assert_eq!(letters.iter().map(|letter| letter.id.as_str()).collect::<Vec<_>>(), ["b-fine"]);
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("cometd_bridge_state_errors_total 2"),
+        "the broken subscription and dead letter:\n{metrics}"
+    );
+    app.stop().await;
 }
 
 /// The daemon with `state.backend = "nats-kv"`: a subscription added through the API, and

@@ -13,10 +13,10 @@ use super::nats::NatsServer;
 use super::peer::{WAIT, open};
 use super::webhook::WebhookReceiver;
 
-/// faye holding each `/meta/connect` 3 s: it drops a session that has not polled for 6 s
+/// faye holding each `/meta/connect` 2 s: it drops a session that has not polled for 4 s
 /// (twice its timeout), with whatever it held.
 pub async fn faye() -> BayeuxServer {
-    BayeuxServer::faye(FayeOptions { timeout: Some(3), ..FayeOptions::default() }).await
+    BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await
 }
 
 pub fn source(faye: &BayeuxServer) -> String {
