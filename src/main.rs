@@ -36,24 +36,8 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(error) => {
-            eprintln!("cometd-bridge: {}", error_chain(&error));
+            eprintln!("cometd-bridge: {}", cometd_bridge::telemetry::error_chain(&error));
             ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(1))
         }
     }
-}
-
-/// The error and its sources, joined with ": ", skipping a source whose text the error
-/// already shows.
-fn error_chain(error: &CommandError) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

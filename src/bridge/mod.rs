@@ -523,14 +523,6 @@ impl Bridge {
             .collect()
     }
 
-    /// The stored dead letters, oldest first.
-    ///
-    /// # Errors
-    /// [`BridgeError::Store`].
-    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BridgeError> {
-        Ok(self.store.dead_letters().await?)
-    }
-
     /// Up to `limit` dead letters in id order after the id `after`, and the id to continue
     /// after when more follow.
     ///

@@ -182,7 +182,7 @@ pub struct Source {
     pub limit: Arc<SpoolLimit>,
     /// Metrics.
     pub metrics: Metrics,
-    /// Channels being subscribed by [`Source::reconcile`], so that none is asked twice.
+    /// Channels being subscribed in the background, so that none is asked twice.
     pub subscribing: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 

@@ -123,7 +123,7 @@ impl WebhookSink {
             }
             Err(error) if error.is_timeout() => Err(Failure::transient("timeout", "timeout")),
             Err(error) => {
-                let chain = error_chain(&error);
+                let chain = crate::telemetry::error_chain(&error);
                 if chain.contains("certificate") || chain.contains("tls") || chain.contains("TLS") {
                     Err(Failure::transient("tls", format!("TLS failed: {chain}")))
                 } else if error.is_connect() {
@@ -134,21 +134,6 @@ impl WebhookSink {
             }
         }
     }
-}
-
-/// An error with its sources, `: `-separated.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The HMAC key of a Standard Webhooks secret: the base64 after `whsec_`, or the raw bytes
