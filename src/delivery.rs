@@ -82,7 +82,9 @@ impl Envelope {
             "subscription": &*self.subscription,
             "channel": self.message.channel,
             "id": self.message.id,
-            "data": self.message.data,
+            // As a value; data nested deeper than serde_json builds values (128 levels: a
+            // publisher can send that) comes as its JSON text instead of panicking here.
+            "data": self.message.data.as_ref().map(crate::cometd::Data::value),
             "ext": self.message.ext,
         })
     }
@@ -139,6 +141,26 @@ fn unix_millis(time: SystemTime) -> u64 {
 mod tests {
     use super::*;
     use crate::cometd::Data;
+
+    #[test]
+    fn deeply_nested_data_neither_panics_nor_is_lost() {
+        let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+        let message: Message = serde_json::from_str(&format!(r#"{{"channel":"/deep","data":{deep}}}"#))
+            .expect("the client takes it");
+        let envelope = Envelope {
+            source: "demo".into(),
+            subscription: "deep".into(),
+            session: "s".into(),
+            sequence: 1,
+            replay_id: None,
+            message: Arc::new(message),
+            received_at: SystemTime::now(),
+        };
+        let back = Envelope::from_record(&envelope.to_record()).expect("spooled and read back");
+        assert_eq!(back.message.data.as_ref().map(Data::json), Some(deep.as_str()));
+        let body = envelope.to_json();
+        assert_eq!(body["data"], serde_json::Value::String(deep), "kept as its text");
+    }
 
     #[test]
     fn a_spooled_message_reads_back_as_it_was_written() {

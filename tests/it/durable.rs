@@ -263,3 +263,33 @@ async fn a_subscription_added_while_the_server_is_down_subscribes_when_it_is_bac
     assert_eq!(receiver.next().await.json()["data"]["n"], 0);
     app.stop().await;
 }
+
+/// Data nested deeper than serde_json builds values (a publisher can send it): delivered
+/// to the webhook as its JSON text, and the message after it too (first release: the
+/// forwarder panicked on it).
+#[tokio::test]
+async fn deeply_nested_data_is_delivered() {
+    let faye = faye().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    let app =
+        TestApp::spawn(&format!("{}{}", source(&faye), webhook("deep", "/deep", &receiver.url()))).await;
+    app.wait_ready().await;
+    let http = crate::support::http_client();
+    let post = |body: String| {
+        let request = http.post(faye.url()).header("content-type", "application/json").body(body);
+        async move {
+            let bytes = request.send().await.expect("faye answers").bytes().await.expect("a body");
+            serde_json::from_slice::<Value>(&bytes).expect("JSON")
+        }
+    };
+    let handshake =
+        post(json!([{"channel": "/meta/handshake", "version": "1.0", "supportedConnectionTypes": ["long-polling"]}]).to_string())
+            .await;
+    let client_id = handshake[0]["clientId"].as_str().expect("a client id").to_string();
+    let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+    post(format!(r#"[{{"channel":"/deep","clientId":"{client_id}","data":{deep}}}]"#)).await;
+    post(format!(r#"[{{"channel":"/deep","clientId":"{client_id}","data":{{"n":2}}}}]"#)).await;
+    assert_eq!(receiver.next().await.json()["data"], Value::String(deep), "as its text");
+    assert_eq!(receiver.next().await.json()["data"]["n"], 2);
+    app.stop().await;
+}
