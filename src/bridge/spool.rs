@@ -138,11 +138,6 @@ impl Spool {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The subscription it belongs to.
-    pub fn subscription(&self) -> &Arc<str> {
-        &self.subscription
-    }
-
     /// Records messages the store has just appended (with their sequences) and wakes the
     /// forwarder.
     pub fn appended(&self, messages: impl IntoIterator<Item = Spooled>) {

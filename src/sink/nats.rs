@@ -120,7 +120,9 @@ impl NatsSink {
         }
     }
 
-    /// A message ready to publish, or why it can never be.
+    /// A message ready to publish, or why it can never be. (A message over the server's
+    /// `max_payload` is refused by async-nats itself, payload and headers counted, which
+    /// the publish below classifies as permanent.)
     fn prepare(
         &self,
         envelope: &Envelope,
@@ -131,16 +133,6 @@ impl NatsSink {
             return Err(Failure::permanent(
                 "invalid_subject",
                 format!("the subject {subject:?} starts with `$`, which NATS keeps for its own APIs"),
-            ));
-        }
-        let max_payload = self.client.server_info().max_payload;
-        if max_payload > 0 && payload.len() > max_payload {
-            return Err(Failure::permanent(
-                "too_large",
-                format!(
-                    "the payload ({} bytes) is over the server's max_payload ({max_payload} bytes)",
-                    payload.len()
-                ),
             ));
         }
         Ok((subject, headers, payload))

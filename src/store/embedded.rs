@@ -185,20 +185,29 @@ impl EmbeddedStore {
                 }
                 Ok(records)
             })?;
-            Ok(raw
-                .into_iter()
-                .filter_map(|(key, bytes)| match serde_json::from_slice(&bytes) {
-                    Ok(record) => Some(record),
-                    Err(error) => {
-                        let error = store.corrupt(table.name(), &key, error);
-                        tracing::error!(error = %error, "skipping an unreadable record");
-                        store.unreadable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        None
-                    }
-                })
-                .collect())
+            Ok(store.readable(table.name(), raw))
         })
         .await
+    }
+
+    /// The records of `table` that parse; one that does not is reported, counted and
+    /// skipped, so that it breaks no listing and no start.
+    fn readable<T: DeserializeOwned>(
+        &self,
+        table: &str,
+        raw: impl IntoIterator<Item = (String, Vec<u8>)>,
+    ) -> Vec<T> {
+        raw.into_iter()
+            .filter_map(|(key, bytes)| match serde_json::from_slice(&bytes) {
+                Ok(record) => Some(record),
+                Err(error) => {
+                    let error = self.corrupt(table, &key, error);
+                    tracing::error!(error = %error, "skipping an unreadable record");
+                    self.unreadable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    None
+                }
+            })
+            .collect()
     }
 
     async fn remove(
@@ -338,20 +347,7 @@ impl Store for EmbeddedStore {
                 Ok(records)
             })?;
             let more = raw.len() > limit;
-            let letters = raw
-                .into_iter()
-                .take(limit)
-                .filter_map(|(key, bytes)| match serde_json::from_slice(&bytes) {
-                    Ok(letter) => Some(letter),
-                    Err(error) => {
-                        let error = store.corrupt(DEAD_LETTERS.name(), &key, error);
-                        tracing::error!(error = %error, "skipping an unreadable record");
-                        store.unreadable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        None
-                    }
-                })
-                .collect();
-            Ok((letters, more))
+            Ok((store.readable(DEAD_LETTERS.name(), raw.into_iter().take(limit)), more))
         })
         .await
     }

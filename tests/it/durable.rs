@@ -293,3 +293,32 @@ async fn deeply_nested_data_is_delivered() {
     assert_eq!(receiver.next().await.json()["data"]["n"], 2);
     app.stop().await;
 }
+
+/// A message over the NATS server's `max_payload` (1 MB) can never be published: it is a
+/// dead letter at once, and the message after it is delivered.
+#[tokio::test]
+async fn a_message_too_large_for_nats_is_a_dead_letter_at_once() {
+    let faye = faye().await;
+    let nats = NatsServer::start().await;
+    let app = TestApp::spawn(&format!(
+        "[nats]\nurl = \"{}\"\n{}[[subscriptions]]\nid = \"big\"\nsource = \"demo\"\nchannel = \"/big\"\nsink = {{ type = \"nats\", subject = \"big\" }}\n",
+        nats.url(),
+        source(&faye)
+    ))
+    .await;
+    app.wait_ready().await;
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let mut subscriber = client.subscribe("big").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let publisher = crate::support::peer::open(cometd_bridge::cometd::Client::builder(faye.url())).await;
+    publisher.publish("/big", json!({ "blob": "x".repeat(1_200_000) })).await.expect("publish");
+    publisher.publish("/big", json!({ "n": 2 })).await.expect("publish");
+    let message = tokio::time::timeout(WAIT, subscriber.next()).await.expect("in time").expect("a message");
+    let data: Value = serde_json::from_slice(&message.payload).expect("JSON");
+    assert_eq!(data["n"], 2, "the next message is delivered");
+    let letters = app.wait_for_dead_letters(1).await;
+    let reason = letters[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("max payload"), "{reason}");
+    assert_eq!(letters[0]["attempts"], 1, "not retried");
+    app.stop().await;
+}
