@@ -116,6 +116,12 @@ pub enum TransportErrorKind {
     /// The reply was not valid Bayeux: bad JSON, not an array, a missing field, or no reply
     /// to the request at all.
     MalformedReply(String),
+    /// The server sent a payload or websocket message larger than `max_message_size`;
+    /// the connection was dropped.
+    TooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// The transport cannot do this in its current state.
     InvalidOperation(String),
     /// Any other I/O failure.
@@ -133,6 +139,9 @@ impl fmt::Display for TransportErrorKind {
             Self::HttpStatus(status) => write!(f, "the server answered with HTTP status {status}"),
             Self::WebSocketUpgrade => write!(f, "the websocket upgrade failed"),
             Self::MalformedReply(what) => write!(f, "malformed reply from the server: {what}"),
+            Self::TooLarge { limit } => {
+                write!(f, "the server sent a message larger than the {limit}-byte limit (max_message_size)")
+            }
             Self::InvalidOperation(what) => write!(f, "{what}"),
             Self::Io => write!(f, "I/O error"),
         }

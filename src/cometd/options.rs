@@ -15,6 +15,12 @@ use super::error::Error;
 use super::extension::{AuthExtension, Extension};
 use super::transport::coalesce::ReadCoalescing;
 
+/// The default of [`ClientOptions::max_message_size`]: 16 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+
+/// Below this a handshake reply may not fit.
+const MIN_MAX_MESSAGE_SIZE: usize = 1024;
+
 /// A way of carrying Bayeux messages, as named in the handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ConnectionType {
@@ -140,6 +146,7 @@ pub struct ClientOptions {
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) backoff: (Duration, Duration),
     pub(crate) read_coalescing: Option<ReadCoalescing>,
+    pub(crate) max_message_size: usize,
 }
 
 impl fmt::Debug for ClientOptions {
@@ -157,6 +164,7 @@ impl fmt::Debug for ClientOptions {
             .field("headers", &self.headers.iter().map(|(name, _)| name).collect::<Vec<_>>())
             .field("backoff", &self.backoff)
             .field("read_coalescing", &self.read_coalescing)
+            .field("max_message_size", &self.max_message_size)
             .finish()
     }
 }
@@ -178,6 +186,7 @@ impl ClientOptions {
             headers: Vec::new(),
             backoff: (Duration::from_millis(500), Duration::from_secs(30)),
             read_coalescing: Some(ReadCoalescing::default()),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 
@@ -258,6 +267,16 @@ impl ClientOptions {
         self
     }
 
+    /// The largest long-polling response body or websocket message the client reads, in
+    /// bytes (default 16 MiB). A larger one, whether its length is declared or it just
+    /// keeps coming, fails the request with
+    /// [`TransportErrorKind::TooLarge`](super::TransportErrorKind::TooLarge) and drops the
+    /// connection, so that one server cannot exhaust the process's memory.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
     /// Checks the options and makes a client (not yet open).
     ///
     /// # Errors
@@ -309,6 +328,11 @@ impl ClientOptions {
                 .map_err(|_| Error::InvalidOptions(format!("the value of header {name:?} is not valid")))?;
             headers.append(header_name, header_value);
         }
+        if self.max_message_size < MIN_MAX_MESSAGE_SIZE {
+            return Err(Error::InvalidOptions(format!(
+                "max_message_size must be at least {MIN_MAX_MESSAGE_SIZE} bytes"
+            )));
+        }
         let max_pending = usize::try_from(self.max_pending_count).ok().filter(|count| *count > 0);
         Ok(ValidOptions {
             http_url,
@@ -323,6 +347,7 @@ impl ClientOptions {
             headers,
             backoff,
             read_coalescing: self.read_coalescing,
+            max_message_size: self.max_message_size,
         })
     }
 }
@@ -347,6 +372,7 @@ pub(crate) struct ValidOptions {
     pub(crate) headers: HeaderMap,
     pub(crate) backoff: Backoff,
     pub(crate) read_coalescing: Option<ReadCoalescing>,
+    pub(crate) max_message_size: usize,
 }
 
 #[cfg(test)]

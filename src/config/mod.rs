@@ -123,6 +123,8 @@ pub struct SourceConfig {
     pub connection_timeout: Option<Duration>,
     /// Timeout of requests other than `/meta/connect`.
     pub request_timeout: Duration,
+    /// The largest response or websocket message read from the server, in bytes.
+    pub max_message_size: usize,
     /// Prefetch limit.
     pub max_pending_count: i64,
     /// Whether a busy websocket reads on a timer.
@@ -159,6 +161,7 @@ impl SourceConfig {
             .connection_timeout(self.connection_timeout)
             .request_timeout(self.request_timeout)
             .max_pending_count(self.max_pending_count)
+            .max_message_size(self.max_message_size)
             .read_coalescing(self.read_coalescing.then(ReadCoalescing::default))
             .tls(self.tls.clone());
         for (name, value) in &self.headers {

@@ -185,6 +185,9 @@ pub struct RawSource {
     /// Request timeout for everything but `/meta/connect`.
     #[serde(default = "default_request_timeout")]
     pub request_timeout: String,
+    /// The largest response or websocket message read from the server, e.g. `"16MiB"`.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: String,
     /// Messages the client prefetches before it stops polling.
     #[serde(default = "default_max_pending_count")]
     pub max_pending_count: i64,
@@ -250,6 +253,10 @@ fn default_connection_types() -> Vec<String> {
 
 fn default_connection_timeout() -> String {
     "10s".into()
+}
+
+fn default_max_message_size() -> String {
+    "16MiB".into()
 }
 
 fn default_request_timeout() -> String {

@@ -258,6 +258,19 @@ fn source_config(check: &mut Checker<'_>, key: &str, source: &RawSource) -> Sour
     }
     let connection_timeout = check.duration(&format!("{key}.connection_timeout"), &source.connection_timeout);
     let request_timeout = check.positive_duration(&format!("{key}.request_timeout"), &source.request_timeout);
+    let max_message_size = match parse_size(&source.max_message_size).map(usize::try_from) {
+        Some(Ok(bytes)) if bytes >= 1024 => bytes,
+        _ => {
+            check.problem(
+                format!("{key}.max_message_size"),
+                format!(
+                    "{:?} is not a size of at least 1KiB; write e.g. \"16MiB\" or \"64MB\"",
+                    source.max_message_size
+                ),
+            );
+            crate::cometd::DEFAULT_MAX_MESSAGE_SIZE
+        }
+    };
     let mut headers = Vec::new();
     for (name, value) in &source.headers {
         let header_key = format!("{key}.headers.{name}");
@@ -294,6 +307,7 @@ fn source_config(check: &mut Checker<'_>, key: &str, source: &RawSource) -> Sour
         connection_types,
         connection_timeout: Some(connection_timeout).filter(|timeout| !timeout.is_zero()),
         request_timeout,
+        max_message_size,
         max_pending_count: source.max_pending_count,
         read_coalescing: source.read_coalescing,
         headers,

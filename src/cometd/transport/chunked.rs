@@ -14,8 +14,12 @@ use bytestring::ByteString;
 use serde_json::value::RawValue;
 
 use super::{message_count_estimate, parse_payload};
-use crate::cometd::error::Error;
+use crate::cometd::error::{Error, TransportErrorKind};
 use crate::cometd::message::{Data, Message, WireMessage};
+
+/// How many times its first chunk a payload's declared length may be, for sizing the
+/// message vector up front; past it, the vector grows as messages arrive.
+const PLAUSIBLE_GROWTH: usize = 64;
 
 /// Where the parser is in the array's syntax.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -54,37 +58,61 @@ pub(crate) struct ChunkedPayload {
     /// Every chunk, kept (shared, not copied) in case the payload turns out not to be an
     /// array of messages and has to be parsed whole.
     chunks: Vec<Bytes>,
-    /// The payload's announced length, to size the message vector from the first chunk.
+    /// The payload's announced length, to size the message vector from the first chunk
+    /// (trusted only as far as the first chunk supports it).
     expected_len: Option<usize>,
+    /// The bytes fed so far, and the most that may be.
+    received: usize,
+    limit: usize,
     /// Set when the payload is not an array of messages: the rest is only collected.
     whole: bool,
 }
 
 impl ChunkedPayload {
-    /// A parser for a payload of `expected_len` bytes, if the length is known.
-    pub(crate) fn new(expected_len: Option<u64>) -> Self {
-        ChunkedPayload {
+    /// A parser for a payload of `expected_len` bytes, if the length is known, and of at
+    /// most `limit` bytes.
+    ///
+    /// # Errors
+    /// [`TransportErrorKind::TooLarge`] if the announced length is over the limit.
+    pub(crate) fn new(expected_len: Option<u64>, limit: usize) -> Result<Self, Error> {
+        let expected_len = expected_len.map(|len| usize::try_from(len).unwrap_or(usize::MAX));
+        if expected_len.is_some_and(|len| len > limit) {
+            return Err(Error::transport(TransportErrorKind::TooLarge { limit }));
+        }
+        Ok(ChunkedPayload {
             expect: Expect::Open,
             messages: Vec::new(),
             carry: BytesMut::new(),
             retry_at: 0,
             chunks: Vec::new(),
-            expected_len: expected_len.and_then(|len| usize::try_from(len).ok()),
+            expected_len,
+            received: 0,
+            limit,
             whole: false,
-        }
+        })
     }
 
     /// Reads the messages the chunk completes.
-    pub(crate) fn feed(&mut self, chunk: Bytes) {
+    ///
+    /// # Errors
+    /// [`TransportErrorKind::TooLarge`] once the payload grows past the limit.
+    pub(crate) fn feed(&mut self, chunk: Bytes) -> Result<(), Error> {
         if chunk.is_empty() {
-            return;
+            return Ok(());
+        }
+        self.received = self.received.saturating_add(chunk.len());
+        if self.received > self.limit {
+            return Err(Error::transport(TransportErrorKind::TooLarge { limit: self.limit }));
         }
         self.chunks.push(chunk.clone());
         if self.whole {
-            return;
+            return Ok(());
         }
         if self.chunks.len() == 1 {
-            let total = self.expected_len.unwrap_or(chunk.len()).max(chunk.len());
+            // A declared length is believed only up to what the first chunk makes
+            // plausible: a server may announce terabytes and send a few bytes.
+            let plausible = chunk.len().saturating_mul(PLAUSIBLE_GROWTH);
+            let total = self.expected_len.unwrap_or(0).min(plausible).max(chunk.len());
             self.messages.reserve(message_count_estimate(&chunk, total));
         }
         if self.carry.is_empty() {
@@ -92,6 +120,7 @@ impl ChunkedPayload {
         } else {
             self.complete_carry(chunk);
         }
+        Ok(())
     }
 
     /// Every message, once the last chunk has been fed; or the error that names what is
@@ -245,9 +274,10 @@ mod tests {
     /// The chunks parsed; a well-formed array must be read chunk by chunk, not handed to
     /// `parse_payload` whole (which would hide a mistake in the chunk-by-chunk reading).
     fn parsed_in(chunks: &[&[u8]]) -> Result<Vec<Message>, String> {
-        let mut parser = ChunkedPayload::new(Some(chunks.iter().map(|chunk| chunk.len() as u64).sum()));
+        let declared = chunks.iter().map(|chunk| chunk.len() as u64).sum();
+        let mut parser = ChunkedPayload::new(Some(declared), usize::MAX).expect("no limit");
         for chunk in chunks {
-            parser.feed(Bytes::copy_from_slice(chunk));
+            parser.feed(Bytes::copy_from_slice(chunk)).expect("no limit");
         }
         match parser.end() {
             Ok(messages) => Ok(messages),
@@ -335,9 +365,9 @@ mod tests {
         let second = Bytes::from(format!(
             r#"ta":[2]}},{{"channel":"/pad","data":"{padding}"}},{{"channel":"/c","data":"three"}}]"#
         ));
-        let mut parser = ChunkedPayload::new(None);
-        parser.feed(first.clone());
-        parser.feed(second.clone());
+        let mut parser = ChunkedPayload::new(None, usize::MAX).expect("no limit");
+        parser.feed(first.clone()).expect("no limit");
+        parser.feed(second.clone()).expect("no limit");
         let messages = parser.finish().expect("parse");
         let data: Vec<Bytes> =
             messages.iter().filter_map(|m| m.data.as_ref().map(Data::json_bytes)).collect();
@@ -349,5 +379,29 @@ mod tests {
         assert!(inside(&first, &data[0]), "read in place from the first chunk");
         assert!(!inside(&first, &data[1]) && !inside(&second, &data[1]), "the cut message is joined");
         assert!(inside(&second, &data[3]), "read in place from the second chunk");
+    }
+
+    #[test]
+    fn a_payload_over_the_limit_is_refused_declared_or_streamed() {
+        let too_large =
+            |error: Error| matches!(error.transport_kind(), Some(TransportErrorKind::TooLarge { limit: 64 }));
+        let declared = ChunkedPayload::new(Some(100_000_000_000_000), 64).err().expect("declared too large");
+        assert!(too_large(declared));
+        let mut streamed = ChunkedPayload::new(None, 64).expect("no length declared");
+        streamed.feed(Bytes::from_static(&[b' '; 60])).expect("under the limit");
+        assert!(too_large(streamed.feed(Bytes::from_static(&[b' '; 5])).expect_err("over the limit")));
+    }
+
+    #[test]
+    fn a_declared_length_does_not_size_the_message_vector_beyond_the_first_chunk() {
+        let chunk = Bytes::from(format!("[{}", r#"{"channel":"/a","data":1},"#.repeat(200)));
+        let mut parser = ChunkedPayload::new(Some(u64::MAX / 2), usize::MAX).expect("no limit");
+        parser.feed(chunk.clone()).expect("no limit");
+        assert!(
+            parser.messages.capacity() <= chunk.len() * PLAUSIBLE_GROWTH / 24,
+            "capacity {} for a {}-byte chunk",
+            parser.messages.capacity(),
+            chunk.len()
+        );
     }
 }

@@ -45,10 +45,12 @@ impl LongPolling {
         }
         let response_headers = response.headers().clone();
         // Parsed as it arrives: a response of megabytes is never copied whole.
-        let mut parser = ChunkedPayload::new(response.content_length());
+        // Dropping the response on an error closes the connection, so the rest of an
+        // over-limit body is never read.
+        let mut parser = ChunkedPayload::new(response.content_length(), shared.options.max_message_size)?;
         let mut response = response;
         while let Some(chunk) = response.chunk().await.map_err(http_error)? {
-            parser.feed(chunk);
+            parser.feed(chunk)?;
         }
         let mut received = parser.finish()?;
         shared.incoming(&mut received, Some(&response_headers)).await?;

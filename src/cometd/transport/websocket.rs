@@ -162,7 +162,7 @@ impl Connection {
         // tungstenite reads through a buffer allocated up front (128 KiB by default): with
         // thousands of sessions in one process that is most of their memory. Bayeux frames
         // are small; a larger one still fits, as the buffer grows on demand.
-        let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_SIZE);
+        let config = socket_config(options.max_message_size);
         let coalescing = options.read_coalescing;
         let connect = async move {
             let stream = connect_tcp(request.uri()).await?;
@@ -305,6 +305,11 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
             Some(Ok(Frame::Binary(bytes))) => bytes,
             Some(Ok(Frame::Close(_))) | None => break TransportErrorKind::ConnectionClosed,
             Some(Ok(_)) => continue, // ping, pong: handled by tungstenite
+            Some(Err(tungstenite::Error::Capacity(error))) => {
+                let limit = shared.options.max_message_size;
+                tracing::warn!(error = %error, limit, "the server sent a websocket message over max_message_size; closing the socket");
+                break TransportErrorKind::TooLarge { limit };
+            }
             Some(Err(error)) => {
                 tracing::debug!(error = %error, "websocket read failed");
                 break TransportErrorKind::ConnectionClosed;
@@ -338,6 +343,14 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
         shared.queue.extend(events);
     };
     waiting.fail_all(failure);
+}
+
+/// The socket's settings: a small read buffer, and no message or frame over `max_message_size`.
+pub(crate) fn socket_config(max_message_size: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_SIZE)
+        .max_message_size(Some(max_message_size))
+        .max_frame_size(Some(max_message_size))
 }
 
 /// Opens the TCP connection for `uri` (`ws://` or `wss://`), with Nagle's algorithm off.
