@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use futures_util::Stream;
+use futures_util::{FutureExt, Stream};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -65,6 +65,47 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// Runs the session task and watches it: if it panics (an extension's bug, say), the
+/// client says so instead of looking connected, and `receive` returns the cause.
+async fn supervised(
+    session: impl Future<Output = ()>,
+    status: watch::Sender<SessionStatus>,
+    queue: Arc<PendingQueue>,
+) {
+    let Err(panic) = std::panic::AssertUnwindSafe(session).catch_unwind().await else {
+        return;
+    };
+    let cause = super::error::panic_cause(&*panic);
+    tracing::error!(cause = %cause, "the CometD session task failed; the client is closed");
+    let error = Error::SessionFailed(cause);
+    status.send_modify(|status| {
+        status.state = SessionState::Closed;
+        status.since = Instant::now();
+        status.open = false;
+        status.last_error = Some(error.to_string());
+    });
+    queue.push(Err(error));
+}
+
+/// Stops the session of an `open` whose future is dropped before it finishes.
+struct CancelOpen<'c> {
+    inner: &'c Inner,
+    /// Cleared once `open` has its answer.
+    task: Option<tokio::task::AbortHandle>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Drop for CancelOpen<'_> {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else { return };
+        task.abort();
+        let mut slot = self.inner.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.as_ref().is_some_and(|handle| handle.commands.same_channel(&self.commands)) {
+            *slot = None;
+        }
+    }
+}
+
 impl Client {
     /// Starts building a client for the CometD endpoint at `url`.
     pub fn builder(url: impl Into<String>) -> ClientOptions {
@@ -92,9 +133,10 @@ impl Client {
     /// - [`Error::Server`] if the server rejects the handshake or the first connect;
     /// - [`Error::Transport`] if the server stays unreachable.
     ///
-    /// On error nothing keeps running in the background.
+    /// On error nothing keeps running in the background, and dropping the future before it
+    /// finishes stops the attempt.
     pub async fn open(&self) -> Result<(), Error> {
-        let opened = {
+        let (opened, mut cancel) = {
             let mut slot = self.inner.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(handle) = slot.as_ref()
                 && handle.status.borrow().state != SessionState::Closed
@@ -104,13 +146,22 @@ impl Client {
             let (commands, receiver) = mpsc::channel(COMMAND_CAPACITY);
             let (status, watch) = watch::channel(SessionStatus::new());
             let (opened, opened_receiver) = oneshot::channel();
-            tokio::spawn(Session::new(self.inner.ctx.clone(), receiver, status, opened).run());
+            let session = Session::new(self.inner.ctx.clone(), receiver, status.clone(), opened).run();
+            let task = tokio::spawn(supervised(session, status, self.inner.ctx.shared.queue.clone()));
+            let cancel = CancelOpen {
+                inner: &self.inner,
+                task: Some(task.abort_handle()),
+                commands: commands.clone(),
+            };
             *slot = Some(SessionHandle { commands, status: watch });
-            opened_receiver
+            (opened_receiver, cancel)
         };
-        opened
-            .await
-            .unwrap_or_else(|_| Err(Error::InvalidOperation("the session stopped while opening".into())))
+        let result = opened.await;
+        cancel.task = None;
+        result.unwrap_or_else(|_| {
+            let cause = self.status().last_error.unwrap_or_else(|| "no cause known".into());
+            Err(Error::SessionFailed(format!("the session stopped while opening ({cause})")))
+        })
     }
 
     /// Sends `/meta/disconnect` and stops every background task. Messages already
@@ -205,7 +256,10 @@ impl Client {
             };
             tokio::select! {
                 _ = pushed => {}
-                _ = handle.status.changed() => {}
+                changed = handle.status.changed() => if changed.is_err() {
+                    // The session task is gone without saying it closed.
+                    return queue.pop().unwrap_or(Err(Error::Closed));
+                },
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     return Err(Error::transport(TransportErrorKind::ConnectionTimeout));
                 }

@@ -63,6 +63,11 @@ pub enum Error {
     #[error(transparent)]
     Server(Box<ServerError>),
 
+    /// The session's task stopped unexpectedly (a panic, in an extension for instance);
+    /// the client is closed and may be opened again.
+    #[error("the session failed and the client is closed: {0}")]
+    SessionFailed(String),
+
     /// Credentials could not be obtained (an OAuth login failed).
     #[error("authentication failed: {message}")]
     Authentication {
@@ -155,7 +160,9 @@ impl Error {
             Error::InvalidOptions(_)
             | Error::NoCommonConnectionType { .. }
             | Error::Authentication { .. } => ErrorKind::Client,
-            Error::InvalidOperation(_) | Error::Closed => ErrorKind::ClientInvalidOperation,
+            Error::InvalidOperation(_) | Error::Closed | Error::SessionFailed(_) => {
+                ErrorKind::ClientInvalidOperation
+            }
             Error::Transport { kind, .. } => match kind {
                 TransportErrorKind::ConnectionTimeout | TransportErrorKind::RequestTimeout => {
                     ErrorKind::TransportTimeout
@@ -195,6 +202,27 @@ impl Error {
         match self {
             Error::Transport { kind, .. } => Some(kind),
             _ => None,
+        }
+    }
+
+    /// A copy, for reporting the same failure twice (the source only as text).
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::InvalidOptions(text) => Error::InvalidOptions(text.clone()),
+            Error::NoCommonConnectionType { offered, accepted } => {
+                Error::NoCommonConnectionType { offered: offered.clone(), accepted: accepted.clone() }
+            }
+            Error::InvalidOperation(text) => Error::InvalidOperation(text.clone()),
+            Error::Closed => Error::Closed,
+            Error::Transport { kind, source } => Error::Transport {
+                kind: kind.clone(),
+                source: source.as_ref().map(|source| source.to_string().into()),
+            },
+            Error::Server(error) => Error::Server(error.clone()),
+            Error::SessionFailed(text) => Error::SessionFailed(text.clone()),
+            Error::Authentication { message, retryable } => {
+                Error::Authentication { message: message.clone(), retryable: *retryable }
+            }
         }
     }
 
@@ -268,6 +296,15 @@ impl fmt::Display for ServerError {
 }
 
 impl std::error::Error for ServerError {}
+
+/// What a caught panic says, for the error that reports it.
+pub(crate) fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
 
 #[cfg(test)]
 mod tests {

@@ -495,7 +495,8 @@ pub enum Reconnect {
     Handshake,
     /// Stop: the server does not want this client back.
     None,
-    /// A value this client does not know; treated like `none`.
+    /// A value this client does not know; treated like `retry` (with backoff), so that a
+    /// server's invention never ends a session by accident.
     #[serde(other)]
     Unknown,
 }

@@ -66,8 +66,8 @@ pub struct SalesforceCredentials {
     pub flow: SalesforceFlow,
 }
 
-/// A token and where to use it.
-#[derive(Clone, Debug, Deserialize)]
+/// A token and where to use it. Its `Debug` output leaves the token out.
+#[derive(Clone, Deserialize)]
 pub struct SalesforceToken {
     /// The access token.
     pub access_token: String,
@@ -77,6 +77,20 @@ pub struct SalesforceToken {
     #[serde(default = "bearer")]
     pub token_type: String,
 }
+
+impl std::fmt::Debug for SalesforceToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SalesforceToken")
+            .field("access_token", &"<redacted>")
+            .field("instance_url", &self.instance_url)
+            .field("token_type", &self.token_type)
+            .finish()
+    }
+}
+
+/// How long a token request may take, connecting included: it runs inside the client's
+/// outgoing hooks, so a login host that never answers must not stall the session.
+pub const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn bearer() -> String {
     "Bearer".into()
@@ -138,6 +152,8 @@ impl SalesforceAuth {
         let config = super::tls::client_config(tls)?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured((*config).clone())
+            .connect_timeout(LOGIN_TIMEOUT)
+            .timeout(LOGIN_TIMEOUT)
             .build()
             .map_err(|error| invalid(format!("HTTP client: {error}")))?;
         Ok(SalesforceAuth { credentials, token_url, http, token: Mutex::new(None) })
@@ -316,6 +332,18 @@ impl AuthExtension for SalesforceAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_never_prints() {
+        let token = SalesforceToken {
+            access_token: "00Dxx!secret-token".into(),
+            instance_url: "https://x.my.salesforce.com".into(),
+            token_type: "Bearer".into(),
+        };
+        let printed = format!("{token:?} {token:#?}");
+        assert!(!printed.contains("secret-token"), "{printed}");
+        assert!(printed.contains("https://x.my.salesforce.com"), "{printed}");
+    }
 
     #[test]
     fn form_values_are_encoded() {

@@ -4,7 +4,7 @@
 //! resubscribes. [`Client`](super::Client) handles talk to it through commands and read its
 //! state from a `watch`.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,6 +26,21 @@ use super::transport::{Shared, Transport};
 
 /// How long the server holds a `/meta/connect` when it has not said (faye's default).
 const DEFAULT_CONNECT_HOLD: Duration = Duration::from_secs(60);
+
+/// The longest advised hold (`advice.timeout`) followed; Salesforce advises 110 s.
+const MAX_ADVISED_HOLD: Duration = Duration::from_secs(600);
+
+/// The longest advised pause between connects (`advice.interval`) followed: a server that
+/// advises more would park the session for as long as it likes.
+const MAX_ADVISED_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Waits until `at`, or for ever when there is no `at`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// What a session can be doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,15 +116,16 @@ impl Context {
         messages
     }
 
-    /// Sends `messages` and returns their replies. After a 401/403 reply to the first
-    /// message, asks the auth extension to re-authenticate and sends them once more.
+    /// Sends `messages` and returns their replies, one per message and in their order.
+    /// After a 401/403 reply to the first message, asks the auth extension to
+    /// re-authenticate and sends them once more.
     async fn exchange(
         &self,
         transport: &Transport,
         messages: Vec<Message>,
         timeout: Duration,
     ) -> Result<Vec<Message>, Error> {
-        let replies = transport.send(self.with_ids(messages.clone()), timeout).await?;
+        let replies = self.send(transport, messages.clone(), timeout).await?;
         let Some(auth) = &self.shared.options.auth else {
             return Ok(replies);
         };
@@ -117,11 +133,55 @@ impl Context {
             return Ok(replies);
         }
         tracing::info!(channel = %messages[0].channel, "the server rejected the credentials; re-authenticating");
-        auth.authenticate().await?;
+        self.shared.within_request_timeout("re-authentication", auth.authenticate()).await?;
         // A websocket sends headers only when it opens: reopen it so the new ones apply.
         transport.reset().await;
-        transport.send(self.with_ids(messages), timeout).await
+        self.send(transport, messages, timeout).await
     }
+
+    /// Numbers `messages`, sends them, and picks each one's reply from what came back.
+    async fn send(
+        &self,
+        transport: &Transport,
+        messages: Vec<Message>,
+        timeout: Duration,
+    ) -> Result<Vec<Message>, Error> {
+        let requests = self.with_ids(messages);
+        let keys: Vec<(String, Option<String>)> =
+            requests.iter().map(|request| (request.channel.clone(), request.id.clone())).collect();
+        let replies = transport.send(requests, timeout).await?;
+        replies_in_order(&keys, replies)
+    }
+}
+
+/// The reply to each request (by channel and id), in the requests' order. The outgoing
+/// extensions may have added, dropped or reordered messages in the payload: a request left
+/// without a reply is the extension's error, reported, never a reply shifted onto the
+/// wrong request.
+fn replies_in_order(
+    keys: &[(String, Option<String>)],
+    mut replies: Vec<Message>,
+) -> Result<Vec<Message>, Error> {
+    let in_place = replies.len() == keys.len()
+        && keys
+            .iter()
+            .zip(&replies)
+            .all(|((channel, id), reply)| reply.channel == *channel && reply.id == *id);
+    if in_place {
+        return Ok(replies);
+    }
+    keys.iter()
+        .map(|(channel, id)| {
+            let position = replies.iter().position(|reply| reply.channel == *channel && reply.id == *id);
+            match position {
+                Some(position) => Ok(replies.swap_remove(position)),
+                None => Err(Error::InvalidOperation(format!(
+                    "an outgoing extension removed or changed the {channel} request (id {}), so it has no reply",
+                    id.as_deref().unwrap_or("none")
+                ))),
+            }
+        })
+        .collect()
 }
 
 /// A 401 or 403 that new credentials may cure: not an unknown-session error, which a new
@@ -382,6 +442,8 @@ enum Done {
     Publish(oneshot::Sender<Result<Message, Error>>, Result<Message, Error>),
     Subscribe(oneshot::Sender<Result<(), Error>>, String, Result<(), Error>),
     Unsubscribe(oneshot::Sender<Result<(), Error>>, String, Result<(), Error>),
+    /// A refused resubscription tried again.
+    Resubscribed(String, Result<(), Error>),
 }
 
 /// The session task's state.
@@ -393,6 +455,8 @@ pub(crate) struct Session {
     opened: Option<oneshot::Sender<Result<(), Error>>>,
     /// When `open` gives up on an unreachable server.
     open_deadline: Option<Instant>,
+    /// The last error while opening, for `open` to report at its deadline.
+    open_error: Option<Error>,
     transport: Option<Arc<Transport>>,
     client_id: Option<String>,
     /// The advice seen so far, merged field by field (`reconnect` is read from each reply
@@ -401,8 +465,18 @@ pub(crate) struct Session {
     subscriptions: BTreeSet<String>,
     /// Consecutive failures, for the backoff.
     failures: u32,
-    /// Requests that arrived while the session was not connected.
-    deferred: VecDeque<Command>,
+    /// Requests that arrived while the session was not connected, with when they give up.
+    deferred: VecDeque<(Instant, Command)>,
+    /// Channels the server refused to subscribe again after a new handshake: tried again
+    /// with backoff while connected, until they succeed or are unsubscribed.
+    refused: BTreeMap<String, Retry>,
+}
+
+/// When a refused resubscription is tried next, and how many times it failed.
+#[derive(Clone, Copy, Debug)]
+struct Retry {
+    at: Instant,
+    failures: u32,
 }
 
 impl Session {
@@ -419,12 +493,14 @@ impl Session {
             status,
             opened: Some(opened),
             open_deadline,
+            open_error: None,
             transport: None,
             client_id: None,
             advice: Advice::default(),
             subscriptions: BTreeSet::new(),
             failures: 0,
             deferred: VecDeque::new(),
+            refused: BTreeMap::new(),
         }
     }
 
@@ -436,6 +512,10 @@ impl Session {
         let mut scheduled: Option<(Instant, Next)> = None;
         let mut requests: FuturesUnordered<BoxFuture<'static, Done>> = FuturesUnordered::new();
         loop {
+            // The timers' deadlines, read before the select borrows the session.
+            let deferred_gives_up = self.deferred.front().map(|(at, _)| *at);
+            let open_gives_up = self.open_deadline.filter(|_| self.opened.is_some());
+            let refused_retry = self.next_refused_retry().filter(|_| self.is_connected());
             tokio::select! {
                 biased;
                 command = self.commands.recv() => match command {
@@ -450,9 +530,26 @@ impl Session {
                         return;
                     }
                     Some(command) if self.is_connected() => requests.push(self.request(command)),
-                    Some(command) => self.deferred.push_back(command),
+                    Some(command) => {
+                        let gives_up = Instant::now() + self.ctx.shared.options.request_timeout;
+                        self.deferred.push_back((gives_up, command));
+                    }
                 },
                 Some(done) = requests.next(), if !requests.is_empty() => self.answer(done),
+                _ = sleep_until_some(deferred_gives_up), if deferred_gives_up.is_some() => {
+                    self.expire_deferred();
+                },
+                _ = sleep_until_some(open_gives_up), if open_gives_up.is_some() => {
+                    drop(step.take());
+                    self.give_up_opening();
+                    Box::pin(self.shut_down(false)).await;
+                    return;
+                },
+                _ = sleep_until_some(refused_retry), if refused_retry.is_some() => {
+                    for channel in self.due_refused() {
+                        requests.push(self.resubscribe_one(channel));
+                    }
+                },
                 finished = async { step.as_mut().expect("guarded by is_some").await }, if step.is_some() => {
                     step = None;
                     match self.apply(finished) {
@@ -465,7 +562,7 @@ impl Session {
                         }
                     }
                     if self.is_connected() {
-                        while let Some(command) = self.deferred.pop_front() {
+                        while let Some((_, command)) = self.deferred.pop_front() {
                             requests.push(self.request(command));
                         }
                     }
@@ -516,7 +613,7 @@ impl Session {
                 connect(ctx, transport.clone(), client_id.clone(), hold, first).map(Step::Connected).boxed()
             }
             (Next::Resubscribe, Some(transport), Some(client_id)) => {
-                let channels = self.subscriptions.iter().cloned().collect();
+                let channels = self.subscriptions.iter().chain(self.refused.keys()).cloned().collect();
                 resubscribe(ctx, transport.clone(), client_id.clone(), channels)
                     .map(Step::Resubscribed)
                     .boxed()
@@ -561,13 +658,17 @@ impl Session {
                 || self.open_deadline.is_some_and(|deadline| Instant::now() >= deadline))
     }
 
-    /// Ends `open` with `error` if it gives up; `Err(())` then stops the session.
+    /// Ends `open` with `error` if it gives up; `Err(())` then stops the session. Else the
+    /// error is kept, for `open` to report if it reaches `connection_timeout` later.
     fn fail_open_if_hopeless(&mut self, error: Error) -> Result<Error, ()> {
         if self.open_gives_up(&error) {
             if let Some(opened) = self.opened.take() {
                 let _ = opened.send(Err(error));
             }
             return Err(());
+        }
+        if self.opened.is_some() {
+            self.open_error = Some(error.duplicate());
         }
         Ok(error)
     }
@@ -584,7 +685,7 @@ impl Session {
                     self.merge_advice(&advice);
                 }
                 self.publish_session();
-                if self.subscriptions.is_empty() {
+                if self.subscriptions.is_empty() && self.refused.is_empty() {
                     return Ok(Some((Duration::ZERO, Next::Connect { first: true })));
                 }
                 Ok(Some((Duration::ZERO, Next::Resubscribe)))
@@ -612,10 +713,20 @@ impl Session {
             }
             Step::Resubscribed(Ok(results)) => {
                 for (channel, result) in results {
-                    if let Err(error) = result {
-                        tracing::warn!(channel = %channel, error = %error, "resubscription failed after a new handshake");
-                        self.subscriptions.remove(&channel);
-                        self.ctx.shared.queue.push(Err(error));
+                    match result {
+                        Ok(()) => {
+                            self.refused.remove(&channel);
+                            self.subscriptions.insert(channel);
+                        }
+                        Err(error) => {
+                            tracing::warn!(channel = %channel, error = %error, "resubscription failed after a new handshake; trying again with backoff");
+                            self.subscriptions.remove(&channel);
+                            if !self.refused.contains_key(&channel) {
+                                // Told once; the retries are logged, not queued.
+                                self.ctx.shared.queue.push(Err(error));
+                            }
+                            self.refuse(channel);
+                        }
                     }
                 }
                 self.publish_session();
@@ -654,7 +765,7 @@ impl Session {
                     other => other,
                 };
                 match reconnect {
-                    Some(Reconnect::None | Reconnect::Unknown) => {
+                    Some(Reconnect::None) => {
                         if let Some(opened) = self.opened.take() {
                             let _ = opened.send(Err(error));
                             return Err(());
@@ -665,6 +776,7 @@ impl Session {
                     Some(Reconnect::Handshake) | None
                         if reconnect.is_some() || is_unknown_session(&reply) =>
                     {
+                        let error = self.fail_open_if_hopeless(error)?;
                         tracing::info!(error = %error, "the server lost the session; handshaking again");
                         self.set_state(SessionState::Handshaking, Some(&error));
                         let delay = if is_limit_error(&reply) {
@@ -695,13 +807,101 @@ impl Session {
         }
     }
 
+    /// Keeps the advised hold and interval, each capped so a server cannot park the
+    /// session for ever or make a deadline overflow.
     fn merge_advice(&mut self, advice: &Advice) {
-        if advice.timeout.is_some() {
-            self.advice.timeout = advice.timeout;
+        let capped = |name: &str, millis: u64, cap: Duration| {
+            let cap = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
+            if millis > cap {
+                tracing::warn!(
+                    advised_ms = millis,
+                    cap_ms = cap,
+                    "the server advises an {name} above the cap; using the cap"
+                );
+            }
+            millis.min(cap)
+        };
+        if let Some(timeout) = advice.timeout {
+            self.advice.timeout = Some(capped("advice.timeout", timeout, MAX_ADVISED_HOLD));
         }
-        if advice.interval.is_some() {
-            self.advice.interval = advice.interval;
+        if let Some(interval) = advice.interval {
+            self.advice.interval = Some(capped("advice.interval", interval, MAX_ADVISED_INTERVAL));
         }
+    }
+
+    /// Fails the requests that have waited for a connection longer than `request_timeout`.
+    fn expire_deferred(&mut self) {
+        let now = Instant::now();
+        while self.deferred.front().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, command)) = self.deferred.pop_front() else { break };
+            let timed_out = || {
+                Error::transport_from(
+                    TransportErrorKind::RequestTimeout,
+                    "the session was not connected within request_timeout",
+                )
+            };
+            match command {
+                Command::Publish { reply, .. } => drop(reply.send(Err(timed_out()))),
+                Command::Subscribe { reply, .. } | Command::Unsubscribe { reply, .. } => {
+                    drop(reply.send(Err(timed_out())))
+                }
+                Command::Close { reply } => drop(reply.send(())),
+            }
+        }
+    }
+
+    /// `open` reached `connection_timeout`: it fails with the last error seen, or a
+    /// connection timeout if the server never answered.
+    fn give_up_opening(&mut self) {
+        let error = self.open_error.take().unwrap_or_else(|| {
+            Error::transport_from(
+                TransportErrorKind::ConnectionTimeout,
+                "the server did not answer within connection_timeout",
+            )
+        });
+        tracing::debug!(error = %error, "giving up opening at connection_timeout");
+        if let Some(opened) = self.opened.take() {
+            let _ = opened.send(Err(error));
+        }
+    }
+
+    /// When the next refused resubscription is due.
+    fn next_refused_retry(&self) -> Option<Instant> {
+        self.refused.values().map(|retry| retry.at).min()
+    }
+
+    /// The refused channels due now, marked as in flight.
+    fn due_refused(&mut self) -> Vec<String> {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (channel, retry) in &mut self.refused {
+            if retry.at <= now {
+                // Until its answer comes: the answer schedules the next try.
+                retry.at = now + Duration::from_secs(24 * 3600);
+                due.push(channel.clone());
+            }
+        }
+        due
+    }
+
+    /// Subscribes once more to a channel refused after a new handshake.
+    fn resubscribe_one(&self, channel: String) -> BoxFuture<'static, Done> {
+        let ctx = self.ctx.clone();
+        let transport = self.transport.clone().expect("connected sessions have a transport");
+        let client_id = self.client_id.clone().expect("connected sessions have a client id");
+        async move {
+            let result = subscribe_all(&ctx, &transport, &client_id, vec![channel.clone()]).await;
+            Done::Resubscribed(channel, result.and_then(|mut results| results.remove(0).1))
+        }
+        .boxed()
+    }
+
+    /// Records a refused resubscription and when to try it again.
+    fn refuse(&mut self, channel: String) {
+        let failures = self.refused.get(&channel).map_or(0, |retry| retry.failures);
+        let delay = self.ctx.shared.options.backoff.delay(failures);
+        self.refused
+            .insert(channel, Retry { at: Instant::now() + delay, failures: failures.saturating_add(1) });
     }
 
     /// The server said `reconnect: none`: hand out what is pending, then the error.
@@ -757,17 +957,37 @@ impl Session {
             }
             Done::Subscribe(reply, channel, result) => {
                 if result.is_ok() {
+                    self.refused.remove(&channel);
                     self.subscriptions.insert(channel);
                     self.publish_session();
                 }
                 let _ = reply.send(result);
             }
             Done::Unsubscribe(reply, channel, result) => {
+                // The application no longer wants it, whatever the server says.
+                self.refused.remove(&channel);
                 if result.is_ok() {
                     self.subscriptions.remove(&channel);
                     self.publish_session();
                 }
                 let _ = reply.send(result);
+            }
+            Done::Resubscribed(channel, result) => {
+                if !self.refused.contains_key(&channel) {
+                    return; // unsubscribed meanwhile
+                }
+                match result {
+                    Ok(()) => {
+                        tracing::info!(channel = %channel, "resubscribed after an earlier refusal");
+                        self.refused.remove(&channel);
+                        self.subscriptions.insert(channel);
+                        self.publish_session();
+                    }
+                    Err(error) => {
+                        tracing::warn!(channel = %channel, error = %error, "resubscription refused again; trying again with backoff");
+                        self.refuse(channel);
+                    }
+                }
             }
         }
     }
@@ -790,7 +1010,7 @@ impl Session {
         if let Some(transport) = &self.transport {
             transport.close().await;
         }
-        for command in self.deferred.drain(..) {
+        for (_, command) in self.deferred.drain(..) {
             let closed =
                 || Error::InvalidOperation("the client was closed before the request could be sent".into());
             match command {

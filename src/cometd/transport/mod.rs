@@ -24,8 +24,10 @@ use super::message::{Data, Message, WireMessage};
 use super::options::{ConnectionType, ValidOptions};
 use super::pending::PendingQueue;
 
+pub(crate) use chunked::ChunkedPayload;
 pub(crate) use long_polling::LongPolling;
 pub(crate) use websocket::WebSocket;
+pub(crate) use websocket::socket_config;
 
 /// What every transport of one client shares.
 pub(crate) struct Shared {
@@ -63,30 +65,55 @@ impl Shared {
     }
 
     /// Runs the outgoing hooks (extensions, then auth) and returns the headers to send.
+    /// They get `request_timeout` together: a hook that logs in somewhere must not stall
+    /// the session.
     pub(crate) async fn outgoing(&self, payload: &mut Vec<Message>) -> Result<HeaderMap, Error> {
-        let mut headers = self.options.headers.clone();
-        for extension in &self.options.extensions {
-            extension.outgoing(payload, &mut headers).await?;
-        }
-        if let Some(auth) = &self.options.auth {
-            auth.outgoing(payload, &mut headers).await?;
-        }
-        Ok(headers)
+        let hooks = async {
+            let mut headers = self.options.headers.clone();
+            for extension in &self.options.extensions {
+                extension.outgoing(payload, &mut headers).await?;
+            }
+            if let Some(auth) = &self.options.auth {
+                auth.outgoing(payload, &mut headers).await?;
+            }
+            Ok(headers)
+        };
+        self.within_request_timeout("the outgoing extension hooks", hooks).await
     }
 
-    /// Runs the incoming hooks (auth, then extensions) on a received payload.
+    /// Runs the incoming hooks (auth, then extensions) on a received payload, within
+    /// `request_timeout`.
     pub(crate) async fn incoming(
         &self,
         payload: &mut Vec<Message>,
         headers: Option<&HeaderMap>,
     ) -> Result<(), Error> {
-        if let Some(auth) = &self.options.auth {
-            auth.incoming(payload, headers).await?;
+        let hooks = async {
+            if let Some(auth) = &self.options.auth {
+                auth.incoming(payload, headers).await?;
+            }
+            for extension in &self.options.extensions {
+                extension.incoming(payload, headers).await?;
+            }
+            Ok(())
+        };
+        self.within_request_timeout("the incoming extension hooks", hooks).await
+    }
+
+    /// `work`, or a request-timeout error naming `what` if it takes longer than
+    /// `request_timeout`.
+    pub(crate) async fn within_request_timeout<T>(
+        &self,
+        what: &str,
+        work: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(self.options.request_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::transport_from(
+                TransportErrorKind::RequestTimeout,
+                format!("{what} took longer than request_timeout"),
+            )),
         }
-        for extension in &self.options.extensions {
-            extension.incoming(payload, headers).await?;
-        }
-        Ok(())
     }
 }
 

@@ -3,6 +3,7 @@
 //! events to the pending queue.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +29,9 @@ type Socket = WebSocketStream<MaybeTlsStream<CoalescingStream>>;
 /// The websocket read buffer per session.
 const READ_BUFFER_SIZE: usize = 4 * 1024;
 
+/// The longest a close frame may take to be written.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub(crate) struct WebSocket {
     shared: Arc<Shared>,
     /// The open socket, if any; the async mutex serialises opening.
@@ -46,8 +50,11 @@ impl WebSocket {
     }
 
     pub(crate) async fn reset(&self) {
-        if let Some(connection) = self.connection.lock().await.take() {
-            connection.shut_down().await;
+        // Taken out under the lock, shut down after it: closing may wait on the network,
+        // and sends that need a new socket must not wait for that.
+        let connection = self.connection.lock().await.take();
+        if let Some(connection) = connection {
+            connection.shut_down(self.shared.options.request_timeout).await;
         }
     }
 
@@ -103,10 +110,22 @@ impl WebSocket {
         let receivers = connection.waiting.register(payload)?;
         let frame = serde_json::to_string(payload)
             .map_err(|error| Error::transport_from(TransportErrorKind::Io, error))?;
-        if let Err(error) = connection.writer.lock().await.send(Frame::text(frame)).await {
+        // A peer that stops reading fills the socket's buffers and the write never ends:
+        // it gets the request's timeout, waiting for the writer lock included.
+        let write = async { connection.writer.lock().await.send(Frame::text(frame)).await };
+        let written = match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(socket_error(error)),
+            Err(_) => Err(Error::transport_from(
+                TransportErrorKind::RequestTimeout,
+                "the socket did not take the frame within the request timeout",
+            )),
+        };
+        if let Err(error) = written {
             connection.waiting.forget(payload);
             connection.waiting.fail_all(TransportErrorKind::ConnectionClosed);
-            return Err(socket_error(error));
+            self.reset_if_current(connection).await;
+            return Err(error);
         }
         let replies = async {
             let mut replies = Vec::with_capacity(receivers.len());
@@ -118,13 +137,25 @@ impl WebSocket {
             }
             Ok(replies)
         };
-        match tokio::time::timeout(timeout, replies).await {
-            Ok(result) => result,
-            Err(_) => {
-                connection.waiting.forget(payload);
-                // A socket that answers nothing in time is not trusted again.
-                self.reset_if_current(connection).await;
-                Err(Error::transport(TransportErrorKind::RequestTimeout))
+        tokio::pin!(replies);
+        // A `/meta/connect`'s reply can sit behind events the reader holds back while the
+        // pending queue is full: its clock stops while the reader waits for the
+        // application, else the socket would be reset with those events in it.
+        let patient = payload.iter().all(|message| message.channel == META_CONNECT);
+        let mut pauses = connection.waiting.pauses();
+        loop {
+            match tokio::time::timeout(timeout, replies.as_mut()).await {
+                Ok(result) => return result,
+                Err(_) if patient && connection.waiting.paused_since(pauses) => {
+                    pauses = connection.waiting.pauses();
+                    tracing::debug!("the reader waits for the application; the /meta/connect waits on");
+                }
+                Err(_) => {
+                    connection.waiting.forget(payload);
+                    // A socket that answers nothing in time is not trusted again.
+                    self.reset_if_current(connection).await;
+                    return Err(Error::transport(TransportErrorKind::RequestTimeout));
+                }
             }
         }
     }
@@ -134,7 +165,7 @@ impl WebSocket {
         if slot.as_ref().is_some_and(|current| Arc::ptr_eq(current, connection)) {
             slot.take();
             drop(slot);
-            connection.shut_down().await;
+            connection.shut_down(self.shared.options.request_timeout).await;
         }
     }
 }
@@ -177,14 +208,19 @@ impl Connection {
         shared.jar.set_cookies(&mut response.headers().get_all(SET_COOKIE).iter(), &options.http_url);
         let (writer, reader) = socket.split();
         let waiting = Arc::new(Waiting::default());
-        let reader = tokio::spawn(read_frames(reader, shared, waiting.clone()));
+        let reader = tokio::spawn(watched_reader(reader, shared, waiting.clone()));
         Ok(Connection { writer: tokio::sync::Mutex::new(writer), waiting, reader })
     }
 
-    async fn shut_down(&self) {
+    /// Stops the reader, fails what waits, and sends a close frame if the socket takes it
+    /// within `timeout` (a peer that reads nothing never does).
+    async fn shut_down(&self, timeout: Duration) {
         self.reader.abort();
         self.waiting.fail_all(TransportErrorKind::ConnectionClosed);
-        let _ = self.writer.lock().await.close().await;
+        let close = async { self.writer.lock().await.close().await };
+        if tokio::time::timeout(timeout.min(CLOSE_TIMEOUT), close).await.is_err() {
+            tracing::debug!("the socket did not take the close frame in time; dropping it");
+        }
     }
 }
 
@@ -201,6 +237,8 @@ struct Waiting {
     /// Signalled when a request other than `/meta/connect` starts waiting, so a reader
     /// paused by a full pending queue resumes and lets its reply through.
     request_registered: Notify,
+    /// Counts the reader's pauses for a full pending queue: odd while it is paused.
+    pauses: AtomicU64,
 }
 
 #[derive(Default)]
@@ -274,6 +312,17 @@ impl Waiting {
         None
     }
 
+    /// The pause count, to pass to [`paused_since`](Self::paused_since) later.
+    fn pauses(&self) -> u64 {
+        self.pauses.load(Ordering::Acquire)
+    }
+
+    /// Whether the reader is paused now, or paused at some point since `pauses` was read.
+    fn paused_since(&self, pauses: u64) -> bool {
+        let now = self.pauses();
+        now != pauses || now % 2 == 1
+    }
+
     fn has_requests_besides_connect(&self) -> bool {
         self.state().by_id.values().any(|waiter| waiter.channel != META_CONNECT)
     }
@@ -287,18 +336,44 @@ impl Waiting {
     }
 }
 
+/// Runs the reader; if it panics (in an incoming extension, say), the requests waiting on
+/// the socket fail with the cause instead of waiting for their timeouts.
+async fn watched_reader(reader: SplitStream<Socket>, shared: Arc<Shared>, waiting: Arc<Waiting>) {
+    let read = std::panic::AssertUnwindSafe(read_frames(reader, shared, waiting.clone()));
+    if let Err(panic) = futures_util::FutureExt::catch_unwind(read).await {
+        let cause = crate::cometd::error::panic_cause(&*panic);
+        tracing::error!(cause = %cause, "the websocket reader failed; dropping the socket");
+        waiting
+            .fail_all(TransportErrorKind::InvalidOperation(format!("the websocket reader failed: {cause}")));
+    }
+}
+
 /// The reader task: parses frames, runs the incoming hooks, resolves replies and queues
 /// events, until the socket fails or closes.
 async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiting: Arc<Waiting>) {
     let failure = loop {
         // Backpressure: with the pending queue full, stop reading events, unless a request
         // other than /meta/connect is waiting for its reply behind them.
-        while shared.queue.is_full() && !waiting.has_requests_besides_connect() {
+        let mut paused = false;
+        loop {
+            // Listening before checking, so a registration in between is not missed.
             let registered = waiting.request_registered.notified();
+            tokio::pin!(registered);
+            registered.as_mut().enable();
+            if !shared.queue.is_full() || waiting.has_requests_besides_connect() {
+                break;
+            }
+            if !paused {
+                paused = true;
+                waiting.pauses.fetch_add(1, Ordering::AcqRel);
+            }
             tokio::select! {
                 _ = shared.queue.wait_for_space() => {}
                 _ = registered => {}
             }
+        }
+        if paused {
+            waiting.pauses.fetch_add(1, Ordering::AcqRel);
         }
         let bytes = match reader.next().await {
             Some(Ok(Frame::Text(text))) => bytes::Bytes::from(text),
