@@ -1076,6 +1076,65 @@ mod tests {
         }
     }
 
+    fn session() -> Session {
+        let options = super::super::options::ClientOptions::new("http://127.0.0.1:1/x").validate().unwrap();
+        let queue = Arc::new(super::super::pending::PendingQueue::new(None));
+        let shared = Arc::new(Shared::new(options, queue).unwrap());
+        let ctx = Context { shared, ids: Default::default() };
+        let (_commands, receiver) = mpsc::channel(1);
+        let (status, _) = watch::channel(SessionStatus::new());
+        let (opened, _) = oneshot::channel();
+        Session::new(ctx, receiver, status, opened)
+    }
+
+    #[test]
+    fn advice_is_capped_so_a_server_cannot_park_the_session_or_overflow_a_deadline() {
+        let mut session = session();
+        session.merge_advice(&Advice { timeout: Some(u64::MAX), interval: Some(u64::MAX), reconnect: None });
+        assert_eq!(session.advice.timeout, Some(MAX_ADVISED_HOLD.as_millis() as u64));
+        assert_eq!(session.advice.interval, Some(MAX_ADVISED_INTERVAL.as_millis() as u64));
+        session.merge_advice(&Advice { timeout: Some(45_000), interval: Some(0), reconnect: None });
+        assert_eq!((session.advice.timeout, session.advice.interval), (Some(45_000), Some(0)));
+        session.merge_advice(&Advice::default());
+        assert_eq!((session.advice.timeout, session.advice.interval), (Some(45_000), Some(0)), "kept");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_reconnect_advice_retries_and_none_closes() {
+        let failed = |reconnect: &str| {
+            Step::Connected(Ok(reply(json!({"channel": "/meta/connect", "successful": false,
+                "error": "500::busy", "advice": {"reconnect": reconnect}}))))
+        };
+        let mut session = session();
+        session.opened = None; // open already succeeded
+        assert!(matches!(session.apply(failed("sometimes")), Ok(Some((_, Next::Connect { first: false })))));
+        assert!(matches!(session.apply(failed("handshake")), Ok(Some((_, Next::Handshake)))));
+        assert!(session.apply(failed("none")).is_err(), "none ends the session");
+    }
+
+    #[test]
+    fn replies_are_matched_to_requests_whatever_an_extension_did_to_the_payload() {
+        let key = |channel: &str, id: &str| (channel.to_string(), Some(id.to_string()));
+        let answer =
+            |channel: &str, id: &str| reply(json!({"channel": channel, "id": id, "successful": true}));
+        let keys = [key("/meta/subscribe", "1"), key("/meta/subscribe", "2")];
+        let swapped = vec![answer("/meta/subscribe", "2"), answer("/meta/subscribe", "1")];
+        let ids: Vec<_> = replies_in_order(&keys, swapped)
+            .expect("all answered")
+            .into_iter()
+            .map(|reply| reply.id)
+            .collect();
+        assert_eq!(ids, [Some("1".to_string()), Some("2".to_string())]);
+        let added =
+            vec![answer("/meta/subscribe", "1"), answer("/extra", "9"), answer("/meta/subscribe", "2")];
+        assert_eq!(replies_in_order(&keys, added).expect("extra ignored").len(), 2);
+        let dropped = replies_in_order(&keys, vec![answer("/meta/subscribe", "1")]).expect_err("one missing");
+        assert!(
+            dropped.to_string().contains("extension removed or changed the /meta/subscribe request (id 2)"),
+            "{dropped}"
+        );
+    }
+
     #[test]
     fn failure_messages_name_the_request() {
         assert_eq!(failure_name(META_SUBSCRIBE), "subscribe request failed");

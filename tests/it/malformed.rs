@@ -28,7 +28,7 @@ fn expected_kind(behaviour: Behaviour) -> TransportErrorKind {
             TransportErrorKind::MalformedReply("not an array of Bayeux messages".into())
         }
         Behaviour::NoReply => TransportErrorKind::MalformedReply("no reply to /meta/handshake".into()),
-        Behaviour::Valid => unreachable!(),
+        other => unreachable!("{other:?} is not one of the bad replies"),
     }
 }
 

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::on_every_peer;
 use crate::support::bayeux::FayeOptions;
-use crate::support::peer::{Peer, next, open, wait_for_state};
+use crate::support::peer::{Peer, WAIT, next, open, wait_for_state};
 
 on_every_peer!(recovers_after_a_server_restart, recovers_after_a_frozen_server);
 
@@ -203,7 +203,8 @@ async fn a_handshake_with_a_bad_token_fails_open_with_the_server_error() {
 }
 
 /// After a restart the client resubscribes; a channel the server now refuses is reported
-/// by `receive` and dropped from the subscriptions, the others keep working.
+/// by `receive` and left out of the confirmed subscriptions, the others keep working, and
+/// the refused one is tried again until the server accepts it.
 async fn a_failed_resubscription_is_reported(peer: Peer) {
     let dir = tempfile::tempdir().expect("temp dir");
     let trigger = dir.path().join("deny");
@@ -231,6 +232,19 @@ async fn a_failed_resubscription_is_reported(peer: Peer) {
     let publisher = peer.open(&server).await;
     publisher.publish("/kept", json!("still here")).await.expect("publish");
     assert_eq!(next(&client).await.expect("message").data.map(Data::into_value), Some(json!("still here")));
+
+    // D7: the refused channel is tried again with backoff, and comes back once allowed.
+    std::fs::remove_file(&trigger).expect("remove trigger");
+    let mut status = client.watch_status().expect("open");
+    tokio::time::timeout(WAIT, status.wait_for(|status| status.subscriptions.contains("/denied")))
+        .await
+        .expect("resubscribed within the wait")
+        .expect("the session runs");
+    publisher.publish("/denied", json!("allowed again")).await.expect("publish");
+    assert_eq!(
+        next(&client).await.expect("message").data.map(Data::into_value),
+        Some(json!("allowed again"))
+    );
 }
 
 #[tokio::test]

@@ -27,12 +27,22 @@ pub enum Behaviour {
     Http500,
     /// The connection is closed without an answer.
     AbruptClose,
+    /// A `Content-Length` of 100 TB, then a few bytes, then nothing.
+    HugeDeclaredLength,
+    /// A chunked answer that never ends: one message whose data never closes.
+    EndlessChunked,
+    /// The request is read and never answered; the connection stays open.
+    Blackhole,
+    /// Handshakes succeed; every `/meta/connect` says `402::session_unknown`.
+    UnknownClient,
 }
 
 /// The fake server; stops when dropped.
 pub struct FakeServer {
     port: u16,
     behaviour: Arc<Mutex<Behaviour>>,
+    /// How many client connections are open now.
+    open_connections: tokio::sync::watch::Receiver<usize>,
     task: JoinHandle<()>,
 }
 
@@ -42,12 +52,35 @@ impl FakeServer {
         let port = listener.local_addr().expect("address").port();
         let behaviour = Arc::new(Mutex::new(behaviour));
         let shared = behaviour.clone();
+        let (count, open_connections) = tokio::sync::watch::channel(0usize);
+        let count = Arc::new(count);
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, shared.clone()));
+                let count = count.clone();
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    count.send_modify(|open| *open += 1);
+                    serve(stream, shared).await;
+                    count.send_modify(|open| *open -= 1);
+                });
             }
         });
-        FakeServer { port, behaviour, task }
+        FakeServer { port, behaviour, open_connections, task }
+    }
+
+    /// Waits until exactly `count` client connections are open.
+    pub async fn wait_for_open_connections(&self, count: usize) {
+        let mut open = self.open_connections.clone();
+        let reached = tokio::time::timeout(super::peer::WAIT, async {
+            open.wait_for(|open| *open == count).await.map(drop)
+        })
+        .await;
+        match reached {
+            Ok(result) => result.expect("the server runs"),
+            Err(_) => {
+                panic!("{count} open connections within the wait; now {}", *self.open_connections.borrow())
+            }
+        }
     }
 
     pub fn url(&self) -> String {
@@ -89,8 +122,49 @@ async fn serve(stream: TcpStream, behaviour: Arc<Mutex<Behaviour>>) {
             return;
         }
         let current = *behaviour.lock().expect("lock");
+        let is_connect = serde_json::from_slice::<Value>(&body)
+            .is_ok_and(|requests| requests[0]["channel"] == "/meta/connect");
+        let stream = reader.get_mut();
         let (status, reply) = match current {
             Behaviour::AbruptClose => return,
+            Behaviour::Blackhole => {
+                // Holds the connection until the client closes it.
+                let mut rest = [0u8; 1024];
+                while stream.read(&mut rest).await.is_ok_and(|read| read > 0) {}
+                return;
+            }
+            Behaviour::HugeDeclaredLength => {
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000000000000\r\n\r\n[{";
+                let _ = stream.write_all(head.as_bytes()).await;
+                let mut rest = [0u8; 1024];
+                while stream.read(&mut rest).await.is_ok_and(|read| read > 0) {}
+                return;
+            }
+            Behaviour::EndlessChunked => {
+                let head =
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+                let start = "[{\"channel\":\"/endless\",\"data\":\"";
+                let mut written = stream.write_all(head.as_bytes()).await;
+                if written.is_ok() {
+                    written = stream.write_all(format!("{:x}\r\n{start}\r\n", start.len()).as_bytes()).await;
+                }
+                let filler = format!("{:x}\r\n{}\r\n", 64 * 1024, "a".repeat(64 * 1024));
+                // Bounded all the same: 64 GiB, far past any limit, ends the loop.
+                for _ in 0..1024 * 1024 {
+                    if written.is_err() {
+                        break;
+                    }
+                    written = stream.write_all(filler.as_bytes()).await;
+                }
+                return;
+            }
+            Behaviour::UnknownClient if is_connect => {
+                let requests: Vec<Value> = serde_json::from_slice(&body).unwrap_or_default();
+                let reply = json!([{ "channel": "/meta/connect", "id": requests[0]["id"], "successful": false,
+                    "error": "402::session_unknown", "advice": { "reconnect": "handshake", "interval": 0 } }]);
+                ("200 OK", reply.to_string())
+            }
+            Behaviour::UnknownClient => ("200 OK", valid_reply(&body).await),
             Behaviour::Http500 => ("500 Internal Server Error", String::new()),
             Behaviour::BadJson => ("200 OK", "<html>oops</html>".into()),
             Behaviour::NotAnArray => ("200 OK", "{\"unexpected\": true}".into()),
@@ -102,7 +176,7 @@ async fn serve(stream: TcpStream, behaviour: Arc<Mutex<Behaviour>>) {
             "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
             reply.len()
         );
-        if reader.get_mut().write_all(response.as_bytes()).await.is_err() {
+        if stream.write_all(response.as_bytes()).await.is_err() {
             return;
         }
     }
