@@ -178,19 +178,27 @@ pub async fn listen(
     eprintln!("listening on {} ({transport})", channels.join(", "));
     let mut printed = 0;
     let mut messages = client.messages();
+    // Buffered, and flushed whenever no further message is waiting: a flood goes out in
+    // large writes, and a single message still shows at once.
+    let mut stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     let result = loop {
         if count.is_some_and(|count| printed >= count) {
             break Ok(());
         }
         let message = tokio::select! {
             message = messages.next() => message,
-            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = &mut interrupted => break Ok(()),
         };
         match message {
             Some(Ok(message)) => {
-                let line = serde_json::to_string(&message).expect("messages serialize");
-                let mut stdout = std::io::stdout().lock();
-                if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+                let written = serde_json::to_writer(&mut stdout, &message)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| stdout.write_all(b"\n"));
+                let flushed = written
+                    .and_then(|()| if client.has_pending_messages() { Ok(()) } else { stdout.flush() });
+                if flushed.is_err() {
                     break Ok(()); // stdout closed (e.g. piped into `head`)
                 }
                 printed += 1;
@@ -199,6 +207,8 @@ pub async fn listen(
             None => break Ok(()),
         }
     };
+    let _ = stdout.flush();
+    drop(stdout);
     client.close().await;
     result
 }

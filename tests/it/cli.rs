@@ -62,6 +62,43 @@ async fn listen_prints_what_publish_sends() {
     }
 }
 
+/// `listen` buffers a flood but shows a lone message at once: each line is on stdout while
+/// the command is still running, the flood complete and in order.
+#[tokio::test]
+async fn listen_shows_each_message_while_running_and_keeps_up_with_a_flood() {
+    let server = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let mut listener = binary()
+        .args(["listen", &server.url(), "/flood", "--transport", "websocket"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start listen");
+    let mut stderr = BufReader::new(listener.stderr.take().expect("stderr")).lines();
+    tokio::time::timeout(WAIT, stderr.next_line()).await.expect("ready line").expect("stderr");
+    let mut stdout = BufReader::new(listener.stdout.take().expect("stdout")).lines();
+    let publisher = crate::support::peer::open(cometd_bridge::cometd::Client::builder(server.url())).await;
+    async fn line(stdout: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>, expected: u64) {
+        let line = tokio::time::timeout(WAIT, stdout.next_line())
+            .await
+            .expect("the line shows while listen runs")
+            .expect("stdout")
+            .expect("a line");
+        let message: Value = serde_json::from_str(&line).expect("one JSON message a line");
+        assert_eq!(message["data"], json!({ "n": expected }));
+    }
+    publisher.publish("/flood", json!({ "n": 0 })).await.expect("publish");
+    line(&mut stdout, 0).await;
+    let flood: Vec<_> = (1..=2000).map(|n| publisher.publish("/flood", json!({ "n": n }))).collect();
+    for result in futures_util::future::join_all(flood).await {
+        result.expect("publish");
+    }
+    for n in 1..=2000 {
+        line(&mut stdout, n).await;
+    }
+    publisher.close().await;
+    listener.start_kill().expect("stop listen");
+}
+
 #[tokio::test]
 async fn a_rejected_publish_exits_1_with_one_line() {
     let server = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
