@@ -57,6 +57,12 @@ fn main() {
             ))
         }
         Some("flood") => runtime.block_on(flood(&args[1..])),
+        Some("listen-sub") => runtime.block_on(listen_subscriber(
+            &args[1],
+            &args[2],
+            args[3].parse().expect("count"),
+            &args[4],
+        )),
         Some("nats-sub") => {
             runtime.block_on(nats_subscriber(&args[1], &args[2], args[3].parse().expect("count")))
         }
@@ -273,6 +279,54 @@ async fn subscriber(
     }
     println!("{}", stats.json());
     client.close().await;
+}
+
+/// Mode `listen-sub`: `cometd-bridge listen` as a user runs it, its stdout read line by
+/// line. It prints the usual stats with `listen`'s own CPU and memory (from `wait4` once it
+/// exits after `--count`), so that reading its output is not counted against it.
+async fn listen_subscriber(url: &str, channel: &str, count: u64, transport: &str) {
+    use tokio::io::AsyncBufReadExt;
+    let mut listen = tokio::process::Command::new(root().join("target/release/cometd-bridge"))
+        .args(["listen", url, channel, "--count", &count.to_string(), "--transport", transport])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cometd-bridge listen (built by scripts/bench.sh)");
+    let pid = listen.id().expect("running");
+    let mut stderr = tokio::io::BufReader::new(listen.stderr.take().expect("stderr")).lines();
+    let ready = stderr.next_line().await.expect("stderr").expect("listen's ready line");
+    assert!(ready.starts_with("listening on"), "listen: {ready}");
+    let (user_at_ready, system_at_ready) = cpu_split_us(pid);
+    println!("READY");
+    let mut lines =
+        tokio::io::BufReader::with_capacity(256 * 1024, listen.stdout.take().expect("stdout")).lines();
+    let mut stats = Stats::default();
+    let mut idle = IdleWatch::new();
+    while stats.received < count {
+        tokio::select! {
+            biased;
+            line = lines.next_line() => match line.expect("stdout") {
+                Some(line) => {
+                    let message: Value = serde_json::from_str(&line).expect("a JSON line");
+                    stats.record(Probe::of_value(&message["data"]));
+                }
+                None => break,
+            },
+            expired = idle.expired(stats.received) => if expired { break },
+        }
+    }
+    let pid = libc::pid_t::try_from(pid).expect("pid");
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value to be overwritten.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child with valid out-pointers; tokio never waits for it.
+    unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let micros = |time: libc::timeval| time.tv_sec as u64 * 1_000_000 + time.tv_usec as u64;
+    let mut report = stats.json();
+    report["own_user_us"] = json!(micros(usage.ru_utime).saturating_sub(user_at_ready));
+    report["own_system_us"] = json!(micros(usage.ru_stime).saturating_sub(system_at_ready));
+    report["own_max_rss_kb"] = json!(usage.ru_maxrss);
+    println!("{report}");
 }
 
 /// Mode `nats-sub`: a plain NATS subscriber counting the bridge's output.
@@ -613,6 +667,11 @@ fn subscriber_command(client: &str, url: &str, channel: &str, count: u64, transp
                 }
             }
         }
+        "cometd-bridge listen" => {
+            let mut command = me();
+            command.args(["listen-sub", url, channel, &count, transport]);
+            command
+        }
         "aiocometd" => {
             let mut command = Command::new(root().join(".tools/venv/bin/python"));
             command
@@ -659,13 +718,24 @@ fn receive_run(client: &str, url: &str, transport: &str, size: usize, count: u64
     let usage = sub.reap();
     let received = stats["received"].as_f64().unwrap_or(0.0);
     let span = (stats["last_us"].as_f64().unwrap_or(0.0) - stats["first_us"].as_f64().unwrap_or(0.0)) / 1e6;
+    // A subscriber that measures another process (`listen-sub`) reports that one's usage.
+    let (user_us, system_us, max_rss_kb) = match stats["own_user_us"].as_u64() {
+        Some(user) => (
+            user,
+            stats["own_system_us"].as_u64().unwrap_or(0),
+            stats["own_max_rss_kb"].as_u64().unwrap_or(0),
+        ),
+        None => (
+            usage.user_us.saturating_sub(user_at_ready),
+            usage.system_us.saturating_sub(system_at_ready),
+            usage.max_rss_kb,
+        ),
+    };
     Run {
         rate: if span > 0.0 { (received - 1.0) / span } else { 0.0 },
-        cpu_us_per_msg: (usage.user_us + usage.system_us).saturating_sub(user_at_ready + system_at_ready)
-            as f64
-            / received.max(1.0),
-        user_us_per_msg: usage.user_us.saturating_sub(user_at_ready) as f64 / received.max(1.0),
-        max_rss_kb: usage.max_rss_kb,
+        cpu_us_per_msg: (user_us + system_us) as f64 / received.max(1.0),
+        user_us_per_msg: user_us as f64 / received.max(1.0),
+        max_rss_kb,
         publisher_rate: published["rate"].as_f64().unwrap_or(0.0),
         stats,
     }
@@ -693,8 +763,14 @@ async fn orchestrate() {
     for transport in ["websocket", "long-polling"] {
         for size in [64usize, 1024] {
             let (faye, url) = start_faye(60);
-            const CLIENTS: [&str; 5] =
-                ["cometd-bridge", "cometd-bridge-polled", "cometd-bridge-value", "aiocometd", "cometd-js"];
+            const CLIENTS: [&str; 6] = [
+                "cometd-bridge",
+                "cometd-bridge-polled",
+                "cometd-bridge-value",
+                "cometd-bridge listen",
+                "aiocometd",
+                "cometd-js",
+            ];
             // The clients take turns run by run, so that a slow spell of the machine (its
             // speed drifts by up to a fifth) falls on all of them, not on one client's runs.
             let mut runs_of: Vec<Vec<Run>> = CLIENTS.iter().map(|_| Vec::new()).collect();
@@ -1439,7 +1515,7 @@ fn report(results: &Value) -> String {
 
     let _ = writeln!(
         w,
-        "## Client receive ({MESSAGES} messages a run, one publisher flooding faye over websocket)\n\n`cometd-bridge` is the client with its default options, reading the two fields it needs of each message's data into its own type (`Data::parse`), as a Rust application would; `cometd-bridge-value` parses the whole data into a `serde_json::Value` instead (what the JS and Python clients always do, into their own objects); `cometd-bridge-polled` turns read coalescing off (a busy websocket is then read on every wake-up), to show what coalescing buys and costs. The targets use `cometd-bridge`.\n"
+        "## Client receive ({MESSAGES} messages a run, one publisher flooding faye over websocket)\n\n`cometd-bridge` is the client with its default options, reading the two fields it needs of each message's data into its own type (`Data::parse`), as a Rust application would; `cometd-bridge-value` parses the whole data into a `serde_json::Value` instead (what the JS and Python clients always do, into their own objects); `cometd-bridge-polled` turns read coalescing off (a busy websocket is then read on every wake-up), to show what coalescing buys and costs; `cometd-bridge listen` is the command-line `listen` printing every message as a JSON line to a pipe (its own CPU and memory, not the reader's). The targets use `cometd-bridge`.\n"
     );
     let _ = writeln!(
         w,
