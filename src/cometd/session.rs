@@ -17,22 +17,16 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::error::{Error, TransportErrorKind};
+use super::machine::{Action, Event, Machine, Next, Note, Wait, is_auth_failure};
 use super::message::{
     Advice, BAYEUX_VERSION, Data, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
-    META_UNSUBSCRIBE, Message, Protocol, Reconnect,
+    META_UNSUBSCRIBE, Message, Protocol,
 };
 use super::options::ConnectionType;
 use super::transport::{Shared, Transport};
 
 /// How long the server holds a `/meta/connect` when it has not said (faye's default).
 const DEFAULT_CONNECT_HOLD: Duration = Duration::from_secs(60);
-
-/// The longest advised hold (`advice.timeout`) followed; Salesforce advises 110 s.
-const MAX_ADVISED_HOLD: Duration = Duration::from_secs(600);
-
-/// The longest advised pause between connects (`advice.interval`) followed: a server that
-/// advises more would park the session for as long as it likes.
-const MAX_ADVISED_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Waits until `at`, or for ever when there is no `at`.
 async fn sleep_until_some(at: Option<Instant>) {
@@ -182,41 +176,6 @@ fn replies_in_order(
             }
         })
         .collect()
-}
-
-/// A 401 or 403 that new credentials may cure: not an unknown-session error, which a new
-/// handshake cures instead.
-fn is_auth_failure(reply: &Message) -> bool {
-    reply.successful == Some(false)
-        && reply.error_field().and_then(|field| field.code).is_some_and(|code| code == 401 || code == 403)
-        && !is_unknown_session(reply)
-        && !is_limit_error(reply)
-}
-
-/// A server limit: `403::Organization concurrent user limit exceeded`, `…daily limit
-/// exceeded`, `503::Server is too busy` (also as Salesforce's `ext.sfdc.failureReason`).
-/// Retrying soon only makes it worse: such errors get the longest backoff.
-fn is_limit_error(reply: &Message) -> bool {
-    let failure_reason = reply
-        .ext
-        .as_ref()
-        .and_then(|ext| ext.get("sfdc"))
-        .and_then(|sfdc| sfdc.get("failureReason"))
-        .and_then(Value::as_str);
-    [reply.protocol().error.as_deref(), failure_reason]
-        .into_iter()
-        .flatten()
-        .any(|error| error.to_ascii_lowercase().contains("limit exceeded") || error.starts_with("503:"))
-}
-
-/// `401::Unknown client` (faye), `402::session_unknown` (CometD), `403::Unknown client`
-/// (Salesforce): the server no longer knows this session.
-fn is_unknown_session(reply: &Message) -> bool {
-    let Some(field) = reply.error_field() else {
-        return false;
-    };
-    let message = field.message.unwrap_or_default().to_ascii_lowercase();
-    field.code == Some(402) || message.contains("unknown client") || message.contains("session_unknown")
 }
 
 fn failure_name(channel: &str) -> &'static str {
@@ -428,14 +387,6 @@ enum Step {
     Connected(Result<Message, Error>),
 }
 
-/// What the session does next, possibly after a delay.
-#[derive(Clone, Copy, Debug)]
-enum Next {
-    Handshake,
-    Resubscribe,
-    Connect { first: bool },
-}
-
 /// A finished client request, ready to be answered; short-lived.
 #[allow(clippy::large_enum_variant)]
 enum Done {
@@ -453,18 +404,13 @@ pub(crate) struct Session {
     status: watch::Sender<SessionStatus>,
     /// `open`'s answer, until the first `/meta/connect` settles it.
     opened: Option<oneshot::Sender<Result<(), Error>>>,
-    /// When `open` gives up on an unreachable server.
-    open_deadline: Option<Instant>,
+    /// The decisions after each step, and the state they depend on.
+    machine: Machine,
     /// The last error while opening, for `open` to report at its deadline.
     open_error: Option<Error>,
     transport: Option<Arc<Transport>>,
     client_id: Option<String>,
-    /// The advice seen so far, merged field by field (`reconnect` is read from each reply
-    /// alone, never from an older one).
-    advice: Advice,
     subscriptions: BTreeSet<String>,
-    /// Consecutive failures, for the backoff.
-    failures: u32,
     /// Requests that arrived while the session was not connected, with when they give up.
     deferred: VecDeque<(Instant, Command)>,
     /// Channels the server refused to subscribe again after a new handshake: tried again
@@ -487,18 +433,17 @@ impl Session {
         opened: oneshot::Sender<Result<(), Error>>,
     ) -> Self {
         let open_deadline = ctx.shared.options.connection_timeout.map(|timeout| Instant::now() + timeout);
+        let machine = Machine::new(open_deadline, ctx.shared.options.auth.is_some());
         Session {
             ctx,
             commands,
             status,
             opened: Some(opened),
-            open_deadline,
+            machine,
             open_error: None,
             transport: None,
             client_id: None,
-            advice: Advice::default(),
             subscriptions: BTreeSet::new(),
-            failures: 0,
             deferred: VecDeque::new(),
             refused: BTreeMap::new(),
         }
@@ -514,7 +459,7 @@ impl Session {
         loop {
             // The timers' deadlines, read before the select borrows the session.
             let deferred_gives_up = self.deferred.front().map(|(at, _)| *at);
-            let open_gives_up = self.open_deadline.filter(|_| self.opened.is_some());
+            let open_gives_up = self.machine.open_deadline.filter(|_| self.opened.is_some());
             let refused_retry = self.next_refused_retry().filter(|_| self.is_connected());
             tokio::select! {
                 biased;
@@ -609,7 +554,7 @@ impl Session {
         let ctx = self.ctx.clone();
         match (next, &self.transport, &self.client_id) {
             (Next::Connect { first }, Some(transport), Some(client_id)) => {
-                let hold = self.advice.timeout.map(Duration::from_millis);
+                let hold = self.machine.advice.timeout.map(Duration::from_millis);
                 connect(ctx, transport.clone(), client_id.clone(), hold, first).map(Step::Connected).boxed()
             }
             (Next::Resubscribe, Some(transport), Some(client_id)) => {
@@ -631,85 +576,26 @@ impl Session {
         }
     }
 
-    /// The delay before the next attempt after a failure.
-    fn back_off(&mut self) -> Duration {
-        let delay = self.ctx.shared.options.backoff.delay(self.failures);
-        self.failures = self.failures.saturating_add(1);
-        delay
-    }
-
-    /// The delay after `error`: the longest backoff for a server limit (reported at
-    /// ERROR, since an operator must act), else the usual one.
-    fn back_off_after(&mut self, error: &Error) -> Duration {
-        let reply = error.as_server_error().and_then(|server| server.response());
-        if reply.is_some_and(is_limit_error) {
-            let delay = self.ctx.shared.options.backoff.bound(u32::MAX);
-            tracing::error!(error = %error, delay = ?delay, "the server reports a limit; backing off");
-            self.failures = self.failures.saturating_add(1);
-            return delay;
-        }
-        self.back_off()
-    }
-
-    /// While `open` waits: whether to give up on this error.
-    fn open_gives_up(&self, error: &Error) -> bool {
-        self.opened.is_some()
-            && (!error.is_retryable()
-                || self.open_deadline.is_some_and(|deadline| Instant::now() >= deadline))
-    }
-
-    /// Ends `open` with `error` if it gives up; `Err(())` then stops the session. Else the
-    /// error is kept, for `open` to report if it reaches `connection_timeout` later.
-    fn fail_open_if_hopeless(&mut self, error: Error) -> Result<Error, ()> {
-        if self.open_gives_up(&error) {
-            if let Some(opened) = self.opened.take() {
-                let _ = opened.send(Err(error));
-            }
-            return Err(());
-        }
-        if self.opened.is_some() {
-            self.open_error = Some(error.duplicate());
-        }
-        Ok(error)
-    }
-
-    /// Takes in a finished step; returns what to do next and after how long, or `Err(())`
-    /// when the session must stop.
+    /// Takes in a finished step: keeps what it established, asks the machine what
+    /// follows, and carries that out. Returns what to do next and after how long, or
+    /// `Err(())` when the session must stop.
     fn apply(&mut self, step: Step) -> Result<Option<(Duration, Next)>, ()> {
+        let now = Instant::now();
         match step {
             Step::Handshaken(Ok(handshaken)) => {
                 tracing::debug!(client_id = %handshaken.client_id, connection_type = %handshaken.transport.connection_type(), "handshake succeeded");
                 self.transport = Some(handshaken.transport);
                 self.client_id = Some(handshaken.client_id);
-                if let Some(advice) = handshaken.advice {
-                    self.merge_advice(&advice);
-                }
                 self.publish_session();
-                if self.subscriptions.is_empty() && self.refused.is_empty() {
-                    return Ok(Some((Duration::ZERO, Next::Connect { first: true })));
-                }
-                Ok(Some((Duration::ZERO, Next::Resubscribe)))
+                let resubscribe = !self.subscriptions.is_empty() || !self.refused.is_empty();
+                let event = Event::Handshaken { advice: handshaken.advice.as_ref(), resubscribe };
+                let action = self.machine.on_step(event, now);
+                self.carry_out(action, None, None)
             }
             Step::Handshaken(Err(error)) => {
-                let error = self.fail_open_if_hopeless(error)?;
-                if let Some(reply) = error.as_server_error().and_then(|server| server.response())
-                    && matches!(
-                        reply.protocol().advice.as_ref().and_then(|advice| advice.reconnect),
-                        Some(Reconnect::None)
-                    )
-                {
-                    let reply = reply.clone();
-                    self.server_closed(reply);
-                    return Err(());
-                }
-                if self.opened.is_some() {
-                    // `open` reports the error if it gives up; no need to shout meanwhile.
-                    tracing::debug!(error = %error, "handshake failed; retrying");
-                } else {
-                    tracing::warn!(error = %error, "handshake failed; retrying");
-                }
-                self.set_state(SessionState::Handshaking, Some(&error));
-                Ok(Some((self.back_off_after(&error), Next::Handshake)))
+                let action = self.machine.on_step(Event::HandshakeFailed(&error), now);
+                let reply = error.as_server_error().and_then(|server| server.response()).cloned();
+                self.carry_out(action, Some(error), reply)
             }
             Step::Resubscribed(Ok(results)) => {
                 for (channel, result) in results {
@@ -730,103 +616,80 @@ impl Session {
                     }
                 }
                 self.publish_session();
-                Ok(Some((Duration::ZERO, Next::Connect { first: true })))
+                let action = self.machine.on_step(Event::Resubscribed, now);
+                self.carry_out(action, None, None)
             }
             Step::Resubscribed(Err(error)) => {
-                tracing::warn!(error = %error, "resubscription failed; handshaking again");
-                self.set_state(SessionState::Reconnecting, Some(&error));
-                Ok(Some((self.back_off(), Next::Handshake)))
-            }
-            Step::Connected(Ok(reply)) if reply.successful == Some(true) => {
-                if let Some(advice) = &reply.protocol().advice {
-                    self.merge_advice(advice);
-                }
-                self.failures = 0;
-                self.set_state(SessionState::Connected, None);
-                if let Some(opened) = self.opened.take() {
-                    self.status.send_modify(|status| status.open = true);
-                    let _ = opened.send(Ok(()));
-                }
-                let interval = Duration::from_millis(self.advice.interval.unwrap_or(0));
-                Ok(Some((interval, Next::Connect { first: false })))
+                let action = self.machine.on_step(Event::ResubscribeFailed, now);
+                self.carry_out(action, Some(error), None)
             }
             Step::Connected(Ok(reply)) => {
-                let reconnect = reply.protocol().advice.as_ref().and_then(|advice| advice.reconnect);
-                let error = Error::server(failure_name(META_CONNECT), Some(reply.clone()));
-                // Salesforce answers an expired token with `401` and `reconnect: none`; with
-                // an auth extension (which already tried to re-authenticate) that calls for a
-                // new handshake, not the end of the session.
-                let reconnect = match reconnect {
-                    Some(Reconnect::None)
-                        if self.ctx.shared.options.auth.is_some() && is_auth_failure(&reply) =>
-                    {
-                        Some(Reconnect::Handshake)
-                    }
-                    other => other,
-                };
-                match reconnect {
-                    Some(Reconnect::None) => {
-                        if let Some(opened) = self.opened.take() {
-                            let _ = opened.send(Err(error));
-                            return Err(());
-                        }
-                        self.server_closed(reply);
-                        Err(())
-                    }
-                    Some(Reconnect::Handshake) | None
-                        if reconnect.is_some() || is_unknown_session(&reply) =>
-                    {
-                        let error = self.fail_open_if_hopeless(error)?;
-                        tracing::info!(error = %error, "the server lost the session; handshaking again");
-                        self.set_state(SessionState::Handshaking, Some(&error));
-                        let delay = if is_limit_error(&reply) {
-                            self.back_off_after(&error)
-                        } else if self.failures == 0 {
-                            Duration::ZERO
-                        } else {
-                            self.back_off()
-                        };
-                        self.failures = self.failures.max(1);
-                        Ok(Some((delay, Next::Handshake)))
-                    }
-                    _ => {
-                        let error = self.fail_open_if_hopeless(error)?;
-                        tracing::warn!(error = %error, "connect rejected; retrying");
-                        self.set_state(SessionState::Reconnecting, Some(&error));
-                        Ok(Some((self.back_off_after(&error), Next::Connect { first: false })))
-                    }
-                }
+                let action = self.machine.on_step(Event::ConnectReply(&reply), now);
+                let error = (reply.successful != Some(true))
+                    .then(|| Error::server(failure_name(META_CONNECT), Some(reply.clone())));
+                self.carry_out(action, error, Some(reply))
             }
             Step::Connected(Err(error)) => {
-                let error = self.fail_open_if_hopeless(error)?;
-                tracing::warn!(error = %error, "connect failed; retrying");
-                self.set_state(SessionState::Reconnecting, Some(&error));
-                let first = self.opened.is_some();
-                Ok(Some((self.back_off(), Next::Connect { first })))
+                let action = self.machine.on_step(Event::ConnectFailed(&error), now);
+                self.carry_out(action, Some(error), None)
             }
         }
     }
 
-    /// Keeps the advised hold and interval, each capped so a server cannot park the
-    /// session for ever or make a deadline overflow.
-    fn merge_advice(&mut self, advice: &Advice) {
-        let capped = |name: &str, millis: u64, cap: Duration| {
-            let cap = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
-            if millis > cap {
-                tracing::warn!(
-                    advised_ms = millis,
-                    cap_ms = cap,
-                    "the server advises an {name} above the cap; using the cap"
-                );
+    /// Does what the machine decided after a step that brought `error` and `reply`.
+    fn carry_out(
+        &mut self,
+        action: Action,
+        error: Option<Error>,
+        reply: Option<Message>,
+    ) -> Result<Option<(Duration, Next)>, ()> {
+        let (wait, next, state, note) = match action {
+            Action::Go { wait, next, state, note } => (wait, next, state, note),
+            Action::FailOpen => {
+                let error =
+                    error.unwrap_or_else(|| Error::InvalidOperation("open failed without an error".into()));
+                if let Some(opened) = self.opened.take() {
+                    let _ = opened.send(Err(error));
+                }
+                return Err(());
             }
-            millis.min(cap)
+            Action::ServerClosed => {
+                self.server_closed(reply);
+                return Err(());
+            }
         };
-        if let Some(timeout) = advice.timeout {
-            self.advice.timeout = Some(capped("advice.timeout", timeout, MAX_ADVISED_HOLD));
+        if let Some(error) = &error {
+            match note {
+                Note::Quiet => {}
+                Note::Debug(what) => tracing::debug!(error = %error, "{what}"),
+                Note::Info(what) => tracing::info!(error = %error, "{what}"),
+                Note::Warn(what) => tracing::warn!(error = %error, "{what}"),
+            }
+            if self.opened.is_some() {
+                // For `open` to report if it reaches its deadline before a session.
+                self.open_error = Some(error.duplicate());
+            }
         }
-        if let Some(interval) = advice.interval {
-            self.advice.interval = Some(capped("advice.interval", interval, MAX_ADVISED_INTERVAL));
+        self.set_state(state, error.as_ref());
+        if state == SessionState::Connected
+            && let Some(opened) = self.opened.take()
+        {
+            self.status.send_modify(|status| status.open = true);
+            let _ = opened.send(Ok(()));
         }
+        let backoff = &self.ctx.shared.options.backoff;
+        let delay = match wait {
+            Wait::Now => Duration::ZERO,
+            Wait::Interval(millis) => Duration::from_millis(millis),
+            Wait::Backoff(failures) => backoff.delay(failures),
+            Wait::Longest => {
+                let delay = backoff.bound(u32::MAX);
+                let error = error.as_ref().map(ToString::to_string).unwrap_or_default();
+                tracing::error!(error = %error, delay = ?delay, "the server reports a limit; backing off");
+                delay
+            }
+        };
+        Ok(Some((delay, next)))
     }
 
     /// Fails the requests that have waited for a connection longer than `request_timeout`.
@@ -905,9 +768,10 @@ impl Session {
     }
 
     /// The server said `reconnect: none`: hand out what is pending, then the error.
-    fn server_closed(&mut self, reply: Message) {
-        tracing::warn!(error = ?reply.protocol().error, "the server closed the session (advice reconnect: none)");
-        let error = Error::server("connection closed by the server", Some(reply));
+    fn server_closed(&mut self, reply: Option<Message>) {
+        let cause = reply.as_ref().and_then(|reply| reply.protocol().error.clone());
+        tracing::warn!(error = ?cause, "the server closed the session (advice reconnect: none)");
+        let error = Error::server("connection closed by the server", reply);
         self.status.send_modify(|status| status.last_error = Some(error.to_string()));
         self.ctx.shared.queue.push(Err(error));
     }
@@ -1039,77 +903,6 @@ mod tests {
 
     fn reply(value: Value) -> Message {
         serde_json::from_value(value).expect("message")
-    }
-
-    #[test]
-    fn failures_are_told_apart_by_their_error_fields() {
-        let expired = reply(
-            json!({"channel": "/meta/connect", "successful": false, "error": "401::Authentication invalid"}),
-        );
-        let denied = reply(
-            json!({"channel": "/meta/handshake", "successful": false, "error": "403::Handshake denied",
-            "ext": {"sfdc": {"failureReason": "401::Authentication invalid"}}}),
-        );
-        let faye_unknown = reply(
-            json!({"channel": "/meta/connect", "successful": false, "error": "401:abc:Unknown client"}),
-        );
-        let cometd_unknown =
-            reply(json!({"channel": "/meta/connect", "successful": false, "error": "402::session_unknown"}));
-        let salesforce_unknown =
-            reply(json!({"channel": "/meta/connect", "successful": false, "error": "403::Unknown client"}));
-        let concurrent = reply(
-            json!({"channel": "/meta/handshake", "successful": false, "error": "403::Organization concurrent user limit exceeded"}),
-        );
-        let busy = reply(
-            json!({"channel": "/meta/handshake", "successful": false, "error": "403::Handshake denied",
-            "ext": {"sfdc": {"failureReason": "503::Server is too busy. Please try again later."}}}),
-        );
-
-        for auth in [&expired, &denied] {
-            assert!(is_auth_failure(auth) && !is_unknown_session(auth) && !is_limit_error(auth), "{auth:?}");
-        }
-        for unknown in [&faye_unknown, &cometd_unknown, &salesforce_unknown] {
-            assert!(is_unknown_session(unknown) && !is_auth_failure(unknown), "{unknown:?}");
-        }
-        for limit in [&concurrent, &busy] {
-            assert!(is_limit_error(limit) && !is_auth_failure(limit), "{limit:?}");
-        }
-    }
-
-    fn session() -> Session {
-        let options = super::super::options::ClientOptions::new("http://127.0.0.1:1/x").validate().unwrap();
-        let queue = Arc::new(super::super::pending::PendingQueue::new(None));
-        let shared = Arc::new(Shared::new(options, queue).unwrap());
-        let ctx = Context { shared, ids: Default::default() };
-        let (_commands, receiver) = mpsc::channel(1);
-        let (status, _) = watch::channel(SessionStatus::new());
-        let (opened, _) = oneshot::channel();
-        Session::new(ctx, receiver, status, opened)
-    }
-
-    #[test]
-    fn advice_is_capped_so_a_server_cannot_park_the_session_or_overflow_a_deadline() {
-        let mut session = session();
-        session.merge_advice(&Advice { timeout: Some(u64::MAX), interval: Some(u64::MAX), reconnect: None });
-        assert_eq!(session.advice.timeout, Some(MAX_ADVISED_HOLD.as_millis() as u64));
-        assert_eq!(session.advice.interval, Some(MAX_ADVISED_INTERVAL.as_millis() as u64));
-        session.merge_advice(&Advice { timeout: Some(45_000), interval: Some(0), reconnect: None });
-        assert_eq!((session.advice.timeout, session.advice.interval), (Some(45_000), Some(0)));
-        session.merge_advice(&Advice::default());
-        assert_eq!((session.advice.timeout, session.advice.interval), (Some(45_000), Some(0)), "kept");
-    }
-
-    #[tokio::test]
-    async fn an_unknown_reconnect_advice_retries_and_none_closes() {
-        let failed = |reconnect: &str| {
-            Step::Connected(Ok(reply(json!({"channel": "/meta/connect", "successful": false,
-                "error": "500::busy", "advice": {"reconnect": reconnect}}))))
-        };
-        let mut session = session();
-        session.opened = None; // open already succeeded
-        assert!(matches!(session.apply(failed("sometimes")), Ok(Some((_, Next::Connect { first: false })))));
-        assert!(matches!(session.apply(failed("handshake")), Ok(Some((_, Next::Handshake)))));
-        assert!(session.apply(failed("none")).is_err(), "none ends the session");
     }
 
     #[test]
