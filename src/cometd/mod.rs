@@ -39,6 +39,7 @@ mod channel;
 mod client;
 mod error;
 mod extension;
+mod machine;
 mod message;
 mod options;
 mod pending;
@@ -46,7 +47,8 @@ mod replay;
 mod salesforce;
 mod session;
 mod tls;
-mod transport;
+// Crate-visible for the fuzz harnesses (`crate::fuzzing`).
+pub(crate) mod transport;
 
 pub use ack::{AckConfirmer, AckExtension, DEFAULT_CONFIRM_WAIT};
 pub use async_trait::async_trait;
