@@ -12,6 +12,7 @@ mod coalescing;
 mod daemon;
 mod demo;
 mod durable;
+mod faults;
 mod fuzz;
 mod harness;
 mod hostile;

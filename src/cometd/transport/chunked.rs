@@ -182,7 +182,13 @@ impl ChunkedPayload {
                 // What is left starts inside the chunk: read it there.
                 return self.read_in_place(chunk.slice(taken - (raw.len() - stopped)..));
             }
-            self.carry.extend_from_slice(&raw[stopped..]);
+            self.carry = if stopped == 0 {
+                // Still one message short: the buffer goes back, not copied (a message
+                // megabytes long would otherwise be held twice while it is copied).
+                raw.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+            } else {
+                BytesMut::from(&raw[stopped..])
+            };
             self.retry_at = self.carry.len() * 2;
         }
     }

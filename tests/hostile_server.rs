@@ -3,8 +3,13 @@
 //! break the rules. Each case failed before its fix (a crash, a hang, a spin or a loss).
 //!
 //! The hostile answers come from a hand-written server (`support::fake`): no real Bayeux
-//! server sends them on demand. The memory test runs the daemon as its own process, so its
-//! peak memory is its own, beside a healthy source whose messages must all arrive.
+//! server sends them on demand. Each client test runs beside a healthy session in the same
+//! process (`Neighbour`), which must get every message; this binary holds nothing else, so
+//! its peak memory, checked at the end of each test, is theirs. The bridge test runs the
+//! daemon as its own process, beside a healthy source whose messages must all arrive.
+
+#[path = "it/support/mod.rs"]
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,12 +23,78 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::support::bayeux::{BayeuxServer, FayeOptions};
-use crate::support::daemon::Daemon;
-use crate::support::fake::{Behaviour, FakeServer};
-use crate::support::peer::{WAIT, wait_for_state};
-use crate::support::scenario::{delivered, publish_paced, webhook};
-use crate::support::webhook::WebhookReceiver;
+use support::bayeux::{BayeuxServer, FayeOptions};
+use support::daemon::Daemon;
+use support::fake::{Behaviour, FakeServer};
+use support::peer::{WAIT, wait_for_state};
+use support::scenario::{delivered, publish_paced, webhook};
+use support::webhook::WebhookReceiver;
+
+/// The largest peak memory a test process may reach, as the issue asks.
+const PEAK_RSS_LIMIT: u64 = 100 * 1024 * 1024;
+
+/// This process's peak resident memory so far, in bytes.
+fn own_peak_rss() -> u64 {
+    peak_rss_of("self")
+}
+
+fn peak_rss_of(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let line = status.lines().find(|line| line.starts_with("VmHWM:")).expect("VmHWM");
+    let kib: u64 = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("a number");
+    kib * 1024
+}
+
+/// A healthy session in the same process, on its own faye: it publishes numbered messages
+/// and receives each one, for as long as the hostile test runs.
+struct Neighbour {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: JoinHandle<u64>,
+    _faye: BayeuxServer,
+}
+
+impl Neighbour {
+    async fn start() -> Neighbour {
+        let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+        let subscriber = support::peer::open(Client::builder(faye.url())).await;
+        subscriber.subscribe("/neighbour").await.expect("subscribe");
+        let publisher =
+            support::peer::open(Client::builder(faye.url()).connection_types([ConnectionType::LongPolling]))
+                .await;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_millis(20));
+            let mut n = 0;
+            while !*stopped.borrow_and_update() {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    _ = stopped.changed() => break,
+                }
+                publisher.publish("/neighbour", json!({ "n": n })).await.expect("the neighbour publishes");
+                let message = tokio::time::timeout(WAIT, subscriber.receive())
+                    .await
+                    .expect("the neighbour's message arrives")
+                    .expect("a message");
+                assert_eq!(message.data.expect("data").value()["n"], n, "the neighbour's messages in order");
+                n += 1;
+            }
+            publisher.close().await;
+            subscriber.close().await;
+            n
+        });
+        Neighbour { stop, task, _faye: faye }
+    }
+
+    /// Stops it; it must have exchanged messages the whole time, and this process must
+    /// have stayed under the memory limit.
+    async fn finish(self) {
+        let _ = self.stop.send(true);
+        let exchanged = self.task.await.expect("the neighbour was unaffected");
+        assert!(exchanged > 0, "the neighbour exchanged messages");
+        let peak = own_peak_rss();
+        assert!(peak < PEAK_RSS_LIMIT, "peak RSS {} MiB", peak / (1024 * 1024));
+    }
+}
 
 fn long_polling(url: String) -> Client {
     Client::builder(url)
@@ -98,11 +169,7 @@ impl Drop for HugeFrameServer {
 
 /// The daemon's peak resident memory, in bytes.
 fn peak_rss(daemon: &Daemon) -> u64 {
-    let pid = daemon.child.id().expect("running");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let line = status.lines().find(|line| line.starts_with("VmHWM:")).expect("VmHWM");
-    let kib: u64 = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("a number");
-    kib * 1024
+    peak_rss_of(&daemon.child.id().expect("running").to_string())
 }
 
 /// Three sources whose servers answer too much (a declared 100 TB body, an endless
@@ -124,8 +191,10 @@ async fn answers_larger_than_max_message_size_are_refused_and_the_rest_of_the_br
         ("frame", frame.url(), "websocket"),
         ("healthy", faye.url(), "long-polling"),
     ] {
+        // The default limit (16 MiB), and a lower one set in the configuration.
+        let limit = if name == "frame" { "max_message_size = \"4MiB\"\n" } else { "" };
         config.push_str(&format!(
-            "[[sources]]\nname = \"{name}\"\nurl = \"{url}\"\nconnection_types = [\"{kind}\"]\nmax_message_size = \"4MiB\"\n"
+            "[[sources]]\nname = \"{name}\"\nurl = \"{url}\"\nconnection_types = [\"{kind}\"]\n{limit}"
         ));
         let subscription = webhook(&format!("{name}-hook"), &format!("/{name}"), &receiver.url());
         config.push_str(&subscription.replace("source = \"demo\"", &format!("source = \"{name}\"")));
@@ -139,7 +208,7 @@ async fn answers_larger_than_max_message_size_are_refused_and_the_rest_of_the_br
     let seen = delivered(&mut receiver, 100).await;
     assert_eq!(seen.len(), 100, "the healthy source delivered every message");
 
-    let http = crate::support::http_client();
+    let http = support::http_client();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let sources: Vec<Value> = http
@@ -167,25 +236,60 @@ async fn answers_larger_than_max_message_size_are_refused_and_the_rest_of_the_br
     }
     assert!(daemon.child.try_wait().expect("status").is_none(), "the daemon is still running");
     let peak = peak_rss(&daemon);
-    assert!(peak < 100 * 1024 * 1024, "peak RSS {} MiB", peak / (1024 * 1024));
+    assert!(peak < PEAK_RSS_LIMIT, "peak RSS {} MiB", peak / (1024 * 1024));
+}
+
+/// The same answers to the client alone, with its default limit (16 MiB): `open` fails
+/// with a transport error naming the limit, the process stays small, and a healthy session
+/// beside it carries on.
+#[tokio::test]
+async fn the_client_refuses_answers_over_its_default_limit() {
+    let neighbour = Neighbour::start().await;
+    let declared = FakeServer::start(Behaviour::HugeDeclaredLength).await;
+    let endless = FakeServer::start(Behaviour::EndlessChunked).await;
+    let frame = HugeFrameServer::start().await;
+    for (url, kind) in [
+        (declared.url(), ConnectionType::LongPolling),
+        (endless.url(), ConnectionType::LongPolling),
+        (frame.url(), ConnectionType::WebSocket),
+    ] {
+        let client = Client::builder(&url)
+            .connection_types([kind])
+            .connection_timeout(Some(Duration::from_secs(2)))
+            .backoff(Duration::from_millis(100), Duration::from_millis(500))
+            .build()
+            .expect("options");
+        let error =
+            tokio::time::timeout(WAIT, client.open()).await.expect("open gives up").expect_err("refused");
+        assert_eq!(
+            error.transport_kind(),
+            Some(&TransportErrorKind::TooLarge { limit: cometd_bridge::cometd::DEFAULT_MAX_MESSAGE_SIZE }),
+            "{url}: {error}"
+        );
+        assert!(error.to_string().contains("max_message_size"), "{error}");
+    }
+    neighbour.finish().await;
 }
 
 /// A server that accepts every handshake and forgets the session at every connect used to
 /// keep `open` looping for ever.
 #[tokio::test]
 async fn open_gives_up_at_connection_timeout_when_every_connect_says_unknown_client() {
+    let neighbour = Neighbour::start().await;
     let server = FakeServer::start(Behaviour::UnknownClient).await;
     let client = long_polling(server.url());
     let error =
         tokio::time::timeout(WAIT, client.open()).await.expect("open gives up").expect_err("no session");
     assert!(error.to_string().contains("connect request failed"), "{error}");
     assert!(client.is_closed());
+    neighbour.finish().await;
 }
 
 /// A server that never answers: `open` gives up at `connection_timeout`, not after a
 /// request timeout per connection type.
 #[tokio::test]
 async fn open_gives_up_at_connection_timeout_when_the_server_never_answers() {
+    let neighbour = Neighbour::start().await;
     let server = FakeServer::start(Behaviour::Blackhole).await;
     let client = Client::builder(server.url())
         .connection_timeout(Some(Duration::from_secs(1)))
@@ -198,11 +302,13 @@ async fn open_gives_up_at_connection_timeout_when_the_server_never_answers() {
         .expect_err("no answer");
     assert_eq!(error.transport_kind(), Some(&TransportErrorKind::ConnectionTimeout), "{error}");
     server.wait_for_open_connections(0).await;
+    neighbour.finish().await;
 }
 
 /// Dropping `open`'s future stops the attempt: its connection closes.
 #[tokio::test]
 async fn dropping_open_stops_the_attempt() {
+    let neighbour = Neighbour::start().await;
     let server = FakeServer::start(Behaviour::Blackhole).await;
     for (kind, url) in [
         (ConnectionType::LongPolling, server.url()),
@@ -219,12 +325,14 @@ async fn dropping_open_stops_the_attempt() {
         server.wait_for_open_connections(0).await;
         assert!(client.is_closed(), "{kind}");
     }
+    neighbour.finish().await;
 }
 
 /// A publish made while the link is down fails after `request_timeout` instead of waiting
 /// for the outage to end.
 #[tokio::test]
 async fn a_command_issued_while_reconnecting_fails_after_the_request_timeout() {
+    let neighbour = Neighbour::start().await;
     let server = FakeServer::start(Behaviour::Valid).await;
     let client = Client::builder(server.url())
         .connection_types([ConnectionType::LongPolling])
@@ -245,6 +353,7 @@ async fn a_command_issued_while_reconnecting_fails_after_the_request_timeout() {
     wait_for_state(&client, SessionState::Connected).await;
     client.publish("/after/outage", json!(2)).await.expect("sent once connected");
     client.close().await;
+    neighbour.finish().await;
 }
 
 /// Drops every outgoing `/meta/subscribe`.
@@ -258,6 +367,50 @@ impl Extension for DropsSubscribes {
     }
 }
 
+/// Never finishes its outgoing hook for a `/meta/subscribe` (a login that hangs, say).
+struct HangsOnSubscribe;
+
+#[async_trait]
+impl Extension for HangsOnSubscribe {
+    async fn outgoing(&self, payload: &mut Vec<Message>, _headers: &mut HeaderMap) -> Result<(), Error> {
+        if payload.iter().any(|message| message.channel == "/meta/subscribe") {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+/// An extension hook that never finishes fails its request after `request_timeout`; the
+/// session goes on.
+#[tokio::test]
+async fn a_hanging_extension_hook_fails_its_request_after_the_request_timeout() {
+    let neighbour = Neighbour::start().await;
+    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    for kind in [ConnectionType::LongPolling, ConnectionType::WebSocket] {
+        let client = Client::builder(faye.url())
+            .connection_types([kind])
+            .request_timeout(Duration::from_millis(500))
+            .extension(HangsOnSubscribe)
+            .build()
+            .expect("options");
+        client.open().await.expect("open");
+        let error = tokio::time::timeout(WAIT, client.subscribe("/hangs"))
+            .await
+            .expect("the subscribe gives up")
+            .expect_err("the hook never finished");
+        assert_eq!(error.transport_kind(), Some(&TransportErrorKind::RequestTimeout), "{kind}: {error}");
+        assert!(
+            cometd_bridge::telemetry::error_chain(&error)
+                .contains("extension hooks took longer than request_timeout"),
+            "{kind}: {}",
+            cometd_bridge::telemetry::error_chain(&error)
+        );
+        client.publish("/still/works", json!(1)).await.expect("the session goes on");
+        client.close().await;
+    }
+    neighbour.finish().await;
+}
+
 /// Panics on an incoming message whose data is `"boom"`.
 struct PanicsOnBoom;
 
@@ -265,7 +418,9 @@ struct PanicsOnBoom;
 impl Extension for PanicsOnBoom {
     async fn incoming(&self, payload: &mut Vec<Message>, _headers: Option<&HeaderMap>) -> Result<(), Error> {
         if payload.iter().any(|message| message.data.as_ref().is_some_and(|data| data.json() == "\"boom\"")) {
-            panic!("boom in an extension");
+            // A panic without the panic hook: a backtrace printed (and symbolised) here
+            // would weigh on this process's peak memory, which the tests check.
+            std::panic::resume_unwind(Box::new("boom in an extension"));
         }
         Ok(())
     }
@@ -273,6 +428,7 @@ impl Extension for PanicsOnBoom {
 
 #[tokio::test]
 async fn an_extension_that_drops_a_request_is_an_error_and_the_session_goes_on() {
+    let neighbour = Neighbour::start().await;
     let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
     for kind in [ConnectionType::LongPolling, ConnectionType::WebSocket] {
         let client = Client::builder(faye.url())
@@ -288,6 +444,7 @@ async fn an_extension_that_drops_a_request_is_an_error_and_the_session_goes_on()
         assert_eq!(client.status().state, SessionState::Connected);
         client.close().await;
     }
+    neighbour.finish().await;
 }
 
 /// A panic in the session task (here in an extension's incoming hook on long-polling)
@@ -296,6 +453,7 @@ async fn an_extension_that_drops_a_request_is_an_error_and_the_session_goes_on()
 /// socket and the session reconnects.
 #[tokio::test]
 async fn a_panicking_extension_closes_the_client_with_the_cause() {
+    let neighbour = Neighbour::start().await;
     let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
     let client = Arc::new(
         Client::builder(faye.url())
@@ -306,10 +464,9 @@ async fn a_panicking_extension_closes_the_client_with_the_cause() {
     );
     client.open().await.expect("open");
     client.subscribe("/boom").await.expect("subscribe");
-    let publisher = crate::support::peer::open(
-        Client::builder(faye.url()).connection_types([ConnectionType::LongPolling]),
-    )
-    .await;
+    let publisher =
+        support::peer::open(Client::builder(faye.url()).connection_types([ConnectionType::LongPolling]))
+            .await;
     publisher.publish("/boom", json!("boom")).await.expect("publish");
     let first = tokio::time::timeout(WAIT, client.receive()).await.expect("receive returns");
     let error = first.expect_err("the session failed");
@@ -321,6 +478,7 @@ async fn a_panicking_extension_closes_the_client_with_the_cause() {
     let next = tokio::time::timeout(WAIT, client.receive()).await.expect("receive returns");
     assert!(matches!(next, Err(Error::Closed)), "{next:?}");
     publisher.close().await;
+    neighbour.finish().await;
 }
 
 /// D4: a websocket consumer slower than the server's hold. The reader stops reading while
@@ -328,6 +486,7 @@ async fn a_panicking_extension_closes_the_client_with_the_cause() {
 /// the connect used to time out and reset the socket with those events in it.
 #[tokio::test]
 async fn a_slow_consumer_on_websocket_loses_nothing_behind_a_held_connect() {
+    let neighbour = Neighbour::start().await;
     let faye = BayeuxServer::faye(FayeOptions { timeout: Some(1), ..FayeOptions::default() }).await;
     let client = Client::builder(faye.url())
         .connection_types([ConnectionType::WebSocket])
@@ -349,4 +508,5 @@ async fn a_slow_consumer_on_websocket_loses_nothing_behind_a_held_connect() {
     }
     assert_eq!(numbers, (0..40).collect::<Vec<_>>());
     client.close().await;
+    neighbour.finish().await;
 }
