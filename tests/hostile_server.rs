@@ -271,6 +271,69 @@ async fn the_client_refuses_answers_over_its_default_limit() {
     neighbour.finish().await;
 }
 
+/// A websocket server that answers the handshake and the first connect, then never reads
+/// again: the client's writes fill the socket's buffers and block.
+async fn start_deaf_websocket_server() -> (String, JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Frame;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("ws://127.0.0.1:{}/cometd", listener.local_addr().expect("address").port());
+    let task = tokio::spawn(async move {
+        let Ok((stream, _)) = listener.accept().await else { return };
+        let mut socket = tokio_tungstenite::accept_async(stream).await.expect("upgrade");
+        for _ in 0..2 {
+            let Some(Ok(Frame::Text(text))) = socket.next().await else { return };
+            let requests: Vec<Value> = serde_json::from_str(&text).expect("a Bayeux payload");
+            let replies: Vec<Value> = requests
+                .iter()
+                .map(|request| {
+                    json!({"channel": request["channel"], "id": request["id"], "successful": true,
+                        "clientId": "deaf", "version": "1.0", "supportedConnectionTypes": ["websocket"],
+                        "advice": {"reconnect": "retry", "interval": 0, "timeout": 60000}})
+                })
+                .collect();
+            socket.send(Frame::text(Value::Array(replies).to_string())).await.expect("reply");
+        }
+        // Holds the socket open and reads nothing more.
+        std::future::pending::<()>().await;
+    });
+    (url, task)
+}
+
+/// Writes to a server that stopped reading used to block for ever; now each gives up
+/// after `request_timeout`.
+#[tokio::test]
+async fn a_write_the_server_never_takes_fails_after_the_request_timeout() {
+    let neighbour = Neighbour::start().await;
+    let (url, server) = start_deaf_websocket_server().await;
+    let client = Client::builder(url)
+        .connection_types([ConnectionType::WebSocket])
+        .request_timeout(Duration::from_millis(500))
+        .build()
+        .expect("options");
+    client.open().await.expect("open");
+    // Sixteen 1 MiB publishes at once: more than loopback's buffers take, so a write
+    // blocks while holding the socket, and the timed-out requests reset the socket.
+    let big = json!("x".repeat(1024 * 1024));
+    let publishes: Vec<_> = (0..16).map(|_| client.publish("/deaf", big.clone())).collect();
+    let results = tokio::time::timeout(WAIT, futures_util::future::join_all(publishes))
+        .await
+        .expect("no publish hangs on a socket the server stopped reading");
+    for result in results {
+        let error = result.expect_err("a deaf server answers nothing");
+        assert!(
+            matches!(
+                error.transport_kind(),
+                Some(TransportErrorKind::RequestTimeout | TransportErrorKind::ConnectionClosed)
+            ),
+            "{error}"
+        );
+    }
+    tokio::time::timeout(WAIT, client.close()).await.expect("close does not hang on the deaf socket");
+    server.abort();
+    neighbour.finish().await;
+}
+
 /// A server that accepts every handshake and forgets the session at every connect used to
 /// keep `open` looping for ever.
 #[tokio::test]
