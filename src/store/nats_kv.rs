@@ -221,12 +221,21 @@ impl Store for NatsKvStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, bool), StoreError> {
+        use futures_util::{FutureExt, StreamExt};
+        // KV has no range reads: the key names are listed (names only), and only the
+        // page's values are fetched, several requests in flight at once, in id order.
+        const IN_FLIGHT: usize = 32;
         let ids = self.dead_letters.ids().await?;
         let start = after.map_or(0, |after| ids.partition_point(|id| id.as_str() <= after));
-        let mut letters = Vec::with_capacity(limit);
-        for id in ids.iter().skip(start).take(limit) {
+        let bucket = &self.dead_letters;
+        let page: Vec<String> = ids.iter().skip(start).take(limit).cloned().collect();
+        let gets: Vec<_> =
+            page.into_iter().map(|id| async move { bucket.get::<DeadLetter>(&id).await }.boxed()).collect();
+        let mut fetched = futures_util::stream::iter(gets).buffered(IN_FLIGHT);
+        let mut letters = Vec::with_capacity(limit.min(ids.len()));
+        while let Some(result) = fetched.next().await {
             // One removed since the keys were listed, or unreadable, is skipped.
-            match self.dead_letters.get(id).await {
+            match result {
                 Ok(Some(letter)) => letters.push(letter),
                 Ok(None) => {}
                 Err(error @ StoreError::Corrupt { .. }) => self.dead_letters.skip(&error),

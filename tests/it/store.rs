@@ -67,6 +67,27 @@ async fn keeps_every_record(store: &dyn Store) {
     assert!(!store.delete_dead_letter("demo.orders.s1.2").await.expect("delete again"));
     assert_eq!(store.dead_letter("demo.orders.s1.2").await.expect("get"), None);
 
+    // Pages in id order, however many letters there are.
+    for n in 2..=70u64 {
+        let id = format!("demo.orders.s2.{n:03}");
+        store.add_dead_letter(&letter(&id, n, "2026-01-01T00:00:03.000Z")).await.expect("add");
+    }
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let (page, more) = store.dead_letters_page(after.as_deref(), 32).await.expect("a page");
+        assert!(page.len() <= 32);
+        paged.extend(page.iter().map(|letter| letter.sequence));
+        after = page.last().map(|letter| letter.id.clone());
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(paged, (1..=70).collect::<Vec<u64>>(), "every letter once, in id order");
+    for n in 2..=70u64 {
+        store.delete_dead_letter(&format!("demo.orders.s2.{n:03}")).await.expect("delete");
+    }
+
     assert!(store.positions("a").await.expect("positions").is_empty(), "none committed yet");
     let positions = [("/a".to_string(), 41), ("/b".to_string(), -2)].into_iter().collect();
     store.put_positions("a", &positions).await.expect("put positions");
