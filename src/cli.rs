@@ -33,9 +33,10 @@ pub enum Command {
     },
     /// Validate a configuration file and print every problem.
     Check {
-        /// The configuration file.
+        /// The configuration file; default $COMETD_BRIDGE_CONFIG, else
+        /// config/default.toml (the same file `run` would read).
         #[arg(long)]
-        config: std::path::PathBuf,
+        config: Option<std::path::PathBuf>,
     },
     /// Subscribe to channels and print every message as one JSON line (the `nats sub` of
     /// CometD).
@@ -121,7 +122,7 @@ impl CommandError {
     }
 }
 
-/// The configuration file `run` uses: `--config`, else `$COMETD_BRIDGE_CONFIG`, else
+/// The configuration file `run` and `check` use: `--config`, else `$COMETD_BRIDGE_CONFIG`, else
 /// `config/default.toml`.
 pub fn config_path(flag: Option<&std::path::Path>, env: &crate::config::Env) -> std::path::PathBuf {
     flag.map(std::path::Path::to_path_buf)
@@ -152,7 +153,7 @@ pub fn check(path: &std::path::Path, env: &crate::config::Env) -> Result<(), Com
 /// cannot start.
 pub async fn run(path: &std::path::Path, env: &crate::config::Env) -> Result<(), CommandError> {
     let config = crate::config::load(path, env)?;
-    let app = crate::app::App::build(config).await?;
+    let app = crate::app::App::build(config).await?.reloadable(path.to_path_buf(), env.clone());
     tracing::info!(admin = %app.admin_address(), config = %path.display(), "cometd-bridge started");
     app.run_until(crate::shutdown::signal()).await?;
     Ok(())

@@ -10,7 +10,9 @@
 //! - [`sink`]: NATS and webhook delivery, and how failures are retried; [`store`]: the
 //!   state store (subscriptions, positions, dead letters, spools).
 //! - [`admin`]: health, readiness and metrics over HTTP; [`telemetry`]: logs and metrics.
-//! - [`app`]: the daemon put together; [`shutdown`]: signals; [`cli`]: the command line.
+//! - [`app`]: the daemon put together; [`reload`]: the configuration applied again while it
+//!   runs; [`shutdown`]: signals; [`cli`]: the command line.
+//! - `fuzzing` (hidden): the fuzz harnesses of `fuzz/`, not an API.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +23,9 @@ pub mod cli;
 pub mod cometd;
 pub mod config;
 pub mod delivery;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod reload;
 pub mod secret;
 pub mod shutdown;
 pub mod sink;

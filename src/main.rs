@@ -19,7 +19,7 @@ async fn main() -> ExitCode {
     let env = config::process_env();
     let result = match &cli.command {
         Command::Run { config } => cli::run(&cli::config_path(config.as_deref(), &env), &env).await,
-        Command::Check { config } => cli::check(config, &env),
+        Command::Check { config } => cli::check(&cli::config_path(config.as_deref(), &env), &env),
         Command::Listen { url, channels, connection, count } => {
             cli::listen(url, channels, connection, *count).await
         }

@@ -15,6 +15,9 @@ pub struct ErrorBody {
     pub error: String,
     /// A readable sentence.
     pub message: String,
+    /// For a configuration that cannot be applied: each problem, as `check` prints it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problems: Option<Vec<String>>,
 }
 
 /// An error answer.
@@ -23,12 +26,23 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    problems: Option<Vec<String>>,
 }
 
 impl ApiError {
     /// An error with this status, code and message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), problems: None }
+    }
+
+    /// The status it answers with.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The sentence it answers with.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
     }
 
     /// 404 for a route that does not exist.
@@ -39,7 +53,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: self.code.into(), message: self.message };
+        let body = ErrorBody { error: self.code.into(), message: self.message, problems: self.problems };
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
@@ -70,6 +84,13 @@ impl From<BridgeError> for ApiError {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upstream_rejected", message)
             }
             BridgeError::Unavailable(_) => ApiError::new(StatusCode::CONFLICT, "nats_unavailable", message),
+            BridgeError::InvalidConfig(problems) => ApiError {
+                problems: Some(problems.iter().map(ToString::to_string).collect()),
+                ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", message)
+            },
+            BridgeError::RestartRequired(_) => {
+                ApiError::new(StatusCode::CONFLICT, "restart_required", message)
+            }
             BridgeError::Store(_) => {
                 tracing::error!(error = %message, "state store failure");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_error", message)

@@ -17,24 +17,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         match axum::Json::<serde_json::Value>::from_request(request, state).await {
-            Ok(axum::Json(value)) => {
-                let mut unknown = Vec::new();
-                let parsed: Result<T, _> =
-                    serde_ignored::deserialize(value, |path| unknown.push(crate::config::key_path(&path)));
-                let invalid =
-                    |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_subscription", message);
-                match parsed {
-                    Ok(_) if !unknown.is_empty() => Err(invalid(
-                        unknown
-                            .iter()
-                            .map(|key| format!("{key}: unknown key"))
-                            .collect::<Vec<_>>()
-                            .join("; "),
-                    )),
-                    Ok(value) => Ok(ApiJson(value)),
-                    Err(error) => Err(invalid(format!("the body does not fit: {error}"))),
-                }
-            }
+            Ok(axum::Json(value)) => body_from_value(value).map(ApiJson),
             Err(rejection) => Err(match &rejection {
                 JsonRejection::MissingJsonContentType(_) => ApiError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -52,5 +35,24 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 _ => ApiError::new(rejection.status(), "bad_request", rejection.body_text()),
             }),
         }
+    }
+}
+
+/// Reads a JSON body into `T` as [`ApiJson`] does: every unknown key is named with its
+/// path, and a body that does not fit says why (both a 400 `invalid_subscription`).
+///
+/// # Errors
+/// The [`ApiError`] the request is answered with.
+pub(crate) fn body_from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    let mut unknown = Vec::new();
+    let parsed: Result<T, _> =
+        serde_ignored::deserialize(value, |path| unknown.push(crate::config::key_path(&path)));
+    let invalid = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_subscription", message);
+    match parsed {
+        Ok(_) if !unknown.is_empty() => Err(invalid(
+            unknown.iter().map(|key| format!("{key}: unknown key")).collect::<Vec<_>>().join("; "),
+        )),
+        Ok(value) => Ok(value),
+        Err(error) => Err(invalid(format!("the body does not fit: {error}"))),
     }
 }

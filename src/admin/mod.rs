@@ -4,6 +4,7 @@
 
 mod error;
 mod extract;
+mod page;
 
 use std::sync::Arc;
 
@@ -19,9 +20,12 @@ use utoipa::OpenApi;
 
 pub use error::{ApiError, ErrorBody};
 pub use extract::ApiJson;
+pub(crate) use extract::body_from_value;
 
-use crate::bridge::{BacklogView, Bridge, Origin, SourceView, SubscriptionView};
+use crate::bridge::{BacklogView, Bridge, Origin, ReloadReport, SourceView, SubscriptionView};
+use crate::cometd::ReplayPosition;
 use crate::config::{RawSink, RawSubscription, Secret};
+use crate::reload::Reloader;
 use crate::store::DeadLetter;
 use crate::telemetry::metrics::Metrics;
 
@@ -37,6 +41,8 @@ pub struct AdminState {
     pub metrics: Metrics,
     /// The bearer token `/api/*` requires, if any.
     pub token: Option<Secret>,
+    /// Reloads the configuration file, when the bridge was started from one.
+    pub reloader: Option<Arc<Reloader>>,
 }
 
 /// The OpenAPI document of the admin API.
@@ -45,9 +51,9 @@ pub struct AdminState {
     info(title = "cometd-bridge admin API", description = "Manage the bridge's subscriptions and dead letters at runtime."),
     paths(
         healthz, readyz, metrics, list_sources, list_subscriptions, add_subscription, get_subscription,
-        delete_subscription, reset_position, list_dead_letters, retry_dead_letter, discard_dead_letter, openapi
+        delete_subscription, reset_position, list_dead_letters, retry_dead_letter, discard_dead_letter, reload, openapi
     ),
-    components(schemas(SourceView, SubscriptionView, BacklogView, DeadLetterPage, RawSubscription, RawSink, DeadLetter, ErrorBody, Origin, PositionBody)),
+    components(schemas(SourceView, SubscriptionView, BacklogView, DeadLetterPage, RawSubscription, RawSink, DeadLetter, ErrorBody, Origin, PositionBody, ReloadReport)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -75,9 +81,12 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/dead-letters", get(list_dead_letters))
         .route("/api/v1/dead-letters/{id}", axum::routing::delete(discard_dead_letter))
         .route("/api/v1/dead-letters/{id}/retry", post(retry_dead_letter))
+        .route("/api/v1/reload", post(reload))
         .route("/api/v1/openapi.json", get(openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
+        // The status page holds no data: it asks for the token and sends it with its API calls.
+        .route("/", get(page::status_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -121,6 +130,24 @@ fn same_secret(presented: &str, expected: &str) -> bool {
     let presented = ring::digest::digest(&ring::digest::SHA256, presented.as_bytes());
     let expected = ring::digest::digest(&ring::digest::SHA256, expected.as_bytes());
     presented.as_ref().iter().zip(expected.as_ref()).fold(0u8, |difference, (a, b)| difference | (a ^ b)) == 0
+}
+
+/// Reads the configuration file again and applies it, all or nothing: what is new
+/// starts, what is gone stops, what changed restarts alone; the rest runs on untouched.
+#[utoipa::path(post, path = "/api/v1/reload", security(("bearer" = [])), responses(
+    (status = 200, description = "Applied: what was added, removed and changed (subscription ids and source names)", body = ReloadReport),
+    (status = 400, description = "invalid_config: the problems, one per line as `check` prints them; nothing changed", body = ErrorBody),
+    (status = 409, description = "restart_required ([admin], [state] or [nats] changed), or not_reloadable (not started from a file); nothing changed", body = ErrorBody)
+))]
+async fn reload(State(state): State<AdminState>) -> Result<Json<ReloadReport>, ApiError> {
+    let reloader = state.reloader.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "not_reloadable",
+            "the bridge was not started from a configuration file",
+        )
+    })?;
+    Ok(Json(reloader.reload().await?))
 }
 
 /// The process is running.
@@ -246,14 +273,22 @@ async fn reset_position(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<PositionBody>,
 ) -> Result<Json<SubscriptionView>, ApiError> {
-    let position = crate::config::parse_replay_from(&body.replay_from).ok_or_else(|| {
+    let position = position_from(&body)?;
+    Ok(Json(state.bridge.reset_position(&id, position).await?))
+}
+
+/// The position a reset body asks for.
+///
+/// # Errors
+/// A 400 `invalid_position` when `replay_from` is not one.
+pub(crate) fn position_from(body: &PositionBody) -> Result<ReplayPosition, ApiError> {
+    crate::config::parse_replay_from(&body.replay_from).ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_position",
             format!("replay_from: {} is not \"new\", \"all\" or a replay id", body.replay_from),
         )
-    })?;
-    Ok(Json(state.bridge.reset_position(&id, position).await?))
+    })
 }
 
 /// Which page of dead letters: `?limit=` (default 100, at most 1000) and `?after=<id>`.

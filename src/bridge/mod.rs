@@ -10,7 +10,7 @@ pub mod spool;
 mod supervise;
 mod views;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
@@ -24,7 +24,8 @@ use crate::cometd::{
     ReplayPosition, SalesforceAuth, SessionState,
 };
 use crate::config::{
-    self, Config, Env, RawSink, RawSubscription, SinkConfig, SourceConfig, SubscriptionConfig,
+    self, Config, Env, RawSink, RawSubscription, SectionFingerprints, SinkConfig, SourceConfig,
+    SubscriptionConfig,
 };
 use crate::delivery::Envelope;
 use crate::sink::{NatsSink, RetryPolicy, Sink, WebhookSink};
@@ -35,10 +36,37 @@ use registry::{Registry, SubscriptionEntry};
 use replay::{ReplayState, SourcePositions};
 use source::{Route, Routes, Source, Spooler};
 use spool::{Spool, SpoolLimit, Spooled};
-pub use views::{BacklogView, BridgeError, Origin, SourceView, SubscriptionView};
+pub use views::{BacklogView, BridgeError, Origin, ReloadReport, SourceView, SubscriptionView};
 
 /// How long removing a subscription waits for its delivery in flight.
 const REMOVE_WAIT: Duration = Duration::from_secs(5);
+
+/// What a reload does, worked out and checked before anything changes.
+#[derive(Default)]
+struct ReloadPlan {
+    sources_removed: Vec<Arc<SourceEntry>>,
+    /// The running entry and its new configuration.
+    sources_changed: Vec<(Arc<SourceEntry>, SourceConfig)>,
+    sources_added: Vec<SourceConfig>,
+    /// The clients of the changed and added sources, built.
+    built: Vec<(SourceConfig, SourceClient)>,
+    subscriptions_removed: Vec<String>,
+    /// Their new configuration.
+    subscriptions_changed: Vec<SubscriptionConfig>,
+    /// Unchanged, on a source that changed: restarted on its new session.
+    subscriptions_moved: Vec<String>,
+    subscriptions_added: Vec<SubscriptionConfig>,
+    /// What the store holds for the added ones.
+    summaries: std::collections::BTreeMap<String, SpoolSummary>,
+}
+
+/// Which spool a starting subscription delivers from.
+enum SpoolOrigin {
+    /// A new one, holding what the store's summary says.
+    Fresh(Option<SpoolSummary>),
+    /// The one a stopped forwarder of the same subscription left, with its counters.
+    Kept { spool: Arc<Spool>, counters: Arc<Counters> },
+}
 
 /// What the bridge needs from the outside.
 pub struct Parts {
@@ -65,6 +93,10 @@ struct SourceEntry {
     /// Channels being (re)subscribed, shared with the source task so that it does not
     /// subscribe one in the middle of an operator's unsubscribe and subscribe.
     subscribing: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    /// Stops this source alone (a reload), and with the bridge (shutdown).
+    stop: CancellationToken,
+    /// Its task, once started.
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl SourceEntry {
@@ -75,19 +107,23 @@ impl SourceEntry {
 
 /// A running bridge.
 pub struct Bridge {
-    sources: Vec<SourceEntry>,
+    /// The sources, in the configuration's order; a reload replaces entries.
+    sources: std::sync::Mutex<Vec<Arc<SourceEntry>>>,
     subscriptions: Registry,
     store: Arc<dyn Store>,
     nats: Option<async_nats::Client>,
     http: reqwest::Client,
     metrics: Metrics,
     limit: Arc<SpoolLimit>,
-    source_tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     forwarders: TaskTracker,
     stop_taking: CancellationToken,
     stop_delivering: Stop,
-    grace: Duration,
+    grace: std::sync::Mutex<Duration>,
     allow_private_webhooks: bool,
+    /// What the sections a reload cannot change said at start.
+    fingerprints: SectionFingerprints,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Bridge {
@@ -97,46 +133,27 @@ impl Bridge {
     /// [`BridgeError`] when a source's client cannot be built or the store cannot be read.
     pub async fn start(parts: Parts) -> Result<Arc<Bridge>, BridgeError> {
         let Parts { config, store, nats, metrics, http } = parts;
-        let mut sources = Vec::new();
-        for source_config in &config.sources {
-            let name: Arc<str> = source_config.name.as_str().into();
-            let SourceClient { client, replay, ack } = source_client(source_config, &name, &metrics)
-                .map_err(|error| BridgeError::Conflict(format!("source {}: {error}", source_config.name)))?;
-            metrics.source_added(&name);
-            let spooler = Spooler {
-                name: name.clone(),
-                routes: Routes::default(),
-                store: store.clone(),
-                replay: replay.is_some(),
-                sequence: Arc::default(),
-                ack,
-            };
-            sources.push(SourceEntry {
-                config: source_config.clone(),
-                name,
-                client,
-                spooler,
-                replay,
-                health: Arc::default(),
-                subscribing: Arc::default(),
-            });
-        }
         let mut summaries = store.spool_summaries().await?;
         let bridge = Arc::new(Bridge {
-            sources,
+            sources: std::sync::Mutex::new(Vec::new()),
             subscriptions: Registry::default(),
             store,
             nats,
             http,
             metrics,
             limit: SpoolLimit::new(config.state.spool_max_bytes),
-            source_tasks: std::sync::Mutex::new(Vec::new()),
             forwarders: TaskTracker::new(),
             stop_taking: CancellationToken::new(),
             stop_delivering: Stop::default(),
-            grace: config.bridge.shutdown_grace,
+            grace: std::sync::Mutex::new(config.bridge.shutdown_grace),
             allow_private_webhooks: config.admin.allow_private_webhooks,
+            fingerprints: config.fingerprints.clone(),
+            reloading: tokio::sync::Mutex::new(()),
         });
+        for source_config in &config.sources {
+            let entry = bridge.build_source(source_config)?;
+            bridge.lock_sources().push(entry);
+        }
         {
             let subscriptions = &bridge.subscriptions;
             for subscription in &config.subscriptions {
@@ -170,34 +187,105 @@ impl Bridge {
         for (subscription, summary) in summaries {
             tracing::error!(subscription = %subscription, messages = summary.messages, "a spool belongs to no subscription any more (removed from the configuration); its messages stay in the state store, not delivered");
         }
-        let mut tasks = Vec::new();
-        for entry in &bridge.sources {
-            let source = Source {
-                name: entry.name.clone(),
-                client: entry.client.clone(),
-                spooler: entry.spooler.clone(),
-                limit: bridge.limit.clone(),
-                metrics: bridge.metrics.clone(),
-                subscribing: entry.subscribing.clone(),
-            };
-            let (health, metrics, stop) =
-                (entry.health.clone(), bridge.metrics.clone(), bridge.stop_taking.clone());
-            let task = format!("source {}", entry.name);
-            tasks.push(tokio::spawn(async move {
-                supervise::supervise(task, &health, &metrics, &stop, || source.clone().run(stop.clone()))
-                    .await;
-            }));
+        for entry in bridge.source_list() {
+            bridge.spawn_source(&entry);
         }
-        *bridge.source_tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tasks;
         Ok(bridge)
     }
 
-    fn source_names(&self) -> BTreeSet<String> {
-        self.sources.iter().map(|source| source.config.name.clone()).collect()
+    fn lock_sources(&self) -> std::sync::MutexGuard<'_, Vec<Arc<SourceEntry>>> {
+        self.sources.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn source(&self, name: &str) -> Option<&SourceEntry> {
-        self.sources.iter().find(|source| source.config.name == name)
+    /// The sources as they are now.
+    fn source_list(&self) -> Vec<Arc<SourceEntry>> {
+        self.lock_sources().clone()
+    }
+
+    fn source_names(&self) -> BTreeSet<String> {
+        self.lock_sources().iter().map(|source| source.config.name.clone()).collect()
+    }
+
+    fn source(&self, name: &str) -> Option<Arc<SourceEntry>> {
+        self.lock_sources().iter().find(|source| source.config.name == name).cloned()
+    }
+
+    /// A source's client and spooler, not yet running.
+    fn build_source(&self, source_config: &SourceConfig) -> Result<Arc<SourceEntry>, BridgeError> {
+        let name: Arc<str> = source_config.name.as_str().into();
+        let client = source_client(source_config, &name, &self.metrics)
+            .map_err(|error| BridgeError::Conflict(format!("source {}: {error}", source_config.name)))?;
+        Ok(self.source_entry(source_config, client))
+    }
+
+    /// A source entry around a built client.
+    fn source_entry(&self, source_config: &SourceConfig, source_client: SourceClient) -> Arc<SourceEntry> {
+        let SourceClient { client, replay, ack } = source_client;
+        let name: Arc<str> = source_config.name.as_str().into();
+        self.metrics.source_added(&name);
+        let spooler = Spooler {
+            name: name.clone(),
+            routes: Routes::default(),
+            store: self.store.clone(),
+            replay: replay.is_some(),
+            sequence: Arc::default(),
+            ack,
+        };
+        Arc::new(SourceEntry {
+            config: source_config.clone(),
+            name,
+            client,
+            spooler,
+            replay,
+            health: Arc::default(),
+            subscribing: Arc::default(),
+            stop: self.stop_taking.child_token(),
+            task: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Starts a source's task, supervised.
+    fn spawn_source(&self, entry: &Arc<SourceEntry>) {
+        let source = Source {
+            name: entry.name.clone(),
+            client: entry.client.clone(),
+            spooler: entry.spooler.clone(),
+            limit: self.limit.clone(),
+            metrics: self.metrics.clone(),
+            subscribing: entry.subscribing.clone(),
+        };
+        let (health, metrics, stop) = (entry.health.clone(), self.metrics.clone(), entry.stop.clone());
+        let task = format!("source {}", entry.name);
+        let handle = tokio::spawn(async move {
+            supervise::supervise(task, &health, &metrics, &stop, || source.clone().run(stop.clone())).await;
+        });
+        *entry.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
+    }
+
+    /// Stops a source's task, closes its session and spools what the session still held
+    /// (its routes still in place).
+    async fn stop_source(&self, source: &SourceEntry) {
+        source.stop.cancel();
+        let task = source.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(task) = task
+            && let Err(error) = task.await
+        {
+            tracing::error!(source = %source.name, error = %error, "a source task failed");
+        }
+        source.client.close().await;
+        let session: Arc<str> = source.client.status().client_id.unwrap_or_default().into();
+        let mut held = Vec::new();
+        loop {
+            match source.client.receive().await {
+                Ok(message) => held.push(message),
+                Err(Error::Closed) => break,
+                Err(_) => continue,
+            }
+        }
+        if !held.is_empty() {
+            tracing::info!(source = %source.name, messages = held.len(), "spooling what the session still held");
+            source.spooler.spool(held, &session, &self.stop_taking).await;
+        }
     }
 
     /// Starts a subscription's forwarder on its spool (resuming what `summary` says the
@@ -207,6 +295,17 @@ impl Bridge {
         config: SubscriptionConfig,
         origin: Origin,
         summary: Option<SpoolSummary>,
+    ) -> Result<SubscriptionEntry, BridgeError> {
+        self.start_subscription_on(config, origin, SpoolOrigin::Fresh(summary)).await
+    }
+
+    /// [`start_subscription`](Self::start_subscription), on a new spool or on the one a
+    /// stopped forwarder of the same subscription left (a reload).
+    async fn start_subscription_on(
+        &self,
+        config: SubscriptionConfig,
+        origin: Origin,
+        spooled: SpoolOrigin,
     ) -> Result<SubscriptionEntry, BridgeError> {
         let source =
             self.source(&config.source).ok_or_else(|| BridgeError::UnknownSource(config.source.clone()))?;
@@ -227,8 +326,14 @@ impl Bridge {
             }
         };
         let id: Arc<str> = config.id.as_str().into();
-        let counters = Arc::new(Counters::default());
-        let spool = Spool::new(id.clone(), self.store.clone(), self.limit.clone(), summary);
+        let (spool, counters, summary) = match spooled {
+            SpoolOrigin::Fresh(summary) => (
+                Spool::new(id.clone(), self.store.clone(), self.limit.clone(), summary),
+                Arc::new(Counters::default()),
+                summary,
+            ),
+            SpoolOrigin::Kept { spool, counters } => (spool, counters, None),
+        };
         let forwarder = Forwarder {
             subscription: id.clone(),
             sink,
@@ -258,7 +363,7 @@ impl Bridge {
                 .await;
             })
         };
-        source.routes().add(Route {
+        source.routes().put(Route {
             received: self.metrics.received_counter(&source.name, &id),
             subscription: id,
             pattern: config.channel.clone(),
@@ -299,7 +404,7 @@ impl Bridge {
         if !self.subscriptions.reserve(&config.id) {
             return Err(BridgeError::Conflict(format!("a subscription with id {:?} exists", config.id)));
         }
-        let entry = match self.start_added(&raw, config, source).await {
+        let entry = match self.start_added(&raw, config, &source).await {
             Ok(entry) => entry,
             Err(error) => {
                 self.subscriptions.release(&raw.id);
@@ -417,6 +522,286 @@ impl Bridge {
         Ok(())
     }
 
+    /// Applies a new configuration, all or nothing: the sources and subscriptions of the
+    /// file that are new start, those gone stop, those changed restart alone; everything
+    /// else keeps running untouched (same session, same forwarder, same spool).
+    /// Subscriptions added through the API stay, restarted on their source if it changed.
+    /// A changed subscription goes on from its own spool, so nothing received meanwhile is
+    /// lost; a removed one's backlog stays in the state store.
+    ///
+    /// # Errors
+    /// [`BridgeError::RestartRequired`] when `[admin]`, `[state]` or `[nats]` changed;
+    /// [`BridgeError::InvalidConfig`] when the configuration cannot be applied as it is;
+    /// nothing changed in either case. [`BridgeError::Store`] when the store cannot be read.
+    pub async fn reload(&self, new: Config) -> Result<ReloadReport, BridgeError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let changed_sections: Vec<&str> = [
+            ("[admin]", new.fingerprints.admin == self.fingerprints.admin),
+            ("[state]", new.fingerprints.state == self.fingerprints.state),
+            ("[nats]", new.fingerprints.nats == self.fingerprints.nats),
+        ]
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(section, _)| section)
+        .collect();
+        if !changed_sections.is_empty() {
+            return Err(BridgeError::RestartRequired(format!(
+                "{} changed, which only a restart applies; nothing was changed",
+                changed_sections.join(" and ")
+            )));
+        }
+        let plan = self.plan_reload(&new).await?;
+        Ok(self.apply_reload(new, plan).await)
+    }
+
+    /// What a reload would change, with the new sources' clients built; checks that it
+    /// can all be done before anything is touched.
+    async fn plan_reload(&self, new: &Config) -> Result<ReloadPlan, BridgeError> {
+        let mut problems = Vec::new();
+        let old_sources = self.source_list();
+        let mut plan = ReloadPlan::default();
+        for old in &old_sources {
+            match new.sources.iter().find(|source| source.name == old.config.name) {
+                None => plan.sources_removed.push(old.clone()),
+                Some(source) if source.fingerprint != old.config.fingerprint => {
+                    plan.sources_changed.push((old.clone(), source.clone()))
+                }
+                Some(_) => {}
+            }
+        }
+        let kept = |name: &str| old_sources.iter().any(|source| *source.config.name == *name);
+        plan.sources_added = new.sources.iter().filter(|source| !kept(&source.name)).cloned().collect();
+        let source_changed =
+            |name: &str| plan.sources_changed.iter().any(|(old, _)| *old.config.name == *name);
+        let source_removed = |name: &str| plan.sources_removed.iter().any(|old| *old.config.name == *name);
+
+        let running = self.subscriptions.all(|entry| {
+            (
+                entry.config.id.clone(),
+                entry.origin,
+                entry.config.source.clone(),
+                entry.config.fingerprint.clone(),
+            )
+        });
+        for (id, origin, source, fingerprint) in &running {
+            let wanted = new.subscriptions.iter().position(|subscription| subscription.id == *id);
+            match (origin, wanted) {
+                (Origin::Config, None) => plan.subscriptions_removed.push(id.clone()),
+                (Origin::Config, Some(index)) if new.subscriptions[index].fingerprint != *fingerprint => {
+                    plan.subscriptions_changed.push(new.subscriptions[index].clone())
+                }
+                (Origin::Api, Some(index)) => problems.push(config::Problem::new(
+                    format!("subscriptions[{index}].id"),
+                    format!("{id:?} is used by a subscription added through the API; delete that one first"),
+                )),
+                (Origin::Api, None) if source_removed(source) => problems.push(config::Problem::new(
+                    "sources",
+                    format!("source {source:?} is removed, but the subscription {id:?} added through the API uses it; delete that one first"),
+                )),
+                _ if source_changed(source) => plan.subscriptions_moved.push(id.clone()),
+                _ => {}
+            }
+        }
+        let running_id = |id: &str| running.iter().any(|(running, ..)| *running == *id);
+        plan.subscriptions_added =
+            new.subscriptions.iter().filter(|subscription| !running_id(&subscription.id)).cloned().collect();
+        if self.nats.is_none() {
+            let starting = plan.subscriptions_added.iter().chain(&plan.subscriptions_changed);
+            for subscription in
+                starting.filter(|subscription| matches!(subscription.sink, SinkConfig::Nats(_)))
+            {
+                problems.push(config::Problem::new(
+                    format!("subscription {}", subscription.id),
+                    "a NATS sink needs the NATS connection, which is made at start: add [nats] and restart",
+                ));
+            }
+        }
+        for (old, source) in &plan.sources_changed {
+            match source_client(source, &old.name, &self.metrics) {
+                Ok(client) => plan.built.push((source.clone(), client)),
+                Err(error) => {
+                    problems.push(config::Problem::new(format!("source {}", source.name), error.to_string()))
+                }
+            }
+        }
+        for source in &plan.sources_added {
+            let name: Arc<str> = source.name.as_str().into();
+            match source_client(source, &name, &self.metrics) {
+                Ok(client) => plan.built.push((source.clone(), client)),
+                Err(error) => {
+                    problems.push(config::Problem::new(format!("source {}", source.name), error.to_string()))
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(BridgeError::InvalidConfig(problems));
+        }
+        plan.summaries = self.store.spool_summaries().await?;
+        Ok(plan)
+    }
+
+    /// Carries out a checked plan.
+    async fn apply_reload(&self, new: Config, mut plan: ReloadPlan) -> ReloadReport {
+        // 1. The forwarders of what stops or restarts finish their delivery in flight; the
+        //    routes stay, so nothing received meanwhile misses its spool.
+        let stopping: Vec<String> = plan
+            .subscriptions_removed
+            .iter()
+            .cloned()
+            .chain(plan.subscriptions_changed.iter().map(|subscription| subscription.id.clone()))
+            .chain(plan.subscriptions_moved.iter().cloned())
+            .collect();
+        let mut stopped = BTreeMap::new();
+        for id in stopping {
+            if let Some(Ok(entry)) = self.subscriptions.remove(&id, |_| Ok::<(), ()>(())) {
+                stopped.insert(id, Self::stop_forwarder(entry).await);
+            }
+        }
+        // 2. Sources that go or change stop; what their sessions held is spooled.
+        let leaving: Vec<Arc<SourceEntry>> = plan
+            .sources_removed
+            .iter()
+            .cloned()
+            .chain(plan.sources_changed.iter().map(|(old, _)| old.clone()))
+            .collect();
+        for source in &leaving {
+            self.stop_source(source).await;
+        }
+        // 3. Removed subscriptions lose their route; their backlog stays in the store.
+        for id in &plan.subscriptions_removed {
+            let Some(entry) = stopped.remove(id) else { continue };
+            if let Some(source) = self.source(&entry.config.source) {
+                source.routes().remove(id);
+                if let Some(replay) = &source.replay {
+                    replay.remove(id);
+                }
+            }
+            let backlog = entry.spool.backlog();
+            entry.spool.release_all();
+            self.metrics.forget_subscription(id);
+            if backlog.messages > 0 {
+                tracing::warn!(id = %id, messages = backlog.messages, "subscription removed by a reload; its spooled messages stay in the state store, not delivered");
+            }
+        }
+        // 4. The new source entries replace the old ones (not running yet).
+        let mut fresh = Vec::new();
+        {
+            let mut sources = self.lock_sources();
+            sources.retain(|source| !plan.sources_removed.iter().any(|removed| Arc::ptr_eq(removed, source)));
+            for (config, client) in plan.built.drain(..) {
+                let entry = self.source_entry(&config, client);
+                match sources.iter_mut().find(|source| source.config.name == config.name) {
+                    Some(slot) => *slot = entry.clone(),
+                    None => sources.push(entry.clone()),
+                }
+                fresh.push(entry);
+            }
+        }
+        for source in &plan.sources_removed {
+            self.metrics.forget_source(&source.name);
+        }
+        // 5. Subscriptions start: changed and moved ones on the spool they had, new ones
+        //    on what the store holds for them.
+        let restarts = plan
+            .subscriptions_changed
+            .iter()
+            .cloned()
+            .chain(
+                plan.subscriptions_moved
+                    .iter()
+                    .filter_map(|id| stopped.get(id).map(|entry| entry.config.clone())),
+            )
+            .collect::<Vec<_>>();
+        for config in restarts {
+            let Some(old) = stopped.remove(&config.id) else { continue };
+            if old.config.source != config.source
+                && let Some(source) = self.source(&old.config.source)
+            {
+                source.routes().remove(&config.id);
+            }
+            let id = config.id.clone();
+            let kept = SpoolOrigin::Kept { spool: old.spool, counters: old.counters };
+            match self.start_subscription_on(config, old.origin, kept).await {
+                Ok(entry) => self.subscriptions.insert(entry),
+                Err(error) => {
+                    tracing::error!(id = %id, error = %error, "could not restart a subscription after a reload")
+                }
+            }
+        }
+        for config in plan.subscriptions_added.iter().cloned() {
+            let id = config.id.clone();
+            let summary = plan.summaries.remove(&id);
+            match self.start_subscription(config, Origin::Config, summary).await {
+                Ok(entry) => self.subscriptions.insert(entry),
+                Err(error) => {
+                    tracing::error!(id = %id, error = %error, "could not start a subscription after a reload")
+                }
+            }
+        }
+        // 6. New and changed sources start, with their routes in place.
+        for source in &fresh {
+            self.spawn_source(source);
+        }
+        // 7. Sources that kept running follow their routes upstream.
+        for source in self.source_list() {
+            if fresh.iter().any(|entry| Arc::ptr_eq(entry, &source)) {
+                continue;
+            }
+            self.follow_routes_upstream(&source).await;
+        }
+        *self.grace.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = new.bridge.shutdown_grace;
+        let names = |sources: &[Arc<SourceEntry>]| {
+            sources.iter().map(|source| source.config.name.clone()).collect::<Vec<_>>()
+        };
+        let mut report = ReloadReport {
+            added: plan
+                .subscriptions_added
+                .iter()
+                .map(|subscription| subscription.id.clone())
+                .chain(plan.sources_added.iter().map(|source| source.name.clone()))
+                .collect(),
+            removed: plan.subscriptions_removed.clone(),
+            changed: plan
+                .subscriptions_changed
+                .iter()
+                .map(|subscription| subscription.id.clone())
+                .chain(plan.subscriptions_moved.iter().cloned())
+                .chain(plan.sources_changed.iter().map(|(old, _)| old.config.name.clone()))
+                .collect(),
+        };
+        report.removed.extend(names(&plan.sources_removed));
+        for list in [&mut report.added, &mut report.removed, &mut report.changed] {
+            list.sort();
+        }
+        tracing::info!(added = ?report.added, removed = ?report.removed, changed = ?report.changed, "configuration reloaded");
+        report
+    }
+
+    /// Subscribes upstream to the routes' channels a connected session lacks, and
+    /// unsubscribes from those no route uses any more. What fails here, the source task
+    /// tries again when it reconnects.
+    async fn follow_routes_upstream(&self, source: &SourceEntry) {
+        if source.client.status().state != SessionState::Connected {
+            return;
+        }
+        let wanted: BTreeSet<String> =
+            source.routes().snapshot().iter().map(|route| route.pattern.to_string()).collect();
+        let subscribed = source.client.subscriptions();
+        for channel in wanted.difference(&subscribed) {
+            match source.client.subscribe(channel).await {
+                Ok(()) => tracing::info!(source = %source.name, channel = %channel, "subscribed"),
+                Err(error) => {
+                    tracing::warn!(source = %source.name, channel = %channel, error = %error, "could not subscribe after a reload; the source tries again")
+                }
+            }
+        }
+        for channel in subscribed.difference(&wanted) {
+            if let Err(error) = source.client.unsubscribe(channel).await {
+                tracing::warn!(source = %source.name, channel = %channel, error = %error, "could not unsubscribe after a reload");
+            }
+        }
+    }
+
     /// Every subscription.
     pub fn subscriptions(&self) -> Vec<SubscriptionView> {
         self.subscriptions.all(|entry| self.view(entry))
@@ -450,8 +835,7 @@ impl Bridge {
             backlog: entry.spool.backlog().into(),
             positions: self
                 .source(&config.source)
-                .and_then(|source| source.replay.as_ref())
-                .map(|replay| replay.committed(&config.id)),
+                .and_then(|source| source.replay.as_ref().map(|replay| replay.committed(&config.id))),
         }
     }
 
@@ -500,7 +884,7 @@ impl Bridge {
 
     /// Every source with its live state.
     pub fn sources(&self) -> Vec<SourceView> {
-        self.sources
+        self.source_list()
             .iter()
             .map(|source| {
                 let status = source.client.status();
@@ -603,7 +987,7 @@ impl Bridge {
     /// connected. Empty when ready.
     pub fn unready_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
-        for source in &self.sources {
+        for source in self.source_list() {
             if let Some(reason) = source.health.unready_reason() {
                 reasons.push(format!("source {}'s task {reason}", source.name));
             }
@@ -644,38 +1028,29 @@ impl Bridge {
     /// the next start.
     pub async fn shut_down(&self) {
         let started = Instant::now();
-        tracing::info!(grace = ?self.grace, "stopping: no new messages are taken");
+        let grace = *self.grace.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        tracing::info!(grace = ?grace, "stopping: no new messages are taken");
         self.stop_taking.cancel();
-        let tasks =
-            std::mem::take(&mut *self.source_tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        for task in tasks {
-            if let Err(error) = task.await {
-                tracing::error!(error = %error, "a source task failed");
+        let sources = self.source_list();
+        for source in &sources {
+            let task = source.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            if let Some(task) = task
+                && let Err(error) = task.await
+            {
+                tracing::error!(source = %source.name, error = %error, "a source task failed");
             }
         }
         self.stop_delivering.soon.cancel();
         self.forwarders.close();
-        let remaining = self.grace.saturating_sub(started.elapsed());
+        let remaining = grace.saturating_sub(started.elapsed());
         if tokio::time::timeout(remaining, self.forwarders.wait()).await.is_err() {
             tracing::warn!("the grace period ended with deliveries in flight; they stay in the spool");
             self.stop_delivering.now.cancel();
             self.forwarders.wait().await;
         }
-        for source in &self.sources {
-            source.client.close().await;
-            let session: Arc<str> = source.client.status().client_id.unwrap_or_default().into();
-            let mut held = Vec::new();
-            loop {
-                match source.client.receive().await {
-                    Ok(message) => held.push(message),
-                    Err(Error::Closed) => break,
-                    Err(_) => continue,
-                }
-            }
-            if !held.is_empty() {
-                tracing::info!(source = %source.name, messages = held.len(), "spooling what the session still held");
-                source.spooler.spool(held, &session, &self.stop_taking).await;
-            }
+        for source in &sources {
+            // The task is already stopped: this closes the session and spools what it held.
+            self.stop_source(source).await;
         }
         let backlog: u64 = self.subscriptions.all(|entry| entry.spool.backlog().messages).into_iter().sum();
         if backlog > 0 {

@@ -65,6 +65,17 @@ impl Routes {
         self.replace(|routes| routes.push(route));
     }
 
+    /// Adds a route, or replaces the subscription's route in one step (a reload that
+    /// changes its channel: no message falls between the two).
+    pub fn put(&self, route: Route) {
+        self.replace(|routes| {
+            match routes.iter_mut().find(|existing| existing.subscription == route.subscription) {
+                Some(existing) => *existing = route,
+                None => routes.push(route),
+            }
+        });
+    }
+
     /// Removes a subscription's route.
     pub fn remove(&self, subscription: &str) {
         self.replace(|routes| routes.retain(|route| &*route.subscription != subscription));

@@ -38,6 +38,24 @@ pub enum BridgeError {
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A reloaded configuration is not valid, or cannot be applied as it is; nothing
+    /// changed.
+    #[error("the configuration cannot be applied; nothing changed")]
+    InvalidConfig(Vec<Problem>),
+    /// A reloaded configuration changes what only a restart can change; nothing changed.
+    #[error("{0}")]
+    RestartRequired(String),
+}
+
+/// What a reload changed: subscription ids and source names.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct ReloadReport {
+    /// Added by the new configuration.
+    pub added: Vec<String>,
+    /// Gone from it.
+    pub removed: Vec<String>,
+    /// Changed, or restarted because their source changed.
+    pub changed: Vec<String>,
 }
 
 /// Where a subscription was defined.

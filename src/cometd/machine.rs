@@ -25,8 +25,10 @@ pub(crate) enum Next {
     Handshake,
     /// Subscribe again to every channel, after a new handshake.
     Resubscribe,
-    /// A `/meta/connect`; the first after a handshake asks the server not to hold it.
-    Connect { first: bool },
+    /// A `/meta/connect`. A probe asks the server not to hold it: the first after a
+    /// handshake (so `open` returns at once) and the first after a failure (so the session
+    /// learns at once that the link is back, instead of after a whole hold).
+    Connect { probe: bool },
 }
 
 /// How long to wait before the next step. Backoff delays are jittered by the session, so
@@ -113,7 +115,7 @@ impl Machine {
                 if let Some(advice) = advice {
                     self.merge_advice(advice);
                 }
-                let next = if resubscribe { Next::Resubscribe } else { Next::Connect { first: true } };
+                let next = if resubscribe { Next::Resubscribe } else { Next::Connect { probe: true } };
                 Action::Go { wait: Wait::Now, next, state: SessionState::Handshaking, note: Note::Quiet }
             }
             Event::HandshakeFailed(error) => {
@@ -140,7 +142,7 @@ impl Machine {
             }
             Event::Resubscribed => Action::Go {
                 wait: Wait::Now,
-                next: Next::Connect { first: true },
+                next: Next::Connect { probe: true },
                 state: SessionState::Handshaking,
                 note: Note::Quiet,
             },
@@ -158,7 +160,7 @@ impl Machine {
                 self.opening = false;
                 Action::Go {
                     wait: Wait::Interval(self.advice.interval.unwrap_or(0)),
-                    next: Next::Connect { first: false },
+                    next: Next::Connect { probe: false },
                     state: SessionState::Connected,
                     note: Note::Quiet,
                 }
@@ -170,7 +172,7 @@ impl Machine {
                 }
                 Action::Go {
                     wait: self.back_off(),
-                    next: Next::Connect { first: self.opening },
+                    next: Next::Connect { probe: true },
                     state: SessionState::Reconnecting,
                     note: Note::Warn("connect failed; retrying"),
                 }
@@ -217,7 +219,7 @@ impl Machine {
                 }
                 Action::Go {
                     wait: self.back_off_after(&error),
-                    next: Next::Connect { first: false },
+                    next: Next::Connect { probe: true },
                     state: SessionState::Reconnecting,
                     note: Note::Warn("connect rejected; retrying"),
                 }
@@ -363,7 +365,7 @@ mod tests {
                 "handshake, no channels",
                 open(2),
                 Event::Handshaken { advice: None, resubscribe: false },
-                Box::new(go(Wait::Now, Next::Connect { first: true }, Handshaking)),
+                Box::new(go(Wait::Now, Next::Connect { probe: true }, Handshaking)),
                 2,
             ),
             (
@@ -412,7 +414,7 @@ mod tests {
                 "resubscribed",
                 opened(0),
                 Event::Resubscribed,
-                Box::new(go(Wait::Now, Next::Connect { first: true }, Handshaking)),
+                Box::new(go(Wait::Now, Next::Connect { probe: true }, Handshaking)),
                 0,
             ),
             (
@@ -426,7 +428,7 @@ mod tests {
                 "connected: the interval, failures reset",
                 open(5),
                 Event::ConnectReply(&ok),
-                Box::new(go(Wait::Interval(250), Next::Connect { first: false }, Connected)),
+                Box::new(go(Wait::Interval(250), Next::Connect { probe: false }, Connected)),
                 0,
             ),
             (
@@ -475,7 +477,7 @@ mod tests {
                 "an invented reconnect value retries",
                 opened(0),
                 Event::ConnectReply(&invented),
-                Box::new(go(Wait::Backoff(0), Next::Connect { first: false }, Reconnecting)),
+                Box::new(go(Wait::Backoff(0), Next::Connect { probe: true }, Reconnecting)),
                 1,
             ),
             (
@@ -496,14 +498,14 @@ mod tests {
                 "connect not carried while opening",
                 open(0),
                 Event::ConnectFailed(&refused),
-                Box::new(go(Wait::Backoff(0), Next::Connect { first: true }, Reconnecting)),
+                Box::new(go(Wait::Backoff(0), Next::Connect { probe: true }, Reconnecting)),
                 1,
             ),
             (
                 "connect not carried once open",
                 opened(2),
                 Event::ConnectFailed(&refused),
-                Box::new(go(Wait::Backoff(2), Next::Connect { first: false }, Reconnecting)),
+                Box::new(go(Wait::Backoff(2), Next::Connect { probe: true }, Reconnecting)),
                 3,
             ),
             (
@@ -529,7 +531,7 @@ mod tests {
         assert!(!machine.opening);
         let cap = MAX_ADVISED_INTERVAL.as_millis() as u64;
         assert!(
-            go(Wait::Interval(cap), Next::Connect { first: false }, SessionState::Connected)(&action),
+            go(Wait::Interval(cap), Next::Connect { probe: false }, SessionState::Connected)(&action),
             "{action:?}"
         );
         assert_eq!(machine.advice.timeout, Some(MAX_ADVISED_HOLD.as_millis() as u64));

@@ -61,7 +61,7 @@ pub use message::{
     Advice, BAYEUX_VERSION, Data, ErrorField, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
     META_UNSUBSCRIBE, Message, Protocol, Reconnect,
 };
-pub use options::{ClientOptions, ConnectionType, DEFAULT_MAX_MESSAGE_SIZE, Tls};
+pub use options::{ClientOptions, ConnectionType, DEFAULT_MAX_MESSAGE_SIZE, Proxy, Tls};
 pub use replay::{
     FallbackApplied, ReplayExtension, ReplayFallback, ReplayPosition, ReplayPositions, replay_id,
 };

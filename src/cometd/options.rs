@@ -60,6 +60,43 @@ impl FromStr for ConnectionType {
     }
 }
 
+/// How the client reaches the server: through the proxy the environment names (the
+/// default), directly, or through a given HTTP proxy. Both transports follow it: HTTP
+/// requests through the proxy, websockets through an HTTP `CONNECT` tunnel.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum Proxy {
+    /// `HTTPS_PROXY` (for `https://`/`wss://`), `HTTP_PROXY` (for `http://`/`ws://`),
+    /// `ALL_PROXY`, in upper or lower case, except for the hosts `NO_PROXY` lists, as curl
+    /// reads them.
+    #[default]
+    FromEnvironment,
+    /// Always directly, whatever the environment says.
+    Direct,
+    /// Always through this HTTP proxy, `http://[user:password@]host:port` (the credentials
+    /// go as Basic `Proxy-Authorization`).
+    Url(String),
+}
+
+impl fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Proxy::FromEnvironment => write!(f, "FromEnvironment"),
+            Proxy::Direct => write!(f, "Direct"),
+            // The credentials never print.
+            Proxy::Url(url) => match Url::parse(url) {
+                Ok(parsed) => write!(
+                    f,
+                    "Url({}://{}:{})",
+                    parsed.scheme(),
+                    parsed.host_str().unwrap_or(""),
+                    parsed.port_or_known_default().unwrap_or(0)
+                ),
+                Err(_) => write!(f, "Url(<invalid>)"),
+            },
+        }
+    }
+}
+
 /// How the server's TLS certificate is checked, for `https://` and `wss://` URLs.
 #[derive(Clone, Default)]
 pub enum Tls {
@@ -147,6 +184,7 @@ pub struct ClientOptions {
     pub(crate) backoff: (Duration, Duration),
     pub(crate) read_coalescing: Option<ReadCoalescing>,
     pub(crate) max_message_size: usize,
+    pub(crate) proxy: Proxy,
 }
 
 impl fmt::Debug for ClientOptions {
@@ -165,6 +203,7 @@ impl fmt::Debug for ClientOptions {
             .field("backoff", &self.backoff)
             .field("read_coalescing", &self.read_coalescing)
             .field("max_message_size", &self.max_message_size)
+            .field("proxy", &self.proxy)
             .finish()
     }
 }
@@ -187,6 +226,7 @@ impl ClientOptions {
             backoff: (Duration::from_millis(500), Duration::from_secs(30)),
             read_coalescing: Some(ReadCoalescing::default()),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            proxy: Proxy::FromEnvironment,
         }
     }
 
@@ -277,6 +317,12 @@ impl ClientOptions {
         self
     }
 
+    /// How to reach the server (default: the proxy the environment names, if any).
+    pub fn proxy(mut self, proxy: Proxy) -> Self {
+        self.proxy = proxy;
+        self
+    }
+
     /// Checks the options and makes a client (not yet open).
     ///
     /// # Errors
@@ -333,6 +379,15 @@ impl ClientOptions {
                 "max_message_size must be at least {MIN_MAX_MESSAGE_SIZE} bytes"
             )));
         }
+        if let Proxy::Url(proxy) = &self.proxy {
+            let parsed =
+                Url::parse(proxy).map_err(|error| Error::InvalidOptions(format!("proxy: {error}")))?;
+            if parsed.scheme() != "http" || parsed.host_str().is_none() {
+                return Err(Error::InvalidOptions(
+                    "proxy: only http://host:port proxies are supported".into(),
+                ));
+            }
+        }
         let max_pending = usize::try_from(self.max_pending_count).ok().filter(|count| *count > 0);
         Ok(ValidOptions {
             http_url,
@@ -348,6 +403,7 @@ impl ClientOptions {
             backoff,
             read_coalescing: self.read_coalescing,
             max_message_size: self.max_message_size,
+            proxy: self.proxy,
         })
     }
 }
@@ -373,6 +429,7 @@ pub(crate) struct ValidOptions {
     pub(crate) backoff: Backoff,
     pub(crate) read_coalescing: Option<ReadCoalescing>,
     pub(crate) max_message_size: usize,
+    pub(crate) proxy: Proxy,
 }
 
 #[cfg(test)]

@@ -349,16 +349,16 @@ fn subscription_request(meta: &str, client_id: &str, channel: &str) -> Message {
         .with_protocol(Protocol { subscription: Some(Value::String(channel.into())), ..Protocol::default() })
 }
 
-/// One `/meta/connect`. The first after a handshake asks the server not to hold it, so
+/// One `/meta/connect`. A probe (after a handshake or a failure) asks the server not to hold it, so
 /// `open` returns at once; later ones are timed from the advised hold plus a margin.
 async fn connect(
     ctx: Context,
     transport: Arc<Transport>,
     client_id: String,
     hold: Option<Duration>,
-    first: bool,
+    probe: bool,
 ) -> Result<Message, Error> {
-    if !first {
+    if !probe {
         // Backpressure: ask for more events only when the application has room for them.
         ctx.shared.queue.wait_for_space().await;
     }
@@ -367,7 +367,7 @@ async fn connect(
             connection_type: Some(transport.connection_type().as_str().into()),
             ..Protocol::default()
         });
-    let timeout = if first {
+    let timeout = if probe {
         request.protocol_mut().advice = Some(Advice { timeout: Some(0), ..Advice::default() });
         ctx.shared.options.request_timeout
     } else {
@@ -553,9 +553,9 @@ impl Session {
     fn start(&self, next: Next) -> BoxFuture<'static, Step> {
         let ctx = self.ctx.clone();
         match (next, &self.transport, &self.client_id) {
-            (Next::Connect { first }, Some(transport), Some(client_id)) => {
+            (Next::Connect { probe }, Some(transport), Some(client_id)) => {
                 let hold = self.machine.advice.timeout.map(Duration::from_millis);
-                connect(ctx, transport.clone(), client_id.clone(), hold, first).map(Step::Connected).boxed()
+                connect(ctx, transport.clone(), client_id.clone(), hold, probe).map(Step::Connected).boxed()
             }
             (Next::Resubscribe, Some(transport), Some(client_id)) => {
                 let channels = self.subscriptions.iter().chain(self.refused.keys()).cloned().collect();

@@ -19,7 +19,7 @@ pub use crate::sink::settings::{NatsSinkConfig, Payload, SinkConfig, WebhookSink
 pub use validate::{parse_replay_from, private_destination, validate, validate_subscription};
 
 use crate::cometd::{
-    ChannelPattern, ClientOptions, ConnectionType, ReadCoalescing, ReplayFallback, ReplayPosition,
+    ChannelPattern, ClientOptions, ConnectionType, Proxy, ReadCoalescing, ReplayFallback, ReplayPosition,
     SalesforceCredentials, Tls,
 };
 
@@ -41,6 +41,46 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     /// Routes from channels to sinks.
     pub subscriptions: Vec<SubscriptionConfig>,
+    /// What the sections a reload cannot apply say, to tell whether they changed.
+    pub fingerprints: SectionFingerprints,
+}
+
+/// A digest of what part of the configuration says, secrets resolved (the values, not
+/// the `env:`/`file:` references), so that a reload can tell what changed. A SHA-256
+/// digest: it shows nothing of the secrets, even if printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// The digest of `parts`, in order.
+    pub(crate) fn of<'p>(parts: impl IntoIterator<Item = &'p str>) -> Self {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in parts {
+            digest.update(&(part.len() as u64).to_le_bytes());
+            digest.update(part.as_bytes());
+        }
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(digest.finish().as_ref());
+        Fingerprint(bytes)
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({:02x}{:02x}{:02x}{:02x}..)", self.0[0], self.0[1], self.0[2], self.0[3])
+    }
+}
+
+/// The fingerprints of the sections a running bridge cannot change: a reload that
+/// changes one of them is refused (restart required).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SectionFingerprints {
+    /// `[admin]`.
+    pub admin: Fingerprint,
+    /// `[state]`.
+    pub state: Fingerprint,
+    /// `[nats]` (the connection is made at start).
+    pub nats: Fingerprint,
 }
 
 /// `[admin]`
@@ -139,6 +179,10 @@ pub struct SourceConfig {
     pub ack: bool,
     /// Salesforce OAuth login, when configured.
     pub salesforce: Option<SalesforceCredentials>,
+    /// Its HTTP proxy, when set (else the environment's).
+    pub proxy: Option<Secret>,
+    /// What the entry says, secrets resolved: a reload restarts the source when it changes.
+    pub fingerprint: Fingerprint,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -163,7 +207,11 @@ impl SourceConfig {
             .max_pending_count(self.max_pending_count)
             .max_message_size(self.max_message_size)
             .read_coalescing(self.read_coalescing.then(ReadCoalescing::default))
-            .tls(self.tls.clone());
+            .tls(self.tls.clone())
+            .proxy(match &self.proxy {
+                Some(proxy) => Proxy::Url(proxy.expose().to_string()),
+                None => Proxy::FromEnvironment,
+            });
         for (name, value) in &self.headers {
             options = options.header(name.clone(), value.expose());
         }
@@ -188,6 +236,9 @@ pub struct SubscriptionConfig {
     pub retry: RetryConfig,
     /// The entry as written, for the API.
     pub raw: RawSubscription,
+    /// What the entry says, secrets resolved: a reload restarts the subscription when it
+    /// changes.
+    pub fingerprint: Fingerprint,
 }
 
 /// One thing wrong with the configuration, under its key.
@@ -247,7 +298,17 @@ impl From<Vec<Problem>> for ConfigError {
 /// # Errors
 /// [`ConfigError::Invalid`] listing every problem.
 pub fn load(path: &Path, env: &Env) -> Result<Config, ConfigError> {
-    let (raw, mut problems) = parse_lenient(path, env)?;
+    let (raw, problems) = parse_lenient(path, env)?;
+    validate_parsed(raw, problems, env)
+}
+
+/// Validates what [`parse_text`] read, adding validation's problems to the unknown keys it
+/// found.
+pub(crate) fn validate_parsed(
+    raw: RawConfig,
+    mut problems: Vec<Problem>,
+    env: &Env,
+) -> Result<Config, ConfigError> {
     match validate(raw, env) {
         Ok(config) if problems.is_empty() => Ok(config),
         Ok(_) => Err(problems.into()),
@@ -270,31 +331,72 @@ pub fn parse(path: &Path, env: &Env) -> Result<RawConfig, ConfigError> {
     }
 }
 
+/// The formats a configuration file may be written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// `.toml`
+    Toml,
+    /// `.yaml` or `.yml`
+    Yaml,
+    /// `.json`
+    Json,
+}
+
+impl Format {
+    /// The format a file's extension names, if any.
+    pub(crate) fn of(path: &Path) -> Option<Format> {
+        match path.extension().and_then(|ext| ext.to_str()) {
+            Some("toml") => Some(Format::Toml),
+            Some("yaml" | "yml") => Some(Format::Yaml),
+            Some("json") => Some(Format::Json),
+            _ => None,
+        }
+    }
+}
+
 /// [`parse`], returning the unknown keys as problems beside what could be read, so that
 /// validation can report its problems too.
 fn parse_lenient(path: &Path, env: &Env) -> Result<(RawConfig, Vec<Problem>), ConfigError> {
     let one = |message: String| ConfigError::from(vec![Problem::new("", message)]);
-    let format = match path.extension().and_then(|ext| ext.to_str()) {
-        Some("toml") => config::FileFormat::Toml,
-        Some("yaml" | "yml") => config::FileFormat::Yaml,
-        Some("json") => config::FileFormat::Json,
-        _ => {
-            return Err(one(format!(
-                "{}: unknown configuration format (use .toml, .yaml, .yml or .json)",
-                path.display()
-            )));
-        }
+    let Some(format) = Format::of(path) else {
+        return Err(one(format!(
+            "{}: unknown configuration format (use .toml, .yaml, .yml or .json)",
+            path.display()
+        )));
     };
     if !path.is_file() {
         return Err(one(format!("{}: no such file", path.display())));
     }
+    let text = std::fs::read_to_string(path).map_err(|error| one(format!("{}: {error}", path.display())))?;
+    parse_text(&text, format, &path.display().to_string(), env)
+}
+
+/// The configuration `text`, written in `format`, with the environment overrides of `env`
+/// applied, read into the raw structs; `origin` (the file's path) starts the message of a
+/// problem with the text itself. The unknown keys are returned as problems beside what
+/// could be read.
+///
+/// # Errors
+/// The problems, when the text is not shaped like the configuration.
+pub(crate) fn parse_text(
+    text: &str,
+    format: Format,
+    origin: &str,
+    env: &Env,
+) -> Result<(RawConfig, Vec<Problem>), ConfigError> {
+    let one = |message: String| ConfigError::from(vec![Problem::new("", message)]);
+    let format = match format {
+        Format::Toml => config::FileFormat::Toml,
+        Format::Yaml => config::FileFormat::Yaml,
+        Format::Json => config::FileFormat::Json,
+    };
     let overrides: config::Map<String, String> = env
         .iter()
         .filter(|(name, _)| name.starts_with("COMETD_BRIDGE__"))
         .map(|(name, value)| (name.clone(), value.clone()))
         .collect();
     let settings = config::Config::builder()
-        .add_source(config::File::from(path).format(format))
+        .add_source(config::File::from_str(text, format))
         .add_source(
             config::Environment::with_prefix("COMETD_BRIDGE")
                 .prefix_separator("__")
@@ -303,7 +405,7 @@ fn parse_lenient(path: &Path, env: &Env) -> Result<(RawConfig, Vec<Problem>), Co
                 .source(Some(overrides)),
         )
         .build()
-        .map_err(|error| one(format!("{}: {error}", path.display())))?;
+        .map_err(|error| one(format!("{origin}: {error}")))?;
     let mut unknown = Vec::new();
     let raw: Result<RawConfig, _> =
         serde_ignored::deserialize(settings, |path| unknown.push(key_path(&path)));

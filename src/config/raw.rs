@@ -166,7 +166,7 @@ fn default_queue_capacity() -> i64 {
 }
 
 fn default_shutdown_grace() -> String {
-    "15s".into()
+    "8s".into()
 }
 
 /// `[[sources]]`
@@ -211,6 +211,9 @@ pub struct RawSource {
     pub replay_fallback: String,
     /// Salesforce OAuth login.
     pub salesforce: Option<RawSalesforce>,
+    /// An HTTP proxy for this source, `http://[user:password@]host:port`; may be a secret
+    /// reference. Without it, `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` apply.
+    pub proxy: Option<String>,
 }
 
 fn default_ack() -> bool {

@@ -13,8 +13,9 @@ use base64::Engine;
 use super::raw::RawRetry;
 use super::raw::{RawConfig, RawNats, RawSalesforce, RawSink, RawSource, RawSubscription, RawTls};
 use super::{
-    AdminConfig, BridgeConfig, Config, Env, NatsConfig, NatsSinkConfig, Payload, Problem, RetryConfig,
-    Secret, SinkConfig, SourceConfig, StateBackend, StateConfig, SubscriptionConfig, WebhookSinkConfig,
+    AdminConfig, BridgeConfig, Config, Env, Fingerprint, NatsConfig, NatsSinkConfig, Payload, Problem,
+    RetryConfig, Secret, SectionFingerprints, SinkConfig, SourceConfig, StateBackend, StateConfig,
+    SubscriptionConfig, WebhookSinkConfig,
 };
 use crate::cometd::{
     ChannelPattern, ConnectionType, ReplayFallback, ReplayPosition, SalesforceAuth, SalesforceCredentials,
@@ -180,7 +181,20 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     if !check.problems.is_empty() {
         return Err(check.problems);
     }
+    let fingerprints = SectionFingerprints {
+        admin: Fingerprint::of([
+            format!("{:?}", raw.admin).as_str(),
+            token.as_ref().map_or("", |token| token.expose()),
+        ]),
+        state: Fingerprint::of([format!("{:?}", raw.state).as_str()]),
+        nats: Fingerprint::of([
+            format!("{:?}", raw.nats).as_str(),
+            nats.user_password.as_ref().map_or("", |(_, password)| password.expose()),
+            nats.token.as_ref().map_or("", |token| token.expose()),
+        ]),
+    };
     Ok(Config {
+        fingerprints,
         admin: AdminConfig { listen, token, allow_private_webhooks: raw.admin.allow_private_webhooks },
         state: StateConfig { backend, path: PathBuf::from(&raw.state.path), spool_max_bytes },
         nats,
@@ -301,7 +315,31 @@ fn source_config(check: &mut Checker<'_>, key: &str, source: &RawSource) -> Sour
         .salesforce
         .as_ref()
         .and_then(|salesforce| salesforce_config(check, &format!("{key}.salesforce"), salesforce));
+    let proxy = source.proxy.as_deref().and_then(|spec| check.secret(&format!("{key}.proxy"), spec));
+    if let Some(proxy) = &proxy {
+        match reqwest::Url::parse(proxy.expose()) {
+            Ok(url) if url.scheme() == "http" && url.host_str().is_some() => {}
+            // The value may hold credentials: it is not repeated.
+            _ => check.problem(format!("{key}.proxy"), "is not an http://[user:password@]host:port URL"),
+        }
+    }
+    let described = format!("{source:?}");
+    let mut parts: Vec<&str> = vec![&described];
+    parts.extend(proxy.as_ref().map(Secret::expose));
+    parts.extend(headers.iter().map(|(_, value)| value.expose()));
+    if let Some(credentials) = &salesforce {
+        parts.extend(credentials.client_secret.as_deref());
+        match &credentials.flow {
+            SalesforceFlow::Password { password, .. } => parts.push(password),
+            SalesforceFlow::RefreshToken { refresh_token } => parts.push(refresh_token),
+            SalesforceFlow::JwtBearer { private_key_pem, .. } => parts.push(private_key_pem),
+            SalesforceFlow::ClientCredentials => {}
+        }
+    }
+    let fingerprint = Fingerprint::of(parts);
     SourceConfig {
+        fingerprint,
+        proxy,
         name: source.name.clone(),
         url: source.url.clone(),
         connection_types,
@@ -529,6 +567,13 @@ pub fn validate_subscription(
     let retry = retry_config(&mut check, &field, raw);
     match (channel, sink) {
         (Ok(channel), Some(sink)) if check.problems.is_empty() => Ok(SubscriptionConfig {
+            fingerprint: Fingerprint::of([
+                format!("{raw:?}").as_str(),
+                match &sink {
+                    SinkConfig::Webhook(WebhookSinkConfig { secret: Some(secret), .. }) => secret.expose(),
+                    _ => "",
+                },
+            ]),
             id: raw.id.clone(),
             source: raw.source.clone(),
             channel,

@@ -36,6 +36,7 @@ struct Inner {
     spool_messages: Family<Labels, Gauge>,
     spool_bytes: Family<Labels, Gauge>,
     spool_oldest_age: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    reloads: Family<Labels, Counter>,
     /// The label sets of series per subscription, so that its series can be dropped with it.
     series: std::sync::Mutex<
         std::collections::BTreeMap<String, std::collections::BTreeSet<(&'static str, Labels)>>,
@@ -63,6 +64,15 @@ impl Metrics {
         let session_losses = Family::<Labels, Counter>::default();
         let task_restarts = Family::<Labels, Counter>::default();
         let state_errors = Counter::default();
+        let reloads = Family::<Labels, Counter>::default();
+        registry.register(
+            "cometd_bridge_config_reloads",
+            "Configuration reloads (SIGHUP or the API), by result: ok or error",
+            reloads.clone(),
+        );
+        for result in ["ok", "error"] {
+            drop(reloads.get_or_create(&vec![("result", result.into())]));
+        }
         registry.register(
             "cometd_bridge_state_errors",
             "Records of the state store skipped because they could not be read",
@@ -152,6 +162,7 @@ impl Metrics {
                 spool_messages,
                 spool_bytes,
                 spool_oldest_age,
+                reloads,
                 series: std::sync::Mutex::default(),
             }),
         }
@@ -263,6 +274,22 @@ impl Metrics {
         self.inner.spool_messages.get_or_create(&labels).set(i64::try_from(messages).unwrap_or(i64::MAX));
         self.inner.spool_bytes.get_or_create(&labels).set(i64::try_from(bytes).unwrap_or(i64::MAX));
         self.inner.spool_oldest_age.get_or_create(&labels).set(oldest_age.as_secs_f64());
+    }
+
+    /// A configuration reload finished, applied (`ok`) or refused (`error`).
+    pub fn config_reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.inner.reloads.get_or_create(&vec![("result", result.into())]).inc();
+    }
+
+    /// Drops the series of a source a reload removed.
+    pub fn forget_source(&self, source: &str) {
+        let labels = vec![("source", source.into())];
+        self.inner.connected.remove(&labels);
+        self.inner.pending.remove(&labels);
+        self.inner.paused.remove(&labels);
+        self.inner.session_losses.remove(&labels);
+        self.inner.fallbacks.remove(&labels);
     }
 
     /// Drops the series of a removed subscription.

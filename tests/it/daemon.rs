@@ -111,6 +111,43 @@ async fn every_class_of_bad_config_exits_2_naming_the_key() {
     assert!(stderr.contains("unknown configuration format"), "{stderr}");
 }
 
+/// `check` reads the file `run` would (`$COMETD_BRIDGE_CONFIG`, as the image sets it), and
+/// text logs written to a pipe carry no colour codes.
+#[tokio::test]
+async fn check_reads_the_configured_file_and_logs_to_a_pipe_are_plain() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("bridge.toml");
+    std::fs::write(&file, "[admin]\nlisten = \"127.0.0.1:0\"\n").expect("write config");
+    let output = binary().arg("check").env("COMETD_BRIDGE_CONFIG", &file).output().await.expect("run check");
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).expect("UTF-8");
+    assert!(stdout.starts_with(&format!("{}: valid", file.display())), "{stdout}");
+
+    // `run`'s text logs, read through a pipe as `docker logs` does.
+    let state = tempfile::tempdir().expect("state");
+    std::fs::write(
+        &file,
+        format!("[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{}\"\n", state.path().display()),
+    )
+    .expect("write config");
+    let mut run = binary()
+        .args(["run", "--config"])
+        .arg(&file)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start run");
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(run.stderr.take().expect("stderr")));
+    let mut seen = Vec::new();
+    while !seen.iter().any(|line: &String| line.contains("running")) {
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("a log line").expect("stderr");
+        seen.push(line.expect("run logs until it is running"));
+    }
+    run.start_kill().expect("stop run");
+    assert!(seen.iter().all(|line| !line.contains('\u{1b}')), "no ANSI escapes in piped logs: {seen:?}");
+    assert!(seen.iter().any(|line| line.contains("INFO")), "{seen:?}");
+}
+
 #[tokio::test]
 async fn all_problems_are_listed_at_once() {
     let (code, stderr) = check(

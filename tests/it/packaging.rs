@@ -66,7 +66,7 @@ fn the_dockerfile_matches_the_binary_and_the_configuration() {
     let copies = instruction(&stage, "COPY");
     let binary = copies
         .iter()
-        .find(|copy| copy.starts_with("--from=build"))
+        .find(|copy| copy.starts_with("--from=build") && copy.contains("target/release/cometd-bridge"))
         .and_then(|copy| copy.split_whitespace().last())
         .expect("the binary is copied from the build stage");
     assert_eq!(entrypoint, [binary], "the entrypoint is the copied binary");
@@ -81,7 +81,7 @@ fn the_dockerfile_matches_the_binary_and_the_configuration() {
     let state = env.get("COMETD_BRIDGE__STATE__PATH").expect("the state path is set");
     assert_eq!(instruction(&stage, "VOLUME"), [state.as_str()], "the state directory is the volume");
     assert!(
-        read("Dockerfile").contains(&format!("chown cometd-bridge {state}")),
+        read("Dockerfile").contains(&format!("chown 10001:10001 {state}")),
         "the user can write its state"
     );
 
@@ -89,9 +89,19 @@ fn the_dockerfile_matches_the_binary_and_the_configuration() {
     let port = listen.rsplit(':').next().expect("a port");
     assert_eq!(instruction(&stage, "EXPOSE"), [port]);
 
+    // Numeric, so that Kubernetes' runAsNonRoot can check it; the group the manifests'
+    // fsGroup names.
     let user = instruction(&stage, "USER");
-    assert_eq!(user, ["cometd-bridge"], "runs as its own user");
-    assert!(read("Dockerfile").contains("useradd --system --uid 10001"), "the user is created, non-root");
+    assert_eq!(user, ["10001:10001"], "runs as uid and gid 10001, not root");
+    let manifest = read("deploy/kubernetes/deployment.yaml");
+    for setting in ["runAsUser: 10001", "fsGroup: 10001"] {
+        assert!(manifest.contains(setting), "the manifest says {setting}");
+    }
+    // The dependencies are built in a layer of their own, before the sources are copied.
+    let build = read("Dockerfile");
+    let dependencies = build.find("cargo build --release --locked --bin cometd-bridge").expect("a build");
+    let sources = build.find("COPY src ./src").expect("the sources are copied");
+    assert!(dependencies < sources, "the dependency layer comes before the sources");
 
     // The image's environment on top of the configuration it ships is a valid setup once
     // the admin token is given (its API listens on every interface), and refused without.

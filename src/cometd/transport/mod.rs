@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 
 use super::error::{Error, TransportErrorKind};
 use super::message::{Data, Message, WireMessage};
-use super::options::{ConnectionType, ValidOptions};
+use super::options::{ConnectionType, Proxy, ValidOptions};
 use super::pending::PendingQueue;
 
 pub(crate) use chunked::ChunkedPayload;
@@ -48,11 +48,32 @@ impl Shared {
     }
 
     fn build_http(&self) -> Result<reqwest::Client, Error> {
-        reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .tls_backend_preconfigured((*self.tls).clone())
-            .cookie_provider(self.jar.clone())
-            .build()
-            .map_err(|error| Error::InvalidOptions(format!("HTTP client: {error}")))
+            .cookie_provider(self.jar.clone());
+        // reqwest reads the environment's proxies by itself.
+        let builder = match &self.options.proxy {
+            Proxy::FromEnvironment => builder,
+            Proxy::Direct => builder.no_proxy(),
+            Proxy::Url(url) => builder.no_proxy().proxy(
+                reqwest::Proxy::all(url.as_str())
+                    .map_err(|error| Error::InvalidOptions(format!("proxy: {error}")))?,
+            ),
+        };
+        builder.build().map_err(|error| Error::InvalidOptions(format!("HTTP client: {error}")))
+    }
+
+    /// The proxy a connection to the server goes through, if any, and its credentials.
+    pub(crate) fn proxy_for(
+        &self,
+        uri: &tokio_tungstenite::tungstenite::http::Uri,
+    ) -> Option<hyper_util::client::proxy::matcher::Intercept> {
+        use hyper_util::client::proxy::matcher::Matcher;
+        match &self.options.proxy {
+            Proxy::Direct => None,
+            Proxy::FromEnvironment => Matcher::from_env().intercept(uri),
+            Proxy::Url(url) => Matcher::builder().all(url.clone()).build().intercept(uri),
+        }
     }
 
     /// The HTTP client for long-polling.

@@ -195,8 +195,18 @@ impl Connection {
         // are small; a larger one still fits, as the buffer grows on demand.
         let config = socket_config(options.max_message_size);
         let coalescing = options.read_coalescing;
+        // The proxy is chosen by the http(s) form of the URL, as for long-polling.
+        let proxy = options
+            .http_url
+            .as_str()
+            .parse::<tungstenite::http::Uri>()
+            .ok()
+            .and_then(|uri| shared.proxy_for(&uri));
         let connect = async move {
-            let stream = connect_tcp(request.uri()).await?;
+            let stream = match &proxy {
+                Some(proxy) => connect_through(proxy, request.uri()).await?,
+                None => connect_tcp(request.uri()).await?,
+            };
             let stream = CoalescingStream::new(stream, coalescing);
             tokio_tungstenite::client_async_tls_with_config(request, stream, Some(config), Some(connector))
                 .await
@@ -441,6 +451,57 @@ async fn connect_tcp(uri: &tungstenite::http::Uri) -> Result<TcpStream, Error> {
     stream.set_nodelay(true).map_err(|error| Error::transport_from(TransportErrorKind::Connect, error))?;
     Ok(stream)
 }
+
+/// Opens a tunnel to `target` through an HTTP proxy (`CONNECT`), with its credentials.
+async fn connect_through(
+    proxy: &hyper_util::client::proxy::matcher::Intercept,
+    target: &tungstenite::http::Uri,
+) -> Result<TcpStream, Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let failed = |what: String| Error::transport_from(TransportErrorKind::Connect, what);
+    let mut stream = connect_tcp(proxy.uri()).await?;
+    let host = target.host().ok_or_else(|| failed("the URL has no host".into()))?;
+    let port = target.port_u16().unwrap_or(if target.scheme_str() == Some("wss") { 443 } else { 80 });
+    let authority = format!("{host}:{port}");
+    let mut head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+    if let Some(credentials) = proxy.basic_auth().and_then(|value| value.to_str().ok()) {
+        head.push_str(&format!("Proxy-Authorization: {credentials}\r\n"));
+    }
+    head.push_str("\r\n");
+    let proxy_error = |error: std::io::Error| failed(format!("proxy {}: {error}", proxy.uri()));
+    stream.write_all(head.as_bytes()).await.map_err(proxy_error)?;
+    // The answer's head; nothing follows it until the client speaks through the tunnel.
+    let mut answer = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        if answer.len() >= PROXY_ANSWER_LIMIT {
+            return Err(failed(format!(
+                "proxy {}: an answer head over {PROXY_ANSWER_LIMIT} bytes",
+                proxy.uri()
+            )));
+        }
+        if stream.read(&mut byte).await.map_err(proxy_error)? == 0 {
+            return Err(failed(format!(
+                "proxy {} closed the connection before answering CONNECT",
+                proxy.uri()
+            )));
+        }
+        answer.push(byte[0]);
+    }
+    let status_line = String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_string();
+    match status_line.split_whitespace().nth(1) {
+        Some("200") => Ok(stream),
+        // 407 is the standard answer; some proxies (tinyproxy) say 401.
+        Some("407" | "401") => Err(failed(format!(
+            "proxy {} requires authentication ({status_line}): give the credentials in the proxy URL",
+            proxy.uri()
+        ))),
+        _ => Err(failed(format!("proxy {} refused the tunnel to {authority}: {status_line}", proxy.uri()))),
+    }
+}
+
+/// The longest answer head accepted from a proxy.
+const PROXY_ANSWER_LIMIT: usize = 16 * 1024;
 
 fn upgrade_error(error: tungstenite::Error) -> Error {
     let kind = match &error {

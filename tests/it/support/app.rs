@@ -11,10 +11,15 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// Ends the `[admin]` and `[state]` sections the harness writes.
+const HEADER_END: &str = "# end of the harness' sections\n";
+
 /// A running bridge.
 pub struct TestApp {
     pub admin: SocketAddr,
     pub state: TempDir,
+    /// The `[admin]` and `[state]` sections the configuration file starts with.
+    header: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -44,7 +49,10 @@ impl TestApp {
     }
 
     async fn start(config: Config, state: TempDir) -> Self {
-        let app = App::build(config).await.expect("the app builds");
+        let file = state.path().join("config.toml");
+        let written = std::fs::read_to_string(&file).expect("the configuration file");
+        let header = written[..written.find(HEADER_END).expect("the header") + HEADER_END.len()].to_string();
+        let app = App::build(config).await.expect("the app builds").reloadable(file, Env::new());
         let admin = app.admin_address();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -54,7 +62,14 @@ impl TestApp {
             .await
             .expect("the app runs and stops cleanly");
         });
-        TestApp { admin, state, stop: Some(stop), task: Some(task) }
+        TestApp { admin, state, header, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Writes `toml` (its `[admin]` and `[state]` sections kept as they were) over the
+    /// configuration file, for a reload to read.
+    pub fn rewrite_config(&self, toml: &str) {
+        std::fs::write(self.state.path().join("config.toml"), format!("{}{toml}", self.header))
+            .expect("write config");
     }
 
     /// The daemon's configuration: `toml` with `[admin]` on port 0 (webhooks to loopback
@@ -69,7 +84,7 @@ impl TestApp {
     /// [`TestApp::config`] with `admin_keys` in `[admin]`.
     pub fn config_with(toml: &str, state: &TempDir, admin_keys: &str, state_keys: &str) -> Config {
         let full = format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n{admin_keys}[state]\npath = \"{}\"\n{state_keys}{toml}",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{admin_keys}[state]\npath = \"{}\"\n{state_keys}{HEADER_END}{toml}",
             state.path().display()
         );
         let file = state.path().join("config.toml");

@@ -23,10 +23,16 @@ impl Daemon {
     /// Starts `cometd-bridge run --log-format json --config <config>` and waits until it
     /// logs its admin address.
     pub async fn start(config: &Path) -> Daemon {
+        Self::start_with_env(config, &[]).await
+    }
+
+    /// [`Daemon::start`] with these environment variables set (proxies, say).
+    pub async fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cometd-bridge"))
             .args(["run", "--log-format", "json", "--config"])
             .arg(config)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()

@@ -5,12 +5,15 @@
 
 pub mod app;
 pub mod bayeux;
+pub mod browser;
 pub mod daemon;
 pub mod fake;
+pub mod fault_proxy;
 pub mod nats;
 pub mod peer;
 pub mod process;
 pub mod scenario;
+pub mod tinyproxy;
 pub mod webhook;
 
 use std::path::PathBuf;

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of every target in fuzz/: builds them
+# once, then runs each for a time or a number of executions, one process at a time at
+# the lowest priority, and prints the executions per target. Needs the nightly toolchain
+# (`rustup toolchain install nightly`); installs cargo-fuzz when it is missing.
+#
+#   scripts/fuzz.sh                 60 seconds per target
+#   scripts/fuzz.sh 600             600 seconds per target
+#   scripts/fuzz.sh -runs=10000000  ten million executions per target
+#   scripts/fuzz.sh 60 payload data only these targets
+#
+# New interesting inputs go to fuzz/target/corpus/<target>/ (not committed); with
+# FUZZ_MERGE=1 they are merged, minimised (what `cargo fuzz cmin` does), into the
+# committed corpus fuzz/corpus/<target>/, which `cargo test` replays
+# (tests/it/fuzz_corpus.rs). A crash stops its target, is saved under
+# fuzz/artifacts/<target>/ and makes the script exit 1; reproduce it with
+# `cargo +nightly fuzz run <target> <file>` in fuzz/, minimise it with `cargo +nightly
+# fuzz tmin <target> <file>`. FUZZ_SANITIZER (default: none) picks the sanitizer; the
+# crate forbids unsafe code, so a sanitizer checks only the dependencies, at half the
+# speed.
+set -euo pipefail
+cd "$(dirname "$0")/../fuzz"
+
+budget="${1:-60}"
+case "$budget" in
+  -runs=[0-9]*) limit=("$budget") ;;
+  [0-9]*) limit=("-max_total_time=$budget") ;;
+  *) echo "usage: scripts/fuzz.sh [seconds-per-target | -runs=N] [target...]" >&2; exit 2 ;;
+esac
+shift || true
+if [ "$#" -gt 0 ]; then
+  targets=("$@")
+else
+  targets=()
+  for file in fuzz_targets/*.rs; do targets+=("$(basename "$file" .rs)"); done
+fi
+
+if ! cargo +nightly --version >/dev/null 2>&1; then
+  echo "fuzz: the nightly toolchain is missing: rustup toolchain install nightly" >&2
+  exit 2
+fi
+if ! command -v cargo-fuzz >/dev/null; then
+  echo "fuzz: installing cargo-fuzz (cargo install --locked)"
+  nice -n 19 cargo install cargo-fuzz --locked
+fi
+
+sanitizer="${FUZZ_SANITIZER:-none}"
+# Release builds with debug assertions and overflow checks (-a); one target, or all.
+build=(nice -n 19 cargo +nightly fuzz build -a -s "$sanitizer")
+if [ "${#targets[@]}" -eq 1 ]; then build+=("${targets[0]}"); fi
+"${build[@]}"
+host="$(rustc +nightly -vV | sed -n 's/^host: //p')"
+bin="target/$host/release"
+
+status=0
+summary=()
+for target in "${targets[@]}"; do
+  work="target/corpus/$target"
+  mkdir -p "$work" "artifacts/$target"
+  log="target/fuzz-$target.log"
+  echo "fuzz: $target (${limit[*]})"
+  set +e
+  # Long-polling payloads past 4 KiB take other paths (the message count estimate, the
+  # carried message joined 4 KiB at a time).
+  case "$target" in payload) max_len=(-max_len=16384) ;; *) max_len=() ;; esac
+  nice -n 19 "$bin/$target" "$work" "corpus/$target" "${limit[@]}" "${max_len[@]}" -timeout=30 -rss_limit_mb=2048 \
+    -print_final_stats=1 -artifact_prefix="artifacts/$target/" >"$log" 2>&1
+  code=$?
+  set -e
+  runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)"
+  seconds="$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log" | tail -n 1)"
+  if [ "$code" -ne 0 ]; then
+    status=1
+    grep -m 1 -E 'panicked at|ERROR: libFuzzer|SUMMARY' "$log" >&2 || true
+    echo "fuzz: $target failed (exit $code); see fuzz/$log and fuzz/artifacts/$target/" >&2
+  fi
+  if [ "${FUZZ_MERGE:-0}" = 1 ] && [ "$code" -eq 0 ]; then
+    merged="target/merged/$target"
+    rm -rf "$merged" && mkdir -p "$merged"
+    nice -n 19 "$bin/$target" -merge=1 "$merged" "corpus/$target" "$work" >"target/merge-$target.log" 2>&1
+    rm -rf "corpus/$target" && mv "$merged" "corpus/$target"
+  fi
+  files="$(find "corpus/$target" -type f | wc -l)"
+  bytes="$(du -sb "corpus/$target" | cut -f1)"
+  summary+=("$(printf '%-10s %12s executions %6ss  crashes: %s  corpus: %s files, %s bytes' \
+    "$target" "${runs:-?}" "${seconds:-?}" "$([ "$code" -eq 0 ] && echo 0 || echo 1)" "$files" "$bytes")")
+done
+printf '%s\n' "${summary[@]}"
+exit "$status"
