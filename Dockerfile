@@ -24,10 +24,14 @@ RUN touch src/main.rs src/lib.rs \
 
 FROM debian:bookworm-slim
 # Only the CA bundle from the build stage (the roots the webhook client trusts), not the
-# ca-certificates package and what it pulls in; numeric ids, so that Kubernetes'
-# runAsNonRoot can check them, and the group the manifests' fsGroup names.
+# ca-certificates package and what it pulls in. The user cometd-bridge is uid and gid
+# 10001, named numerically below so that Kubernetes' runAsNonRoot can check it, and the
+# group is the one the manifests' fsGroup names.
 COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
-RUN mkdir -p /etc/cometd-bridge /var/lib/cometd-bridge \
+RUN groupadd --system --gid 10001 cometd-bridge \
+ && useradd --system --no-log-init --uid 10001 --gid 10001 --no-create-home \
+      --shell /usr/sbin/nologin cometd-bridge \
+ && mkdir -p /etc/cometd-bridge /var/lib/cometd-bridge \
  && chown 10001:10001 /var/lib/cometd-bridge
 COPY --from=build /src/target/release/cometd-bridge /usr/local/bin/cometd-bridge
 COPY config/default.toml /etc/cometd-bridge/config.toml

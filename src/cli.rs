@@ -130,12 +130,16 @@ pub fn config_path(flag: Option<&std::path::Path>, env: &crate::config::Env) -> 
         .unwrap_or_else(|| "config/default.toml".into())
 }
 
-/// Validates the configuration at `path`; prints a summary when it is valid.
+/// Validates the configuration at `path`; prints a summary when it is valid, and a warning
+/// for what `run` would still refuse in this environment (an API without a token).
 ///
 /// # Errors
 /// [`CommandError::Config`] with every problem.
 pub fn check(path: &std::path::Path, env: &crate::config::Env) -> Result<(), CommandError> {
     let config = crate::config::load(path, env)?;
+    if let Some(problem) = config.unprotected_api() {
+        eprintln!("warning: {problem} (run refuses to start like this)");
+    }
     println!(
         "{}: valid ({} sources, {} subscriptions)",
         path.display(),
@@ -153,6 +157,9 @@ pub fn check(path: &std::path::Path, env: &crate::config::Env) -> Result<(), Com
 /// cannot start.
 pub async fn run(path: &std::path::Path, env: &crate::config::Env) -> Result<(), CommandError> {
     let config = crate::config::load(path, env)?;
+    if let Some(problem) = config.unprotected_api() {
+        return Err(crate::config::ConfigError::from(vec![problem]).into());
+    }
     let app = crate::app::App::build(config).await?.reloadable(path.to_path_buf(), env.clone());
     tracing::info!(admin = %app.admin_address(), config = %path.display(), "cometd-bridge started");
     app.run_until(crate::shutdown::signal()).await?;

@@ -93,6 +93,26 @@ pub struct AdminConfig {
     /// Whether webhooks posted through the API may target loopback, link-local and
     /// private addresses.
     pub allow_private_webhooks: bool,
+    /// Whether the API may listen beyond loopback without a token.
+    pub allow_unauthenticated: bool,
+}
+
+impl Config {
+    /// Why `run` refuses this configuration although it is valid: an API that other
+    /// machines can reach, without a token. `check` only warns, since the token may come
+    /// from the environment `run` gets (`COMETD_BRIDGE__ADMIN__TOKEN`).
+    pub fn unprotected_api(&self) -> Option<Problem> {
+        let admin = &self.admin;
+        (admin.token.is_none() && !admin.listen.ip().is_loopback() && !admin.allow_unauthenticated).then(|| {
+            Problem::new(
+                "admin.token",
+                format!(
+                    "required when admin.listen ({}) is not a loopback address: without it anyone who reaches the port can add subscriptions; set a token (or COMETD_BRIDGE__ADMIN__TOKEN), or admin.allow_unauthenticated = true",
+                    admin.listen
+                ),
+            )
+        })
+    }
 }
 
 /// `[state]`

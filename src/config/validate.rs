@@ -100,14 +100,6 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     if token.as_ref().is_some_and(|token| token.expose().is_empty()) {
         check.problem("admin.token", "must not be empty");
     }
-    if raw.admin.token.is_none() && !listen.ip().is_loopback() && !raw.admin.allow_unauthenticated {
-        check.problem(
-            "admin.token",
-            format!(
-                "required when admin.listen ({listen}) is not a loopback address: without it anyone who reaches the port can add subscriptions; set a token, or admin.allow_unauthenticated = true"
-            ),
-        );
-    }
 
     let backend = match raw.state.backend.as_str() {
         "embedded" | "file" => StateBackend::Embedded,
@@ -195,7 +187,12 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     };
     Ok(Config {
         fingerprints,
-        admin: AdminConfig { listen, token, allow_private_webhooks: raw.admin.allow_private_webhooks },
+        admin: AdminConfig {
+            listen,
+            token,
+            allow_private_webhooks: raw.admin.allow_private_webhooks,
+            allow_unauthenticated: raw.admin.allow_unauthenticated,
+        },
         state: StateConfig { backend, path: PathBuf::from(&raw.state.path), spool_max_bytes },
         nats,
         bridge: BridgeConfig { queue_capacity, shutdown_grace },

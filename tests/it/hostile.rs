@@ -120,14 +120,35 @@ async fn check(toml: &str) -> (Option<i32>, String) {
     (output.status.code(), String::from_utf8(output.stderr).expect("UTF-8"))
 }
 
+/// `run` refuses an API other machines can reach without a token (exit 2, before binding
+/// anything); `check` says so as a warning, since the token may come from the environment
+/// `run` gets.
 #[tokio::test]
 async fn an_api_reachable_from_outside_needs_a_token() {
-    let (code, errors) = check("[admin]\nlisten = \"0.0.0.0:8080\"\n").await;
-    assert_eq!(code, Some(2), "{errors}");
-    assert!(
-        errors.contains("admin.token: required when admin.listen (0.0.0.0:8080) is not a loopback address"),
-        "{errors}"
-    );
+    let unprotected = "[admin]\nlisten = \"0.0.0.0:8080\"\n";
+    let (code, errors) = check(unprotected).await;
+    assert_eq!(code, Some(0), "{errors}");
+    let required = "admin.token: required when admin.listen (0.0.0.0:8080) is not a loopback address";
+    assert!(errors.contains(&format!("warning: {required}")), "{errors}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, format!("{unprotected}[state]\npath = \"{}\"\n", dir.path().display())).expect("write");
+    let run = tokio::time::timeout(
+        crate::support::peer::WAIT,
+        Command::new(env!("CARGO_BIN_EXE_cometd-bridge"))
+            .args(["run", "--config"])
+            .arg(&file)
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run exits at once")
+    .expect("run");
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains(required), "{run:?}");
+
     for fine in [
         "[admin]\nlisten = \"0.0.0.0:8080\"\ntoken = \"s3cret\"\n",
         "[admin]\nlisten = \"0.0.0.0:8080\"\nallow_unauthenticated = true\n",
@@ -136,6 +157,7 @@ async fn an_api_reachable_from_outside_needs_a_token() {
     ] {
         let (code, errors) = check(fine).await;
         assert_eq!(code, Some(0), "{fine}: {errors}");
+        assert!(!errors.contains("warning"), "{fine}: {errors}");
     }
 }
 
