@@ -133,8 +133,9 @@ impl ChunkedPayload {
     }
 
     /// The messages read chunk by chunk, or the whole payload when it has to be parsed
-    /// whole.
-    fn end(mut self) -> Result<Vec<Message>, Bytes> {
+    /// whole. Crate-visible for the fuzz harness, which checks that a well-formed array is
+    /// read chunk by chunk.
+    pub(crate) fn end(mut self) -> Result<Vec<Message>, Bytes> {
         if !self.whole && !self.carry.is_empty() {
             // Carried bytes not parsed yet (they were waiting to grow): parse them now.
             let raw = self.carry.split().freeze();

@@ -365,8 +365,10 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
         // Backpressure: with the pending queue full, stop reading events, unless a request
         // other than /meta/connect is waiting for its reply behind them.
         let mut paused = false;
-        loop {
-            // Listening before checking, so a registration in between is not missed.
+        while shared.queue.is_full() && !waiting.has_requests_besides_connect() {
+            // Listening, then checking again, so that a registration between the first
+            // check and here is not missed (the common case, a queue with room, stays a
+            // single check per frame).
             let registered = waiting.request_registered.notified();
             tokio::pin!(registered);
             registered.as_mut().enable();
