@@ -19,7 +19,7 @@ use cometd_bridge::cometd::{
     TransportErrorKind, async_trait,
 };
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -120,22 +120,9 @@ impl HugeFrameServer {
             while let Ok((stream, _)) = listener.accept().await {
                 tokio::spawn(async move {
                     let mut reader = BufReader::new(stream);
-                    let mut key = String::new();
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if let Some((name, value)) = line.split_once(':')
-                            && name.eq_ignore_ascii_case("sec-websocket-key")
-                        {
-                            key = value.trim().to_string();
-                        }
-                    }
+                    let Some(key) = support::fake::read_head(&mut reader, "sec-websocket-key").await else {
+                        return;
+                    };
                     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
                     let mut frame = format!(
                         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"

@@ -10,8 +10,11 @@ use cometd_bridge::fuzzing;
 
 use crate::support::project_dir;
 
+/// A harness: takes the fuzzer's bytes, panics on a finding.
+type Harness = fn(&[u8]);
+
 /// Every target: its name in `fuzz/fuzz_targets/` and `fuzz/corpus/`, and its harness.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Harness)] = &[
     ("payload", fuzzing::payload),
     ("websocket", fuzzing::websocket),
     ("data", fuzzing::data),

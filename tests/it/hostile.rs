@@ -133,7 +133,8 @@ async fn an_api_reachable_from_outside_needs_a_token() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("config.toml");
-    std::fs::write(&file, format!("{unprotected}[state]\npath = \"{}\"\n", dir.path().display())).expect("write");
+    std::fs::write(&file, format!("{unprotected}[state]\npath = \"{}\"\n", dir.path().display()))
+        .expect("write");
     let run = tokio::time::timeout(
         crate::support::peer::WAIT,
         Command::new(env!("CARGO_BIN_EXE_cometd-bridge"))

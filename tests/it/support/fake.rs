@@ -98,25 +98,32 @@ impl Drop for FakeServer {
     }
 }
 
+/// Reads an HTTP request's head up to its blank line; returns the value of `header`
+/// (empty when absent), or `None` when the connection ends first.
+pub async fn read_head<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R, header: &str) -> Option<String> {
+    let mut value = String::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            return Some(value);
+        }
+        if let Some((name, found)) = line.split_once(':')
+            && name.eq_ignore_ascii_case(header)
+        {
+            value = found.trim().to_string();
+        }
+    }
+}
+
 async fn serve(stream: TcpStream, behaviour: Arc<Mutex<Behaviour>>) {
     let mut reader = BufReader::new(stream);
     loop {
-        let mut length = 0usize;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-                return;
-            }
-            if line == "\r\n" {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = value.trim().parse().unwrap_or(0);
-            }
-        }
+        let Some(length) = read_head(&mut reader, "content-length").await else { return };
+        let length: usize = length.parse().unwrap_or(0);
         let mut body = vec![0; length];
         if reader.read_exact(&mut body).await.is_err() {
             return;
