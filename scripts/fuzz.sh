@@ -10,9 +10,10 @@
 #   scripts/fuzz.sh 60 payload data only these targets
 #
 # New interesting inputs go to fuzz/target/corpus/<target>/ (not committed); with
-# FUZZ_MERGE=1 they are merged, minimised (what `cargo fuzz cmin` does), into the
-# committed corpus fuzz/corpus/<target>/, which `cargo test` replays
-# (tests/it/fuzz_corpus.rs). A crash stops its target, is saved under
+# FUZZ_MERGE=1 they are merged into the committed corpus fuzz/corpus/<target>/, which is
+# minimised again (as `cargo fuzz cmin` does, then capped at 300 files and 1 MB: see
+# merge below) and which `cargo test` replays (tests/it/fuzz_corpus.rs).
+# `FUZZ_MERGE=1 scripts/fuzz.sh -runs=0` merges what earlier runs found without fuzzing. A crash stops its target, is saved under
 # fuzz/artifacts/<target>/ and makes the script exit 1; reproduce it with
 # `cargo +nightly fuzz run <target> <file>` in fuzz/, minimise it with `cargo +nightly
 # fuzz tmin <target> <file>`. FUZZ_SANITIZER (default: none) picks the sanitizer; the
@@ -52,6 +53,52 @@ if [ "${#targets[@]}" -eq 1 ]; then build+=("${targets[0]}"); fi
 host="$(rustc +nightly -vV | sed -n 's/^host: //p')"
 bin="target/$host/release"
 
+# Replaces corpus/<target> by a small set covering what it and <work> cover: libFuzzer's
+# set-cover merge (edges, not hit counts), then the inputs adding the most coverage first,
+# up to 300 files and 1 MB. Named inputs (hand-made seeds, fixed crashes) always stay.
+merge() {
+  local target="$1" work="$2" merged="target/merged/$1" control="target/merge-$1.control"
+  rm -rf "$merged" "$control" && mkdir -p "$merged"
+  nice -n 19 "$bin/$target" -set_cover_merge=1 -use_counters=0 -merge_control_file="$control" \
+    "$merged" "corpus/$target" "$work" >"target/merge-$target.log" 2>&1
+  python3 - "$control" "corpus/$target" "$merged" <<'PY'
+import hashlib, os, re, shutil, sys
+control, corpus, merged = sys.argv[1:]
+lines = open(control).read().split("\n")
+count = int(lines[0])
+paths = lines[2:2 + count]
+features = {}
+for line in lines[2 + count:]:
+    parts = line.split()
+    if parts and parts[0] == "FT":
+        features[int(parts[1])] = set(map(int, parts[2:]))
+size = {index: os.path.getsize(path) for index, path in enumerate(paths)}
+named = lambda path: not re.fullmatch(r"[0-9a-f]{40}", os.path.basename(path))
+chosen = [i for i in features if paths[i].startswith(corpus + "/") and named(paths[i])]
+covered = set().union(set(), *(features[i] for i in chosen))
+total = sum(size[i] for i in chosen)
+while len(chosen) < 300:
+    gains = [(len(f - covered), -size[i], i) for i, f in features.items() if i not in chosen]
+    gain, _, best = max(gains, default=(0, 0, None))
+    if gain == 0 or total + size[best] > 1_000_000:
+        break
+    chosen.append(best)
+    covered |= features[best]
+    total += size[best]
+inputs = {}
+for i in chosen:
+    data = open(paths[i], "rb").read()
+    name = os.path.basename(paths[i]) if named(paths[i]) else hashlib.sha1(data).hexdigest()
+    inputs[name] = data
+shutil.rmtree(corpus)
+os.makedirs(corpus)
+for name, data in inputs.items():
+    open(os.path.join(corpus, name), "wb").write(data)
+every = set().union(set(), *features.values())
+print(f"merge: {len(inputs)} inputs, {total} bytes, {len(covered)} of {len(every)} features")
+PY
+}
+
 status=0
 summary=()
 for target in "${targets[@]}"; do
@@ -75,10 +122,7 @@ for target in "${targets[@]}"; do
     echo "fuzz: $target failed (exit $code); see fuzz/$log and fuzz/artifacts/$target/" >&2
   fi
   if [ "${FUZZ_MERGE:-0}" = 1 ] && [ "$code" -eq 0 ]; then
-    merged="target/merged/$target"
-    rm -rf "$merged" && mkdir -p "$merged"
-    nice -n 19 "$bin/$target" -merge=1 "$merged" "corpus/$target" "$work" >"target/merge-$target.log" 2>&1
-    rm -rf "corpus/$target" && mv "$merged" "corpus/$target"
+    merge "$target" "$work"
   fi
   files="$(find "corpus/$target" -type f | wc -l)"
   bytes="$(du -sb "corpus/$target" | cut -f1)"

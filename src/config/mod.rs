@@ -410,13 +410,35 @@ pub(crate) fn parse_text(
         Format::Yaml => config::FileFormat::Yaml,
         Format::Json => config::FileFormat::Json,
     };
+    // The config crate reads each key of the file's top level, and each override's name,
+    // as a path in which `[n]` indexes a list, filling the list up to n: 24 bytes,
+    // `"sources[99999999]" = 1`, took gigabytes (found by the config fuzz target). Such
+    // keys are refused before the crate sees them.
+    let mut problems = Vec::new();
+    let mut table = config::Source::collect(&config::File::from_str(text, format))
+        .map_err(|error| one(format!("{origin}: {error}")))?;
+    table.retain(|key, _| {
+        let indexed = key.contains(['[', ']']);
+        if indexed {
+            problems.push(Problem::new(key.clone(), INDEXED_KEY));
+        }
+        !indexed
+    });
+    problems.sort_by(|a, b| a.key.cmp(&b.key));
     let overrides: config::Map<String, String> = env
         .iter()
         .filter(|(name, _)| name.starts_with("COMETD_BRIDGE__"))
+        .filter(|(name, _)| {
+            let indexed = name.contains(['[', ']']);
+            if indexed {
+                problems.push(Problem::new("", format!("environment variable {name}: {INDEXED_KEY}")));
+            }
+            !indexed
+        })
         .map(|(name, value)| (name.clone(), value.clone()))
         .collect();
     let settings = config::Config::builder()
-        .add_source(config::File::from_str(text, format))
+        .add_source(Table(table))
         .add_source(
             config::Environment::with_prefix("COMETD_BRIDGE")
                 .prefix_separator("__")
@@ -429,14 +451,30 @@ pub(crate) fn parse_text(
     let mut unknown = Vec::new();
     let raw: Result<RawConfig, _> =
         serde_ignored::deserialize(settings, |path| unknown.push(key_path(&path)));
-    let mut problems: Vec<Problem> =
-        unknown.into_iter().map(|key| Problem::new(key, "unknown key")).collect();
+    problems.extend(unknown.into_iter().map(|key| Problem::new(key, "unknown key")));
     match raw {
         Ok(raw) => Ok((raw, problems)),
         Err(error) => {
             problems.insert(0, Problem::new("", dotted_keys(&error.to_string())));
             Err(problems.into())
         }
+    }
+}
+
+/// Why a key with `[n]` in it is refused.
+const INDEXED_KEY: &str = "unknown key (a key cannot index a list with [n]; write the list itself)";
+
+/// A file's top-level table, already read, as a source of the configuration.
+#[derive(Clone, Debug)]
+struct Table(config::Map<String, config::Value>);
+
+impl config::Source for Table {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
+        Ok(self.0.clone())
     }
 }
 
@@ -489,6 +527,32 @@ mod tests {
         .expect("write");
         let config = load(&file, &Env::new()).expect("valid");
         config.sources[0].client_options()
+    }
+
+    #[test]
+    fn a_key_that_indexes_a_list_is_refused_not_expanded() {
+        // Before, the config crate filled `subscriptions` with 100 million empty entries.
+        let env = Env::from([("COMETD_BRIDGE__SOURCES[99999999]__NAME".to_string(), "x".to_string())]);
+        let text = "\"subscriptions[99999999]\" = 1\n[admin]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n";
+        for (text, format) in [
+            (text.to_string(), Format::Toml),
+            ("{\"subscriptions[-99999999]\": 1, \"admin\": {\"bogus\": 1}}".to_string(), Format::Json),
+        ] {
+            let (raw, problems) = parse_text(&text, format, "test", &env).expect("the rest is read");
+            let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            assert!(raw.subscriptions.is_empty(), "{format:?}");
+            assert!(
+                problems[0].starts_with("subscriptions[")
+                    && problems[0].contains("]: unknown key (a key cannot index"),
+                "{problems:?}"
+            );
+            assert!(
+                problems[1]
+                    .starts_with("environment variable COMETD_BRIDGE__SOURCES[99999999]__NAME: unknown key"),
+                "{problems:?}"
+            );
+            assert_eq!(problems[2], "admin.bogus: unknown key");
+        }
     }
 
     #[test]

@@ -241,7 +241,12 @@ impl ChunkedPayload {
                 self.expect = Expect::CommaOrClose;
                 Step::Advance(stream.byte_offset())
             }
-            Some(Err(error)) if error.is_eof() => Step::Incomplete,
+            // A number cut after `-`, `.`, `e` or `+` is an invalid number to serde_json,
+            // not the end of the input: it is incomplete too (else the whole payload would
+            // be collected and parsed whole).
+            Some(Err(error)) if error.is_eof() || text.ends_with(['-', '.', 'e', 'E', '+']) => {
+                Step::Incomplete
+            }
             _ => Step::Other,
         }
     }
@@ -306,6 +311,8 @@ mod tests {
     /// read as they do for a payload received whole.
     const PAYLOADS: &[&str] = &[
         r#"[{"channel":"/a","id":"1","data":{"text":"café ☕ 𝄞","n":[1,2]}},{"channel":"/b","data":"x"}]"#,
+        // Numbers cut after `-`, `.`, `e`, `+` (found by the payload fuzz target).
+        r#"[{"channel":"/n","data":{"price":50.01,"e":-1.5e-3,"f":2E+2},"ext":{"x":-0.5e+1}}]"#,
         " [ {\"channel\":\"/meta/connect\",\"successful\":true,\"advice\":{\"interval\":0}} ,\n\t{\"channel\":\"/é\",\"data\":null} ] \r\n",
         "[]",
         r#"{"channel":"/single","data":1}"#,
