@@ -12,13 +12,13 @@
 # New interesting inputs go to fuzz/target/corpus/<target>/ (not committed); with
 # FUZZ_MERGE=1 they are merged into the committed corpus fuzz/corpus/<target>/, which is
 # minimised again (as `cargo fuzz cmin` does, then capped at 300 files and 1 MB: see
-# merge below) and which `cargo test` replays (tests/it/fuzz_corpus.rs).
-# `FUZZ_MERGE=1 scripts/fuzz.sh -runs=0` merges what earlier runs found without fuzzing. A crash stops its target, is saved under
-# fuzz/artifacts/<target>/ and makes the script exit 1; reproduce it with
-# `cargo +nightly fuzz run <target> <file>` in fuzz/, minimise it with `cargo +nightly
-# fuzz tmin <target> <file>`. FUZZ_SANITIZER (default: none) picks the sanitizer; the
-# crate forbids unsafe code, so a sanitizer checks only the dependencies, at half the
-# speed.
+# merge below) and which `cargo test` replays (tests/it/fuzz_corpus.rs);
+# `FUZZ_MERGE=1 scripts/fuzz.sh -runs=0` merges what earlier runs found without fuzzing.
+# A crash stops its target, is saved under fuzz/artifacts/<target>/ and makes the script
+# exit 1; reproduce it with `cargo +nightly fuzz run <target> <file>` in fuzz/, minimise
+# it with `cargo +nightly fuzz tmin <target> <file>`. FUZZ_SANITIZER (default: none)
+# picks a sanitizer (address, memory, ...); the crate forbids unsafe code, so one would
+# check only the dependencies, at a lower rate.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
@@ -125,7 +125,7 @@ for target in "${targets[@]}"; do
     merge "$target" "$work"
   fi
   files="$(find "corpus/$target" -type f | wc -l)"
-  bytes="$(du -sb "corpus/$target" | cut -f1)"
+  bytes="$(find "corpus/$target" -type f -exec cat {} + | wc -c)"
   summary+=("$(printf '%-10s %12s executions %6ss  crashes: %s  corpus: %s files, %s bytes' \
     "$target" "${runs:-?}" "${seconds:-?}" "$([ "$code" -eq 0 ] && echo 0 || echo 1)" "$files" "$bytes")")
 done

@@ -265,7 +265,7 @@ const NO_FILE: &str = "/nonexistent/cometd-bridge-fuzz";
 /// never ends): every file it names (`file:` secrets, `tls.ca_file`,
 /// `salesforce.private_key_file`) is replaced by a path that does not exist, so the
 /// reading fails, as for a missing file, before validation runs. YAML with more than
-/// [`MAX_YAML_ALIASES`] aliases is skipped (see there).
+/// `MAX_YAML_ALIASES` aliases is skipped (see there).
 ///
 /// Checks: a refused configuration names at least one problem, each with a message; an
 /// accepted one gives every source its client options, and `run`'s own refusal (an API
