@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
@@ -214,6 +214,8 @@ impl Source {
                 status.borrow_and_update().client_id.clone().unwrap_or_default().into();
             self.session_changed(&mut known_session, &session);
             self.metrics.source_connected(&self.name, true);
+            let window = self.spooler.store.append_window();
+            let mut last_append: Option<Instant> = None;
             let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
             reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -263,6 +265,15 @@ impl Source {
                                 None => break,
                             }
                         }
+                        // Group commit: while messages keep coming, at most one append per
+                        // window, so a synced append serves many messages.
+                        let window_ends = last_append.map(|started| started + window);
+                        if deferred.is_none()
+                            && let Some(ends) = window_ends.filter(|ends| *ends > Instant::now())
+                        {
+                            deferred = self.gather_until(&mut batch, ends, &stop).await;
+                        }
+                        last_append = Some(Instant::now());
                         self.metrics.pending(&self.name, self.client.pending_count());
                         self.spooler.spool(batch, &session, &stop).await;
                         match deferred {
@@ -283,6 +294,31 @@ impl Source {
                 }
             }
         }
+    }
+
+    /// Adds what the session delivers to `batch` until `ends`, a full batch or `stop`;
+    /// returns an error the session reported meanwhile (for the caller to handle after
+    /// spooling the batch).
+    async fn gather_until(
+        &self,
+        batch: &mut Vec<Message>,
+        ends: Instant,
+        stop: &CancellationToken,
+    ) -> Option<Error> {
+        let deadline = tokio::time::sleep_until(ends.into());
+        tokio::pin!(deadline);
+        while batch.len() < BATCH {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return None,
+                () = &mut deadline => return None,
+                item = self.client.receive() => match item {
+                    Ok(message) => batch.push(message),
+                    Err(error) => return Some(error),
+                },
+            }
+        }
+        None
     }
 
     /// Opens the session and subscribes, retrying with backoff; `false` when stopped first.

@@ -18,17 +18,24 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{DeadLetter, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError};
+use super::{
+    DeadLetter, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError, batch,
+};
 use crate::config::RawSubscription;
 
 const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
 const DEAD_LETTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("dead_letters");
 const POSITIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("positions");
-/// Spooled messages by (subscription, spool sequence): a range scan per subscription
-/// reads its spool in order.
-const SPOOL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("spool");
+/// Spooled messages, one record per appended batch, by (subscription, the batch's first
+/// sequence): a range scan per subscription reads its spool in order. One record per
+/// batch rather than per message makes an append one B-tree insert (see [`batch`]).
+const SPOOL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("spool_batches");
+/// The first release candidate's spool, one record per message: imported on open.
+const SPOOL_PER_MESSAGE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("spool");
 /// Each spool's next sequence: sequences never repeat, even after a spool emptied.
 const SPOOL_NEXT: TableDefinition<&str, u64> = TableDefinition::new("spool_next");
+/// Each spool's last settled sequence, so that a batch settled in part resumes after it.
+const SPOOL_SETTLED: TableDefinition<&str, u64> = TableDefinition::new("spool_settled");
 
 /// The database's page cache (redb's default is 1 GiB).
 const CACHE_BYTES: usize = 16 << 20;
@@ -80,9 +87,11 @@ impl EmbeddedStore {
             txn.open_table(POSITIONS)?;
             txn.open_table(SPOOL)?;
             txn.open_table(SPOOL_NEXT)?;
+            txn.open_table(SPOOL_SETTLED)?;
             Ok(())
         })?;
         store.migrate_file_store(dir)?;
+        store.migrate_per_message_spool()?;
         Ok(store)
     }
 
@@ -220,6 +229,36 @@ impl EmbeddedStore {
             store.write(|txn| Ok(txn.open_table(table)?.remove(id.as_str())?.is_some()))
         })
         .await
+    }
+
+    /// Moves a spool written one record per message (before spools were kept by batch)
+    /// into batches of one, in one transaction, and drops the old table.
+    fn migrate_per_message_spool(&self) -> Result<(), StoreError> {
+        let present = self.read(|txn| match txn.open_table(SPOOL_PER_MESSAGE) {
+            Ok(table) => Ok(table.first()?.is_some()),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+            Err(error) => Err(error.into()),
+        })?;
+        if !present {
+            return Ok(());
+        }
+        let moved = self.write(|txn| {
+            let mut moved = 0u64;
+            {
+                let old = txn.open_table(SPOOL_PER_MESSAGE)?;
+                let mut new = txn.open_table(SPOOL)?;
+                for entry in old.iter()? {
+                    let (key, value) = entry?;
+                    let (subscription, sequence) = key.value();
+                    new.insert((subscription, sequence), batch::encode([value.value()]).as_slice())?;
+                    moved += 1;
+                }
+            }
+            txn.delete_table(SPOOL_PER_MESSAGE)?;
+            Ok(moved)
+        })?;
+        tracing::info!(messages = moved, "moved the spooled messages into batch records");
+        Ok(())
     }
 
     /// Imports the records of a first-release file store in `dir`, in one transaction,
@@ -373,19 +412,29 @@ impl Store for EmbeddedStore {
             store.write(|txn| {
                 let mut table = txn.open_table(SPOOL)?;
                 let mut counters = txn.open_table(SPOOL_NEXT)?;
-                let mut next: BTreeMap<&str, u64> = BTreeMap::new();
+                // Each subscription's messages in this append, with the sequence of the first.
+                let mut batches: BTreeMap<&str, (u64, Vec<&[u8]>)> = BTreeMap::new();
                 let mut sequences = Vec::with_capacity(appends.len());
                 for append in appends.iter() {
                     let subscription = append.subscription.as_ref();
-                    let sequence = match next.get(subscription) {
-                        Some(sequence) => *sequence,
-                        None => next_sequence(&counters, subscription)?,
+                    let (first, records) = match batches.entry(subscription) {
+                        std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(entry) => {
+                            entry.insert((next_sequence(&counters, subscription)?, Vec::new()))
+                        }
                     };
-                    table.insert((subscription, sequence), append.record.as_slice())?;
-                    next.insert(subscription, sequence + 1);
-                    sequences.push(Some(sequence));
+                    sequences.push(Some(*first + records.len() as u64));
+                    records.push(append.record.as_slice());
                 }
-                for (subscription, sequence) in next {
+                for (subscription, (first, records)) in batches {
+                    let mut sequence = first;
+                    for part in split_by_size(&records) {
+                        table.insert(
+                            (subscription, sequence),
+                            batch::encode(part.iter().copied()).as_slice(),
+                        )?;
+                        sequence += part.len() as u64;
+                    }
                     counters.insert(subscription, sequence)?;
                 }
                 Ok(sequences)
@@ -403,13 +452,31 @@ impl Store for EmbeddedStore {
         let subscription = subscription.to_string();
         self.blocking(move |store| {
             store.read(|txn| {
+                let subscription = subscription.as_str();
+                let settled =
+                    txn.open_table(SPOOL_SETTLED)?.get(subscription)?.map_or(0, |through| through.value());
+                let from = from.max(settled + 1);
                 let table = txn.open_table(SPOOL)?;
+                // The batch holding `from` may start before it.
+                let start = match table.range((subscription, 0)..=(subscription, from))?.next_back() {
+                    Some(entry) => {
+                        let (key, value) = entry?;
+                        let first = key.value().1;
+                        if first + batch::count(value.value()) > from { first } else { from }
+                    }
+                    None => from,
+                };
                 let mut entries = Vec::new();
-                for entry in table.range((subscription.as_str(), from)..=(subscription.as_str(), u64::MAX))? {
+                'batches: for entry in table.range((subscription, start)..=(subscription, u64::MAX))? {
                     let (key, value) = entry?;
-                    entries.push(SpoolEntry { sequence: key.value().1, record: value.value().to_vec() });
-                    if entries.len() >= max {
-                        break;
+                    for (sequence, record) in (key.value().1..).zip(batch::records(value.value())) {
+                        if sequence < from {
+                            continue;
+                        }
+                        if entries.len() >= max {
+                            break 'batches;
+                        }
+                        entries.push(SpoolEntry { sequence, record: record.to_vec() });
                     }
                 }
                 Ok(entries)
@@ -434,10 +501,14 @@ impl Store for EmbeddedStore {
         self.blocking(move |store| {
             store.write_with(Durability::None, |txn| {
                 let subscription = settlement.subscription.as_str();
-                {
-                    let mut table = txn.open_table(SPOOL)?;
-                    table.retain_in((subscription, 0)..=(subscription, settlement.through), |_, _| false)?;
-                }
+                let through = settlement.through;
+                // Batches settled whole go; one settled in part stays, read from after
+                // `through`.
+                txn.open_table(SPOOL)?
+                    .retain_in((subscription, 0)..=(subscription, through), |key, value| {
+                        key.1 + batch::count(value) - 1 > through
+                    })?;
+                txn.open_table(SPOOL_SETTLED)?.insert(subscription, through)?;
                 let mut table = txn.open_table(DEAD_LETTERS)?;
                 for (id, bytes) in &letters {
                     table.insert(id.as_str(), bytes.as_slice())?;
@@ -451,10 +522,13 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    /// Each append is synced: at most one a millisecond while messages keep coming cuts
-    /// the syncs per message at moderate rates, for at most a millisecond of delay.
+    /// Each append is a synced commit, which costs redb a few hundred microseconds of CPU
+    /// whatever it holds: at most one every 2 ms while messages keep coming puts tens of
+    /// messages in each at high rates, for at most 2 ms of delay (a message after a quiet
+    /// spell is appended at once). 1 ms left commits as frequent as the sync allows on a
+    /// busy machine; 3 ms saved little more (bench/HISTORY.md).
     fn append_window(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(1)
+        std::time::Duration::from_millis(2)
     }
 
     fn unreadable_records(&self) -> u64 {
@@ -468,20 +542,32 @@ impl Store for EmbeddedStore {
     async fn spool_summaries(&self) -> Result<BTreeMap<String, SpoolSummary>, StoreError> {
         self.blocking(move |store| {
             store.read(|txn| {
+                let settled_table = txn.open_table(SPOOL_SETTLED)?;
                 let table = txn.open_table(SPOOL)?;
                 let mut summaries: BTreeMap<String, SpoolSummary> = BTreeMap::new();
+                let mut settled: Option<(String, u64)> = None;
                 for entry in table.iter()? {
                     let (key, value) = entry?;
-                    let (subscription, sequence) = key.value();
-                    let summary = summaries.entry(subscription.to_string()).or_insert(SpoolSummary {
-                        first: sequence,
-                        last: sequence,
-                        messages: 0,
-                        bytes: 0,
-                    });
-                    summary.last = sequence;
-                    summary.messages += 1;
-                    summary.bytes += value.value().len() as u64;
+                    let (subscription, first) = key.value();
+                    if settled.as_ref().is_none_or(|(name, _)| name != subscription) {
+                        let through = settled_table.get(subscription)?.map_or(0, |through| through.value());
+                        settled = Some((subscription.to_string(), through));
+                    }
+                    let through = settled.as_ref().map_or(0, |(_, through)| *through);
+                    for (sequence, record) in (first..).zip(batch::records(value.value())) {
+                        if sequence <= through {
+                            continue;
+                        }
+                        let summary = summaries.entry(subscription.to_string()).or_insert(SpoolSummary {
+                            first: sequence,
+                            last: sequence,
+                            messages: 0,
+                            bytes: 0,
+                        });
+                        summary.last = sequence;
+                        summary.messages += 1;
+                        summary.bytes += record.len() as u64;
+                    }
                 }
                 Ok(summaries)
             })
@@ -497,6 +583,7 @@ impl Store for EmbeddedStore {
                 txn.open_table(SPOOL)?
                     .retain_in((subscription, 0)..=(subscription, u64::MAX), |_, _| false)?;
                 txn.open_table(SPOOL_NEXT)?.remove(subscription)?;
+                txn.open_table(SPOOL_SETTLED)?.remove(subscription)?;
                 Ok(())
             })
         })
@@ -513,13 +600,36 @@ impl Store for EmbeddedStore {
                 let subscription = append.subscription.as_ref();
                 let mut counters = txn.open_table(SPOOL_NEXT)?;
                 let sequence = next_sequence(&counters, subscription)?;
-                txn.open_table(SPOOL)?.insert((subscription, sequence), append.record.as_slice())?;
+                txn.open_table(SPOOL)?
+                    .insert((subscription, sequence), batch::encode([append.record.as_slice()]).as_slice())?;
                 counters.insert(subscription, sequence + 1)?;
                 Ok(Some(sequence))
             })
         })
         .await
     }
+}
+
+/// A batch value holds at most about this many bytes of messages; a larger append is
+/// split into several values.
+const BATCH_VALUE_BYTES: usize = 8 << 20;
+
+/// `records` in consecutive parts of at most [`BATCH_VALUE_BYTES`] each (a larger message
+/// alone in its part).
+fn split_by_size<'a, 'r>(records: &'r [&'a [u8]]) -> Vec<&'r [&'a [u8]]> {
+    let mut parts = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (index, record) in records.iter().enumerate() {
+        if index > start && bytes + record.len() > BATCH_VALUE_BYTES {
+            parts.push(&records[start..index]);
+            (start, bytes) = (index, 0);
+        }
+        bytes += record.len();
+    }
+    if start < records.len() {
+        parts.push(&records[start..]);
+    }
+    parts
 }
 
 /// The sequence the next message of `subscription`'s spool gets (the first is 1).
@@ -584,5 +694,83 @@ mod tests {
         store.spool_delete("a").await.unwrap();
         store.spool_delete("b").await.unwrap();
         assert!(store.spool_summaries().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_batch_settled_in_part_resumes_after_what_was_settled_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            let records = ["m1", "m2", "m3", "m4"].map(|text| append("a", text));
+            assert_eq!(
+                store.spool_append(records.to_vec().into()).await.unwrap(),
+                [Some(1), Some(2), Some(3), Some(4)]
+            );
+            let settle = |through| Settlement {
+                subscription: "a".into(),
+                through,
+                positions: None,
+                dead_letters: Vec::new(),
+            };
+            store.spool_settle(settle(2)).await.unwrap();
+            let read = store.spool_read("a", 0, 10).await.unwrap();
+            assert_eq!(read.iter().map(|entry| entry.sequence).collect::<Vec<_>>(), [3, 4]);
+            assert_eq!(read[0].record, b"m3");
+            assert_eq!(store.spool_read("a", 4, 10).await.unwrap()[0].record, b"m4");
+            assert_eq!(store.spool_read("a", 3, 1).await.unwrap().len(), 1, "at most max");
+            store.sync().await.unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.spool_summaries().await.unwrap()["a"],
+            SpoolSummary { first: 3, last: 4, messages: 2, bytes: 4 }
+        );
+        store
+            .spool_settle(Settlement {
+                subscription: "a".into(),
+                through: 4,
+                positions: None,
+                dead_letters: Vec::new(),
+            })
+            .await
+            .unwrap();
+        assert!(store.spool_summaries().await.unwrap().is_empty(), "the batch went once settled whole");
+        assert_eq!(store.spool_append(vec![append("a", "m5")].into()).await.unwrap(), [Some(5)]);
+    }
+
+    #[tokio::test]
+    async fn a_spool_kept_one_record_per_message_is_moved_into_batches_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut old = txn.open_table(SPOOL_PER_MESSAGE).unwrap();
+                old.insert(("a", 7), b"a7".as_slice()).unwrap();
+                old.insert(("a", 8), b"a8".as_slice()).unwrap();
+                old.insert(("b", 1), b"b1".as_slice()).unwrap();
+                txn.open_table(SPOOL_NEXT).unwrap().insert("a", 9).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let summaries = store.spool_summaries().await.unwrap();
+        assert_eq!(summaries["a"], SpoolSummary { first: 7, last: 8, messages: 2, bytes: 4 });
+        assert_eq!(summaries["b"], SpoolSummary { first: 1, last: 1, messages: 1, bytes: 2 });
+        let read = store.spool_read("a", 7, 10).await.unwrap();
+        assert_eq!(read.iter().map(|entry| entry.record.as_slice()).collect::<Vec<_>>(), [b"a7", b"a8"]);
+        assert_eq!(store.spool_append(vec![append("a", "a9")].into()).await.unwrap(), [Some(9)]);
+        let old_gone = store.read(|txn| Ok(txn.open_table(SPOOL_PER_MESSAGE).is_err())).unwrap();
+        assert!(old_gone, "the old table is dropped");
+    }
+
+    #[test]
+    fn appends_larger_than_a_value_are_split() {
+        let big = vec![0u8; BATCH_VALUE_BYTES / 2 + 1];
+        let records = [&b"small"[..], &big, &big, &b"tail"[..]];
+        let parts = split_by_size(&records);
+        assert_eq!(parts.iter().map(|part| part.len()).collect::<Vec<_>>(), [2, 2]);
+        let alone = [&big[..]];
+        assert_eq!(split_by_size(&alone).len(), 1);
     }
 }

@@ -8,6 +8,7 @@
 //! restart (for measuring what durability costs). The first release's one-file-per-record store is imported
 //! by the embedded store on its first start.
 
+mod batch;
 mod embedded;
 mod memory;
 mod nats_kv;
