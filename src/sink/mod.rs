@@ -34,8 +34,13 @@ impl Sink {
     /// The most messages worth handing over at once: NATS publishes a batch and flushes
     /// (or collects acks) once; a webhook posts `max_in_flight` at a time through a batch.
     /// A batch leaves the spool in one transaction, so a larger one costs fewer syncs.
+    /// JetStream waits for a batch's last acks before the next batch starts, so its batches
+    /// are long enough (16 ack windows) that this pause is rare: at 512 the delivery stage
+    /// went 0.6 of a plain publisher's rate, at 4096 0.69, as fast as a publisher that also
+    /// sends `Nats-Msg-Id`. A spool read stops at 8 MiB, so a long batch is not a large one.
     pub fn batch_size(&self) -> usize {
         match self {
+            Sink::Nats(sink) if sink.kind() == "jetstream" => 4096,
             Sink::Nats(_) => 512,
             Sink::Webhook(sink) => sink.max_in_flight().max(64),
         }

@@ -19,7 +19,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    DeadLetter, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError, batch,
+    DeadLetter, Positions, SPOOL_READ_BYTES, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store,
+    StoreError, batch,
 };
 use crate::config::RawSubscription;
 
@@ -467,15 +468,17 @@ impl Store for EmbeddedStore {
                     None => from,
                 };
                 let mut entries = Vec::new();
+                let mut bytes = 0;
                 'batches: for entry in table.range((subscription, start)..=(subscription, u64::MAX))? {
                     let (key, value) = entry?;
                     for (sequence, record) in (key.value().1..).zip(batch::records(value.value())) {
                         if sequence < from {
                             continue;
                         }
-                        if entries.len() >= max {
+                        if entries.len() >= max || bytes >= SPOOL_READ_BYTES {
                             break 'batches;
                         }
+                        bytes += record.len();
                         entries.push(SpoolEntry { sequence, record: record.to_vec() });
                     }
                 }
@@ -762,6 +765,19 @@ mod tests {
         assert_eq!(store.spool_append(vec![append("a", "a9")].into()).await.unwrap(), [Some(9)]);
         let old_gone = store.read(|txn| Ok(txn.open_table(SPOOL_PER_MESSAGE).is_err())).unwrap();
         assert!(old_gone, "the old table is dropped");
+    }
+
+    #[tokio::test]
+    async fn a_read_stops_at_its_byte_limit_but_returns_at_least_one_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let large = SpoolAppend { subscription: "a".into(), record: vec![b'x'; SPOOL_READ_BYTES * 5 / 8] };
+        store.spool_append(vec![large.clone(), large.clone(), large].into()).await.unwrap();
+        let read = store.spool_read("a", 1, 10).await.unwrap();
+        assert_eq!(read.iter().map(|entry| entry.sequence).collect::<Vec<_>>(), [1, 2]);
+        let huge = SpoolAppend { subscription: "b".into(), record: vec![b'y'; SPOOL_READ_BYTES + 1] };
+        store.spool_append(vec![huge].into()).await.unwrap();
+        assert_eq!(store.spool_read("b", 1, 10).await.unwrap().len(), 1);
     }
 
     #[test]

@@ -134,13 +134,19 @@ impl Store for MemoryStore {
         from: u64,
         max: usize,
     ) -> Result<Vec<SpoolEntry>, StoreError> {
-        Ok(self
-            .lock()
-            .spools
-            .range((subscription.to_string(), from)..=(subscription.to_string(), u64::MAX))
-            .take(max)
-            .map(|((_, sequence), record)| SpoolEntry { sequence: *sequence, record: record.clone() })
-            .collect())
+        let state = self.lock();
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        for ((_, sequence), record) in
+            state.spools.range((subscription.to_string(), from)..=(subscription.to_string(), u64::MAX))
+        {
+            if entries.len() >= max || bytes >= super::SPOOL_READ_BYTES {
+                break;
+            }
+            bytes += record.len();
+            entries.push(SpoolEntry { sequence: *sequence, record: record.clone() });
+        }
+        Ok(entries)
     }
 
     async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError> {

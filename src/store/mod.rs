@@ -147,7 +147,8 @@ pub trait Store: Send + Sync + 'static {
     /// logged). Sequences of a spool are consecutive and never repeat. On an error, any
     /// of them may have been appended (the embedded store appends all or none).
     async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<Option<u64>>, StoreError>;
-    /// Up to `max` messages of a spool, from sequence `from` on, in order.
+    /// Up to `max` messages of a spool, from sequence `from` on, in order, stopping once
+    /// they reach [`SPOOL_READ_BYTES`] (at least one is read however large).
     async fn spool_read(
         &self,
         subscription: &str,
@@ -180,6 +181,11 @@ pub trait Store: Send + Sync + 'static {
     /// `None` when the dead letter was not there (already retried or discarded).
     async fn requeue_dead_letter(&self, id: &str, append: SpoolAppend) -> Result<Option<u64>, StoreError>;
 }
+
+/// How many bytes of messages one spool read returns at most (beyond its first message):
+/// a forwarder that fell behind reads its backlog in parts of bounded memory, whatever
+/// the messages' size.
+pub const SPOOL_READ_BYTES: usize = 8 << 20;
 
 /// A message to append to a spool.
 #[derive(Clone, Debug)]

@@ -128,10 +128,14 @@ impl NatsSpool {
         let stream = self.stream(subscription).await?;
         let info = stream.get_info().await.map_err(|error| self.error(subscription, "info", error))?;
         let mut entries = Vec::new();
+        let mut bytes = 0;
         let mut sequence = from.max(info.state.first_sequence);
-        while sequence <= info.state.last_sequence && entries.len() < max {
+        while sequence <= info.state.last_sequence && entries.len() < max && bytes < super::SPOOL_READ_BYTES {
             match stream.direct_get(sequence).await {
-                Ok(message) => entries.push(SpoolEntry { sequence, record: message.payload.to_vec() }),
+                Ok(message) => {
+                    bytes += message.payload.len();
+                    entries.push(SpoolEntry { sequence, record: message.payload.to_vec() });
+                }
                 // Purged since the info was read.
                 Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => {}
                 Err(error) => return Err(self.error(subscription, "read", error)),
