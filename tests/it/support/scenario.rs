@@ -64,9 +64,16 @@ pub async fn publish_paced(url: String, channel: &'static str, numbers: std::ops
     let mut ticks = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     for n in numbers {
         ticks.tick().await;
-        publisher.publish(channel, json!({ "n": n })).await.expect("publish");
+        publisher.publish(channel, json!({ "n": n, "sent_ms": unix_ms() })).await.expect("publish");
     }
     publisher.close().await;
+}
+
+/// Milliseconds since the Unix epoch: `publish_paced` stamps each message with it, so a
+/// test can tell how long a message took to arrive.
+pub fn unix_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+    u64::try_from(since.as_millis()).expect("fits")
 }
 
 pub async fn create_stream(nats: &NatsServer, name: &str, subjects: &str) -> async_nats::jetstream::Context {
