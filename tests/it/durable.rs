@@ -14,7 +14,7 @@ use crate::support::bayeux::BayeuxServer;
 use crate::support::daemon::Daemon;
 use crate::support::nats::NatsServer;
 use crate::support::peer::WAIT;
-use crate::support::scenario::{delivered, faye, publish_paced, source, unix_ms, webhook};
+use crate::support::scenario::{faye, publish_paced, source, unix_ms, webhook};
 use crate::support::webhook::WebhookReceiver;
 
 /// Two subscriptions of one source on the same channel: one webhook keeps failing, the
