@@ -4,6 +4,7 @@
 
 mod raw;
 mod validate;
+mod yaml;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -414,6 +415,11 @@ pub(crate) fn parse_text(
     // as a path in which `[n]` indexes a list, filling the list up to n: 24 bytes,
     // `"sources[99999999]" = 1`, took gigabytes (found by the config fuzz target). Such
     // keys are refused before the crate sees them.
+    if format == config::FileFormat::Yaml
+        && let Some(problem) = yaml::expansion_problem(text)
+    {
+        return Err(one(format!("{origin}: {problem}")));
+    }
     let mut problems = Vec::new();
     let mut table = config::Source::collect(&config::File::from_str(text, format))
         .map_err(|error| one(format!("{origin}: {error}")))?;

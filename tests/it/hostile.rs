@@ -219,3 +219,28 @@ async fn unknown_keys_in_a_posted_subscription_are_named() {
     );
     app.stop().await;
 }
+
+/// A YAML configuration whose aliases nest ("billion laughs": nine short lines that the
+/// loader would copy into gigabytes) is refused by `check` at once, with a problem that
+/// says why.
+#[tokio::test]
+async fn a_yaml_file_whose_aliases_explode_is_refused() {
+    let corpus =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/config/yaml-billion-laughs"))
+            .expect("the fuzz corpus entry");
+    let (format, yaml) = corpus.split_first().expect("not empty");
+    assert_eq!(*format, b'Y', "the entry is YAML");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, yaml).expect("write config");
+    let output = Command::new(env!("CARGO_BIN_EXE_cometd-bridge"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .expect("run check");
+    let errors = String::from_utf8(output.stderr).expect("UTF-8");
+    assert_eq!(output.status.code(), Some(2), "{errors}");
+    assert!(errors.contains("YAML aliases expand this file to more than 100000 values"), "{errors}");
+}
