@@ -261,8 +261,8 @@ const NO_FILE: &str = "/nonexistent/cometd-bridge-fuzz";
 /// environment (`COMETD_BRIDGE__ADMIN__LISTEN=...` overrides, other names for `env:`
 /// secrets).
 ///
-/// The fuzzer's configuration must not make the harness read files (`file:/dev/zero`
-/// never ends): every file it names (`file:` secrets, `tls.ca_file`,
+/// The fuzzer's configuration must not make the harness read the machine's files (each
+/// read is bounded, but a megabyte of `/dev/zero` per input slows the fuzzer): every file it names (`file:` secrets, `tls.ca_file`,
 /// `salesforce.private_key_file`) is replaced by a path that does not exist, so the
 /// reading fails, as for a missing file, before validation runs. YAML whose aliases
 /// expand it without bound ("billion laughs") goes through: the loader refuses it first.

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod cometd;
 pub mod config;
 pub mod delivery;
+pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod reload;

@@ -19,9 +19,12 @@ impl Secret {
             return env(name).map(Secret).ok_or_else(|| format!("environment variable {name} is not set"));
         }
         if let Some(path) = spec.strip_prefix("file:") {
-            return std::fs::read_to_string(path)
-                .map(|text| Secret(text.trim_end_matches(['\n', '\r']).to_string()))
-                .map_err(|error| format!("cannot read secret file {path}: {error}"));
+            return crate::files::read_text_bounded(
+                std::path::Path::new(path),
+                crate::files::SECRET_FILE_BYTES,
+            )
+            .map(|text| Secret(text.trim_end_matches(['\n', '\r']).to_string()))
+            .map_err(|error| format!("cannot read secret file {error}"));
         }
         Ok(Secret(spec.to_string()))
     }

@@ -388,7 +388,7 @@ fn parse_lenient(path: &Path, env: &Env) -> Result<(RawConfig, Vec<Problem>), Co
     if !path.is_file() {
         return Err(one(format!("{}: no such file", path.display())));
     }
-    let text = std::fs::read_to_string(path).map_err(|error| one(format!("{}: {error}", path.display())))?;
+    let text = crate::files::read_text_bounded(path, crate::files::CONFIG_FILE_BYTES).map_err(one)?;
     parse_text(&text, format, &path.display().to_string(), env)
 }
 

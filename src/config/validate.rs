@@ -384,12 +384,14 @@ fn salesforce_config(
         "jwt" => {
             let username = required(check, "username", &raw.username, false);
             let file = required(check, "private_key_file", &raw.private_key_file, false);
-            let private_key_pem = std::fs::read_to_string(&file).unwrap_or_else(|error| {
-                if !file.is_empty() {
-                    check.problem(format!("{key}.private_key_file"), format!("{file}: {error}"));
-                }
-                String::new()
-            });
+            let private_key_pem =
+                crate::files::read_text_bounded(std::path::Path::new(&file), crate::files::SECRET_FILE_BYTES)
+                    .unwrap_or_else(|error| {
+                        if !file.is_empty() {
+                            check.problem(format!("{key}.private_key_file"), error);
+                        }
+                        String::new()
+                    });
             SalesforceFlow::JwtBearer { username, private_key_pem }
         }
         other => {
@@ -467,8 +469,8 @@ fn ca_config(file: &str) -> Result<Arc<rustls::ClientConfig>, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    let certificates = CertificateDer::pem_file_iter(file).map_err(|error| format!("{file}: {error}"))?;
-    for certificate in certificates {
+    let bytes = crate::files::read_bounded(std::path::Path::new(file), crate::files::CONFIG_FILE_BYTES)?;
+    for certificate in CertificateDer::pem_slice_iter(&bytes) {
         let certificate = certificate.map_err(|error| format!("{file}: {error}"))?;
         roots.add(certificate).map_err(|error| format!("{file}: {error}"))?;
     }

@@ -244,3 +244,13 @@ async fn a_yaml_file_whose_aliases_explode_is_refused() {
     assert_eq!(output.status.code(), Some(2), "{errors}");
     assert!(errors.contains("YAML aliases expand this file to more than 100000 values"), "{errors}");
 }
+
+/// A configuration that names a file without end (`/dev/zero`) as a secret gets a problem
+/// naming the key and the path, at once, instead of a read that never ends.
+#[tokio::test]
+async fn a_secret_file_without_end_is_a_problem() {
+    let (code, errors) = check("[nats]\nurl = \"nats://127.0.0.1:4222\"\ntoken = \"file:/dev/zero\"\n").await;
+    assert_eq!(code, Some(2), "{errors}");
+    assert!(errors.contains("nats.token"), "{errors}");
+    assert!(errors.contains("/dev/zero: larger than 1048576 bytes"), "{errors}");
+}
