@@ -107,9 +107,14 @@ async fn subject_templates_may_not_start_with_a_dollar() {
 }
 
 async fn check(toml: &str) -> (Option<i32>, String) {
+    check_file("config.toml", toml.as_bytes()).await
+}
+
+/// `check --config` on a file named `name` holding `contents`: its exit code and stderr.
+async fn check_file(name: &str, contents: &[u8]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("config.toml");
-    std::fs::write(&file, toml).expect("write config");
+    let file = dir.path().join(name);
+    std::fs::write(&file, contents).expect("write config");
     let output = Command::new(env!("CARGO_BIN_EXE_cometd-bridge"))
         .args(["check", "--config"])
         .arg(&file)
@@ -230,18 +235,8 @@ async fn a_yaml_file_whose_aliases_explode_is_refused() {
             .expect("the fuzz corpus entry");
     let (format, yaml) = corpus.split_first().expect("not empty");
     assert_eq!(*format, b'Y', "the entry is YAML");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("config.yaml");
-    std::fs::write(&file, yaml).expect("write config");
-    let output = Command::new(env!("CARGO_BIN_EXE_cometd-bridge"))
-        .args(["check", "--config"])
-        .arg(&file)
-        .env_remove("RUST_LOG")
-        .output()
-        .await
-        .expect("run check");
-    let errors = String::from_utf8(output.stderr).expect("UTF-8");
-    assert_eq!(output.status.code(), Some(2), "{errors}");
+    let (code, errors) = check_file("config.yaml", yaml).await;
+    assert_eq!(code, Some(2), "{errors}");
     assert!(errors.contains("YAML aliases expand this file to more than 100000 values"), "{errors}");
 }
 
