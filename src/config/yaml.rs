@@ -30,14 +30,15 @@ pub fn expansion_problem(text: &str) -> Option<String> {
                 open.push((anchor, 1));
                 None
             }
-            Event::SequenceEnd | Event::MappingEnd => open.pop().filter(|_| !open.is_empty()),
+            // The stream's own entry stays, whatever the parser emits.
+            Event::SequenceEnd | Event::MappingEnd if open.len() > 1 => open.pop(),
             _ => None,
         };
         if let Some((anchor, nodes)) = done {
             if anchor != 0 {
                 anchored.insert(anchor, nodes);
             }
-            let parent = open.last_mut().expect("the stream stays open");
+            let parent = open.last_mut()?;
             parent.1 = parent.1.saturating_add(nodes);
             if open.iter().any(|(_, counted)| *counted > MAX_NODES) {
                 return Some(format!(

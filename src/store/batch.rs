@@ -12,10 +12,13 @@
 /// The layout version written in the first byte.
 const VERSION: u8 = 1;
 
+/// The largest message a batch can hold (its length is written in 4 bytes).
+pub const MAX_RECORD_BYTES: usize = u32::MAX as usize;
+
 /// Bytes before the first message: the version and the count.
 const HEADER: usize = 5;
 
-/// A batch value holding `records`, in order.
+/// A batch value holding `records`, in order, none larger than [`MAX_RECORD_BYTES`].
 pub fn encode<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
     let mut value = vec![VERSION, 0, 0, 0, 0];
     let mut count: u32 = 0;

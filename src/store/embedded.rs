@@ -418,6 +418,15 @@ impl Store for EmbeddedStore {
                 let mut sequences = Vec::with_capacity(appends.len());
                 for append in appends.iter() {
                     let subscription = append.subscription.as_ref();
+                    if append.record.len() > batch::MAX_RECORD_BYTES {
+                        tracing::error!(
+                            subscription,
+                            bytes = append.record.len(),
+                            "a message too large for the spool is not spooled"
+                        );
+                        sequences.push(None);
+                        continue;
+                    }
                     let (first, records) = match batches.entry(subscription) {
                         std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
                         std::collections::btree_map::Entry::Vacant(entry) => {
