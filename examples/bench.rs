@@ -1157,7 +1157,7 @@ async fn delivery_stage(
     let dir = tempfile::tempdir().expect("temp dir");
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
     let counters = Arc::new(Counters::default());
-    let spool = Spool::new("stage".into(), store.clone(), SpoolLimit::new(u64::MAX), None);
+    let spool = Spool::new("stage".into(), store.clone(), SpoolLimit::new(u64::MAX), u64::MAX, None);
     let forwarder = Forwarder {
         subscription: "stage".into(),
         sink: Sink::Nats(Box::new(NatsSink::new(
@@ -1333,7 +1333,7 @@ async fn spool_alone(nats_url: &str) -> Value {
         let summary = store.spool_summaries().await.expect("summaries").remove("drain");
         let client = async_nats::connect(nats_url).await.expect("connect");
         let counters = Arc::new(Counters::default());
-        let spool = Spool::new("drain".into(), store.clone(), SpoolLimit::new(u64::MAX), summary);
+        let spool = Spool::new("drain".into(), store.clone(), SpoolLimit::new(u64::MAX), u64::MAX, summary);
         let forwarder = Forwarder {
             subscription: "drain".into(),
             sink: Sink::Nats(Box::new(NatsSink::new(

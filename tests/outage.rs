@@ -89,3 +89,143 @@ async fn jetstream_down_longer_than_the_session_timeout_stores_each_message_once
     assert_eq!(metric(&app.metrics().await, "cometd_bridge_session_losses_total"), 0.0);
     app.stop().await;
 }
+
+/// How long the full-subscription outages last: 30 s here (seven of faye's session
+/// timeouts), `COMETD_BRIDGE_OUTAGE_SECS=180` in `scripts/long-outage.sh` (the issue's
+/// three minutes).
+fn outage_seconds() -> u64 {
+    std::env::var("COMETD_BRIDGE_OUTAGE_SECS").ok().and_then(|text| text.parse().ok()).unwrap_or(30)
+}
+
+/// Publishes numbered messages of about 300 bytes on `channel` at 20 per second for
+/// `seconds`; returns how many.
+async fn publish_padded(url: String, channel: &'static str, seconds: u64) -> u64 {
+    let publisher = support::peer::open(cometd_bridge::cometd::Client::builder(url)).await;
+    let mut ticks = tokio::time::interval(Duration::from_millis(50));
+    let count = seconds * 20;
+    for n in 0..count {
+        ticks.tick().await;
+        let data =
+            serde_json::json!({ "n": n, "sent_ms": support::scenario::unix_ms(), "pad": "x".repeat(240) });
+        publisher.publish(channel, data).await.expect("publish");
+    }
+    publisher.close().await;
+    count
+}
+
+/// A webhook subscription with a 64 KiB spool quota, `id` on `source` and `channel`.
+fn quota_webhook(id: &str, source: &str, channel: &str, url: &str) -> String {
+    format!(
+        "[[subscriptions]]\nid = \"{id}\"\nsource = \"{source}\"\nchannel = \"{channel}\"\nspool_max_bytes = \"64KiB\"\nsink = {{ type = \"webhook\", url = \"{url}\" }}\nretry = {{ max_backoff = \"1s\" }}\n"
+    )
+}
+
+/// One webhook down for the whole outage behind a 64 KiB quota, another subscription (of
+/// another source, or of the same one) healthy: the healthy one gets each message within
+/// 2 s throughout, no session is lost, the full one shows `full` and, once its webhook is
+/// back, `delivered + dropped == published` exactly, each delivered once.
+async fn full_subscription_outage(two_sources: bool) {
+    let faye_a = support::scenario::faye().await;
+    let faye_b = if two_sources { Some(support::scenario::faye().await) } else { None };
+    let url_b = faye_b.as_ref().map_or_else(|| faye_a.url(), support::bayeux::BayeuxServer::url);
+    let mut down = WebhookReceiver::start(std::iter::repeat_n(503, 10_000_000)).await;
+    let mut up = WebhookReceiver::start([]).await;
+    let mut toml = format!("[[sources]]\nname = \"a\"\nurl = \"{}\"\n", faye_a.url());
+    let source_b = if two_sources {
+        toml.push_str(&format!("[[sources]]\nname = \"b\"\nurl = \"{url_b}\"\n"));
+        "b"
+    } else {
+        "a"
+    };
+    toml.push_str(&quota_webhook("full", "a", "/full", &down.url()));
+    toml.push_str(&quota_webhook("healthy", source_b, "/healthy", &up.url()));
+    let app = TestApp::spawn(&toml).await;
+    app.wait_ready().await;
+    let seconds = outage_seconds();
+    let publishing_full = tokio::spawn(publish_padded(faye_a.url(), "/full", seconds));
+    let publishing_healthy = tokio::spawn(publish_padded(url_b, "/healthy", seconds));
+    let expected = seconds * 20;
+    let mut slowest = (0, 0);
+    let mut healthy = std::collections::BTreeMap::new();
+    let mut saw_full = false;
+    while (healthy.len() as u64) < expected {
+        let request = up.next().await;
+        let data = request.json()["data"].clone();
+        let n = data["n"].as_u64().expect("numbered");
+        let took = support::scenario::unix_ms().saturating_sub(data["sent_ms"].as_u64().expect("stamped"));
+        slowest = slowest.max((took, n));
+        *healthy.entry(n).or_insert(0) += 1;
+        if !saw_full && n % 100 == 0 {
+            let (_, full) = app.call("GET", "/api/v1/subscriptions/full", None).await;
+            saw_full = full["full"] == true;
+            if saw_full {
+                let metrics = app.metrics().await;
+                assert_eq!(metric(&metrics, "cometd_bridge_subscription_full{subscription=\"full\"}"), 1.0);
+                let ready = support::http_client().get(app.url("/readyz")).send().await.expect("readyz");
+                assert_eq!(ready.status(), 200, "a full subscription does not make the bridge unready");
+            }
+        }
+    }
+    let published_full = publishing_full.await.expect("published");
+    publishing_healthy.await.expect("published");
+    println!("the healthy subscription's slowest delivery: message {} after {} ms", slowest.1, slowest.0);
+    assert!(
+        slowest.0 < 2000,
+        "message {} took {} ms while the other subscription was full",
+        slowest.1,
+        slowest.0
+    );
+    assert!(healthy.values().all(|count| *count == 1), "each once");
+    assert!(saw_full, "the subscription behind the dead webhook was reported full");
+    let metrics = app.metrics().await;
+    for source in if two_sources { vec!["a", "b"] } else { vec!["a"] } {
+        let name = format!("cometd_bridge_session_losses_total{{source=\"{source}\"}}");
+        assert_eq!(metric(&metrics, &name), 0.0, "{metrics}");
+    }
+    let dropped =
+        metric(&metrics, "cometd_bridge_messages_dropped_total{subscription=\"full\",reason=\"spool_full\"}");
+    assert!(dropped > 0.0, "a 64 KiB quota cannot hold {published_full} messages of 300 bytes");
+    down.heal();
+    // What was spooled is delivered; what was dropped is counted; together: everything.
+    let deadline = tokio::time::Instant::now() + support::peer::WAIT * 4;
+    let mut delivered = std::collections::BTreeMap::new();
+    loop {
+        while let Some(request) = down.try_next() {
+            if request.status == 200 {
+                let n = request.json()["data"]["n"].as_u64().expect("numbered");
+                *delivered.entry(n).or_insert(0) += 1;
+            }
+        }
+        let (_, full) = app.call("GET", "/api/v1/subscriptions/full", None).await;
+        if full["backlog"]["messages"] == 0 && full["forwarded"].as_u64() == Some(delivered.len() as u64) {
+            assert_eq!(full["dropped"].as_f64(), Some(dropped), "{full}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the full subscription does not drain: {full}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(delivered.values().all(|count| *count == 1), "each delivered once");
+    assert_eq!(
+        delivered.len() as u64 + dropped as u64,
+        published_full,
+        "delivered ({}) + dropped ({dropped}) == published",
+        delivered.len()
+    );
+    // Room again: it takes messages.
+    support::scenario::publish_paced(faye_a.url(), "/full", 100_000..100_001, 10).await;
+    let request = down.next().await;
+    assert_eq!(request.json()["data"]["n"], 100_000);
+    let (_, full) = app.call("GET", "/api/v1/subscriptions/full", None).await;
+    assert_eq!(full["full"], false, "{full}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_subscription_costs_another_source_nothing() {
+    full_subscription_outage(true).await;
+}
+
+#[tokio::test]
+async fn a_full_subscription_costs_its_neighbour_on_the_same_source_nothing() {
+    full_subscription_outage(false).await;
+}

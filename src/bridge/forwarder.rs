@@ -27,6 +27,8 @@ pub struct Counters {
     pub forwarded: AtomicU64,
     /// Messages stored as dead letters.
     pub dead_letters: AtomicU64,
+    /// Messages dropped because the subscription was full (without replay).
+    pub dropped: AtomicU64,
     /// The forwarder's last unexpected failure.
     pub health: super::supervise::TaskHealth,
 }
@@ -254,6 +256,11 @@ impl Forwarder {
     ) {
         let end = status.iter().position(|status| matches!(status, Status::Spooled)).unwrap_or(batch.len());
         if end <= *settled {
+            // Nothing more is done, but what waits first is now this batch's message: the
+            // settlement of an earlier batch must not report the backlog as fresh.
+            if let Some(entry) = unsettled {
+                entry.oldest_after = batch.get(end).map(|spooled| spooled.envelope.received_at);
+            }
             return;
         }
         let part = &batch[*settled..end];

@@ -123,7 +123,7 @@ pub struct StateConfig {
     pub backend: StateBackend,
     /// Directory of the embedded database.
     pub path: PathBuf,
-    /// The most all spools together may hold before sources pause.
+    /// The most all spools together may hold.
     pub spool_max_bytes: u64,
 }
 
@@ -255,6 +255,8 @@ pub struct SubscriptionConfig {
     pub replay_from: ReplayPosition,
     /// How transient failures are retried.
     pub retry: RetryConfig,
+    /// The most its spool may hold before the subscription is full.
+    pub spool_max_bytes: u64,
     /// The entry as written, for the API.
     pub raw: RawSubscription,
     /// What the entry says, secrets resolved: a reload restarts the subscription when it

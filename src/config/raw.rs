@@ -74,7 +74,8 @@ pub struct RawState {
     /// Name the `nats` backend's buckets start with.
     #[serde(default = "default_state_bucket")]
     pub bucket: String,
-    /// The most all spools together may hold before sources pause, e.g. `"1GiB"`.
+    /// The most all spools together may hold, e.g. `"1GiB"`; beyond it every subscription
+    /// that receives a message is full.
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: String,
 }
@@ -305,6 +306,10 @@ pub struct RawSubscription {
     /// How long transient failures are retried before a message is dead-lettered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RawRetry>,
+    /// The most this subscription's spool may hold, e.g. `"64MiB"` (default `"1GiB"`);
+    /// beyond it the subscription is full (see the contract's "Outages of any length").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool_max_bytes: Option<String>,
 }
 
 /// `retry = { max_elapsed = "24h", max_backoff = "5m" }` of a subscription.

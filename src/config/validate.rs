@@ -564,6 +564,19 @@ pub fn validate_subscription(
         }),
     };
     let retry = retry_config(&mut check, &field, raw);
+    let spool_max_bytes = match raw.spool_max_bytes.as_deref() {
+        None => DEFAULT_SUBSCRIPTION_SPOOL_BYTES,
+        Some(text) => match parse_size(text) {
+            Some(bytes) if bytes > 0 => bytes,
+            _ => {
+                check.problem(
+                    field("spool_max_bytes"),
+                    format!("{text:?} is not a size; write e.g. \"1GiB\", \"64MiB\" or \"100MB\""),
+                );
+                1
+            }
+        },
+    };
     match (channel, sink) {
         (Ok(channel), Some(sink)) if check.problems.is_empty() => Ok(SubscriptionConfig {
             fingerprint: Fingerprint::of([
@@ -579,6 +592,7 @@ pub fn validate_subscription(
             sink,
             replay_from,
             retry,
+            spool_max_bytes,
             raw: raw.clone(),
         }),
         _ => Err(check.problems),
@@ -650,6 +664,9 @@ pub fn private_destination(url: &reqwest::Url) -> Option<&'static str> {
         }
     }
 }
+
+/// A subscription's `spool_max_bytes` when it gives none: 1 GiB.
+pub const DEFAULT_SUBSCRIPTION_SPOOL_BYTES: u64 = 1 << 30;
 
 /// A size in bytes: a number, optionally followed by `B`, `KB`, `MB`, `GB` (powers of
 /// 1000) or `KiB`, `MiB`, `GiB` (powers of 1024).

@@ -32,11 +32,12 @@ struct Inner {
     session_losses: Family<Labels, Counter>,
     task_restarts: Family<Labels, Counter>,
     state_errors: Counter,
-    paused: Family<Labels, Gauge>,
     spool_messages: Family<Labels, Gauge>,
     spool_bytes: Family<Labels, Gauge>,
     spool_oldest_age: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     reloads: Family<Labels, Counter>,
+    dropped: Family<Labels, Counter>,
+    full: Family<Labels, Gauge>,
     /// The label sets of series per subscription, so that its series can be dropped with it.
     series: std::sync::Mutex<
         std::collections::BTreeMap<String, std::collections::BTreeSet<(&'static str, Labels)>>,
@@ -65,6 +66,18 @@ impl Metrics {
         let task_restarts = Family::<Labels, Counter>::default();
         let state_errors = Counter::default();
         let reloads = Family::<Labels, Counter>::default();
+        let dropped = Family::<Labels, Counter>::default();
+        let full = Family::<Labels, Gauge>::default();
+        registry.register(
+            "cometd_bridge_messages_dropped",
+            "Messages a full subscription could not take (no replay), by reason: spool_full (its quota or all spools' bound) or store_unavailable (a full disk or a failing state store)",
+            dropped.clone(),
+        );
+        registry.register(
+            "cometd_bridge_subscription_full",
+            "1 while the subscription cannot take messages (its spool quota, all spools' bound, the disk or the store)",
+            full.clone(),
+        );
         registry.register(
             "cometd_bridge_config_reloads",
             "Configuration reloads (SIGHUP or the API), by result: ok or error",
@@ -83,7 +96,6 @@ impl Metrics {
             "Forwarder and source tasks restarted after failing unexpectedly",
             task_restarts.clone(),
         );
-        let paused = Family::<Labels, Gauge>::default();
         let spool_messages = Family::<Labels, Gauge>::default();
         let spool_bytes = Family::<Labels, Gauge>::default();
         let spool_oldest_age = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -91,11 +103,6 @@ impl Metrics {
             "cometd_bridge_session_losses",
             "Sessions the CometD server forgot (a new handshake after one had succeeded)",
             session_losses.clone(),
-        );
-        registry.register(
-            "cometd_bridge_source_paused",
-            "1 while the source stops polling because the spools are full",
-            paused.clone(),
         );
         registry.register(
             "cometd_bridge_spool_messages",
@@ -158,11 +165,12 @@ impl Metrics {
                 session_losses,
                 task_restarts,
                 state_errors,
-                paused,
                 spool_messages,
                 spool_bytes,
                 spool_oldest_age,
                 reloads,
+                dropped,
+                full,
                 series: std::sync::Mutex::default(),
             }),
         }
@@ -237,6 +245,18 @@ impl Metrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
+    /// `count` messages for `subscription` were dropped because it was full, for `reason`.
+    pub fn dropped(&self, subscription: &str, reason: &'static str, count: u64) {
+        let labels = vec![("subscription", subscription.into()), ("reason", reason.into())];
+        self.remember(subscription, "dropped", &labels);
+        self.inner.dropped.get_or_create(&labels).inc_by(count);
+    }
+
+    /// Whether `subscription` is full now.
+    pub fn subscription_full(&self, subscription: &str, full: bool) {
+        self.inner.full.get_or_create(&vec![("subscription", subscription.into())]).set(i64::from(full));
+    }
+
     /// The CometD server forgot the session of `source`.
     pub fn session_lost(&self, source: &str) {
         self.inner.session_losses.get_or_create(&vec![("source", source.into())]).inc();
@@ -260,12 +280,6 @@ impl Metrics {
         let labels = vec![("source", source.into())];
         drop(self.inner.session_losses.get_or_create(&labels));
         self.source_connected(source, false);
-        self.source_paused(source, false);
-    }
-
-    /// `source` stopped or resumed polling because of full spools.
-    pub fn source_paused(&self, source: &str, paused: bool) {
-        self.inner.paused.get_or_create(&vec![("source", source.into())]).set(i64::from(paused));
     }
 
     /// What the spool of `subscription` holds.
@@ -287,7 +301,6 @@ impl Metrics {
         let labels = vec![("source", source.into())];
         self.inner.connected.remove(&labels);
         self.inner.pending.remove(&labels);
-        self.inner.paused.remove(&labels);
         self.inner.session_losses.remove(&labels);
         self.inner.fallbacks.remove(&labels);
     }
@@ -299,12 +312,14 @@ impl Metrics {
         self.inner.spool_bytes.remove(&labels);
         self.inner.spool_oldest_age.remove(&labels);
         self.inner.dead_letters.remove(&labels);
+        self.inner.full.remove(&labels);
         let series =
             self.inner.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(subscription);
         for (family, labels) in series.unwrap_or_default() {
             match family {
                 "received" => drop(self.inner.received.remove(&labels)),
                 "forwarded" => drop(self.inner.forwarded.remove(&labels)),
+                "dropped" => drop(self.inner.dropped.remove(&labels)),
                 _ => drop(self.inner.failures.remove(&labels)),
             }
         }
