@@ -283,6 +283,7 @@ pub fn health_url(url: Option<&str>, config: &std::path::Path, env: &crate::conf
 /// # Errors
 /// [`CommandError::Unhealthy`] when it is not ready or does not answer within 5 s.
 pub async fn health(url: &str) -> Result<(), CommandError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .timeout(HEALTH_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())

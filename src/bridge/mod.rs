@@ -40,6 +40,9 @@ use source::{Route, Routes, Source, Spooler};
 use spool::{Spool, SpoolLimit, Spooled};
 pub use views::{BacklogView, BridgeError, Origin, ReloadReport, SourceView, SubscriptionView};
 
+/// How long shutdown waits at most for the servers' answers to `/meta/disconnect`.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
+
 /// How long removing a subscription waits for its delivery in flight.
 const REMOVE_WAIT: Duration = Duration::from_secs(5);
 
@@ -805,7 +808,8 @@ impl Bridge {
         }
         // Every source at once; each waits for its server's answer to the disconnect at
         // most until three quarters of the reserve are gone, the rest is for the sync.
-        let close_within = (deadline - reserve / 4).saturating_duration_since(Instant::now());
+        let close_within =
+            (deadline - reserve / 4).saturating_duration_since(Instant::now()).min(DISCONNECT_WAIT);
         futures_util::future::join_all(sources.iter().map(|source| self.stop_source(source, close_within)))
             .await;
         let backlog: u64 = self.subscriptions.all(|entry| entry.spool.backlog().messages).into_iter().sum();

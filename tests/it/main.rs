@@ -13,6 +13,7 @@ mod daemon;
 mod demo;
 mod durable;
 mod faults;
+mod full;
 mod fuzz;
 mod fuzz_corpus;
 mod harness;
