@@ -191,7 +191,7 @@ async fn the_backlog_age_counts_while_a_batch_is_retried() {
 /// `shutdown_grace` (it waited 34 s for the frozen server's disconnect before).
 #[tokio::test]
 async fn shutdown_fits_in_the_grace_period_with_a_frozen_server() {
-    let mut servers = vec![faye().await, faye().await, faye().await];
+    let mut servers = [faye().await, faye().await, faye().await];
     let state = tempfile::tempdir().expect("state");
     let mut toml = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[bridge]\nshutdown_grace = \"4s\"\n[state]\npath = \"{}\"\n",
