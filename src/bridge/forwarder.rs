@@ -132,7 +132,7 @@ impl Forwarder {
                 }
                 batch = self.spool.next_batch(next, self.sink.batch_size()) => batch,
             };
-            let batch = match batch {
+            let mut batch = match batch {
                 Ok(batch) if batch.is_empty() => continue,
                 Ok(batch) => batch,
                 Err(error) => {
@@ -146,7 +146,7 @@ impl Forwarder {
             if unsettled.is_none() {
                 self.spool.set_oldest(Some(batch[0].envelope.received_at));
             }
-            if !self.deliver(&batch, &stop, &forwarded, &mut unsettled).await {
+            if !self.deliver(&mut batch, &stop, &forwarded, &mut unsettled).await {
                 break;
             }
             if unsettled.as_ref().is_some_and(|unsettled| unsettled.messages >= SETTLE_EVERY)
@@ -165,7 +165,7 @@ impl Forwarder {
     /// spool).
     async fn deliver(
         &self,
-        batch: &[Spooled],
+        batch: &mut [Spooled],
         stop: &Stop,
         forwarded: &prometheus_client::metrics::counter::Counter,
         unsettled: &mut Option<Unsettled>,
@@ -236,6 +236,14 @@ impl Forwarder {
                 continue;
             }
             tracing::warn!(subscription = %self.subscription, sink = self.sink.kind(), reason = %failure.reason, attempt = most_attempts, delay = ?delay, "delivery failed; retrying from the spool");
+            if failures == 1 {
+                // Held for retries, perhaps for hours: in buffers of their own, not pinning
+                // the network buffers they arrived in.
+                for spooled in batch.iter_mut() {
+                    spooled.envelope.message =
+                        Arc::new(super::source::detached((*spooled.envelope.message).clone()));
+                }
+            }
             // What is done before the failing message is settled now: the wait may be long.
             self.done(batch, &status, &mut settled, unsettled);
             if !self.commit(unsettled, &stop.now).await || !pause(delay, &stop.soon).await {

@@ -133,12 +133,20 @@ impl Spooler {
         let mut outcome = Appended::default();
         let mut appends = Vec::with_capacity(messages.len());
         let mut targets: Vec<(usize, Envelope, u64)> = Vec::with_capacity(messages.len());
-        // Per route: bytes promised in this append, and the messages it carries.
+        // Per route: bytes promised in this append.
         let mut pending = vec![0u64; routes.len()];
+        // Routes whose forwarder is behind keep what they are given in memory for a while:
+        // their messages get buffers of their own instead of pinning the network buffer
+        // they arrived in (with the other messages of its reply).
+        let behind: Vec<bool> = routes.iter().map(|route| route.spool.backlog().messages > 0).collect();
         for message in messages {
             let sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
             let replay_id = self.replay.as_ref().and_then(|_| replay_id(&message));
-            let message = Arc::new(message);
+            let kept = routes
+                .iter()
+                .zip(&behind)
+                .any(|(route, behind)| *behind && route.pattern.matches(&message.channel));
+            let message = Arc::new(if kept { detached(message) } else { message });
             for (index, route) in
                 routes.iter().enumerate().filter(|(_, route)| route.pattern.matches(&message.channel))
             {
@@ -247,6 +255,12 @@ impl Spooler {
         route.counters.dropped.fetch_add(1, Ordering::Relaxed);
         route.spool.mark_full(cause, false, 1);
     }
+}
+
+/// `message` with its data in a buffer of its own.
+pub fn detached(mut message: Message) -> Message {
+    message.data = message.data.as_ref().map(crate::cometd::Data::detach);
+    message
 }
 
 /// Store failures an append tries again before its subscriptions count as full.
@@ -536,4 +550,66 @@ pub fn wanted_channels(routes: &[Route]) -> BTreeSet<String> {
         .filter(|route| !route.spool.full().is_some_and(|episode| episode.held))
         .map(|route| route.pattern.as_str().to_string())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::spool::SpoolLimit;
+    use crate::store::MemoryStore;
+
+    fn spooler(store: Arc<dyn Store>, spool: Arc<Spool>) -> Spooler {
+        let metrics = Metrics::new();
+        let routes = Routes::default();
+        routes.add(Route {
+            subscription: "sub".into(),
+            pattern: ChannelPattern::new("/a").expect("a channel"),
+            spool,
+            counters: Arc::default(),
+            received: metrics.received_counter("src", "sub"),
+        });
+        Spooler {
+            name: "src".into(),
+            routes,
+            store,
+            replay: None,
+            metrics,
+            sequence: Arc::default(),
+            ack: None,
+        }
+    }
+
+    /// A message whose data shares a 1 MB network buffer.
+    fn message_in_a_big_buffer() -> (bytestring::ByteString, Message) {
+        let payload = bytestring::ByteString::from(format!("{{\"x\":1}}{}", " ".repeat(1 << 20)));
+        let raw: &serde_json::value::RawValue = serde_json::from_str(&payload[..7]).expect("raw JSON");
+        let data = crate::cometd::Data::shared(&payload, raw);
+        (payload.clone(), Message { data: Some(data), ..Message::new("/a") })
+    }
+
+    fn shares(message: &Message, buffer: &bytestring::ByteString) -> bool {
+        let data = message.data.as_ref().expect("data").json_bytes();
+        let range = buffer.as_bytes().as_ptr_range();
+        range.contains(&data.as_ptr())
+    }
+
+    /// Messages a spool keeps while its forwarder is behind hold only their own bytes;
+    /// while it keeps up they stay in the buffer they came in (no copy).
+    #[tokio::test]
+    async fn a_message_kept_while_the_forwarder_is_behind_does_not_pin_its_network_buffer() {
+        let store: Arc<dyn Store> = MemoryStore::new();
+        let spool = Spool::new("sub".into(), store.clone(), SpoolLimit::new(u64::MAX), u64::MAX, None);
+        let spooler = spooler(store, spool.clone());
+        let stop = CancellationToken::new();
+        let (buffer, message) = message_in_a_big_buffer();
+        spooler.spool(vec![message], &"session".into(), &stop).await;
+        let first = spool.next_batch(1, 10).await.expect("read");
+        assert!(shares(&first[0].envelope.message, &buffer), "delivered at once: not copied");
+        // The forwarder has not settled it: the next message waits behind it.
+        let (buffer, message) = message_in_a_big_buffer();
+        spooler.spool(vec![message], &"session".into(), &stop).await;
+        let second = spool.next_batch(2, 10).await.expect("read");
+        assert!(!shares(&second[0].envelope.message, &buffer), "kept in memory: detached");
+        assert_eq!(second[0].envelope.message.data.as_ref().expect("data").json(), "{\"x\":1}");
+    }
 }
