@@ -77,6 +77,10 @@ pub struct RawState {
     /// The most all spools together may hold before sources pause, e.g. `"1GiB"`.
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: String,
+    /// The free disk space under which the embedded store takes no more messages, e.g.
+    /// `"256MiB"`.
+    #[serde(default = "default_min_free_bytes")]
+    pub min_free_bytes: String,
 }
 
 impl Default for RawState {
@@ -86,6 +90,7 @@ impl Default for RawState {
             path: default_state_path(),
             bucket: default_state_bucket(),
             spool_max_bytes: default_spool_max_bytes(),
+            min_free_bytes: default_min_free_bytes(),
         }
     }
 }
@@ -96,6 +101,10 @@ fn default_state_backend() -> String {
 
 fn default_spool_max_bytes() -> String {
     "1GiB".into()
+}
+
+fn default_min_free_bytes() -> String {
+    "256MiB".into()
 }
 
 fn default_state_path() -> String {

@@ -32,6 +32,7 @@ struct Inner {
     session_losses: Family<Labels, Counter>,
     task_restarts: Family<Labels, Counter>,
     state_errors: Counter,
+    store_healthy: Gauge,
     paused: Family<Labels, Gauge>,
     spool_messages: Family<Labels, Gauge>,
     spool_bytes: Family<Labels, Gauge>,
@@ -64,6 +65,13 @@ impl Metrics {
         let session_losses = Family::<Labels, Counter>::default();
         let task_restarts = Family::<Labels, Counter>::default();
         let state_errors = Counter::default();
+        let store_healthy = Gauge::default();
+        store_healthy.set(1);
+        registry.register(
+            "cometd_bridge_store_healthy",
+            "1 while the state store works, 0 while it fails (an I/O error; it is being reopened)",
+            store_healthy.clone(),
+        );
         let reloads = Family::<Labels, Counter>::default();
         registry.register(
             "cometd_bridge_config_reloads",
@@ -158,6 +166,7 @@ impl Metrics {
                 session_losses,
                 task_restarts,
                 state_errors,
+                store_healthy,
                 paused,
                 spool_messages,
                 spool_bytes,
@@ -248,6 +257,11 @@ impl Metrics {
         if total > counted {
             self.inner.state_errors.inc_by(total - counted);
         }
+    }
+
+    /// Whether the state store works (see [`crate::store::Store::unhealthy`]).
+    pub fn store_healthy(&self, healthy: bool) {
+        self.inner.store_healthy.set(i64::from(healthy));
     }
 
     /// `task` (e.g. `forwarder orders`) failed and was restarted.
