@@ -78,7 +78,9 @@ impl App {
                 .any(|subscription| matches!(subscription.sink, SinkConfig::Nats(_)));
         let nats = if uses_nats { Some(connect_nats(&config.nats).await?) } else { None };
         let store: Arc<dyn Store> = match &config.state.backend {
-            StateBackend::Embedded => Arc::new(EmbeddedStore::open(&config.state.path)?),
+            StateBackend::Embedded => {
+                Arc::new(EmbeddedStore::open_with(&config.state.path, config.state.min_free_bytes)?)
+            }
             StateBackend::Memory => {
                 tracing::warn!(
                     "state.backend = \"memory\": subscriptions added through the API, dead letters and the backlog are lost when the bridge stops"

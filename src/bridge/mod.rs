@@ -723,6 +723,7 @@ impl Bridge {
     /// Updates the spool gauges, before metrics are rendered.
     pub fn refresh_metrics(&self) {
         self.metrics.state_errors(self.store.unreadable_records());
+        self.metrics.store_healthy(self.store.unhealthy().is_none());
         self.subscriptions.all(|entry| {
             let backlog = BacklogView::from(entry.spool.backlog());
             let age = Duration::from_secs_f64(backlog.oldest_age_seconds);
@@ -731,10 +732,13 @@ impl Bridge {
         });
     }
 
-    /// Why the bridge is not ready: a source not connected or not subscribed, NATS not
-    /// connected. Empty when ready.
+    /// Why the bridge is not ready: the state store failing, a source not connected or not
+    /// subscribed, NATS not connected. Empty when ready.
     pub fn unready_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
+        if let Some(why) = self.store.unhealthy() {
+            reasons.push(format!("the state store is failing: {why}"));
+        }
         for source in self.source_list() {
             if let Some(reason) = source.health.unready_reason() {
                 reasons.push(format!("source {}'s task {reason}", source.name));

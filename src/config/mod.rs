@@ -125,6 +125,8 @@ pub struct StateConfig {
     pub path: PathBuf,
     /// The most all spools together may hold.
     pub spool_max_bytes: u64,
+    /// The free disk space under which the embedded store takes no more messages.
+    pub min_free_bytes: u64,
 }
 
 /// `state.backend`: where runtime subscriptions, replay positions, dead letters and spools

@@ -78,6 +78,10 @@ pub struct RawState {
     /// that receives a message is full.
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: String,
+    /// The free disk space under which the embedded store takes no more messages, e.g.
+    /// `"256MiB"`.
+    #[serde(default = "default_min_free_bytes")]
+    pub min_free_bytes: String,
 }
 
 impl Default for RawState {
@@ -87,6 +91,7 @@ impl Default for RawState {
             path: default_state_path(),
             bucket: default_state_bucket(),
             spool_max_bytes: default_spool_max_bytes(),
+            min_free_bytes: default_min_free_bytes(),
         }
     }
 }
@@ -97,6 +102,10 @@ fn default_state_backend() -> String {
 
 fn default_spool_max_bytes() -> String {
     "1GiB".into()
+}
+
+fn default_min_free_bytes() -> String {
+    "256MiB".into()
 }
 
 fn default_state_path() -> String {

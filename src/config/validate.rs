@@ -137,6 +137,16 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             1
         }
     };
+    let min_free_bytes = parse_size(&raw.state.min_free_bytes).unwrap_or_else(|| {
+        check.problem(
+            "state.min_free_bytes",
+            format!(
+                "{:?} is not a size; write e.g. \"256MiB\", \"1GiB\" or \"0\" (no guard)",
+                raw.state.min_free_bytes
+            ),
+        );
+        0
+    });
 
     let nats = nats_config(&mut check, &raw);
 
@@ -193,7 +203,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             allow_private_webhooks: raw.admin.allow_private_webhooks,
             allow_unauthenticated: raw.admin.allow_unauthenticated,
         },
-        state: StateConfig { backend, path: PathBuf::from(&raw.state.path), spool_max_bytes },
+        state: StateConfig { backend, path: PathBuf::from(&raw.state.path), spool_max_bytes, min_free_bytes },
         nats,
         bridge: BridgeConfig { queue_capacity, shutdown_grace },
         sources,
@@ -668,8 +678,8 @@ pub fn private_destination(url: &reqwest::Url) -> Option<&'static str> {
 /// A subscription's `spool_max_bytes` when it gives none: 1 GiB.
 pub const DEFAULT_SUBSCRIPTION_SPOOL_BYTES: u64 = 1 << 30;
 
-/// A size in bytes: a number, optionally followed by `B`, `KB`, `MB`, `GB` (powers of
-/// 1000) or `KiB`, `MiB`, `GiB` (powers of 1024).
+/// A size in bytes: a number, optionally followed by `B`, `KB`, `MB`, `GB`, `TB` (powers
+/// of 1000) or `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024).
 pub fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
@@ -683,6 +693,8 @@ pub fn parse_size(text: &str) -> Option<u64> {
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
+        "TB" => 1_000_000_000_000,
+        "TiB" => 1 << 40,
         _ => return None,
     };
     number.checked_mul(factor)

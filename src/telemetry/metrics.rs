@@ -32,6 +32,7 @@ struct Inner {
     session_losses: Family<Labels, Counter>,
     task_restarts: Family<Labels, Counter>,
     state_errors: Counter,
+    store_healthy: Gauge,
     spool_messages: Family<Labels, Gauge>,
     spool_bytes: Family<Labels, Gauge>,
     spool_oldest_age: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -65,6 +66,13 @@ impl Metrics {
         let session_losses = Family::<Labels, Counter>::default();
         let task_restarts = Family::<Labels, Counter>::default();
         let state_errors = Counter::default();
+        let store_healthy = Gauge::default();
+        store_healthy.set(1);
+        registry.register(
+            "cometd_bridge_store_healthy",
+            "1 while the state store works, 0 while it fails (an I/O error; it is being reopened)",
+            store_healthy.clone(),
+        );
         let reloads = Family::<Labels, Counter>::default();
         let dropped = Family::<Labels, Counter>::default();
         let full = Family::<Labels, Gauge>::default();
@@ -165,6 +173,7 @@ impl Metrics {
                 session_losses,
                 task_restarts,
                 state_errors,
+                store_healthy,
                 spool_messages,
                 spool_bytes,
                 spool_oldest_age,
@@ -268,6 +277,11 @@ impl Metrics {
         if total > counted {
             self.inner.state_errors.inc_by(total - counted);
         }
+    }
+
+    /// Whether the state store works (see [`crate::store::Store::unhealthy`]).
+    pub fn store_healthy(&self, healthy: bool) {
+        self.inner.store_healthy.set(i64::from(healthy));
     }
 
     /// `task` (e.g. `forwarder orders`) failed and was restarted.
