@@ -170,6 +170,13 @@ impl EmbeddedStore {
         Self::start(dir, min_free_bytes, |_| {})
     }
 
+    /// [`open`](Self::open) on a file that fails every write and sync with `ENOSPC` while
+    /// `full` is set, as a full disk does (for tests of the healing).
+    #[cfg(test)]
+    pub(crate) fn open_failing(dir: &Path, full: Arc<AtomicBool>) -> Result<Self, StoreError> {
+        Self::start(dir, 0, |shared| shared.fail_writes = Some(full))
+    }
+
     fn start(
         dir: &Path,
         min_free_bytes: u64,
@@ -1112,8 +1119,7 @@ mod tests {
     async fn after_a_full_disk_the_store_says_it_is_failing_then_heals_by_itself_keeping_what_it_held() {
         let dir = tempfile::tempdir().unwrap();
         let full = Arc::new(AtomicBool::new(false));
-        let store =
-            EmbeddedStore::start(dir.path(), 0, |shared| shared.fail_writes = Some(full.clone())).unwrap();
+        let store = EmbeddedStore::open_failing(dir.path(), full.clone()).unwrap();
         store.spool_append(vec![append("a", "before")].into()).await.unwrap();
         store.put_positions("a", &Positions::from([("/x".to_string(), 3)])).await.unwrap();
         assert_eq!(store.unhealthy(), None);
