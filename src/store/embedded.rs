@@ -74,8 +74,8 @@ const REOPEN_MAX: Duration = Duration::from_secs(5);
 ///
 /// It heals: an I/O error (a full disk, a failed write) makes redb fail every later call
 /// until the database is closed and opened again, so on such an error the store drops its
-/// database and a keeper thread reopens it, with backoff ([`REOPEN_FIRST`] doubling to
-/// [`REOPEN_MAX`], jittered), while every call fails at once with
+/// database and a keeper thread reopens it, with backoff (100 ms doubling to 5 s,
+/// jittered), while every call fails at once with
 /// [`StoreError::Unavailable`]. redb refuses a second open of the file while any handle
 /// of the first is alive, so the database sits in one slot that each call clones for its
 /// duration only; the reopen succeeds once the calls in flight on the failed one are done.
