@@ -125,6 +125,9 @@ pub struct StateConfig {
     pub path: PathBuf,
     /// The most all spools together may hold before sources pause.
     pub spool_max_bytes: u64,
+    /// The most the dead letters together may hold (their stored size); beyond it the
+    /// oldest are evicted, counted and logged.
+    pub dead_letters_max_bytes: u64,
 }
 
 /// `state.backend`: where runtime subscriptions, replay positions, dead letters and spools

@@ -77,6 +77,10 @@ pub struct RawState {
     /// The most all spools together may hold before sources pause, e.g. `"1GiB"`.
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: String,
+    /// The most the dead letters together may hold before the oldest are evicted, e.g.
+    /// `"256MiB"`.
+    #[serde(default = "default_dead_letters_max_bytes")]
+    pub dead_letters_max_bytes: String,
 }
 
 impl Default for RawState {
@@ -86,6 +90,7 @@ impl Default for RawState {
             path: default_state_path(),
             bucket: default_state_bucket(),
             spool_max_bytes: default_spool_max_bytes(),
+            dead_letters_max_bytes: default_dead_letters_max_bytes(),
         }
     }
 }
@@ -96,6 +101,10 @@ fn default_state_backend() -> String {
 
 fn default_spool_max_bytes() -> String {
     "1GiB".into()
+}
+
+fn default_dead_letters_max_bytes() -> String {
+    "256MiB".into()
 }
 
 fn default_state_path() -> String {

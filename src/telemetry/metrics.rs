@@ -32,6 +32,7 @@ struct Inner {
     session_losses: Family<Labels, Counter>,
     task_restarts: Family<Labels, Counter>,
     state_errors: Counter,
+    dead_letters_evicted: Counter,
     paused: Family<Labels, Gauge>,
     spool_messages: Family<Labels, Gauge>,
     spool_bytes: Family<Labels, Gauge>,
@@ -64,6 +65,12 @@ impl Metrics {
         let session_losses = Family::<Labels, Counter>::default();
         let task_restarts = Family::<Labels, Counter>::default();
         let state_errors = Counter::default();
+        let dead_letters_evicted = Counter::default();
+        registry.register(
+            "cometd_bridge_dead_letters_evicted",
+            "Dead letters removed, oldest first, to keep them within state.dead_letters_max_bytes",
+            dead_letters_evicted.clone(),
+        );
         let reloads = Family::<Labels, Counter>::default();
         registry.register(
             "cometd_bridge_config_reloads",
@@ -158,6 +165,7 @@ impl Metrics {
                 session_losses,
                 task_restarts,
                 state_errors,
+                dead_letters_evicted,
                 paused,
                 spool_messages,
                 spool_bytes,
@@ -247,6 +255,14 @@ impl Metrics {
         let counted = self.inner.state_errors.get();
         if total > counted {
             self.inner.state_errors.inc_by(total - counted);
+        }
+    }
+
+    /// The state store has evicted `total` dead letters since it opened.
+    pub fn dead_letters_evicted(&self, total: u64) {
+        let counted = self.inner.dead_letters_evicted.get();
+        if total > counted {
+            self.inner.dead_letters_evicted.inc_by(total - counted);
         }
     }
 
