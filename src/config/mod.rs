@@ -565,6 +565,27 @@ mod tests {
     }
 
     #[test]
+    fn dead_letters_are_bounded_by_a_size() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("bridge.toml");
+        let sources = "[[sources]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/bayeux\"\n";
+        std::fs::write(&file, sources).expect("write");
+        assert_eq!(load(&file, &Env::new()).expect("valid").state.dead_letters_max_bytes, 256 << 20);
+        std::fs::write(&file, format!("[state]\ndead_letters_max_bytes = \"3KiB\"\n{sources}"))
+            .expect("write");
+        assert_eq!(load(&file, &Env::new()).expect("valid").state.dead_letters_max_bytes, 3 << 10);
+        for bad in ["lots", "0"] {
+            std::fs::write(&file, format!("[state]\ndead_letters_max_bytes = \"{bad}\"\n{sources}"))
+                .expect("write");
+            let error = load(&file, &Env::new()).expect_err("refused").to_string();
+            assert!(
+                error.contains(&format!("state.dead_letters_max_bytes: \"{bad}\" is not a size")),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
     fn read_coalescing_is_on_unless_turned_off() {
         assert_eq!(source_options("").read_coalescing, Some(ReadCoalescing::default()));
         assert_eq!(source_options("read_coalescing = false\n").read_coalescing, None);
