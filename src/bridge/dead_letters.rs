@@ -170,7 +170,7 @@ impl Bridge {
     }
 
     /// Retries every dead letter that matches `filter` and was stored before the call
-    /// (one that fails again during it is not taken twice), [`BULK_PAGE`] at a time in
+    /// (one that fails again during it is not taken twice), 1,000 at a time in
     /// one store transaction each; how many were requeued. One whose subscription is gone
     /// is skipped (logged, not counted); one taken meanwhile by another retry or a discard
     /// is not counted.
@@ -223,7 +223,7 @@ impl Bridge {
     }
 
     /// Discards every dead letter that matches `filter` and was stored before the call,
-    /// [`BULK_PAGE`] at a time in one store transaction each; how many were discarded.
+    /// 1,000 at a time in one store transaction each; how many were discarded.
     ///
     /// # Errors
     /// [`BridgeError::Store`]; what was discarded before it stays discarded.
