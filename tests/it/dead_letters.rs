@@ -73,6 +73,36 @@ async fn a_retried_dead_letter_is_delivered_byte_for_byte() {
     app.stop().await;
 }
 
+/// The NATS sink publishes the data as it came too (checked beside the webhook's: the
+/// same bytes a retry would send).
+#[tokio::test]
+async fn a_nats_sink_publishes_the_data_byte_for_byte() {
+    use futures_util::StreamExt;
+    let server = FakeServer::start(Behaviour::Valid).await;
+    let nats = crate::support::nats::NatsServer::start().await;
+    let app = TestApp::spawn(&format!(
+        "[nats]\nurl = \"{}\"\n[[sources]]\nname = \"demo\"\nurl = \"{}\"\n[[subscriptions]]\nid = \"raw\"\nsource = \"demo\"\nchannel = \"/raw\"\nsink = {{ type = \"nats\", subject = \"raw\" }}\n",
+        nats.url(),
+        server.url()
+    ))
+    .await;
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let mut subscriber = client.subscribe("raw").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    app.wait_ready().await;
+    let big = r#"{"n":12345678901234567890123,"b":1,"a":2}"#;
+    let deep = format!("{}{big}{}", "[".repeat(199), "]".repeat(199));
+    for data in [big, deep.as_str()] {
+        server.push_event(&format!(r#"{{"channel":"/raw","data":{data}}}"#));
+        let message = tokio::time::timeout(crate::support::peer::WAIT, subscriber.next())
+            .await
+            .expect("a NATS message within the wait")
+            .expect("subscribed");
+        assert_eq!(std::str::from_utf8(&message.payload).expect("UTF-8"), data);
+    }
+    app.stop().await;
+}
+
 /// A spooled record as the bridge writes it, for subscription `subscription` of source
 /// `demo` on channel `channel`.
 fn record(subscription: &str, channel: &str, sequence: u64) -> String {
@@ -226,9 +256,11 @@ async fn dead_letters_are_discarded_and_retried_by_filter() {
         letters.push(letter("b", "/b", n, "rejected: HTTP 401", &at(n as u32)));
         letters.push(letter("gone", "/gone", n, "gave up after 3 attempts: HTTP 503", &at(n as u32)));
     }
+    // One stored before dead letters kept their record.
+    letters.push(DeadLetter { record: None, ..letter("a", "/a", 9, "rejected: HTTP 410", &at(9)) });
     let state = state_with(letters).await;
     let faye = faye().await;
-    let receiver = WebhookReceiver::start([]).await;
+    let mut receiver = WebhookReceiver::start([]).await;
     let app = TestApp::spawn_in(
         &format!(
             "{}{}{}",
@@ -263,7 +295,14 @@ async fn dead_letters_are_discarded_and_retried_by_filter() {
     let (status, answer) =
         app.call("POST", "/api/v1/dead-letters/retry", Some(json!({"colour": "red"}))).await;
     assert_eq!(status, 400, "{answer}");
-    assert_eq!(remaining().await.len(), 12, "a bad filter takes nothing");
+    assert_eq!(remaining().await.len(), 13, "a bad filter takes nothing");
+
+    // The one without a record is retried rebuilt from its `message`.
+    let (status, answer) =
+        app.call("POST", "/api/v1/dead-letters/retry", Some(json!({"reason": "410"}))).await;
+    assert_eq!((status, answer), (200, json!({"count": 1})));
+    let retried = receiver.next().await;
+    assert_eq!((retried.status, retried.json()["data"].clone()), (200, json!({"n": 9})));
 
     // Before 00:01 (with an offset): the three letters at 00:00.
     assert_eq!(discard(json!({"before": "2026-01-01T01:01:00+01:00"})).await, (200, json!({"count": 3})));
