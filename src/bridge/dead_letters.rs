@@ -40,11 +40,14 @@ impl LetterFilter {
         Ok(LetterFilter { subscription: filter.subscription, reason: filter.reason, before })
     }
 
-    /// Whether `letter` matches, among those stored no later than `until`.
+    /// Whether `letter` matches, among those stored no later than `until`. One whose
+    /// `failed_at` cannot be read counts as old: only a filter on `before` leaves it out.
     fn matches(&self, letter: &DeadLetter, until: SystemTime) -> bool {
-        let Some(failed_at) = parse_rfc3339(&letter.failed_at) else { return false };
-        failed_at <= until
-            && self.before.is_none_or(|before| failed_at < before)
+        let stored_in_time = match parse_rfc3339(&letter.failed_at) {
+            Some(failed_at) => failed_at <= until && self.before.is_none_or(|before| failed_at < before),
+            None => self.before.is_none(),
+        };
+        stored_in_time
             && self.subscription.as_ref().is_none_or(|subscription| *subscription == letter.subscription)
             && self.reason.as_ref().is_none_or(|reason| letter.reason.contains(reason.as_str()))
     }
@@ -299,6 +302,9 @@ mod tests {
         assert!(!filter(None, Some("http"), None).matches(&a, now), "case-sensitive");
         assert!(!filter(None, None, Some("2026-01-01T10:00:00Z")).matches(&a, now), "strictly before");
         assert!(!filter(None, None, None).matches(&a, parse_rfc3339("2026-01-01T09:00:00Z").unwrap()));
+        let unreadable = letter("orders", "rejected: HTTP 400", "long ago");
+        assert!(filter(Some("orders"), None, None).matches(&unreadable, now));
+        assert!(!filter(None, None, Some("2026-01-01T10:00:00Z")).matches(&unreadable, now));
         assert!(
             LetterFilter::new(DeadLetterFilter {
                 before: Some("soon".into()),

@@ -115,6 +115,7 @@ pub struct DeadLetterFilter {
     /// Only those stored before this instant (RFC 3339, e.g. `2026-01-01T00:00:00Z` or
     /// with an offset).
     #[serde(default)]
+    #[schema(format = DateTime)]
     pub before: Option<String>,
 }
 
