@@ -420,42 +420,71 @@ impl Store for NatsKvStore {
         self.subscriptions.unreadable.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// All appended at once, then each removed from the dead letters (one purge each).
+    /// Each one's presence checked (one get each), all appended at once, then each removed
+    /// from the dead letters (one purge each); gets and purges run 32 at a time.
     async fn requeue_dead_letters(
         &self,
         requeues: Vec<(String, SpoolAppend)>,
     ) -> Result<Vec<Option<u64>>, StoreError> {
+        use futures_util::{FutureExt, StreamExt, TryStreamExt};
+        const IN_FLIGHT: usize = 32;
         let _changing = self.letters.changing.lock().await;
-        let mut present = Vec::with_capacity(requeues.len());
-        let mut appends = Vec::with_capacity(requeues.len());
-        for (id, append) in requeues {
-            let here = self
-                .dead_letters
-                .store
-                .get(key(&id))
-                .await
-                .map_err(|error| nats_error(&self.dead_letters.name, "get", error))?
-                .is_some();
-            if here {
-                appends.push(append);
-            }
-            present.push((id, here));
-        }
+        let bucket = &self.dead_letters;
+        let gets: Vec<_> = requeues
+            .iter()
+            .map(|(id, _)| {
+                let key = key(id);
+                async move {
+                    let value = bucket
+                        .store
+                        .get(key)
+                        .await
+                        .map_err(|error| nats_error(&bucket.name, "get", error))?;
+                    Ok::<_, StoreError>(value.is_some())
+                }
+                .boxed()
+            })
+            .collect();
+        let present: Vec<bool> = futures_util::stream::iter(gets).buffered(IN_FLIGHT).try_collect().await?;
+        let appends: Vec<SpoolAppend> = requeues
+            .iter()
+            .zip(&present)
+            .filter(|(_, here)| **here)
+            .map(|((_, append), _)| append.clone())
+            .collect();
         let mut sequences = self.spool.append(&appends).await?.into_iter();
-        let mut requeued = Vec::with_capacity(present.len());
-        for (id, here) in present {
+        let mut requeued = Vec::with_capacity(requeues.len());
+        let mut appended = Vec::new();
+        for ((id, _), here) in requeues.iter().zip(present) {
             if !here {
                 requeued.push(None);
                 continue;
             }
-            let Some(sequence) = sequences.next().flatten() else {
-                tracing::error!(id = %id, "a dead letter too large for the NATS spool stays a dead letter");
-                requeued.push(None);
-                continue;
-            };
-            self.dead_letters.delete(&id).await?;
-            self.letters.bound().remove(&id);
-            requeued.push(Some(sequence));
+            match sequences.next().flatten() {
+                Some(sequence) => {
+                    appended.push(id.as_str());
+                    requeued.push(Some(sequence));
+                }
+                None => {
+                    tracing::error!(id = %id, "a dead letter too large for the NATS spool stays a dead letter");
+                    requeued.push(None);
+                }
+            }
+        }
+        let purges: Vec<_> = appended
+            .iter()
+            .map(|id| {
+                let key = key(id);
+                async move {
+                    bucket.store.purge(key).await.map_err(|error| nats_error(&bucket.name, "purge", error))
+                }
+                .boxed()
+            })
+            .collect();
+        futures_util::stream::iter(purges).buffered(IN_FLIGHT).try_collect::<Vec<()>>().await?;
+        let mut bound = self.letters.bound();
+        for id in appended {
+            bound.remove(id);
         }
         Ok(requeued)
     }
