@@ -171,6 +171,10 @@ async fn bounds_dead_letters(store: &dyn Store) -> u64 {
     let letters = store.dead_letters().await.expect("letters");
     assert_eq!(letter_ids(&letters), ["bounded-c", "bounded-b", "bounded-a"], "the two oldest went");
     assert_eq!(store.dead_letters_evicted() - evicted_before, 2);
+    // Stored again under its id (a crash repeated its batch): replaced, counted once.
+    store.add_dead_letter(&sized('a', 4)).await.expect("add again");
+    assert_eq!(letter_ids(&store.dead_letters().await.expect("letters")).len(), 3);
+    assert_eq!(store.dead_letters_evicted() - evicted_before, 2, "nothing more evicted");
     let kept = store.dead_letter("bounded-a").await.expect("get").expect("there");
     assert_eq!(kept.record, sized('a', 4).record, "the record comes back as it was stored");
 
