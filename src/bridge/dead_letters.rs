@@ -56,18 +56,24 @@ impl LetterFilter {
 /// An RFC 3339 timestamp (`Z` or a `±HH:MM` offset, fractions of seconds allowed).
 pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     let text = text.trim();
-    let (base, offset) = match text.len().checked_sub(6).map(|at| text.split_at(at)) {
-        Some((base, zone))
-            if (zone.starts_with('+') || zone.starts_with('-')) && zone.as_bytes()[3] == b':' =>
+    if !text.is_ascii() {
+        return None;
+    }
+    // ASCII from here: any byte index is a character boundary.
+    let zone = text.get(text.len().saturating_sub(6)..).unwrap_or_default();
+    let (base, offset) = match zone.as_bytes() {
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2]
+            if [h1, h2, m1, m2].iter().all(|digit| digit.is_ascii_digit()) =>
         {
-            let hours: u64 = zone[1..3].parse().ok()?;
-            let minutes: u64 = zone[4..6].parse().ok()?;
+            let hours = u64::from((h1 - b'0') * 10 + (h2 - b'0'));
+            let minutes = u64::from((m1 - b'0') * 10 + (m2 - b'0'));
             if hours > 23 || minutes > 59 {
                 return None;
             }
+            let behind_utc = *sign == b'-';
             (
-                base.to_string() + "Z",
-                Some((zone.starts_with('-'), Duration::from_secs(hours * 3600 + minutes * 60))),
+                format!("{}Z", &text[..text.len() - 6]),
+                Some((behind_utc, Duration::from_secs(hours * 3600 + minutes * 60))),
             )
         }
         _ => (text.to_string(), None),
@@ -263,7 +269,18 @@ mod tests {
         assert_eq!(parse_rfc3339("2026-01-01T12:00:00+02:00"), Some(utc));
         assert_eq!(parse_rfc3339("2026-01-01T07:30:00-02:30"), Some(utc));
         assert_eq!(parse_rfc3339("2026-01-01t10:00:00z"), Some(utc));
-        for bad in ["", "yesterday", "2026-01-01", "2026-01-01T10:00:00+25:00", "2026-01-01T10:00:00+0200"] {
+        for bad in [
+            "",
+            "yesterday",
+            "2026-01-01",
+            "2026-01-01T10:00:00+25:00",
+            "2026-01-01T10:00:00+0200",
+            "2026-01-01T10:00:00+é:00",
+            "2026-01-01T10:00:00é0:00",
+            "é",
+            "aé12345",
+            "+01:00",
+        ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
         }
     }
