@@ -371,7 +371,7 @@ pub struct BulkCount {
 /// The checked filter of a bulk request.
 fn letter_filter(filter: DeadLetterFilter) -> Result<LetterFilter, ApiError> {
     LetterFilter::new(filter)
-        .map_err(|message| ApiError::new(StatusCode::BAD_REQUEST, "invalid_filter", message))
+        .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, "invalid_filter", error.to_string()))
 }
 
 /// Hands back to their subscriptions' sinks every dead letter that matches the filter

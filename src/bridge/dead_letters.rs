@@ -17,6 +17,14 @@ use crate::store::{DeadLetter, DeadLetterFilter, SpoolAppend};
 /// bulk retry or discard.
 const BULK_PAGE: usize = 1000;
 
+/// What is wrong with a [`DeadLetterFilter`].
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    /// `before` is not a timestamp.
+    #[error("before: {0:?} is not an RFC 3339 timestamp (e.g. 2026-01-01T00:00:00Z)")]
+    Before(String),
+}
+
 /// A [`DeadLetterFilter`] checked and ready to match.
 #[derive(Clone, Debug)]
 pub struct LetterFilter {
@@ -29,12 +37,10 @@ impl LetterFilter {
     /// Checks `filter`.
     ///
     /// # Errors
-    /// What is wrong with it, to show: `before` not an RFC 3339 timestamp.
-    pub fn new(filter: DeadLetterFilter) -> Result<Self, String> {
-        let before = match &filter.before {
-            Some(text) => Some(parse_rfc3339(text).ok_or_else(|| {
-                format!("before: {text:?} is not an RFC 3339 timestamp (e.g. 2026-01-01T00:00:00Z)")
-            })?),
+    /// [`FilterError::Before`] when `before` is not an RFC 3339 timestamp.
+    pub fn new(filter: DeadLetterFilter) -> Result<Self, FilterError> {
+        let before = match filter.before {
+            Some(text) => Some(parse_rfc3339(&text).ok_or(FilterError::Before(text))?),
             None => None,
         };
         Ok(LetterFilter { subscription: filter.subscription, reason: filter.reason, before })

@@ -33,7 +33,7 @@ use crate::config::{
 use crate::sink::{NatsSink, RetryPolicy, Sink, WebhookSink};
 use crate::store::{SpoolSummary, Store};
 use crate::telemetry::metrics::Metrics;
-pub use dead_letters::{LetterFilter, parse_rfc3339};
+pub use dead_letters::{FilterError, LetterFilter, parse_rfc3339};
 use forwarder::{Counters, Forwarder, Stop};
 use registry::{Registry, SubscriptionEntry};
 use replay::{ReplayState, SourcePositions};
