@@ -92,6 +92,7 @@ impl App {
                 Arc::new(NatsKvStore::open(client, bucket).await?)
             }
         };
+        store.limit_dead_letters(config.state.dead_letters_max_bytes);
         Ok(App { config, reload_from: None, hangups: None, listener, store, nats, metrics: Metrics::new() })
     }
 

@@ -74,7 +74,23 @@ impl Envelope {
         })
     }
 
-    /// The webhook body, and what the dead-letter store keeps: `source`, `subscription`,
+    /// The webhook body: `source`, `subscription`, `channel`, `id`, `data`, `ext` (the
+    /// keys of [`to_json`](Envelope::to_json), in the same order), with `data` written as
+    /// the exact JSON text it came in (big numbers, key order and deep nesting as the
+    /// publisher sent them).
+    pub fn to_body(&self) -> Vec<u8> {
+        serde_json::to_vec(&Body {
+            channel: &self.message.channel,
+            data: self.message.data.as_ref(),
+            ext: self.message.ext.as_ref(),
+            id: self.message.id.as_deref(),
+            source: &self.source,
+            subscription: &self.subscription,
+        })
+        .expect("messages serialize")
+    }
+
+    /// The message as the dead-letter listing shows it: `source`, `subscription`,
     /// `channel`, `id`, `data`, `ext`.
     pub fn to_json(&self) -> serde_json::Value {
         json!({
@@ -105,6 +121,17 @@ pub fn without_controls(text: &str) -> std::borrow::Cow<'_, str> {
     } else {
         text.into()
     }
+}
+
+/// The webhook body, its keys in the order of a [`serde_json::Map`] (sorted).
+#[derive(Serialize)]
+struct Body<'a> {
+    channel: &'a str,
+    data: Option<&'a crate::cometd::Data>,
+    ext: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    id: Option<&'a str>,
+    source: &'a str,
+    subscription: &'a str,
 }
 
 /// The spooled form, written from borrowed fields.
@@ -158,8 +185,38 @@ mod tests {
         };
         let back = Envelope::from_record(&envelope.to_record()).expect("spooled and read back");
         assert_eq!(back.message.data.as_ref().map(Data::json), Some(deep.as_str()));
-        let body = envelope.to_json();
-        assert_eq!(body["data"], serde_json::Value::String(deep), "kept as its text");
+        let shown = envelope.to_json();
+        assert_eq!(shown["data"], serde_json::Value::String(deep.clone()), "shown as its text");
+        let body = String::from_utf8(envelope.to_body()).expect("UTF-8");
+        assert!(body.contains(&format!(r#""data":{deep}"#)), "sent as it came: {body}");
+    }
+
+    #[test]
+    fn the_webhook_body_carries_the_data_as_it_came_in() {
+        let data = r#"{"n":12345678901234567890123,"b":1,"a":2}"#;
+        let message: Message =
+            serde_json::from_str(&format!(r#"{{"channel":"/orders","data":{data},"ext":{{"k":1}}}}"#))
+                .expect("the client takes it");
+        let envelope = Envelope {
+            source: "demo".into(),
+            subscription: "orders".into(),
+            session: "s".into(),
+            sequence: 1,
+            replay_id: None,
+            message: Arc::new(message),
+            received_at: SystemTime::now(),
+        };
+        let body = String::from_utf8(envelope.to_body()).expect("UTF-8");
+        assert_eq!(
+            body,
+            format!(
+                r#"{{"channel":"/orders","data":{data},"ext":{{"k":1}},"id":null,"source":"demo","subscription":"orders"}}"#
+            )
+        );
+        // The same keys and values as before, where serde_json can tell.
+        let mut expected = envelope.to_json();
+        expected["data"] = serde_json::from_str(data).unwrap();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap(), expected);
     }
 
     #[test]

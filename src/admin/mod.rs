@@ -22,11 +22,11 @@ pub use error::{ApiError, ErrorBody};
 pub use extract::ApiJson;
 pub(crate) use extract::body_from_value;
 
-use crate::bridge::{BacklogView, Bridge, Origin, ReloadReport, SourceView, SubscriptionView};
+use crate::bridge::{BacklogView, Bridge, LetterFilter, Origin, ReloadReport, SourceView, SubscriptionView};
 use crate::cometd::ReplayPosition;
 use crate::config::{RawSink, RawSubscription, Secret};
 use crate::reload::Reloader;
-use crate::store::DeadLetter;
+use crate::store::{DeadLetter, DeadLetterFilter};
 use crate::telemetry::metrics::Metrics;
 
 /// The largest request body accepted.
@@ -51,9 +51,9 @@ pub struct AdminState {
     info(title = "cometd-bridge admin API", description = "Manage the bridge's subscriptions and dead letters at runtime."),
     paths(
         healthz, readyz, metrics, list_sources, list_subscriptions, add_subscription, get_subscription,
-        delete_subscription, reset_position, list_dead_letters, retry_dead_letter, discard_dead_letter, reload, openapi
+        delete_subscription, reset_position, list_dead_letters, retry_dead_letter, discard_dead_letter, retry_dead_letters, discard_dead_letters, reload, openapi
     ),
-    components(schemas(SourceView, SubscriptionView, BacklogView, DeadLetterPage, RawSubscription, RawSink, DeadLetter, ErrorBody, Origin, PositionBody, ReloadReport)),
+    components(schemas(SourceView, SubscriptionView, BacklogView, DeadLetterPage, RawSubscription, RawSink, DeadLetter, DeadLetterFilter, BulkCount, ErrorBody, Origin, PositionBody, ReloadReport)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -79,6 +79,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/subscriptions/{id}", get(get_subscription).delete(delete_subscription))
         .route("/api/v1/subscriptions/{id}/position", post(reset_position))
         .route("/api/v1/dead-letters", get(list_dead_letters))
+        .route("/api/v1/dead-letters/retry", post(retry_dead_letters))
+        .route("/api/v1/dead-letters/discard", post(discard_dead_letters))
         .route("/api/v1/dead-letters/{id}", axum::routing::delete(discard_dead_letter))
         .route("/api/v1/dead-letters/{id}/retry", post(retry_dead_letter))
         .route("/api/v1/reload", post(reload))
@@ -359,6 +361,55 @@ async fn discard_dead_letter(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// How many dead letters a bulk retry or discard took.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BulkCount {
+    /// Dead letters requeued, or discarded.
+    count: u64,
+}
+
+/// The checked filter of a bulk request.
+fn letter_filter(filter: DeadLetterFilter) -> Result<LetterFilter, ApiError> {
+    LetterFilter::new(filter)
+        .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, "invalid_filter", error.to_string()))
+}
+
+/// Hands back to their subscriptions' sinks every dead letter that matches the filter
+/// (every field given must match; `{}` takes them all), each with its original bytes and
+/// delivery id. Those whose subscription no longer exists are skipped (logged, not
+/// counted); those stored during the call are not taken.
+#[utoipa::path(post, path = "/api/v1/dead-letters/retry", security(("bearer" = [])), request_body = DeadLetterFilter, responses(
+    (status = 200, description = "Queued for delivery: how many", body = BulkCount),
+    (status = 400, description = "Unknown key, or `before` not an RFC 3339 timestamp", body = ErrorBody),
+    (status = 401, body = ErrorBody),
+    (status = 413, body = ErrorBody),
+    (status = 415, body = ErrorBody)
+))]
+async fn retry_dead_letters(
+    State(state): State<AdminState>,
+    ApiJson(filter): ApiJson<DeadLetterFilter>,
+) -> Result<Json<BulkCount>, ApiError> {
+    let filter = letter_filter(filter)?;
+    Ok(Json(BulkCount { count: state.bridge.retry_dead_letters(&filter).await? }))
+}
+
+/// Discards every dead letter that matches the filter (every field given must match;
+/// `{}` takes them all); those stored during the call are kept.
+#[utoipa::path(post, path = "/api/v1/dead-letters/discard", security(("bearer" = [])), request_body = DeadLetterFilter, responses(
+    (status = 200, description = "Discarded: how many", body = BulkCount),
+    (status = 400, description = "Unknown key, or `before` not an RFC 3339 timestamp", body = ErrorBody),
+    (status = 401, body = ErrorBody),
+    (status = 413, body = ErrorBody),
+    (status = 415, body = ErrorBody)
+))]
+async fn discard_dead_letters(
+    State(state): State<AdminState>,
+    ApiJson(filter): ApiJson<DeadLetterFilter>,
+) -> Result<Json<BulkCount>, ApiError> {
+    let filter = letter_filter(filter)?;
+    Ok(Json(BulkCount { count: state.bridge.discard_dead_letters(&filter).await? }))
+}
+
 /// This document.
 #[utoipa::path(get, path = "/api/v1/openapi.json", security(("bearer" = [])), responses((status = 200, description = "The OpenAPI document")))]
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
@@ -391,6 +442,8 @@ mod tests {
             "/api/v1/dead-letters",
             "/api/v1/dead-letters/{id}",
             "/api/v1/dead-letters/{id}/retry",
+            "/api/v1/dead-letters/retry",
+            "/api/v1/dead-letters/discard",
             "/api/v1/openapi.json",
         ] {
             assert!(paths.contains_key(path), "{path} is missing from the OpenAPI document");

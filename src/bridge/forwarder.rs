@@ -70,6 +70,9 @@ struct Unsettled {
     bytes: u64,
     /// When the first message after them was received, if one is in flight.
     oldest_after: Option<SystemTime>,
+    /// The spool sequence of each dead letter of the settlement whose spooled record is
+    /// still to be read back (see [`Forwarder::attach_records`]).
+    letter_sequences: Vec<u64>,
 }
 
 /// Sleeps until `deadline`, or for ever without one.
@@ -272,16 +275,16 @@ impl Forwarder {
             return;
         }
         let part = &batch[*settled..end];
-        let dead_letters: Vec<DeadLetter> = part
+        let (letter_sequences, dead_letters): (Vec<u64>, Vec<DeadLetter>) = part
             .iter()
             .zip(&status[*settled..end])
             .filter_map(|(spooled, status)| match status {
                 Status::DeadLetter { reason, attempts } => {
-                    Some(dead_letter(&spooled.envelope, reason, *attempts))
+                    Some((spooled.sequence, dead_letter(&spooled.envelope, reason, *attempts)))
                 }
                 _ => None,
             })
-            .collect();
+            .unzip();
         let through = part.last().expect("not empty").sequence;
         let positions = self.positions(part);
         let entry = unsettled.get_or_insert_with(|| Unsettled {
@@ -295,9 +298,11 @@ impl Forwarder {
             messages: 0,
             bytes: 0,
             oldest_after: None,
+            letter_sequences: Vec::new(),
         });
         entry.settlement.through = through;
         entry.settlement.dead_letters.extend(dead_letters);
+        entry.letter_sequences.extend(letter_sequences);
         entry.settlement.positions = positions.or(entry.settlement.positions.take());
         entry.messages += part.len() as u64;
         entry.bytes += part.iter().map(|spooled| spooled.bytes).sum::<u64>();
@@ -309,9 +314,14 @@ impl Forwarder {
     /// positions in one transaction, retrying a failing store until `stop`. `false` when
     /// stopped first (the messages stay in the spool and are delivered again).
     async fn commit(&self, unsettled: &mut Option<Unsettled>, stop: &CancellationToken) -> bool {
-        let Some(done) = unsettled.take() else { return true };
+        let Some(mut done) = unsettled.take() else { return true };
         let mut failures = 0;
-        while let Err(error) = self.store.spool_settle(done.settlement.clone()).await {
+        loop {
+            let settled = match self.attach_records(&mut done).await {
+                Ok(()) => self.store.spool_settle(done.settlement.clone()).await,
+                Err(error) => Err(error),
+            };
+            let Err(error) = settled else { break };
             tracing::error!(subscription = %self.subscription, error = %error, "cannot settle delivered messages in the state store; trying again (they stay in the spool meanwhile)");
             failures += 1;
             if !pause(Duration::from_millis(100 * 2u64.pow(failures.min(6))), stop).await {
@@ -329,6 +339,42 @@ impl Forwarder {
         true
     }
 
+    /// Gives each dead letter of `done` its spooled record, read back from the store (it
+    /// is trimmed only by this settlement), so that a retry requeues exactly those bytes.
+    /// One read covers the span of the batch's dead letters (several when it is larger
+    /// than one read returns); dead letters are the exception, so deliveries pay nothing.
+    async fn attach_records(&self, done: &mut Unsettled) -> Result<(), crate::store::StoreError> {
+        let (Some(&first), Some(&last)) = (done.letter_sequences.first(), done.letter_sequences.last())
+        else {
+            return Ok(());
+        };
+        let mut records = std::collections::HashMap::with_capacity(done.letter_sequences.len());
+        let wanted: std::collections::HashSet<u64> = done.letter_sequences.iter().copied().collect();
+        let mut next = first;
+        while next <= last {
+            let span = usize::try_from(last - next + 1).unwrap_or(usize::MAX);
+            let entries = self.store.spool_read(&self.subscription, next, span).await?;
+            let Some(read_through) = entries.last().map(|entry| entry.sequence) else { break };
+            for entry in entries {
+                if wanted.contains(&entry.sequence) {
+                    records.insert(entry.sequence, entry.record);
+                }
+            }
+            next = read_through + 1;
+        }
+        for (letter, sequence) in done.settlement.dead_letters.iter_mut().zip(&done.letter_sequences) {
+            match records.remove(sequence).map(String::from_utf8) {
+                Some(Ok(record)) => letter.record = Some(record),
+                // Not there or not text (never seen): its retry rebuilds it from `message`.
+                _ => {
+                    tracing::warn!(subscription = %self.subscription, id = %letter.id, "the spooled record of a dead letter could not be read back; a retry will rebuild it")
+                }
+            }
+        }
+        done.letter_sequences.clear();
+        Ok(())
+    }
+
     /// The committed positions after `part`, when it carries replay ids.
     fn positions(&self, part: &[Spooled]) -> Option<crate::store::Positions> {
         let replay = self.replay.as_ref()?;
@@ -344,7 +390,8 @@ impl Forwarder {
     }
 }
 
-/// The dead letter of `envelope`.
+/// The dead letter of `envelope`, without its spooled record yet (the forwarder reads it
+/// back from the spool before storing it).
 pub fn dead_letter(envelope: &Envelope, reason: &str, attempts: u32) -> DeadLetter {
     DeadLetter {
         id: record_id(&envelope.delivery_id()),
@@ -357,5 +404,6 @@ pub fn dead_letter(envelope: &Envelope, reason: &str, attempts: u32) -> DeadLett
         reason: reason.to_string(),
         attempts,
         failed_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        record: None,
     }
 }

@@ -3,6 +3,7 @@
 //! subscriptions at runtime, reloading the configuration (`reload`), and the shutdown
 //! that stops them in the contract's order.
 
+mod dead_letters;
 pub mod forwarder;
 mod registry;
 mod reload;
@@ -15,29 +16,29 @@ mod views;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cometd::{
-    AckConfirmer, AckExtension, Client, DEFAULT_CONFIRM_WAIT, Data, Error, Message, ReplayExtension,
-    ReplayPosition, SalesforceAuth, SessionState,
+    AckConfirmer, AckExtension, Client, DEFAULT_CONFIRM_WAIT, Error, ReplayExtension, ReplayPosition,
+    SalesforceAuth, SessionState,
 };
 use crate::config::{
     self, Config, Env, RawSink, RawSubscription, SectionFingerprints, SinkConfig, SourceConfig,
     SubscriptionConfig,
 };
-use crate::delivery::Envelope;
 use crate::sink::{NatsSink, RetryPolicy, Sink, WebhookSink};
-use crate::store::{DeadLetter, SpoolAppend, SpoolSummary, Store};
+use crate::store::{SpoolSummary, Store};
 use crate::telemetry::metrics::Metrics;
+pub use dead_letters::{FilterError, LetterFilter, parse_rfc3339};
 use forwarder::{Counters, Forwarder, Stop};
 use registry::{Registry, SubscriptionEntry};
 use replay::{ReplayState, SourcePositions};
 use source::{Route, Routes, Source, Spooler};
-use spool::{Spool, SpoolLimit, Spooled};
+use spool::{Spool, SpoolLimit};
 pub use views::{BacklogView, BridgeError, Origin, ReloadReport, SourceView, SubscriptionView};
 
 /// How long shutdown waits at most for the servers' answers to `/meta/disconnect`.
@@ -654,76 +655,11 @@ impl Bridge {
             .collect()
     }
 
-    /// Up to `limit` dead letters in id order after the id `after`, and the id to continue
-    /// after when more follow.
-    ///
-    /// # Errors
-    /// [`BridgeError::Store`].
-    pub async fn dead_letters_page(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<(Vec<DeadLetter>, Option<String>), BridgeError> {
-        let (letters, more) = self.store.dead_letters_page(after, limit).await?;
-        let next = more.then(|| letters.last().map(|letter| letter.id.clone())).flatten();
-        Ok((letters, next))
-    }
-
-    /// Removes a dead letter for good.
-    ///
-    /// # Errors
-    /// [`BridgeError::NotFound`], [`BridgeError::Store`].
-    pub async fn discard_dead_letter(&self, id: &str) -> Result<(), BridgeError> {
-        match self.store.delete_dead_letter(id).await? {
-            true => Ok(()),
-            false => Err(BridgeError::NotFound(format!("dead letter {id:?}"))),
-        }
-    }
-
-    /// Hands a dead letter back to its subscription: in one transaction it leaves the
-    /// dead letters and joins the spool, with its original delivery id (so `webhook-id`
-    /// and `Nats-Msg-Id` stay the same). If it fails again it is a dead letter again.
-    ///
-    /// # Errors
-    /// [`BridgeError::NotFound`] (also when a concurrent retry took it), [`BridgeError::Conflict`]
-    /// when its subscription is gone, [`BridgeError::Store`].
-    pub async fn retry_dead_letter(&self, id: &str) -> Result<(), BridgeError> {
-        let not_found = || BridgeError::NotFound(format!("dead letter {id:?}"));
-        let letter = self.store.dead_letter(id).await?.ok_or_else(not_found)?;
-        let spool =
-            self.subscriptions.get(&letter.subscription, |entry| entry.spool.clone()).ok_or_else(|| {
-                BridgeError::Conflict(format!(
-                    "subscription {:?} no longer exists; discard the dead letter instead",
-                    letter.subscription
-                ))
-            })?;
-        let message = &letter.message;
-        let envelope = Envelope {
-            source: letter.source.as_str().into(),
-            subscription: letter.subscription.as_str().into(),
-            session: letter.session.as_str().into(),
-            sequence: letter.sequence,
-            replay_id: letter.replay_id,
-            message: Arc::new(Message {
-                id: message["id"].as_str().map(str::to_owned),
-                data: Some(&message["data"]).filter(|data| !data.is_null()).map(Data::from),
-                ext: message["ext"].as_object().cloned(),
-                ..Message::new(message["channel"].as_str().unwrap_or_default())
-            }),
-            received_at: SystemTime::now(),
-        };
-        let record = envelope.to_record();
-        let bytes = record.len() as u64;
-        let append = SpoolAppend { subscription: envelope.subscription.clone(), record };
-        let sequence = self.store.requeue_dead_letter(id, append).await?.ok_or_else(not_found)?;
-        spool.appended([Spooled { sequence, bytes, envelope }]);
-        Ok(())
-    }
-
     /// Updates the spool gauges, before metrics are rendered.
     pub fn refresh_metrics(&self) {
         self.metrics.state_errors(self.store.unreadable_records());
         self.metrics.store_healthy(self.store.unhealthy().is_none());
+        self.metrics.dead_letters_evicted(self.store.dead_letters_evicted());
         self.subscriptions.all(|entry| {
             let backlog = BacklogView::from(entry.spool.backlog());
             let age = Duration::from_secs_f64(backlog.oldest_age_seconds);
@@ -854,7 +790,7 @@ async fn newest_spooled_replay_ids(
 ) -> Result<crate::store::Positions, BridgeError> {
     let mut newest = crate::store::Positions::new();
     let note = |newest: &mut crate::store::Positions, record: &[u8]| {
-        if let Ok(envelope) = Envelope::from_record(record)
+        if let Ok(envelope) = crate::delivery::Envelope::from_record(record)
             && let Some(replay_id) = envelope.replay_id
         {
             let id = newest.entry(envelope.message.channel.clone()).or_insert(replay_id);

@@ -127,6 +127,9 @@ pub struct StateConfig {
     pub spool_max_bytes: u64,
     /// The free disk space under which the embedded store takes no more messages.
     pub min_free_bytes: u64,
+    /// The most the dead letters together may hold (their stored size); beyond it the
+    /// oldest are evicted, counted and logged.
+    pub dead_letters_max_bytes: u64,
 }
 
 /// `state.backend`: where runtime subscriptions, replay positions, dead letters and spools
@@ -562,6 +565,27 @@ mod tests {
                 "{problems:?}"
             );
             assert_eq!(problems[2], "admin.bogus: unknown key");
+        }
+    }
+
+    #[test]
+    fn dead_letters_are_bounded_by_a_size() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("bridge.toml");
+        let sources = "[[sources]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/bayeux\"\n";
+        std::fs::write(&file, sources).expect("write");
+        assert_eq!(load(&file, &Env::new()).expect("valid").state.dead_letters_max_bytes, 256 << 20);
+        std::fs::write(&file, format!("[state]\ndead_letters_max_bytes = \"3KiB\"\n{sources}"))
+            .expect("write");
+        assert_eq!(load(&file, &Env::new()).expect("valid").state.dead_letters_max_bytes, 3 << 10);
+        for bad in ["lots", "0"] {
+            std::fs::write(&file, format!("[state]\ndead_letters_max_bytes = \"{bad}\"\n{sources}"))
+                .expect("write");
+            let error = load(&file, &Env::new()).expect_err("refused").to_string();
+            assert!(
+                error.contains(&format!("state.dead_letters_max_bytes: \"{bad}\" is not a size")),
+                "{error}"
+            );
         }
     }
 

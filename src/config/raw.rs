@@ -82,6 +82,10 @@ pub struct RawState {
     /// `"256MiB"`.
     #[serde(default = "default_min_free_bytes")]
     pub min_free_bytes: String,
+    /// The most the dead letters together may hold before the oldest are evicted, e.g.
+    /// `"256MiB"`.
+    #[serde(default = "default_dead_letters_max_bytes")]
+    pub dead_letters_max_bytes: String,
 }
 
 impl Default for RawState {
@@ -92,6 +96,7 @@ impl Default for RawState {
             bucket: default_state_bucket(),
             spool_max_bytes: default_spool_max_bytes(),
             min_free_bytes: default_min_free_bytes(),
+            dead_letters_max_bytes: default_dead_letters_max_bytes(),
         }
     }
 }
@@ -105,6 +110,10 @@ fn default_spool_max_bytes() -> String {
 }
 
 fn default_min_free_bytes() -> String {
+    "256MiB".into()
+}
+
+fn default_dead_letters_max_bytes() -> String {
     "256MiB".into()
 }
 

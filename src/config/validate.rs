@@ -147,6 +147,19 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         );
         0
     });
+    let dead_letters_max_bytes = match parse_size(&raw.state.dead_letters_max_bytes) {
+        Some(bytes) if bytes > 0 => bytes,
+        _ => {
+            check.problem(
+                "state.dead_letters_max_bytes",
+                format!(
+                    "{:?} is not a size; write e.g. \"256MiB\", \"1GiB\" or \"100MB\"",
+                    raw.state.dead_letters_max_bytes
+                ),
+            );
+            1
+        }
+    };
 
     let nats = nats_config(&mut check, &raw);
 
@@ -203,7 +216,13 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             allow_private_webhooks: raw.admin.allow_private_webhooks,
             allow_unauthenticated: raw.admin.allow_unauthenticated,
         },
-        state: StateConfig { backend, path: PathBuf::from(&raw.state.path), spool_max_bytes, min_free_bytes },
+        state: StateConfig {
+            backend,
+            path: PathBuf::from(&raw.state.path),
+            spool_max_bytes,
+            min_free_bytes,
+            dead_letters_max_bytes,
+        },
         nats,
         bridge: BridgeConfig { queue_capacity, shutdown_grace },
         sources,

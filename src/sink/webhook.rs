@@ -96,7 +96,7 @@ impl WebhookSink {
     }
 
     async fn post(&self, envelope: &Envelope) -> Result<(), Failure> {
-        let body = serde_json::to_vec(&envelope.to_json()).expect("JSON values serialize");
+        let body = envelope.to_body();
         let id = visible_ascii(&format!("msg_{}", envelope.delivery_id()));
         // `webhook-id` on every request, signed or not: the receiver's key to drop a
         // redelivery.

@@ -43,6 +43,16 @@ use crate::config::RawSubscription;
 const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
 const DEAD_LETTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("dead_letters");
 const POSITIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("positions");
+/// The dead letters' ids by age (the order they were stored in): ids are delivery ids,
+/// whose order is not their age.
+const DEAD_LETTER_AGES: TableDefinition<u64, &str> = TableDefinition::new("dead_letter_ages");
+/// Each dead letter's age and stored size, by id.
+const DEAD_LETTER_SIZES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("dead_letter_sizes");
+/// [`BYTES`] (the dead letters' total size) and [`NEXT_AGE`]: with the two tables above,
+/// a dead letter is stored and the oldest evicted without reading the others.
+const DEAD_LETTER_TOTALS: TableDefinition<&str, u64> = TableDefinition::new("dead_letter_totals");
+const BYTES: &str = "bytes";
+const NEXT_AGE: &str = "next_age";
 /// Spooled messages, one record per appended batch, by (subscription, the batch's first
 /// sequence): a range scan per subscription reads its spool in order. One record per
 /// batch rather than per message makes an append one B-tree insert (see [`batch`]).
@@ -99,6 +109,10 @@ struct Shared {
     failure: Mutex<Option<Failure>>,
     /// Records skipped because they could not be read.
     unreadable: AtomicU64,
+    /// `state.dead_letters_max_bytes`.
+    max_letter_bytes: AtomicU64,
+    /// Dead letters evicted since the store opened.
+    evicted: AtomicU64,
     /// When the oldest settlement not yet synced was committed, in milliseconds after
     /// `epoch` (at least 1); 0 when everything committed is durable.
     unsynced_since: AtomicU64,
@@ -191,6 +205,8 @@ impl EmbeddedStore {
             db: RwLock::new(None),
             failure: Mutex::new(None),
             unreadable: AtomicU64::new(0),
+            max_letter_bytes: AtomicU64::new(super::DEAD_LETTERS_MAX_BYTES),
+            evicted: AtomicU64::new(0),
             unsynced_since: AtomicU64::new(0),
             epoch: Instant::now(),
             free: FreeSpace::new(dir.to_path_buf(), min_free_bytes),
@@ -232,10 +248,14 @@ impl EmbeddedStore {
             txn.open_table(SPOOL)?;
             txn.open_table(SPOOL_NEXT)?;
             txn.open_table(SPOOL_SETTLED)?;
+            txn.open_table(DEAD_LETTER_AGES)?;
+            txn.open_table(DEAD_LETTER_SIZES)?;
+            txn.open_table(DEAD_LETTER_TOTALS)?;
             Ok(())
         })?;
         store.migrate_file_store(dir)?;
         store.migrate_per_message_spool()?;
+        store.index_dead_letters()?;
         Ok(store)
     }
 
@@ -375,6 +395,80 @@ impl EmbeddedStore {
         .await
     }
 
+    /// Indexes the dead letters by age with their sizes when the database has no index yet
+    /// (written before dead letters were bounded, or just imported), oldest first by
+    /// `failed_at`.
+    fn index_dead_letters(&self) -> Result<(), StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Age {
+            #[serde(default)]
+            failed_at: String,
+            #[serde(default)]
+            sequence: u64,
+        }
+        let indexed = self.read(|txn| Ok(txn.open_table(DEAD_LETTER_TOTALS)?.get(NEXT_AGE)?.is_some()))?;
+        if indexed {
+            return Ok(());
+        }
+        let count = self.write(|txn| {
+            let mut letters: Vec<(String, u64, Age)> = Vec::new();
+            for entry in txn.open_table(DEAD_LETTERS)?.iter()? {
+                let (key, value) = entry?;
+                let age = serde_json::from_slice(value.value())
+                    .unwrap_or(Age { failed_at: String::new(), sequence: 0 });
+                letters.push((key.value().to_string(), value.value().len() as u64, age));
+            }
+            letters.sort_by(|a, b| {
+                (&a.2.failed_at, a.2.sequence, &a.0).cmp(&(&b.2.failed_at, b.2.sequence, &b.0))
+            });
+            let mut ages = txn.open_table(DEAD_LETTER_AGES)?;
+            let mut sizes = txn.open_table(DEAD_LETTER_SIZES)?;
+            ages.retain(|_, _| false)?;
+            sizes.retain(|_, _| false)?;
+            let mut total = 0;
+            for (age, (id, size, _)) in (0u64..).zip(&letters) {
+                ages.insert(age, id.as_str())?;
+                sizes.insert(id.as_str(), (age, *size))?;
+                total += size;
+            }
+            let mut totals = txn.open_table(DEAD_LETTER_TOTALS)?;
+            totals.insert(BYTES, total)?;
+            totals.insert(NEXT_AGE, letters.len() as u64)?;
+            Ok(letters.len())
+        })?;
+        if count > 0 {
+            tracing::info!(dead_letters = count, "indexed the dead letters by age and size");
+        }
+        Ok(())
+    }
+
+    /// Logs and counts evicted dead letters, once their transaction committed.
+    fn evicted(&self, evicted: &[String]) {
+        self.shared.evicted.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        super::log_evicted(evicted, self.shared.max_letter_bytes.load(Ordering::Relaxed));
+    }
+
+    /// Stores dead letters (`(id, stored form)`) in one synced transaction; what they
+    /// evicted is logged and counted.
+    async fn put_dead_letters(&self, letters: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
+        let max = self.shared.max_letter_bytes.load(Ordering::Relaxed);
+        let evicted = self
+            .blocking(move |store| {
+                store.write(|txn| {
+                    let mut tables = LetterTables::open(txn)?;
+                    let mut evicted = Vec::new();
+                    for (id, bytes) in &letters {
+                        evicted.extend(tables.insert(id, bytes, max)?);
+                    }
+                    tables.finish()?;
+                    Ok(evicted)
+                })
+            })
+            .await?;
+        self.evicted(&evicted);
+        Ok(())
+    }
+
     /// Moves a spool written one record per message (before spools were kept by batch)
     /// into batches of one, in one transaction, and drops the old table.
     fn migrate_per_message_spool(&self) -> Result<(), StoreError> {
@@ -457,6 +551,8 @@ impl EmbeddedStore {
             for (name, bytes) in &positions {
                 table.insert(name.as_str(), bytes.as_slice())?;
             }
+            // The dead letters are indexed by age again, these included.
+            txn.open_table(DEAD_LETTER_TOTALS)?.remove(NEXT_AGE)?;
             Ok(())
         })?;
         let aside = dir.join("migrated-file-store");
@@ -660,7 +756,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
-        self.put(DEAD_LETTERS, &letter.id, letter).await
+        let bytes = serde_json::to_vec(letter).expect("records serialize");
+        self.put_dead_letters(vec![(letter.id.clone(), bytes)]).await
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
@@ -703,7 +800,30 @@ impl Store for EmbeddedStore {
     }
 
     async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
-        self.remove(DEAD_LETTERS, id).await
+        Ok(self.delete_dead_letters(vec![id.to_string()]).await? == 1)
+    }
+
+    async fn delete_dead_letters(&self, ids: Vec<String>) -> Result<u64, StoreError> {
+        self.blocking(move |store| {
+            store.write(|txn| {
+                let mut tables = LetterTables::open(txn)?;
+                let mut removed = 0;
+                for id in &ids {
+                    removed += u64::from(tables.remove(id)?);
+                }
+                tables.finish()?;
+                Ok(removed)
+            })
+        })
+        .await
+    }
+
+    fn limit_dead_letters(&self, max_bytes: u64) {
+        self.shared.max_letter_bytes.store(max_bytes, Ordering::Relaxed);
+    }
+
+    fn dead_letters_evicted(&self) -> u64 {
+        self.shared.evicted.load(Ordering::Relaxed)
     }
 
     async fn positions(&self, subscription: &str) -> Result<Positions, StoreError> {
@@ -822,28 +942,36 @@ impl Store for EmbeddedStore {
         // batch's dead letters and position, so the batch is delivered again (under the same
         // delivery ids) and nothing is lost; syncing each settlement would double the syncs.
         // The next append syncs it, or else the keeper within about a second.
-        self.blocking(move |store| {
-            store.write_with(Durability::None, |txn| {
-                let subscription = settlement.subscription.as_str();
-                let through = settlement.through;
-                // Batches settled whole go; one settled in part stays, read from after
-                // `through`.
-                txn.open_table(SPOOL)?
-                    .retain_in((subscription, 0)..=(subscription, through), |key, value| {
-                        key.1 + batch::count(value) - 1 > through
-                    })?;
-                txn.open_table(SPOOL_SETTLED)?.insert(subscription, through)?;
-                let mut table = txn.open_table(DEAD_LETTERS)?;
-                for (id, bytes) in &letters {
-                    table.insert(id.as_str(), bytes.as_slice())?;
-                }
-                if let Some(positions) = &positions {
-                    txn.open_table(POSITIONS)?.insert(subscription, positions.as_slice())?;
-                }
-                Ok(())
+        let max = self.shared.max_letter_bytes.load(Ordering::Relaxed);
+        let evicted = self
+            .blocking(move |store| {
+                store.write_with(Durability::None, |txn| {
+                    let subscription = settlement.subscription.as_str();
+                    let through = settlement.through;
+                    // Batches settled whole go; one settled in part stays, read from after
+                    // `through`.
+                    txn.open_table(SPOOL)?
+                        .retain_in((subscription, 0)..=(subscription, through), |key, value| {
+                            key.1 + batch::count(value) - 1 > through
+                        })?;
+                    txn.open_table(SPOOL_SETTLED)?.insert(subscription, through)?;
+                    let mut evicted = Vec::new();
+                    if !letters.is_empty() {
+                        let mut tables = LetterTables::open(txn)?;
+                        for (id, bytes) in &letters {
+                            evicted.extend(tables.insert(id, bytes, max)?);
+                        }
+                        tables.finish()?;
+                    }
+                    if let Some(positions) = &positions {
+                        txn.open_table(POSITIONS)?.insert(subscription, positions.as_slice())?;
+                    }
+                    Ok(evicted)
+                })
             })
-        })
-        .await
+            .await?;
+        self.evicted(&evicted);
+        Ok(())
     }
 
     /// Each append is a synced commit, which costs redb a few hundred microseconds of CPU
@@ -918,24 +1046,106 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn requeue_dead_letter(&self, id: &str, append: SpoolAppend) -> Result<Option<u64>, StoreError> {
-        let id = id.to_string();
+    /// One synced transaction for all of them: each requeued one is a batch of one in its
+    /// spool (the spool reads them in order like any other).
+    async fn requeue_dead_letters(
+        &self,
+        requeues: Vec<(String, SpoolAppend)>,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
         self.blocking(move |store| {
             store.shared.free.check(&store.shared.path)?;
             store.write(|txn| {
-                if txn.open_table(DEAD_LETTERS)?.remove(id.as_str())?.is_none() {
-                    return Ok(None);
-                }
-                let subscription = append.subscription.as_ref();
+                let mut tables = LetterTables::open(txn)?;
                 let mut counters = txn.open_table(SPOOL_NEXT)?;
-                let sequence = next_sequence(&counters, subscription)?;
-                txn.open_table(SPOOL)?
-                    .insert((subscription, sequence), batch::encode([append.record.as_slice()]).as_slice())?;
-                counters.insert(subscription, sequence + 1)?;
-                Ok(Some(sequence))
+                let mut spool = txn.open_table(SPOOL)?;
+                let mut sequences = Vec::with_capacity(requeues.len());
+                for (id, append) in &requeues {
+                    if !tables.remove(id)? {
+                        sequences.push(None);
+                        continue;
+                    }
+                    let subscription = append.subscription.as_ref();
+                    let sequence = next_sequence(&counters, subscription)?;
+                    spool.insert(
+                        (subscription, sequence),
+                        batch::encode([append.record.as_slice()]).as_slice(),
+                    )?;
+                    counters.insert(subscription, sequence + 1)?;
+                    sequences.push(Some(sequence));
+                }
+                tables.finish()?;
+                Ok(sequences)
             })
         })
         .await
+    }
+}
+
+/// The dead letters and their index by age and size, open in one write transaction.
+struct LetterTables<'txn> {
+    letters: redb::Table<'txn, &'static str, &'static [u8]>,
+    ages: redb::Table<'txn, u64, &'static str>,
+    sizes: redb::Table<'txn, &'static str, (u64, u64)>,
+    totals: redb::Table<'txn, &'static str, u64>,
+    bytes: u64,
+    next_age: u64,
+}
+
+impl<'txn> LetterTables<'txn> {
+    fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, redb::Error> {
+        let totals = txn.open_table(DEAD_LETTER_TOTALS)?;
+        let bytes = totals.get(BYTES)?.map_or(0, |bytes| bytes.value());
+        let next_age = totals.get(NEXT_AGE)?.map_or(0, |next| next.value());
+        Ok(LetterTables {
+            letters: txn.open_table(DEAD_LETTERS)?,
+            ages: txn.open_table(DEAD_LETTER_AGES)?,
+            sizes: txn.open_table(DEAD_LETTER_SIZES)?,
+            totals,
+            bytes,
+            next_age,
+        })
+    }
+
+    /// Stores a dead letter (replacing one of its id) as the newest, then evicts the
+    /// oldest while the total is over `max` (the new one too when it alone is larger);
+    /// returns the evicted ids. Reads only the index entries it removes.
+    fn insert(&mut self, id: &str, bytes: &[u8], max: u64) -> Result<Vec<String>, redb::Error> {
+        self.remove(id)?;
+        let age = self.next_age;
+        self.next_age += 1;
+        let size = bytes.len() as u64;
+        self.letters.insert(id, bytes)?;
+        self.ages.insert(age, id)?;
+        self.sizes.insert(id, (age, size))?;
+        self.bytes += size;
+        let mut evicted = Vec::new();
+        while self.bytes > max {
+            let Some((_, oldest)) = self.ages.pop_first()? else { break };
+            let oldest = oldest.value().to_string();
+            self.letters.remove(oldest.as_str())?;
+            if let Some(entry) = self.sizes.remove(oldest.as_str())? {
+                self.bytes = self.bytes.saturating_sub(entry.value().1);
+            }
+            evicted.push(oldest);
+        }
+        Ok(evicted)
+    }
+
+    /// Removes a dead letter; `false` when there was none.
+    fn remove(&mut self, id: &str) -> Result<bool, redb::Error> {
+        if let Some(entry) = self.sizes.remove(id)? {
+            let (age, size) = entry.value();
+            self.ages.remove(age)?;
+            self.bytes = self.bytes.saturating_sub(size);
+        }
+        Ok(self.letters.remove(id)?.is_some())
+    }
+
+    /// Writes the totals back.
+    fn finish(mut self) -> Result<(), redb::Error> {
+        self.totals.insert(BYTES, self.bytes)?;
+        self.totals.insert(NEXT_AGE, self.next_age)?;
+        Ok(())
     }
 }
 

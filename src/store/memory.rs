@@ -4,10 +4,12 @@
 //! backlog on a stop.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
+use super::bound::LetterBound;
 use super::{DeadLetter, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError};
 use crate::config::RawSubscription;
 
@@ -18,6 +20,7 @@ struct State {
     positions: BTreeMap<String, Positions>,
     spools: BTreeMap<(String, u64), Vec<u8>>,
     next: BTreeMap<String, u64>,
+    bound: LetterBound,
 }
 
 impl State {
@@ -29,6 +32,21 @@ impl State {
         sequence
     }
 
+    /// Stores a dead letter within `max` bytes; the ids evicted for it.
+    fn add_dead_letter(&mut self, letter: DeadLetter, max: u64) -> Vec<String> {
+        let evicted = self.bound.insert(&letter.id, letter.stored_size(), max);
+        self.dead_letters.insert(letter.id.clone(), letter);
+        for id in &evicted {
+            self.dead_letters.remove(id);
+        }
+        evicted
+    }
+
+    fn remove_dead_letter(&mut self, id: &str) -> bool {
+        self.bound.remove(id);
+        self.dead_letters.remove(id).is_some()
+    }
+
     fn spool_keys(&self, subscription: &str, from: u64, through: u64) -> Vec<(String, u64)> {
         self.spools
             .range((subscription.to_string(), from)..=(subscription.to_string(), through))
@@ -38,9 +56,21 @@ impl State {
 }
 
 /// State in memory.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    max_letter_bytes: AtomicU64,
+    evicted: AtomicU64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            state: Mutex::default(),
+            max_letter_bytes: AtomicU64::new(super::DEAD_LETTERS_MAX_BYTES),
+            evicted: AtomicU64::new(0),
+        }
+    }
 }
 
 impl MemoryStore {
@@ -51,6 +81,23 @@ impl MemoryStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stores dead letters under the bound (in `state`, locked by the caller); returns
+    /// what they evicted, for [`evicted`](MemoryStore::evicted) once the lock is released.
+    fn add_dead_letters(
+        &self,
+        state: &mut State,
+        letters: impl IntoIterator<Item = DeadLetter>,
+    ) -> Vec<String> {
+        let max = self.max_letter_bytes.load(Ordering::Relaxed);
+        letters.into_iter().flat_map(|letter| state.add_dead_letter(letter, max)).collect()
+    }
+
+    /// Logs and counts evicted dead letters.
+    fn evicted(&self, evicted: &[String]) {
+        self.evicted.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        super::log_evicted(evicted, self.max_letter_bytes.load(Ordering::Relaxed));
     }
 }
 
@@ -70,7 +117,8 @@ impl Store for MemoryStore {
     }
 
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
-        self.lock().dead_letters.insert(letter.id.clone(), letter.clone());
+        let evicted = self.add_dead_letters(&mut self.lock(), [letter.clone()]);
+        self.evicted(&evicted);
         Ok(())
     }
 
@@ -106,7 +154,20 @@ impl Store for MemoryStore {
     }
 
     async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.lock().dead_letters.remove(id).is_some())
+        Ok(self.lock().remove_dead_letter(id))
+    }
+
+    async fn delete_dead_letters(&self, ids: Vec<String>) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        Ok(ids.iter().filter(|id| state.remove_dead_letter(id)).count() as u64)
+    }
+
+    fn limit_dead_letters(&self, max_bytes: u64) {
+        self.max_letter_bytes.store(max_bytes, Ordering::Relaxed);
+    }
+
+    fn dead_letters_evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 
     async fn positions(&self, subscription: &str) -> Result<Positions, StoreError> {
@@ -154,12 +215,12 @@ impl Store for MemoryStore {
         for key in state.spool_keys(&settlement.subscription, 0, settlement.through) {
             state.spools.remove(&key);
         }
-        for letter in settlement.dead_letters {
-            state.dead_letters.insert(letter.id.clone(), letter);
-        }
         if let Some(positions) = settlement.positions {
             state.positions.insert(settlement.subscription, positions);
         }
+        let evicted = self.add_dead_letters(&mut state, settlement.dead_letters);
+        drop(state);
+        self.evicted(&evicted);
         Ok(())
     }
 
@@ -188,11 +249,14 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn requeue_dead_letter(&self, id: &str, append: SpoolAppend) -> Result<Option<u64>, StoreError> {
+    async fn requeue_dead_letters(
+        &self,
+        requeues: Vec<(String, SpoolAppend)>,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
         let mut state = self.lock();
-        if state.dead_letters.remove(id).is_none() {
-            return Ok(None);
-        }
-        Ok(Some(state.append(&append)))
+        Ok(requeues
+            .iter()
+            .map(|(id, append)| state.remove_dead_letter(id).then(|| state.append(append)))
+            .collect())
     }
 }

@@ -9,6 +9,7 @@
 //! by the embedded store on its first start.
 
 mod batch;
+mod bound;
 mod disk;
 mod embedded;
 #[cfg(test)]
@@ -65,6 +66,60 @@ pub struct DeadLetter {
     pub attempts: u32,
     /// When it was stored, RFC 3339.
     pub failed_at: String,
+    /// The message exactly as its spool held it (the JSON text of the spooled record), so
+    /// that a retry requeues the bytes of the first attempt rather than a rebuild of
+    /// `message`. Kept by the store, not shown by the API; absent on dead letters stored
+    /// before it was kept (their retry rebuilds the message from `message`).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "raw_record")]
+    #[schema(ignore)]
+    pub record: Option<String>,
+}
+
+impl DeadLetter {
+    /// The size it counts against `state.dead_letters_max_bytes`: its stored form.
+    pub fn stored_size(&self) -> u64 {
+        serde_json::to_vec(self).map_or(0, |bytes| bytes.len() as u64)
+    }
+}
+
+/// A dead letter's spooled record written into the dead letter's JSON as the JSON it is
+/// (not as an escaped string), and read back as its exact text.
+mod raw_record {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::value::RawValue;
+
+    // serde's `with` hands the field by reference.
+    #[allow(clippy::ref_option)]
+    pub fn serialize<S: Serializer>(record: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+        match record {
+            Some(text) => {
+                let raw: &RawValue = serde_json::from_str(text).map_err(serde::ser::Error::custom)?;
+                raw.serialize(serializer)
+            }
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+        Ok(Option::<Box<RawValue>>::deserialize(deserializer)?.map(|raw| String::from(Box::<str>::from(raw))))
+    }
+}
+
+/// Which dead letters a bulk retry or discard takes; every field given must match.
+#[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterFilter {
+    /// Only the dead letters of this subscription (its id, exactly).
+    #[serde(default)]
+    pub subscription: Option<String>,
+    /// Only those whose reason contains this text (case-sensitive substring).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Only those stored before this instant (RFC 3339, e.g. `2026-01-01T00:00:00Z` or
+    /// with an offset).
+    #[serde(default)]
+    #[schema(format = DateTime)]
+    pub before: Option<String>,
 }
 
 /// A failure of the state store.
@@ -213,8 +268,37 @@ pub trait Store: Send + Sync + 'static {
     async fn spool_delete(&self, subscription: &str) -> Result<(), StoreError>;
     /// Removes a dead letter and appends it to its subscription's spool, both or neither;
     /// `None` when the dead letter was not there (already retried or discarded).
-    async fn requeue_dead_letter(&self, id: &str, append: SpoolAppend) -> Result<Option<u64>, StoreError>;
+    async fn requeue_dead_letter(&self, id: &str, append: SpoolAppend) -> Result<Option<u64>, StoreError> {
+        Ok(self.requeue_dead_letters(vec![(id.to_string(), append)]).await?.pop().flatten())
+    }
+    /// [`requeue_dead_letter`](Store::requeue_dead_letter) for many at once, in one
+    /// transaction where the store has them: each one's spool sequence, or `None` for one
+    /// that was not there. Of two concurrent requeues of one dead letter, one gets `None`.
+    async fn requeue_dead_letters(
+        &self,
+        requeues: Vec<(String, SpoolAppend)>,
+    ) -> Result<Vec<Option<u64>>, StoreError>;
+    /// Removes these dead letters (in one transaction where the store has them); how many
+    /// were there.
+    async fn delete_dead_letters(&self, ids: Vec<String>) -> Result<u64, StoreError>;
+    /// Bounds the dead letters to `max_bytes` of stored size: from then on, storing one
+    /// beyond it evicts the oldest (in the same transaction where the store has them),
+    /// logs their ids and counts them in [`dead_letters_evicted`](Store::dead_letters_evicted).
+    fn limit_dead_letters(&self, max_bytes: u64);
+    /// Dead letters evicted since the store opened, for
+    /// `cometd_bridge_dead_letters_evicted_total`.
+    fn dead_letters_evicted(&self) -> u64;
 }
+
+/// Logs dead letters evicted to stay within `state.dead_letters_max_bytes`.
+fn log_evicted(evicted: &[String], max_bytes: u64) {
+    for id in evicted {
+        tracing::warn!(id = %id, max_bytes, "dead letter evicted: the dead letters are over state.dead_letters_max_bytes");
+    }
+}
+
+/// The default bound on dead letters, until [`Store::limit_dead_letters`] sets one.
+pub const DEAD_LETTERS_MAX_BYTES: u64 = 256 << 20;
 
 /// How many bytes of messages one spool read returns at most (beyond its first message):
 /// a forwarder that fell behind reads its backlog in parts of bounded memory, whatever

@@ -7,6 +7,14 @@
 //! since ids may hold characters a key may not; each record keeps its own id.
 //!
 //! Spools are JetStream streams, one per subscription (see [`NatsSpool`]).
+//!
+//! The bound on dead letters (`state.dead_letters_max_bytes`) is kept in memory: each
+//! letter's age and size, read once when the store opens (one get per dead letter), then
+//! followed by every write. A KV bucket has no transactions, so an eviction is a purge
+//! per evicted letter after the put that caused it (a crash in between leaves the bucket
+//! over its bound until the next put). Requeues and removals of dead letters are
+//! serialised within the process, so that two concurrent retries of one dead letter
+//! requeue it once.
 
 use async_nats::jetstream::{self, kv};
 use base64::Engine;
@@ -17,7 +25,9 @@ use serde::de::DeserializeOwned;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::bound::LetterBound;
 use super::{
     DeadLetter, NatsSpool, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError,
 };
@@ -30,6 +40,22 @@ pub struct NatsKvStore {
     dead_letters: Bucket,
     positions: Bucket,
     spool: Arc<NatsSpool>,
+    letters: Arc<Letters>,
+}
+
+/// The dead letters' bound, and the lock that serialises their requeues and removals.
+#[derive(Debug)]
+struct Letters {
+    bound: std::sync::Mutex<LetterBound>,
+    max_bytes: AtomicU64,
+    evicted: AtomicU64,
+    changing: tokio::sync::Mutex<()>,
+}
+
+impl Letters {
+    fn bound(&self) -> std::sync::MutexGuard<'_, LetterBound> {
+        self.bound.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// One bucket and its name, for error messages.
@@ -57,13 +83,88 @@ impl NatsKvStore {
         for bucket in [&mut subscriptions, &mut dead_letters, &mut positions] {
             bucket.unreadable = unreadable.clone();
         }
+        let bound = index_dead_letters(&dead_letters).await?;
         Ok(NatsKvStore {
             subscriptions,
             dead_letters,
             positions,
             spool: Arc::new(NatsSpool::new(client, bucket)),
+            letters: Arc::new(Letters {
+                bound: std::sync::Mutex::new(bound),
+                max_bytes: AtomicU64::new(super::DEAD_LETTERS_MAX_BYTES),
+                evicted: AtomicU64::new(0),
+                changing: tokio::sync::Mutex::new(()),
+            }),
         })
     }
+
+    /// Stores dead letters, then purges what they evicted (logged and counted).
+    async fn put_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        let _changing = self.letters.changing.lock().await;
+        let max = self.letters.max_bytes.load(Ordering::Relaxed);
+        for letter in letters {
+            let bytes = serde_json::to_vec(letter).expect("records serialize");
+            let size = bytes.len() as u64;
+            self.dead_letters
+                .store
+                .put(key(&letter.id), bytes.into())
+                .await
+                .map_err(|error| nats_error(&self.dead_letters.name, "put", error))?;
+            let evicted = self.letters.bound().insert(&letter.id, size, max);
+            for id in &evicted {
+                self.dead_letters
+                    .store
+                    .purge(key(id))
+                    .await
+                    .map_err(|error| nats_error(&self.dead_letters.name, "purge", error))?;
+            }
+            self.letters.evicted.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+            super::log_evicted(&evicted, max);
+        }
+        Ok(())
+    }
+}
+
+/// The ages and sizes of the dead letters in `bucket`, oldest first by `failed_at`.
+async fn index_dead_letters(bucket: &Bucket) -> Result<LetterBound, StoreError> {
+    use futures_util::{FutureExt, StreamExt};
+    #[derive(serde::Deserialize)]
+    struct Age {
+        #[serde(default)]
+        failed_at: String,
+        #[serde(default)]
+        sequence: u64,
+    }
+    const IN_FLIGHT: usize = 32;
+    let ids = bucket.ids().await?;
+    let gets: Vec<_> = ids
+        .into_iter()
+        .map(|id| {
+            async move {
+                let bytes = bucket
+                    .store
+                    .get(key(&id))
+                    .await
+                    .map_err(|error| nats_error(&bucket.name, "get", error))?;
+                Ok::<_, StoreError>(bytes.map(|bytes| (id, bytes)))
+            }
+            .boxed()
+        })
+        .collect();
+    let mut fetched = futures_util::stream::iter(gets).buffered(IN_FLIGHT);
+    let mut letters = Vec::new();
+    while let Some(result) = fetched.next().await {
+        if let Some((id, bytes)) = result? {
+            let age = serde_json::from_slice(&bytes).unwrap_or(Age { failed_at: String::new(), sequence: 0 });
+            letters.push((id, bytes.len() as u64, age));
+        }
+    }
+    letters.sort_by(|a, b| (&a.2.failed_at, a.2.sequence, &a.0).cmp(&(&b.2.failed_at, b.2.sequence, &b.0)));
+    let mut bound = LetterBound::default();
+    for (id, size, _) in letters {
+        bound.insert(&id, size, u64::MAX);
+    }
+    Ok(bound)
 }
 
 impl Bucket {
@@ -202,7 +303,7 @@ impl Store for NatsKvStore {
     }
 
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
-        self.dead_letters.put(&letter.id, letter).await
+        self.put_dead_letters(std::slice::from_ref(letter)).await
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
@@ -246,7 +347,28 @@ impl Store for NatsKvStore {
     }
 
     async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
-        self.dead_letters.delete(id).await
+        Ok(self.delete_dead_letters(vec![id.to_string()]).await? == 1)
+    }
+
+    /// One purge per dead letter.
+    async fn delete_dead_letters(&self, ids: Vec<String>) -> Result<u64, StoreError> {
+        let _changing = self.letters.changing.lock().await;
+        let mut removed = 0;
+        for id in &ids {
+            if self.dead_letters.delete(id).await? {
+                removed += 1;
+            }
+            self.letters.bound().remove(id);
+        }
+        Ok(removed)
+    }
+
+    fn limit_dead_letters(&self, max_bytes: u64) {
+        self.letters.max_bytes.store(max_bytes, Ordering::Relaxed);
+    }
+
+    fn dead_letters_evicted(&self) -> u64 {
+        self.letters.evicted.load(Ordering::Relaxed)
     }
 
     async fn positions(&self, subscription: &str) -> Result<Positions, StoreError> {
@@ -277,9 +399,7 @@ impl Store for NatsKvStore {
     /// Dead letters and positions first, the trim last: a failure in between repeats
     /// deliveries (with their delivery ids) rather than losing them.
     async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError> {
-        for letter in &settlement.dead_letters {
-            self.dead_letters.put(&letter.id, letter).await?;
-        }
+        self.put_dead_letters(&settlement.dead_letters).await?;
         if let Some(positions) = &settlement.positions {
             self.positions.put(&settlement.subscription, positions).await?;
         }
@@ -300,18 +420,72 @@ impl Store for NatsKvStore {
         self.subscriptions.unreadable.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    async fn requeue_dead_letter(&self, id: &str, append: SpoolAppend) -> Result<Option<u64>, StoreError> {
-        if self.dead_letters.get::<DeadLetter>(id).await?.is_none() {
-            return Ok(None);
+    /// Each one's presence checked (one get each), all appended at once, then each removed
+    /// from the dead letters (one purge each); gets and purges run 32 at a time.
+    async fn requeue_dead_letters(
+        &self,
+        requeues: Vec<(String, SpoolAppend)>,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        use futures_util::{FutureExt, StreamExt, TryStreamExt};
+        const IN_FLIGHT: usize = 32;
+        let _changing = self.letters.changing.lock().await;
+        let bucket = &self.dead_letters;
+        let gets: Vec<_> = requeues
+            .iter()
+            .map(|(id, _)| {
+                let key = key(id);
+                async move {
+                    let value = bucket
+                        .store
+                        .get(key)
+                        .await
+                        .map_err(|error| nats_error(&bucket.name, "get", error))?;
+                    Ok::<_, StoreError>(value.is_some())
+                }
+                .boxed()
+            })
+            .collect();
+        let present: Vec<bool> = futures_util::stream::iter(gets).buffered(IN_FLIGHT).try_collect().await?;
+        let appends: Vec<SpoolAppend> = requeues
+            .iter()
+            .zip(&present)
+            .filter(|(_, here)| **here)
+            .map(|((_, append), _)| append.clone())
+            .collect();
+        let mut sequences = self.spool.append(&appends).await?.into_iter();
+        let mut requeued = Vec::with_capacity(requeues.len());
+        let mut appended = Vec::new();
+        for ((id, _), here) in requeues.iter().zip(present) {
+            if !here {
+                requeued.push(None);
+                continue;
+            }
+            match sequences.next().flatten() {
+                Some(sequence) => {
+                    appended.push(id.as_str());
+                    requeued.push(Some(sequence));
+                }
+                None => {
+                    tracing::error!(id = %id, "a dead letter too large for the NATS spool stays a dead letter");
+                    requeued.push(None);
+                }
+            }
         }
-        let subscription = append.subscription.clone();
-        let Some(sequence) = self.spool.append(&[append]).await?.pop().flatten() else {
-            return Err(StoreError::Nats {
-                bucket: self.dead_letters.name.clone(),
-                message: format!("dead letter {id:?} of {subscription:?} is too large for the NATS spool"),
-            });
-        };
-        self.dead_letters.delete(id).await?;
-        Ok(Some(sequence))
+        let purges: Vec<_> = appended
+            .iter()
+            .map(|id| {
+                let key = key(id);
+                async move {
+                    bucket.store.purge(key).await.map_err(|error| nats_error(&bucket.name, "purge", error))
+                }
+                .boxed()
+            })
+            .collect();
+        futures_util::stream::iter(purges).buffered(IN_FLIGHT).try_collect::<Vec<()>>().await?;
+        let mut bound = self.letters.bound();
+        for id in appended {
+            bound.remove(id);
+        }
+        Ok(requeued)
     }
 }

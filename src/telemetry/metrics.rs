@@ -33,6 +33,7 @@ struct Inner {
     task_restarts: Family<Labels, Counter>,
     state_errors: Counter,
     store_healthy: Gauge,
+    dead_letters_evicted: Counter,
     spool_messages: Family<Labels, Gauge>,
     spool_bytes: Family<Labels, Gauge>,
     spool_oldest_age: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -72,6 +73,12 @@ impl Metrics {
             "cometd_bridge_store_healthy",
             "1 while the state store works, 0 while it fails (an I/O error; it is being reopened)",
             store_healthy.clone(),
+        );
+        let dead_letters_evicted = Counter::default();
+        registry.register(
+            "cometd_bridge_dead_letters_evicted",
+            "Dead letters removed, oldest first, to keep them within state.dead_letters_max_bytes",
+            dead_letters_evicted.clone(),
         );
         let reloads = Family::<Labels, Counter>::default();
         let dropped = Family::<Labels, Counter>::default();
@@ -174,6 +181,7 @@ impl Metrics {
                 task_restarts,
                 state_errors,
                 store_healthy,
+                dead_letters_evicted,
                 spool_messages,
                 spool_bytes,
                 spool_oldest_age,
@@ -282,6 +290,14 @@ impl Metrics {
     /// Whether the state store works (see [`crate::store::Store::unhealthy`]).
     pub fn store_healthy(&self, healthy: bool) {
         self.inner.store_healthy.set(i64::from(healthy));
+    }
+
+    /// The state store has evicted `total` dead letters since it opened.
+    pub fn dead_letters_evicted(&self, total: u64) {
+        let counted = self.inner.dead_letters_evicted.get();
+        if total > counted {
+            self.inner.dead_letters_evicted.inc_by(total - counted);
+        }
     }
 
     /// `task` (e.g. `forwarder orders`) failed and was restarted.

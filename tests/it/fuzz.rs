@@ -40,7 +40,7 @@ async fn schemathesis_finds_no_server_error() {
         "schemathesis found server errors:\n{report}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(report.contains("Tested: 13"), "every operation was exercised:\n{report}");
+    assert!(report.contains("Tested: 15"), "every operation was exercised:\n{report}");
     let (status, _) = app.call("GET", "/healthz", None).await;
     assert_eq!(status, 200, "the daemon is still up");
     app.stop().await;

@@ -10,6 +10,7 @@ mod cli;
 mod client;
 mod coalescing;
 mod daemon;
+mod dead_letters;
 mod demo;
 mod durable;
 mod faults;

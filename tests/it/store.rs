@@ -5,6 +5,7 @@
 use cometd_bridge::config::RawSubscription;
 use cometd_bridge::store::{DeadLetter, EmbeddedStore, NatsKvStore, Settlement, SpoolAppend, Store};
 use serde_json::json;
+use std::sync::Arc;
 
 use crate::support::app::TestApp;
 use crate::support::bayeux::{BayeuxServer, FayeOptions};
@@ -32,6 +33,7 @@ fn letter(id: &str, sequence: u64, failed_at: &str) -> DeadLetter {
         reason: "rejected: HTTP 400".into(),
         attempts: 1,
         failed_at: failed_at.into(),
+        record: None,
     }
 }
 
@@ -141,12 +143,182 @@ async fn keeps_spools(store: &dyn Store) {
     store.spool_delete("s1").await.expect("delete");
 }
 
+/// A dead letter of subscription `bounded` of the same size as every other one made here.
+fn sized(id: char, minute: u32) -> DeadLetter {
+    DeadLetter {
+        subscription: "bounded".into(),
+        record: Some(format!(
+            r#"{{"message":{{"channel":"/b","data":{{"n":12345678901234567890123,"b":1,"a":2,"id":"{id}"}}}}}}"#
+        )),
+        ..letter(&format!("bounded-{id}"), 1, &format!("2026-01-01T00:{minute:02}:00.000Z"))
+    }
+}
+
+fn letter_ids(letters: &[DeadLetter]) -> Vec<&str> {
+    letters.iter().map(|letter| letter.id.as_str()).collect()
+}
+
+/// Keeps dead letters within their bound, oldest out first (by age, not id), and
+/// requeues and removes them in bulk; returns the bound it set.
+async fn bounds_dead_letters(store: &dyn Store) -> u64 {
+    let size = sized('a', 0).stored_size();
+    store.limit_dead_letters(3 * size);
+    let evicted_before = store.dead_letters_evicted();
+    // Stored in the reverse of their id order: `e` is the oldest.
+    for (minute, id) in ['e', 'd', 'c', 'b', 'a'].into_iter().enumerate() {
+        store.add_dead_letter(&sized(id, minute as u32)).await.expect("add");
+    }
+    let letters = store.dead_letters().await.expect("letters");
+    assert_eq!(letter_ids(&letters), ["bounded-c", "bounded-b", "bounded-a"], "the two oldest went");
+    assert_eq!(store.dead_letters_evicted() - evicted_before, 2);
+    // Stored again under its id (a crash repeated its batch): replaced, counted once.
+    store.add_dead_letter(&sized('a', 4)).await.expect("add again");
+    assert_eq!(letter_ids(&store.dead_letters().await.expect("letters")).len(), 3);
+    assert_eq!(store.dead_letters_evicted() - evicted_before, 2, "nothing more evicted");
+    let kept = store.dead_letter("bounded-a").await.expect("get").expect("there");
+    assert_eq!(kept.record, sized('a', 4).record, "the record comes back as it was stored");
+
+    // A settlement's dead letters count too, and evict in the same write.
+    store
+        .spool_settle(Settlement {
+            subscription: "bounded".into(),
+            through: 0,
+            positions: None,
+            dead_letters: vec![sized('f', 5)],
+        })
+        .await
+        .expect("settle");
+    assert_eq!(
+        letter_ids(&store.dead_letters().await.expect("letters")),
+        ["bounded-b", "bounded-a", "bounded-f"]
+    );
+    assert_eq!(store.dead_letters_evicted() - evicted_before, 3);
+
+    // In bulk: requeued in order, one not there is `None`; removed, counting those there.
+    let requeued = store
+        .requeue_dead_letters(vec![
+            ("bounded-b".into(), append("bounded", "b")),
+            ("bounded-gone".into(), append("bounded", "gone")),
+            ("bounded-a".into(), append("bounded", "a")),
+        ])
+        .await
+        .expect("requeue");
+    assert!(requeued[1].is_none(), "{requeued:?}");
+    let (b, a) = (requeued[0].expect("b"), requeued[2].expect("a"));
+    assert!(b < a, "{requeued:?}");
+    let read = store.spool_read("bounded", 0, 10).await.expect("read");
+    assert_eq!(read.iter().map(|entry| entry.record.as_slice()).collect::<Vec<_>>(), [b"b", b"a"]);
+    assert_eq!(letter_ids(&store.dead_letters().await.expect("letters")), ["bounded-f"]);
+    // Room again for three: nothing more is evicted.
+    store.add_dead_letter(&sized('g', 6)).await.expect("add");
+    store.add_dead_letter(&sized('h', 7)).await.expect("add");
+    assert_eq!(store.dead_letters_evicted() - evicted_before, 3);
+    let removed = store
+        .delete_dead_letters(vec!["bounded-f".into(), "bounded-nope".into(), "bounded-g".into()])
+        .await
+        .expect("delete");
+    assert_eq!(removed, 2);
+    store.spool_delete("bounded").await.expect("delete");
+    3 * size
+}
+
+/// Two retries of one dead letter at once: one requeues it, the other finds it gone.
+async fn requeues_a_dead_letter_once(store: Arc<dyn Store>) {
+    store.add_dead_letter(&sized('r', 0)).await.expect("add");
+    let (first, second) = tokio::join!(
+        store.requeue_dead_letter("bounded-r", append("twice", "r")),
+        store.requeue_dead_letter("bounded-r", append("twice", "r")),
+    );
+    let outcomes = [first.expect("first"), second.expect("second")];
+    assert_eq!(outcomes.iter().filter(|sequence| sequence.is_some()).count(), 1, "{outcomes:?}");
+    assert_eq!(store.spool_read("twice", 0, 10).await.expect("read").len(), 1, "appended once");
+    store.spool_delete("twice").await.expect("delete");
+}
+
 #[tokio::test]
 async fn the_embedded_store_keeps_every_record() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = EmbeddedStore::open(dir.path()).expect("open");
     keeps_every_record(&store).await;
     keeps_spools(&store).await;
+}
+
+#[tokio::test]
+async fn every_store_bounds_its_dead_letters_and_handles_them_in_bulk() {
+    let memory = cometd_bridge::store::MemoryStore::new();
+    bounds_dead_letters(&*memory).await;
+    requeues_a_dead_letter_once(memory).await;
+
+    let nats = NatsServer::start().await;
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let store = NatsKvStore::open(client, "bounded").await.expect("open");
+    let max = bounds_dead_letters(&store).await;
+    requeues_a_dead_letter_once(Arc::new(store)).await;
+    // Reopened, the store knows the ages and sizes of what is there (`h` is older than `i`).
+    let again = NatsKvStore::open(async_nats::connect(nats.url()).await.expect("connect"), "bounded")
+        .await
+        .expect("reopen");
+    again.limit_dead_letters(max);
+    for (id, minute) in [('i', 8), ('j', 9), ('k', 10)] {
+        again.add_dead_letter(&sized(id, minute)).await.expect("add");
+    }
+    assert_eq!(
+        letter_ids(&again.dead_letters().await.expect("letters")),
+        ["bounded-i", "bounded-j", "bounded-k"],
+        "h, the oldest, went"
+    );
+    assert_eq!(again.dead_letters_evicted(), 1);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        bounds_dead_letters(&store).await;
+    }
+    // Reopened, the running total and the ages are in the database.
+    let store = EmbeddedStore::open(dir.path()).expect("reopen");
+    store.limit_dead_letters(max);
+    for (id, minute) in [('i', 8), ('j', 9), ('k', 10)] {
+        store.add_dead_letter(&sized(id, minute)).await.expect("add");
+    }
+    assert_eq!(
+        letter_ids(&store.dead_letters().await.expect("letters")),
+        ["bounded-i", "bounded-j", "bounded-k"],
+        "h, the oldest, went"
+    );
+    assert_eq!(store.dead_letters_evicted(), 1);
+    drop(store);
+    requeues_a_dead_letter_once(Arc::new(EmbeddedStore::open(dir.path()).expect("reopen"))).await;
+}
+
+/// Dead letters stored before they were bounded (no index by age): indexed on open, by
+/// `failed_at`, and the oldest of them go first.
+#[tokio::test]
+async fn dead_letters_stored_before_the_bound_are_indexed_by_age_on_open() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let db = redb::Database::create(dir.path().join("state.redb")).expect("the file");
+        let txn = db.begin_write().expect("write");
+        {
+            let table: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("dead_letters");
+            let mut table = txn.open_table(table).expect("table");
+            for (minute, id) in ['a', 'b', 'c'].into_iter().rev().enumerate() {
+                let letter = DeadLetter { record: None, ..sized(id, minute as u32) };
+                table
+                    .insert(letter.id.as_str(), serde_json::to_vec(&letter).unwrap().as_slice())
+                    .expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    store.limit_dead_letters(3 * DeadLetter { record: None, ..sized('a', 0) }.stored_size());
+    store.add_dead_letter(&DeadLetter { record: None, ..sized('d', 3) }).await.expect("add");
+    assert_eq!(
+        letter_ids(&store.dead_letters().await.expect("letters")),
+        ["bounded-b", "bounded-a", "bounded-d"],
+        "c, stored first, went"
+    );
+    assert_eq!(store.dead_letters_evicted(), 1);
 }
 
 #[tokio::test]

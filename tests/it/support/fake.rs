@@ -1,5 +1,6 @@
 //! A hand-written Bayeux server for what no real server does on demand: malformed replies,
-//! HTTP errors and abrupt closes. It speaks just enough long-polling Bayeux to be useful
+//! HTTP errors and abrupt closes, and events with the exact bytes a test gives (the real
+//! servers are JavaScript: they parse and re-serialize data, so big integers change). It speaks just enough long-polling Bayeux to be useful
 //! when told to behave.
 
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,8 @@ pub enum Behaviour {
 pub struct FakeServer {
     port: u16,
     behaviour: Arc<Mutex<Behaviour>>,
+    /// Events (message JSON texts) the next `/meta/connect` reply carries.
+    events: Arc<Mutex<Vec<String>>>,
     /// How many client connections are open now.
     open_connections: tokio::sync::watch::Receiver<usize>,
     task: JoinHandle<()>,
@@ -52,20 +55,23 @@ impl FakeServer {
         let port = listener.local_addr().expect("address").port();
         let behaviour = Arc::new(Mutex::new(behaviour));
         let shared = behaviour.clone();
+        let events: Arc<Mutex<Vec<String>>> = Arc::default();
+        let queued = events.clone();
         let (count, open_connections) = tokio::sync::watch::channel(0usize);
         let count = Arc::new(count);
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let count = count.clone();
                 let shared = shared.clone();
+                let queued = queued.clone();
                 tokio::spawn(async move {
                     count.send_modify(|open| *open += 1);
-                    serve(stream, shared).await;
+                    serve(stream, shared, queued).await;
                     count.send_modify(|open| *open -= 1);
                 });
             }
         });
-        FakeServer { port, behaviour, open_connections, task }
+        FakeServer { port, behaviour, events, open_connections, task }
     }
 
     /// Waits until exactly `count` client connections are open.
@@ -89,6 +95,12 @@ impl FakeServer {
 
     pub fn set(&self, behaviour: Behaviour) {
         *self.behaviour.lock().expect("lock") = behaviour;
+    }
+
+    /// Sends `message` (a Bayeux message's JSON text, sent as it is) with the next
+    /// `/meta/connect` reply (`Valid` behaviour).
+    pub fn push_event(&self, message: &str) {
+        self.events.lock().expect("lock").push(message.to_string());
     }
 }
 
@@ -119,7 +131,7 @@ pub async fn read_head<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R, heade
     }
 }
 
-async fn serve(stream: TcpStream, behaviour: Arc<Mutex<Behaviour>>) {
+async fn serve(stream: TcpStream, behaviour: Arc<Mutex<Behaviour>>, events: Arc<Mutex<Vec<String>>>) {
     let mut reader = BufReader::new(stream);
     loop {
         let Some(length) = read_head(&mut reader, "content-length").await else { return };
@@ -177,6 +189,14 @@ async fn serve(stream: TcpStream, behaviour: Arc<Mutex<Behaviour>>) {
             Behaviour::NotAnArray => ("200 OK", "{\"unexpected\": true}".into()),
             Behaviour::MissingFields => ("200 OK", "[{\"successful\": true}]".into()),
             Behaviour::NoReply => ("200 OK", "[]".into()),
+            Behaviour::Valid if is_connect => {
+                let reply = valid_reply(&body).await;
+                let events = std::mem::take(&mut *events.lock().expect("lock"));
+                match events.is_empty() {
+                    true => ("200 OK", reply),
+                    false => ("200 OK", format!("{},{}]", &reply[..reply.len() - 1], events.join(","))),
+                }
+            }
             Behaviour::Valid => ("200 OK", valid_reply(&body).await),
         };
         let response = format!(
