@@ -25,7 +25,7 @@ use crate::cometd::{
 };
 use crate::delivery::Envelope;
 use crate::sink::pause;
-use crate::store::{SpoolAppend, Store};
+use crate::store::{SpoolAppend, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
 /// Messages taken from the session at most per spool transaction.
@@ -198,7 +198,11 @@ impl Spooler {
         let sequences = loop {
             match self.store.spool_append(appends.clone()).await {
                 Ok(sequences) => break sequences,
-                Err(error) if failures >= APPEND_TRIES || stop.is_cancelled() => {
+                Err(error)
+                    if failures >= APPEND_TRIES
+                        || stop.is_cancelled()
+                        || matches!(error, StoreError::Unavailable { .. } | StoreError::Full { .. }) =>
+                {
                     let cause = FullCause::Store(error.to_string());
                     if stop.is_cancelled() {
                         for append in appends.iter() {
@@ -263,7 +267,8 @@ pub fn detached(mut message: Message) -> Message {
     message
 }
 
-/// Store failures an append tries again before its subscriptions count as full.
+/// Store failures an append tries again before its subscriptions count as full (a store
+/// that is being reopened, or has no room, is not tried again: it says so at once).
 const APPEND_TRIES: u32 = 3;
 
 /// What an append left for the source to do.

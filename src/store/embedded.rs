@@ -61,6 +61,8 @@ const SPOOL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("spool_b
 const SPOOL_PER_MESSAGE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("spool");
 /// Each spool's next sequence: sequences never repeat, even after a spool emptied.
 const SPOOL_NEXT: TableDefinition<&str, u64> = TableDefinition::new("spool_next");
+/// A write made after each reopen, to know the store takes writes again.
+const STORE_PROBE: TableDefinition<&str, u64> = TableDefinition::new("store_probe");
 /// Each spool's last settled sequence, so that a batch settled in part resumes after it.
 const SPOOL_SETTLED: TableDefinition<&str, u64> = TableDefinition::new("spool_settled");
 
@@ -707,7 +709,20 @@ impl Shared {
     }
 
     fn reopen(&self) {
-        match self.open_database() {
+        let reopened = self.open_database().map_err(|error| error.to_string()).and_then(|db| {
+            // It works again once it takes a synced write: on a disk still full the file
+            // reopens fine and fails the next write.
+            let probe = (|| -> Result<(), redb::Error> {
+                let mut txn = db.begin_write()?;
+                txn.set_durability(Durability::Immediate)?;
+                let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+                txn.open_table(STORE_PROBE)?.insert("reopened", now)?;
+                txn.commit()?;
+                Ok(())
+            })();
+            probe.map(|()| db).map_err(|error| format!("reopened, but a write fails: {error}"))
+        });
+        match reopened {
             Ok(db) => {
                 *self.slot_mut() = Some(Arc::new(db));
                 let failure = self.failure().take();
@@ -725,7 +740,6 @@ impl Shared {
                     failure.attempts = failure.attempts.saturating_add(1);
                     let wait = REOPEN_FIRST.saturating_mul(1 << failure.attempts.min(16)).min(REOPEN_MAX);
                     failure.next_attempt = Instant::now() + jittered(wait);
-                    let error = error.to_string();
                     if failure.reopen_error.as_ref() != Some(&error) {
                         tracing::warn!(path = %self.path, %error, "reopening the state store failed; trying again");
                     }

@@ -269,3 +269,160 @@ async fn health_exits_0_only_when_the_bridge_is_ready() {
     assert!(String::from_utf8_lossy(&nobody.stderr).contains("did not answer"), "{nobody:?}");
     app.stop().await;
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped (even when the test fails).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (as `mount -o size=`) on a new directory. Needs root (or
+    /// CAP_SYS_ADMIN): the test fails and says so otherwise.
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount(8)");
+        assert!(
+            status.success(),
+            "this test needs a small filesystem: mounting a tmpfs failed ({status}); run the tests as root (CI and the project's machines do), or with CAP_SYS_ADMIN"
+        );
+        SmallDisk { dir }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// The state directory on an 8 MiB filesystem, nearly full, messages of 1 KB behind a 503
+/// webhook until the disk is full: the session stays up (no session lost, the source
+/// connected), the subscription is full and counts what it drops, `/readyz` and
+/// `cometd_bridge_store_healthy` say the store fails. Space freed: the store heals without a
+/// restart, and once the webhook is back every message spooled before the disk filled is
+/// delivered, and `delivered + dropped == published`.
+#[tokio::test]
+async fn a_full_disk_costs_the_subscription_not_the_session_and_heals_when_space_is_freed() {
+    let disk = SmallDisk::mount("8m");
+    let faye = faye().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    receiver.set_down(true);
+    let state = tempfile::TempDir::new_in(disk.path()).expect("state directory on the small disk");
+    let toml = format!("{}{}", source(&faye), webhook("hook", "/disk", &receiver.url()));
+    let app = TestApp::spawn_with_state(&toml, state, None, "min_free_bytes = \"0\"\n").await;
+    app.wait_ready().await;
+    // Leave about 1 MiB: the database fills it within seconds.
+    let free = free_bytes(disk.path());
+    let filler = disk.path().join("filler");
+    std::fs::write(&filler, vec![0u8; free.saturating_sub(1 << 20) as usize]).expect("fill the disk");
+
+    let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
+    let pad = "x".repeat(1000);
+    let mut published = 0u64;
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    let mut failing = false;
+    while !failing {
+        assert!(tokio::time::Instant::now() < deadline, "the disk never filled ({published} published)");
+        for _ in 0..20 {
+            publisher.publish("/disk", json!({ "n": published, "pad": pad })).await.expect("publish");
+            published += 1;
+        }
+        failing = metric(&app.metrics().await, "cometd_bridge_store_healthy") == 0.0;
+    }
+    // The last free bytes too (redb failed to grow its file by a chunk; small writes could
+    // still fit): now nothing can be written until space is freed.
+    let rest = disk.path().join("rest");
+    std::fs::write(&rest, vec![0u8; free_bytes(disk.path()) as usize]).expect("fill the rest");
+    // Full, and going on: publish more while it is.
+    for _ in 0..100 {
+        publisher.publish("/disk", json!({ "n": published, "pad": pad })).await.expect("publish");
+        published += 1;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, view) = app.call("GET", "/api/v1/subscriptions/hook", None).await;
+        if view["full"] == true && view["dropped"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not full: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready = crate::support::http_client().get(app.url("/readyz")).send().await.expect("readyz");
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.expect("body").contains("state store"), "readyz says the store fails");
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metric(&metrics, "cometd_bridge_source_connected{source=\"demo\"}"),
+        1.0,
+        "the session stays up"
+    );
+    assert_eq!(metric(&metrics, "cometd_bridge_session_losses_total{source=\"demo\"}"), 0.0);
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let view = loop {
+        let (_, view) = app.call("GET", "/api/v1/subscriptions/hook", None).await;
+        let settled =
+            ["dropped", "forwarded"].iter().map(|key| view[key].as_u64().expect("a count")).sum::<u64>();
+        let spooled = view["backlog"]["messages"].as_u64().expect("a backlog");
+        if view["received"] == published && settled + spooled == published {
+            break view;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not all received: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(view["dropped"].as_u64().expect("dropped") >= 100, "what came while the disk was full: {view}");
+    std::fs::remove_file(&filler).expect("free the space");
+    std::fs::remove_file(&rest).expect("free the space");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(&app.metrics().await, "cometd_bridge_store_healthy") != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the store did not heal after the space was freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Healthy again: it takes messages (the marker), and everything arrives.
+    publisher.publish("/disk", json!({ "n": published, "pad": pad })).await.expect("publish");
+    published += 1;
+    publisher.close().await;
+    receiver.set_down(false);
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    let mut delivered = BTreeMap::new();
+    let view = loop {
+        while let Some(request) = receiver.try_next() {
+            if request.status == 200 {
+                *delivered.entry(request.json()["data"]["n"].as_u64().expect("numbered")).or_insert(0) += 1;
+            }
+        }
+        let (_, view) = app.call("GET", "/api/v1/subscriptions/hook", None).await;
+        let dropped = view["dropped"].as_u64().expect("dropped");
+        if view["backlog"]["messages"] == 0 && delivered.len() as u64 + dropped == published {
+            break view;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{} delivered, {view}", delivered.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("disk full: {published} published, {} delivered, {} dropped", delivered.len(), view["dropped"]);
+    assert!(delivered.values().all(|count| *count == 1), "each delivered once");
+    assert!(delivered.contains_key(&(published - 1)), "the marker sent after healing arrived");
+    let first_dropped = (0..published).find(|n| !delivered.contains_key(n)).expect("some were dropped");
+    assert!(first_dropped > 0, "what was spooled before the disk filled is delivered");
+    assert_eq!(view["full"], false, "{view}");
+    app.stop().await;
+}
+
+/// Free bytes on the filesystem holding `path`, from `df`.
+fn free_bytes(path: &std::path::Path) -> u64 {
+    let output =
+        std::process::Command::new("df").args(["-B1", "--output=avail"]).arg(path).output().expect("df");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|line| line.trim().parse().ok())
+        .expect("df's answer")
+}
