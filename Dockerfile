@@ -5,7 +5,8 @@
 #              -v cometd-bridge-state:/var/lib/cometd-bridge -p 8080:8080 cometd-bridge
 #
 # Probes: GET /healthz (liveness) and GET /readyz (readiness) on port 8080. The image has
-# no shell tools for a HEALTHCHECK; use your orchestrator's HTTP probes (see deploy/).
+# no shell nor curl: its HEALTHCHECK runs `cometd-bridge health`, which asks /readyz on the
+# configured admin.listen and exits 0 when ready (orchestrators' HTTP probes: see deploy/).
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
@@ -44,5 +45,7 @@ ENV COMETD_BRIDGE_CONFIG=/etc/cometd-bridge/config.toml \
 VOLUME /var/lib/cometd-bridge
 EXPOSE 8080
 USER 10001:10001
+HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
+  CMD ["/usr/local/bin/cometd-bridge", "health"]
 ENTRYPOINT ["/usr/local/bin/cometd-bridge"]
 CMD ["run"]

@@ -112,6 +112,15 @@ fn main() {
             eprintln!("{}", webhook_latency(&url).await);
             faye.kill();
         }),
+        Some("neighbour") => runtime.block_on(async {
+            // What a full subscription costs its healthy neighbour on the same source.
+            let (faye, url) = start_faye(60);
+            let store = tempfile::tempdir().expect("temp dir");
+            let (nats, nats_url) = start_nats(store.path());
+            eprintln!("{}", bridge_neighbour(&url, &nats_url).await);
+            nats.kill();
+            faye.kill();
+        }),
         Some("idle") => runtime.block_on(async {
             let (faye, url) = start_faye(60);
             eprintln!("{}", idle_daemon(&url).await);
@@ -827,6 +836,9 @@ async fn orchestrate() {
     let (faye, url) = start_faye(60);
     results.insert("webhook_latency".into(), webhook_latency(&url).await);
     faye.kill();
+    let (faye, url) = start_faye(60);
+    results.insert("neighbour".into(), bridge_neighbour(&url, &nats_url).await);
+    faye.kill();
     nats.kill();
 
     // 5–6. Sessions per process, idle daemon.
@@ -1157,7 +1169,7 @@ async fn delivery_stage(
     let dir = tempfile::tempdir().expect("temp dir");
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
     let counters = Arc::new(Counters::default());
-    let spool = Spool::new("stage".into(), store.clone(), SpoolLimit::new(u64::MAX), None);
+    let spool = Spool::new("stage".into(), store.clone(), SpoolLimit::new(u64::MAX), u64::MAX, None);
     let forwarder = Forwarder {
         subscription: "stage".into(),
         sink: Sink::Nats(Box::new(NatsSink::new(
@@ -1288,6 +1300,51 @@ async fn bridge_webhook(url: &str) -> Value {
     json!({"messages": COUNT, "subscriptions": 10, "rate": summary(&rates), "order_kept": ordered})
 }
 
+/// What a full subscription costs its neighbour: the rate of a healthy subscription (core
+/// NATS) of a source while another subscription of the same source is full (a 64 KiB quota
+/// behind a webhook that refuses connections, so it drops and counts), ÷ its rate with no
+/// neighbour. The same flood, half on each channel, both times; the two take turns.
+async fn bridge_neighbour(url: &str, nats_url: &str) -> Value {
+    const COUNT: u64 = 40_000;
+    let healthy = format!(
+        "[nats]\nurl = \"{nats_url}\"\n{}[[subscriptions]]\nid = \"healthy\"\nsource = \"bench\"\nchannel = \"/bench/healthy\"\nsink = {{ type = \"nats\", subject = \"bench.healthy\" }}\n",
+        source(url)
+    );
+    let full = "[[subscriptions]]\nid = \"full\"\nsource = \"bench\"\nchannel = \"/bench/full\"\nspool_max_bytes = \"64KiB\"\nsink = { type = \"webhook\", url = \"http://127.0.0.1:9/refused\" }\n";
+    let (mut alone, mut beside) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        for with_full in [false, true] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let config = if with_full { format!("{healthy}{full}") } else { healthy.clone() };
+            let (bridge, _, _) = start_bridge(&config, dir.path()).await;
+            let mut nats_sub = Proc::spawn({
+                let mut command = me();
+                command.args(["nats-sub", nats_url, "bench.healthy", &(COUNT / 2).to_string()]);
+                command
+            });
+            nats_sub.expect_ready();
+            let mut publisher =
+                Proc::spawn(flood_command(url, COUNT, 256, 0, &["/bench/healthy", "/bench/full"]));
+            let _ = publisher.line();
+            publisher.reap();
+            let stats: Value = serde_json::from_str(&nats_sub.line().expect("stats")).expect("JSON");
+            nats_sub.reap();
+            bridge.kill();
+            let span =
+                (stats["last_us"].as_f64().unwrap_or(0.0) - stats["first_us"].as_f64().unwrap_or(0.0)) / 1e6;
+            let rate = (stats["received"].as_f64().unwrap_or(0.0) - 1.0) / span.max(1e-9);
+            eprintln!(
+                "neighbour: healthy subscription {rate:.0} msg/s {}",
+                if with_full { "beside a full one" } else { "alone" }
+            );
+            if with_full { beside.push(rate) } else { alone.push(rate) }
+        }
+    }
+    let (alone, beside) = (summary(&alone), summary(&beside));
+    let ratio = median(&beside) / median(&alone).max(1e-9);
+    json!({"messages_per_channel": COUNT / 2, "alone": alone, "beside_full": beside, "ratio": ratio})
+}
+
 /// The spool alone: appends of 1 KiB messages to the embedded store in group commits of
 /// 512 (each synced), then the drain of that backlog into core NATS by a forwarder that
 /// reads it back from the store, as after a restart.
@@ -1333,7 +1390,7 @@ async fn spool_alone(nats_url: &str) -> Value {
         let summary = store.spool_summaries().await.expect("summaries").remove("drain");
         let client = async_nats::connect(nats_url).await.expect("connect");
         let counters = Arc::new(Counters::default());
-        let spool = Spool::new("drain".into(), store.clone(), SpoolLimit::new(u64::MAX), summary);
+        let spool = Spool::new("drain".into(), store.clone(), SpoolLimit::new(u64::MAX), u64::MAX, summary);
         let forwarder = Forwarder {
             subscription: "drain".into(),
             sink: Sink::Nats(Box::new(NatsSink::new(
@@ -1663,6 +1720,24 @@ fn report(results: &Value) -> String {
         let _ =
             writeln!(w, "| backlog drained into core NATS, msgs/s | {} | |", range(&spool["drain_rate"], 0));
     }
+    let neighbour = &results["neighbour"];
+    if !neighbour.is_null() {
+        let _ = writeln!(
+            w,
+            "\n## A full subscription's cost on its neighbour ({} messages of 256 B on each of two channels of one source)\n",
+            neighbour["messages_per_channel"]
+        );
+        let _ = writeln!(w, "| measure | value | target |");
+        let _ = writeln!(w, "|---|---|---|");
+        let _ = writeln!(w, "| healthy subscription alone, msgs/s | {} | |", range(&neighbour["alone"], 0));
+        let _ = writeln!(
+            w,
+            "| healthy subscription beside a full one (64 KiB quota, dead webhook), msgs/s | {} | |",
+            range(&neighbour["beside_full"], 0)
+        );
+        let _ =
+            writeln!(w, "| beside ÷ alone | {:.2} | ≥ 0.95 |", neighbour["ratio"].as_f64().unwrap_or(0.0));
+    }
     if let Some(latency) = results["webhook_latency"].as_array() {
         let _ =
             writeln!(w, "\n## Bridge → one webhook subscription at a receiver's latency (one run each)\n");
@@ -1835,6 +1910,9 @@ fn headline(results: &Value) -> Vec<(String, f64, &'static str)> {
         median(&nats["at_10k"]["p99_ms"]) - median(&nats["at_10k"]["direct_p99_ms"]),
         "≤ 1",
     ));
+    if let Some(ratio) = results["neighbour"]["ratio"].as_f64() {
+        figures.push(("healthy subscription rate beside a full one ÷ alone".into(), ratio, "≥ 0.95"));
+    }
     let memory = &results["bridge_nats_memory"];
     if !memory.is_null() {
         figures.push((

@@ -78,7 +78,9 @@ impl App {
                 .any(|subscription| matches!(subscription.sink, SinkConfig::Nats(_)));
         let nats = if uses_nats { Some(connect_nats(&config.nats).await?) } else { None };
         let store: Arc<dyn Store> = match &config.state.backend {
-            StateBackend::Embedded => Arc::new(EmbeddedStore::open(&config.state.path)?),
+            StateBackend::Embedded => {
+                Arc::new(EmbeddedStore::open_with(&config.state.path, config.state.min_free_bytes)?)
+            }
             StateBackend::Memory => {
                 tracing::warn!(
                     "state.backend = \"memory\": subscriptions added through the API, dead letters and the backlog are lost when the bridge stops"
@@ -151,11 +153,19 @@ impl App {
         tracing::info!("running");
         shutdown.await;
         // The admin server stays up while draining, so /metrics shows it; it stops last.
-        bridge.shut_down().await;
+        let deadline = bridge.shut_down().await;
         admin_stop.cancel();
-        match server.await {
-            Ok(result) => result.map_err(AppError::Serve),
-            Err(error) => Err(AppError::Serve(std::io::Error::other(error))),
+        // Open keep-alive connections must not hold the exit past the grace period.
+        let until = deadline.max(std::time::Instant::now() + std::time::Duration::from_millis(100));
+        match tokio::time::timeout_at(until.into(), server).await {
+            Ok(Ok(result)) => result.map_err(AppError::Serve),
+            Ok(Err(error)) => Err(AppError::Serve(std::io::Error::other(error))),
+            Err(_) => {
+                tracing::warn!(
+                    "admin connections were still open at the end of the grace period; closing them"
+                );
+                Ok(())
+            }
         }
     }
 }

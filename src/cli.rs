@@ -52,6 +52,18 @@ pub enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Ask a running bridge whether it is ready: exit 0 when its `/readyz` says so, 1
+    /// otherwise (for an image's HEALTHCHECK, which has no shell nor curl).
+    Health {
+        /// The readiness URL; default: `/readyz` on the configuration's `admin.listen`
+        /// (an unspecified address is asked on loopback), else http://127.0.0.1:8080/readyz.
+        #[arg(long)]
+        url: Option<String>,
+        /// The configuration file whose `admin.listen` to ask; default
+        /// $COMETD_BRIDGE_CONFIG, else config/default.toml.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
     /// Publish one message and print the server's reply as JSON.
     Publish {
         /// The CometD endpoint, http(s):// or ws(s)://.
@@ -110,6 +122,9 @@ pub enum CommandError {
     /// The daemon failed (exit code 1).
     #[error(transparent)]
     App(#[from] crate::app::AppError),
+    /// The bridge asked by `health` is not ready or did not answer (exit code 1).
+    #[error("{0}")]
+    Unhealthy(String),
 }
 
 impl CommandError {
@@ -117,7 +132,7 @@ impl CommandError {
     pub fn exit_code(&self) -> i32 {
         match self {
             CommandError::Usage(_) | CommandError::Config(_) => 2,
-            CommandError::Runtime(_) | CommandError::App(_) => 1,
+            CommandError::Runtime(_) | CommandError::App(_) | CommandError::Unhealthy(_) => 1,
         }
     }
 }
@@ -241,4 +256,51 @@ pub async fn publish(
     let reply = result?;
     println!("{}", serde_json::to_string(&reply).expect("messages serialize"));
     Ok(())
+}
+
+/// How long `health` waits for the bridge's answer.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The readiness URL `health` asks: `url`, else `/readyz` on the configuration's
+/// `admin.listen` (an unspecified address asked on loopback), else port 8080 on loopback.
+pub fn health_url(url: Option<&str>, config: &std::path::Path, env: &crate::config::Env) -> String {
+    if let Some(url) = url {
+        return url.to_string();
+    }
+    let listen = crate::config::load(config, env).map(|config| config.admin.listen).ok();
+    let mut address = listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
+    if address.ip().is_unspecified() {
+        address.set_ip(match address.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{address}/readyz")
+}
+
+/// Asks a running bridge's readiness endpoint; prints its answer.
+///
+/// # Errors
+/// [`CommandError::Unhealthy`] when it is not ready or does not answer within 5 s.
+pub async fn health(url: &str) -> Result<(), CommandError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(HEALTH_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .map_err(|error| CommandError::Usage(format!("HTTP client: {error}")))?;
+    let response =
+        client.get(url).send().await.map_err(|error| {
+            CommandError::Unhealthy(format!("{url} did not answer: {}", error.without_url()))
+        })?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    let body = body.trim();
+    if status.is_success() {
+        println!("ready: {body}");
+        Ok(())
+    } else {
+        Err(CommandError::Unhealthy(format!("not ready ({status}): {body}")))
+    }
 }

@@ -23,6 +23,10 @@ async fn main() -> ExitCode {
         Command::Listen { url, channels, connection, count } => {
             cli::listen(url, channels, connection, *count).await
         }
+        Command::Health { url, config } => {
+            cli::health(&cli::health_url(url.as_deref(), &cli::config_path(config.as_deref(), &env), &env))
+                .await
+        }
         Command::Publish { url, channel, json, connection } => {
             cli::publish(url, channel, json, connection).await
         }

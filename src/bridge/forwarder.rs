@@ -27,6 +27,8 @@ pub struct Counters {
     pub forwarded: AtomicU64,
     /// Messages stored as dead letters.
     pub dead_letters: AtomicU64,
+    /// Messages dropped because the subscription was full (without replay).
+    pub dropped: AtomicU64,
     /// The forwarder's last unexpected failure.
     pub health: super::supervise::TaskHealth,
 }
@@ -133,7 +135,7 @@ impl Forwarder {
                 }
                 batch = self.spool.next_batch(next, self.sink.batch_size()) => batch,
             };
-            let batch = match batch {
+            let mut batch = match batch {
                 Ok(batch) if batch.is_empty() => continue,
                 Ok(batch) => batch,
                 Err(error) => {
@@ -147,7 +149,7 @@ impl Forwarder {
             if unsettled.is_none() {
                 self.spool.set_oldest(Some(batch[0].envelope.received_at));
             }
-            if !self.deliver(&batch, &stop, &forwarded, &mut unsettled).await {
+            if !self.deliver(&mut batch, &stop, &forwarded, &mut unsettled).await {
                 break;
             }
             if unsettled.as_ref().is_some_and(|unsettled| unsettled.messages >= SETTLE_EVERY)
@@ -166,7 +168,7 @@ impl Forwarder {
     /// spool).
     async fn deliver(
         &self,
-        batch: &[Spooled],
+        batch: &mut [Spooled],
         stop: &Stop,
         forwarded: &prometheus_client::metrics::counter::Counter,
         unsettled: &mut Option<Unsettled>,
@@ -237,6 +239,14 @@ impl Forwarder {
                 continue;
             }
             tracing::warn!(subscription = %self.subscription, sink = self.sink.kind(), reason = %failure.reason, attempt = most_attempts, delay = ?delay, "delivery failed; retrying from the spool");
+            if failures == 1 {
+                // Held for retries, perhaps for hours: in buffers of their own, not pinning
+                // the network buffers they arrived in.
+                for spooled in batch.iter_mut() {
+                    spooled.envelope.message =
+                        Arc::new(super::source::detached((*spooled.envelope.message).clone()));
+                }
+            }
             // What is done before the failing message is settled now: the wait may be long.
             self.done(batch, &status, &mut settled, unsettled);
             if !self.commit(unsettled, &stop.now).await || !pause(delay, &stop.soon).await {
@@ -257,6 +267,11 @@ impl Forwarder {
     ) {
         let end = status.iter().position(|status| matches!(status, Status::Spooled)).unwrap_or(batch.len());
         if end <= *settled {
+            // Nothing more is done, but what waits first is now this batch's message: the
+            // settlement of an earlier batch must not report the backlog as fresh.
+            if let Some(entry) = unsettled {
+                entry.oldest_after = batch.get(end).map(|spooled| spooled.envelope.received_at);
+            }
             return;
         }
         let part = &batch[*settled..end];

@@ -30,6 +30,7 @@ use crate::config::{
     self, Config, Env, RawSink, RawSubscription, SectionFingerprints, SinkConfig, SourceConfig,
     SubscriptionConfig,
 };
+use crate::delivery::Envelope;
 use crate::sink::{NatsSink, RetryPolicy, Sink, WebhookSink};
 use crate::store::{SpoolSummary, Store};
 use crate::telemetry::metrics::Metrics;
@@ -40,6 +41,9 @@ use replay::{ReplayState, SourcePositions};
 use source::{Route, Routes, Source, Spooler};
 use spool::{Spool, SpoolLimit};
 pub use views::{BacklogView, BridgeError, Origin, ReloadReport, SourceView, SubscriptionView};
+
+/// How long shutdown waits at most for the servers' answers to `/meta/disconnect`.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 
 /// How long removing a subscription waits for its delivery in flight.
 const REMOVE_WAIT: Duration = Duration::from_secs(5);
@@ -211,7 +215,8 @@ impl Bridge {
             name: name.clone(),
             routes: Routes::default(),
             store: self.store.clone(),
-            replay: replay.is_some(),
+            replay: replay.clone(),
+            metrics: self.metrics.clone(),
             sequence: Arc::default(),
             ack,
         };
@@ -234,7 +239,6 @@ impl Bridge {
             name: entry.name.clone(),
             client: entry.client.clone(),
             spooler: entry.spooler.clone(),
-            limit: self.limit.clone(),
             metrics: self.metrics.clone(),
             subscribing: entry.subscribing.clone(),
         };
@@ -246,9 +250,10 @@ impl Bridge {
         *entry.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
     }
 
-    /// Stops a source's task, closes its session and spools what the session still held
-    /// (its routes still in place).
-    async fn stop_source(&self, source: &SourceEntry) {
+    /// Stops a source's task, closes its session (waiting at most `close_within` for the
+    /// server's answer: a frozen server must not hold up a reload or shutdown) and spools
+    /// what the session still held (its routes still in place).
+    async fn stop_source(&self, source: &SourceEntry, close_within: Duration) {
         source.stop.cancel();
         let task = source.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if let Some(task) = task
@@ -256,11 +261,13 @@ impl Bridge {
         {
             tracing::error!(source = %source.name, error = %error, "a source task failed");
         }
-        source.client.close().await;
+        if tokio::time::timeout(close_within, source.client.close()).await.is_err() {
+            tracing::warn!(source = %source.name, waited = ?close_within, "the CometD server did not answer the disconnect in time; leaving the session to expire");
+        }
         let session: Arc<str> = source.client.status().client_id.unwrap_or_default().into();
         let mut held = Vec::new();
-        loop {
-            match source.client.receive().await {
+        while let Some(item) = futures_util::FutureExt::now_or_never(source.client.receive()) {
+            match item {
                 Ok(message) => held.push(message),
                 Err(Error::Closed) => break,
                 Err(_) => continue,
@@ -268,7 +275,7 @@ impl Bridge {
         }
         if !held.is_empty() {
             tracing::info!(source = %source.name, messages = held.len(), "spooling what the session still held");
-            source.spooler.spool(held, &session, &self.stop_taking).await;
+            let _ = source.spooler.spool(held, &session, &self.stop_taking).await;
         }
     }
 
@@ -312,7 +319,13 @@ impl Bridge {
         let id: Arc<str> = config.id.as_str().into();
         let (spool, counters, summary) = match spooled {
             SpoolOrigin::Fresh(summary) => (
-                Spool::new(id.clone(), self.store.clone(), self.limit.clone(), summary),
+                Spool::new(
+                    id.clone(),
+                    self.store.clone(),
+                    self.limit.clone(),
+                    config.spool_max_bytes,
+                    summary,
+                ),
                 Arc::new(Counters::default()),
                 summary,
             ),
@@ -330,7 +343,13 @@ impl Bridge {
         };
         if let Some(replay) = &source.replay {
             let committed = self.store.positions(&config.id).await?;
-            replay.add(&config.id, config.channel.clone(), config.replay_from, committed);
+            let spooled = match summary {
+                Some(summary) => {
+                    newest_spooled_replay_ids(&self.store, &id, &config.channel, summary).await?
+                }
+                None => crate::store::Positions::new(),
+            };
+            replay.add(&config.id, config.channel.clone(), config.replay_from, committed, spooled);
         }
         if let Some(summary) = summary {
             tracing::info!(subscription = %id, messages = summary.messages, "resuming delivery of the spooled messages");
@@ -513,8 +532,7 @@ impl Bridge {
         if source.client.status().state != SessionState::Connected {
             return;
         }
-        let wanted: BTreeSet<String> =
-            source.routes().snapshot().iter().map(|route| route.pattern.to_string()).collect();
+        let wanted = source::wanted_channels(&source.routes().snapshot());
         let subscribed = source.client.subscriptions();
         for channel in wanted.difference(&subscribed) {
             match source.client.subscribe(channel).await {
@@ -561,6 +579,8 @@ impl Bridge {
             received: entry.counters.received.load(Ordering::Relaxed),
             forwarded: entry.counters.forwarded.load(Ordering::Relaxed),
             dead_letters: entry.counters.dead_letters.load(Ordering::Relaxed),
+            dropped: entry.counters.dropped.load(Ordering::Relaxed),
+            full: entry.spool.full().is_some(),
             backlog: entry.spool.backlog().into(),
             positions: self
                 .source(&config.source)
@@ -640,17 +660,22 @@ impl Bridge {
     pub fn refresh_metrics(&self) {
         self.metrics.state_errors(self.store.unreadable_records());
         self.metrics.dead_letters_evicted(self.store.dead_letters_evicted());
+        self.metrics.store_healthy(self.store.unhealthy().is_none());
         self.subscriptions.all(|entry| {
             let backlog = BacklogView::from(entry.spool.backlog());
             let age = Duration::from_secs_f64(backlog.oldest_age_seconds);
             self.metrics.spool(&entry.config.id, backlog.messages, backlog.bytes, age);
+            self.metrics.subscription_full(&entry.config.id, entry.spool.full().is_some());
         });
     }
 
-    /// Why the bridge is not ready: a source not connected or not subscribed, NATS not
-    /// connected. Empty when ready.
+    /// Why the bridge is not ready: the state store failing, a source not connected or not
+    /// subscribed, NATS not connected. Empty when ready.
     pub fn unready_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
+        if let Some(why) = self.store.unhealthy() {
+            reasons.push(format!("the state store is failing: {why}"));
+        }
         for source in self.source_list() {
             if let Some(reason) = source.health.unready_reason() {
                 reasons.push(format!("source {}'s task {reason}", source.name));
@@ -666,7 +691,8 @@ impl Bridge {
                 continue;
             }
             for route in source.routes().snapshot().iter() {
-                if !status.subscriptions.contains(route.pattern.as_str()) {
+                let held = route.spool.full().is_some_and(|episode| episode.held);
+                if !held && !status.subscriptions.contains(route.pattern.as_str()) {
                     reasons.push(format!("source {} is not subscribed to {}", source.name, route.pattern));
                 }
             }
@@ -686,53 +712,110 @@ impl Bridge {
         reasons
     }
 
-    /// Shuts down in the contract's order: stop taking messages; let each forwarder
-    /// finish the delivery in flight for the grace period, then abandon it; disconnect
-    /// every session, spooling what it still held; flush NATS. Spooled messages stay for
-    /// the next start.
-    pub async fn shut_down(&self) {
+    /// Shuts down in the contract's order, all of it within `bridge.shutdown_grace`: stop
+    /// taking messages; let each forwarder finish the delivery in flight, then abandon it
+    /// (what is not delivered stays in the spool); disconnect every source at once, with a
+    /// short deadline, spooling what each session still held; make the last settlements
+    /// durable and flush NATS. Returns the deadline, for what the caller stops after.
+    pub async fn shut_down(&self) -> Instant {
         let started = Instant::now();
         let grace = *self.grace.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let deadline = started + grace;
+        // Kept for the disconnects and the final sync: a quarter of the grace, up to 2 s.
+        let reserve = (grace / 4).min(Duration::from_secs(2));
         tracing::info!(grace = ?grace, "stopping: no new messages are taken");
         self.stop_taking.cancel();
         let sources = self.source_list();
         for source in &sources {
             let task = source.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-            if let Some(task) = task
-                && let Err(error) = task.await
-            {
-                tracing::error!(source = %source.name, error = %error, "a source task failed");
+            if let Some(task) = task {
+                let until = (deadline - reserve).max(Instant::now());
+                match tokio::time::timeout_at(until.into(), task).await {
+                    Ok(Err(error)) => {
+                        tracing::error!(source = %source.name, error = %error, "a source task failed")
+                    }
+                    Ok(Ok(())) => {}
+                    Err(_) => tracing::warn!(source = %source.name, "the source task did not stop in time"),
+                }
             }
         }
         self.stop_delivering.soon.cancel();
         self.forwarders.close();
-        let remaining = grace.saturating_sub(started.elapsed());
-        if tokio::time::timeout(remaining, self.forwarders.wait()).await.is_err() {
+        let forwarders_until = (deadline - reserve).max(Instant::now());
+        if tokio::time::timeout_at(forwarders_until.into(), self.forwarders.wait()).await.is_err() {
             tracing::warn!("the grace period ended with deliveries in flight; they stay in the spool");
             self.stop_delivering.now.cancel();
-            self.forwarders.wait().await;
+            let _ = tokio::time::timeout_at(deadline.into(), self.forwarders.wait()).await;
         }
-        for source in &sources {
-            // The task is already stopped: this closes the session and spools what it held.
-            self.stop_source(source).await;
-        }
+        // Every source at once; each waits for its server's answer to the disconnect at
+        // most until three quarters of the reserve are gone, the rest is for the sync.
+        let close_within =
+            (deadline - reserve / 4).saturating_duration_since(Instant::now()).min(DISCONNECT_WAIT);
+        futures_util::future::join_all(sources.iter().map(|source| self.stop_source(source, close_within)))
+            .await;
         let backlog: u64 = self.subscriptions.all(|entry| entry.spool.backlog().messages).into_iter().sum();
         if backlog > 0 {
             tracing::info!(messages = backlog, "spooled messages are kept for the next start");
         }
-        if let Err(error) = self.store.sync().await {
-            tracing::error!(error = %error, "could not make the last settlements durable; their messages are delivered again after the restart");
+        let last = |floor: Duration| deadline.saturating_duration_since(Instant::now()).max(floor);
+        match tokio::time::timeout(last(Duration::from_millis(200)), self.store.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::error!(error = %error, "could not make the last settlements durable; their messages are delivered again after the restart")
+            }
+            Err(_) => tracing::error!(
+                "making the last settlements durable took past the grace period; their messages may be delivered again after the restart"
+            ),
         }
         if let Some(nats) = &self.nats
-            && let Err(error) = tokio::time::timeout(Duration::from_secs(5), nats.flush())
+            && let Err(error) = tokio::time::timeout(last(Duration::from_millis(100)), nats.flush())
                 .await
                 .map_err(|_| "timed out".to_string())
                 .and_then(|flushed| flushed.map_err(|error| error.to_string()))
         {
             tracing::warn!(error = %error, "could not flush NATS");
         }
-        tracing::info!("stopped");
+        tracing::info!(took = ?started.elapsed(), "stopped");
+        deadline
     }
+}
+
+/// The newest replay id per channel in a subscription's spool, so that a new session
+/// subscribes after what is already spooled. A channel without wildcards needs only the
+/// spool's last message; a pattern is read whole (once, at start).
+async fn newest_spooled_replay_ids(
+    store: &Arc<dyn Store>,
+    subscription: &str,
+    pattern: &crate::cometd::ChannelPattern,
+    summary: SpoolSummary,
+) -> Result<crate::store::Positions, BridgeError> {
+    let mut newest = crate::store::Positions::new();
+    let note = |newest: &mut crate::store::Positions, record: &[u8]| {
+        if let Ok(envelope) = Envelope::from_record(record)
+            && let Some(replay_id) = envelope.replay_id
+        {
+            let id = newest.entry(envelope.message.channel.clone()).or_insert(replay_id);
+            *id = (*id).max(replay_id);
+        }
+    };
+    if !pattern.as_str().contains('*') {
+        for entry in store.spool_read(subscription, summary.last, 1).await? {
+            note(&mut newest, &entry.record);
+        }
+        if !newest.is_empty() {
+            return Ok(newest);
+        }
+    }
+    let mut next = summary.first;
+    while next <= summary.last {
+        let entries = store.spool_read(subscription, next, 4096).await?;
+        let Some(last) = entries.last() else { break };
+        next = last.sequence + 1;
+        for entry in &entries {
+            note(&mut newest, &entry.record);
+        }
+    }
+    Ok(newest)
 }
 
 /// A source's client and the handles of its extensions.

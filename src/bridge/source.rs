@@ -1,8 +1,11 @@
 //! The source task: one per CometD server. It keeps the session open (re-opening it if the
 //! server closes it), subscribes to every channel its subscriptions need, and appends each
 //! message to the spool of every subscription whose pattern matches, in one durable
-//! transaction per batch of what has arrived. It never waits on a sink: only full spools
-//! (`state.spool_max_bytes`) pause it.
+//! transaction per batch of what has arrived. It never waits on a sink nor on a full
+//! spool, disk or store: it keeps polling at the server's pace, and a subscription that
+//! cannot take a message is full (with replay its channel is held upstream and subscribed
+//! again later from the newest spooled replay id; without, the message is dropped and
+//! counted), which costs no other subscription anything.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +17,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
 use super::forwarder::Counters;
-use super::spool::{Spool, SpoolLimit, Spooled};
+use super::replay::ReplayState;
+use super::spool::{FullCause, Spool, Spooled};
 use crate::cometd::{
     AckConfirmer, Backoff, ChannelPattern, Client, Error, Message, SessionState, TransportErrorKind,
     replay_id,
@@ -92,8 +96,10 @@ pub struct Spooler {
     pub routes: Routes,
     /// The store holding the spools.
     pub store: Arc<dyn Store>,
-    /// Whether events carry replay ids to track.
-    pub replay: bool,
+    /// With replay: the replay state, whose spooled positions this keeps.
+    pub replay: Option<Arc<ReplayState>>,
+    /// Metrics (messages dropped by full subscriptions).
+    pub metrics: Metrics,
     /// Arrival order within the source, over the process's life.
     pub sequence: Arc<AtomicU64>,
     /// With the ack extension: told once messages are spooled, so that the server drops
@@ -102,30 +108,60 @@ pub struct Spooler {
 }
 
 impl Spooler {
-    /// Appends `messages` to the matching spools, durably, retrying a failing store until
-    /// `stop` (after which one last try is made and a failure is logged with the content).
-    pub async fn spool(&self, messages: Vec<Message>, session: &Arc<str>, stop: &CancellationToken) {
+    /// Appends `messages` to the matching spools, durably. A subscription that cannot take
+    /// a message (its quota, the total, the store) is full: see [`Appended`]. A failing
+    /// store is tried a few times, briefly, so that polling never waits long.
+    pub async fn spool(
+        &self,
+        messages: Vec<Message>,
+        session: &Arc<str>,
+        stop: &CancellationToken,
+    ) -> Appended {
         let count = messages.len() as u64;
-        if self.append(messages, session, stop).await
-            && let Some(ack) = &self.ack
-        {
+        let appended = self.append(messages, session, stop).await;
+        if let Some(ack) = &self.ack {
+            // Dropped messages are counted: asking the server for them again would only
+            // drop them again.
             ack.confirm(count);
         }
+        appended
     }
 
-    /// Appends; `false` when the messages could not be spooled (and are lost).
-    async fn append(&self, messages: Vec<Message>, session: &Arc<str>, stop: &CancellationToken) -> bool {
+    async fn append(&self, messages: Vec<Message>, session: &Arc<str>, stop: &CancellationToken) -> Appended {
         let received_at = SystemTime::now();
         let routes = self.routes.snapshot();
+        let mut outcome = Appended::default();
         let mut appends = Vec::with_capacity(messages.len());
         let mut targets: Vec<(usize, Envelope, u64)> = Vec::with_capacity(messages.len());
+        // Per route: bytes promised in this append.
+        let mut pending = vec![0u64; routes.len()];
+        // Routes whose forwarder is behind keep what they are given in memory for a while:
+        // their messages get buffers of their own instead of pinning the network buffer
+        // they arrived in (with the other messages of its reply).
+        let behind: Vec<bool> = routes.iter().map(|route| route.spool.backlog().messages > 0).collect();
         for message in messages {
             let sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
-            let replay_id = if self.replay { replay_id(&message) } else { None };
-            let message = Arc::new(message);
+            let replay_id = self.replay.as_ref().and_then(|_| replay_id(&message));
+            let kept = routes
+                .iter()
+                .zip(&behind)
+                .any(|(route, behind)| *behind && route.pattern.matches(&message.channel));
+            let message = Arc::new(if kept { detached(message) } else { message });
             for (index, route) in
                 routes.iter().enumerate().filter(|(_, route)| route.pattern.matches(&message.channel))
             {
+                if let (Some(replay), Some(replay_id)) = (&self.replay, replay_id)
+                    && replay.already_spooled(&route.subscription, &message.channel, replay_id)
+                {
+                    // Replayed from a neighbour's older position, or sent again: spooled once.
+                    continue;
+                }
+                if route.spool.full().is_some_and(|episode| episode.held) {
+                    // Its channel is being unsubscribed; the event comes again on resubscribe.
+                    continue;
+                }
+                route.received.inc();
+                route.counters.received.fetch_add(1, Ordering::Relaxed);
                 let envelope = Envelope {
                     source: self.name.clone(),
                     subscription: route.subscription.clone(),
@@ -137,46 +173,104 @@ impl Spooler {
                 };
                 let record = envelope.to_record();
                 let bytes = record.len() as u64;
-                appends.push(SpoolAppend { subscription: route.subscription.clone(), record });
-                targets.push((index, envelope, bytes));
-                route.received.inc();
-                route.counters.received.fetch_add(1, Ordering::Relaxed);
+                match route.spool.room_for(pending[index], bytes) {
+                    Ok(()) => {
+                        if route
+                            .spool
+                            .full()
+                            .is_some_and(|episode| !matches!(episode.cause, FullCause::Store(_)))
+                        {
+                            route.spool.end_full();
+                        }
+                        pending[index] += bytes;
+                        appends.push(SpoolAppend { subscription: route.subscription.clone(), record });
+                        targets.push((index, envelope, bytes));
+                    }
+                    Err(cause) => self.full(&routes, index, cause, replay_id.is_some(), &mut outcome),
+                }
             }
         }
         if appends.is_empty() {
-            return true;
+            return outcome;
         }
         let appends: Arc<[SpoolAppend]> = appends.into();
         let mut failures = 0;
         let sequences = loop {
             match self.store.spool_append(appends.clone()).await {
                 Ok(sequences) => break sequences,
-                Err(error) if stop.is_cancelled() => {
-                    for append in appends.iter() {
-                        tracing::error!(source = %self.name, subscription = %append.subscription, error = %error, record = %String::from_utf8_lossy(&append.record), "cannot spool a received message while stopping; it is lost");
+                Err(error) if failures >= APPEND_TRIES || stop.is_cancelled() => {
+                    let cause = FullCause::Store(error.to_string());
+                    if stop.is_cancelled() {
+                        for append in appends.iter() {
+                            tracing::error!(source = %self.name, subscription = %append.subscription, error = %error, record = %String::from_utf8_lossy(&append.record), "cannot spool a received message while stopping; it is dropped");
+                        }
                     }
-                    return false;
+                    for (index, envelope, _) in &targets {
+                        self.full(&routes, *index, cause.clone(), envelope.replay_id.is_some(), &mut outcome);
+                    }
+                    return outcome;
                 }
                 Err(error) => {
-                    tracing::error!(source = %self.name, error = %error, "cannot append received messages to the spool; trying again");
                     failures += 1;
-                    let _ = pause(Duration::from_millis(100 * 2u64.pow(failures.min(6))), stop).await;
+                    tracing::warn!(source = %self.name, error = %error, attempt = failures, "cannot append received messages to the spool; trying again");
+                    let _ = pause(Duration::from_millis(50 << failures), stop).await;
                 }
             }
         };
         let mut per_route: Vec<Vec<Spooled>> = vec![Vec::new(); routes.len()];
         for ((index, envelope, bytes), sequence) in targets.into_iter().zip(sequences) {
             if let Some(sequence) = sequence {
+                if let (Some(replay), Some(replay_id)) = (&self.replay, envelope.replay_id) {
+                    replay.spooled(&envelope.subscription, &envelope.message.channel, replay_id);
+                }
                 per_route[index].push(Spooled { sequence, bytes, envelope });
             }
         }
         for (route, spooled) in routes.iter().zip(per_route) {
             if !spooled.is_empty() {
+                if route.spool.full().is_some_and(|episode| matches!(episode.cause, FullCause::Store(_))) {
+                    route.spool.end_full();
+                }
                 route.spool.appended(spooled);
             }
         }
-        true
+        outcome
     }
+
+    /// The route at `index` cannot take a message: with replay (and its channel its own)
+    /// its channel is held upstream; otherwise the message is dropped and counted.
+    fn full(&self, routes: &[Route], index: usize, cause: FullCause, replayed: bool, outcome: &mut Appended) {
+        let route = &routes[index];
+        let pattern = route.pattern.as_str();
+        let shared = routes
+            .iter()
+            .enumerate()
+            .any(|(other, neighbour)| other != index && neighbour.pattern.as_str() == pattern);
+        if replayed && !shared {
+            route.spool.mark_full(cause, true, 0);
+            outcome.hold.insert(pattern.to_string());
+            return;
+        }
+        self.metrics.dropped(&route.subscription, cause.label(), 1);
+        route.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        route.spool.mark_full(cause, false, 1);
+    }
+}
+
+/// `message` with its data in a buffer of its own.
+pub fn detached(mut message: Message) -> Message {
+    message.data = message.data.as_ref().map(crate::cometd::Data::detach);
+    message
+}
+
+/// Store failures an append tries again before its subscriptions count as full.
+const APPEND_TRIES: u32 = 3;
+
+/// What an append left for the source to do.
+#[derive(Debug, Default)]
+pub struct Appended {
+    /// Channels to unsubscribe upstream: their (replay) subscriptions are full.
+    pub hold: BTreeSet<String>,
 }
 
 /// A source's task state; a clone runs on the same session (a supervisor starts a clone
@@ -189,16 +283,18 @@ pub struct Source {
     pub client: Client,
     /// Where messages go.
     pub spooler: Spooler,
-    /// The room left in the spools.
-    pub limit: Arc<SpoolLimit>,
     /// Metrics.
     pub metrics: Metrics,
     /// Channels being subscribed in the background, so that none is asked twice.
     pub subscribing: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
-/// How often a source checks that every route's channel is subscribed upstream.
-const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+/// How often a source checks that every route's channel is subscribed upstream (and
+/// whether a held subscription has room to resume).
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a subscription held because the store failed waits before it tries again.
+const STORE_HOLD: Duration = Duration::from_secs(5);
 
 impl Source {
     /// Runs until `stop` is cancelled; returns the client, still open, so that shutdown can
@@ -219,9 +315,6 @@ impl Source {
             let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
             reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                if self.limit.is_full() && !self.wait_for_room(&stop).await {
-                    return self.client;
-                }
                 let item = tokio::select! {
                     biased;
                     _ = stop.cancelled() => return self.client,
@@ -275,7 +368,8 @@ impl Source {
                         }
                         last_append = Some(Instant::now());
                         self.metrics.pending(&self.name, self.client.pending_count());
-                        self.spooler.spool(batch, &session, &stop).await;
+                        let appended = self.spooler.spool(batch, &session, &stop).await;
+                        self.hold(appended.hold);
                         match deferred {
                             Some(Error::Closed) => continue 'session,
                             Some(error) => {
@@ -343,9 +437,7 @@ impl Source {
                 }
             }
         }
-        let channels: BTreeSet<String> =
-            self.spooler.routes.snapshot().iter().map(|route| route.pattern.as_str().to_string()).collect();
-        for channel in &channels {
+        for channel in &wanted_channels(&self.spooler.routes.snapshot()) {
             match self.client.subscribe(channel).await {
                 Ok(()) => tracing::info!(source = %self.name, channel = %channel, "subscribed"),
                 Err(error) => {
@@ -357,32 +449,73 @@ impl Source {
     }
 
     /// Subscribes upstream, in the background, every route's channel the session does not
-    /// have: one added while the session was down, or whose subscribe failed on the way.
+    /// have: one added while the session was down, one whose subscribe failed on the way,
+    /// or one held while its subscription was full that has room again.
     fn reconcile(&self) {
         if self.client.status().state != SessionState::Connected {
             return;
         }
         let subscribed = self.client.subscriptions();
         let routes = self.spooler.routes.snapshot();
-        for pattern in routes.iter().map(|route| route.pattern.as_str()) {
-            if subscribed.contains(pattern) {
+        for route in routes.iter() {
+            if let Some(episode) = route.spool.full()
+                && episode.held
+                && route.spool.has_room_to_resume()
+                && (!matches!(episode.cause, FullCause::Store(_)) || episode.since.elapsed() >= STORE_HOLD)
+            {
+                tracing::info!(source = %self.name, subscription = %route.subscription, channel = %route.pattern, "the subscription has room again: subscribing from the newest spooled replay id");
+                route.spool.end_full();
+            }
+        }
+        for pattern in wanted_channels(&routes) {
+            if subscribed.contains(&pattern) {
                 continue;
             }
             if !self
                 .subscribing
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(pattern.to_string())
+                .insert(pattern.clone())
             {
                 continue;
             }
             let (client, subscribing, source, channel) =
-                (self.client.clone(), self.subscribing.clone(), self.name.clone(), pattern.to_string());
+                (self.client.clone(), self.subscribing.clone(), self.name.clone(), pattern);
             tokio::spawn(async move {
                 match client.subscribe(&channel).await {
                     Ok(()) => tracing::info!(source = %source, channel = %channel, "subscribed"),
                     Err(error) => {
                         tracing::warn!(source = %source, channel = %channel, error = %error, "subscribe failed; trying again later")
+                    }
+                }
+                subscribing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&channel);
+            });
+        }
+    }
+
+    /// Unsubscribes upstream, in the background, the channels of full subscriptions with
+    /// replay: the server keeps their events, which come again from the newest spooled
+    /// replay id once there is room.
+    fn hold(&self, channels: BTreeSet<String>) {
+        for channel in channels {
+            if !self.client.subscriptions().contains(&channel)
+                || !self
+                    .subscribing
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(channel.clone())
+            {
+                continue;
+            }
+            let (client, subscribing, source) =
+                (self.client.clone(), self.subscribing.clone(), self.name.clone());
+            tokio::spawn(async move {
+                match client.unsubscribe(&channel).await {
+                    Ok(()) => {
+                        tracing::info!(source = %source, channel = %channel, "unsubscribed while its subscription is full")
+                    }
+                    Err(error) => {
+                        tracing::warn!(source = %source, channel = %channel, error = %error, "could not unsubscribe a full subscription's channel; its events are skipped until there is room")
                     }
                 }
                 subscribing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&channel);
@@ -402,25 +535,81 @@ impl Source {
             tracing::warn!(source = %self.name, previous = %previous, session = %session, "the CometD session was lost and a new one started: messages published meanwhile may be lost unless the source uses replay");
         }
     }
-
-    /// Pauses while the spools are full; `false` when stopped first.
-    async fn wait_for_room(&self, stop: &CancellationToken) -> bool {
-        tracing::error!(source = %self.name, "the spools are full (state.spool_max_bytes): this source stops polling until sinks catch up");
-        self.metrics.source_paused(&self.name, true);
-        let resumed = tokio::select! {
-            biased;
-            _ = stop.cancelled() => false,
-            _ = self.limit.wait_for_room() => true,
-        };
-        self.metrics.source_paused(&self.name, false);
-        if resumed {
-            tracing::info!(source = %self.name, "the spools have room again; polling resumes");
-        }
-        resumed
-    }
 }
 
 /// The delays between attempts to open a session: 100 ms doubling to 30 s, with jitter.
 fn open_backoff() -> Backoff {
     Backoff::try_new(Duration::from_millis(100), Duration::from_secs(30)).expect("a valid backoff")
+}
+
+/// The channels a source subscribes upstream: every route's, except those whose every
+/// subscription is held (full, with replay).
+pub fn wanted_channels(routes: &[Route]) -> BTreeSet<String> {
+    routes
+        .iter()
+        .filter(|route| !route.spool.full().is_some_and(|episode| episode.held))
+        .map(|route| route.pattern.as_str().to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::spool::SpoolLimit;
+    use crate::store::MemoryStore;
+
+    fn spooler(store: Arc<dyn Store>, spool: Arc<Spool>) -> Spooler {
+        let metrics = Metrics::new();
+        let routes = Routes::default();
+        routes.add(Route {
+            subscription: "sub".into(),
+            pattern: ChannelPattern::new("/a").expect("a channel"),
+            spool,
+            counters: Arc::default(),
+            received: metrics.received_counter("src", "sub"),
+        });
+        Spooler {
+            name: "src".into(),
+            routes,
+            store,
+            replay: None,
+            metrics,
+            sequence: Arc::default(),
+            ack: None,
+        }
+    }
+
+    /// A message whose data shares a 1 MB network buffer.
+    fn message_in_a_big_buffer() -> (bytestring::ByteString, Message) {
+        let payload = bytestring::ByteString::from(format!("{{\"x\":1}}{}", " ".repeat(1 << 20)));
+        let raw: &serde_json::value::RawValue = serde_json::from_str(&payload[..7]).expect("raw JSON");
+        let data = crate::cometd::Data::shared(&payload, raw);
+        (payload.clone(), Message { data: Some(data), ..Message::new("/a") })
+    }
+
+    fn shares(message: &Message, buffer: &bytestring::ByteString) -> bool {
+        let data = message.data.as_ref().expect("data").json_bytes();
+        let range = buffer.as_bytes().as_ptr_range();
+        range.contains(&data.as_ptr())
+    }
+
+    /// Messages a spool keeps while its forwarder is behind hold only their own bytes;
+    /// while it keeps up they stay in the buffer they came in (no copy).
+    #[tokio::test]
+    async fn a_message_kept_while_the_forwarder_is_behind_does_not_pin_its_network_buffer() {
+        let store: Arc<dyn Store> = MemoryStore::new();
+        let spool = Spool::new("sub".into(), store.clone(), SpoolLimit::new(u64::MAX), u64::MAX, None);
+        let spooler = spooler(store, spool.clone());
+        let stop = CancellationToken::new();
+        let (buffer, message) = message_in_a_big_buffer();
+        spooler.spool(vec![message], &"session".into(), &stop).await;
+        let first = spool.next_batch(1, 10).await.expect("read");
+        assert!(shares(&first[0].envelope.message, &buffer), "delivered at once: not copied");
+        // The forwarder has not settled it: the next message waits behind it.
+        let (buffer, message) = message_in_a_big_buffer();
+        spooler.spool(vec![message], &"session".into(), &stop).await;
+        let second = spool.next_batch(2, 10).await.expect("read");
+        assert!(!shares(&second[0].envelope.message, &buffer), "kept in memory: detached");
+        assert_eq!(second[0].envelope.message.data.as_ref().expect("data").json(), "{\"x\":1}");
+    }
 }

@@ -2,12 +2,15 @@
 //! plus what the forwarder needs to read it cheaply. Recent messages are also kept in
 //! memory (bounded), so a forwarder that keeps up never reads the store back; one that
 //! fell behind reads the store from where it is. [`SpoolLimit`] counts the bytes of all
-//! spools against `state.spool_max_bytes`.
+//! spools against `state.spool_max_bytes`; each spool also has its own quota (the
+//! subscription's `spool_max_bytes`). A spool that cannot take a message is **full**: the
+//! spool keeps the episode (why, since when, what it cost) so that the source can drop
+//! and count, or hold the channel upstream, and the API and metrics can show it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::Notify;
 
@@ -38,29 +41,23 @@ pub struct Spooled {
 pub struct SpoolLimit {
     used: AtomicU64,
     max: u64,
-    room: Notify,
 }
 
 impl SpoolLimit {
     /// A limit of `max` bytes.
     pub fn new(max: u64) -> Arc<Self> {
-        Arc::new(SpoolLimit { used: AtomicU64::new(0), max, room: Notify::new() })
+        Arc::new(SpoolLimit { used: AtomicU64::new(0), max })
     }
 
-    /// Whether the spools are full.
-    pub fn is_full(&self) -> bool {
-        self.used.load(Ordering::Relaxed) >= self.max
+    /// Whether `bytes` more fit in all spools together.
+    pub fn fits(&self, bytes: u64) -> bool {
+        self.used.load(Ordering::Relaxed).saturating_add(bytes) <= self.max
     }
 
-    /// Waits until the spools are no longer full.
-    pub async fn wait_for_room(&self) {
-        loop {
-            let room = self.room.notified();
-            if !self.is_full() {
-                return;
-            }
-            room.await;
-        }
+    /// Whether the spools together are under `fraction` of their bound (a held
+    /// subscription resumes only then, so that it does not flap at the edge).
+    fn below(&self, fraction: f64) -> bool {
+        (self.used.load(Ordering::Relaxed) as f64) < self.max as f64 * fraction
     }
 
     fn add(&self, bytes: u64) {
@@ -71,8 +68,55 @@ impl SpoolLimit {
         let _ = self
             .used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_sub(bytes)));
-        self.room.notify_waiters();
     }
+}
+
+/// Why a subscription cannot take a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FullCause {
+    /// Its own `spool_max_bytes`.
+    Quota(u64),
+    /// `state.spool_max_bytes`, all spools together.
+    Total(u64),
+    /// The state store refused or failed the append (a full disk, `state.min_free_bytes`,
+    /// an I/O error).
+    Store(String),
+}
+
+impl FullCause {
+    /// The `reason` label of `cometd_bridge_messages_dropped_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            FullCause::Quota(_) | FullCause::Total(_) => "spool_full",
+            FullCause::Store(_) => "store_unavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for FullCause {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FullCause::Quota(max) => write!(formatter, "its spool_max_bytes ({max} bytes) is reached"),
+            FullCause::Total(max) => {
+                write!(formatter, "all spools together reached state.spool_max_bytes ({max} bytes)")
+            }
+            FullCause::Store(error) => write!(formatter, "the state store cannot take messages: {error}"),
+        }
+    }
+}
+
+/// A subscription's time of being full.
+#[derive(Clone, Debug)]
+pub struct FullEpisode {
+    /// Why it started.
+    pub cause: FullCause,
+    /// When.
+    pub since: Instant,
+    /// Messages dropped during it (without replay).
+    pub dropped: u64,
+    /// With replay: its channel is unsubscribed upstream, and subscribed again from the
+    /// newest spooled replay id once there is room (nothing is dropped).
+    pub held: bool,
 }
 
 /// What a spool holds, for the API and metrics.
@@ -99,6 +143,8 @@ struct State {
     /// the forwarder emptied it, so that it keeps consecutive sequences.
     overflowed: bool,
     backlog: Backlog,
+    /// Set while the subscription is full.
+    full: Option<FullEpisode>,
 }
 
 /// One subscription's spool.
@@ -106,6 +152,8 @@ pub struct Spool {
     subscription: Arc<str>,
     store: Arc<dyn Store>,
     limit: Arc<SpoolLimit>,
+    /// The most this spool may hold (the subscription's `spool_max_bytes`).
+    quota: u64,
     state: Mutex<State>,
     appended: Notify,
 }
@@ -117,11 +165,13 @@ impl std::fmt::Debug for Spool {
 }
 
 impl Spool {
-    /// The spool of `subscription`, resuming from what the store holds (`summary`).
+    /// The spool of `subscription`, holding at most `quota` bytes, resuming from what the
+    /// store holds (`summary`).
     pub fn new(
         subscription: Arc<str>,
         store: Arc<dyn Store>,
         limit: Arc<SpoolLimit>,
+        quota: u64,
         summary: Option<SpoolSummary>,
     ) -> Arc<Self> {
         let mut state = State { resume_from: summary.map_or(1, |summary| summary.first), ..State::default() };
@@ -131,7 +181,84 @@ impl Spool {
             state.backlog.bytes = summary.bytes;
             limit.add(summary.bytes);
         }
-        Arc::new(Spool { subscription, store, limit, state: Mutex::new(state), appended: Notify::new() })
+        Arc::new(Spool {
+            subscription,
+            store,
+            limit,
+            quota,
+            state: Mutex::new(state),
+            appended: Notify::new(),
+        })
+    }
+
+    /// Whether `bytes` more fit, beside `pending` bytes already promised to this spool in
+    /// the same append; why not otherwise. A message larger than the quota still fits an
+    /// empty spool, so that no quota refuses one message for ever.
+    pub fn room_for(&self, pending: u64, bytes: u64) -> Result<(), FullCause> {
+        let held = self.lock().backlog.bytes.saturating_add(pending);
+        if held > 0 && held.saturating_add(bytes) > self.quota {
+            return Err(FullCause::Quota(self.quota));
+        }
+        if !self.limit.fits(pending.saturating_add(bytes)) {
+            return Err(FullCause::Total(self.limit.max));
+        }
+        Ok(())
+    }
+
+    /// Starts a full episode (or adds `dropped` to the current one); `true` when it
+    /// starts now. Logged at ERROR once per episode.
+    pub fn mark_full(&self, cause: FullCause, held: bool, dropped: u64) -> bool {
+        let mut state = self.lock();
+        if let Some(episode) = &mut state.full {
+            episode.dropped += dropped;
+            episode.held |= held;
+            return false;
+        }
+        state.full = Some(FullEpisode { cause: cause.clone(), since: Instant::now(), dropped, held });
+        drop(state);
+        if held {
+            tracing::error!(subscription = %self.subscription, cause = %cause, "the subscription is full: its channel is unsubscribed upstream until there is room, then subscribed again from the newest spooled replay id (nothing is lost within the server's retention)");
+        } else {
+            tracing::error!(subscription = %self.subscription, cause = %cause, "the subscription is full: its messages are dropped and counted (cometd_bridge_messages_dropped_total) until there is room; the session and the other subscriptions go on");
+        }
+        true
+    }
+
+    /// Ends the full episode, logging what it cost. Nothing happens when none is open.
+    pub fn end_full(&self) {
+        let Some(episode) = self.lock().full.take() else { return };
+        let lasted =
+            humantime::format_duration(std::time::Duration::from_secs(episode.since.elapsed().as_secs()));
+        tracing::warn!(subscription = %self.subscription, lasted = %lasted, dropped = episode.dropped, cause = %episode.cause, "the subscription is no longer full");
+    }
+
+    /// The current full episode, if any.
+    pub fn full(&self) -> Option<FullEpisode> {
+        self.lock().full.clone()
+    }
+
+    /// Whether a held subscription (replay) has room enough to subscribe again: its
+    /// spool at most half its quota and all spools under 90 % of theirs.
+    pub fn has_room_to_resume(&self) -> bool {
+        let state = self.lock();
+        state.backlog.bytes <= self.quota / 2 && self.limit.below(0.9)
+    }
+
+    /// Ends a full episode that was not held upstream, once a message fits again (so the
+    /// gauge falls without waiting for the next message).
+    fn end_full_if_room(&self) {
+        let ended = {
+            let state = self.lock();
+            match &state.full {
+                Some(episode) if !episode.held && !matches!(episode.cause, FullCause::Store(_)) => {
+                    state.backlog.bytes < self.quota && self.limit.below(1.0)
+                }
+                _ => false,
+            }
+        };
+        if ended {
+            self.end_full();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -264,11 +391,16 @@ impl Spool {
         }
         drop(state);
         self.limit.release(bytes);
+        self.end_full_if_room();
     }
 
     /// Notes when the oldest unsettled message was received.
     pub fn set_oldest(&self, oldest: Option<SystemTime>) {
-        self.lock().backlog.oldest = oldest;
+        let mut state = self.lock();
+        // Unknown to the forwarder (its batches are all settled): the next cached message,
+        // when the cache holds it, else the forwarder sets it when it reads the next batch.
+        let next = state.cached.front().map(|spooled| spooled.envelope.received_at);
+        state.backlog.oldest = if state.backlog.messages == 0 { None } else { oldest.or(next) };
     }
 
     /// What the spool holds now.

@@ -109,6 +109,11 @@ pub struct SubscriptionView {
     pub forwarded: u64,
     /// Messages stored as dead letters.
     pub dead_letters: u64,
+    /// Messages dropped because it was full (without replay).
+    pub dropped: u64,
+    /// Whether it cannot take messages now (its spool quota, all spools' bound, the disk
+    /// or the store).
+    pub full: bool,
     /// What its spool holds: received, not yet delivered or dead-lettered.
     pub backlog: BacklogView,
     /// With replay: the committed position per channel (everything up to it was delivered

@@ -123,11 +123,13 @@ pub struct StateConfig {
     pub backend: StateBackend,
     /// Directory of the embedded database.
     pub path: PathBuf,
-    /// The most all spools together may hold before sources pause.
+    /// The most all spools together may hold.
     pub spool_max_bytes: u64,
     /// The most the dead letters together may hold (their stored size); beyond it the
     /// oldest are evicted, counted and logged.
     pub dead_letters_max_bytes: u64,
+    /// The free disk space under which the embedded store takes no more messages.
+    pub min_free_bytes: u64,
 }
 
 /// `state.backend`: where runtime subscriptions, replay positions, dead letters and spools
@@ -258,6 +260,8 @@ pub struct SubscriptionConfig {
     pub replay_from: ReplayPosition,
     /// How transient failures are retried.
     pub retry: RetryConfig,
+    /// The most its spool may hold before the subscription is full.
+    pub spool_max_bytes: u64,
     /// The entry as written, for the API.
     pub raw: RawSubscription,
     /// What the entry says, secrets resolved: a reload restarts the subscription when it

@@ -74,13 +74,18 @@ pub struct RawState {
     /// Name the `nats` backend's buckets start with.
     #[serde(default = "default_state_bucket")]
     pub bucket: String,
-    /// The most all spools together may hold before sources pause, e.g. `"1GiB"`.
+    /// The most all spools together may hold, e.g. `"1GiB"`; beyond it every subscription
+    /// that receives a message is full.
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: String,
     /// The most the dead letters together may hold before the oldest are evicted, e.g.
     /// `"256MiB"`.
     #[serde(default = "default_dead_letters_max_bytes")]
     pub dead_letters_max_bytes: String,
+    /// The free disk space under which the embedded store takes no more messages, e.g.
+    /// `"256MiB"`.
+    #[serde(default = "default_min_free_bytes")]
+    pub min_free_bytes: String,
 }
 
 impl Default for RawState {
@@ -91,6 +96,7 @@ impl Default for RawState {
             bucket: default_state_bucket(),
             spool_max_bytes: default_spool_max_bytes(),
             dead_letters_max_bytes: default_dead_letters_max_bytes(),
+            min_free_bytes: default_min_free_bytes(),
         }
     }
 }
@@ -104,6 +110,10 @@ fn default_spool_max_bytes() -> String {
 }
 
 fn default_dead_letters_max_bytes() -> String {
+    "256MiB".into()
+}
+
+fn default_min_free_bytes() -> String {
     "256MiB".into()
 }
 
@@ -314,6 +324,10 @@ pub struct RawSubscription {
     /// How long transient failures are retried before a message is dead-lettered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RawRetry>,
+    /// The most this subscription's spool may hold, e.g. `"64MiB"` (default `"1GiB"`);
+    /// beyond it the subscription is full (see the contract's "Outages of any length").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool_max_bytes: Option<String>,
 }
 
 /// `retry = { max_elapsed = "24h", max_backoff = "5m" }` of a subscription.

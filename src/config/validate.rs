@@ -150,6 +150,16 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             1
         }
     };
+    let min_free_bytes = parse_size(&raw.state.min_free_bytes).unwrap_or_else(|| {
+        check.problem(
+            "state.min_free_bytes",
+            format!(
+                "{:?} is not a size; write e.g. \"256MiB\", \"1GiB\" or \"0\" (no guard)",
+                raw.state.min_free_bytes
+            ),
+        );
+        0
+    });
 
     let nats = nats_config(&mut check, &raw);
 
@@ -211,6 +221,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             path: PathBuf::from(&raw.state.path),
             spool_max_bytes,
             dead_letters_max_bytes,
+            min_free_bytes,
         },
         nats,
         bridge: BridgeConfig { queue_capacity, shutdown_grace },
@@ -582,6 +593,19 @@ pub fn validate_subscription(
         }),
     };
     let retry = retry_config(&mut check, &field, raw);
+    let spool_max_bytes = match raw.spool_max_bytes.as_deref() {
+        None => DEFAULT_SUBSCRIPTION_SPOOL_BYTES,
+        Some(text) => match parse_size(text) {
+            Some(bytes) if bytes > 0 => bytes,
+            _ => {
+                check.problem(
+                    field("spool_max_bytes"),
+                    format!("{text:?} is not a size; write e.g. \"1GiB\", \"64MiB\" or \"100MB\""),
+                );
+                1
+            }
+        },
+    };
     match (channel, sink) {
         (Ok(channel), Some(sink)) if check.problems.is_empty() => Ok(SubscriptionConfig {
             fingerprint: Fingerprint::of([
@@ -597,6 +621,7 @@ pub fn validate_subscription(
             sink,
             replay_from,
             retry,
+            spool_max_bytes,
             raw: raw.clone(),
         }),
         _ => Err(check.problems),
@@ -669,8 +694,11 @@ pub fn private_destination(url: &reqwest::Url) -> Option<&'static str> {
     }
 }
 
-/// A size in bytes: a number, optionally followed by `B`, `KB`, `MB`, `GB` (powers of
-/// 1000) or `KiB`, `MiB`, `GiB` (powers of 1024).
+/// A subscription's `spool_max_bytes` when it gives none: 1 GiB.
+pub const DEFAULT_SUBSCRIPTION_SPOOL_BYTES: u64 = 1 << 30;
+
+/// A size in bytes: a number, optionally followed by `B`, `KB`, `MB`, `GB`, `TB` (powers
+/// of 1000) or `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024).
 pub fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
@@ -684,6 +712,8 @@ pub fn parse_size(text: &str) -> Option<u64> {
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
+        "TB" => 1_000_000_000_000,
+        "TiB" => 1 << 40,
         _ => return None,
     };
     number.checked_mul(factor)

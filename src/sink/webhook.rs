@@ -98,16 +98,18 @@ impl WebhookSink {
     async fn post(&self, envelope: &Envelope) -> Result<(), Failure> {
         let body = envelope.to_body();
         let id = visible_ascii(&format!("msg_{}", envelope.delivery_id()));
+        // `webhook-id` on every request, signed or not: the receiver's key to drop a
+        // redelivery.
         let mut request = self
             .http
             .post(self.config.url.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header("webhook-id", id.as_str())
             .timeout(self.config.timeout);
         if let Some(key) = &self.key {
             let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
             let signature = sign(key, &id, timestamp, &body);
             request = request
-                .header("webhook-id", id)
                 .header("webhook-timestamp", timestamp.to_string())
                 .header("webhook-signature", signature);
         }

@@ -2,7 +2,17 @@
 //! subscriptions, replay positions, dead letters and the subscriptions' spools. Every
 //! write is one transaction made durable (fsynced) before it returns, so a crash at any
 //! moment, `kill -9` included, leaves each write whole or absent; a delivered batch's
-//! spool trim, its position and its dead letters commit together.
+//! spool trim, its position and its dead letters commit together. Settlements are the
+//! one exception: committed without a sync (a crash undoes one whole, and its batch is
+//! delivered again), they are durable with the next synced write, or within about a
+//! second when none comes (the keeper thread syncs them). One write transaction runs at a
+//! time (redb's writer lock).
+//!
+//! After an I/O error (a full disk, a failed write) the database is closed and reopened
+//! in the background, with backoff, without a restart; meanwhile every call fails at once
+//! with [`StoreError::Unavailable`] and [`Store::unhealthy`] says why. Below
+//! `state.min_free_bytes` free on the filesystem, spool appends are refused with
+//! [`StoreError::Full`].
 //!
 //! redb locks its file, so a second daemon on the same state directory fails to open it
 //! instead of forwarding everything twice. A state directory written by the first
@@ -11,14 +21,19 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use redb::backends::FileBackend;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::disk::FreeSpace;
+#[cfg(test)]
+use super::faulty;
 use super::{
     DeadLetter, Positions, SPOOL_READ_BYTES, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store,
     StoreError, batch,
@@ -55,51 +70,169 @@ const CACHE_BYTES: usize = 16 << 20;
 /// The database's file name under `state.path`.
 pub const FILE_NAME: &str = "state.redb";
 
+/// How often the keeper thread looks at the store (reopen due, settlements to sync).
+const KEEPER_TICK: Duration = Duration::from_millis(100);
+/// A settlement committed without a sync is synced by the keeper once it is this old and
+/// nothing synced it meanwhile: with [`KEEPER_TICK`], durable within about 0.6 s.
+const SYNC_AFTER: Duration = Duration::from_millis(500);
+/// The first wait before reopening a failed database; it doubles on each failed reopen.
+const REOPEN_FIRST: Duration = Duration::from_millis(100);
+/// The longest wait between two reopens.
+const REOPEN_MAX: Duration = Duration::from_secs(5);
+
 /// State in one embedded transactional database.
+///
+/// It heals: an I/O error (a full disk, a failed write) makes redb fail every later call
+/// until the database is closed and opened again, so on such an error the store drops its
+/// database and a keeper thread reopens it, with backoff ([`REOPEN_FIRST`] doubling to
+/// [`REOPEN_MAX`], jittered), while every call fails at once with
+/// [`StoreError::Unavailable`]. redb refuses a second open of the file while any handle
+/// of the first is alive, so the database sits in one slot that each call clones for its
+/// duration only; the reopen succeeds once the calls in flight on the failed one are done.
+/// The same thread makes settlements durable within about a second on a quiet source.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    shared: Arc<Shared>,
+    /// Dropped with the last handle: stops the keeper and closes the database.
+    _keeper: Arc<Keeper>,
+}
+
+/// What the handles and the keeper thread share.
+struct Shared {
+    /// The database file.
+    file: PathBuf,
+    /// The same, for messages.
     path: Arc<str>,
-    unreadable: Arc<std::sync::atomic::AtomicU64>,
-    max_letter_bytes: Arc<AtomicU64>,
-    evicted: Arc<AtomicU64>,
+    /// The open database; `None` from an I/O error until it is reopened.
+    db: RwLock<Option<Arc<Database>>>,
+    /// Why the database is not open, while it is not.
+    failure: Mutex<Option<Failure>>,
+    /// Records skipped because they could not be read.
+    unreadable: AtomicU64,
+    /// `state.dead_letters_max_bytes`.
+    max_letter_bytes: AtomicU64,
+    /// Dead letters evicted to stay within it.
+    evicted: AtomicU64,
+    /// When the oldest settlement not yet synced was committed, in milliseconds after
+    /// `epoch` (at least 1); 0 when everything committed is durable.
+    unsynced_since: AtomicU64,
+    epoch: Instant,
+    /// `state.min_free_bytes`.
+    free: FreeSpace,
+    /// Makes the file fail to write with `ENOSPC` while set (tests only).
+    #[cfg(test)]
+    fail_writes: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// A failed database waiting to be reopened.
+struct Failure {
+    /// The error that broke it.
+    reason: String,
+    /// Why the last reopen failed, when one did.
+    reopen_error: Option<String>,
+    /// Reopens tried so far.
+    attempts: u32,
+    /// When the next reopen is due.
+    next_attempt: Instant,
+}
+
+/// The keeper thread, stopped and joined when the last handle goes.
+struct Keeper {
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+        // The last handle is gone and so is the keeper: close the file now, so that it can
+        // be opened again at once.
+        drop(self.shared.slot_mut().take());
+    }
 }
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("EmbeddedStore").field("path", &self.path).finish()
+        formatter.debug_struct("EmbeddedStore").field("path", &self.shared.path).finish()
     }
 }
 
 impl EmbeddedStore {
     /// Opens (creating if needed) the database in `dir`, importing a first-release file
-    /// store found there.
+    /// store found there, with no free-space guard (see [`open_with`](Self::open_with)).
+    ///
+    /// # Errors
+    /// As [`open_with`](Self::open_with).
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, 0)
+    }
+
+    /// Opens (creating if needed) the database in `dir`, importing a first-release file
+    /// store found there. Spool appends are refused with [`StoreError::Full`] while the
+    /// filesystem holding `dir` has less than `min_free_bytes` free (0: never).
     ///
     /// # Errors
     /// [`StoreError::Locked`] when another process has it open, [`StoreError::Io`] when the
     /// directory or the file cannot be created or read, [`StoreError::Corrupt`] when the
     /// file is not a database.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    pub fn open_with(dir: &Path, min_free_bytes: u64) -> Result<Self, StoreError> {
+        Self::start(dir, min_free_bytes, |_| {})
+    }
+
+    fn start(
+        dir: &Path,
+        min_free_bytes: u64,
+        configure: impl FnOnce(&mut Shared),
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|source| StoreError::Io { path: dir.display().to_string(), source })?;
         let file = dir.join(FILE_NAME);
-        let path: Arc<str> = file.display().to_string().into();
-        // A small page cache: the spool is written once and read back once, in order.
-        let db =
-            Database::builder().set_cache_size(CACHE_BYTES).create(&file).map_err(|error| match error {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path: path.to_string() },
-                redb::DatabaseError::Storage(redb::StorageError::Io(source)) => {
-                    StoreError::Io { path: path.to_string(), source }
-                }
-                other => StoreError::Corrupt { path: path.to_string(), message: other.to_string() },
-            })?;
-        let store = EmbeddedStore {
-            db: Arc::new(db),
-            path,
-            unreadable: Arc::default(),
-            max_letter_bytes: Arc::new(AtomicU64::new(super::DEAD_LETTERS_MAX_BYTES)),
-            evicted: Arc::default(),
+        let mut shared = Shared {
+            path: file.display().to_string().into(),
+            file,
+            db: RwLock::new(None),
+            failure: Mutex::new(None),
+            unreadable: AtomicU64::new(0),
+            max_letter_bytes: AtomicU64::new(super::DEAD_LETTERS_MAX_BYTES),
+            evicted: AtomicU64::new(0),
+            unsynced_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+            free: FreeSpace::new(dir.to_path_buf(), min_free_bytes),
+            #[cfg(test)]
+            fail_writes: None,
         };
+        configure(&mut shared);
+        let db = shared.open_database().map_err(|error| match error {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path: shared.path.to_string() },
+            redb::DatabaseError::Storage(redb::StorageError::Io(source)) => {
+                StoreError::Io { path: shared.path.to_string(), source }
+            }
+            other => StoreError::Corrupt { path: shared.path.to_string(), message: other.to_string() },
+        })?;
+        *shared.slot_mut() = Some(Arc::new(db));
+        let shared = Arc::new(shared);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("store-keeper".into())
+            .spawn({
+                let (shared, stop) = (shared.clone(), stop.clone());
+                move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::park_timeout(KEEPER_TICK);
+                        if !stop.load(Ordering::Relaxed) {
+                            shared.tend();
+                        }
+                    }
+                }
+            })
+            .map_err(|source| StoreError::Io { path: shared.path.to_string(), source })?;
+        let keeper = Keeper { shared: shared.clone(), stop, thread: Some(thread) };
+        let store = EmbeddedStore { shared, _keeper: Arc::new(keeper) };
         store.write(|txn| {
             // Created up front, so that reads never meet a missing table.
             txn.open_table(SUBSCRIPTIONS)?;
@@ -119,10 +252,6 @@ impl EmbeddedStore {
         Ok(store)
     }
 
-    fn error(&self, error: impl std::fmt::Display) -> StoreError {
-        StoreError::Database { path: self.path.to_string(), message: error.to_string() }
-    }
-
     /// Runs `work` in one write transaction and commits it durably.
     fn write<T>(
         &self,
@@ -133,25 +262,23 @@ impl EmbeddedStore {
 
     /// Runs `work` in one write transaction committed with `durability`. A commit without
     /// durability is atomic and ordered like any other, and becomes durable with the next
-    /// durable one; a crash before that undoes it whole.
+    /// durable one (the keeper makes one within about a second); a crash before that
+    /// undoes it whole.
     fn write_with<T>(
         &self,
         durability: Durability,
         work: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, StoreError> {
-        let mut txn = self.db.begin_write().map_err(|error| self.error(error))?;
-        txn.set_durability(durability).map_err(|error| self.error(error))?;
-        let result = work(&txn).map_err(|error| self.error(error))?;
-        txn.commit().map_err(|error| self.error(error))?;
-        Ok(result)
+        self.shared.write_with(durability, work)
     }
 
     fn read<T>(
         &self,
         work: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, StoreError> {
-        let txn = self.db.begin_read().map_err(|error| self.error(error))?;
-        work(&txn).map_err(|error| self.error(error))
+        let db = self.shared.database()?;
+        let txn = db.begin_read().map_err(|error| self.shared.failed(&db, error.into()))?;
+        work(&txn).map_err(|error| self.shared.failed(&db, error))
     }
 
     /// Runs blocking database work off the async runtime.
@@ -160,11 +287,17 @@ impl EmbeddedStore {
         work: impl FnOnce(EmbeddedStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || work(store)).await.map_err(|error| self.error(error))?
+        tokio::task::spawn_blocking(move || work(store)).await.map_err(|error| StoreError::Database {
+            path: self.shared.path.to_string(),
+            message: error.to_string(),
+        })?
     }
 
     fn corrupt(&self, table: &str, key: &str, error: impl std::fmt::Display) -> StoreError {
-        StoreError::Corrupt { path: format!("{} ({table} {key:?})", self.path), message: error.to_string() }
+        StoreError::Corrupt {
+            path: format!("{} ({table} {key:?})", self.shared.path),
+            message: error.to_string(),
+        }
     }
 
     async fn put<T: Serialize>(
@@ -236,7 +369,7 @@ impl EmbeddedStore {
                 Err(error) => {
                     let error = self.corrupt(table, &key, error);
                     tracing::error!(error = %error, "skipping an unreadable record");
-                    self.unreadable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.shared.unreadable.fetch_add(1, Ordering::Relaxed);
                     None
                 }
             })
@@ -304,14 +437,14 @@ impl EmbeddedStore {
 
     /// Logs and counts evicted dead letters, once their transaction committed.
     fn evicted(&self, evicted: &[String]) {
-        self.evicted.fetch_add(evicted.len() as u64, Ordering::Relaxed);
-        super::log_evicted(evicted, self.max_letter_bytes.load(Ordering::Relaxed));
+        self.shared.evicted.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        super::log_evicted(evicted, self.shared.max_letter_bytes.load(Ordering::Relaxed));
     }
 
     /// Stores dead letters (`(id, stored form)`) in one synced transaction; what they
     /// evicted is logged and counted.
     async fn put_dead_letters(&self, letters: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
-        let max = self.max_letter_bytes.load(Ordering::Relaxed);
+        let max = self.shared.max_letter_bytes.load(Ordering::Relaxed);
         let evicted = self
             .blocking(move |store| {
                 store.write(|txn| {
@@ -434,6 +567,173 @@ impl EmbeddedStore {
     }
 }
 
+impl Shared {
+    fn slot_mut(&self) -> RwLockWriteGuard<'_, Option<Arc<Database>>> {
+        self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn failure(&self) -> MutexGuard<'_, Option<Failure>> {
+        self.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Opens the database file (a small page cache: the spool is written once and read
+    /// back once, in order).
+    fn open_database(&self) -> Result<Database, redb::DatabaseError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.file)?;
+        let builder = {
+            let mut builder = Database::builder();
+            builder.set_cache_size(CACHE_BYTES);
+            builder
+        };
+        #[cfg(test)]
+        if let Some(fail) = &self.fail_writes {
+            return builder.create_with_backend(faulty::Backend::new(FileBackend::new(file)?, fail.clone()));
+        }
+        builder.create_with_backend(FileBackend::new(file)?)
+    }
+
+    /// The open database, for the duration of one call.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] while it failed and is not reopened yet.
+    fn database(&self) -> Result<Arc<Database>, StoreError> {
+        if let Some(db) = self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+            return Ok(db.clone());
+        }
+        let reason = self.unhealthy().unwrap_or_else(|| "it is closed".into());
+        Err(StoreError::Unavailable { path: self.path.to_string(), reason })
+    }
+
+    /// Why the database is not open, while it is not.
+    fn unhealthy(&self) -> Option<String> {
+        self.failure().as_ref().map(|failure| match &failure.reopen_error {
+            Some(reopen) => format!("{} (reopening failed: {reopen})", failure.reason),
+            None => failure.reason.clone(),
+        })
+    }
+
+    /// `error` as a [`StoreError`]; an I/O error (or redb's latch of an earlier one) also
+    /// takes `db` out of service, for the keeper to reopen.
+    fn failed(&self, db: &Arc<Database>, error: redb::Error) -> StoreError {
+        let broken = matches!(
+            error,
+            redb::Error::Io(_)
+                | redb::Error::Backend(_)
+                | redb::Error::PreviousIo
+                | redb::Error::DatabaseClosed
+        );
+        let message = error.to_string();
+        if broken {
+            let mut slot = self.slot_mut();
+            if slot.as_ref().is_some_and(|current| Arc::ptr_eq(current, db)) {
+                *slot = None;
+                tracing::error!(
+                    path = %self.path,
+                    error = %message,
+                    "the state store failed; it is reopened in the background, and calls fail until it works"
+                );
+                *self.failure() = Some(Failure {
+                    reason: message.clone(),
+                    reopen_error: None,
+                    attempts: 0,
+                    next_attempt: Instant::now() + jittered(REOPEN_FIRST),
+                });
+            }
+        }
+        StoreError::Database { path: self.path.to_string(), message }
+    }
+
+    fn write_with<T>(
+        &self,
+        durability: Durability,
+        work: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        let db = self.database()?;
+        let synced = matches!(durability, Durability::Immediate);
+        let result = (|| {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(durability)?;
+            let result = work(&txn)?;
+            // Every commit before this one becomes durable with it.
+            let unsynced = if synced { self.unsynced_since.swap(0, Ordering::AcqRel) } else { 0 };
+            if let Err(error) = txn.commit() {
+                if unsynced != 0 {
+                    let _ = self.unsynced_since.compare_exchange(
+                        0,
+                        unsynced,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                }
+                return Err(redb::Error::from(error));
+            }
+            if !synced {
+                let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
+                let _ = self.unsynced_since.compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
+            }
+            Ok(result)
+        })();
+        result.map_err(|error| self.failed(&db, error))
+    }
+
+    /// The keeper's round: reopens a failed database when it is due; syncs settlements
+    /// that waited [`SYNC_AFTER`] for a synced commit.
+    fn tend(&self) {
+        let due = self.failure().as_ref().map(|failure| failure.next_attempt <= Instant::now());
+        match due {
+            Some(true) => self.reopen(),
+            Some(false) => {}
+            None => {
+                let since = self.unsynced_since.load(Ordering::Acquire);
+                let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+                if since != 0 && now.saturating_sub(since) >= SYNC_AFTER.as_millis() as u64 {
+                    // An error is handled (and logged) like any call's.
+                    let _ = self.write_with(Durability::Immediate, |_| Ok(()));
+                }
+            }
+        }
+    }
+
+    fn reopen(&self) {
+        match self.open_database() {
+            Ok(db) => {
+                *self.slot_mut() = Some(Arc::new(db));
+                let failure = self.failure().take();
+                // What was committed and not synced on the failed database is gone with it.
+                self.unsynced_since.store(0, Ordering::Release);
+                tracing::info!(
+                    path = %self.path,
+                    failed_with = failure.map(|failure| failure.reason).unwrap_or_default(),
+                    "the state store was reopened and works again"
+                );
+            }
+            Err(error) => {
+                let mut failure = self.failure();
+                if let Some(failure) = failure.as_mut() {
+                    failure.attempts = failure.attempts.saturating_add(1);
+                    let wait = REOPEN_FIRST.saturating_mul(1 << failure.attempts.min(16)).min(REOPEN_MAX);
+                    failure.next_attempt = Instant::now() + jittered(wait);
+                    let error = error.to_string();
+                    if failure.reopen_error.as_ref() != Some(&error) {
+                        tracing::warn!(path = %self.path, %error, "reopening the state store failed; trying again");
+                    }
+                    failure.reopen_error = Some(error);
+                }
+            }
+        }
+    }
+}
+
+/// `wait` less up to a quarter, so that stores failing together do not retry in step.
+fn jittered(wait: Duration) -> Duration {
+    wait.mul_f64(1.0 - fastrand::f64() / 4.0)
+}
+
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn subscriptions(&self) -> Result<Vec<RawSubscription>, StoreError> {
@@ -512,11 +812,11 @@ impl Store for EmbeddedStore {
     }
 
     fn limit_dead_letters(&self, max_bytes: u64) {
-        self.max_letter_bytes.store(max_bytes, Ordering::Relaxed);
+        self.shared.max_letter_bytes.store(max_bytes, Ordering::Relaxed);
     }
 
     fn dead_letters_evicted(&self) -> u64 {
-        self.evicted.load(Ordering::Relaxed)
+        self.shared.evicted.load(Ordering::Relaxed)
     }
 
     async fn positions(&self, subscription: &str) -> Result<Positions, StoreError> {
@@ -533,6 +833,7 @@ impl Store for EmbeddedStore {
 
     async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<Option<u64>>, StoreError> {
         self.blocking(move |store| {
+            store.shared.free.check(&store.shared.path)?;
             store.write(|txn| {
                 let mut table = txn.open_table(SPOOL)?;
                 let mut counters = txn.open_table(SPOOL_NEXT)?;
@@ -633,7 +934,8 @@ impl Store for EmbeddedStore {
         // Not synced: a crash before the next synced write undoes the trim together with the
         // batch's dead letters and position, so the batch is delivered again (under the same
         // delivery ids) and nothing is lost; syncing each settlement would double the syncs.
-        let max = self.max_letter_bytes.load(Ordering::Relaxed);
+        // The next append syncs it, or else the keeper within about a second.
+        let max = self.shared.max_letter_bytes.load(Ordering::Relaxed);
         let evicted = self
             .blocking(move |store| {
                 store.write_with(Durability::None, |txn| {
@@ -675,7 +977,11 @@ impl Store for EmbeddedStore {
     }
 
     fn unreadable_records(&self) -> u64 {
-        self.unreadable.load(std::sync::atomic::Ordering::Relaxed)
+        self.shared.unreadable.load(Ordering::Relaxed)
+    }
+
+    fn unhealthy(&self) -> Option<String> {
+        self.shared.unhealthy()
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
@@ -740,6 +1046,7 @@ impl Store for EmbeddedStore {
         requeues: Vec<(String, SpoolAppend)>,
     ) -> Result<Vec<Option<u64>>, StoreError> {
         self.blocking(move |store| {
+            store.shared.free.check(&store.shared.path)?;
             store.write(|txn| {
                 let mut tables = LetterTables::open(txn)?;
                 let mut counters = txn.open_table(SPOOL_NEXT)?;
@@ -1000,6 +1307,98 @@ mod tests {
         let huge = SpoolAppend { subscription: "b".into(), record: vec![b'y'; SPOOL_READ_BYTES + 1] };
         store.spool_append(vec![huge].into()).await.unwrap();
         assert_eq!(store.spool_read("b", 1, 10).await.unwrap().len(), 1);
+    }
+
+    /// Waits up to 10 s for `done`, checking every 20 ms.
+    async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what} did not happen within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_full_disk_the_store_says_it_is_failing_then_heals_by_itself_keeping_what_it_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = Arc::new(AtomicBool::new(false));
+        let store =
+            EmbeddedStore::start(dir.path(), 0, |shared| shared.fail_writes = Some(full.clone())).unwrap();
+        store.spool_append(vec![append("a", "before")].into()).await.unwrap();
+        store.put_positions("a", &Positions::from([("/x".to_string(), 3)])).await.unwrap();
+        assert_eq!(store.unhealthy(), None);
+
+        full.store(true, Ordering::SeqCst);
+        let error = store.spool_append(vec![append("a", "during")].into()).await.unwrap_err();
+        assert!(error.to_string().contains("No space left on device"), "{error}");
+        let reason = store.unhealthy().expect("the store says it is failing");
+        assert!(reason.contains("No space left on device"), "{reason}");
+        // Meanwhile calls fail at once with the typed error, and reopening fails while the
+        // disk stays full.
+        let error = store.spool_read("a", 0, 10).await.unwrap_err();
+        assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+        assert!(error.to_string().contains("No space left on device"), "{error}");
+        eventually("a failed reopen", || {
+            store.unhealthy().is_some_and(|why| why.contains("reopening failed"))
+        })
+        .await;
+        assert!(store.spool_append(vec![append("a", "during")].into()).await.is_err());
+
+        full.store(false, Ordering::SeqCst);
+        eventually("the store healing", || store.unhealthy().is_none()).await;
+        let read = store.spool_read("a", 0, 10).await.unwrap();
+        assert_eq!(read.iter().map(|entry| entry.record.as_slice()).collect::<Vec<_>>(), [b"before"]);
+        assert_eq!(store.positions("a").await.unwrap()["/x"], 3);
+        assert_eq!(store.spool_append(vec![append("a", "after")].into()).await.unwrap(), [Some(2)]);
+        let read = store.spool_read("a", 0, 10).await.unwrap();
+        assert_eq!(
+            read.iter().map(|entry| entry.record.as_slice()).collect::<Vec<_>>(),
+            [&b"before"[..], b"after"]
+        );
+        drop(store);
+        // Closed with its last handle: the file opens again at once, with everything.
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(store.spool_summaries().await.unwrap()["a"].messages, 2);
+    }
+
+    #[tokio::test]
+    async fn a_settlement_is_synced_by_the_keeper_within_a_second_when_nothing_else_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store.spool_append(vec![append("a", "a1")].into()).await.unwrap();
+        assert_eq!(store.shared.unsynced_since.load(Ordering::SeqCst), 0, "an append is synced");
+        let settled = Instant::now();
+        store
+            .spool_settle(Settlement {
+                subscription: "a".into(),
+                through: 1,
+                positions: None,
+                dead_letters: Vec::new(),
+            })
+            .await
+            .unwrap();
+        assert_ne!(
+            store.shared.unsynced_since.load(Ordering::SeqCst),
+            0,
+            "a settlement is not synced at once"
+        );
+        eventually("the keeper's sync", || store.shared.unsynced_since.load(Ordering::SeqCst) == 0).await;
+        println!("synced {:?} after the settlement", settled.elapsed());
+    }
+
+    #[tokio::test]
+    async fn appends_are_refused_with_a_typed_error_under_the_free_space_minimum() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = EmbeddedStore::open_with(dir.path(), 1000 << 40).unwrap();
+            let error = store.spool_append(vec![append("a", "a1")].into()).await.unwrap_err();
+            assert!(matches!(error, StoreError::Full { min, .. } if min == 1000 << 40), "{error:?}");
+            assert!(error.to_string().contains("under state.min_free_bytes (1000.0 TiB)"), "{error}");
+            assert!(store.spool_summaries().await.unwrap().is_empty(), "nothing was appended");
+            assert_eq!(store.unhealthy(), None, "no room is not a failure");
+        }
+        let store = EmbeddedStore::open_with(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.spool_append(vec![append("a", "a1")].into()).await.unwrap(), [Some(1)]);
     }
 
     #[test]

@@ -10,7 +10,10 @@
 
 mod batch;
 mod bound;
+mod disk;
 mod embedded;
+#[cfg(test)]
+mod faulty;
 mod memory;
 mod nats_kv;
 mod nats_spool;
@@ -155,6 +158,30 @@ pub enum StoreError {
         /// What failed.
         message: String,
     },
+    /// The embedded database failed on an I/O error and is being reopened; until it is,
+    /// every call fails at once with this error.
+    #[error("state store {path} is failing and is being reopened: {reason}")]
+    Unavailable {
+        /// The database file.
+        path: String,
+        /// The failure that broke it (and the last reopen's, when that failed too).
+        reason: String,
+    },
+    /// The filesystem holding the state has less free space than `state.min_free_bytes`:
+    /// the store takes no more messages until there is room (nothing is broken).
+    #[error(
+        "state store {path}: only {} free on its filesystem, under state.min_free_bytes ({}): no more messages are spooled until there is room",
+        disk::human(*free),
+        disk::human(*min)
+    )]
+    Full {
+        /// The database file.
+        path: String,
+        /// Free bytes on its filesystem.
+        free: u64,
+        /// `state.min_free_bytes`.
+        min: u64,
+    },
     /// A stored record could not be read back.
     #[error("state store {path}: corrupt record: {message}")]
     Corrupt {
@@ -212,7 +239,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<SpoolEntry>, StoreError>;
     /// Settles a delivered batch at once: trims the spool through a sequence, stores the
     /// batch's dead letters and the new committed positions. A store may make it durable
-    /// only with its next write or [`sync`](Store::sync), as long as a crash undoes it whole.
+    /// only with its next write or [`sync`](Store::sync), as long as a crash undoes it whole
+    /// and it is durable within about a second even when nothing else is written.
     async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError>;
     /// How long a source may hold a small batch to join the next one into one append, while
     /// messages keep coming: worth it where each append costs a sync (group commit).
@@ -223,6 +251,12 @@ pub trait Store: Send + Sync + 'static {
     /// logged); for `cometd_bridge_state_errors_total`.
     fn unreadable_records(&self) -> u64 {
         0
+    }
+    /// Why the store is failing, while it is (it heals by itself: see
+    /// [`EmbeddedStore`]); `None` when it works. For `/readyz` and
+    /// `cometd_bridge_store_healthy`.
+    fn unhealthy(&self) -> Option<String> {
+        None
     }
     /// Makes every settlement so far durable (at shutdown).
     async fn sync(&self) -> Result<(), StoreError> {

@@ -33,11 +33,13 @@ struct Inner {
     task_restarts: Family<Labels, Counter>,
     state_errors: Counter,
     dead_letters_evicted: Counter,
-    paused: Family<Labels, Gauge>,
+    store_healthy: Gauge,
     spool_messages: Family<Labels, Gauge>,
     spool_bytes: Family<Labels, Gauge>,
     spool_oldest_age: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     reloads: Family<Labels, Counter>,
+    dropped: Family<Labels, Counter>,
+    full: Family<Labels, Gauge>,
     /// The label sets of series per subscription, so that its series can be dropped with it.
     series: std::sync::Mutex<
         std::collections::BTreeMap<String, std::collections::BTreeSet<(&'static str, Labels)>>,
@@ -71,7 +73,26 @@ impl Metrics {
             "Dead letters removed, oldest first, to keep them within state.dead_letters_max_bytes",
             dead_letters_evicted.clone(),
         );
+        let store_healthy = Gauge::default();
+        store_healthy.set(1);
+        registry.register(
+            "cometd_bridge_store_healthy",
+            "1 while the state store works, 0 while it fails (an I/O error; it is being reopened)",
+            store_healthy.clone(),
+        );
         let reloads = Family::<Labels, Counter>::default();
+        let dropped = Family::<Labels, Counter>::default();
+        let full = Family::<Labels, Gauge>::default();
+        registry.register(
+            "cometd_bridge_messages_dropped",
+            "Messages a full subscription could not take (no replay), by reason: spool_full (its quota or all spools' bound) or store_unavailable (a full disk or a failing state store)",
+            dropped.clone(),
+        );
+        registry.register(
+            "cometd_bridge_subscription_full",
+            "1 while the subscription cannot take messages (its spool quota, all spools' bound, the disk or the store)",
+            full.clone(),
+        );
         registry.register(
             "cometd_bridge_config_reloads",
             "Configuration reloads (SIGHUP or the API), by result: ok or error",
@@ -90,7 +111,6 @@ impl Metrics {
             "Forwarder and source tasks restarted after failing unexpectedly",
             task_restarts.clone(),
         );
-        let paused = Family::<Labels, Gauge>::default();
         let spool_messages = Family::<Labels, Gauge>::default();
         let spool_bytes = Family::<Labels, Gauge>::default();
         let spool_oldest_age = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -98,11 +118,6 @@ impl Metrics {
             "cometd_bridge_session_losses",
             "Sessions the CometD server forgot (a new handshake after one had succeeded)",
             session_losses.clone(),
-        );
-        registry.register(
-            "cometd_bridge_source_paused",
-            "1 while the source stops polling because the spools are full",
-            paused.clone(),
         );
         registry.register(
             "cometd_bridge_spool_messages",
@@ -166,11 +181,13 @@ impl Metrics {
                 task_restarts,
                 state_errors,
                 dead_letters_evicted,
-                paused,
+                store_healthy,
                 spool_messages,
                 spool_bytes,
                 spool_oldest_age,
                 reloads,
+                dropped,
+                full,
                 series: std::sync::Mutex::default(),
             }),
         }
@@ -245,6 +262,18 @@ impl Metrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
+    /// `count` messages for `subscription` were dropped because it was full, for `reason`.
+    pub fn dropped(&self, subscription: &str, reason: &'static str, count: u64) {
+        let labels = vec![("subscription", subscription.into()), ("reason", reason.into())];
+        self.remember(subscription, "dropped", &labels);
+        self.inner.dropped.get_or_create(&labels).inc_by(count);
+    }
+
+    /// Whether `subscription` is full now.
+    pub fn subscription_full(&self, subscription: &str, full: bool) {
+        self.inner.full.get_or_create(&vec![("subscription", subscription.into())]).set(i64::from(full));
+    }
+
     /// The CometD server forgot the session of `source`.
     pub fn session_lost(&self, source: &str) {
         self.inner.session_losses.get_or_create(&vec![("source", source.into())]).inc();
@@ -266,6 +295,11 @@ impl Metrics {
         }
     }
 
+    /// Whether the state store works (see [`crate::store::Store::unhealthy`]).
+    pub fn store_healthy(&self, healthy: bool) {
+        self.inner.store_healthy.set(i64::from(healthy));
+    }
+
     /// `task` (e.g. `forwarder orders`) failed and was restarted.
     pub fn task_restarted(&self, task: &str) {
         self.inner.task_restarts.get_or_create(&vec![("task", task.into())]).inc();
@@ -276,12 +310,6 @@ impl Metrics {
         let labels = vec![("source", source.into())];
         drop(self.inner.session_losses.get_or_create(&labels));
         self.source_connected(source, false);
-        self.source_paused(source, false);
-    }
-
-    /// `source` stopped or resumed polling because of full spools.
-    pub fn source_paused(&self, source: &str, paused: bool) {
-        self.inner.paused.get_or_create(&vec![("source", source.into())]).set(i64::from(paused));
     }
 
     /// What the spool of `subscription` holds.
@@ -303,7 +331,6 @@ impl Metrics {
         let labels = vec![("source", source.into())];
         self.inner.connected.remove(&labels);
         self.inner.pending.remove(&labels);
-        self.inner.paused.remove(&labels);
         self.inner.session_losses.remove(&labels);
         self.inner.fallbacks.remove(&labels);
     }
@@ -315,12 +342,14 @@ impl Metrics {
         self.inner.spool_bytes.remove(&labels);
         self.inner.spool_oldest_age.remove(&labels);
         self.inner.dead_letters.remove(&labels);
+        self.inner.full.remove(&labels);
         let series =
             self.inner.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(subscription);
         for (family, labels) in series.unwrap_or_default() {
             match family {
                 "received" => drop(self.inner.received.remove(&labels)),
                 "forwarded" => drop(self.inner.forwarded.remove(&labels)),
+                "dropped" => drop(self.inner.dropped.remove(&labels)),
                 _ => drop(self.inner.failures.remove(&labels)),
             }
         }

@@ -14,6 +14,7 @@ mod dead_letters;
 mod demo;
 mod durable;
 mod faults;
+mod full;
 mod fuzz;
 mod fuzz_corpus;
 mod harness;

@@ -127,6 +127,18 @@ fn the_dockerfile_matches_the_binary_and_the_configuration() {
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("admin.token: required"), "{refused:?}");
 
+    // The image's health check is the binary's own `health`, which asks /readyz on the
+    // configured listen address: the image has no shell nor curl.
+    let health = instruction(&stage, "HEALTHCHECK");
+    assert_eq!(health.len(), 1, "one HEALTHCHECK");
+    assert!(
+        health[0].contains(r#"CMD ["/usr/local/bin/cometd-bridge", "health"]"#),
+        "the HEALTHCHECK runs `cometd-bridge health`: {}",
+        health[0]
+    );
+    let systemd = read("deploy/systemd/cometd-bridge.service");
+    assert!(systemd.contains("ExecReload=/bin/kill -HUP $MAINPID"), "systemctl reload sends SIGHUP");
+
     let ignored = read(".dockerignore");
     for needless in ["target", ".tools", "**/node_modules"] {
         assert!(ignored.lines().any(|line| line.trim() == needless), ".dockerignore leaves out {needless}");

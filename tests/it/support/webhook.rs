@@ -34,6 +34,8 @@ impl Received {
 #[derive(Clone)]
 struct Script {
     statuses: Arc<Mutex<VecDeque<u16>>>,
+    /// While set, every request gets 503 (a receiver that is down), whatever the script.
+    down: Arc<std::sync::atomic::AtomicBool>,
     requests: mpsc::UnboundedSender<Received>,
 }
 
@@ -41,6 +43,7 @@ struct Script {
 pub struct WebhookReceiver {
     port: u16,
     statuses: Arc<Mutex<VecDeque<u16>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
     requests: mpsc::UnboundedReceiver<Received>,
     task: JoinHandle<()>,
 }
@@ -50,14 +53,15 @@ impl WebhookReceiver {
     pub async fn start(statuses: impl IntoIterator<Item = u16>) -> Self {
         let statuses = Arc::new(Mutex::new(statuses.into_iter().collect::<VecDeque<_>>()));
         let (sender, requests) = mpsc::unbounded_channel();
-        let script = Script { statuses: statuses.clone(), requests: sender };
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let script = Script { statuses: statuses.clone(), down: down.clone(), requests: sender };
         let router = Router::new().route("/hook", post(record)).with_state(script);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("address").port();
         let task = tokio::spawn(async move {
             axum::serve(listener, router).await.expect("serve");
         });
-        WebhookReceiver { port, statuses, requests, task }
+        WebhookReceiver { port, statuses, down, requests, task }
     }
 
     pub fn url(&self) -> String {
@@ -67,6 +71,11 @@ impl WebhookReceiver {
     /// Answers with these statuses next (then 200).
     pub fn script(&self, statuses: impl IntoIterator<Item = u16>) {
         self.statuses.lock().expect("lock").extend(statuses);
+    }
+
+    /// Takes the receiver down (every request gets 503) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Forgets the statuses still scripted: from now on every request gets 200.
@@ -95,7 +104,8 @@ impl Drop for WebhookReceiver {
 }
 
 async fn record(State(script): State<Script>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let status = script.statuses.lock().expect("lock").pop_front().unwrap_or(200);
+    let scripted = script.statuses.lock().expect("lock").pop_front().unwrap_or(200);
+    let status = if script.down.load(std::sync::atomic::Ordering::Relaxed) { 503 } else { scripted };
     let _ = script.requests.send(Received { headers, body, status });
     StatusCode::from_u16(status).expect("a valid status")
 }
