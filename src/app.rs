@@ -212,3 +212,87 @@ async fn connect_nats(config: &NatsConfig) -> Result<async_nats::Client, AppErro
         .collect::<Result<_, _>>()?;
     options.connect(urls).await.map_err(|error| AppError::Nats(error.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::SpoolAppend;
+
+    /// `/readyz` and `cometd_bridge_store_healthy`, over HTTP, while the embedded store fails
+    /// (its file refuses writes as a full disk does) and after it healed by itself.
+    #[tokio::test]
+    async fn readyz_and_the_store_gauge_say_the_store_fails_until_it_heals() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        let toml =
+            format!("[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{}\"\n", dir.path().display());
+        std::fs::write(&file, toml).unwrap();
+        let config = crate::config::load(&file, &crate::config::Env::new()).unwrap();
+        let full = Arc::new(AtomicBool::new(false));
+        let store = EmbeddedStore::open_failing(&config.state.path, full.clone()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shared: Arc<dyn Store> = Arc::new(store.clone());
+        let app = App {
+            config,
+            reload_from: None,
+            hangups: None,
+            listener,
+            store: shared,
+            nats: None,
+            metrics: Metrics::new(),
+        };
+        let admin = app.admin_address();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        let http = reqwest::Client::new();
+        let get = |path: &'static str| {
+            let request = http.get(format!("http://{admin}{path}"));
+            async move {
+                let response = request.send().await.expect("the admin server answers");
+                (response.status().as_u16(), response.text().await.expect("a body"))
+            }
+        };
+        let healthy = |metrics: &str| {
+            metrics
+                .lines()
+                .find_map(|line| line.strip_prefix("cometd_bridge_store_healthy "))
+                .map(str::to_string)
+        };
+        let wait_ready = |ready: bool| async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let (status, body) = get("/readyz").await;
+                if (status == 200) == ready {
+                    return body;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "/readyz still answers {status}: {body}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        wait_ready(true).await;
+        assert_eq!(healthy(&get("/metrics").await.1).as_deref(), Some("1"));
+
+        full.store(true, Ordering::SeqCst);
+        let append = SpoolAppend { subscription: "a".into(), record: b"m".to_vec() };
+        assert!(store.spool_append(vec![append.clone()].into()).await.is_err());
+        let body = wait_ready(false).await;
+        assert!(
+            body.contains("the state store is failing: ") && body.contains("No space left on device"),
+            "{body}"
+        );
+        assert_eq!(healthy(&get("/metrics").await.1).as_deref(), Some("0"));
+
+        full.store(false, Ordering::SeqCst);
+        wait_ready(true).await;
+        assert_eq!(healthy(&get("/metrics").await.1).as_deref(), Some("1"));
+        assert_eq!(store.spool_append(vec![append].into()).await.unwrap(), [Some(1)]);
+        drop(stop);
+        task.await.unwrap().unwrap();
+    }
+}

@@ -40,7 +40,10 @@ impl FreeSpace {
         let bytes = match rustix::fs::statvfs(&self.dir) {
             Ok(stat) => Some(stat.f_bavail.saturating_mul(stat.f_frsize)),
             Err(error) => {
-                tracing::warn!(dir = %self.dir.display(), %error, "cannot read the free space of the state directory's filesystem");
+                // Once: it would not change from one second to the next.
+                if last.is_none() {
+                    tracing::warn!(dir = %self.dir.display(), %error, "cannot read the free space of the state directory's filesystem; state.min_free_bytes is not enforced");
+                }
                 None
             }
         };

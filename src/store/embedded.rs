@@ -84,8 +84,8 @@ const REOPEN_MAX: Duration = Duration::from_secs(5);
 ///
 /// It heals: an I/O error (a full disk, a failed write) makes redb fail every later call
 /// until the database is closed and opened again, so on such an error the store drops its
-/// database and a keeper thread reopens it, with backoff ([`REOPEN_FIRST`] doubling to
-/// [`REOPEN_MAX`], jittered), while every call fails at once with
+/// database and a keeper thread reopens it, with backoff (100 ms doubling to 5 s,
+/// jittered), while every call fails at once with
 /// [`StoreError::Unavailable`]. redb refuses a second open of the file while any handle
 /// of the first is alive, so the database sits in one slot that each call clones for its
 /// duration only; the reopen succeeds once the calls in flight on the failed one are done.
@@ -182,6 +182,13 @@ impl EmbeddedStore {
     /// file is not a database.
     pub fn open_with(dir: &Path, min_free_bytes: u64) -> Result<Self, StoreError> {
         Self::start(dir, min_free_bytes, |_| {})
+    }
+
+    /// [`open`](Self::open) on a file that fails every write and sync with `ENOSPC` while
+    /// `full` is set, as a full disk does (for tests of the healing).
+    #[cfg(test)]
+    pub(crate) fn open_failing(dir: &Path, full: Arc<AtomicBool>) -> Result<Self, StoreError> {
+        Self::start(dir, 0, |shared| shared.fail_writes = Some(full))
     }
 
     fn start(
@@ -1322,8 +1329,7 @@ mod tests {
     async fn after_a_full_disk_the_store_says_it_is_failing_then_heals_by_itself_keeping_what_it_held() {
         let dir = tempfile::tempdir().unwrap();
         let full = Arc::new(AtomicBool::new(false));
-        let store =
-            EmbeddedStore::start(dir.path(), 0, |shared| shared.fail_writes = Some(full.clone())).unwrap();
+        let store = EmbeddedStore::open_failing(dir.path(), full.clone()).unwrap();
         store.spool_append(vec![append("a", "before")].into()).await.unwrap();
         store.put_positions("a", &Positions::from([("/x".to_string(), 3)])).await.unwrap();
         assert_eq!(store.unhealthy(), None);

@@ -169,7 +169,7 @@ async fn all_problems_are_listed_at_once() {
 #[tokio::test]
 async fn every_unknown_key_is_named_with_its_path() {
     let (code, stderr) = check(
-        "[admin]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n[state]\nspool_max_bytes = \"lots\"\n[[sources]]\nname = \"demo\"\nurl = \"http://127.0.0.1:1/bayeux\"\ncolour = \"red\"\n\
+        "[admin]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n[state]\nspool_max_bytes = \"lots\"\nmin_free_bytes = \"plenty\"\n[[sources]]\nname = \"demo\"\nurl = \"http://127.0.0.1:1/bayeux\"\ncolour = \"red\"\n\
          [[subscriptions]]\nid = \"s\"\nsource = \"demo\"\nchannel = \"/s\"\nsink = { type = \"nats\", subject = \"s\" }\nretry = { max_elapsed = \"1h\", tries = 3 }\n",
         "toml",
     )
@@ -180,6 +180,7 @@ async fn every_unknown_key_is_named_with_its_path() {
         "sources[0].colour: unknown key",
         "subscriptions[0].retry.tries: unknown key",
         "state.spool_max_bytes: \"lots\" is not a size",
+        "state.min_free_bytes: \"plenty\" is not a size",
     ] {
         assert!(stderr.lines().any(|line| line.starts_with(expected)), "no {expected:?} in\n{stderr}");
     }
