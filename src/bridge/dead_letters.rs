@@ -186,9 +186,10 @@ impl Bridge {
 
     /// Retries every dead letter that matches `filter` and was stored before the call
     /// (one that fails again during it is not taken twice), 1,000 at a time in
-    /// one store transaction each; how many were requeued. One whose subscription is gone
-    /// is skipped (logged, not counted); one taken meanwhile by another retry or a discard
-    /// is not counted.
+    /// one store transaction each; how many were requeued. One whose subscription is gone,
+    /// or whose spool has no room for it (its quota or all spools' bound), is skipped
+    /// (logged, not counted); one taken meanwhile by another retry or a discard is not
+    /// counted.
     ///
     /// # Errors
     /// [`BridgeError::Store`]; what was requeued before it stays requeued.
@@ -201,6 +202,8 @@ impl Bridge {
             after = page.last().map(|letter| letter.id.clone());
             let mut requeues = Vec::new();
             let mut taken = Vec::new();
+            // Bytes this page adds to each spool, beside what it holds.
+            let mut pending: BTreeMap<String, u64> = BTreeMap::new();
             for letter in page.iter().filter(|letter| filter.matches(letter, until)) {
                 let Some(spool) = self.spool_of(&letter.subscription) else {
                     tracing::warn!(id = %letter.id, subscription = %letter.subscription, "a dead letter whose subscription no longer exists is not retried");
@@ -208,6 +211,14 @@ impl Bridge {
                 };
                 let (record, envelope) = requeue_of(letter);
                 let bytes = record.len() as u64;
+                // A retry does not make its subscription full: what does not fit stays a
+                // dead letter, for a later retry.
+                let pending = pending.entry(letter.subscription.clone()).or_insert(0);
+                if let Err(cause) = spool.room_for(*pending, bytes) {
+                    tracing::warn!(id = %letter.id, subscription = %letter.subscription, cause = %cause, "a dead letter is not retried: its spool has no room for it; retry again once the spool drained");
+                    continue;
+                }
+                *pending += bytes;
                 requeues.push((
                     letter.id.clone(),
                     SpoolAppend { subscription: envelope.subscription.clone(), record },

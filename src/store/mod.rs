@@ -91,11 +91,11 @@ mod raw_record {
     // serde's `with` hands the field by reference.
     #[allow(clippy::ref_option)]
     pub fn serialize<S: Serializer>(record: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
-        match record {
-            Some(text) => {
-                let raw: &RawValue = serde_json::from_str(text).map_err(serde::ser::Error::custom)?;
-                raw.serialize(serializer)
-            }
+        match record.as_deref().map(|text| (text, serde_json::from_str::<&RawValue>(text))) {
+            Some((_, Ok(raw))) => raw.serialize(serializer),
+            // Not JSON (never written by the bridge): kept as a string, which a retry
+            // cannot read as a record and rebuilds from `message` (logged).
+            Some((text, Err(_))) => serializer.serialize_str(text),
             None => serializer.serialize_none(),
         }
     }
@@ -352,3 +352,40 @@ pub struct SpoolSummary {
 /// Committed replay positions by channel: the replay id below which (and at which)
 /// everything was delivered or dead-lettered; `-1`/`-2` for a reset to new/all.
 pub type Positions = std::collections::BTreeMap<String, i64>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(record: Option<&str>) -> DeadLetter {
+        DeadLetter {
+            id: "demo.orders.s.1".into(),
+            subscription: "orders".into(),
+            source: "demo".into(),
+            session: "s".into(),
+            sequence: 1,
+            replay_id: None,
+            message: serde_json::json!({"channel": "/orders"}),
+            reason: "rejected: HTTP 400".into(),
+            attempts: 1,
+            failed_at: "2026-01-01T00:00:00.000Z".into(),
+            record: record.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_record_is_stored_as_json_and_read_back_as_its_exact_text() {
+        let record = r#"{"message":{"data":{"n":12345678901234567890123, "b":1,"a":2}}}"#;
+        let stored = serde_json::to_string(&letter(Some(record))).expect("serializes");
+        assert!(stored.contains(&format!(r#""record":{record}"#)), "not escaped: {stored}");
+        let back: DeadLetter = serde_json::from_str(&stored).expect("reads back");
+        assert_eq!(back.record.as_deref(), Some(record));
+        assert_eq!(back.stored_size(), stored.len() as u64);
+        // Without a record (stored before records were kept), or with one that is not JSON.
+        let without: DeadLetter =
+            serde_json::from_str(&serde_json::to_string(&letter(None)).expect("serializes")).expect("reads");
+        assert_eq!(without.record, None);
+        let odd = serde_json::to_string(&letter(Some("not json"))).expect("serializes all the same");
+        assert!(serde_json::from_str::<DeadLetter>(&odd).is_ok());
+    }
+}

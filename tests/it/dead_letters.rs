@@ -364,3 +364,57 @@ async fn the_oldest_dead_letters_are_evicted_beyond_the_bound() {
     );
     app.stop().await;
 }
+
+/// A bulk retry does not make its subscription full: what does not fit the spool's
+/// quota stays a dead letter (not counted), and a later retry takes it once the spool
+/// drained; each is delivered once.
+#[tokio::test]
+async fn a_bulk_retry_takes_what_fits_the_spool_and_leaves_the_rest() {
+    const COUNT: u64 = 10;
+    let letters = (0..COUNT)
+        .map(|n| letter("small", "/small", n, "rejected: HTTP 400", "2026-01-01T00:00:00.000Z"))
+        .collect();
+    let state = state_with(letters).await;
+    let faye = faye().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    let subscription = format!(
+        "[[subscriptions]]\nid = \"small\"\nsource = \"demo\"\nchannel = \"/small\"\nspool_max_bytes = \"1KiB\"\nsink = {{ type = \"webhook\", url = \"{}\" }}\n",
+        receiver.url()
+    );
+    let app = TestApp::spawn_in(&format!("{}{subscription}", source(&faye)), state, None).await;
+    app.wait_ready().await;
+    let mut counts = Vec::new();
+    let mut delivered = std::collections::BTreeMap::new();
+    // Bounded: each call takes at least one (an empty spool takes any message).
+    for _ in 0..COUNT {
+        let (status, answer) =
+            app.call("POST", "/api/v1/dead-letters/retry", Some(json!({"subscription": "small"}))).await;
+        assert_eq!(status, 200, "{answer}");
+        let count = answer["count"].as_u64().expect("count");
+        counts.push(count);
+        for _ in 0..count {
+            let request = receiver.next().await;
+            *delivered.entry(request.json()["data"]["n"].as_u64().expect("n")).or_insert(0) += 1;
+        }
+        if counts.iter().sum::<u64>() == COUNT {
+            break;
+        }
+        // The spool drained (its messages were delivered) before the next call: wait
+        // until the API says so.
+        let deadline = tokio::time::Instant::now() + crate::support::peer::WAIT;
+        loop {
+            let (_, view) = app.call("GET", "/api/v1/subscriptions/small", None).await;
+            if view["backlog"]["messages"] == 0 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the spool did not drain: {view}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    println!("retried {COUNT} through a 1 KiB quota in calls taking {counts:?}");
+    assert!(counts[0] < COUNT, "the first call took only what fits: {counts:?}");
+    assert_eq!(counts.iter().sum::<u64>(), COUNT);
+    assert_eq!(delivered.len() as u64, COUNT);
+    assert!(delivered.values().all(|times| *times == 1), "{delivered:?}");
+    app.stop().await;
+}
