@@ -219,9 +219,10 @@ impl Client {
     /// Waits for the next message (or error) from the server.
     ///
     /// # Errors
-    /// - [`TransportErrorKind::ConnectionTimeout`] when the link has been down longer than
-    ///   `connection_timeout`, after every pending message was handed out. The client keeps
-    ///   reconnecting; call `receive` again to wait on;
+    /// - [`TransportErrorKind::ConnectionTimeout`] when the link has been down for
+    ///   `connection_timeout` without one successful exchange (a server restarting every
+    ///   few seconds is not reported), after every pending message was handed out. The
+    ///   client keeps reconnecting; call `receive` again to wait on;
     /// - [`Error::Server`] when a resubscription failed after a new handshake, or when the
     ///   server closed the session (after the messages received before it);
     /// - [`Error::Closed`] once the client is closed and nothing is pending.
@@ -242,17 +243,10 @@ impl Client {
             // Only what decides the wait is read; the status is not cloned.
             let deadline = {
                 let status = handle.status.borrow_and_update();
-                match status.state {
-                    SessionState::Closed | SessionState::Disconnecting => return Err(Error::Closed),
-                    SessionState::Reconnecting | SessionState::Handshaking if status.open => self
-                        .inner
-                        .ctx
-                        .shared
-                        .options
-                        .connection_timeout
-                        .map(|timeout| status.since.max(started) + timeout),
-                    _ => None,
+                if matches!(status.state, SessionState::Closed | SessionState::Disconnecting) {
+                    return Err(Error::Closed);
                 }
+                self.outage_deadline(&status, started)
             };
             tokio::select! {
                 _ = pushed => {}
@@ -261,9 +255,25 @@ impl Client {
                     return queue.pop().unwrap_or(Err(Error::Closed));
                 },
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    return Err(Error::transport(TransportErrorKind::ConnectionTimeout));
+                    // A successful exchange since (it wakes no one) moves the deadline on.
+                    let deadline = self.outage_deadline(&handle.status.borrow(), started);
+                    if deadline.is_some_and(|deadline| deadline <= Instant::now()) {
+                        return Err(Error::transport(TransportErrorKind::ConnectionTimeout));
+                    }
                 }
             }
+        }
+    }
+
+    /// While the session is in an outage: when `receive` reports it, `connection_timeout`
+    /// after the latest of the outage's start, the last successful exchange and the call.
+    fn outage_deadline(&self, status: &SessionStatus, started: Instant) -> Option<Instant> {
+        match status.state {
+            SessionState::Reconnecting | SessionState::Handshaking if status.open => {
+                let timeout = self.inner.ctx.shared.options.connection_timeout?;
+                Some(status.since.max(status.last_exchange).max(started) + timeout)
+            }
+            _ => None,
         }
     }
 

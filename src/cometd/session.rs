@@ -70,6 +70,10 @@ pub struct SessionStatus {
     pub subscriptions: BTreeSet<String>,
     /// The last failure, for operators.
     pub last_error: Option<String>,
+    /// When the server last carried a request through (a handshake, a resubscription, a
+    /// connect or a client request that succeeded). An outage is reported once
+    /// `connection_timeout` has passed since both this and the outage's start.
+    pub last_exchange: Instant,
 }
 
 impl SessionStatus {
@@ -82,6 +86,7 @@ impl SessionStatus {
             client_id: None,
             subscriptions: BTreeSet::new(),
             last_error: None,
+            last_exchange: Instant::now(),
         }
     }
 }
@@ -542,6 +547,15 @@ impl Session {
         });
     }
 
+    /// Notes that the server just carried a request through. Receivers are not woken:
+    /// `receive` reads it again when its outage deadline comes.
+    fn exchanged(&self) {
+        self.status.send_if_modified(|status| {
+            status.last_exchange = Instant::now();
+            false
+        });
+    }
+
     fn publish_session(&self) {
         self.status.send_modify(|status| {
             status.connection_type = self.transport.as_ref().map(|transport| transport.connection_type());
@@ -583,6 +597,7 @@ impl Session {
         let now = Instant::now();
         match step {
             Step::Handshaken(Ok(handshaken)) => {
+                self.exchanged();
                 tracing::debug!(client_id = %handshaken.client_id, connection_type = %handshaken.transport.connection_type(), "handshake succeeded");
                 self.transport = Some(handshaken.transport);
                 self.client_id = Some(handshaken.client_id);
@@ -598,6 +613,7 @@ impl Session {
                 self.carry_out(action, Some(error), reply)
             }
             Step::Resubscribed(Ok(results)) => {
+                self.exchanged();
                 for (channel, result) in results {
                     match result {
                         Ok(()) => {
@@ -624,6 +640,9 @@ impl Session {
                 self.carry_out(action, Some(error), None)
             }
             Step::Connected(Ok(reply)) => {
+                if reply.successful == Some(true) {
+                    self.exchanged();
+                }
                 let action = self.machine.on_step(Event::ConnectReply(&reply), now);
                 let error = (reply.successful != Some(true))
                     .then(|| Error::server(failure_name(META_CONNECT), Some(reply.clone())));
@@ -681,7 +700,9 @@ impl Session {
         let delay = match wait {
             Wait::Now => Duration::ZERO,
             Wait::Interval(millis) => Duration::from_millis(millis),
-            Wait::Backoff(failures) => backoff.delay(failures),
+            // Capped so that an outage shorter than `connection_timeout` is always met by
+            // a few attempts before `receive` reports it.
+            Wait::Backoff(failures) => backoff.delay_within(failures, self.retry_cap()),
             Wait::Longest => {
                 let delay = backoff.bound(u32::MAX);
                 let error = error.as_ref().map(ToString::to_string).unwrap_or_default();
@@ -690,6 +711,11 @@ impl Session {
             }
         };
         Ok(Some((delay, next)))
+    }
+
+    /// The longest pause between reconnect attempts: a quarter of `connection_timeout`.
+    fn retry_cap(&self) -> Duration {
+        self.ctx.shared.options.connection_timeout.map_or(Duration::MAX, |timeout| timeout / 4)
     }
 
     /// Fails the requests that have waited for a connection longer than `request_timeout`.

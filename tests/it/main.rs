@@ -24,6 +24,7 @@ mod proxy;
 mod recovery;
 mod reload;
 mod replay;
+mod restarts;
 mod status_page;
 mod store;
 mod support;
