@@ -233,6 +233,8 @@ pub async fn listen(
                 }
                 printed += 1;
             }
+            // One message the server sent does not fit: told, and the others go on.
+            Some(Err(error @ Error::BadMessage { .. })) => eprintln!("{error}"),
             Some(Err(error)) => break Err(error.into()),
             None => break Ok(()),
         }

@@ -45,6 +45,8 @@ pub struct Client {
 struct Inner {
     ctx: Context,
     session: Mutex<Option<SessionHandle>>,
+    /// When `receive` last reported a lost connection.
+    timeout_reported: Mutex<Option<Instant>>,
 }
 
 /// The current session's command channel and published state.
@@ -116,7 +118,9 @@ impl Client {
         let queue = Arc::new(PendingQueue::new(options.max_pending));
         let shared = Arc::new(Shared::new(options, queue)?);
         let ctx = Context { shared, ids: Arc::new(AtomicU64::new(1)) };
-        Ok(Client { inner: Arc::new(Inner { ctx, session: Mutex::new(None) }) })
+        Ok(Client {
+            inner: Arc::new(Inner { ctx, session: Mutex::new(None), timeout_reported: Mutex::new(None) }),
+        })
     }
 
     fn handle(&self) -> Option<SessionHandle> {
@@ -231,7 +235,6 @@ impl Client {
         if let Some(item) = queue.pop() {
             return item;
         }
-        let started = Instant::now();
         let Some(mut handle) = self.handle() else {
             return Err(Error::Closed);
         };
@@ -246,7 +249,7 @@ impl Client {
                 if matches!(status.state, SessionState::Closed | SessionState::Disconnecting) {
                     return Err(Error::Closed);
                 }
-                self.outage_deadline(&status, started)
+                self.outage_deadline(&status)
             };
             tokio::select! {
                 _ = pushed => {}
@@ -256,8 +259,10 @@ impl Client {
                 },
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     // A successful exchange since (it wakes no one) moves the deadline on.
-                    let deadline = self.outage_deadline(&handle.status.borrow(), started);
+                    let deadline = self.outage_deadline(&handle.status.borrow());
                     if deadline.is_some_and(|deadline| deadline <= Instant::now()) {
+                        *self.inner.timeout_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some(Instant::now());
                         return Err(Error::transport(TransportErrorKind::ConnectionTimeout));
                     }
                 }
@@ -266,12 +271,17 @@ impl Client {
     }
 
     /// While the session is in an outage: when `receive` reports it, `connection_timeout`
-    /// after the latest of the outage's start, the last successful exchange and the call.
-    fn outage_deadline(&self, status: &SessionStatus, started: Instant) -> Option<Instant> {
+    /// after the latest of the outage's start, the last successful exchange and the last
+    /// report (so that it is reported once a period, however often `receive` is called,
+    /// and however many other items it hands out meanwhile).
+    fn outage_deadline(&self, status: &SessionStatus) -> Option<Instant> {
         match status.state {
             SessionState::Reconnecting | SessionState::Handshaking if status.open => {
                 let timeout = self.inner.ctx.shared.options.connection_timeout?;
-                Some(status.since.max(status.last_exchange).max(started) + timeout)
+                let reported =
+                    *self.inner.timeout_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let from = status.since.max(status.last_exchange);
+                Some(reported.map_or(from, |reported| from.max(reported)) + timeout)
             }
             _ => None,
         }

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `ClientError` | [`Error::NoCommonConnectionType`], [`Error::InvalidOptions`], [`Error::Authentication`] ([`ErrorKind::Client`]) |
 //! | `ClientInvalidOperation` | [`Error::InvalidOperation`], [`Error::Closed`] |
-//! | `TransportError` | [`Error::Transport`] with a [`TransportErrorKind`] |
+//! | `TransportError` | [`Error::Transport`] with a [`TransportErrorKind`], [`Error::BadMessage`] |
 //! | `TransportInvalidOperation` | [`TransportErrorKind::InvalidOperation`] |
 //! | `TransportTimeoutError` | [`TransportErrorKind::ConnectionTimeout`] (and [`TransportErrorKind::RequestTimeout`]) |
 //! | `TransportConnectionClosed` | [`TransportErrorKind::ConnectionClosed`] |
@@ -67,6 +67,20 @@ pub enum Error {
     /// the client is closed and may be opened again.
     #[error("the session failed and the client is closed: {0}")]
     SessionFailed(String),
+
+    /// One message of a payload did not fit the Bayeux shape (a repeated key, a field of
+    /// the wrong type, nesting too deep) and was skipped; the other messages of the
+    /// payload were delivered, in order.
+    #[error(
+        "skipped a message on {channel} that does not fit the Bayeux shape: {reason}",
+        channel = channel.as_deref().unwrap_or("an unknown channel")
+    )]
+    BadMessage {
+        /// The message's channel, when it could be read.
+        channel: Option<String>,
+        /// Why it does not fit.
+        reason: String,
+    },
 
     /// Credentials could not be obtained (an OAuth login failed).
     #[error("authentication failed: {message}")]
@@ -172,6 +186,7 @@ impl Error {
                 _ => ErrorKind::Transport,
             },
             Error::Server(_) => ErrorKind::Server,
+            Error::BadMessage { .. } => ErrorKind::Transport,
         }
     }
 
@@ -220,6 +235,9 @@ impl Error {
             },
             Error::Server(error) => Error::Server(error.clone()),
             Error::SessionFailed(text) => Error::SessionFailed(text.clone()),
+            Error::BadMessage { channel, reason } => {
+                Error::BadMessage { channel: channel.clone(), reason: reason.clone() }
+            }
             Error::Authentication { message, retryable } => {
                 Error::Authentication { message: message.clone(), retryable: *retryable }
             }
@@ -296,6 +314,22 @@ impl fmt::Display for ServerError {
 }
 
 impl std::error::Error for ServerError {}
+
+/// `text` cut to at most `limit` bytes (at a character boundary) followed by a marker
+/// saying how much was left out, so that a server cannot fill logs and status with it.
+pub(crate) fn bounded(mut text: String, limit: usize) -> String {
+    if text.len() <= limit {
+        return text;
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!("… ({cut} more bytes)"));
+    text
+}
 
 /// What a caught panic says, for the error that reports it.
 pub(crate) fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
