@@ -132,6 +132,14 @@ pub enum TransportErrorKind {
     HttpStatus(u16),
     /// The websocket upgrade was refused or failed.
     WebSocketUpgrade,
+    /// The server answered with a redirect, which the client never follows (configured
+    /// headers and credentials would go to another host).
+    Redirect {
+        /// The HTTP status (301, 302, 303, 307, 308...).
+        status: u16,
+        /// Where it points (the `Location` header, cut to 1 KiB), empty if absent.
+        location: String,
+    },
     /// The reply was not valid Bayeux: bad JSON, not an array, a missing field, or no reply
     /// to the request at all.
     MalformedReply(String),
@@ -157,6 +165,10 @@ impl fmt::Display for TransportErrorKind {
             Self::Tls => write!(f, "TLS failed"),
             Self::HttpStatus(status) => write!(f, "the server answered with HTTP status {status}"),
             Self::WebSocketUpgrade => write!(f, "the websocket upgrade failed"),
+            Self::Redirect { status, location } => write!(
+                f,
+                "the server answered HTTP {status} redirecting to {location:?}; redirects are not followed (use the final URL)"
+            ),
             Self::MalformedReply(what) => write!(f, "malformed reply from the server: {what}"),
             Self::TooLarge { limit } => {
                 write!(f, "the server sent a message larger than the {limit}-byte limit (max_message_size)")
@@ -195,9 +207,12 @@ impl Error {
     /// misuse are not (a server's `5xx` code is the exception).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Transport { kind, .. } => {
-                !matches!(kind, TransportErrorKind::InvalidOperation(_) | TransportErrorKind::Tls)
-            }
+            Error::Transport { kind, .. } => !matches!(
+                kind,
+                TransportErrorKind::InvalidOperation(_)
+                    | TransportErrorKind::Tls
+                    | TransportErrorKind::Redirect { .. }
+            ),
             Error::Server(error) => error.error_code().is_some_and(|code| code >= 500),
             Error::Authentication { retryable, .. } => *retryable,
             _ => false,
@@ -250,6 +265,12 @@ impl Error {
 
     pub(crate) fn transport_from(kind: TransportErrorKind, source: impl Into<BoxError>) -> Self {
         Error::Transport { kind, source: Some(source.into()) }
+    }
+
+    /// The error for a redirect answer: `status` and where its `Location` points.
+    pub(crate) fn redirect(status: u16, location: Option<&[u8]>) -> Self {
+        let location = location.map(|bytes| String::from_utf8_lossy(bytes).into_owned()).unwrap_or_default();
+        Error::transport(TransportErrorKind::Redirect { status, location: bounded(location, 1024) })
     }
 
     pub(crate) fn malformed(what: impl Into<String>) -> Self {

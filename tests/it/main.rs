@@ -22,6 +22,7 @@ mod malformed;
 mod packaging;
 mod proxy;
 mod recovery;
+mod redirects;
 mod reload;
 mod replay;
 mod restarts;

@@ -40,6 +40,10 @@ impl LongPolling {
             .await
             .map_err(http_error)?;
         let status = response.status();
+        if status.is_redirection() {
+            let location = response.headers().get(reqwest::header::LOCATION).map(|value| value.as_bytes());
+            return Err(Error::redirect(status.as_u16(), location));
+        }
         if !status.is_success() {
             return Err(Error::transport(TransportErrorKind::HttpStatus(status.as_u16())));
         }

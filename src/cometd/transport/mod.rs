@@ -50,7 +50,9 @@ impl Shared {
     fn build_http(&self) -> Result<reqwest::Client, Error> {
         let builder = reqwest::Client::builder()
             .tls_backend_preconfigured((*self.tls).clone())
-            .cookie_provider(self.jar.clone());
+            .cookie_provider(self.jar.clone())
+            // Never followed: configured headers and cookies would go to another host.
+            .redirect(reqwest::redirect::Policy::none());
         // reqwest reads the environment's proxies by itself.
         let builder = match &self.options.proxy {
             Proxy::FromEnvironment => builder,

@@ -510,6 +510,13 @@ async fn connect_through(
 const PROXY_ANSWER_LIMIT: usize = 16 * 1024;
 
 fn upgrade_error(error: tungstenite::Error) -> Error {
+    if let tungstenite::Error::Http(response) = &error
+        && response.status().is_redirection()
+    {
+        let location =
+            response.headers().get(tungstenite::http::header::LOCATION).map(|value| value.as_bytes());
+        return Error::redirect(response.status().as_u16(), location);
+    }
     let kind = match &error {
         tungstenite::Error::Http(_) | tungstenite::Error::Protocol(_) | tungstenite::Error::Url(_) => {
             TransportErrorKind::WebSocketUpgrade
