@@ -277,7 +277,14 @@ impl Error {
         Error::transport(TransportErrorKind::MalformedReply(what.into()))
     }
 
-    pub(crate) fn server(message: impl Into<String>, response: Option<Message>) -> Self {
+    /// The server's refusal. Its `error` text is kept up to [`ERROR_TEXT_LIMIT`] (cut with
+    /// a marker): it goes into `last_error` and every log line that reports it.
+    pub(crate) fn server(message: impl Into<String>, mut response: Option<Message>) -> Self {
+        if let Some(protocol) = response.as_mut().and_then(|reply| reply.protocol.as_deref_mut())
+            && let Some(error) = protocol.error.take()
+        {
+            protocol.error = Some(bounded(error, ERROR_TEXT_LIMIT));
+        }
         Error::Server(Box::new(ServerError { message: message.into(), response }))
     }
 }
@@ -335,6 +342,13 @@ impl fmt::Display for ServerError {
 }
 
 impl std::error::Error for ServerError {}
+
+/// The most of a server's `error` text kept and logged.
+pub(crate) const ERROR_TEXT_LIMIT: usize = 4 * 1024;
+
+/// The longest `clientId` accepted from a server: it goes into every request, and into
+/// every spooled record's and NATS message's id.
+pub(crate) const CLIENT_ID_LIMIT: usize = 1024;
 
 /// `text` cut to at most `limit` bytes (at a character boundary) followed by a marker
 /// saying how much was left out, so that a server cannot fill logs and status with it.

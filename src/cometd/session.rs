@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::error::{Error, TransportErrorKind};
+use super::error::{CLIENT_ID_LIMIT, Error, TransportErrorKind};
 use super::machine::{Action, Event, Machine, Next, Note, Wait, is_auth_failure};
 use super::message::{
     Advice, BAYEUX_VERSION, Data, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
@@ -247,6 +247,13 @@ async fn handshake(ctx: Context) -> Result<Handshaken, Error> {
                 "the server accepted the handshake but sent no clientId".into(),
             ))
         })?;
+        if client_id.len() > CLIENT_ID_LIMIT {
+            transport.close().await;
+            return Err(Error::transport(TransportErrorKind::InvalidOperation(format!(
+                "the server sent a clientId of {} bytes, over the {CLIENT_ID_LIMIT}-byte limit",
+                client_id.len()
+            ))));
+        }
         let offered =
             reply.protocol().supported_connection_types.clone().unwrap_or_else(|| vec![kind.as_str().into()]);
         let common: Vec<ConnectionType> = options
@@ -795,9 +802,9 @@ impl Session {
 
     /// The server said `reconnect: none`: hand out what is pending, then the error.
     fn server_closed(&mut self, reply: Option<Message>) {
-        let cause = reply.as_ref().and_then(|reply| reply.protocol().error.clone());
-        tracing::warn!(error = ?cause, "the server closed the session (advice reconnect: none)");
         let error = Error::server("connection closed by the server", reply);
+        let cause = error.as_server_error().and_then(|server| server.error()).map(str::to_owned);
+        tracing::warn!(error = ?cause, "the server closed the session (advice reconnect: none)");
         self.status.send_modify(|status| status.last_error = Some(error.to_string()));
         self.ctx.shared.queue.push(Err(error));
     }

@@ -4,6 +4,7 @@ mod ack;
 mod api;
 mod backpressure;
 mod boundary;
+mod bounds;
 mod bridge;
 mod bridge_replay;
 mod cli;
