@@ -49,6 +49,14 @@ pub trait Extension: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Called before each `/meta/connect` is sent, outside the outgoing hooks' deadline:
+    /// an extension that holds the connect back until the application has caught up (the
+    /// acknowledgement extension) waits here, at most `max_wait` (the client gives
+    /// `min(1 s, connection_timeout / 4)`). The default returns at once.
+    async fn before_connect(&self, max_wait: std::time::Duration) {
+        let _ = max_wait;
+    }
+
     /// Called when the server refused a subscription to `channel` with `reply` (also for
     /// the automatic resubscriptions after a new handshake). Return `true` after changing
     /// what the next subscribe sends (a replay extension falling back to another

@@ -28,6 +28,10 @@ use super::transport::{Shared, Transport};
 /// How long the server holds a `/meta/connect` when it has not said (faye's default).
 const DEFAULT_CONNECT_HOLD: Duration = Duration::from_secs(60);
 
+/// The longest the extensions may hold a `/meta/connect` back (also at most a quarter of
+/// `connection_timeout`).
+const MAX_CONNECT_HOLD_BACK: Duration = Duration::from_secs(1);
+
 /// Waits until `at`, or for ever when there is no `at`.
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
@@ -374,6 +378,16 @@ async fn connect(
         // Backpressure: ask for more events only when the application has room for them.
         ctx.shared.queue.wait_for_space().await;
     }
+    // Extensions that hold the connect back (acknowledgements) wait here, bounded, and
+    // outside the outgoing hooks' request_timeout.
+    let options = &ctx.shared.options;
+    if !options.extensions.is_empty() {
+        let max_wait = options.connection_timeout.map_or(MAX_CONNECT_HOLD_BACK, |timeout| timeout / 4);
+        let max_wait = max_wait.min(MAX_CONNECT_HOLD_BACK);
+        for extension in &options.extensions {
+            extension.before_connect(max_wait).await;
+        }
+    }
     let mut request =
         Message { client_id: Some(client_id), ..Message::new(META_CONNECT) }.with_protocol(Protocol {
             connection_type: Some(transport.connection_type().as_str().into()),
@@ -420,6 +434,8 @@ pub(crate) struct Session {
     machine: Machine,
     /// The last error while opening, for `open` to report at its deadline.
     open_error: Option<Error>,
+    /// Whether `open` failed (its session, if it got a client id, is disconnected).
+    open_failed: bool,
     transport: Option<Arc<Transport>>,
     client_id: Option<String>,
     subscriptions: BTreeSet<String>,
@@ -453,6 +469,7 @@ impl Session {
             opened: Some(opened),
             machine,
             open_error: None,
+            open_failed: false,
             transport: None,
             client_id: None,
             subscriptions: BTreeSet::new(),
@@ -672,6 +689,7 @@ impl Session {
         let (wait, next, state, note) = match action {
             Action::Go { wait, next, state, note } => (wait, next, state, note),
             Action::FailOpen => {
+                self.open_failed = true;
                 let error =
                     error.unwrap_or_else(|| Error::InvalidOperation("open failed without an error".into()));
                 if let Some(opened) = self.opened.take() {
@@ -756,6 +774,7 @@ impl Session {
             )
         });
         tracing::debug!(error = %error, "giving up opening at connection_timeout");
+        self.open_failed = true;
         if let Some(opened) = self.opened.take() {
             let _ = opened.send(Err(error));
         }
@@ -894,6 +913,20 @@ impl Session {
     async fn shut_down(&mut self, polite: bool) {
         let was_connected = self.is_connected();
         self.set_state(SessionState::Disconnecting, None);
+        // A failed open that got a client id ends that session on the server too, instead
+        // of leaving it there until it expires; in the background, so that `open` may be
+        // called again at once.
+        if self.open_failed
+            && let (Some(transport), Some(client_id)) = (self.transport.take(), self.client_id.clone())
+        {
+            let ctx = self.ctx.clone();
+            tokio::spawn(async move {
+                let request = Message { client_id: Some(client_id), ..Message::new(META_DISCONNECT) };
+                let sent = ctx.exchange(&transport, vec![request], ctx.shared.options.request_timeout).await;
+                tracing::debug!(replied = sent.is_ok(), "disconnected the session of a failed open");
+                transport.close().await;
+            });
+        }
         if let (true, true, Some(transport), Some(client_id)) =
             (polite, was_connected, &self.transport, &self.client_id)
         {
