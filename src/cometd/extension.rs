@@ -69,8 +69,10 @@ pub trait Extension: Send + Sync + 'static {
 
 /// An extension that carries credentials and can renew them.
 ///
-/// When the reply to a request is a `401` or `403` error (other than an unknown-session
-/// error, which a new handshake cures), the client calls [`authenticate`](Self::authenticate)
+/// When the reply to a handshake or a connect is a `401` or `403` error, or the reply to
+/// any request a `401` (other than an unknown-session error, which a new handshake cures,
+/// and a server limit; a `403` refusing a channel is that channel's error), the client
+/// calls [`authenticate`](Self::authenticate)
 /// and sends the request once more, with fresh ids and the headers the outgoing hook sets
 /// now. On websocket the socket is reopened, so new headers reach the server.
 #[async_trait]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::error::Error;
-use super::message::{Advice, Message, Reconnect};
+use super::message::{Advice, META_CONNECT, META_HANDSHAKE, Message, Reconnect};
 use super::session::SessionState;
 
 /// The longest advised hold (`advice.timeout`) followed; Salesforce advises 110 s.
@@ -277,6 +277,17 @@ pub(crate) fn is_auth_failure(reply: &Message) -> bool {
         && reply.error_field().and_then(|field| field.code).is_some_and(|code| code == 401 || code == 403)
         && !is_unknown_session(reply)
         && !is_limit_error(reply)
+}
+
+/// Whether the reply to a request on `channel` calls for new credentials: an
+/// authentication failure ([`is_auth_failure`]) of the handshake or a connect, or a `401`
+/// (unauthenticated: Salesforce's `401::Authentication invalid` for an expired token) on
+/// any request. A `403` on a subscribe or a publish (`403:/ch:subscribe_denied`) is a
+/// refusal of that channel, which new credentials do not cure.
+pub(crate) fn needs_new_credentials(channel: &str, reply: &Message) -> bool {
+    is_auth_failure(reply)
+        && (matches!(channel, META_HANDSHAKE | META_CONNECT)
+            || reply.error_field().and_then(|field| field.code) == Some(401))
 }
 
 /// A server limit: `403::Organization concurrent user limit exceeded`, `…daily limit
@@ -577,5 +588,16 @@ mod tests {
         for limit in [&concurrent, &busy] {
             assert!(is_limit_error(limit) && !is_auth_failure(limit), "{limit:?}");
         }
+
+        let refused_channel = reply(
+            json!({"channel": "/meta/subscribe", "successful": false, "error": "403:/secret:subscribe_denied"}),
+        );
+        let expired_on_publish =
+            reply(json!({"channel": "/chat", "successful": false, "error": "401::Authentication invalid"}));
+        assert!(!needs_new_credentials("/meta/subscribe", &refused_channel), "a refused channel");
+        assert!(needs_new_credentials("/chat", &expired_on_publish), "an expired token on any request");
+        assert!(needs_new_credentials("/meta/handshake", &denied), "a denied handshake");
+        assert!(needs_new_credentials("/meta/connect", &expired));
+        assert!(!needs_new_credentials("/meta/connect", &faye_unknown), "a new handshake cures it");
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::error::{CLIENT_ID_LIMIT, Error, TransportErrorKind};
-use super::machine::{Action, Event, Machine, Next, Note, Wait, is_auth_failure};
+use super::machine::{Action, Event, Machine, Next, Note, Wait, needs_new_credentials};
 use super::message::{
     Advice, BAYEUX_VERSION, Data, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
     META_UNSUBSCRIBE, Message, Protocol,
@@ -120,8 +120,9 @@ impl Context {
     }
 
     /// Sends `messages` and returns their replies, one per message and in their order.
-    /// After a 401/403 reply to the first message, asks the auth extension to
-    /// re-authenticate and sends them once more.
+    /// After an authentication failure of the first message ([`needs_new_credentials`]:
+    /// not a refused channel), asks the auth extension to re-authenticate and sends them
+    /// once more.
     async fn exchange(
         &self,
         transport: &Transport,
@@ -132,7 +133,7 @@ impl Context {
         let Some(auth) = &self.shared.options.auth else {
             return Ok(replies);
         };
-        if !replies.first().is_some_and(is_auth_failure) {
+        if !replies.first().is_some_and(|reply| needs_new_credentials(&messages[0].channel, reply)) {
             return Ok(replies);
         }
         tracing::info!(channel = %messages[0].channel, "the server rejected the credentials; re-authenticating");
