@@ -117,7 +117,7 @@ impl Client {
     pub(crate) fn from_options(options: ValidOptions) -> Result<Client, Error> {
         let queue = Arc::new(PendingQueue::new(options.max_pending));
         let shared = Arc::new(Shared::new(options, queue)?);
-        let ctx = Context { shared, ids: Arc::new(AtomicU64::new(1)) };
+        let ctx = Context { shared, ids: Arc::new(AtomicU64::new(1)), advice: Default::default() };
         Ok(Client {
             inner: Arc::new(Inner { ctx, session: Mutex::new(None), timeout_reported: Mutex::new(None) }),
         })

@@ -109,6 +109,9 @@ pub(crate) struct Context {
     pub(crate) shared: Arc<Shared>,
     /// Message ids, increasing over the client's whole life (never reset by a handshake).
     pub(crate) ids: Arc<AtomicU64>,
+    /// The latest advice on a reply other than a handshake's or a connect's (which the
+    /// machine reads itself), for the machine to take in after its next step.
+    pub(crate) advice: Arc<std::sync::Mutex<Option<Advice>>>,
 }
 
 impl Context {
@@ -130,6 +133,7 @@ impl Context {
         timeout: Duration,
     ) -> Result<Vec<Message>, Error> {
         let replies = self.send(transport, messages.clone(), timeout).await?;
+        self.keep_advice(&replies);
         let Some(auth) = &self.shared.options.auth else {
             return Ok(replies);
         };
@@ -141,6 +145,22 @@ impl Context {
         // A websocket sends headers only when it opens: reopen it so the new ones apply.
         transport.reset().await;
         self.send(transport, messages, timeout).await
+    }
+
+    /// Keeps the advice of replies the machine does not see (subscribe, publish...): the
+    /// latest advice from any reply is followed.
+    fn keep_advice(&self, replies: &[Message]) {
+        let advised = replies.iter().rev().find(|reply| {
+            reply.protocol.is_some() && !matches!(reply.channel.as_str(), META_CONNECT | META_HANDSHAKE)
+        });
+        if let Some(advice) = advised.and_then(|reply| reply.protocol().advice.clone()) {
+            *self.advice.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(advice);
+        }
+    }
+
+    /// The advice kept by [`keep_advice`](Self::keep_advice) since it was last taken.
+    fn take_advice(&self) -> Option<Advice> {
+        self.advice.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
 
     /// Numbers `messages`, sends them, and picks each one's reply from what came back.
@@ -620,6 +640,9 @@ impl Session {
     /// `Err(())` when the session must stop.
     fn apply(&mut self, step: Step) -> Result<Option<(Duration, Next)>, ()> {
         let now = Instant::now();
+        if let Some(advice) = self.ctx.take_advice() {
+            self.machine.merge_advice(&advice);
+        }
         match step {
             Step::Handshaken(Ok(handshaken)) => {
                 self.exchanged();
@@ -729,6 +752,9 @@ impl Session {
             // Capped so that an outage shorter than `connection_timeout` is always met by
             // a few attempts before `receive` reports it.
             Wait::Backoff(failures) => backoff.delay_within(failures, self.retry_cap()),
+            Wait::BackoffAndInterval(failures, interval) => {
+                backoff.delay_within(failures, self.retry_cap()) + Duration::from_millis(interval)
+            }
             Wait::Longest => {
                 let delay = backoff.bound(u32::MAX);
                 let error = error.as_ref().map(ToString::to_string).unwrap_or_default();
@@ -1014,7 +1040,8 @@ mod size_tests {
         let options = super::super::options::ClientOptions::new("http://127.0.0.1:1/x").validate().unwrap();
         let queue = std::sync::Arc::new(super::super::pending::PendingQueue::new(None));
         let shared = std::sync::Arc::new(super::Shared::new(options, queue).unwrap());
-        let ctx = super::Context { shared: shared.clone(), ids: Default::default() };
+        let ctx =
+            super::Context { shared: shared.clone(), ids: Default::default(), advice: Default::default() };
         let transport = std::sync::Arc::new(super::Transport::new(super::ConnectionType::WebSocket, shared));
         let connect = super::connect(ctx.clone(), transport.clone(), "x".into(), None, false);
         assert!(
