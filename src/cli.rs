@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 
-use crate::cometd::{Client, ConnectionType, Error};
+use crate::cometd::{Client, ConnectionType, Error, SessionState};
 
 /// Bridges CometD (Bayeux) channels to NATS subjects and HTTP webhooks.
 #[derive(Debug, Parser)]
@@ -206,6 +206,8 @@ pub async fn listen(
     let mut stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
+    let mut status = client.watch_status().expect("an open client has a status");
+    let mut outage = false;
     let result = loop {
         if count.is_some_and(|count| printed >= count) {
             break Ok(());
@@ -213,6 +215,26 @@ pub async fn listen(
         let message = tokio::select! {
             message = messages.next() => message,
             _ = &mut interrupted => break Ok(()),
+            Ok(()) = status.changed() => {
+                // Say when the link is lost and when the session is back, once each.
+                let (state, last_error) = {
+                    let status = status.borrow_and_update();
+                    (status.state, status.last_error.clone())
+                };
+                match state {
+                    SessionState::Reconnecting | SessionState::Handshaking if !outage => {
+                        outage = true;
+                        eprintln!("connection lost ({}); reconnecting", last_error.as_deref().unwrap_or("no cause known"));
+                    }
+                    SessionState::Connected if outage => {
+                        outage = false;
+                        let transport = client.connection_type().map_or("?", ConnectionType::as_str);
+                        eprintln!("reconnected ({transport}); subscribed to {}", client.subscriptions().into_iter().collect::<Vec<_>>().join(", "));
+                    }
+                    _ => {}
+                }
+                continue;
+            }
         };
         match message {
             Some(Ok(message)) => {
@@ -226,6 +248,8 @@ pub async fn listen(
                 }
                 printed += 1;
             }
+            // One message the server sent does not fit: told, and the others go on.
+            Some(Err(error @ Error::BadMessage { .. })) => eprintln!("{error}"),
             Some(Err(error)) => break Err(error.into()),
             None => break Ok(()),
         }

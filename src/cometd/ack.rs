@@ -25,8 +25,10 @@ use super::error::Error;
 use super::extension::Extension;
 use super::message::{META_CONNECT, META_HANDSHAKE, Message};
 
-/// How long a connect waits by default for the application to process the last batch.
-pub const DEFAULT_CONFIRM_WAIT: Duration = Duration::from_secs(30);
+/// How long a connect waits by default for the application to process the last batch;
+/// the client caps any wait at `min(1 s, connection_timeout / 4)`, so that a stalled
+/// application never makes the server drop the session.
+pub const DEFAULT_CONFIRM_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 struct State {
@@ -134,10 +136,13 @@ impl AckExtension {
         state.acknowledged
     }
 
-    /// Waits, up to the configured time, until every event received so far is confirmed.
-    async fn wait_for_confirmations(&self) {
+    /// Waits, up to the configured time and `max_wait`, until the events of the current
+    /// session's unacknowledged batches are confirmed. Without such a batch (after a new
+    /// handshake, say) it returns at once: events of an earlier session never hold a
+    /// connect back.
+    async fn wait_for_confirmations(&self, max_wait: Duration) {
         let Some(wait) = self.shared.confirm_wait else { return };
-        let target = self.shared.received.load(Ordering::Acquire);
+        let Some(target) = self.state().batches.back().map(|(_, events)| *events) else { return };
         let all_confirmed = async {
             loop {
                 let notified = self.shared.confirmations.notified();
@@ -147,16 +152,19 @@ impl AckExtension {
                 notified.await;
             }
         };
-        let _ = tokio::time::timeout(wait, all_confirmed).await;
+        let _ = tokio::time::timeout(wait.min(max_wait), all_confirmed).await;
     }
 }
 
 #[async_trait]
 impl Extension for AckExtension {
-    async fn outgoing(&self, payload: &mut Vec<Message>, _headers: &mut HeaderMap) -> Result<(), Error> {
-        if payload.iter().any(|message| message.channel == META_CONNECT) && self.is_enabled() {
-            self.wait_for_confirmations().await;
+    async fn before_connect(&self, max_wait: Duration) {
+        if self.is_enabled() {
+            self.wait_for_confirmations(max_wait).await;
         }
+    }
+
+    async fn outgoing(&self, payload: &mut Vec<Message>, _headers: &mut HeaderMap) -> Result<(), Error> {
         for message in payload.iter_mut() {
             match message.channel.as_str() {
                 META_HANDSHAKE => {
@@ -229,6 +237,7 @@ mod tests {
     }
 
     async fn next_ack(extension: &AckExtension) -> Value {
+        extension.before_connect(Duration::from_secs(60)).await;
         let mut request = vec![Message::new(META_CONNECT)];
         extension.outgoing(&mut request, &mut HeaderMap::new()).await.unwrap();
         request[0].ext.as_ref().map_or(Value::Null, |ext| ext["ack"].clone())
@@ -266,6 +275,23 @@ mod tests {
         });
         assert_eq!(next_ack(&extension).await, json!(7));
         later.await.unwrap();
+    }
+
+    /// The wait is bounded by what the client allows, and only batches of the current
+    /// session count: after a new handshake, earlier events never hold a connect back.
+    #[tokio::test]
+    async fn the_wait_is_bounded_and_only_for_the_current_sessions_batches() {
+        let (extension, _never_confirms) = AckExtension::confirmed(Duration::from_secs(60));
+        handshake(&extension).await;
+        batch(&extension, 1, 1).await;
+        let started = std::time::Instant::now();
+        extension.before_connect(Duration::from_millis(200)).await;
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(5), "{waited:?}");
+        handshake(&extension).await;
+        let started = std::time::Instant::now();
+        extension.before_connect(Duration::from_secs(30)).await;
+        assert!(started.elapsed() < Duration::from_secs(1), "no wait for an earlier session's events");
     }
 
     #[tokio::test]

@@ -38,7 +38,13 @@ impl Backoff {
 
     /// A random delay in `[0, bound(failures)]`.
     pub fn delay(&self, failures: u32) -> Duration {
-        let bound = self.bound(failures);
+        self.delay_within(failures, Duration::MAX)
+    }
+
+    /// A random delay in `[0, min(bound(failures), cap)]`: the client caps its reconnect
+    /// delays so that several attempts fit in `connection_timeout`.
+    pub fn delay_within(&self, failures: u32, cap: Duration) -> Duration {
+        let bound = self.bound(failures).min(cap);
         let nanos = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
         Duration::from_nanos(fastrand::u64(0..=nanos))
     }
@@ -63,6 +69,14 @@ mod tests {
             for _ in 0..200 {
                 assert!(backoff.delay(failures) <= backoff.bound(failures));
             }
+        }
+    }
+
+    #[test]
+    fn a_cap_bounds_the_delay() {
+        let backoff = Backoff::try_new(Duration::from_millis(10), Duration::from_secs(30)).unwrap();
+        for _ in 0..200 {
+            assert!(backoff.delay_within(20, Duration::from_millis(25)) <= Duration::from_millis(25));
         }
     }
 

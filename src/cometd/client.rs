@@ -45,6 +45,8 @@ pub struct Client {
 struct Inner {
     ctx: Context,
     session: Mutex<Option<SessionHandle>>,
+    /// When `receive` last reported a lost connection.
+    timeout_reported: Mutex<Option<Instant>>,
 }
 
 /// The current session's command channel and published state.
@@ -115,8 +117,10 @@ impl Client {
     pub(crate) fn from_options(options: ValidOptions) -> Result<Client, Error> {
         let queue = Arc::new(PendingQueue::new(options.max_pending));
         let shared = Arc::new(Shared::new(options, queue)?);
-        let ctx = Context { shared, ids: Arc::new(AtomicU64::new(1)) };
-        Ok(Client { inner: Arc::new(Inner { ctx, session: Mutex::new(None) }) })
+        let ctx = Context { shared, ids: Arc::new(AtomicU64::new(1)), advice: Default::default() };
+        Ok(Client {
+            inner: Arc::new(Inner { ctx, session: Mutex::new(None), timeout_reported: Mutex::new(None) }),
+        })
     }
 
     fn handle(&self) -> Option<SessionHandle> {
@@ -219,9 +223,10 @@ impl Client {
     /// Waits for the next message (or error) from the server.
     ///
     /// # Errors
-    /// - [`TransportErrorKind::ConnectionTimeout`] when the link has been down longer than
-    ///   `connection_timeout`, after every pending message was handed out. The client keeps
-    ///   reconnecting; call `receive` again to wait on;
+    /// - [`TransportErrorKind::ConnectionTimeout`] when the link has been down for
+    ///   `connection_timeout` without one successful exchange (a server restarting every
+    ///   few seconds is not reported), after every pending message was handed out. The
+    ///   client keeps reconnecting; call `receive` again to wait on;
     /// - [`Error::Server`] when a resubscription failed after a new handshake, or when the
     ///   server closed the session (after the messages received before it);
     /// - [`Error::Closed`] once the client is closed and nothing is pending.
@@ -230,7 +235,6 @@ impl Client {
         if let Some(item) = queue.pop() {
             return item;
         }
-        let started = Instant::now();
         let Some(mut handle) = self.handle() else {
             return Err(Error::Closed);
         };
@@ -242,17 +246,10 @@ impl Client {
             // Only what decides the wait is read; the status is not cloned.
             let deadline = {
                 let status = handle.status.borrow_and_update();
-                match status.state {
-                    SessionState::Closed | SessionState::Disconnecting => return Err(Error::Closed),
-                    SessionState::Reconnecting | SessionState::Handshaking if status.open => self
-                        .inner
-                        .ctx
-                        .shared
-                        .options
-                        .connection_timeout
-                        .map(|timeout| status.since.max(started) + timeout),
-                    _ => None,
+                if matches!(status.state, SessionState::Closed | SessionState::Disconnecting) {
+                    return Err(Error::Closed);
                 }
+                self.outage_deadline(&status)
             };
             tokio::select! {
                 _ = pushed => {}
@@ -261,9 +258,32 @@ impl Client {
                     return queue.pop().unwrap_or(Err(Error::Closed));
                 },
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    return Err(Error::transport(TransportErrorKind::ConnectionTimeout));
+                    // A successful exchange since (it wakes no one) moves the deadline on.
+                    let deadline = self.outage_deadline(&handle.status.borrow());
+                    if deadline.is_some_and(|deadline| deadline <= Instant::now()) {
+                        *self.inner.timeout_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some(Instant::now());
+                        return Err(Error::transport(TransportErrorKind::ConnectionTimeout));
+                    }
                 }
             }
+        }
+    }
+
+    /// While the session is in an outage: when `receive` reports it, `connection_timeout`
+    /// after the latest of the outage's start, the last successful exchange and the last
+    /// report (so that it is reported once a period, however often `receive` is called,
+    /// and however many other items it hands out meanwhile).
+    fn outage_deadline(&self, status: &SessionStatus) -> Option<Instant> {
+        match status.state {
+            SessionState::Reconnecting | SessionState::Handshaking if status.open => {
+                let timeout = self.inner.ctx.shared.options.connection_timeout?;
+                let reported =
+                    *self.inner.timeout_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let from = status.since.max(status.last_exchange);
+                Some(reported.map_or(from, |reported| from.max(reported)) + timeout)
+            }
+            _ => None,
         }
     }
 

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `ClientError` | [`Error::NoCommonConnectionType`], [`Error::InvalidOptions`], [`Error::Authentication`] ([`ErrorKind::Client`]) |
 //! | `ClientInvalidOperation` | [`Error::InvalidOperation`], [`Error::Closed`] |
-//! | `TransportError` | [`Error::Transport`] with a [`TransportErrorKind`] |
+//! | `TransportError` | [`Error::Transport`] with a [`TransportErrorKind`], [`Error::BadMessage`] |
 //! | `TransportInvalidOperation` | [`TransportErrorKind::InvalidOperation`] |
 //! | `TransportTimeoutError` | [`TransportErrorKind::ConnectionTimeout`] (and [`TransportErrorKind::RequestTimeout`]) |
 //! | `TransportConnectionClosed` | [`TransportErrorKind::ConnectionClosed`] |
@@ -68,6 +68,20 @@ pub enum Error {
     #[error("the session failed and the client is closed: {0}")]
     SessionFailed(String),
 
+    /// One message of a payload did not fit the Bayeux shape (a repeated key, a field of
+    /// the wrong type, nesting too deep) and was skipped; the other messages of the
+    /// payload were delivered, in order.
+    #[error(
+        "skipped a message on {channel} that does not fit the Bayeux shape: {reason}",
+        channel = channel.as_deref().unwrap_or("an unknown channel")
+    )]
+    BadMessage {
+        /// The message's channel, when it could be read.
+        channel: Option<String>,
+        /// Why it does not fit.
+        reason: String,
+    },
+
     /// Credentials could not be obtained (an OAuth login failed).
     #[error("authentication failed: {message}")]
     Authentication {
@@ -118,6 +132,14 @@ pub enum TransportErrorKind {
     HttpStatus(u16),
     /// The websocket upgrade was refused or failed.
     WebSocketUpgrade,
+    /// The server answered with a redirect, which the client never follows (configured
+    /// headers and credentials would go to another host).
+    Redirect {
+        /// The HTTP status (301, 302, 303, 307, 308...).
+        status: u16,
+        /// Where it points (the `Location` header, cut to 1 KiB), empty if absent.
+        location: String,
+    },
     /// The reply was not valid Bayeux: bad JSON, not an array, a missing field, or no reply
     /// to the request at all.
     MalformedReply(String),
@@ -143,6 +165,10 @@ impl fmt::Display for TransportErrorKind {
             Self::Tls => write!(f, "TLS failed"),
             Self::HttpStatus(status) => write!(f, "the server answered with HTTP status {status}"),
             Self::WebSocketUpgrade => write!(f, "the websocket upgrade failed"),
+            Self::Redirect { status, location } => write!(
+                f,
+                "the server answered HTTP {status} redirecting to {location:?}; redirects are not followed (use the final URL)"
+            ),
             Self::MalformedReply(what) => write!(f, "malformed reply from the server: {what}"),
             Self::TooLarge { limit } => {
                 write!(f, "the server sent a message larger than the {limit}-byte limit (max_message_size)")
@@ -172,6 +198,7 @@ impl Error {
                 _ => ErrorKind::Transport,
             },
             Error::Server(_) => ErrorKind::Server,
+            Error::BadMessage { .. } => ErrorKind::Transport,
         }
     }
 
@@ -180,9 +207,12 @@ impl Error {
     /// misuse are not (a server's `5xx` code is the exception).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Transport { kind, .. } => {
-                !matches!(kind, TransportErrorKind::InvalidOperation(_) | TransportErrorKind::Tls)
-            }
+            Error::Transport { kind, .. } => !matches!(
+                kind,
+                TransportErrorKind::InvalidOperation(_)
+                    | TransportErrorKind::Tls
+                    | TransportErrorKind::Redirect { .. }
+            ),
             Error::Server(error) => error.error_code().is_some_and(|code| code >= 500),
             Error::Authentication { retryable, .. } => *retryable,
             _ => false,
@@ -220,6 +250,9 @@ impl Error {
             },
             Error::Server(error) => Error::Server(error.clone()),
             Error::SessionFailed(text) => Error::SessionFailed(text.clone()),
+            Error::BadMessage { channel, reason } => {
+                Error::BadMessage { channel: channel.clone(), reason: reason.clone() }
+            }
             Error::Authentication { message, retryable } => {
                 Error::Authentication { message: message.clone(), retryable: *retryable }
             }
@@ -234,11 +267,24 @@ impl Error {
         Error::Transport { kind, source: Some(source.into()) }
     }
 
+    /// The error for a redirect answer: `status` and where its `Location` points.
+    pub(crate) fn redirect(status: u16, location: Option<&[u8]>) -> Self {
+        let location = location.map(|bytes| String::from_utf8_lossy(bytes).into_owned()).unwrap_or_default();
+        Error::transport(TransportErrorKind::Redirect { status, location: bounded(location, 1024) })
+    }
+
     pub(crate) fn malformed(what: impl Into<String>) -> Self {
         Error::transport(TransportErrorKind::MalformedReply(what.into()))
     }
 
-    pub(crate) fn server(message: impl Into<String>, response: Option<Message>) -> Self {
+    /// The server's refusal. Its `error` text is kept up to [`ERROR_TEXT_LIMIT`] (cut with
+    /// a marker): it goes into `last_error` and every log line that reports it.
+    pub(crate) fn server(message: impl Into<String>, mut response: Option<Message>) -> Self {
+        if let Some(protocol) = response.as_mut().and_then(|reply| reply.protocol.as_deref_mut())
+            && let Some(error) = protocol.error.take()
+        {
+            protocol.error = Some(bounded(error, ERROR_TEXT_LIMIT));
+        }
         Error::Server(Box::new(ServerError { message: message.into(), response }))
     }
 }
@@ -296,6 +342,29 @@ impl fmt::Display for ServerError {
 }
 
 impl std::error::Error for ServerError {}
+
+/// The most of a server's `error` text kept and logged.
+pub(crate) const ERROR_TEXT_LIMIT: usize = 4 * 1024;
+
+/// The longest `clientId` accepted from a server: it goes into every request, and into
+/// every spooled record's and NATS message's id.
+pub(crate) const CLIENT_ID_LIMIT: usize = 1024;
+
+/// `text` cut to at most `limit` bytes (at a character boundary) followed by a marker
+/// saying how much was left out, so that a server cannot fill logs and status with it.
+pub(crate) fn bounded(mut text: String, limit: usize) -> String {
+    if text.len() <= limit {
+        return text;
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!("… ({cut} more bytes)"));
+    text
+}
 
 /// What a caught panic says, for the error that reports it.
 pub(crate) fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {

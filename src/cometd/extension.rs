@@ -49,6 +49,14 @@ pub trait Extension: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Called before each `/meta/connect` is sent, outside the outgoing hooks' deadline:
+    /// an extension that holds the connect back until the application has caught up (the
+    /// acknowledgement extension) waits here, at most `max_wait` (the client gives
+    /// `min(1 s, connection_timeout / 4)`). The default returns at once.
+    async fn before_connect(&self, max_wait: std::time::Duration) {
+        let _ = max_wait;
+    }
+
     /// Called when the server refused a subscription to `channel` with `reply` (also for
     /// the automatic resubscriptions after a new handshake). Return `true` after changing
     /// what the next subscribe sends (a replay extension falling back to another
@@ -61,8 +69,10 @@ pub trait Extension: Send + Sync + 'static {
 
 /// An extension that carries credentials and can renew them.
 ///
-/// When the reply to a request is a `401` or `403` error (other than an unknown-session
-/// error, which a new handshake cures), the client calls [`authenticate`](Self::authenticate)
+/// When the reply to a handshake or a connect is a `401` or `403` error, or the reply to
+/// any request a `401` (other than an unknown-session error, which a new handshake cures,
+/// and a server limit; a `403` refusing a channel is that channel's error), the client
+/// calls [`authenticate`](Self::authenticate)
 /// and sends the request once more, with fresh ids and the headers the outgoing hook sets
 /// now. On websocket the socket is reopened, so new headers reach the server.
 #[async_trait]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::error::Error;
-use super::message::{Advice, Message, Reconnect};
+use super::message::{Advice, META_CONNECT, META_HANDSHAKE, Message, Reconnect};
 use super::session::SessionState;
 
 /// The longest advised hold (`advice.timeout`) followed; Salesforce advises 110 s.
@@ -41,6 +41,9 @@ pub(crate) enum Wait {
     Interval(u64),
     /// The backoff after this many consecutive failures.
     Backoff(u32),
+    /// The backoff after this many consecutive failures, plus the advised interval (in
+    /// milliseconds).
+    BackoffAndInterval(u32, u64),
     /// The longest backoff: the server reports a limit, and retrying soon makes it worse.
     Longest,
 }
@@ -158,6 +161,20 @@ impl Machine {
                 }
                 self.failures = 0;
                 self.opening = false;
+                match reply.protocol().advice.as_ref().and_then(|advice| advice.reconnect) {
+                    // The server ends the session even on a successful connect.
+                    Some(Reconnect::None) => return Action::ServerClosed,
+                    // ... or asks for a new one.
+                    Some(Reconnect::Handshake) => {
+                        return Action::Go {
+                            wait: Wait::Interval(self.advice.interval.unwrap_or(0)),
+                            next: Next::Handshake,
+                            state: SessionState::Handshaking,
+                            note: Note::Info("the server asks for a new handshake"),
+                        };
+                    }
+                    _ => {}
+                }
                 Action::Go {
                     wait: Wait::Interval(self.advice.interval.unwrap_or(0)),
                     next: Next::Connect { probe: false },
@@ -182,6 +199,9 @@ impl Machine {
 
     /// A `/meta/connect` the server answered with `successful: false`.
     fn connect_rejected(&mut self, reply: &Message, now: Instant) -> Action {
+        if let Some(advice) = &reply.protocol().advice {
+            self.merge_advice(advice);
+        }
         let error = Error::server("connect request failed", Some(reply.clone()));
         let reconnect = match reply.protocol().advice.as_ref().and_then(|advice| advice.reconnect) {
             // Salesforce answers an expired token with `401` and `reconnect: none`; with an
@@ -193,7 +213,11 @@ impl Machine {
         match reconnect {
             Some(Reconnect::None) if self.opening => Action::FailOpen,
             Some(Reconnect::None) => Action::ServerClosed,
-            Some(Reconnect::Handshake) | None if reconnect.is_some() || is_unknown_session(reply) => {
+            // An unknown session is cured only by a new handshake, whatever the advice
+            // says (`retry` would send the dead client id again and again).
+            Some(Reconnect::Handshake) | Some(Reconnect::Retry) | None
+                if reconnect == Some(Reconnect::Handshake) || is_unknown_session(reply) =>
+            {
                 if self.gives_up(&error, now) {
                     return Action::FailOpen;
                 }
@@ -232,8 +256,13 @@ impl Machine {
         self.opening && (!error.is_retryable() || self.open_deadline.is_some_and(|deadline| now >= deadline))
     }
 
+    /// The backoff after one more failure, plus the advised interval when there is one
+    /// (CometD's rule: the server's interval is honoured after failures too).
     fn back_off(&mut self) -> Wait {
-        let wait = Wait::Backoff(self.failures);
+        let wait = match self.advice.interval {
+            Some(interval) if interval > 0 => Wait::BackoffAndInterval(self.failures, interval),
+            _ => Wait::Backoff(self.failures),
+        };
         self.failures = self.failures.saturating_add(1);
         wait
     }
@@ -277,6 +306,17 @@ pub(crate) fn is_auth_failure(reply: &Message) -> bool {
         && reply.error_field().and_then(|field| field.code).is_some_and(|code| code == 401 || code == 403)
         && !is_unknown_session(reply)
         && !is_limit_error(reply)
+}
+
+/// Whether the reply to a request on `channel` calls for new credentials: an
+/// authentication failure ([`is_auth_failure`]) of the handshake or a connect, or a `401`
+/// (unauthenticated: Salesforce's `401::Authentication invalid` for an expired token) on
+/// any request. A `403` on a subscribe or a publish (`403:/ch:subscribe_denied`) is a
+/// refusal of that channel, which new credentials do not cure.
+pub(crate) fn needs_new_credentials(channel: &str, reply: &Message) -> bool {
+    is_auth_failure(reply)
+        && (matches!(channel, META_HANDSHAKE | META_CONNECT)
+            || reply.error_field().and_then(|field| field.code) == Some(401))
 }
 
 /// A server limit: `403::Organization concurrent user limit exceeded`, `…daily limit
@@ -358,6 +398,13 @@ mod tests {
         let none = connect(false, Some("500::x"), json!({"reconnect": "none"}));
         let invented = connect(false, Some("500::x"), json!({"reconnect": "sometimes"}));
         let expired_token = connect(false, Some("401::Authentication invalid"), json!({"reconnect": "none"}));
+        let ok_but_none = connect(true, None, json!({"reconnect": "none"}));
+        let ok_but_handshake = connect(true, None, json!({"reconnect": "handshake", "interval": 0}));
+        let unknown_retry = connect(false, Some("401:abc:Unknown client"), json!({"reconnect": "retry"}));
+        let advised = |failures| Machine {
+            advice: Advice { interval: Some(500), ..Advice::default() },
+            ..opened(failures)
+        };
 
         type Check = Box<dyn Fn(&Action) -> bool>;
         let rows: Vec<(&str, Machine, Event<'_>, Check, u32)> = vec![
@@ -509,6 +556,41 @@ mod tests {
                 3,
             ),
             (
+                "a successful connect advising none ends the session",
+                opened(0),
+                Event::ConnectReply(&ok_but_none),
+                Box::new(|action| *action == Action::ServerClosed),
+                0,
+            ),
+            (
+                "a successful connect advising handshake handshakes",
+                opened(2),
+                Event::ConnectReply(&ok_but_handshake),
+                Box::new(go(Wait::Interval(0), Next::Handshake, Handshaking)),
+                0,
+            ),
+            (
+                "unknown client advising retry handshakes, never retries the dead id",
+                opened(0),
+                Event::ConnectReply(&unknown_retry),
+                Box::new(go(Wait::Now, Next::Handshake, Handshaking)),
+                1,
+            ),
+            (
+                "connect not carried: the advised interval on top of the backoff",
+                advised(1),
+                Event::ConnectFailed(&refused),
+                Box::new(go(Wait::BackoffAndInterval(1, 500), Next::Connect { probe: true }, Reconnecting)),
+                2,
+            ),
+            (
+                "connect rejected: the advised interval on top of the backoff",
+                advised(0),
+                Event::ConnectReply(&invented),
+                Box::new(go(Wait::BackoffAndInterval(0, 500), Next::Connect { probe: true }, Reconnecting)),
+                1,
+            ),
+            (
                 "connect not carried past the open deadline",
                 expired,
                 Event::ConnectFailed(&refused),
@@ -545,6 +627,22 @@ mod tests {
     }
 
     #[test]
+    fn the_latest_advice_of_any_reply_is_kept() {
+        let mut machine = Machine { opening: false, ..Machine::new(None, false) };
+        let rejected = connect(false, Some("500::x"), json!({"reconnect": "retry", "interval": 700}));
+        machine.on_step(Event::ConnectReply(&rejected), Instant::now());
+        assert_eq!(machine.advice.interval, Some(700), "advice on a failed connect");
+        let action =
+            machine.on_step(Event::ConnectFailed(&Error::transport(TransportErrorKind::Io)), Instant::now());
+        assert!(
+            go(Wait::BackoffAndInterval(1, 700), Next::Connect { probe: true }, SessionState::Reconnecting)(
+                &action
+            ),
+            "{action:?}"
+        );
+    }
+
+    #[test]
     fn failures_are_told_apart_by_their_error_fields() {
         let expired = reply(
             json!({"channel": "/meta/connect", "successful": false, "error": "401::Authentication invalid"}),
@@ -577,5 +675,16 @@ mod tests {
         for limit in [&concurrent, &busy] {
             assert!(is_limit_error(limit) && !is_auth_failure(limit), "{limit:?}");
         }
+
+        let refused_channel = reply(
+            json!({"channel": "/meta/subscribe", "successful": false, "error": "403:/secret:subscribe_denied"}),
+        );
+        let expired_on_publish =
+            reply(json!({"channel": "/chat", "successful": false, "error": "401::Authentication invalid"}));
+        assert!(!needs_new_credentials("/meta/subscribe", &refused_channel), "a refused channel");
+        assert!(needs_new_credentials("/chat", &expired_on_publish), "an expired token on any request");
+        assert!(needs_new_credentials("/meta/handshake", &denied), "a denied handshake");
+        assert!(needs_new_credentials("/meta/connect", &expired));
+        assert!(!needs_new_credentials("/meta/connect", &faye_unknown), "a new handshake cures it");
     }
 }

@@ -154,6 +154,9 @@ impl SalesforceAuth {
             .tls_backend_preconfigured((*config).clone())
             .connect_timeout(LOGIN_TIMEOUT)
             .timeout(LOGIN_TIMEOUT)
+            // Never followed: a 307 would post the password and the client secret again,
+            // to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|error| invalid(format!("HTTP client: {error}")))?;
         Ok(SalesforceAuth { credentials, token_url, http, token: Mutex::new(None) })
@@ -224,6 +227,20 @@ impl SalesforceAuth {
                 retryable: true,
             })?;
         let status = response.status();
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+                .unwrap_or_default();
+            return Err(Error::Authentication {
+                message: format!(
+                    "the login host answered {status} redirecting to {:?}; redirects are not followed (use the final login URL)",
+                    super::error::bounded(location, 1024)
+                ),
+                retryable: false,
+            });
+        }
         let bytes = response.bytes().await.map_err(|error| Error::Authentication {
             message: format!("reading the token response: {error}"),
             retryable: true,

@@ -16,8 +16,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::error::{Error, TransportErrorKind};
-use super::machine::{Action, Event, Machine, Next, Note, Wait, is_auth_failure};
+use super::error::{CLIENT_ID_LIMIT, Error, TransportErrorKind};
+use super::machine::{Action, Event, Machine, Next, Note, Wait, needs_new_credentials};
 use super::message::{
     Advice, BAYEUX_VERSION, Data, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
     META_UNSUBSCRIBE, Message, Protocol,
@@ -27,6 +27,10 @@ use super::transport::{Shared, Transport};
 
 /// How long the server holds a `/meta/connect` when it has not said (faye's default).
 const DEFAULT_CONNECT_HOLD: Duration = Duration::from_secs(60);
+
+/// The longest the extensions may hold a `/meta/connect` back (also at most a quarter of
+/// `connection_timeout`).
+const MAX_CONNECT_HOLD_BACK: Duration = Duration::from_secs(1);
 
 /// Waits until `at`, or for ever when there is no `at`.
 async fn sleep_until_some(at: Option<Instant>) {
@@ -70,6 +74,10 @@ pub struct SessionStatus {
     pub subscriptions: BTreeSet<String>,
     /// The last failure, for operators.
     pub last_error: Option<String>,
+    /// When the server last carried a request through (a handshake, a resubscription, a
+    /// connect or a client request that succeeded). An outage is reported once
+    /// `connection_timeout` has passed since both this and the outage's start.
+    pub last_exchange: Instant,
 }
 
 impl SessionStatus {
@@ -82,6 +90,7 @@ impl SessionStatus {
             client_id: None,
             subscriptions: BTreeSet::new(),
             last_error: None,
+            last_exchange: Instant::now(),
         }
     }
 }
@@ -100,6 +109,9 @@ pub(crate) struct Context {
     pub(crate) shared: Arc<Shared>,
     /// Message ids, increasing over the client's whole life (never reset by a handshake).
     pub(crate) ids: Arc<AtomicU64>,
+    /// The latest advice on a reply other than a handshake's or a connect's (which the
+    /// machine reads itself), for the machine to take in after its next step.
+    pub(crate) advice: Arc<std::sync::Mutex<Option<Advice>>>,
 }
 
 impl Context {
@@ -111,8 +123,9 @@ impl Context {
     }
 
     /// Sends `messages` and returns their replies, one per message and in their order.
-    /// After a 401/403 reply to the first message, asks the auth extension to
-    /// re-authenticate and sends them once more.
+    /// After an authentication failure of the first message ([`needs_new_credentials`]:
+    /// not a refused channel), asks the auth extension to re-authenticate and sends them
+    /// once more.
     async fn exchange(
         &self,
         transport: &Transport,
@@ -120,10 +133,11 @@ impl Context {
         timeout: Duration,
     ) -> Result<Vec<Message>, Error> {
         let replies = self.send(transport, messages.clone(), timeout).await?;
+        self.keep_advice(&replies);
         let Some(auth) = &self.shared.options.auth else {
             return Ok(replies);
         };
-        if !replies.first().is_some_and(is_auth_failure) {
+        if !replies.first().is_some_and(|reply| needs_new_credentials(&messages[0].channel, reply)) {
             return Ok(replies);
         }
         tracing::info!(channel = %messages[0].channel, "the server rejected the credentials; re-authenticating");
@@ -131,6 +145,22 @@ impl Context {
         // A websocket sends headers only when it opens: reopen it so the new ones apply.
         transport.reset().await;
         self.send(transport, messages, timeout).await
+    }
+
+    /// Keeps the advice of replies the machine does not see (subscribe, publish...): the
+    /// latest advice from any reply is followed.
+    fn keep_advice(&self, replies: &[Message]) {
+        let advised = replies.iter().rev().find(|reply| {
+            reply.protocol.is_some() && !matches!(reply.channel.as_str(), META_CONNECT | META_HANDSHAKE)
+        });
+        if let Some(advice) = advised.and_then(|reply| reply.protocol().advice.clone()) {
+            *self.advice.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(advice);
+        }
+    }
+
+    /// The advice kept by [`keep_advice`](Self::keep_advice) since it was last taken.
+    fn take_advice(&self) -> Option<Advice> {
+        self.advice.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
 
     /// Numbers `messages`, sends them, and picks each one's reply from what came back.
@@ -242,6 +272,13 @@ async fn handshake(ctx: Context) -> Result<Handshaken, Error> {
                 "the server accepted the handshake but sent no clientId".into(),
             ))
         })?;
+        if client_id.len() > CLIENT_ID_LIMIT {
+            transport.close().await;
+            return Err(Error::transport(TransportErrorKind::InvalidOperation(format!(
+                "the server sent a clientId of {} bytes, over the {CLIENT_ID_LIMIT}-byte limit",
+                client_id.len()
+            ))));
+        }
         let offered =
             reply.protocol().supported_connection_types.clone().unwrap_or_else(|| vec![kind.as_str().into()]);
         let common: Vec<ConnectionType> = options
@@ -362,6 +399,16 @@ async fn connect(
         // Backpressure: ask for more events only when the application has room for them.
         ctx.shared.queue.wait_for_space().await;
     }
+    // Extensions that hold the connect back (acknowledgements) wait here, bounded, and
+    // outside the outgoing hooks' request_timeout.
+    let options = &ctx.shared.options;
+    if !options.extensions.is_empty() {
+        let max_wait = options.connection_timeout.map_or(MAX_CONNECT_HOLD_BACK, |timeout| timeout / 4);
+        let max_wait = max_wait.min(MAX_CONNECT_HOLD_BACK);
+        for extension in &options.extensions {
+            extension.before_connect(max_wait).await;
+        }
+    }
     let mut request =
         Message { client_id: Some(client_id), ..Message::new(META_CONNECT) }.with_protocol(Protocol {
             connection_type: Some(transport.connection_type().as_str().into()),
@@ -408,6 +455,8 @@ pub(crate) struct Session {
     machine: Machine,
     /// The last error while opening, for `open` to report at its deadline.
     open_error: Option<Error>,
+    /// Whether `open` failed (its session, if it got a client id, is disconnected).
+    open_failed: bool,
     transport: Option<Arc<Transport>>,
     client_id: Option<String>,
     subscriptions: BTreeSet<String>,
@@ -441,6 +490,7 @@ impl Session {
             opened: Some(opened),
             machine,
             open_error: None,
+            open_failed: false,
             transport: None,
             client_id: None,
             subscriptions: BTreeSet::new(),
@@ -542,6 +592,15 @@ impl Session {
         });
     }
 
+    /// Notes that the server just carried a request through. Receivers are not woken:
+    /// `receive` reads it again when its outage deadline comes.
+    fn exchanged(&self) {
+        self.status.send_if_modified(|status| {
+            status.last_exchange = Instant::now();
+            false
+        });
+    }
+
     fn publish_session(&self) {
         self.status.send_modify(|status| {
             status.connection_type = self.transport.as_ref().map(|transport| transport.connection_type());
@@ -581,8 +640,12 @@ impl Session {
     /// `Err(())` when the session must stop.
     fn apply(&mut self, step: Step) -> Result<Option<(Duration, Next)>, ()> {
         let now = Instant::now();
+        if let Some(advice) = self.ctx.take_advice() {
+            self.machine.merge_advice(&advice);
+        }
         match step {
             Step::Handshaken(Ok(handshaken)) => {
+                self.exchanged();
                 tracing::debug!(client_id = %handshaken.client_id, connection_type = %handshaken.transport.connection_type(), "handshake succeeded");
                 self.transport = Some(handshaken.transport);
                 self.client_id = Some(handshaken.client_id);
@@ -598,6 +661,7 @@ impl Session {
                 self.carry_out(action, Some(error), reply)
             }
             Step::Resubscribed(Ok(results)) => {
+                self.exchanged();
                 for (channel, result) in results {
                     match result {
                         Ok(()) => {
@@ -624,6 +688,9 @@ impl Session {
                 self.carry_out(action, Some(error), None)
             }
             Step::Connected(Ok(reply)) => {
+                if reply.successful == Some(true) {
+                    self.exchanged();
+                }
                 let action = self.machine.on_step(Event::ConnectReply(&reply), now);
                 let error = (reply.successful != Some(true))
                     .then(|| Error::server(failure_name(META_CONNECT), Some(reply.clone())));
@@ -646,6 +713,7 @@ impl Session {
         let (wait, next, state, note) = match action {
             Action::Go { wait, next, state, note } => (wait, next, state, note),
             Action::FailOpen => {
+                self.open_failed = true;
                 let error =
                     error.unwrap_or_else(|| Error::InvalidOperation("open failed without an error".into()));
                 if let Some(opened) = self.opened.take() {
@@ -681,7 +749,12 @@ impl Session {
         let delay = match wait {
             Wait::Now => Duration::ZERO,
             Wait::Interval(millis) => Duration::from_millis(millis),
-            Wait::Backoff(failures) => backoff.delay(failures),
+            // Capped so that an outage shorter than `connection_timeout` is always met by
+            // a few attempts before `receive` reports it.
+            Wait::Backoff(failures) => backoff.delay_within(failures, self.retry_cap()),
+            Wait::BackoffAndInterval(failures, interval) => {
+                backoff.delay_within(failures, self.retry_cap()) + Duration::from_millis(interval)
+            }
             Wait::Longest => {
                 let delay = backoff.bound(u32::MAX);
                 let error = error.as_ref().map(ToString::to_string).unwrap_or_default();
@@ -690,6 +763,11 @@ impl Session {
             }
         };
         Ok(Some((delay, next)))
+    }
+
+    /// The longest pause between reconnect attempts: a quarter of `connection_timeout`.
+    fn retry_cap(&self) -> Duration {
+        self.ctx.shared.options.connection_timeout.map_or(Duration::MAX, |timeout| timeout / 4)
     }
 
     /// Fails the requests that have waited for a connection longer than `request_timeout`.
@@ -723,6 +801,7 @@ impl Session {
             )
         });
         tracing::debug!(error = %error, "giving up opening at connection_timeout");
+        self.open_failed = true;
         if let Some(opened) = self.opened.take() {
             let _ = opened.send(Err(error));
         }
@@ -769,9 +848,9 @@ impl Session {
 
     /// The server said `reconnect: none`: hand out what is pending, then the error.
     fn server_closed(&mut self, reply: Option<Message>) {
-        let cause = reply.as_ref().and_then(|reply| reply.protocol().error.clone());
-        tracing::warn!(error = ?cause, "the server closed the session (advice reconnect: none)");
         let error = Error::server("connection closed by the server", reply);
+        let cause = error.as_server_error().and_then(|server| server.error()).map(str::to_owned);
+        tracing::warn!(error = ?cause, "the server closed the session (advice reconnect: none)");
         self.status.send_modify(|status| status.last_error = Some(error.to_string()));
         self.ctx.shared.queue.push(Err(error));
     }
@@ -861,6 +940,20 @@ impl Session {
     async fn shut_down(&mut self, polite: bool) {
         let was_connected = self.is_connected();
         self.set_state(SessionState::Disconnecting, None);
+        // A failed open that got a client id ends that session on the server too, instead
+        // of leaving it there until it expires; in the background, so that `open` may be
+        // called again at once.
+        if self.open_failed
+            && let (Some(transport), Some(client_id)) = (self.transport.take(), self.client_id.clone())
+        {
+            let ctx = self.ctx.clone();
+            tokio::spawn(async move {
+                let request = Message { client_id: Some(client_id), ..Message::new(META_DISCONNECT) };
+                let sent = ctx.exchange(&transport, vec![request], ctx.shared.options.request_timeout).await;
+                tracing::debug!(replied = sent.is_ok(), "disconnected the session of a failed open");
+                transport.close().await;
+            });
+        }
         if let (true, true, Some(transport), Some(client_id)) =
             (polite, was_connected, &self.transport, &self.client_id)
         {
@@ -947,7 +1040,8 @@ mod size_tests {
         let options = super::super::options::ClientOptions::new("http://127.0.0.1:1/x").validate().unwrap();
         let queue = std::sync::Arc::new(super::super::pending::PendingQueue::new(None));
         let shared = std::sync::Arc::new(super::Shared::new(options, queue).unwrap());
-        let ctx = super::Context { shared: shared.clone(), ids: Default::default() };
+        let ctx =
+            super::Context { shared: shared.clone(), ids: Default::default(), advice: Default::default() };
         let transport = std::sync::Arc::new(super::Transport::new(super::ConnectionType::WebSocket, shared));
         let connect = super::connect(ctx.clone(), transport.clone(), "x".into(), None, false);
         assert!(

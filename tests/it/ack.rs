@@ -73,6 +73,36 @@ async fn a_batch_never_confirmed_is_sent_again() {
     client.close().await;
 }
 
+/// Receive, leave unconfirmed, close, open: events of the earlier session never hold the
+/// new session's connects back, so the open succeeds at once (it used to wait for them
+/// inside the outgoing hooks until request_timeout, and fail).
+#[tokio::test]
+async fn events_left_unconfirmed_never_delay_the_next_open() {
+    let server = ack_server().await;
+    let (extension, _never_confirms) = AckExtension::confirmed(Duration::from_secs(30));
+    let options =
+        Client::builder(server.url()).extension(extension.clone()).request_timeout(Duration::from_secs(5));
+    let client = open(options).await;
+    client.subscribe("/left").await.expect("subscribe");
+    publish(&server, "/left", 0..3).await;
+    // Unconfirmed, the batch may come again: received at least once, left so.
+    assert_eq!(number(&next(&client).await), 0);
+    client.close().await;
+    tokio::time::timeout(Duration::from_secs(2), client.open())
+        .await
+        .expect("open succeeds at once")
+        .expect("open succeeds");
+    assert!(extension.is_enabled());
+    client.subscribe("/left").await.expect("subscribe again");
+    publish(&server, "/left", 3..4).await;
+    let mut after = number(&next(&client).await);
+    while after < 3 {
+        after = number(&next(&client).await); // what was pending from before the close
+    }
+    assert_eq!(after, 3, "the new session delivers");
+    client.close().await;
+}
+
 #[tokio::test]
 async fn a_server_without_acks_leaves_it_off() {
     let server = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;

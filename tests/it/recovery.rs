@@ -256,3 +256,59 @@ async fn a_failed_resubscription_is_reported_on_websocket() {
 async fn a_failed_resubscription_is_reported_on_long_polling() {
     a_failed_resubscription_is_reported(Peer::FayeLongPolling).await;
 }
+
+/// A channel refused with 403 while another flows: the refusal is that channel's error,
+/// never expired credentials: no re-authentication, so no socket reset (which dropped
+/// frames already received on websocket), and no gap in the other channel's sequence.
+async fn a_refused_channel_costs_nothing_else(peer: Peer) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "token").expect("write token");
+    let trigger = dir.path().join("deny");
+    std::fs::write(&trigger, "").expect("create trigger");
+    let server = peer
+        .start_with(FayeOptions {
+            extensions: vec![
+                ("token-auth".into(), json!({ "tokenFile": token_file })),
+                ("deny-subscribe".into(), json!({ "channel": "/refused", "triggerFile": trigger })),
+            ],
+            ..FayeOptions::default()
+        })
+        .await;
+    let renewals = std::sync::Arc::new(AtomicUsize::new(0));
+    let client = open(peer.options(&server).auth(FileToken::new(token_file.clone(), renewals.clone()))).await;
+    client.subscribe("/flowing").await.expect("subscribe /flowing");
+    let publisher = open(
+        peer.options(&server).auth(FileToken::new(token_file, std::sync::Arc::new(AtomicUsize::new(0)))),
+    )
+    .await;
+    let publishing = tokio::spawn(async move {
+        for n in 0..100u64 {
+            publisher.publish("/flowing", json!({ "n": n })).await.expect("publish");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    for _ in 0..10 {
+        let error = client.subscribe("/refused").await.expect_err("refused");
+        assert_eq!(error.as_server_error().and_then(|error| error.error_code()), Some(403), "{error}");
+    }
+    publishing.await.expect("publisher");
+    for n in 0..100u64 {
+        let message = next(&client).await.expect("the flowing channel's messages");
+        let data = message.data.map(Data::into_value).expect("data");
+        assert_eq!(data["n"], json!(n), "no gap in the sequence");
+    }
+    assert_eq!(renewals.load(Ordering::SeqCst), 0, "no re-authentication (nor socket reset)");
+    assert_eq!(client.subscriptions().into_iter().collect::<Vec<_>>(), vec!["/flowing".to_string()]);
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_refused_channel_costs_nothing_else_on_websocket() {
+    a_refused_channel_costs_nothing_else(Peer::FayeWebSocket).await;
+}
+
+#[tokio::test]
+async fn a_refused_channel_costs_nothing_else_on_long_polling() {
+    a_refused_channel_costs_nothing_else(Peer::FayeLongPolling).await;
+}

@@ -5,15 +5,16 @@
 //! start of the next chunk.
 //!
 //! It handles the shape servers send, a JSON array of messages. Anything else (a single
-//! object, malformed JSON) is handed whole to [`parse_payload`], which accepts the
-//! single object and names what is wrong with the rest, the same as for a payload
+//! object, malformed JSON, a message that does not fit) is handed whole to
+//! [`parse_received`], which accepts the single object, skips (and names) a message that
+//! does not fit, and names what is wrong with the rest, the same as for a payload
 //! received in one piece.
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use serde_json::value::RawValue;
 
-use super::{message_count_estimate, parse_payload};
+use super::{Received, message_count_estimate, parse_received};
 use crate::cometd::error::{Error, TransportErrorKind};
 use crate::cometd::message::{Data, Message, WireMessage};
 
@@ -42,7 +43,8 @@ enum Step {
     Advance(usize),
     /// The input ends inside a message: more is needed.
     Incomplete,
-    /// Not an array of messages (or not JSON): the whole payload goes to `parse_payload`.
+    /// Not an array of messages (or not JSON), or a message that does not fit: the whole
+    /// payload goes to `parse_received`.
     Other,
 }
 
@@ -125,10 +127,10 @@ impl ChunkedPayload {
 
     /// Every message, once the last chunk has been fed; or the error that names what is
     /// wrong with the payload.
-    pub(crate) fn finish(self) -> Result<Vec<Message>, Error> {
+    pub(crate) fn finish(self) -> Result<Received, Error> {
         match self.end() {
-            Ok(messages) => Ok(messages),
-            Err(whole) => parse_payload(whole),
+            Ok(messages) => Ok(Received { messages, rejected: Vec::new() }),
+            Err(whole) => parse_received(whole),
         }
     }
 
@@ -282,6 +284,7 @@ fn join(chunks: &[Bytes]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cometd::transport::parse_payload;
 
     /// The chunks parsed; a well-formed array must be read chunk by chunk, not handed to
     /// `parse_payload` whole (which would hide a mistake in the chunk-by-chunk reading).
@@ -382,7 +385,7 @@ mod tests {
         let mut parser = ChunkedPayload::new(None, usize::MAX).expect("no limit");
         parser.feed(first.clone()).expect("no limit");
         parser.feed(second.clone()).expect("no limit");
-        let messages = parser.finish().expect("parse");
+        let messages = parser.finish().expect("parse").messages;
         let data: Vec<Bytes> =
             messages.iter().filter_map(|m| m.data.as_ref().map(Data::json_bytes)).collect();
         assert_eq!(data.len(), 4);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 
 use super::chunked::ChunkedPayload;
-use super::{Shared, http_error, require_replies, sort_replies};
+use super::{Received, Shared, http_error, require_replies, sort_replies};
 use crate::cometd::error::{Error, TransportErrorKind};
 use crate::cometd::message::Message;
 
@@ -40,6 +40,10 @@ impl LongPolling {
             .await
             .map_err(http_error)?;
         let status = response.status();
+        if status.is_redirection() {
+            let location = response.headers().get(reqwest::header::LOCATION).map(|value| value.as_bytes());
+            return Err(Error::redirect(status.as_u16(), location));
+        }
         if !status.is_success() {
             return Err(Error::transport(TransportErrorKind::HttpStatus(status.as_u16())));
         }
@@ -52,11 +56,16 @@ impl LongPolling {
         while let Some(chunk) = response.chunk().await.map_err(http_error)? {
             parser.feed(chunk)?;
         }
-        let mut received = parser.finish()?;
+        let Received { messages: mut received, rejected } = parser.finish()?;
         shared.incoming(&mut received, Some(&response_headers)).await?;
         let (replies, events) = sort_replies(&payload, received);
-        // Events are the application's whatever happens to the replies.
+        // Events are the application's whatever happens to the replies; a message that did
+        // not fit is told after the events of its payload.
         shared.queue.extend(events);
-        require_replies(&payload, replies)
+        let replies = require_replies(&payload, replies, &rejected);
+        for error in rejected {
+            shared.queue.push(Err(error));
+        }
+        replies
     }
 }

@@ -50,7 +50,9 @@ impl Shared {
     fn build_http(&self) -> Result<reqwest::Client, Error> {
         let builder = reqwest::Client::builder()
             .tls_backend_preconfigured((*self.tls).clone())
-            .cookie_provider(self.jar.clone());
+            .cookie_provider(self.jar.clone())
+            // Never followed: configured headers and cookies would go to another host.
+            .redirect(reqwest::redirect::Policy::none());
         // reqwest reads the environment's proxies by itself.
         let builder = match &self.options.proxy {
             Proxy::FromEnvironment => builder,
@@ -201,9 +203,34 @@ impl Transport {
     }
 }
 
-/// Parses a received payload: a JSON array of messages (a single object is accepted too).
-/// Its UTF-8 is checked once, here; the messages' data are then slices of it.
+/// A received payload: the messages that fit, and an [`Error::BadMessage`] for each one
+/// that did not (empty unless the payload had such a message).
+#[derive(Debug)]
+pub(crate) struct Received {
+    pub(crate) messages: Vec<Message>,
+    pub(crate) rejected: Vec<Error>,
+}
+
+impl Received {
+    fn all(messages: Vec<Message>) -> Self {
+        Received { messages, rejected: Vec::new() }
+    }
+}
+
+/// Parses a received payload strictly: any message that does not fit fails it all. For
+/// the fuzz harness and tests; the transports use [`parse_received`].
 pub(crate) fn parse_payload(bytes: Bytes) -> Result<Vec<Message>, Error> {
+    let received = parse_received(bytes)?;
+    match received.rejected.into_iter().next() {
+        None => Ok(received.messages),
+        Some(error) => Err(Error::malformed(format!("not an array of Bayeux messages ({error})"))),
+    }
+}
+
+/// Parses a received payload: a JSON array of messages (a single object is accepted too).
+/// Its UTF-8 is checked once, here; the messages' data are then slices of it. A message
+/// that does not fit costs only itself (see [`one_by_one`]).
+pub(crate) fn parse_received(bytes: Bytes) -> Result<Received, Error> {
     match ByteString::try_from(bytes) {
         Ok(text) => parse_text(text),
         Err(error) => Err(Error::malformed(format!("not JSON ({error})"))),
@@ -211,24 +238,60 @@ pub(crate) fn parse_payload(bytes: Bytes) -> Result<Vec<Message>, Error> {
 }
 
 /// Parses a payload known to be UTF-8.
-fn parse_text(text: ByteString) -> Result<Vec<Message>, Error> {
+fn parse_text(text: ByteString) -> Result<Received, Error> {
     let capacity = message_count_estimate(text.as_bytes(), text.len());
     match messages_from(&text, capacity) {
-        Ok(messages) => Ok(messages),
-        Err(array_error) => match serde_json::from_str::<Message>(&text) {
-            Ok(message) => Ok(vec![message]),
-            Err(_) => {
-                let what = if text.is_empty() {
-                    "empty body".to_string()
-                } else if serde_json::from_str::<serde_json::Value>(&text).is_ok() {
-                    format!("not an array of Bayeux messages ({array_error})")
-                } else {
-                    format!("not JSON ({array_error})")
-                };
-                Err(Error::malformed(what))
+        Ok(messages) => Ok(Received::all(messages)),
+        Err(array_error) => {
+            if let Some(received) = one_by_one(&text) {
+                return Ok(received);
             }
-        },
+            match serde_json::from_str::<Message>(&text) {
+                Ok(message) => Ok(Received::all(vec![message])),
+                Err(_) => {
+                    let what = if text.is_empty() {
+                        "empty body".to_string()
+                    } else if serde_json::from_str::<serde_json::Value>(&text).is_ok() {
+                        format!("not an array of Bayeux messages ({array_error})")
+                    } else {
+                        format!("not JSON ({array_error})")
+                    };
+                    Err(Error::malformed(what))
+                }
+            }
+        }
     }
+}
+
+/// The longest channel name an error about a skipped message repeats.
+const REJECTED_CHANNEL_LIMIT: usize = 1024;
+
+/// A JSON array whose messages did not all parse, read again message by message (only
+/// then, so the usual payload is scanned once): each is a raw JSON value first (read
+/// without recursion, whatever its nesting), then a message, or an error naming its
+/// channel and why it does not fit. `None` if the payload is not a JSON array at all.
+fn one_by_one(text: &ByteString) -> Option<Received> {
+    let raws: Vec<&RawValue> = serde_json::from_str(text).ok()?;
+    let mut received = Received::all(Vec::with_capacity(raws.len()));
+    for raw in raws {
+        match serde_json::from_str::<WireMessage<&RawValue>>(raw.get()) {
+            Ok(wire) => received.messages.push(wire.into_message(|data| Data::shared(text, data))),
+            Err(error) => {
+                #[derive(serde::Deserialize)]
+                struct ChannelOnly {
+                    channel: Option<String>,
+                }
+                let channel = serde_json::from_str::<ChannelOnly>(raw.get())
+                    .ok()
+                    .and_then(|only| only.channel)
+                    .map(|channel| super::error::bounded(channel, REJECTED_CHANNEL_LIMIT));
+                let error = Error::BadMessage { channel, reason: error.to_string() };
+                tracing::warn!(error = %error, "skipping a message of the server's payload");
+                received.rejected.push(error);
+            }
+        }
+    }
+    Some(received)
 }
 
 /// About how many messages a payload of `len` bytes that starts with `start` holds, so
@@ -305,18 +368,21 @@ pub(crate) fn sort_replies(
     (replies, received)
 }
 
-/// Every request's reply, or a malformed-reply error naming the first one missing.
+/// Every request's reply, or a malformed-reply error naming the first one missing (and
+/// the first message of the payload that was skipped, which may have been it).
 pub(crate) fn require_replies(
     requests: &[Message],
     replies: Vec<Option<Message>>,
+    rejected: &[Error],
 ) -> Result<Vec<Message>, Error> {
     replies
         .into_iter()
         .zip(requests)
         .map(|(reply, request)| {
             reply.ok_or_else(|| {
+                let skipped = rejected.first().map(|error| format!("; {error}")).unwrap_or_default();
                 Error::malformed(format!(
-                    "no reply to {} (id {})",
+                    "no reply to {} (id {}){skipped}",
                     request.channel,
                     request.id.as_deref().unwrap_or("none")
                 ))
@@ -428,7 +494,7 @@ mod tests {
         assert_eq!(replies[1].as_ref().and_then(|m| m.successful), Some(true));
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].data.as_ref().map(Data::value), Some(json!(1)));
-        assert!(require_replies(&requests, replies).is_ok());
+        assert!(require_replies(&requests, replies, &[]).is_ok());
     }
 
     #[test]
@@ -452,14 +518,14 @@ mod tests {
         let order: Vec<serde_json::Value> =
             events.into_iter().filter_map(|event| event.data.map(Data::into_value)).collect();
         assert_eq!(order, [json!(1), json!(2), json!(3)]);
-        assert!(require_replies(&requests, replies).is_ok(), "every reply found");
+        assert!(require_replies(&requests, replies, &[]).is_ok(), "every reply found");
     }
 
     #[test]
     fn a_missing_reply_is_a_malformed_reply_error() {
         let requests = vec![message(json!({"channel": "/meta/connect", "id": "7"}))];
         let (replies, _) = sort_replies(&requests, Vec::new());
-        let error = require_replies(&requests, replies).expect_err("missing");
+        let error = require_replies(&requests, replies, &[]).expect_err("missing");
         assert_eq!(error.to_string(), "malformed reply from the server: no reply to /meta/connect (id 7)");
     }
 }

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{self, Message as Frame};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::coalesce::CoalescingStream;
-use super::{Shared, is_tls, parse_payload};
+use super::{Received, Shared, is_tls, parse_received};
 use crate::cometd::error::{Error, TransportErrorKind};
 use crate::cometd::message::{META_CONNECT, Message};
 
@@ -405,8 +405,8 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
         // Parsed in place: the frame's bytes are not copied, and the messages' data share
         // them. A text frame's UTF-8 was checked as it was read; that check cannot be
         // handed on, so it is made again, once for the whole frame.
-        let parsed = parse_payload(bytes);
-        let mut received = match parsed {
+        let parsed = parse_received(bytes);
+        let Received { messages: mut received, rejected } = match parsed {
             Ok(received) => received,
             Err(error) => {
                 tracing::warn!(error = %error, "malformed websocket frame; closing the socket");
@@ -428,6 +428,10 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
             })
             .collect();
         shared.queue.extend(events);
+        // A message that did not fit is told after the events of its frame.
+        for error in rejected {
+            shared.queue.push(Err(error));
+        }
     };
     waiting.fail_all(failure);
 }
@@ -506,6 +510,13 @@ async fn connect_through(
 const PROXY_ANSWER_LIMIT: usize = 16 * 1024;
 
 fn upgrade_error(error: tungstenite::Error) -> Error {
+    if let tungstenite::Error::Http(response) = &error
+        && response.status().is_redirection()
+    {
+        let location =
+            response.headers().get(tungstenite::http::header::LOCATION).map(|value| value.as_bytes());
+        return Error::redirect(response.status().as_u16(), location);
+    }
     let kind = match &error {
         tungstenite::Error::Http(_) | tungstenite::Error::Protocol(_) | tungstenite::Error::Url(_) => {
             TransportErrorKind::WebSocketUpgrade

@@ -13,6 +13,7 @@ pub mod nats;
 pub mod peer;
 pub mod process;
 pub mod scenario;
+pub mod scripted;
 pub mod tinyproxy;
 pub mod webhook;
 
