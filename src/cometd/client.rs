@@ -250,7 +250,7 @@ impl Client {
                         .shared
                         .options
                         .connection_timeout
-                        .map(|timeout| status.since.max(started) + timeout),
+                        .map(|timeout| super::session::deadline(status.since.max(started), timeout)),
                     _ => None,
                 }
             };
