@@ -2,8 +2,9 @@
 //! configuration needs (port 0 works, for tests); [`App::run_until`] runs the bridge until
 //! the shutdown future resolves, then stops it in order.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -14,6 +15,7 @@ use crate::bridge::BridgeError;
 use crate::bridge::{Bridge, Parts};
 use crate::config::{Config, NatsConfig, SinkConfig, StateBackend};
 use crate::reload::Reloader;
+use crate::sink::destination::WebhookClients;
 use crate::store::{EmbeddedStore, MemoryStore, NatsKvStore, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
@@ -55,6 +57,8 @@ pub struct App {
     store: Arc<dyn Store>,
     nats: Option<async_nats::Client>,
     metrics: Metrics,
+    /// Names the API's webhook client resolves without DNS (see [`App::resolve_posted_webhooks`]).
+    fixed_names: HashMap<String, Vec<IpAddr>>,
 }
 
 impl App {
@@ -90,7 +94,16 @@ impl App {
                 Arc::new(NatsKvStore::open(client, bucket).await?)
             }
         };
-        Ok(App { config, reload_from: None, hangups: None, listener, store, nats, metrics: Metrics::new() })
+        Ok(App {
+            config,
+            reload_from: None,
+            hangups: None,
+            listener,
+            store,
+            nats,
+            metrics: Metrics::new(),
+            fixed_names: HashMap::new(),
+        })
     }
 
     /// Makes the running bridge reloadable from the file at `path` (read with `env`), on
@@ -106,6 +119,14 @@ impl App {
         self
     }
 
+    /// Resolves `name` to `addresses` for webhooks posted through the API, instead of
+    /// asking DNS; the private-destination check still applies to them. For tests, which
+    /// cannot make a real name resolve to loopback; nothing in the configuration sets it.
+    pub fn resolve_posted_webhooks(mut self, name: &str, addresses: Vec<IpAddr>) -> Self {
+        self.fixed_names.insert(name.to_string(), addresses);
+        self
+    }
+
     /// The admin server's address.
     pub fn admin_address(&self) -> SocketAddr {
         self.listener.local_addr().expect("a bound listener has an address")
@@ -116,10 +137,7 @@ impl App {
     /// # Errors
     /// [`AppError`] when a source cannot be started or the admin server fails.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
-        // Redirects are never followed: a 3xx would turn a POST into a body-less GET.
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
+        let http = WebhookClients::build(self.config.admin.allow_private_webhooks, self.fixed_names)
             .map_err(|error| AppError::Nats(format!("HTTP client: {error}")))?;
         let token = self.config.admin.token.clone();
         let bridge = Bridge::start(Parts {

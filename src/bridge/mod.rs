@@ -30,6 +30,7 @@ use crate::config::{
     SubscriptionConfig,
 };
 use crate::delivery::Envelope;
+use crate::sink::destination::WebhookClients;
 use crate::sink::{NatsSink, RetryPolicy, Sink, WebhookSink};
 use crate::store::{DeadLetter, SpoolAppend, SpoolSummary, Store};
 use crate::telemetry::metrics::Metrics;
@@ -61,8 +62,8 @@ pub struct Parts {
     pub nats: Option<async_nats::Client>,
     /// Metrics.
     pub metrics: Metrics,
-    /// HTTP client for webhooks.
-    pub http: reqwest::Client,
+    /// HTTP clients for webhooks: the configuration's, and the API's (checked).
+    pub http: WebhookClients,
 }
 
 /// One source's session and routes.
@@ -95,7 +96,7 @@ pub struct Bridge {
     subscriptions: Registry,
     store: Arc<dyn Store>,
     nats: Option<async_nats::Client>,
-    http: reqwest::Client,
+    http: WebhookClients,
     metrics: Metrics,
     limit: Arc<SpoolLimit>,
     forwarders: TaskTracker,
@@ -304,9 +305,10 @@ impl Bridge {
                     nats_sink.payload,
                 )))
             }
-            SinkConfig::Webhook(webhook) => {
-                Sink::Webhook(WebhookSink::new(self.http.clone(), webhook.clone()))
-            }
+            SinkConfig::Webhook(webhook) => Sink::Webhook(match origin {
+                Origin::Config => WebhookSink::new(self.http.trusted.clone(), webhook.clone()),
+                Origin::Api => WebhookSink::posted(&self.http, webhook.clone()),
+            }),
         };
         let id: Arc<str> = config.id.as_str().into();
         let (spool, counters, summary) = match spooled {

@@ -609,44 +609,17 @@ fn retry_config(
 }
 
 /// What kind of address `url` names when it is one a webhook posted by a stranger must not
-/// reach: `loopback`, `link-local`, `private` (RFC 1918, CGNAT, IPv6 unique local) or
-/// `unspecified`. Host names other than `localhost` are not resolved.
+/// reach (see [`crate::sink::destination::private_address`]: loopback, link-local,
+/// private, unique-local, unspecified, and their IPv4-mapped, IPv4-compatible and NAT64
+/// forms). Host names other than `localhost` are not resolved here: the API's webhook
+/// client checks what they resolve to when it connects.
 pub fn private_destination(url: &reqwest::Url) -> Option<&'static str> {
-    use std::net::{IpAddr, Ipv4Addr};
-    fn v4(ip: Ipv4Addr) -> Option<&'static str> {
-        if ip.is_loopback() {
-            Some("loopback")
-        } else if ip.is_link_local() {
-            Some("link-local")
-        } else if ip.is_private() || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64) {
-            Some("private")
-        } else if ip.is_unspecified() || ip.is_broadcast() {
-            Some("unspecified")
-        } else {
-            None
-        }
-    }
     let host = url.host_str()?;
-    let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() else {
-        let name = host.trim_end_matches('.').to_ascii_lowercase();
-        return (name == "localhost" || name.ends_with(".localhost")).then_some("loopback");
-    };
-    match ip {
-        IpAddr::V4(ip) => v4(ip),
-        IpAddr::V6(ip) => {
-            if let Some(mapped) = ip.to_ipv4_mapped() {
-                v4(mapped)
-            } else if ip.is_loopback() {
-                Some("loopback")
-            } else if ip.is_unspecified() {
-                Some("unspecified")
-            } else if (ip.segments()[0] & 0xfe00) == 0xfc00 {
-                Some("private")
-            } else if (ip.segments()[0] & 0xffc0) == 0xfe80 {
-                Some("link-local")
-            } else {
-                None
-            }
+    match host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+        Ok(ip) => crate::sink::destination::private_address(ip),
+        Err(_) => {
+            let name = host.trim_end_matches('.').to_ascii_lowercase();
+            (name == "localhost" || name.ends_with(".localhost")).then_some("loopback")
         }
     }
 }

@@ -51,3 +51,100 @@ async fn an_endless_retry_after_is_capped_at_max_backoff() {
     assert_eq!(readyz.status(), 200, "{}", readyz.text().await.unwrap_or_default());
     app.stop().await;
 }
+
+/// A webhook body for `url` on `channel`.
+fn posted(id: &str, channel: &str, url: &str) -> Value {
+    json!({ "id": id, "source": "demo", "channel": channel, "sink": { "type": "webhook", "url": url } })
+}
+
+/// The port of the receiver's URL.
+fn port(receiver: &WebhookReceiver) -> u16 {
+    reqwest::Url::parse(&receiver.url()).expect("a URL").port().expect("a port")
+}
+
+#[tokio::test]
+async fn a_posted_host_name_resolving_to_loopback_is_refused_when_connecting() {
+    let faye = faye().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    // Private webhooks not allowed; the configuration's own webhook to 127.0.0.1 is trusted.
+    let configured = webhook("configured", "/trusted", &receiver.url());
+    let app = TestApp::spawn_resolving_to_loopback(
+        &format!("{}{configured}", source(&faye)),
+        "",
+        "ssrf-check.test",
+    )
+    .await;
+    app.wait_ready().await;
+    let url = format!("http://ssrf-check.test:{}/hook", port(&receiver));
+    let (status, created) =
+        app.call("POST", "/api/v1/subscriptions", Some(posted("sneaky", "/sneaky", &url))).await;
+    assert_eq!((status, created["state"].clone()), (201, json!("active")), "{created}");
+    publish(&faye, "/sneaky", json!("secret plans")).await;
+    let letters = app.wait_for_dead_letters(1).await;
+    let reason = letters[0]["reason"].as_str().expect("a reason");
+    assert!(
+        reason.contains("ssrf-check.test resolves to 127.0.0.1, a loopback address"),
+        "a clear reason: {reason}"
+    );
+    assert_eq!(letters[0]["subscription"], "sneaky");
+    publish(&faye, "/trusted", json!("from the file")).await;
+    let request = receiver.next().await;
+    assert_eq!(
+        request.json()["subscription"],
+        "configured",
+        "only the configured webhook reached the receiver"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn ipv6_forms_of_private_addresses_are_refused_when_posted() {
+    let faye = faye().await;
+    let app = TestApp::spawn_with_admin(&source(&faye), "").await;
+    for url in [
+        "http://[::ffff:127.0.0.1]:9/hook",
+        "http://[::127.0.0.1]:9/hook",
+        "http://[64:ff9b::7f00:1]:9/hook",
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",
+        "http://[fc00::1]/hook",
+        "http://[fe80::1]/hook",
+        "http://[::]:9/hook",
+        "http://[2002:7f00:1::1]/hook",
+        "http://0.0.0.0:9/hook",
+    ] {
+        let (status, answer) = app.call("POST", "/api/v1/subscriptions", Some(posted("p", "/p", url))).await;
+        assert_eq!(
+            (status, answer["error"].clone()),
+            (400, json!("forbidden_destination")),
+            "{url}: {answer}"
+        );
+    }
+    let (_, listed) = app.call("GET", "/api/v1/subscriptions", None).await;
+    assert_eq!(listed, json!([]), "nothing was stored");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_name_resolving_to_loopback_is_delivered_when_private_webhooks_are_allowed() {
+    let faye = faye().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    let app = TestApp::spawn_resolving_to_loopback(
+        &source(&faye),
+        "allow_private_webhooks = true\n",
+        "ssrf-check.test",
+    )
+    .await;
+    app.wait_ready().await;
+    let url = format!("http://ssrf-check.test:{}/hook", port(&receiver));
+    let (status, created) =
+        app.call("POST", "/api/v1/subscriptions", Some(posted("allowed", "/allowed", &url))).await;
+    assert_eq!((status, created["state"].clone()), (201, json!("active")), "{created}");
+    publish(&faye, "/allowed", json!("welcome")).await;
+    let request = receiver.next().await;
+    assert_eq!(
+        (request.json()["subscription"].clone(), request.json()["data"].clone()),
+        (json!("allowed"), json!("welcome"))
+    );
+    assert_eq!(app.dead_letters().await.len(), 0);
+    app.stop().await;
+}

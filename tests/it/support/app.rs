@@ -48,11 +48,26 @@ impl TestApp {
         Self::start(config, state).await
     }
 
+    /// [`TestApp::spawn_with_admin`], the API's webhook client resolving `name` to
+    /// 127.0.0.1 (as DNS would for a name an attacker controls).
+    pub async fn spawn_resolving_to_loopback(toml: &str, admin_keys: &str, name: &str) -> Self {
+        let state = tempfile::tempdir().expect("state dir");
+        let config = Self::config_with(toml, &state, admin_keys, "");
+        Self::start_resolving(config, state, Some(name)).await
+    }
+
     async fn start(config: Config, state: TempDir) -> Self {
+        Self::start_resolving(config, state, None).await
+    }
+
+    async fn start_resolving(config: Config, state: TempDir, loopback_name: Option<&str>) -> Self {
         let file = state.path().join("config.toml");
         let written = std::fs::read_to_string(&file).expect("the configuration file");
         let header = written[..written.find(HEADER_END).expect("the header") + HEADER_END.len()].to_string();
-        let app = App::build(config).await.expect("the app builds").reloadable(file, Env::new());
+        let mut app = App::build(config).await.expect("the app builds").reloadable(file, Env::new());
+        if let Some(name) = loopback_name {
+            app = app.resolve_posted_webhooks(name, vec![std::net::Ipv4Addr::LOCALHOST.into()]);
+        }
         let admin = app.admin_address();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
