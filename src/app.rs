@@ -140,6 +140,8 @@ impl App {
         let http = WebhookClients::build(self.config.admin.allow_private_webhooks, self.fixed_names)
             .map_err(|error| AppError::Nats(format!("HTTP client: {error}")))?;
         let token = self.config.admin.token.clone();
+        let allowed_hosts = self.config.admin.allowed_hosts.clone();
+        let address = self.listener.local_addr().map_err(AppError::Serve)?;
         let bridge = Bridge::start(Parts {
             config: self.config,
             store: self.store,
@@ -155,8 +157,14 @@ impl App {
         if let (Some(reloader), Some(hangups)) = (&reloader, self.hangups) {
             tokio::spawn(reload_on_hangup(reloader.clone(), hangups, admin_stop.clone()));
         }
-        let router =
-            admin::router(AdminState { bridge: bridge.clone(), metrics: self.metrics, token, reloader });
+        let hosts = token.is_none().then(|| Arc::new(admin::HostCheck::new(address, &allowed_hosts)));
+        let router = admin::router(AdminState {
+            bridge: bridge.clone(),
+            metrics: self.metrics,
+            token,
+            reloader,
+            hosts,
+        });
         let server = {
             let admin_stop = admin_stop.clone();
             tokio::spawn(async move {

@@ -4,6 +4,7 @@
 
 mod error;
 mod extract;
+mod origin;
 mod page;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use utoipa::OpenApi;
 pub use error::{ApiError, ErrorBody};
 pub use extract::ApiJson;
 pub(crate) use extract::body_from_value;
+pub use origin::HostCheck;
 
 use crate::bridge::{BacklogView, Bridge, Origin, ReloadReport, SourceView, SubscriptionView};
 use crate::cometd::ReplayPosition;
@@ -43,6 +45,8 @@ pub struct AdminState {
     pub token: Option<Secret>,
     /// Reloads the configuration file, when the bridge was started from one.
     pub reloader: Option<Arc<Reloader>>,
+    /// The `Host` and `Origin` check of a tokenless API (`None` with a token).
+    pub hosts: Option<Arc<HostCheck>>,
 }
 
 /// The OpenAPI document of the admin API.
@@ -100,6 +104,7 @@ pub fn router(state: AdminState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.hosts.clone(), origin::check_host_and_origin))
         .with_state(state)
 }
 
@@ -110,8 +115,9 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .unwrap_or_default();
+            .and_then(|value| value.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
         if !same_secret(presented, token.expose()) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,

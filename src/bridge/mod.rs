@@ -104,6 +104,8 @@ pub struct Bridge {
     stop_delivering: Stop,
     grace: std::sync::Mutex<Duration>,
     allow_private_webhooks: bool,
+    /// The most subscriptions the API lets exist (`admin.max_subscriptions`).
+    max_subscriptions: usize,
     /// What the sections a reload cannot change said at start.
     fingerprints: SectionFingerprints,
     /// One reload at a time.
@@ -131,6 +133,7 @@ impl Bridge {
             stop_delivering: Stop::default(),
             grace: std::sync::Mutex::new(config.bridge.shutdown_grace),
             allow_private_webhooks: config.admin.allow_private_webhooks,
+            max_subscriptions: config.admin.max_subscriptions,
             fingerprints: config.fingerprints.clone(),
             reloading: tokio::sync::Mutex::new(()),
         });
@@ -386,8 +389,12 @@ impl Bridge {
             config::validate_subscription(&raw, "", &names, &Env::new()).map_err(BridgeError::Invalid)?;
         let source =
             self.source(&config.source).ok_or_else(|| BridgeError::UnknownSource(config.source.clone()))?;
-        if !self.subscriptions.reserve(&config.id) {
-            return Err(BridgeError::Conflict(format!("a subscription with id {:?} exists", config.id)));
+        match self.subscriptions.reserve(&config.id, self.max_subscriptions) {
+            Ok(()) => {}
+            Err(registry::Refused::Taken) => {
+                return Err(BridgeError::Conflict(format!("a subscription with id {:?} exists", config.id)));
+            }
+            Err(registry::Refused::Full) => return Err(BridgeError::TooMany(self.max_subscriptions)),
         }
         let entry = match self.start_added(&raw, config, &source).await {
             Ok(entry) => entry,

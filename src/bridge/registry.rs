@@ -23,6 +23,15 @@ pub(super) struct SubscriptionEntry {
     pub(super) stop: Stop,
 }
 
+/// Why an id cannot be reserved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// A subscription of that id runs or is being added.
+    Taken,
+    /// As many subscriptions as allowed run or are being added.
+    Full,
+}
+
 #[derive(Default)]
 struct Entries {
     running: BTreeMap<String, SubscriptionEntry>,
@@ -40,10 +49,18 @@ impl Registry {
         self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Reserves `id` for a subscription being added; `false` when it is taken.
-    pub(super) fn reserve(&self, id: &str) -> bool {
+    /// Reserves `id` for a subscription being added, when it is free and fewer than
+    /// `limit` subscriptions run or are being added.
+    pub(super) fn reserve(&self, id: &str, limit: usize) -> Result<(), Refused> {
         let mut entries = self.lock();
-        !entries.running.contains_key(id) && entries.reserved.insert(id.to_string())
+        if entries.running.contains_key(id) || entries.reserved.contains(id) {
+            Err(Refused::Taken)
+        } else if entries.running.len() + entries.reserved.len() >= limit {
+            Err(Refused::Full)
+        } else {
+            entries.reserved.insert(id.to_string());
+            Ok(())
+        }
     }
 
     /// Gives up a reservation (the add failed).

@@ -28,6 +28,11 @@ pub enum BridgeError {
     /// The CometD server refused the subscription.
     #[error("the CometD server refused the subscription: {0}")]
     Upstream(Error),
+    /// As many subscriptions as `admin.max_subscriptions` allows exist.
+    #[error(
+        "there are {0} subscriptions, the most admin.max_subscriptions allows; remove one or raise the limit"
+    )]
+    TooMany(usize),
     /// A webhook posted through the API points at a loopback, link-local or private
     /// address.
     #[error("{0}")]

@@ -96,6 +96,11 @@ pub struct AdminConfig {
     pub allow_private_webhooks: bool,
     /// Whether the API may listen beyond loopback without a token.
     pub allow_unauthenticated: bool,
+    /// Host names a tokenless API answers to besides its address and `localhost`, lower
+    /// case, without port.
+    pub allowed_hosts: Vec<String>,
+    /// The most subscriptions the API lets exist (a POST past it is 409).
+    pub max_subscriptions: usize,
 }
 
 impl Config {

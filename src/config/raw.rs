@@ -45,6 +45,17 @@ pub struct RawAdmin {
     /// private addresses.
     #[serde(default)]
     pub allow_private_webhooks: bool,
+    /// Host names the API answers to without a token, besides its listen address and
+    /// `localhost` (a name it is reached by through a proxy or DNS).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// The most subscriptions (configured and posted) the API lets exist.
+    #[serde(default = "default_max_subscriptions")]
+    pub max_subscriptions: usize,
+}
+
+fn default_max_subscriptions() -> usize {
+    1000
 }
 
 impl Default for RawAdmin {
@@ -54,6 +65,8 @@ impl Default for RawAdmin {
             token: None,
             allow_unauthenticated: false,
             allow_private_webhooks: false,
+            allowed_hosts: Vec::new(),
+            max_subscriptions: default_max_subscriptions(),
         }
     }
 }

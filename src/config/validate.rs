@@ -97,6 +97,21 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         SocketAddr::from(([127, 0, 0, 1], 0))
     });
     let token = raw.admin.token.as_deref().and_then(|spec| check.secret("admin.token", spec));
+    let mut allowed_hosts = Vec::new();
+    for (index, host) in raw.admin.allowed_hosts.iter().enumerate() {
+        let name = host.trim().trim_end_matches('.').to_ascii_lowercase();
+        if name.is_empty() || name.contains(|c: char| c == '/' || c == ':' || c == '@' || c.is_whitespace()) {
+            check.problem(
+                format!("admin.allowed_hosts[{index}]"),
+                format!("{host:?} is not a host name like \"bridge.internal\" (no scheme, port or path)"),
+            );
+        } else {
+            allowed_hosts.push(name);
+        }
+    }
+    if raw.admin.max_subscriptions == 0 {
+        check.problem("admin.max_subscriptions", "must be at least 1");
+    }
     if token.as_ref().is_some_and(|token| token.expose().is_empty()) {
         check.problem("admin.token", "must not be empty");
     }
@@ -192,6 +207,8 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             token,
             allow_private_webhooks: raw.admin.allow_private_webhooks,
             allow_unauthenticated: raw.admin.allow_unauthenticated,
+            allowed_hosts,
+            max_subscriptions: raw.admin.max_subscriptions,
         },
         state: StateConfig { backend, path: PathBuf::from(&raw.state.path), spool_max_bytes },
         nats,

@@ -148,3 +148,133 @@ async fn a_name_resolving_to_loopback_is_delivered_when_private_webhooks_are_all
     assert_eq!(app.dead_letters().await.len(), 0);
     app.stop().await;
 }
+
+/// Every route that changes something, with a body where it takes one.
+fn changing_routes() -> Vec<(&'static str, &'static str, Option<Value>)> {
+    vec![
+        ("POST", "/api/v1/subscriptions", Some(posted("evil", "/**", "https://hooks.example.com/x"))),
+        ("DELETE", "/api/v1/subscriptions/kept", None),
+        ("POST", "/api/v1/subscriptions/kept/position", Some(json!({ "replay_from": "all" }))),
+        ("POST", "/api/v1/dead-letters/none/retry", None),
+        ("DELETE", "/api/v1/dead-letters/none", None),
+        ("POST", "/api/v1/reload", None),
+    ]
+}
+
+/// Calls `path` with these `Host` and `Origin` headers; the status and the error code.
+async fn call_as(
+    app: &TestApp,
+    (method, path, body): &(&str, &str, Option<Value>),
+    host: Option<&str>,
+    origin: Option<&str>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let client = crate::support::http_client();
+    let mut request = client.request(method.parse().expect("method"), app.url(path));
+    if let Some(body) = body {
+        request = request.header("content-type", "application/json").body(body.to_string());
+    }
+    for (name, value) in [("host", host), ("origin", origin)] {
+        if let Some(value) = value {
+            request = request.header(name, value);
+        }
+    }
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("the admin server answers");
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("a body");
+    let body = serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null);
+    (status, body["error"].clone())
+}
+
+#[tokio::test]
+async fn a_tokenless_api_serves_only_its_own_host_and_origin() {
+    let faye = faye().await;
+    let receiver = WebhookReceiver::start([]).await;
+    let app =
+        TestApp::spawn(&format!("{}{}", source(&faye), webhook("kept", "/kept", &receiver.url()))).await;
+    app.wait_ready().await;
+    let own_host = app.admin.to_string();
+    let own_origin = format!("http://{own_host}");
+    for route in changing_routes() {
+        let (status, error) =
+            call_as(&app, &route, Some("evil.example"), Some("https://evil.example"), None).await;
+        assert_eq!((status, error), (421, json!("misdirected_request")), "{route:?}");
+        let (status, error) = call_as(&app, &route, Some("evil.example:80"), None, None).await;
+        assert_eq!((status, error), (421, json!("misdirected_request")), "{route:?}");
+        let (status, error) = call_as(&app, &route, None, Some("https://evil.example"), None).await;
+        assert_eq!((status, error), (403, json!("forbidden_origin")), "{route:?}");
+        let (status, error) = call_as(&app, &route, None, Some("null"), None).await;
+        assert_eq!((status, error), (403, json!("forbidden_origin")), "{route:?}");
+    }
+    // Reading stays possible from its own names; nothing was changed.
+    let port = app.admin.port();
+    for host in [own_host.clone(), format!("localhost:{port}"), format!("[::1]:{port}")] {
+        let list = ("GET", "/api/v1/subscriptions", None);
+        assert_eq!(call_as(&app, &list, Some(&host), None, None).await.0, 200, "{host}");
+    }
+    let (_, listed) = app.call("GET", "/api/v1/subscriptions", None).await;
+    let ids: Vec<&str> = listed.as_array().expect("array").iter().filter_map(|s| s["id"].as_str()).collect();
+    assert_eq!(ids, ["kept"], "nothing was added or removed");
+    // Its own origin may change things (the status page does).
+    let reload = ("POST", "/api/v1/reload", None);
+    assert_eq!(call_as(&app, &reload, Some(&own_host), Some(&own_origin), None).await.0, 200);
+    let page = crate::support::http_client().get(app.url("/")).header("host", "evil.example").send().await;
+    assert_eq!(page.expect("answers").status(), 421, "the status page too");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn allowed_hosts_are_served_and_a_token_keeps_todays_behaviour() {
+    let faye = faye().await;
+    let app = TestApp::spawn_with_admin(&source(&faye), "allowed_hosts = [\"bridge.internal\"]\n").await;
+    let list = ("GET", "/api/v1/subscriptions", None);
+    assert_eq!(call_as(&app, &list, Some("bridge.internal"), None, None).await.0, 200);
+    assert_eq!(call_as(&app, &list, Some("other.internal"), None, None).await.0, 421);
+    app.stop().await;
+
+    let app = TestApp::spawn_in(&source(&faye), tempfile::tempdir().expect("dir"), Some("t0ken")).await;
+    let reload = ("POST", "/api/v1/reload", None);
+    let (status, _) =
+        call_as(&app, &reload, Some("evil.example"), Some("https://evil.example"), Some("t0ken")).await;
+    assert_eq!(status, 200, "the token protects");
+    let (status, _) = call_as(&app, &reload, Some("evil.example"), None, None).await;
+    assert_eq!(status, 401);
+    let (status, _) = call_as(&app, &list, None, None, None).await;
+    assert_eq!(status, 401);
+    let lower = crate::support::http_client()
+        .get(app.url("/api/v1/subscriptions"))
+        .header("authorization", "bearer t0ken")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(lower.status(), 200, "the scheme is case-insensitive");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_api_adds_no_more_than_max_subscriptions() {
+    let faye = faye().await;
+    let receiver = WebhookReceiver::start([]).await;
+    let configured = webhook("configured", "/one", &receiver.url());
+    let app = TestApp::spawn_with_admin(
+        &format!("{}{configured}", source(&faye)),
+        "allow_private_webhooks = true\nmax_subscriptions = 2\n",
+    )
+    .await;
+    let second = posted("second", "/two", &receiver.url());
+    assert_eq!(app.call("POST", "/api/v1/subscriptions", Some(second.clone())).await.0, 201);
+    let (status, error) =
+        app.call("POST", "/api/v1/subscriptions", Some(posted("third", "/three", &receiver.url()))).await;
+    assert_eq!((status, error["error"].clone()), (409, json!("too_many_subscriptions")), "{error}");
+    assert!(error["message"].as_str().unwrap_or_default().contains("admin.max_subscriptions"), "{error}");
+    assert_eq!(app.call("GET", "/api/v1/subscriptions/third", None).await.0, 404, "nothing stored");
+    assert_eq!(app.call("DELETE", "/api/v1/subscriptions/second", None).await.0, 204);
+    assert_eq!(
+        app.call("POST", "/api/v1/subscriptions", Some(posted("third", "/three", &receiver.url()))).await.0,
+        201
+    );
+    app.stop().await;
+}
