@@ -426,7 +426,8 @@ impl Bridge {
             && let Some(kind) = config::private_destination(&parsed)
         {
             return Err(BridgeError::Forbidden(format!(
-                "sink.url: {url:?} is a {kind} address; webhooks posted through the API may not target it (set admin.allow_private_webhooks = true to allow it)"
+                "sink.url: {:?} is a {kind} address; webhooks posted through the API may not target it (set admin.allow_private_webhooks = true to allow it)",
+                crate::redact::mask_url(url)
             )));
         }
         Ok(())
@@ -556,8 +557,11 @@ impl Bridge {
             status.state == SessionState::Connected && status.subscriptions.contains(config.channel.as_str())
         });
         let mut sink = config.raw.sink.clone();
-        if let RawSink::Webhook { secret: Some(secret), .. } = &mut sink {
-            *secret = "***".into();
+        if let RawSink::Webhook { url, secret, .. } = &mut sink {
+            *url = crate::redact::mask_url(url);
+            if let Some(secret) = secret {
+                *secret = "***".into();
+            }
         }
         SubscriptionView {
             id: config.id.clone(),
@@ -627,7 +631,7 @@ impl Bridge {
                 let status = source.client.status();
                 SourceView {
                     name: source.config.name.clone(),
-                    url: source.config.url.clone(),
+                    url: crate::redact::mask_url(&source.config.url),
                     state: match status.state {
                         SessionState::Connected => "connected",
                         SessionState::Unconnected
@@ -637,7 +641,7 @@ impl Bridge {
                     },
                     connection_type: status.connection_type.map(|kind| kind.as_str()),
                     client_id: status.client_id,
-                    last_error: status.last_error,
+                    last_error: status.last_error.map(|error| crate::redact::mask_urls_in(&error)),
                     subscriptions: status.subscriptions.into_iter().collect(),
                 }
             })

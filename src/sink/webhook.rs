@@ -146,10 +146,13 @@ impl WebhookSink {
                 Err(Failure::permanent("private_destination", format!("refused: {refused}")))
             }
             Err(error) => {
-                let chain = crate::telemetry::error_chain(&error);
+                // reqwest's text quotes the URL, credentials and all: the reason goes to logs,
+                // dead letters and the API.
+                let connect = error.is_connect();
+                let chain = crate::redact::mask_urls_in(&crate::telemetry::error_chain(&error.without_url()));
                 if chain.contains("certificate") || chain.contains("tls") || chain.contains("TLS") {
                     Err(Failure::transient("tls", format!("TLS failed: {chain}")))
-                } else if error.is_connect() {
+                } else if connect {
                     Err(Failure::transient("connect", format!("connection failed: {chain}")))
                 } else {
                     Err(Failure::transient("request", format!("request failed: {chain}")))

@@ -278,3 +278,41 @@ async fn the_api_adds_no_more_than_max_subscriptions() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn credentials_in_webhook_urls_are_masked_in_answers_and_dead_letters() {
+    let faye = faye().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    let app = TestApp::spawn(&source(&faye)).await;
+    app.wait_ready().await;
+    let secret_url = format!("http://user:hunter2@127.0.0.1:{}/hook?token=tok3n&page=2", port(&receiver));
+    let masked_url = format!("http://***:***@127.0.0.1:{}/hook?token=***&page=2", port(&receiver));
+    let (status, created) =
+        app.call("POST", "/api/v1/subscriptions", Some(posted("masked", "/masked", &secret_url))).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["sink"]["url"], json!(masked_url));
+    let (_, listed) = app.call("GET", "/api/v1/subscriptions", None).await;
+    assert_eq!(listed[0]["sink"]["url"], json!(masked_url));
+    let (_, one) = app.call("GET", "/api/v1/subscriptions/masked", None).await;
+    assert_eq!(one["sink"]["url"], json!(masked_url));
+    // The real URL is still the one posted to.
+    publish(&faye, "/masked", json!("hello")).await;
+    let request = receiver.next().await;
+    assert_eq!(request.json()["data"], "hello");
+
+    // A webhook nobody listens on: reqwest's error names the URL; the reason must not.
+    let closed =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
+    let closed_url = format!("http://user:hunter2@127.0.0.1:{closed}/hook?api_key=k3y");
+    let mut body = posted("closed", "/closed", &closed_url);
+    body["retry"] = json!({ "max_elapsed": "500ms", "max_backoff": "100ms" });
+    assert_eq!(app.call("POST", "/api/v1/subscriptions", Some(body)).await.0, 201);
+    publish(&faye, "/closed", json!("lost")).await;
+    let letters = app.wait_for_dead_letters(1).await;
+    let reason = letters[0]["reason"].as_str().expect("a reason");
+    assert!(reason.contains("connection failed"), "{reason}");
+    for secret in ["hunter2", "k3y", "user"] {
+        assert!(!reason.contains(secret), "{secret} in {reason}");
+    }
+    app.stop().await;
+}
