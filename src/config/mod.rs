@@ -2,6 +2,7 @@
 //! `COMETD_BRIDGE__SECTION__KEY` environment overrides, parsed strictly, then validated
 //! into domain types with **every** problem reported under its key.
 
+mod paths;
 mod raw;
 mod validate;
 mod yaml;
@@ -12,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use paths::deserialize_named;
 pub use raw::{RawConfig, RawNats, RawRetry, RawSink, RawSubscription};
 // The sinks own their settings; the configuration builds them.
 pub use crate::secret::Secret;
@@ -460,13 +462,12 @@ pub(crate) fn parse_text(
         .build()
         .map_err(|error| one(format!("{origin}: {error}")))?;
     let mut unknown = Vec::new();
-    let raw: Result<RawConfig, _> =
-        serde_ignored::deserialize(settings, |path| unknown.push(key_path(&path)));
+    let raw: Result<RawConfig, _> = paths::deserialize_named(settings, |key| unknown.push(key));
     problems.extend(unknown.into_iter().map(|key| Problem::new(key, "unknown key")));
     match raw {
         Ok(raw) => Ok((raw, problems)),
-        Err(error) => {
-            problems.insert(0, Problem::new("", dotted_keys(&error.to_string())));
+        Err(problem) => {
+            problems.insert(0, Problem { message: dotted_keys(&problem.message), ..problem });
             Err(problems.into())
         }
     }
@@ -563,6 +564,41 @@ mod tests {
                 "{problems:?}"
             );
             assert_eq!(problems[2], "admin.bogus: unknown key");
+        }
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_with_its_path() {
+        let subscription = |fields: &str| {
+            format!(
+                "[[sources]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/\"\n[[subscriptions]]\nid = \"a\"\nsource = \"s\"\n{fields}"
+            )
+        };
+        for (fields, expected) in [
+            (
+                "channel = [42]\nsink = { type = \"webhook\", url = \"http://h.example/\" }\n",
+                "subscriptions[0].channel: invalid type: sequence, expected a string",
+            ),
+            (
+                "channel = \"/c\"\nsink = { type = \"webhook\", url = \"http://h.example/\", colour = \"red\" }\n",
+                "subscriptions[0].sink.colour: unknown key",
+            ),
+            (
+                "channel = \"/c\"\nsink = { type = \"webhook\", url = 42 }\n",
+                "subscriptions[0].sink.url: invalid type: integer `42`, expected a string",
+            ),
+            (
+                "channel = \"/c\"\nsink = { type = \"nats\", subject = \"s\", jetstream = [true] }\n",
+                "subscriptions[0].sink.jetstream: invalid type: sequence, expected a boolean",
+            ),
+            (
+                "channel = \"/c\"\nsink = { type = \"carrier-pigeon\" }\n",
+                "subscriptions[0].sink: unknown variant",
+            ),
+        ] {
+            let problems = parse_text(&subscription(fields), Format::Toml, "test", &Env::new());
+            let Err(ConfigError::Invalid { problems }) = problems else { panic!("{fields}: refused") };
+            assert!(problems[0].to_string().starts_with(expected), "{fields}: {problems:?}");
         }
     }
 
