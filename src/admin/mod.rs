@@ -4,6 +4,7 @@
 
 mod error;
 mod extract;
+mod limits;
 mod origin;
 mod page;
 
@@ -105,29 +106,29 @@ pub fn router(state: AdminState) -> Router {
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.hosts.clone(), origin::check_host_and_origin))
+        .layer(limits::limits(limits::REQUEST_TIMEOUT, limits::MAX_CONCURRENT_REQUESTS))
         .with_state(state)
 }
 
 /// Checks `Authorization: Bearer <token>` when a token is configured, in constant time.
 async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.token {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map_or("", |(_, token)| token.trim());
-        if !same_secret(presented, token.expose()) {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid bearer token is required",
-            )
+    if state.token.is_some() && !presents_token(&state, request.headers()) {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
             .into_response();
-        }
     }
     next.run(request).await
+}
+
+/// Whether `headers` carry the configured token (`Bearer`, in any case); `false` without one.
+fn presents_token(state: &AdminState, headers: &axum::http::HeaderMap) -> bool {
+    let Some(token) = &state.token else { return false };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
+    same_secret(presented, token.expose())
 }
 
 /// Compares the SHA-256 digests of both strings without an early exit, so the time taken
@@ -165,16 +166,23 @@ async fn healthz() -> Response {
 /// Every source connected and subscribed, and NATS connected when used.
 #[utoipa::path(get, path = "/readyz", responses(
     (status = 200, description = "Ready"),
-    (status = 503, description = "Not ready, with the reasons")
+    (status = 503, description = "Not ready, with the reasons: in general terms, or in detail with the token")
 ))]
-async fn readyz(State(state): State<AdminState>) -> Response {
+async fn readyz(State(state): State<AdminState>, headers: axum::http::HeaderMap) -> Response {
     let reasons = state.bridge.unready_reasons();
     if reasons.is_empty() {
-        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "reasons": reasons })))
-            .into_response()
+        return (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response();
     }
+    // The details (source names, channels, errors, panic texts) are for the token holder;
+    // without a token configured, the API is open to whoever reaches it anyway.
+    let reasons: Vec<String> = if state.token.is_none() || presents_token(&state, &headers) {
+        reasons.into_iter().map(|reason| reason.detail).collect()
+    } else {
+        let general: std::collections::BTreeSet<&str> = reasons.iter().map(|reason| reason.general).collect();
+        general.into_iter().map(String::from).collect()
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "reasons": reasons })))
+        .into_response()
 }
 
 /// Prometheus metrics.

@@ -39,7 +39,8 @@ use registry::{Registry, SubscriptionEntry};
 use replay::{ReplayState, SourcePositions};
 use source::{Route, Routes, Source, Spooler};
 use spool::{Spool, SpoolLimit, Spooled};
-pub use views::{BacklogView, BridgeError, Origin, ReloadReport, SourceView, SubscriptionView};
+use views::TASK_FAILED;
+pub use views::{BacklogView, BridgeError, Origin, ReloadReport, SourceView, SubscriptionView, Unready};
 
 /// How long removing a subscription waits for its delivery in flight.
 const REMOVE_WAIT: Duration = Duration::from_secs(5);
@@ -726,25 +727,26 @@ impl Bridge {
 
     /// Why the bridge is not ready: a source not connected or not subscribed, NATS not
     /// connected. Empty when ready.
-    pub fn unready_reasons(&self) -> Vec<String> {
+    pub fn unready_reasons(&self) -> Vec<Unready> {
         let mut reasons = Vec::new();
         for source in self.source_list() {
             if let Some(reason) = source.health.unready_reason() {
-                reasons.push(format!("source {}'s task {reason}", source.name));
+                reasons.push(Unready::new(TASK_FAILED, format!("source {}'s task {reason}", source.name)));
             }
             let status = source.client.status();
             if status.state != SessionState::Connected {
                 let mut reason =
                     format!("source {} is {}", source.name, format!("{:?}", status.state).to_lowercase());
                 if let Some(error) = status.last_error {
-                    reason.push_str(&format!(": {error}"));
+                    reason.push_str(&format!(": {}", crate::redact::mask_urls_in(&error)));
                 }
-                reasons.push(reason);
+                reasons.push(Unready::new("a source is not connected", reason));
                 continue;
             }
             for route in source.routes().snapshot().iter() {
                 if !status.subscriptions.contains(route.pattern.as_str()) {
-                    reasons.push(format!("source {} is not subscribed to {}", source.name, route.pattern));
+                    let reason = format!("source {} is not subscribed to {}", source.name, route.pattern);
+                    reasons.push(Unready::new("a source is not subscribed to every channel", reason));
                 }
             }
         }
@@ -752,13 +754,13 @@ impl Bridge {
             self.subscriptions.all(|entry| (entry.config.id.clone(), entry.counters.health.unready_reason()));
         for (id, reason) in forwarders {
             if let Some(reason) = reason {
-                reasons.push(format!("subscription {id}'s forwarder {reason}"));
+                reasons.push(Unready::new(TASK_FAILED, format!("subscription {id}'s forwarder {reason}")));
             }
         }
         if let Some(nats) = &self.nats
             && nats.connection_state() != async_nats::connection::State::Connected
         {
-            reasons.push("NATS is not connected".into());
+            reasons.push(Unready::new("NATS is not connected", "NATS is not connected".into()));
         }
         reasons
     }

@@ -145,3 +145,22 @@ impl From<spool::Backlog> for BacklogView {
         }
     }
 }
+
+/// One reason the bridge is not ready: in general terms, for anyone who can reach
+/// `/readyz`, and in detail (names, channels, errors, panic texts), for the token holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unready {
+    /// What kind of thing is wrong, naming nothing (`a source is not connected`).
+    pub general: &'static str,
+    /// What exactly.
+    pub detail: String,
+}
+
+impl Unready {
+    pub(super) fn new(general: &'static str, detail: String) -> Self {
+        Unready { general, detail }
+    }
+}
+
+/// The general reason of a task that failed recently.
+pub(super) const TASK_FAILED: &str = "a task failed in the last minute and was restarted";

@@ -316,3 +316,24 @@ async fn credentials_in_webhook_urls_are_masked_in_answers_and_dead_letters() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn readyz_without_the_token_says_why_in_general_terms_only() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
+    let toml = format!(
+        "[[sources]]\nname = \"secret-source\"\nurl = \"http://127.0.0.1:{closed}/bayeux?token=tok3n\"\n[[subscriptions]]\nid = \"hidden-id\"\nsource = \"secret-source\"\nchannel = \"/hidden/channel\"\nsink = {{ type = \"webhook\", url = \"http://127.0.0.1:9/hook\" }}\n"
+    );
+    let app = TestApp::spawn_in(&toml, tempfile::tempdir().expect("dir"), Some("t0ken")).await;
+    let client = crate::support::http_client();
+    let anonymous = client.get(app.url("/readyz")).send().await.expect("readyz");
+    assert_eq!(anonymous.status(), 503);
+    let anonymous: Value = serde_json::from_slice(&anonymous.bytes().await.expect("body")).expect("JSON");
+    assert_eq!(anonymous, json!({ "status": "not ready", "reasons": ["a source is not connected"] }));
+    let detailed = client.get(app.url("/readyz")).bearer_auth("t0ken").send().await.expect("readyz");
+    assert_eq!(detailed.status(), 503);
+    let detailed: Value = serde_json::from_slice(&detailed.bytes().await.expect("body")).expect("JSON");
+    let reasons = detailed["reasons"].to_string();
+    assert!(reasons.contains("source secret-source is"), "the details with the token: {reasons}");
+    assert!(!reasons.contains("tok3n"), "credentials masked even then: {reasons}");
+    app.stop().await;
+}
