@@ -107,6 +107,8 @@ pub struct Bridge {
     allow_private_webhooks: bool,
     /// The most subscriptions the API lets exist (`admin.max_subscriptions`).
     max_subscriptions: usize,
+    /// The subject prefix the NATS state backend keeps, which no sink may publish under.
+    reserved_subjects: Option<String>,
     /// What the sections a reload cannot change said at start.
     fingerprints: SectionFingerprints,
     /// One reload at a time.
@@ -135,6 +137,7 @@ impl Bridge {
             grace: std::sync::Mutex::new(config.bridge.shutdown_grace),
             allow_private_webhooks: config.admin.allow_private_webhooks,
             max_subscriptions: config.admin.max_subscriptions,
+            reserved_subjects: config::reserved_subject_prefix(&config.state.backend),
             fingerprints: config.fingerprints.clone(),
             reloading: tokio::sync::Mutex::new(()),
         });
@@ -302,12 +305,10 @@ impl Bridge {
                 let nats = self.nats.clone().ok_or_else(|| {
                     BridgeError::Unavailable("the bridge has no NATS connection: add a [nats] section to the configuration and restart it".into())
                 })?;
-                Sink::Nats(Box::new(NatsSink::new(
-                    nats,
-                    nats_sink.subject.clone(),
-                    nats_sink.jetstream,
-                    nats_sink.payload,
-                )))
+                Sink::Nats(Box::new(
+                    NatsSink::new(nats, nats_sink.subject.clone(), nats_sink.jetstream, nats_sink.payload)
+                        .reserving(self.reserved_subjects.clone()),
+                ))
             }
             SinkConfig::Webhook(webhook) => Sink::Webhook(match origin {
                 Origin::Config => WebhookSink::new(self.http.trusted.clone(), webhook.clone()),
@@ -388,6 +389,11 @@ impl Bridge {
         names.insert(raw.source.clone());
         let config =
             config::validate_subscription(&raw, "", &names, &Env::new()).map_err(BridgeError::Invalid)?;
+        if let Some(prefix) = &self.reserved_subjects
+            && let Some(problem) = config::reserved_subject_problem(&config, prefix, "")
+        {
+            return Err(BridgeError::Invalid(vec![problem]));
+        }
         let source =
             self.source(&config.source).ok_or_else(|| BridgeError::UnknownSource(config.source.clone()))?;
         match self.subscriptions.reserve(&config.id, self.max_subscriptions) {

@@ -19,7 +19,10 @@ pub use raw::{RawConfig, RawNats, RawRetry, RawSink, RawSubscription};
 pub use crate::secret::Secret;
 pub use crate::sink::RetryConfig;
 pub use crate::sink::settings::{NatsSinkConfig, Payload, SinkConfig, WebhookSinkConfig};
-pub use validate::{parse_replay_from, private_destination, validate, validate_subscription};
+pub use validate::{
+    parse_replay_from, private_destination, reserved_subject_prefix, reserved_subject_problem, validate,
+    validate_subscription,
+};
 
 use crate::cometd::{
     ChannelPattern, ClientOptions, ConnectionType, Proxy, ReadCoalescing, ReplayFallback, ReplayPosition,

@@ -180,7 +180,14 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             );
         }
         match validate_subscription(subscription, &key, &names, env) {
-            Ok(subscription) => subscriptions.push(subscription),
+            Ok(subscription) => {
+                if let Some(prefix) = reserved_subject_prefix(&backend)
+                    && let Some(problem) = reserved_subject_problem(&subscription, &prefix, &key)
+                {
+                    check.problems.push(problem);
+                }
+                subscriptions.push(subscription);
+            }
             Err(problems) => check.problems.extend(problems),
         }
     }
@@ -623,6 +630,35 @@ fn retry_config(
         }
     }
     RetryConfig { max_elapsed, max_backoff, max_attempts }
+}
+
+/// The prefix of the subjects the NATS state backend keeps its spools under
+/// (`<state.bucket>.`), which no sink subject may start with; `None` on other backends.
+pub fn reserved_subject_prefix(backend: &StateBackend) -> Option<String> {
+    match backend {
+        StateBackend::NatsKv { bucket } => Some(format!("{bucket}.")),
+        StateBackend::Embedded | StateBackend::Memory => None,
+    }
+}
+
+/// The problem of a NATS sink whose subjects all start with the state's reserved prefix
+/// (a message could append forged records to a spool); `key` names the subscription.
+pub fn reserved_subject_problem(
+    subscription: &SubscriptionConfig,
+    prefix: &str,
+    key: &str,
+) -> Option<Problem> {
+    let SinkConfig::Nats(nats) = &subscription.sink else { return None };
+    nats.subject.always_starts_with(prefix).then(|| {
+        let field = if key.is_empty() { "sink.subject".to_string() } else { format!("{key}.sink.subject") };
+        Problem::new(
+            field,
+            format!(
+                "{:?} starts with {prefix:?}, where the state backend keeps the spools (state.bucket)",
+                nats.subject.to_string()
+            ),
+        )
+    })
 }
 
 /// What kind of address `url` names when it is one a webhook posted by a stranger must not

@@ -319,7 +319,8 @@ async fn credentials_in_webhook_urls_are_masked_in_answers_and_dead_letters() {
 
 #[tokio::test]
 async fn readyz_without_the_token_says_why_in_general_terms_only() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
+    let closed =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
     let toml = format!(
         "[[sources]]\nname = \"secret-source\"\nurl = \"http://127.0.0.1:{closed}/bayeux?token=tok3n\"\n[[subscriptions]]\nid = \"hidden-id\"\nsource = \"secret-source\"\nchannel = \"/hidden/channel\"\nsink = {{ type = \"webhook\", url = \"http://127.0.0.1:9/hook\" }}\n"
     );
@@ -336,4 +337,60 @@ async fn readyz_without_the_token_says_why_in_general_terms_only() {
     assert!(reasons.contains("source secret-source is"), "the details with the token: {reasons}");
     assert!(!reasons.contains("tok3n"), "credentials masked even then: {reasons}");
     app.stop().await;
+}
+
+#[tokio::test]
+async fn the_state_buckets_subjects_are_reserved_for_its_spools() {
+    let faye = faye().await;
+    let nats = crate::support::nats::NatsServer::start().await;
+    let toml = format!("[nats]\nurl = \"{}\"\n{}", nats.url(), source(&faye));
+    let state_keys = "backend = \"nats\"\nbucket = \"bridge\"\n";
+    let app = TestApp::spawn_with_state(&toml, tempfile::tempdir().expect("dir"), None, state_keys).await;
+    app.wait_ready().await;
+    let nats_body = |id: &str, channel: &str, subject: &str| json!({ "id": id, "source": "demo", "channel": channel, "sink": { "type": "nats", "subject": subject } });
+    for subject in ["bridge.spool.766963746966", "bridge.{channel}"] {
+        let (status, answer) =
+            app.call("POST", "/api/v1/subscriptions", Some(nats_body("forged", "/x", subject))).await;
+        assert_eq!(status, 400, "{subject}: {answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(message.contains("sink.subject") && message.contains("state.bucket"), "{message}");
+    }
+    // A subject only a publisher's channel makes reserved: refused when it renders.
+    let (status, answer) =
+        app.call("POST", "/api/v1/subscriptions", Some(nats_body("forger", "/bridge/**", "{channel}"))).await;
+    assert_eq!(status, 201, "{answer}");
+    let mut spools =
+        async_nats::connect(nats.url()).await.expect("connect").subscribe("bridge.>").await.expect("sub");
+    publish(&faye, "/bridge/spool/766963746966", json!({ "forged": "record" })).await;
+    let letters = app.wait_for_dead_letters(1).await;
+    let reason = letters[0]["reason"].as_str().expect("a reason");
+    assert!(reason.contains("\"bridge.\"") && reason.contains("keeps its state"), "{reason}");
+    // Nothing was published under the bucket's prefix but the bridge's own spool records.
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(200), futures_util::StreamExt::next(&mut spools)).await
+    {
+        assert!(
+            !String::from_utf8_lossy(&message.payload).starts_with("{\"forged\""),
+            "a forged record: {message:?}"
+        );
+    }
+    app.stop().await;
+
+    // The configuration file is checked the same way.
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("bridge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[state]\nbackend = \"nats\"\nbucket = \"bridge\"\n{toml}[[subscriptions]]\nid = \"s\"\nsource = \"demo\"\nchannel = \"/x\"\nsink = {{ type = \"nats\", subject = \"bridge.spool.73\" }}\n"
+        ),
+    )
+    .expect("write");
+    let error = cometd_bridge::config::load(&file, &cometd_bridge::config::Env::new()).expect_err("refused");
+    assert!(
+        error
+            .to_string()
+            .contains("subscriptions[0].sink.subject: \"bridge.spool.73\" starts with \"bridge.\""),
+        "{error}"
+    );
 }
