@@ -154,7 +154,27 @@ async fn reload(State(state): State<AdminState>) -> Result<Json<ReloadReport>, A
             "the bridge was not started from a configuration file",
         )
     })?;
-    Ok(Json(reloader.reload().await?))
+    let reloader = reloader.clone();
+    Ok(Json(to_completion(async move { reloader.reload().await }).await?))
+}
+
+/// Runs a change on a task of its own and waits for it. When the client goes away, hyper
+/// drops the handler's future: only the waiting stops, the change completes (a reload half
+/// applied, or a subscription half added or removed, would otherwise stay so).
+async fn to_completion<T: Send + 'static>(
+    change: impl Future<Output = Result<T, crate::bridge::BridgeError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(change).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(error) => {
+            tracing::error!(error = %error, "an admin operation failed");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the operation failed; see the log",
+            ))
+        }
+    }
 }
 
 /// The process is running.
@@ -227,7 +247,8 @@ async fn add_subscription(
     State(state): State<AdminState>,
     ApiJson(subscription): ApiJson<RawSubscription>,
 ) -> Result<(StatusCode, Json<SubscriptionView>), ApiError> {
-    let view = state.bridge.add_subscription(subscription).await?;
+    let bridge = state.bridge.clone();
+    let view = to_completion(async move { bridge.add_subscription(subscription).await }).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -258,7 +279,8 @@ async fn delete_subscription(
     State(state): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.bridge.remove_subscription(&id).await?;
+    let bridge = state.bridge.clone();
+    to_completion(async move { bridge.remove_subscription(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -288,7 +310,8 @@ async fn reset_position(
     ApiJson(body): ApiJson<PositionBody>,
 ) -> Result<Json<SubscriptionView>, ApiError> {
     let position = position_from(&body)?;
-    Ok(Json(state.bridge.reset_position(&id, position).await?))
+    let bridge = state.bridge.clone();
+    Ok(Json(to_completion(async move { bridge.reset_position(&id, position).await }).await?))
 }
 
 /// The position a reset body asks for.
@@ -355,7 +378,9 @@ async fn retry_dead_letter(
     State(state): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.bridge.retry_dead_letter(&id).await?;
+    let bridge = state.bridge.clone();
+    let retried = id.clone();
+    to_completion(async move { bridge.retry_dead_letter(&retried).await }).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "status": "queued", "id": id }))).into_response())
 }
 
@@ -369,7 +394,8 @@ async fn discard_dead_letter(
     State(state): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.bridge.discard_dead_letter(&id).await?;
+    let bridge = state.bridge.clone();
+    to_completion(async move { bridge.discard_dead_letter(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -111,7 +111,8 @@ pub struct Bridge {
     reserved_subjects: Option<String>,
     /// What the sections a reload cannot change said at start.
     fingerprints: SectionFingerprints,
-    /// One reload at a time.
+    /// One change at a time: a reload, or a change through the API (add, remove, position
+    /// reset, dead-letter retry), so that they never interleave.
     reloading: tokio::sync::Mutex<()>,
 }
 
@@ -149,8 +150,8 @@ impl Bridge {
             let subscriptions = &bridge.subscriptions;
             for subscription in &config.subscriptions {
                 let summary = summaries.remove(&subscription.id);
-                subscriptions
-                    .insert(bridge.start_subscription(subscription.clone(), Origin::Config, summary).await?);
+                let entry = bridge.start_subscription(subscription.clone(), Origin::Config, summary).await?;
+                let _ = subscriptions.insert(entry);
             }
             let names = bridge.source_names();
             for raw in bridge.store.subscriptions().await? {
@@ -163,7 +164,9 @@ impl Bridge {
                         .start_subscription(subscription, Origin::Api, summaries.remove(&raw.id))
                         .await
                     {
-                        Ok(entry) => subscriptions.insert(entry),
+                        Ok(entry) => {
+                            let _ = subscriptions.insert(entry);
+                        }
                         Err(error) => {
                             tracing::error!(id = %raw.id, error = %error, "cannot start a stored subscription")
                         }
@@ -383,6 +386,7 @@ impl Bridge {
     /// [`BridgeError::Invalid`], [`BridgeError::UnknownSource`], [`BridgeError::Conflict`]
     /// (id taken), [`BridgeError::Upstream`] (refused by the server), [`BridgeError::Store`].
     pub async fn add_subscription(&self, raw: RawSubscription) -> Result<SubscriptionView, BridgeError> {
+        let _one_change = self.reloading.lock().await;
         self.check_posted(&raw)?;
         // Every source name counts as known here, so an unknown one gets its own 404.
         let mut names = self.source_names();
@@ -411,7 +415,9 @@ impl Bridge {
             }
         };
         let view = self.view(&entry);
-        self.subscriptions.insert(entry);
+        self.subscriptions
+            .insert(entry)
+            .map_err(|_| BridgeError::Conflict(format!("a subscription with id {:?} exists", view.id)))?;
         Ok(view)
     }
 
@@ -481,6 +487,7 @@ impl Bridge {
     /// [`BridgeError::NotFound`], [`BridgeError::Conflict`] for a configured subscription,
     /// [`BridgeError::Store`].
     pub async fn remove_subscription(&self, id: &str) -> Result<(), BridgeError> {
+        let _one_change = self.reloading.lock().await;
         let entry = self
             .subscriptions
             .remove(id, |entry| match entry.origin {
@@ -490,19 +497,27 @@ impl Bridge {
                 Origin::Api => Ok(()),
             })
             .ok_or_else(|| BridgeError::NotFound(format!("subscription {id:?}")))??;
-        let source = self.source(&entry.config.source).expect("subscriptions belong to known sources");
-        source.routes().remove(id);
+        // Its source may be gone (a reload removed it): what is left of it is removed.
+        let source = self.source(&entry.config.source);
+        if let Some(source) = &source {
+            source.routes().remove(id);
+        }
         let entry = Self::stop_forwarder(entry).await;
         let pattern = entry.config.channel.as_str();
-        let still_needed = source.routes().snapshot().iter().any(|route| route.pattern.as_str() == pattern);
-        if !still_needed
-            && source.client.subscriptions().contains(pattern)
-            && let Err(error) = source.client.unsubscribe(pattern).await
-        {
-            tracing::warn!(id, channel = %pattern, error = %error, "could not unsubscribe upstream");
+        if let Some(source) = &source {
+            let still_needed =
+                source.routes().snapshot().iter().any(|route| route.pattern.as_str() == pattern);
+            if !still_needed
+                && source.client.subscriptions().contains(pattern)
+                && let Err(error) = source.client.unsubscribe(pattern).await
+            {
+                tracing::warn!(id, channel = %pattern, error = %error, "could not unsubscribe upstream");
+            }
+            if let Some(replay) = &source.replay {
+                replay.remove(id);
+            }
         }
-        if let Some(replay) = &source.replay {
-            replay.remove(id);
+        if source.as_ref().is_none_or(|source| source.replay.is_some()) {
             self.store.delete_positions(id).await?;
         }
         let backlog = entry.spool.backlog();
@@ -598,11 +613,14 @@ impl Bridge {
         id: &str,
         position: ReplayPosition,
     ) -> Result<SubscriptionView, BridgeError> {
+        let _one_change = self.reloading.lock().await;
         let (source, channel) = self
             .subscriptions
             .get(id, |entry| (entry.config.source.clone(), entry.config.channel.to_string()))
             .ok_or_else(|| BridgeError::NotFound(format!("subscription {id:?}")))?;
-        let source = self.source(&source).expect("subscriptions belong to known sources");
+        let source = self.source(&source).ok_or_else(|| {
+            BridgeError::Conflict(format!("the source {source:?} of subscription {id:?} is gone"))
+        })?;
         let replay = source.replay.as_ref().ok_or_else(|| {
             BridgeError::Conflict(format!(
                 "source {:?} does not use replay (set replay = true)",
@@ -689,6 +707,7 @@ impl Bridge {
     /// [`BridgeError::NotFound`] (also when a concurrent retry took it), [`BridgeError::Conflict`]
     /// when its subscription is gone, [`BridgeError::Store`].
     pub async fn retry_dead_letter(&self, id: &str) -> Result<(), BridgeError> {
+        let _one_change = self.reloading.lock().await;
         let not_found = || BridgeError::NotFound(format!("dead letter {id:?}"));
         let letter = self.store.dead_letter(id).await?.ok_or_else(not_found)?;
         let spool =

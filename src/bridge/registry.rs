@@ -68,11 +68,21 @@ impl Registry {
         self.lock().reserved.remove(id);
     }
 
-    /// Adds a running subscription (ending its reservation, if any).
-    pub(super) fn insert(&self, entry: SubscriptionEntry) {
+    /// Adds a running subscription (ending its reservation, if any). An id that already
+    /// runs is refused, never replaced: the newcomer's forwarder is stopped and the one
+    /// running goes on (replacing it would orphan its forwarder and spool).
+    pub(super) fn insert(&self, entry: SubscriptionEntry) -> Result<(), Refused> {
         let mut entries = self.lock();
         entries.reserved.remove(&entry.config.id);
+        if entries.running.contains_key(&entry.config.id) {
+            drop(entries);
+            tracing::error!(id = %entry.config.id, "a subscription of this id already runs; the second one is stopped");
+            entry.stop.soon.cancel();
+            entry.stop.now.cancel();
+            return Err(Refused::Taken);
+        }
         entries.running.insert(entry.config.id.clone(), entry);
+        Ok(())
     }
 
     /// Whether `id` runs or is being added.

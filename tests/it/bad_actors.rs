@@ -394,3 +394,97 @@ async fn the_state_buckets_subjects_are_reserved_for_its_spools() {
         "{error}"
     );
 }
+
+/// Calls the API and gives up after 100 ms, closing the connection (as `curl -m` does).
+async fn cut(app: &TestApp, method: &str, path: &str, body: Option<Value>) {
+    let client = reqwest::Client::builder().timeout(Duration::from_millis(100)).build().expect("client");
+    let mut request = client.request(method.parse().expect("method"), app.url(path));
+    if let Some(body) = body {
+        request = request.header("content-type", "application/json").body(body.to_string());
+    }
+    let answer = request.send().await;
+    assert!(answer.as_ref().is_err_and(reqwest::Error::is_timeout), "cut before the answer: {answer:?}");
+}
+
+/// Polls `GET path` until `done` holds for its status and body, failing after the wait.
+async fn wait_until(app: &TestApp, path: &str, done: impl Fn(u16, &Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + crate::support::peer::WAIT;
+    loop {
+        let (status, body) = app.call("GET", path, None).await;
+        if done(status, &body) {
+            return body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "GET {path}: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn ready(app: &TestApp) -> u16 {
+    crate::support::http_client().get(app.url("/readyz")).send().await.expect("readyz").status().as_u16()
+}
+
+#[tokio::test]
+async fn a_cut_delete_and_a_cut_post_complete_and_survive_a_restart() {
+    let faye = faye().await;
+    let mut slow = WebhookReceiver::start([]).await;
+    slow.hold(Duration::from_secs(2));
+    let app = TestApp::spawn(&source(&faye)).await;
+    app.wait_ready().await;
+    let (status, _) =
+        app.call("POST", "/api/v1/subscriptions", Some(posted("busy", "/busy", &slow.url()))).await;
+    assert_eq!(status, 201);
+    publish(&faye, "/busy", json!("held")).await;
+    slow.next().await; // in flight now, held by the receiver
+    // The DELETE waits for the delivery in flight; its client gives up first.
+    cut(&app, "DELETE", "/api/v1/subscriptions/busy", None).await;
+    // A POST waits for the DELETE (one change at a time); its client gives up too.
+    cut(&app, "POST", "/api/v1/subscriptions", Some(posted("later", "/later", &slow.url()))).await;
+    wait_until(&app, "/api/v1/subscriptions/busy", |status, _| status == 404).await;
+    let later = wait_until(&app, "/api/v1/subscriptions/later", |status, _| status == 200).await;
+    assert_eq!(later["origin"], "api");
+    let (status, error) =
+        app.call("POST", "/api/v1/subscriptions", Some(posted("later", "/later", &slow.url()))).await;
+    assert_eq!((status, error["error"].clone()), (409, json!("conflict")), "it exists, and is listed");
+    let (_, listed) = app.call("GET", "/api/v1/subscriptions", None).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(ready(&app).await, 200);
+
+    let state = app.stop().await;
+    let app = TestApp::spawn_in(&source(&faye), state, None).await;
+    app.wait_ready().await;
+    let (_, listed) = app.call("GET", "/api/v1/subscriptions", None).await;
+    let ids: Vec<&str> = listed.as_array().expect("array").iter().filter_map(|s| s["id"].as_str()).collect();
+    assert_eq!(ids, ["later"], "the restart agrees: busy removed, later added");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_cut_reload_completes_and_survives_a_restart() {
+    let faye = faye().await;
+    let mut slow = WebhookReceiver::start([]).await;
+    slow.hold(Duration::from_secs(2));
+    let mut fast = WebhookReceiver::start([]).await;
+    let before = format!("{}{}", source(&faye), webhook("changing", "/changing", &slow.url()));
+    let after = format!("{}{}", source(&faye), webhook("changing", "/changing", &fast.url()));
+    let app = TestApp::spawn(&before).await;
+    app.wait_ready().await;
+    publish(&faye, "/changing", json!(1)).await;
+    slow.next().await; // in flight now, held by the receiver
+    app.rewrite_config(&after);
+    cut(&app, "POST", "/api/v1/reload", None).await;
+    let view = wait_until(&app, "/api/v1/subscriptions/changing", |status, body| {
+        status == 200 && body["sink"]["url"] == json!(fast.url())
+    })
+    .await;
+    assert_eq!(view["origin"], "config");
+    assert_eq!(ready(&app).await, 200);
+    publish(&faye, "/changing", json!(2)).await;
+    assert_eq!(fast.next().await.json()["data"], 2, "the new sink delivers");
+
+    let state = app.stop().await;
+    let app = TestApp::spawn_in(&after, state, None).await;
+    app.wait_ready().await;
+    let (status, view) = app.call("GET", "/api/v1/subscriptions/changing", None).await;
+    assert_eq!((status, view["sink"]["url"].clone()), (200, json!(fast.url())), "{view}");
+    app.stop().await;
+}

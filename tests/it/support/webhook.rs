@@ -78,7 +78,8 @@ impl WebhookReceiver {
         self.manners.lock().expect("lock").retry_after.extend(values);
     }
 
-    /// Holds every request this long before answering it, from now on (a slow receiver).
+    /// Holds every request this long before answering it, from now on (a slow receiver);
+    /// [`WebhookReceiver::next`] returns it when it arrives.
     pub fn hold(&self, hold: std::time::Duration) {
         self.manners.lock().expect("lock").hold = hold;
     }
@@ -118,12 +119,13 @@ impl Drop for WebhookReceiver {
 }
 
 async fn record(State(script): State<Script>, headers: HeaderMap, body: Bytes) -> (StatusCode, HeaderMap) {
+    // Recorded on arrival: a test sees a held request while it is in flight.
+    let status = script.statuses.lock().expect("lock").pop_front().unwrap_or(200);
+    let _ = script.requests.send(Received { headers, body, status });
     let hold = script.manners.lock().expect("lock").hold;
     if !hold.is_zero() {
         tokio::time::sleep(hold).await;
     }
-    let status = script.statuses.lock().expect("lock").pop_front().unwrap_or(200);
-    let _ = script.requests.send(Received { headers, body, status });
     let mut answer = HeaderMap::new();
     if !(200..300).contains(&status)
         && let Some(Some(retry_after)) = script.manners.lock().expect("lock").retry_after.pop_front()
