@@ -488,3 +488,48 @@ async fn a_cut_reload_completes_and_survives_a_restart() {
     assert_eq!((status, view["sink"]["url"].clone()), (200, json!(fast.url())), "{view}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_cut_position_reset_completes_and_survives_a_restart() {
+    const CHANNEL: &str = "/event/Order__e";
+    let extensions = vec![("salesforce".to_string(), json!({}))];
+    let options = crate::support::bayeux::FayeOptions { timeout: Some(2), extensions, ..Default::default() };
+    let faye = BayeuxServer::faye(options).await;
+    let mut slow = WebhookReceiver::start([]).await;
+    slow.hold(Duration::from_secs(2));
+    let mut orders = WebhookReceiver::start([]).await;
+    let toml = format!(
+        "[[sources]]\nname = \"demo\"\nurl = \"{}\"\nconnection_types = [\"long-polling\"]\nreplay = true\n{}",
+        faye.url(),
+        webhook("orders", CHANNEL, &orders.url())
+    );
+    let app = TestApp::spawn(&toml).await;
+    app.wait_ready().await;
+    publish(&faye, CHANNEL, json!({ "n": 1 })).await;
+    assert_eq!(orders.next().await.json()["data"]["payload"]["n"], 1);
+    let path = "/api/v1/subscriptions/orders";
+    wait_until(&app, path, |_, view| view["positions"][CHANNEL].as_i64().is_some_and(|id| id > 0)).await;
+    // A slow delivery being removed holds the one change at a time; the reset waits, cut.
+    let (status, _) =
+        app.call("POST", "/api/v1/subscriptions", Some(posted("busy", "/busy", &slow.url()))).await;
+    assert_eq!(status, 201);
+    publish(&faye, "/busy", json!("held")).await;
+    slow.next().await;
+    cut(&app, "DELETE", "/api/v1/subscriptions/busy", None).await;
+    cut(&app, "POST", "/api/v1/subscriptions/orders/position", Some(json!({ "replay_from": "new" }))).await;
+    wait_until(&app, path, |_, view| view["positions"][CHANNEL] == json!(-1)).await;
+    // Subscribed again from the new position (a cut reset left the channel unsubscribed).
+    app.wait_ready().await;
+    wait_until(&app, path, |_, view| view["state"] == "active").await;
+    publish(&faye, CHANNEL, json!({ "n": 2 })).await;
+    assert_eq!(orders.next().await.json()["data"]["payload"]["n"], 2, "still delivering after the reset");
+
+    let (_, before) = app.call("GET", path, None).await;
+    let state = app.stop().await;
+    let app = TestApp::spawn_in(&toml, state, None).await;
+    app.wait_ready().await;
+    let (_, after) = app.call("GET", path, None).await;
+    assert_eq!(after["positions"], before["positions"], "the restart resumes from the same position");
+    assert_eq!(app.call("GET", "/api/v1/subscriptions/busy", None).await.0, 404);
+    app.stop().await;
+}
