@@ -533,3 +533,64 @@ async fn a_cut_position_reset_completes_and_survives_a_restart() {
     assert_eq!(app.call("GET", "/api/v1/subscriptions/busy", None).await.0, 404);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn concurrent_api_changes_during_reloads_leave_a_consistent_state() {
+    let faye = faye().await;
+    let first = WebhookReceiver::start([]).await;
+    let second = WebhookReceiver::start([]).await;
+    let config = |receiver: &WebhookReceiver| {
+        format!("{}{}", source(&faye), webhook("configured", "/configured", &receiver.url()))
+    };
+    let app = std::sync::Arc::new(TestApp::spawn(&config(&first)).await);
+    app.wait_ready().await;
+    // 50 changes: 25 subscriptions added, the odd ones removed again, all at once.
+    let changes: Vec<_> = (0..25)
+        .map(|n| {
+            let app = app.clone();
+            let url = first.url();
+            tokio::spawn(async move {
+                let id = format!("c{n}");
+                let mut statuses = vec![
+                    app.call("POST", "/api/v1/subscriptions", Some(posted(&id, &format!("/c/{n}"), &url)))
+                        .await
+                        .0,
+                ];
+                if n % 2 == 1 {
+                    statuses.push(app.call("DELETE", &format!("/api/v1/subscriptions/{id}"), None).await.0);
+                }
+                statuses
+            })
+        })
+        .collect();
+    for round in 0..10 {
+        app.rewrite_config(&config(if round % 2 == 0 { &second } else { &first }));
+        let (status, answer) = app.call("POST", "/api/v1/reload", None).await;
+        assert_eq!(status, 200, "reload {round}: {answer}");
+    }
+    for change in changes {
+        let statuses = change.await.expect("the change ran");
+        assert!(statuses == [201] || statuses == [201, 204], "{statuses:?}");
+    }
+    let expected: Vec<String> = std::iter::once("configured".to_string())
+        .chain((0..25).filter(|n| n % 2 == 0).map(|n| format!("c{n}")))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let ids = |listed: &Value| -> Vec<String> {
+        listed.as_array().expect("array").iter().filter_map(|s| s["id"].as_str().map(String::from)).collect()
+    };
+    let (_, listed) = app.call("GET", "/api/v1/subscriptions", None).await;
+    assert_eq!(ids(&listed), expected);
+    let configured = listed.as_array().expect("array").iter().find(|s| s["id"] == "configured").cloned();
+    assert_eq!(configured.expect("configured")["sink"]["url"], json!(first.url()), "the last reload applied");
+    app.wait_ready().await;
+
+    let app = std::sync::Arc::into_inner(app).expect("the only handle");
+    let state = app.stop().await;
+    let app = TestApp::spawn_in(&config(&first), state, None).await;
+    app.wait_ready().await;
+    let (_, listed) = app.call("GET", "/api/v1/subscriptions", None).await;
+    assert_eq!(ids(&listed), expected, "the restart agrees");
+    app.stop().await;
+}
