@@ -606,6 +606,33 @@ mod tests {
     }
 
     #[test]
+    fn allowed_hosts_and_max_subscriptions_are_checked() {
+        let text = "[admin]\nallowed_hosts = [\"Bridge.Internal.\", \"http://x\", \"a:80\"]\nmax_subscriptions = 0\n";
+        let (raw, problems) = parse_text(text, Format::Toml, "test", &Env::new()).expect("read");
+        let Err(ConfigError::Invalid { problems }) = validate_parsed(raw, problems, &Env::new()) else {
+            panic!("refused")
+        };
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert!(
+            problems.iter().any(|p| p.starts_with("admin.allowed_hosts[1]: \"http://x\" is not a host name")),
+            "{problems:?}"
+        );
+        assert!(problems.iter().any(|p| p.starts_with("admin.allowed_hosts[2]")), "{problems:?}");
+        assert!(!problems.iter().any(|p| p.starts_with("admin.allowed_hosts[0]")), "{problems:?}");
+        assert!(
+            problems.contains(&"admin.max_subscriptions: must be at least 1".to_string()),
+            "{problems:?}"
+        );
+        let text = "[admin]\nallowed_hosts = [\"Bridge.Internal.\"]\n";
+        let (raw, problems) = parse_text(text, Format::Toml, "test", &Env::new()).expect("read");
+        let config = validate_parsed(raw, problems, &Env::new()).expect("valid");
+        assert_eq!(
+            (config.admin.allowed_hosts, config.admin.max_subscriptions),
+            (vec!["bridge.internal".to_string()], 1000)
+        );
+    }
+
+    #[test]
     fn read_coalescing_is_on_unless_turned_off() {
         assert_eq!(source_options("").read_coalescing, Some(ReadCoalescing::default()));
         assert_eq!(source_options("read_coalescing = false\n").read_coalescing, None);
