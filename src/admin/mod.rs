@@ -238,7 +238,7 @@ async fn list_subscriptions(State(state): State<AdminState>) -> Json<Vec<Subscri
     (status = 400, description = "Invalid body; the message names the field", body = ErrorBody),
     (status = 401, body = ErrorBody),
     (status = 404, description = "Unknown source", body = ErrorBody),
-    (status = 409, description = "Id taken, or a NATS sink while the bridge has no NATS connection", body = ErrorBody),
+    (status = 409, description = "Id taken (conflict), admin.max_subscriptions reached (too_many_subscriptions), or a NATS sink while the bridge has no NATS connection", body = ErrorBody),
     (status = 413, body = ErrorBody),
     (status = 415, body = ErrorBody),
     (status = 422, description = "The CometD server refused the subscription", body = ErrorBody)
