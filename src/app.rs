@@ -2,9 +2,8 @@
 //! configuration needs (port 0 works, for tests); [`App::run_until`] runs the bridge until
 //! the shutdown future resolves, then stops it in order.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -15,7 +14,7 @@ use crate::bridge::BridgeError;
 use crate::bridge::{Bridge, Parts};
 use crate::config::{Config, NatsConfig, SinkConfig, StateBackend};
 use crate::reload::Reloader;
-use crate::sink::destination::WebhookClients;
+use crate::sink::destination::{FixedNames, WebhookClients};
 use crate::store::{EmbeddedStore, MemoryStore, NatsKvStore, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
@@ -58,7 +57,7 @@ pub struct App {
     nats: Option<async_nats::Client>,
     metrics: Metrics,
     /// Names the API's webhook client resolves without DNS (see [`App::resolve_posted_webhooks`]).
-    fixed_names: HashMap<String, Vec<IpAddr>>,
+    fixed_names: FixedNames,
 }
 
 impl App {
@@ -102,7 +101,7 @@ impl App {
             store,
             nats,
             metrics: Metrics::new(),
-            fixed_names: HashMap::new(),
+            fixed_names: FixedNames::default(),
         })
     }
 
@@ -119,11 +118,12 @@ impl App {
         self
     }
 
-    /// Resolves `name` to `addresses` for webhooks posted through the API, instead of
-    /// asking DNS; the private-destination check still applies to them. For tests, which
-    /// cannot make a real name resolve to loopback; nothing in the configuration sets it.
-    pub fn resolve_posted_webhooks(mut self, name: &str, addresses: Vec<IpAddr>) -> Self {
-        self.fixed_names.insert(name.to_string(), addresses);
+    /// Resolves the names in `names` (which may change while the bridge runs) for webhooks
+    /// posted through the API, instead of asking DNS; the private-destination check still
+    /// applies to them. For tests, which cannot make a real name resolve to loopback or
+    /// rebind it; nothing in the configuration sets it.
+    pub fn resolve_posted_webhooks(mut self, names: FixedNames) -> Self {
+        self.fixed_names = names;
         self
     }
 

@@ -386,8 +386,9 @@ impl Bridge {
     /// [`BridgeError::Invalid`], [`BridgeError::UnknownSource`], [`BridgeError::Conflict`]
     /// (id taken), [`BridgeError::Upstream`] (refused by the server), [`BridgeError::Store`].
     pub async fn add_subscription(&self, raw: RawSubscription) -> Result<SubscriptionView, BridgeError> {
-        let _one_change = self.reloading.lock().await;
         self.check_posted(&raw)?;
+        self.check_resolved(&raw).await?;
+        let _one_change = self.reloading.lock().await;
         // Every source name counts as known here, so an unknown one gets its own 404.
         let mut names = self.source_names();
         names.insert(raw.source.clone());
@@ -444,6 +445,20 @@ impl Bridge {
             )));
         }
         Ok(())
+    }
+
+    /// A posted webhook whose host name resolves to a private address now is refused at
+    /// once (its connections would be refused anyway, every one checked again when made).
+    async fn check_resolved(&self, raw: &RawSubscription) -> Result<(), BridgeError> {
+        let RawSink::Webhook { url, .. } = &raw.sink else { return Ok(()) };
+        let Some(name) = reqwest::Url::parse(url).ok().and_then(|url| url.domain().map(str::to_string))
+        else {
+            return Ok(());
+        };
+        match self.http.resolver.refusal(&name).await {
+            Some(refused) => Err(BridgeError::Forbidden(format!("sink.url: {refused}"))),
+            None => Ok(()),
+        }
     }
 
     /// Stores, starts and subscribes upstream a reserved subscription.

@@ -9,7 +9,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
@@ -103,12 +104,37 @@ impl PrivateDestination {
     }
 }
 
+/// Names a resolver answers itself instead of asking DNS, changeable while it runs: the
+/// hook tests use to make a name resolve to loopback, or to rebind it.
+#[derive(Clone, Debug, Default)]
+pub struct FixedNames(Arc<RwLock<HashMap<String, Vec<IpAddr>>>>);
+
+impl FixedNames {
+    /// Resolves `name` to `addresses` from now on.
+    pub fn set(&self, name: &str, addresses: Vec<IpAddr>) {
+        let mut names = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        names.insert(normal(name), addresses);
+    }
+
+    fn get(&self, name: &str) -> Option<Vec<IpAddr>> {
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
+    }
+}
+
+/// A host name as compared: lower case, without a trailing dot.
+fn normal(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// How long a posted webhook's name may take to resolve when it is checked at once.
+const CHECK_WAIT: Duration = Duration::from_secs(2);
+
 /// A DNS resolver that refuses a name when any address it resolves to is private. Names
 /// of the proxies in the environment (`HTTP_PROXY`, ...) are the operator's and pass.
 #[derive(Debug, Default)]
 pub struct GuardedResolver {
     /// Names answered from here instead of DNS (tests), still checked.
-    fixed: HashMap<String, Vec<IpAddr>>,
+    fixed: FixedNames,
     /// Names not checked: the proxies the operator configured.
     trusted: BTreeSet<String>,
     /// Whether addresses are checked at all (`admin.allow_private_webhooks` turns it off).
@@ -119,35 +145,54 @@ impl GuardedResolver {
     /// A resolver asking the system (`getaddrinfo`), trusting the proxies named in the
     /// environment, and answering `fixed` names itself; `check` false lets every address
     /// through.
-    pub fn new(fixed: HashMap<String, Vec<IpAddr>>, check: bool) -> Self {
+    pub fn new(fixed: FixedNames, check: bool) -> Self {
         let trusted = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"]
             .iter()
             .filter_map(|variable| std::env::var(variable).ok())
             .filter_map(|url| reqwest::Url::parse(&url).ok())
-            .filter_map(|url| url.host_str().map(str::to_ascii_lowercase))
+            .filter_map(|url| url.host_str().map(normal))
             .collect();
-        let fixed =
-            fixed.into_iter().map(|(name, addresses)| (name.to_ascii_lowercase(), addresses)).collect();
         GuardedResolver { fixed, trusted, check }
+    }
+
+    /// Why a connection to `name` would be refused now, if it would; a name that does not
+    /// resolve (yet) within a moment is not refused here (its connection is checked).
+    pub async fn refusal(&self, name: &str) -> Option<PrivateDestination> {
+        let name = normal(name);
+        if !self.check || self.trusted.contains(&name) {
+            return None;
+        }
+        let addresses = tokio::time::timeout(CHECK_WAIT, lookup(self.fixed.get(&name), &name)).await;
+        judge(name, &addresses.ok()?.ok()?).err()
+    }
+}
+
+/// The addresses of `name`: `fixed` ones, or the system's.
+async fn lookup(fixed: Option<Vec<IpAddr>>, name: &str) -> std::io::Result<Vec<SocketAddr>> {
+    match fixed {
+        Some(addresses) => Ok(addresses.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect()),
+        None => Ok(tokio::net::lookup_host((name, 0)).await?.collect()),
+    }
+}
+
+/// Refuses `name` when any of its `addresses` is private.
+fn judge(name: String, addresses: &[SocketAddr]) -> Result<(), PrivateDestination> {
+    match addresses.iter().find_map(|address| private_address(address.ip()).map(|kind| (address.ip(), kind)))
+    {
+        Some((address, kind)) => Err(PrivateDestination { name, address, kind }),
+        None => Ok(()),
     }
 }
 
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
-        let name = name.as_str().trim_end_matches('.').to_ascii_lowercase();
-        let fixed = self.fixed.get(&name).cloned();
+        let name = normal(name.as_str());
+        let fixed = self.fixed.get(&name);
         let trusted = !self.check || self.trusted.contains(&name);
         Box::pin(async move {
-            let addresses: Vec<SocketAddr> = match fixed {
-                Some(addresses) => addresses.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect(),
-                None => tokio::net::lookup_host((name.as_str(), 0)).await?.collect(),
-            };
-            if !trusted
-                && let Some((address, kind)) = addresses
-                    .iter()
-                    .find_map(|address| private_address(address.ip()).map(|kind| (address.ip(), kind)))
-            {
-                return Err(Box::new(PrivateDestination { name, address, kind }) as _);
+            let addresses = lookup(fixed, &name).await?;
+            if !trusted {
+                judge(name, &addresses)?;
             }
             Ok(Box::new(addresses.into_iter()) as Addrs)
         })
@@ -163,6 +208,8 @@ pub struct WebhookClients {
     pub trusted: reqwest::Client,
     /// For webhooks posted through the API.
     pub guarded: reqwest::Client,
+    /// The guarded client's resolver, to check a posted name at once.
+    pub resolver: Arc<GuardedResolver>,
     /// Whether the API's are checked at all.
     pub checked: bool,
 }
@@ -173,15 +220,12 @@ impl WebhookClients {
     ///
     /// # Errors
     /// reqwest's, when a client cannot be built (no TLS backend).
-    pub fn build(allow_private: bool, fixed: HashMap<String, Vec<IpAddr>>) -> Result<Self, reqwest::Error> {
+    pub fn build(allow_private: bool, fixed: FixedNames) -> Result<Self, reqwest::Error> {
         let builder = || reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
         let trusted = builder().build()?;
-        let guarded = if allow_private && fixed.is_empty() {
-            trusted.clone()
-        } else {
-            builder().dns_resolver(Arc::new(GuardedResolver::new(fixed, !allow_private))).build()?
-        };
-        Ok(WebhookClients { trusted, guarded, checked: !allow_private })
+        let resolver = Arc::new(GuardedResolver::new(fixed, !allow_private));
+        let guarded = builder().dns_resolver(resolver.clone()).build()?;
+        Ok(WebhookClients { trusted, guarded, resolver, checked: !allow_private })
     }
 }
 
@@ -226,16 +270,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_resolving_to_a_private_address_is_refused() {
-        let fixed = HashMap::from([
-            ("inside.test".to_string(), vec!["93.184.216.34".parse().unwrap(), "127.0.0.1".parse().unwrap()]),
-            ("outside.test".to_string(), vec!["93.184.216.34".parse().unwrap()]),
-        ]);
-        let resolver = GuardedResolver::new(fixed, true);
+        let fixed = FixedNames::default();
+        fixed.set("inside.test", vec!["93.184.216.34".parse().unwrap(), "127.0.0.1".parse().unwrap()]);
+        fixed.set("outside.test", vec!["93.184.216.34".parse().unwrap()]);
+        let resolver = GuardedResolver::new(fixed.clone(), true);
         let refused = resolver.resolve("Inside.Test.".parse().unwrap()).await.err().expect("refused");
         let refused = PrivateDestination::find(refused.as_ref()).expect("a PrivateDestination");
         assert_eq!((refused.name.as_str(), refused.kind), ("inside.test", "loopback"));
         let addresses: Vec<SocketAddr> =
             resolver.resolve("outside.test".parse().unwrap()).await.unwrap().collect();
         assert_eq!(addresses, ["93.184.216.34:0".parse::<SocketAddr>().unwrap()]);
+        assert!(resolver.refusal("outside.test").await.is_none());
+        fixed.set("outside.test", vec!["::ffff:10.0.0.1".parse().unwrap()]);
+        assert_eq!(
+            resolver.refusal("outside.test").await.map(|refused| refused.kind),
+            Some("private"),
+            "rebound"
+        );
+        assert!(GuardedResolver::new(fixed, false).refusal("inside.test").await.is_none(), "allowed");
     }
 }

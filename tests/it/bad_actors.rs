@@ -2,7 +2,10 @@
 //! host names resolving to private addresses, foreign `Host` and `Origin` headers,
 //! credentials in URLs, and admin calls cut by a client that goes away.
 
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
+
+use cometd_bridge::sink::destination::FixedNames;
 
 use serde_json::{Value, json};
 
@@ -63,30 +66,38 @@ fn port(receiver: &WebhookReceiver) -> u16 {
 }
 
 #[tokio::test]
-async fn a_posted_host_name_resolving_to_loopback_is_refused_when_connecting() {
+async fn a_posted_host_name_resolving_to_loopback_is_refused_when_posted_and_when_rebound() {
     let faye = faye().await;
     let mut receiver = WebhookReceiver::start([]).await;
+    let names = FixedNames::default();
+    names.set("ssrf-check.test", vec![Ipv4Addr::LOCALHOST.into()]);
+    // TEST-NET-1: public as far as the check can tell, never contacted here.
+    names.set("rebind.test", vec![Ipv4Addr::new(192, 0, 2, 1).into()]);
     // Private webhooks not allowed; the configuration's own webhook to 127.0.0.1 is trusted.
     let configured = webhook("configured", "/trusted", &receiver.url());
-    let app = TestApp::spawn_resolving_to_loopback(
-        &format!("{}{configured}", source(&faye)),
-        "",
-        "ssrf-check.test",
-    )
-    .await;
+    let app = TestApp::spawn_resolving(&format!("{}{configured}", source(&faye)), "", names.clone()).await;
     app.wait_ready().await;
     let url = format!("http://ssrf-check.test:{}/hook", port(&receiver));
-    let (status, created) =
+    let (status, answer) =
         app.call("POST", "/api/v1/subscriptions", Some(posted("sneaky", "/sneaky", &url))).await;
+    assert_eq!((status, answer["error"].clone()), (400, json!("forbidden_destination")), "{answer}");
+    let message = answer["message"].as_str().unwrap_or_default();
+    assert!(message.contains("ssrf-check.test resolves to 127.0.0.1, a loopback address"), "{message}");
+
+    // Public when posted, rebound to loopback before it connects: refused when connecting.
+    let url = format!("http://rebind.test:{}/hook", port(&receiver));
+    let (status, created) =
+        app.call("POST", "/api/v1/subscriptions", Some(posted("rebinding", "/rebinding", &url))).await;
     assert_eq!((status, created["state"].clone()), (201, json!("active")), "{created}");
-    publish(&faye, "/sneaky", json!("secret plans")).await;
+    names.set("rebind.test", vec![Ipv4Addr::LOCALHOST.into()]);
+    publish(&faye, "/rebinding", json!("secret plans")).await;
     let letters = app.wait_for_dead_letters(1).await;
     let reason = letters[0]["reason"].as_str().expect("a reason");
     assert!(
-        reason.contains("ssrf-check.test resolves to 127.0.0.1, a loopback address"),
+        reason.contains("rebind.test resolves to 127.0.0.1, a loopback address"),
         "a clear reason: {reason}"
     );
-    assert_eq!(letters[0]["subscription"], "sneaky");
+    assert_eq!(letters[0]["subscription"], "rebinding");
     publish(&faye, "/trusted", json!("from the file")).await;
     let request = receiver.next().await;
     assert_eq!(
@@ -128,12 +139,9 @@ async fn ipv6_forms_of_private_addresses_are_refused_when_posted() {
 async fn a_name_resolving_to_loopback_is_delivered_when_private_webhooks_are_allowed() {
     let faye = faye().await;
     let mut receiver = WebhookReceiver::start([]).await;
-    let app = TestApp::spawn_resolving_to_loopback(
-        &source(&faye),
-        "allow_private_webhooks = true\n",
-        "ssrf-check.test",
-    )
-    .await;
+    let names = FixedNames::default();
+    names.set("ssrf-check.test", vec![Ipv4Addr::LOCALHOST.into()]);
+    let app = TestApp::spawn_resolving(&source(&faye), "allow_private_webhooks = true\n", names).await;
     app.wait_ready().await;
     let url = format!("http://ssrf-check.test:{}/hook", port(&receiver));
     let (status, created) =
