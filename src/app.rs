@@ -14,6 +14,7 @@ use crate::bridge::BridgeError;
 use crate::bridge::{Bridge, Parts};
 use crate::config::{Config, NatsConfig, SinkConfig, StateBackend};
 use crate::reload::Reloader;
+use crate::sink::destination::{FixedNames, WebhookClients};
 use crate::store::{EmbeddedStore, MemoryStore, NatsKvStore, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
@@ -55,6 +56,8 @@ pub struct App {
     store: Arc<dyn Store>,
     nats: Option<async_nats::Client>,
     metrics: Metrics,
+    /// Names the API's webhook client resolves without DNS (see [`App::resolve_posted_webhooks`]).
+    fixed_names: FixedNames,
 }
 
 impl App {
@@ -93,7 +96,16 @@ impl App {
             }
         };
         store.limit_dead_letters(config.state.dead_letters_max_bytes);
-        Ok(App { config, reload_from: None, hangups: None, listener, store, nats, metrics: Metrics::new() })
+        Ok(App {
+            config,
+            reload_from: None,
+            hangups: None,
+            listener,
+            store,
+            nats,
+            metrics: Metrics::new(),
+            fixed_names: FixedNames::default(),
+        })
     }
 
     /// Makes the running bridge reloadable from the file at `path` (read with `env`), on
@@ -109,6 +121,15 @@ impl App {
         self
     }
 
+    /// Resolves the names in `names` (which may change while the bridge runs) for webhooks
+    /// posted through the API, instead of asking DNS; the private-destination check still
+    /// applies to them. For tests, which cannot make a real name resolve to loopback or
+    /// rebind it; nothing in the configuration sets it.
+    pub fn resolve_posted_webhooks(mut self, names: FixedNames) -> Self {
+        self.fixed_names = names;
+        self
+    }
+
     /// The admin server's address.
     pub fn admin_address(&self) -> SocketAddr {
         self.listener.local_addr().expect("a bound listener has an address")
@@ -119,12 +140,11 @@ impl App {
     /// # Errors
     /// [`AppError`] when a source cannot be started or the admin server fails.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
-        // Redirects are never followed: a 3xx would turn a POST into a body-less GET.
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
+        let http = WebhookClients::build(self.config.admin.allow_private_webhooks, self.fixed_names)
             .map_err(|error| AppError::Nats(format!("HTTP client: {error}")))?;
         let token = self.config.admin.token.clone();
+        let allowed_hosts = self.config.admin.allowed_hosts.clone();
+        let address = self.listener.local_addr().map_err(AppError::Serve)?;
         let bridge = Bridge::start(Parts {
             config: self.config,
             store: self.store,
@@ -140,8 +160,14 @@ impl App {
         if let (Some(reloader), Some(hangups)) = (&reloader, self.hangups) {
             tokio::spawn(reload_on_hangup(reloader.clone(), hangups, admin_stop.clone()));
         }
-        let router =
-            admin::router(AdminState { bridge: bridge.clone(), metrics: self.metrics, token, reloader });
+        let hosts = token.is_none().then(|| Arc::new(admin::HostCheck::new(address, &allowed_hosts)));
+        let router = admin::router(AdminState {
+            bridge: bridge.clone(),
+            metrics: self.metrics,
+            token,
+            reloader,
+            hosts,
+        });
         let server = {
             let admin_stop = admin_stop.clone();
             tokio::spawn(async move {
@@ -244,6 +270,7 @@ mod tests {
             store: shared,
             nats: None,
             metrics: Metrics::new(),
+            fixed_names: FixedNames::default(),
         };
         let admin = app.admin_address();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

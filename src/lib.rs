@@ -26,6 +26,7 @@ pub mod delivery;
 pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod redact;
 pub mod reload;
 pub mod secret;
 pub mod shutdown;

@@ -80,6 +80,8 @@ impl From<BridgeError> for ApiError {
             BridgeError::UnknownSource(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_source", message),
             BridgeError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
             BridgeError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            // 409, not 429: no wait makes room, only removing a subscription or a larger limit.
+            BridgeError::TooMany(_) => ApiError::new(StatusCode::CONFLICT, "too_many_subscriptions", message),
             BridgeError::Upstream(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upstream_rejected", message)
             }

@@ -1,6 +1,6 @@
 //! `ApiJson`: axum's JSON extractor with its rejections turned into the API's error shape
-//! (415 for a wrong content type, 413 for a body too large, 400 naming the field, also
-//! every unknown key with its path).
+//! (415 for a wrong content type, 413 for a body too large, 400 naming the field with its
+//! path: every unknown key, and a value of the wrong type).
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
@@ -39,20 +39,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 }
 
 /// Reads a JSON body into `T` as [`ApiJson`] does: every unknown key is named with its
-/// path, and a body that does not fit says why (both a 400 `invalid_subscription`).
+/// path, and so is a value that does not fit (both a 400 `invalid_subscription`).
 ///
 /// # Errors
 /// The [`ApiError`] the request is answered with.
 pub(crate) fn body_from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
     let mut unknown = Vec::new();
-    let parsed: Result<T, _> =
-        serde_ignored::deserialize(value, |path| unknown.push(crate::config::key_path(&path)));
+    let parsed: Result<T, _> = crate::config::deserialize_named(value, |key| unknown.push(key));
     let invalid = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_subscription", message);
     match parsed {
         Ok(_) if !unknown.is_empty() => Err(invalid(
             unknown.iter().map(|key| format!("{key}: unknown key")).collect::<Vec<_>>().join("; "),
         )),
         Ok(value) => Ok(value),
-        Err(error) => Err(invalid(format!("the body does not fit: {error}"))),
+        Err(problem) if problem.key.is_empty() => Err(invalid(format!("the body does not fit: {problem}"))),
+        Err(problem) => Err(invalid(problem.to_string())),
     }
 }

@@ -4,6 +4,8 @@
 
 mod error;
 mod extract;
+mod limits;
+mod origin;
 mod page;
 
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use utoipa::OpenApi;
 pub use error::{ApiError, ErrorBody};
 pub use extract::ApiJson;
 pub(crate) use extract::body_from_value;
+pub use origin::HostCheck;
 
 use crate::bridge::{BacklogView, Bridge, LetterFilter, Origin, ReloadReport, SourceView, SubscriptionView};
 use crate::cometd::ReplayPosition;
@@ -43,6 +46,8 @@ pub struct AdminState {
     pub token: Option<Secret>,
     /// Reloads the configuration file, when the bridge was started from one.
     pub reloader: Option<Arc<Reloader>>,
+    /// The `Host` and `Origin` check of a tokenless API (`None` with a token).
+    pub hosts: Option<Arc<HostCheck>>,
 }
 
 /// The OpenAPI document of the admin API.
@@ -102,28 +107,30 @@ pub fn router(state: AdminState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.hosts.clone(), origin::check_host_and_origin))
+        .layer(limits::limits(limits::REQUEST_TIMEOUT, limits::MAX_CONCURRENT_REQUESTS))
         .with_state(state)
 }
 
 /// Checks `Authorization: Bearer <token>` when a token is configured, in constant time.
 async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.token {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if !same_secret(presented, token.expose()) {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid bearer token is required",
-            )
+    if state.token.is_some() && !presents_token(&state, request.headers()) {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
             .into_response();
-        }
     }
     next.run(request).await
+}
+
+/// Whether `headers` carry the configured token (`Bearer`, in any case); `false` without one.
+fn presents_token(state: &AdminState, headers: &axum::http::HeaderMap) -> bool {
+    let Some(token) = &state.token else { return false };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
+    same_secret(presented, token.expose())
 }
 
 /// Compares the SHA-256 digests of both strings without an early exit, so the time taken
@@ -149,7 +156,27 @@ async fn reload(State(state): State<AdminState>) -> Result<Json<ReloadReport>, A
             "the bridge was not started from a configuration file",
         )
     })?;
-    Ok(Json(reloader.reload().await?))
+    let reloader = reloader.clone();
+    Ok(Json(to_completion(async move { reloader.reload().await }).await?))
+}
+
+/// Runs a change on a task of its own and waits for it. When the client goes away, hyper
+/// drops the handler's future: only the waiting stops, the change completes (a reload half
+/// applied, or a subscription half added or removed, would otherwise stay so).
+async fn to_completion<T: Send + 'static>(
+    change: impl Future<Output = Result<T, crate::bridge::BridgeError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(change).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(error) => {
+            tracing::error!(error = %error, "an admin operation failed");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the operation failed; see the log",
+            ))
+        }
+    }
 }
 
 /// The process is running.
@@ -161,16 +188,23 @@ async fn healthz() -> Response {
 /// Every source connected and subscribed, and NATS connected when used.
 #[utoipa::path(get, path = "/readyz", responses(
     (status = 200, description = "Ready"),
-    (status = 503, description = "Not ready, with the reasons")
+    (status = 503, description = "Not ready, with the reasons: in general terms, or in detail with the token")
 ))]
-async fn readyz(State(state): State<AdminState>) -> Response {
+async fn readyz(State(state): State<AdminState>, headers: axum::http::HeaderMap) -> Response {
     let reasons = state.bridge.unready_reasons();
     if reasons.is_empty() {
-        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "reasons": reasons })))
-            .into_response()
+        return (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response();
     }
+    // The details (source names, channels, errors, panic texts) are for the token holder;
+    // without a token configured, the API is open to whoever reaches it anyway.
+    let reasons: Vec<String> = if state.token.is_none() || presents_token(&state, &headers) {
+        reasons.into_iter().map(|reason| reason.detail).collect()
+    } else {
+        let general: std::collections::BTreeSet<&str> = reasons.iter().map(|reason| reason.general).collect();
+        general.into_iter().map(String::from).collect()
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "reasons": reasons })))
+        .into_response()
 }
 
 /// Prometheus metrics.
@@ -206,7 +240,7 @@ async fn list_subscriptions(State(state): State<AdminState>) -> Json<Vec<Subscri
     (status = 400, description = "Invalid body; the message names the field", body = ErrorBody),
     (status = 401, body = ErrorBody),
     (status = 404, description = "Unknown source", body = ErrorBody),
-    (status = 409, description = "Id taken, or a NATS sink while the bridge has no NATS connection", body = ErrorBody),
+    (status = 409, description = "Id taken (conflict), admin.max_subscriptions reached (too_many_subscriptions), or a NATS sink while the bridge has no NATS connection", body = ErrorBody),
     (status = 413, body = ErrorBody),
     (status = 415, body = ErrorBody),
     (status = 422, description = "The CometD server refused the subscription", body = ErrorBody)
@@ -215,7 +249,8 @@ async fn add_subscription(
     State(state): State<AdminState>,
     ApiJson(subscription): ApiJson<RawSubscription>,
 ) -> Result<(StatusCode, Json<SubscriptionView>), ApiError> {
-    let view = state.bridge.add_subscription(subscription).await?;
+    let bridge = state.bridge.clone();
+    let view = to_completion(async move { bridge.add_subscription(subscription).await }).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -246,7 +281,8 @@ async fn delete_subscription(
     State(state): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.bridge.remove_subscription(&id).await?;
+    let bridge = state.bridge.clone();
+    to_completion(async move { bridge.remove_subscription(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -276,7 +312,8 @@ async fn reset_position(
     ApiJson(body): ApiJson<PositionBody>,
 ) -> Result<Json<SubscriptionView>, ApiError> {
     let position = position_from(&body)?;
-    Ok(Json(state.bridge.reset_position(&id, position).await?))
+    let bridge = state.bridge.clone();
+    Ok(Json(to_completion(async move { bridge.reset_position(&id, position).await }).await?))
 }
 
 /// The position a reset body asks for.
@@ -343,7 +380,9 @@ async fn retry_dead_letter(
     State(state): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.bridge.retry_dead_letter(&id).await?;
+    let bridge = state.bridge.clone();
+    let retried = id.clone();
+    to_completion(async move { bridge.retry_dead_letter(&retried).await }).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "status": "queued", "id": id }))).into_response())
 }
 
@@ -357,7 +396,8 @@ async fn discard_dead_letter(
     State(state): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.bridge.discard_dead_letter(&id).await?;
+    let bridge = state.bridge.clone();
+    to_completion(async move { bridge.discard_dead_letter(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -168,6 +168,8 @@ impl Bridge {
     /// [`BridgeError::NotFound`] (also when a concurrent retry took it), [`BridgeError::Conflict`]
     /// when its subscription is gone, [`BridgeError::Store`].
     pub async fn retry_dead_letter(&self, id: &str) -> Result<(), BridgeError> {
+        // Not while a reload replaces the subscription's spool.
+        let _one_change = self.reloading.lock().await;
         let not_found = || BridgeError::NotFound(format!("dead letter {id:?}"));
         let letter = self.store.dead_letter(id).await?.ok_or_else(not_found)?;
         let spool = self.spool_of(&letter.subscription).ok_or_else(|| {
@@ -194,6 +196,8 @@ impl Bridge {
     /// # Errors
     /// [`BridgeError::Store`]; what was requeued before it stays requeued.
     pub async fn retry_dead_letters(&self, filter: &LetterFilter) -> Result<u64, BridgeError> {
+        // Not while a reload replaces a subscription's spool.
+        let _one_change = self.reloading.lock().await;
         let until = SystemTime::now();
         let mut after: Option<String> = None;
         let mut count = 0;

@@ -30,6 +30,7 @@ use crate::config::{
     self, Config, Env, RawSink, RawSubscription, SectionFingerprints, SinkConfig, SourceConfig,
     SubscriptionConfig,
 };
+use crate::sink::destination::WebhookClients;
 use crate::sink::{NatsSink, RetryPolicy, Sink, WebhookSink};
 use crate::store::{SpoolSummary, Store};
 use crate::telemetry::metrics::Metrics;
@@ -39,7 +40,8 @@ use registry::{Registry, SubscriptionEntry};
 use replay::{ReplayState, SourcePositions};
 use source::{Route, Routes, Source, Spooler};
 use spool::{Spool, SpoolLimit};
-pub use views::{BacklogView, BridgeError, Origin, ReloadReport, SourceView, SubscriptionView};
+use views::TASK_FAILED;
+pub use views::{BacklogView, BridgeError, Origin, ReloadReport, SourceView, SubscriptionView, Unready};
 
 /// How long shutdown waits at most for the servers' answers to `/meta/disconnect`.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
@@ -65,8 +67,8 @@ pub struct Parts {
     pub nats: Option<async_nats::Client>,
     /// Metrics.
     pub metrics: Metrics,
-    /// HTTP client for webhooks.
-    pub http: reqwest::Client,
+    /// HTTP clients for webhooks: the configuration's, and the API's (checked).
+    pub http: WebhookClients,
 }
 
 /// One source's session and routes.
@@ -99,7 +101,7 @@ pub struct Bridge {
     subscriptions: Registry,
     store: Arc<dyn Store>,
     nats: Option<async_nats::Client>,
-    http: reqwest::Client,
+    http: WebhookClients,
     metrics: Metrics,
     limit: Arc<SpoolLimit>,
     forwarders: TaskTracker,
@@ -107,9 +109,14 @@ pub struct Bridge {
     stop_delivering: Stop,
     grace: std::sync::Mutex<Duration>,
     allow_private_webhooks: bool,
+    /// The most subscriptions the API lets exist (`admin.max_subscriptions`).
+    max_subscriptions: usize,
+    /// The subject prefix the NATS state backend keeps, which no sink may publish under.
+    reserved_subjects: Option<String>,
     /// What the sections a reload cannot change said at start.
     fingerprints: SectionFingerprints,
-    /// One reload at a time.
+    /// One change at a time: a reload, or a change through the API (add, remove, position
+    /// reset, dead-letter retry), so that they never interleave.
     reloading: tokio::sync::Mutex<()>,
 }
 
@@ -134,6 +141,8 @@ impl Bridge {
             stop_delivering: Stop::default(),
             grace: std::sync::Mutex::new(config.bridge.shutdown_grace),
             allow_private_webhooks: config.admin.allow_private_webhooks,
+            max_subscriptions: config.admin.max_subscriptions,
+            reserved_subjects: config::reserved_subject_prefix(&config.state.backend),
             fingerprints: config.fingerprints.clone(),
             reloading: tokio::sync::Mutex::new(()),
         });
@@ -145,8 +154,8 @@ impl Bridge {
             let subscriptions = &bridge.subscriptions;
             for subscription in &config.subscriptions {
                 let summary = summaries.remove(&subscription.id);
-                subscriptions
-                    .insert(bridge.start_subscription(subscription.clone(), Origin::Config, summary).await?);
+                let entry = bridge.start_subscription(subscription.clone(), Origin::Config, summary).await?;
+                let _ = subscriptions.insert(entry);
             }
             let names = bridge.source_names();
             for raw in bridge.store.subscriptions().await? {
@@ -159,7 +168,9 @@ impl Bridge {
                         .start_subscription(subscription, Origin::Api, summaries.remove(&raw.id))
                         .await
                     {
-                        Ok(entry) => subscriptions.insert(entry),
+                        Ok(entry) => {
+                            let _ = subscriptions.insert(entry);
+                        }
                         Err(error) => {
                             tracing::error!(id = %raw.id, error = %error, "cannot start a stored subscription")
                         }
@@ -304,16 +315,15 @@ impl Bridge {
                 let nats = self.nats.clone().ok_or_else(|| {
                     BridgeError::Unavailable("the bridge has no NATS connection: add a [nats] section to the configuration and restart it".into())
                 })?;
-                Sink::Nats(Box::new(NatsSink::new(
-                    nats,
-                    nats_sink.subject.clone(),
-                    nats_sink.jetstream,
-                    nats_sink.payload,
-                )))
+                Sink::Nats(Box::new(
+                    NatsSink::new(nats, nats_sink.subject.clone(), nats_sink.jetstream, nats_sink.payload)
+                        .reserving(self.reserved_subjects.clone()),
+                ))
             }
-            SinkConfig::Webhook(webhook) => {
-                Sink::Webhook(WebhookSink::new(self.http.clone(), webhook.clone()))
-            }
+            SinkConfig::Webhook(webhook) => Sink::Webhook(match origin {
+                Origin::Config => WebhookSink::new(self.http.trusted.clone(), webhook.clone()),
+                Origin::Api => WebhookSink::posted(&self.http, webhook.clone()),
+            }),
         };
         let id: Arc<str> = config.id.as_str().into();
         let (spool, counters, summary) = match spooled {
@@ -396,15 +406,26 @@ impl Bridge {
     /// (id taken), [`BridgeError::Upstream`] (refused by the server), [`BridgeError::Store`].
     pub async fn add_subscription(&self, raw: RawSubscription) -> Result<SubscriptionView, BridgeError> {
         self.check_posted(&raw)?;
+        self.check_resolved(&raw).await?;
+        let _one_change = self.reloading.lock().await;
         // Every source name counts as known here, so an unknown one gets its own 404.
         let mut names = self.source_names();
         names.insert(raw.source.clone());
         let config =
             config::validate_subscription(&raw, "", &names, &Env::new()).map_err(BridgeError::Invalid)?;
+        if let Some(prefix) = &self.reserved_subjects
+            && let Some(problem) = config::reserved_subject_problem(&config, prefix, "")
+        {
+            return Err(BridgeError::Invalid(vec![problem]));
+        }
         let source =
             self.source(&config.source).ok_or_else(|| BridgeError::UnknownSource(config.source.clone()))?;
-        if !self.subscriptions.reserve(&config.id) {
-            return Err(BridgeError::Conflict(format!("a subscription with id {:?} exists", config.id)));
+        match self.subscriptions.reserve(&config.id, self.max_subscriptions) {
+            Ok(()) => {}
+            Err(registry::Refused::Taken) => {
+                return Err(BridgeError::Conflict(format!("a subscription with id {:?} exists", config.id)));
+            }
+            Err(registry::Refused::Full) => return Err(BridgeError::TooMany(self.max_subscriptions)),
         }
         let entry = match self.start_added(&raw, config, &source).await {
             Ok(entry) => entry,
@@ -414,7 +435,9 @@ impl Bridge {
             }
         };
         let view = self.view(&entry);
-        self.subscriptions.insert(entry);
+        self.subscriptions
+            .insert(entry)
+            .map_err(|_| BridgeError::Conflict(format!("a subscription with id {:?} exists", view.id)))?;
         Ok(view)
     }
 
@@ -436,10 +459,25 @@ impl Bridge {
             && let Some(kind) = config::private_destination(&parsed)
         {
             return Err(BridgeError::Forbidden(format!(
-                "sink.url: {url:?} is a {kind} address; webhooks posted through the API may not target it (set admin.allow_private_webhooks = true to allow it)"
+                "sink.url: {:?} is a {kind} address; webhooks posted through the API may not target it (set admin.allow_private_webhooks = true to allow it)",
+                crate::redact::mask_url(url)
             )));
         }
         Ok(())
+    }
+
+    /// A posted webhook whose host name resolves to a private address now is refused at
+    /// once (its connections would be refused anyway, every one checked again when made).
+    async fn check_resolved(&self, raw: &RawSubscription) -> Result<(), BridgeError> {
+        let RawSink::Webhook { url, .. } = &raw.sink else { return Ok(()) };
+        let Some(name) = reqwest::Url::parse(url).ok().and_then(|url| url.domain().map(str::to_string))
+        else {
+            return Ok(());
+        };
+        match self.http.resolver.refusal(&name).await {
+            Some(refused) => Err(BridgeError::Forbidden(format!("sink.url: {refused}"))),
+            None => Ok(()),
+        }
     }
 
     /// Stores, starts and subscribes upstream a reserved subscription.
@@ -483,6 +521,7 @@ impl Bridge {
     /// [`BridgeError::NotFound`], [`BridgeError::Conflict`] for a configured subscription,
     /// [`BridgeError::Store`].
     pub async fn remove_subscription(&self, id: &str) -> Result<(), BridgeError> {
+        let _one_change = self.reloading.lock().await;
         let entry = self
             .subscriptions
             .remove(id, |entry| match entry.origin {
@@ -492,19 +531,27 @@ impl Bridge {
                 Origin::Api => Ok(()),
             })
             .ok_or_else(|| BridgeError::NotFound(format!("subscription {id:?}")))??;
-        let source = self.source(&entry.config.source).expect("subscriptions belong to known sources");
-        source.routes().remove(id);
+        // Its source may be gone (a reload removed it): what is left of it is removed.
+        let source = self.source(&entry.config.source);
+        if let Some(source) = &source {
+            source.routes().remove(id);
+        }
         let entry = Self::stop_forwarder(entry).await;
         let pattern = entry.config.channel.as_str();
-        let still_needed = source.routes().snapshot().iter().any(|route| route.pattern.as_str() == pattern);
-        if !still_needed
-            && source.client.subscriptions().contains(pattern)
-            && let Err(error) = source.client.unsubscribe(pattern).await
-        {
-            tracing::warn!(id, channel = %pattern, error = %error, "could not unsubscribe upstream");
+        if let Some(source) = &source {
+            let still_needed =
+                source.routes().snapshot().iter().any(|route| route.pattern.as_str() == pattern);
+            if !still_needed
+                && source.client.subscriptions().contains(pattern)
+                && let Err(error) = source.client.unsubscribe(pattern).await
+            {
+                tracing::warn!(id, channel = %pattern, error = %error, "could not unsubscribe upstream");
+            }
+            if let Some(replay) = &source.replay {
+                replay.remove(id);
+            }
         }
-        if let Some(replay) = &source.replay {
-            replay.remove(id);
+        if source.as_ref().is_none_or(|source| source.replay.is_some()) {
             self.store.delete_positions(id).await?;
         }
         let backlog = entry.spool.backlog();
@@ -565,8 +612,11 @@ impl Bridge {
             status.state == SessionState::Connected && status.subscriptions.contains(config.channel.as_str())
         });
         let mut sink = config.raw.sink.clone();
-        if let RawSink::Webhook { secret: Some(secret), .. } = &mut sink {
-            *secret = "***".into();
+        if let RawSink::Webhook { url, secret, .. } = &mut sink {
+            *url = crate::redact::mask_url(url);
+            if let Some(secret) = secret {
+                *secret = "***".into();
+            }
         }
         SubscriptionView {
             id: config.id.clone(),
@@ -598,11 +648,14 @@ impl Bridge {
         id: &str,
         position: ReplayPosition,
     ) -> Result<SubscriptionView, BridgeError> {
+        let _one_change = self.reloading.lock().await;
         let (source, channel) = self
             .subscriptions
             .get(id, |entry| (entry.config.source.clone(), entry.config.channel.to_string()))
             .ok_or_else(|| BridgeError::NotFound(format!("subscription {id:?}")))?;
-        let source = self.source(&source).expect("subscriptions belong to known sources");
+        let source = self.source(&source).ok_or_else(|| {
+            BridgeError::Conflict(format!("the source {source:?} of subscription {id:?} is gone"))
+        })?;
         let replay = source.replay.as_ref().ok_or_else(|| {
             BridgeError::Conflict(format!(
                 "source {:?} does not use replay (set replay = true)",
@@ -638,7 +691,7 @@ impl Bridge {
                 let status = source.client.status();
                 SourceView {
                     name: source.config.name.clone(),
-                    url: source.config.url.clone(),
+                    url: crate::redact::mask_url(&source.config.url),
                     state: match status.state {
                         SessionState::Connected => "connected",
                         SessionState::Unconnected
@@ -648,7 +701,7 @@ impl Bridge {
                     },
                     connection_type: status.connection_type.map(|kind| kind.as_str()),
                     client_id: status.client_id,
-                    last_error: status.last_error,
+                    last_error: status.last_error.map(|error| crate::redact::mask_urls_in(&error)),
                     subscriptions: status.subscriptions.into_iter().collect(),
                 }
             })
@@ -670,29 +723,33 @@ impl Bridge {
 
     /// Why the bridge is not ready: the state store failing, a source not connected or not
     /// subscribed, NATS not connected. Empty when ready.
-    pub fn unready_reasons(&self) -> Vec<String> {
+    pub fn unready_reasons(&self) -> Vec<Unready> {
         let mut reasons = Vec::new();
         if let Some(why) = self.store.unhealthy() {
-            reasons.push(format!("the state store is failing: {why}"));
+            reasons.push(Unready::new(
+                "the state store is failing",
+                format!("the state store is failing: {why}"),
+            ));
         }
         for source in self.source_list() {
             if let Some(reason) = source.health.unready_reason() {
-                reasons.push(format!("source {}'s task {reason}", source.name));
+                reasons.push(Unready::new(TASK_FAILED, format!("source {}'s task {reason}", source.name)));
             }
             let status = source.client.status();
             if status.state != SessionState::Connected {
                 let mut reason =
                     format!("source {} is {}", source.name, format!("{:?}", status.state).to_lowercase());
                 if let Some(error) = status.last_error {
-                    reason.push_str(&format!(": {error}"));
+                    reason.push_str(&format!(": {}", crate::redact::mask_urls_in(&error)));
                 }
-                reasons.push(reason);
+                reasons.push(Unready::new("a source is not connected", reason));
                 continue;
             }
             for route in source.routes().snapshot().iter() {
                 let held = route.spool.full().is_some_and(|episode| episode.held);
                 if !held && !status.subscriptions.contains(route.pattern.as_str()) {
-                    reasons.push(format!("source {} is not subscribed to {}", source.name, route.pattern));
+                    let reason = format!("source {} is not subscribed to {}", source.name, route.pattern);
+                    reasons.push(Unready::new("a source is not subscribed to every channel", reason));
                 }
             }
         }
@@ -700,13 +757,13 @@ impl Bridge {
             self.subscriptions.all(|entry| (entry.config.id.clone(), entry.counters.health.unready_reason()));
         for (id, reason) in forwarders {
             if let Some(reason) = reason {
-                reasons.push(format!("subscription {id}'s forwarder {reason}"));
+                reasons.push(Unready::new(TASK_FAILED, format!("subscription {id}'s forwarder {reason}")));
             }
         }
         if let Some(nats) = &self.nats
             && nats.connection_state() != async_nats::connection::State::Connected
         {
-            reasons.push("NATS is not connected".into());
+            reasons.push(Unready::new("NATS is not connected", "NATS is not connected".into()));
         }
         reasons
     }

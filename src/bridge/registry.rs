@@ -23,6 +23,15 @@ pub(super) struct SubscriptionEntry {
     pub(super) stop: Stop,
 }
 
+/// Why an id cannot be reserved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// A subscription of that id runs or is being added.
+    Taken,
+    /// As many subscriptions as allowed run or are being added.
+    Full,
+}
+
 #[derive(Default)]
 struct Entries {
     running: BTreeMap<String, SubscriptionEntry>,
@@ -40,10 +49,18 @@ impl Registry {
         self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Reserves `id` for a subscription being added; `false` when it is taken.
-    pub(super) fn reserve(&self, id: &str) -> bool {
+    /// Reserves `id` for a subscription being added, when it is free and fewer than
+    /// `limit` subscriptions run or are being added.
+    pub(super) fn reserve(&self, id: &str, limit: usize) -> Result<(), Refused> {
         let mut entries = self.lock();
-        !entries.running.contains_key(id) && entries.reserved.insert(id.to_string())
+        if entries.running.contains_key(id) || entries.reserved.contains(id) {
+            Err(Refused::Taken)
+        } else if entries.running.len() + entries.reserved.len() >= limit {
+            Err(Refused::Full)
+        } else {
+            entries.reserved.insert(id.to_string());
+            Ok(())
+        }
     }
 
     /// Gives up a reservation (the add failed).
@@ -51,11 +68,21 @@ impl Registry {
         self.lock().reserved.remove(id);
     }
 
-    /// Adds a running subscription (ending its reservation, if any).
-    pub(super) fn insert(&self, entry: SubscriptionEntry) {
+    /// Adds a running subscription (ending its reservation, if any). An id that already
+    /// runs is refused, never replaced: the newcomer's forwarder is stopped and the one
+    /// running goes on (replacing it would orphan its forwarder and spool).
+    pub(super) fn insert(&self, entry: SubscriptionEntry) -> Result<(), Refused> {
         let mut entries = self.lock();
         entries.reserved.remove(&entry.config.id);
+        if entries.running.contains_key(&entry.config.id) {
+            drop(entries);
+            tracing::error!(id = %entry.config.id, "a subscription of this id already runs; the second one is stopped");
+            entry.stop.soon.cancel();
+            entry.stop.now.cancel();
+            return Err(Refused::Taken);
+        }
         entries.running.insert(entry.config.id.clone(), entry);
+        Ok(())
     }
 
     /// Whether `id` runs or is being added.

@@ -230,7 +230,9 @@ impl Bridge {
             let id = config.id.clone();
             let kept = SpoolOrigin::Kept { spool: old.spool, counters: old.counters };
             match self.start_subscription_on(config, old.origin, kept).await {
-                Ok(entry) => self.subscriptions.insert(entry),
+                Ok(entry) => {
+                    let _ = self.subscriptions.insert(entry);
+                }
                 Err(error) => {
                     tracing::error!(id = %id, error = %error, "could not restart a subscription after a reload")
                 }
@@ -240,7 +242,9 @@ impl Bridge {
             let id = config.id.clone();
             let summary = plan.summaries.remove(&id);
             match self.start_subscription(config, Origin::Config, summary).await {
-                Ok(entry) => self.subscriptions.insert(entry),
+                Ok(entry) => {
+                    let _ = self.subscriptions.insert(entry);
+                }
                 Err(error) => {
                     tracing::error!(id = %id, error = %error, "could not start a subscription after a reload")
                 }

@@ -378,7 +378,7 @@ impl Source {
                         match deferred {
                             Some(Error::Closed) => continue 'session,
                             Some(error) => {
-                                tracing::error!(source = %self.name, error = %error, "the CometD server reported an error")
+                                tracing::error!(source = %self.name, error = %crate::redact::mask_urls_in(&error.to_string()), "the CometD server reported an error")
                             }
                             None => {}
                         }
@@ -388,7 +388,7 @@ impl Source {
                     }
                     Err(Error::Closed) => continue 'session,
                     Err(error) => {
-                        tracing::error!(source = %self.name, error = %error, "the CometD server reported an error");
+                        tracing::error!(source = %self.name, error = %crate::redact::mask_urls_in(&error.to_string()), "the CometD server reported an error");
                     }
                 }
             }
@@ -433,7 +433,7 @@ impl Source {
             match opened.and(Ok(())) {
                 Ok(()) => break,
                 Err(error) => {
-                    tracing::error!(source = %self.name, error = %error, "cannot open a CometD session; retrying");
+                    tracing::error!(source = %self.name, error = %crate::redact::mask_urls_in(&error.to_string()), "cannot open a CometD session; retrying");
                     self.metrics.source_connected(&self.name, false);
                     if !pause(backoff.delay(failures), stop).await {
                         return false;
@@ -446,7 +446,7 @@ impl Source {
             match self.client.subscribe(channel).await {
                 Ok(()) => tracing::info!(source = %self.name, channel = %channel, "subscribed"),
                 Err(error) => {
-                    tracing::error!(source = %self.name, channel = %channel, error = %error, "subscription refused")
+                    tracing::error!(source = %self.name, channel = %channel, error = %crate::redact::mask_urls_in(&error.to_string()), "subscription refused")
                 }
             }
         }
@@ -490,7 +490,7 @@ impl Source {
                 match client.subscribe(&channel).await {
                     Ok(()) => tracing::info!(source = %source, channel = %channel, "subscribed"),
                     Err(error) => {
-                        tracing::warn!(source = %source, channel = %channel, error = %error, "subscribe failed; trying again later")
+                        tracing::warn!(source = %source, channel = %channel, error = %crate::redact::mask_urls_in(&error.to_string()), "subscribe failed; trying again later")
                     }
                 }
                 subscribing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&channel);

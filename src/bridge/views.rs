@@ -28,6 +28,11 @@ pub enum BridgeError {
     /// The CometD server refused the subscription.
     #[error("the CometD server refused the subscription: {0}")]
     Upstream(Error),
+    /// As many subscriptions as `admin.max_subscriptions` allows exist.
+    #[error(
+        "there are {0} subscriptions, the most admin.max_subscriptions allows; remove one or raise the limit"
+    )]
+    TooMany(usize),
     /// A webhook posted through the API points at a loopback, link-local or private
     /// address.
     #[error("{0}")]
@@ -145,3 +150,22 @@ impl From<spool::Backlog> for BacklogView {
         }
     }
 }
+
+/// One reason the bridge is not ready: in general terms, for anyone who can reach
+/// `/readyz`, and in detail (names, channels, errors, panic texts), for the token holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unready {
+    /// What kind of thing is wrong, naming nothing (`a source is not connected`).
+    pub general: &'static str,
+    /// What exactly.
+    pub detail: String,
+}
+
+impl Unready {
+    pub(super) fn new(general: &'static str, detail: String) -> Self {
+        Unready { general, detail }
+    }
+}
+
+/// The general reason of a task that failed recently.
+pub(super) const TASK_FAILED: &str = "a task failed in the last minute and was restarted";

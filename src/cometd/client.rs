@@ -281,7 +281,7 @@ impl Client {
                 let reported =
                     *self.inner.timeout_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let from = status.since.max(status.last_exchange);
-                Some(reported.map_or(from, |reported| from.max(reported)) + timeout)
+                Some(super::session::deadline(reported.map_or(from, |reported| from.max(reported)), timeout))
             }
             _ => None,
         }

@@ -33,6 +33,12 @@ const DEFAULT_CONNECT_HOLD: Duration = Duration::from_secs(60);
 const MAX_CONNECT_HOLD_BACK: Duration = Duration::from_secs(1);
 
 /// Waits until `at`, or for ever when there is no `at`.
+/// `wait` after `from`, or about thirty years after it when a configured wait is too long
+/// for the clock to add (saturating: a timeout of `"300000000000y"` must not panic).
+pub(crate) fn deadline(from: Instant, wait: Duration) -> Instant {
+    from.checked_add(wait).unwrap_or_else(|| from + Duration::from_secs(30 * 365 * 24 * 3600))
+}
+
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -481,7 +487,8 @@ impl Session {
         status: watch::Sender<SessionStatus>,
         opened: oneshot::Sender<Result<(), Error>>,
     ) -> Self {
-        let open_deadline = ctx.shared.options.connection_timeout.map(|timeout| Instant::now() + timeout);
+        let open_deadline =
+            ctx.shared.options.connection_timeout.map(|timeout| deadline(Instant::now(), timeout));
         let machine = Machine::new(open_deadline, ctx.shared.options.auth.is_some());
         Session {
             ctx,
@@ -526,7 +533,7 @@ impl Session {
                     }
                     Some(command) if self.is_connected() => requests.push(self.request(command)),
                     Some(command) => {
-                        let gives_up = Instant::now() + self.ctx.shared.options.request_timeout;
+                        let gives_up = deadline(Instant::now(), self.ctx.shared.options.request_timeout);
                         self.deferred.push_back((gives_up, command));
                     }
                 },
@@ -549,7 +556,7 @@ impl Session {
                     step = None;
                     match self.apply(finished) {
                         Ok(Some((delay, next))) if delay.is_zero() => step = Some(self.start(next)),
-                        Ok(Some((delay, next))) => scheduled = Some((Instant::now() + delay, next)),
+                        Ok(Some((delay, next))) => scheduled = Some((deadline(Instant::now(), delay), next)),
                         Ok(None) => {}
                         Err(()) => {
                             Box::pin(self.shut_down(false)).await;
@@ -842,8 +849,10 @@ impl Session {
     fn refuse(&mut self, channel: String) {
         let failures = self.refused.get(&channel).map_or(0, |retry| retry.failures);
         let delay = self.ctx.shared.options.backoff.delay(failures);
-        self.refused
-            .insert(channel, Retry { at: Instant::now() + delay, failures: failures.saturating_add(1) });
+        self.refused.insert(
+            channel,
+            Retry { at: deadline(Instant::now(), delay), failures: failures.saturating_add(1) },
+        );
     }
 
     /// The server said `reconnect: none`: hand out what is pending, then the error.
@@ -993,6 +1002,13 @@ impl Session {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_deadline_too_far_for_the_clock_saturates() {
+        let now = Instant::now();
+        assert!(deadline(now, Duration::MAX) > now + Duration::from_secs(365 * 24 * 3600));
+        assert_eq!(deadline(now, Duration::from_secs(1)), now + Duration::from_secs(1));
+    }
 
     fn reply(value: Value) -> Message {
         serde_json::from_value(value).expect("message")

@@ -2,6 +2,7 @@
 //! `COMETD_BRIDGE__SECTION__KEY` environment overrides, parsed strictly, then validated
 //! into domain types with **every** problem reported under its key.
 
+mod paths;
 mod raw;
 mod validate;
 mod yaml;
@@ -12,12 +13,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use paths::deserialize_named;
 pub use raw::{RawConfig, RawNats, RawRetry, RawSink, RawSubscription};
 // The sinks own their settings; the configuration builds them.
 pub use crate::secret::Secret;
 pub use crate::sink::RetryConfig;
 pub use crate::sink::settings::{NatsSinkConfig, Payload, SinkConfig, WebhookSinkConfig};
-pub use validate::{parse_replay_from, private_destination, validate, validate_subscription};
+pub use validate::{
+    parse_replay_from, private_destination, reserved_subject_prefix, reserved_subject_problem, validate,
+    validate_subscription,
+};
 
 use crate::cometd::{
     ChannelPattern, ClientOptions, ConnectionType, Proxy, ReadCoalescing, ReplayFallback, ReplayPosition,
@@ -96,6 +101,11 @@ pub struct AdminConfig {
     pub allow_private_webhooks: bool,
     /// Whether the API may listen beyond loopback without a token.
     pub allow_unauthenticated: bool,
+    /// Host names a tokenless API answers to besides its address and `localhost`, lower
+    /// case, without port.
+    pub allowed_hosts: Vec<String>,
+    /// The most subscriptions the API lets exist (a POST past it is 409).
+    pub max_subscriptions: usize,
 }
 
 impl Config {
@@ -462,13 +472,12 @@ pub(crate) fn parse_text(
         .build()
         .map_err(|error| one(format!("{origin}: {error}")))?;
     let mut unknown = Vec::new();
-    let raw: Result<RawConfig, _> =
-        serde_ignored::deserialize(settings, |path| unknown.push(key_path(&path)));
+    let raw: Result<RawConfig, _> = paths::deserialize_named(settings, |key| unknown.push(key));
     problems.extend(unknown.into_iter().map(|key| Problem::new(key, "unknown key")));
     match raw {
         Ok(raw) => Ok((raw, problems)),
-        Err(error) => {
-            problems.insert(0, Problem::new("", dotted_keys(&error.to_string())));
+        Err(problem) => {
+            problems.insert(0, Problem { message: dotted_keys(&problem.message), ..problem });
             Err(problems.into())
         }
     }
@@ -587,6 +596,68 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_with_its_path() {
+        let subscription = |fields: &str| {
+            format!(
+                "[[sources]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/\"\n[[subscriptions]]\nid = \"a\"\nsource = \"s\"\n{fields}"
+            )
+        };
+        for (fields, expected) in [
+            (
+                "channel = [42]\nsink = { type = \"webhook\", url = \"http://h.example/\" }\n",
+                "subscriptions[0].channel: invalid type: sequence, expected a string",
+            ),
+            (
+                "channel = \"/c\"\nsink = { type = \"webhook\", url = \"http://h.example/\", colour = \"red\" }\n",
+                "subscriptions[0].sink.colour: unknown key",
+            ),
+            (
+                "channel = \"/c\"\nsink = { type = \"webhook\", url = 42 }\n",
+                "subscriptions[0].sink.url: invalid type: integer `42`, expected a string",
+            ),
+            (
+                "channel = \"/c\"\nsink = { type = \"nats\", subject = \"s\", jetstream = [true] }\n",
+                "subscriptions[0].sink.jetstream: invalid type: sequence, expected a boolean",
+            ),
+            (
+                "channel = \"/c\"\nsink = { type = \"carrier-pigeon\" }\n",
+                "subscriptions[0].sink: unknown variant",
+            ),
+        ] {
+            let problems = parse_text(&subscription(fields), Format::Toml, "test", &Env::new());
+            let Err(ConfigError::Invalid { problems }) = problems else { panic!("{fields}: refused") };
+            assert!(problems[0].to_string().starts_with(expected), "{fields}: {problems:?}");
+        }
+    }
+
+    #[test]
+    fn allowed_hosts_and_max_subscriptions_are_checked() {
+        let text = "[admin]\nallowed_hosts = [\"Bridge.Internal.\", \"http://x\", \"a:80\"]\nmax_subscriptions = 0\n";
+        let (raw, problems) = parse_text(text, Format::Toml, "test", &Env::new()).expect("read");
+        let Err(ConfigError::Invalid { problems }) = validate_parsed(raw, problems, &Env::new()) else {
+            panic!("refused")
+        };
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert!(
+            problems.iter().any(|p| p.starts_with("admin.allowed_hosts[1]: \"http://x\" is not a host name")),
+            "{problems:?}"
+        );
+        assert!(problems.iter().any(|p| p.starts_with("admin.allowed_hosts[2]")), "{problems:?}");
+        assert!(!problems.iter().any(|p| p.starts_with("admin.allowed_hosts[0]")), "{problems:?}");
+        assert!(
+            problems.contains(&"admin.max_subscriptions: must be at least 1".to_string()),
+            "{problems:?}"
+        );
+        let text = "[admin]\nallowed_hosts = [\"Bridge.Internal.\"]\n";
+        let (raw, problems) = parse_text(text, Format::Toml, "test", &Env::new()).expect("read");
+        let config = validate_parsed(raw, problems, &Env::new()).expect("valid");
+        assert_eq!(
+            (config.admin.allowed_hosts, config.admin.max_subscriptions),
+            (vec!["bridge.internal".to_string()], 1000)
+        );
     }
 
     #[test]

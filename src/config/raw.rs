@@ -45,6 +45,17 @@ pub struct RawAdmin {
     /// private addresses.
     #[serde(default)]
     pub allow_private_webhooks: bool,
+    /// Host names the API answers to without a token, besides its listen address and
+    /// `localhost` (a name it is reached by through a proxy or DNS).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// The most subscriptions (configured and posted) the API lets exist.
+    #[serde(default = "default_max_subscriptions")]
+    pub max_subscriptions: usize,
+}
+
+fn default_max_subscriptions() -> usize {
+    1000
 }
 
 impl Default for RawAdmin {
@@ -54,6 +65,8 @@ impl Default for RawAdmin {
             token: None,
             allow_unauthenticated: false,
             allow_private_webhooks: false,
+            allowed_hosts: Vec::new(),
+            max_subscriptions: default_max_subscriptions(),
         }
     }
 }
@@ -356,8 +369,11 @@ fn default_retry_max_backoff() -> String {
 }
 
 /// `sink = { type = "nats" | "webhook", ... }`
-#[derive(Clone, Debug, Deserialize, serde::Serialize, utoipa::ToSchema)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+///
+/// Read by hand (see [`RawSink::deserialize`]) so that a field that does not fit is named
+/// with its path; written with its `type` tag.
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum RawSink {
     /// Publish on NATS.
     Nats {
@@ -390,6 +406,102 @@ pub enum RawSink {
         #[serde(default = "default_max_in_flight")]
         max_in_flight: i64,
     },
+}
+
+/// [`RawSink`] tagged from outside (`{"webhook": {...}}`), which serde reads field by field,
+/// keeping the path of what does not fit.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+enum ExternallyTagged {
+    /// Publish on NATS.
+    Nats {
+        /// Subject template with `{source}`, `{subscription}`, `{channel}`.
+        subject: String,
+        /// Publish through JetStream and wait for its ack.
+        #[serde(default)]
+        jetstream: bool,
+        /// `data` (the message's data) or `envelope` (the whole Bayeux message).
+        #[serde(default = "default_payload")]
+        payload: String,
+    },
+    /// POST to an HTTP endpoint.
+    Webhook {
+        /// The endpoint.
+        url: String,
+        /// Standard Webhooks signing secret (`whsec_...` or raw); a secret.
+        secret: Option<String>,
+        /// Timeout of one attempt.
+        #[serde(default = "default_webhook_timeout")]
+        timeout: String,
+        /// First release: attempts before the message is dead-lettered; unset by default
+        /// (the subscription's `retry` decides).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_attempts: Option<i64>,
+        /// First release: overrides the subscription's `retry.max_elapsed` when set.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_elapsed: Option<String>,
+        /// Requests in flight at once; 1 (the default) keeps the order.
+        #[serde(default = "default_max_in_flight")]
+        max_in_flight: i64,
+    },
+}
+
+impl From<ExternallyTagged> for RawSink {
+    fn from(sink: ExternallyTagged) -> Self {
+        match sink {
+            ExternallyTagged::Nats { subject, jetstream, payload } => {
+                RawSink::Nats { subject, jetstream, payload }
+            }
+            ExternallyTagged::Webhook { url, secret, timeout, max_attempts, max_elapsed, max_in_flight } => {
+                RawSink::Webhook { url, secret, timeout, max_attempts, max_elapsed, max_in_flight }
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawSink {
+    /// `{ type = "...", ... }`: the `type` picks the variant, whose fields are read with
+    /// their path (`url: invalid type`, `colour: unknown key`), handed up in the error.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(deserializer)?;
+        let serde_json::Value::Object(mut fields) = value else {
+            return Err(D::Error::custom(format!(
+                "invalid type: {}, expected a table like {{ type = \"webhook\", url = \"...\" }}",
+                kind_of(&value)
+            )));
+        };
+        let kind = match fields.remove("type") {
+            Some(serde_json::Value::String(kind)) => kind,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "type{}invalid type: {}, expected \"nats\" or \"webhook\"",
+                    super::paths::INNER_PATH,
+                    kind_of(&other)
+                )));
+            }
+            None => return Err(D::Error::missing_field("type")),
+        };
+        if kind != "nats" && kind != "webhook" {
+            return Err(D::Error::unknown_variant(&kind, &["nats", "webhook"]));
+        }
+        let tagged = serde_json::Value::Object(serde_json::Map::from_iter([(kind, fields.into())]));
+        serde_path_to_error::deserialize::<_, ExternallyTagged>(tagged)
+            .map(RawSink::from)
+            .map_err(super::paths::inner_error)
+    }
+}
+
+/// What a JSON value is, as serde names it in "invalid type" messages.
+fn kind_of(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "sequence",
+        serde_json::Value::Object(_) => "map",
+    }
 }
 
 fn default_payload() -> String {

@@ -97,6 +97,21 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         SocketAddr::from(([127, 0, 0, 1], 0))
     });
     let token = raw.admin.token.as_deref().and_then(|spec| check.secret("admin.token", spec));
+    let mut allowed_hosts = Vec::new();
+    for (index, host) in raw.admin.allowed_hosts.iter().enumerate() {
+        let name = host.trim().trim_end_matches('.').to_ascii_lowercase();
+        if name.is_empty() || name.contains(|c: char| c == '/' || c == ':' || c == '@' || c.is_whitespace()) {
+            check.problem(
+                format!("admin.allowed_hosts[{index}]"),
+                format!("{host:?} is not a host name like \"bridge.internal\" (no scheme, port or path)"),
+            );
+        } else {
+            allowed_hosts.push(name);
+        }
+    }
+    if raw.admin.max_subscriptions == 0 {
+        check.problem("admin.max_subscriptions", "must be at least 1");
+    }
     if token.as_ref().is_some_and(|token| token.expose().is_empty()) {
         check.problem("admin.token", "must not be empty");
     }
@@ -188,7 +203,14 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             );
         }
         match validate_subscription(subscription, &key, &names, env) {
-            Ok(subscription) => subscriptions.push(subscription),
+            Ok(subscription) => {
+                if let Some(prefix) = reserved_subject_prefix(&backend)
+                    && let Some(problem) = reserved_subject_problem(&subscription, &prefix, &key)
+                {
+                    check.problems.push(problem);
+                }
+                subscriptions.push(subscription);
+            }
             Err(problems) => check.problems.extend(problems),
         }
     }
@@ -215,6 +237,8 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             token,
             allow_private_webhooks: raw.admin.allow_private_webhooks,
             allow_unauthenticated: raw.admin.allow_unauthenticated,
+            allowed_hosts,
+            max_subscriptions: raw.admin.max_subscriptions,
         },
         state: StateConfig {
             backend,
@@ -651,45 +675,47 @@ fn retry_config(
     RetryConfig { max_elapsed, max_backoff, max_attempts }
 }
 
-/// What kind of address `url` names when it is one a webhook posted by a stranger must not
-/// reach: `loopback`, `link-local`, `private` (RFC 1918, CGNAT, IPv6 unique local) or
-/// `unspecified`. Host names other than `localhost` are not resolved.
-pub fn private_destination(url: &reqwest::Url) -> Option<&'static str> {
-    use std::net::{IpAddr, Ipv4Addr};
-    fn v4(ip: Ipv4Addr) -> Option<&'static str> {
-        if ip.is_loopback() {
-            Some("loopback")
-        } else if ip.is_link_local() {
-            Some("link-local")
-        } else if ip.is_private() || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64) {
-            Some("private")
-        } else if ip.is_unspecified() || ip.is_broadcast() {
-            Some("unspecified")
-        } else {
-            None
-        }
+/// The prefix of the subjects the NATS state backend keeps its spools under
+/// (`<state.bucket>.`), which no sink subject may start with; `None` on other backends.
+pub fn reserved_subject_prefix(backend: &StateBackend) -> Option<String> {
+    match backend {
+        StateBackend::NatsKv { bucket } => Some(format!("{bucket}.")),
+        StateBackend::Embedded | StateBackend::Memory => None,
     }
+}
+
+/// The problem of a NATS sink whose subjects all start with the state's reserved prefix
+/// (a message could append forged records to a spool); `key` names the subscription.
+pub fn reserved_subject_problem(
+    subscription: &SubscriptionConfig,
+    prefix: &str,
+    key: &str,
+) -> Option<Problem> {
+    let SinkConfig::Nats(nats) = &subscription.sink else { return None };
+    nats.subject.always_starts_with(prefix).then(|| {
+        let field = if key.is_empty() { "sink.subject".to_string() } else { format!("{key}.sink.subject") };
+        Problem::new(
+            field,
+            format!(
+                "{:?} starts with {prefix:?}, where the state backend keeps the spools (state.bucket)",
+                nats.subject.to_string()
+            ),
+        )
+    })
+}
+
+/// What kind of address `url` names when it is one a webhook posted by a stranger must not
+/// reach (see [`crate::sink::destination::private_address`]: loopback, link-local,
+/// private, unique-local, unspecified, and their IPv4-mapped, IPv4-compatible and NAT64
+/// forms). Host names other than `localhost` are not resolved here: the API's webhook
+/// client checks what they resolve to when it connects.
+pub fn private_destination(url: &reqwest::Url) -> Option<&'static str> {
     let host = url.host_str()?;
-    let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() else {
-        let name = host.trim_end_matches('.').to_ascii_lowercase();
-        return (name == "localhost" || name.ends_with(".localhost")).then_some("loopback");
-    };
-    match ip {
-        IpAddr::V4(ip) => v4(ip),
-        IpAddr::V6(ip) => {
-            if let Some(mapped) = ip.to_ipv4_mapped() {
-                v4(mapped)
-            } else if ip.is_loopback() {
-                Some("loopback")
-            } else if ip.is_unspecified() {
-                Some("unspecified")
-            } else if (ip.segments()[0] & 0xfe00) == 0xfc00 {
-                Some("private")
-            } else if (ip.segments()[0] & 0xffc0) == 0xfe80 {
-                Some("link-local")
-            } else {
-                None
-            }
+    match host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+        Ok(ip) => crate::sink::destination::private_address(ip),
+        Err(_) => {
+            let name = host.trim_end_matches('.').to_ascii_lowercase();
+            (name == "localhost" || name.ends_with(".localhost")).then_some("loopback")
         }
     }
 }

@@ -2,6 +2,7 @@
 //! message by message, what became of it; each failure is classified (see [`retry`]) as
 //! worth retrying or not. Retrying is the forwarder's job, from the spool.
 
+pub mod destination;
 mod nats;
 pub mod retry;
 pub mod settings;

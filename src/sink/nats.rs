@@ -50,6 +50,9 @@ pub struct NatsSink {
     jetstream: Option<jetstream::Context>,
     subject: SubjectTemplate,
     payload: Payload,
+    /// A prefix no subject may start with: `<state.bucket>.`, where the NATS state
+    /// backend keeps the spools.
+    reserved: Option<String>,
 }
 
 impl NatsSink {
@@ -61,7 +64,12 @@ impl NatsSink {
         payload: Payload,
     ) -> Self {
         let jetstream = use_jetstream.then(|| jetstream::new(client.clone()));
-        NatsSink { client, jetstream, subject, payload }
+        NatsSink { client, jetstream, subject, payload, reserved: None }
+    }
+
+    /// Refuses (as a dead letter) every message whose subject starts with `prefix`.
+    pub fn reserving(self, prefix: Option<String>) -> Self {
+        NatsSink { reserved: prefix, ..self }
     }
 
     /// `nats` or `jetstream`, for metrics labels.
@@ -110,7 +118,7 @@ impl NatsSink {
 
     /// Makes one attempt at `batch`: core publishes confirmed by one flush, or JetStream
     /// publishes with up to [`ACK_WINDOW`] acks in flight. A message that can never be
-    /// published (its subject starts with `$`, it is over the server's `max_payload`, no
+    /// published (its subject starts with `$` or the state's reserved prefix, it is over the server's `max_payload`, no
     /// stream takes its subject) fails permanently and the others go on; a transient
     /// failure ends the attempt there, so that order is kept.
     pub(super) async fn attempt(&self, batch: &[&Envelope], stop: &CancellationToken) -> Attempted {
@@ -133,6 +141,12 @@ impl NatsSink {
             return Err(Failure::permanent(
                 "invalid_subject",
                 format!("the subject {subject:?} starts with `$`, which NATS keeps for its own APIs"),
+            ));
+        }
+        if let Some(reserved) = self.reserved.as_deref().filter(|reserved| subject.starts_with(reserved)) {
+            return Err(Failure::permanent(
+                "invalid_subject",
+                format!("the subject {subject:?} starts with {reserved:?}, where the bridge keeps its state"),
             ));
         }
         Ok((subject, headers, payload))

@@ -87,16 +87,17 @@ impl RetryPolicy {
     }
 
     /// The wait before the next attempt after `failures` failures in a row: jittered
-    /// exponential, never under the server's `retry_after`, never over `max_backoff` unless
-    /// the server asked for more.
+    /// exponential, never under the server's `retry_after`, never over `max_backoff`
+    /// (a receiver's `Retry-After` is honoured up to it, never beyond).
     pub fn delay(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
-        self.backoff.delay(failures.saturating_sub(1)).max(retry_after.unwrap_or_default())
+        let asked = retry_after.unwrap_or_default().min(self.config.max_backoff);
+        self.backoff.delay(failures.saturating_sub(1)).max(asked)
     }
 
     /// Whether a message first failing at `since`, after `attempts` attempts, is given up
     /// on rather than tried again after `delay`.
     pub fn exhausted(&self, since: Instant, attempts: u32, delay: Duration) -> bool {
-        since.elapsed() + delay > self.config.max_elapsed
+        since.elapsed().saturating_add(delay) > self.config.max_elapsed
             || self.config.max_attempts.is_some_and(|max| attempts >= max)
     }
 }
@@ -123,12 +124,22 @@ mod tests {
     }
 
     #[test]
-    fn delays_are_capped_but_honour_the_server() {
+    fn delays_honour_the_server_up_to_max_backoff() {
         let policy = policy(3600, 2, None);
         for failures in 1..40 {
             assert!(policy.delay(failures, None) <= Duration::from_secs(2), "{failures}");
         }
-        assert_eq!(policy.delay(30, Some(Duration::from_secs(9))), Duration::from_secs(9));
+        for failures in 1..5 {
+            assert!(policy.delay(failures, Some(Duration::from_secs(1))) >= Duration::from_secs(1));
+        }
+        assert_eq!(policy.delay(30, Some(Duration::from_secs(9))), Duration::from_secs(2));
+        assert_eq!(policy.delay(1, Some(Duration::from_secs(u64::MAX))), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_huge_delay_does_not_overflow() {
+        let policy = policy(60, 5, None);
+        assert!(policy.exhausted(Instant::now(), 1, Duration::MAX));
     }
 
     #[test]

@@ -111,6 +111,12 @@ impl SubjectTemplate {
         Ok(SubjectTemplate { text: text.to_string(), parts })
     }
 
+    /// Whether every subject it renders starts with `prefix` (its leading literal does):
+    /// such a template is refused when `prefix` is reserved, like `$`.
+    pub fn always_starts_with(&self, prefix: &str) -> bool {
+        matches!(self.parts.first(), Some(Part::Literal(literal)) if literal.starts_with(prefix))
+    }
+
     /// Renders the subject for one message.
     pub fn render(&self, values: &SubjectValues<'_>) -> String {
         let mut subject = String::with_capacity(self.text.len() + values.channel.len() + 16);

@@ -14,6 +14,7 @@ use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use tokio_util::sync::CancellationToken;
 
+use super::destination::{PrivateDestination, WebhookClients};
 use super::settings::WebhookSinkConfig;
 use super::{Attempted, Failure, FailureKind};
 use crate::delivery::{Envelope, visible_ascii};
@@ -58,13 +59,28 @@ pub struct WebhookSink {
     http: reqwest::Client,
     config: WebhookSinkConfig,
     key: Option<Vec<u8>>,
+    /// Why every message is refused: a URL posted through the API whose literal address
+    /// is private (names are checked by the guarded client's resolver).
+    refused: Option<String>,
 }
 
 impl WebhookSink {
     /// A sink posting with `http` (which must not follow redirects) as `config` says.
     pub fn new(http: reqwest::Client, config: WebhookSinkConfig) -> Self {
         let key = config.secret.as_ref().map(|secret| signing_key(secret.expose()));
-        WebhookSink { http, config, key }
+        WebhookSink { http, config, key, refused: None }
+    }
+
+    /// The sink of a webhook posted through the API: `clients.guarded` checks every
+    /// address a name resolves to, and a private literal address is refused here (it was
+    /// refused when posted, but the check may have been allowed then).
+    pub fn posted(clients: &WebhookClients, config: WebhookSinkConfig) -> Self {
+        let refused = clients
+            .checked
+            .then(|| crate::config::private_destination(&config.url))
+            .flatten()
+            .map(|kind| format!("the URL's host is a {kind} address; webhooks posted through the API may not reach it (admin.allow_private_webhooks = true allows it)"));
+        WebhookSink { refused, ..WebhookSink::new(clients.guarded.clone(), config) }
     }
 
     /// Requests in flight at once.
@@ -96,6 +112,9 @@ impl WebhookSink {
     }
 
     async fn post(&self, envelope: &Envelope) -> Result<(), Failure> {
+        if let Some(refused) = &self.refused {
+            return Err(Failure::permanent("private_destination", refused.clone()));
+        }
         let body = envelope.to_body();
         let id = visible_ascii(&format!("msg_{}", envelope.delivery_id()));
         // `webhook-id` on every request, signed or not: the receiver's key to drop a
@@ -124,11 +143,18 @@ impl WebhookSink {
                 classify(response.status(), retry_after)
             }
             Err(error) if error.is_timeout() => Err(Failure::transient("timeout", "timeout")),
+            Err(error) if PrivateDestination::find(&error).is_some() => {
+                let refused = PrivateDestination::find(&error).expect("found in the guard");
+                Err(Failure::permanent("private_destination", format!("refused: {refused}")))
+            }
             Err(error) => {
-                let chain = crate::telemetry::error_chain(&error);
+                // reqwest's text quotes the URL, credentials and all: the reason goes to logs,
+                // dead letters and the API.
+                let connect = error.is_connect();
+                let chain = crate::redact::mask_urls_in(&crate::telemetry::error_chain(&error.without_url()));
                 if chain.contains("certificate") || chain.contains("tls") || chain.contains("TLS") {
                     Err(Failure::transient("tls", format!("TLS failed: {chain}")))
-                } else if error.is_connect() {
+                } else if connect {
                     Err(Failure::transient("connect", format!("connection failed: {chain}")))
                 } else {
                     Err(Failure::transient("request", format!("request failed: {chain}")))

@@ -154,6 +154,30 @@ async fn every_error_answers_in_the_contract_shape() {
             "colour: unknown key",
         ),
         (
+            json!({"id": "x", "source": "demo", "channel": 42, "sink": {"type": "webhook", "url": "http://127.0.0.1:1/"}}),
+            400,
+            "invalid_subscription",
+            "channel: invalid type: integer `42`, expected a string",
+        ),
+        (
+            json!({"id": "x", "source": "demo", "channel": "/x", "sink": {"type": "webhook", "url": "http://127.0.0.1:1/", "colour": "red"}}),
+            400,
+            "invalid_subscription",
+            "sink.colour: unknown key",
+        ),
+        (
+            json!({"id": "x", "source": "demo", "channel": "/x", "sink": {"type": "webhook", "url": 42}}),
+            400,
+            "invalid_subscription",
+            "sink.url: invalid type: integer `42`, expected a string",
+        ),
+        (
+            json!({"id": "x", "source": "demo", "channel": "/x", "retry": {"max_backoff": 5}, "sink": {"type": "webhook", "url": "http://127.0.0.1:1/"}}),
+            400,
+            "invalid_subscription",
+            "retry.max_backoff: invalid type: integer `5`, expected a string",
+        ),
+        (
             webhook_body("x", "/x", &receiver)
                 .as_object()
                 .cloned()

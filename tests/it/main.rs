@@ -3,6 +3,7 @@
 mod ack;
 mod api;
 mod backpressure;
+mod bad_actors;
 mod boundary;
 mod bounds;
 mod bridge;

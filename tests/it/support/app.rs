@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use cometd_bridge::app::App;
 use cometd_bridge::config::{self, Config, Env};
+use cometd_bridge::sink::destination::FixedNames;
 use cometd_bridge::store::DeadLetter;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -48,11 +49,26 @@ impl TestApp {
         Self::start(config, state).await
     }
 
+    /// [`TestApp::spawn_with_admin`], the API's webhook client resolving the names in
+    /// `names` (which the test may change, as DNS rebinding would) without DNS.
+    pub async fn spawn_resolving(toml: &str, admin_keys: &str, names: FixedNames) -> Self {
+        let state = tempfile::tempdir().expect("state dir");
+        let config = Self::config_with(toml, &state, admin_keys, "");
+        Self::start_resolving(config, state, Some(names)).await
+    }
+
     async fn start(config: Config, state: TempDir) -> Self {
+        Self::start_resolving(config, state, None).await
+    }
+
+    async fn start_resolving(config: Config, state: TempDir, names: Option<FixedNames>) -> Self {
         let file = state.path().join("config.toml");
         let written = std::fs::read_to_string(&file).expect("the configuration file");
         let header = written[..written.find(HEADER_END).expect("the header") + HEADER_END.len()].to_string();
-        let app = App::build(config).await.expect("the app builds").reloadable(file, Env::new());
+        let mut app = App::build(config).await.expect("the app builds").reloadable(file, Env::new());
+        if let Some(names) = names {
+            app = app.resolve_posted_webhooks(names);
+        }
         let admin = app.admin_address();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

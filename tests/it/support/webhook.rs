@@ -37,6 +37,16 @@ struct Script {
     /// While set, every request gets 503 (a receiver that is down), whatever the script.
     down: Arc<std::sync::atomic::AtomicBool>,
     requests: mpsc::UnboundedSender<Received>,
+    manners: Arc<Mutex<Manners>>,
+}
+
+/// How the receiver answers besides its status.
+#[derive(Clone, Debug, Default)]
+struct Manners {
+    /// The `Retry-After` of the next answers that are not 2xx, one each (`None`: none).
+    retry_after: VecDeque<Option<String>>,
+    /// How long each request is held before it is answered.
+    hold: std::time::Duration,
 }
 
 /// The receiver; stops when dropped.
@@ -45,6 +55,7 @@ pub struct WebhookReceiver {
     statuses: Arc<Mutex<VecDeque<u16>>>,
     down: Arc<std::sync::atomic::AtomicBool>,
     requests: mpsc::UnboundedReceiver<Received>,
+    manners: Arc<Mutex<Manners>>,
     task: JoinHandle<()>,
 }
 
@@ -54,14 +65,32 @@ impl WebhookReceiver {
         let statuses = Arc::new(Mutex::new(statuses.into_iter().collect::<VecDeque<_>>()));
         let (sender, requests) = mpsc::unbounded_channel();
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let script = Script { statuses: statuses.clone(), down: down.clone(), requests: sender };
+        let manners = Arc::new(Mutex::new(Manners::default()));
+        let script = Script {
+            statuses: statuses.clone(),
+            down: down.clone(),
+            requests: sender,
+            manners: manners.clone(),
+        };
         let router = Router::new().route("/hook", post(record)).with_state(script);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("address").port();
         let task = tokio::spawn(async move {
             axum::serve(listener, router).await.expect("serve");
         });
-        WebhookReceiver { port, statuses, down, requests, task }
+        WebhookReceiver { port, statuses, down, requests, manners, task }
+    }
+
+    /// The `Retry-After` of the next answers that are not 2xx, in turn (`None`: none).
+    pub fn retry_after<'a>(&self, values: impl IntoIterator<Item = Option<&'a str>>) {
+        let values = values.into_iter().map(|value| value.map(str::to_string));
+        self.manners.lock().expect("lock").retry_after.extend(values);
+    }
+
+    /// Holds every request this long before answering it, from now on (a slow receiver);
+    /// [`WebhookReceiver::next`] returns it when it arrives.
+    pub fn hold(&self, hold: std::time::Duration) {
+        self.manners.lock().expect("lock").hold = hold;
     }
 
     pub fn url(&self) -> String {
@@ -103,9 +132,20 @@ impl Drop for WebhookReceiver {
     }
 }
 
-async fn record(State(script): State<Script>, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn record(State(script): State<Script>, headers: HeaderMap, body: Bytes) -> (StatusCode, HeaderMap) {
+    // Recorded on arrival: a test sees a held request while it is in flight.
     let scripted = script.statuses.lock().expect("lock").pop_front().unwrap_or(200);
     let status = if script.down.load(std::sync::atomic::Ordering::Relaxed) { 503 } else { scripted };
     let _ = script.requests.send(Received { headers, body, status });
-    StatusCode::from_u16(status).expect("a valid status")
+    let hold = script.manners.lock().expect("lock").hold;
+    if !hold.is_zero() {
+        tokio::time::sleep(hold).await;
+    }
+    let mut answer = HeaderMap::new();
+    if !(200..300).contains(&status)
+        && let Some(Some(retry_after)) = script.manners.lock().expect("lock").retry_after.pop_front()
+    {
+        answer.insert("retry-after", retry_after.parse().expect("a header value"));
+    }
+    (StatusCode::from_u16(status).expect("a valid status"), answer)
 }
