@@ -10,6 +10,11 @@
 //! so that what the server drops has been made durable first: the next connect waits for
 //! that, up to a limit, after which it acknowledges only the batches already processed and
 //! the server sends the others again.
+//!
+//! A batch the server sends again comes at the head of the next connect reply, before the
+//! new events (the server keeps unacknowledged events in order, under their first batch
+//! number). Those the client already handed out are recognised (channel, id and data, in
+//! order) and dropped, so the application gets each event once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,10 +38,24 @@ pub const DEFAULT_CONFIRM_WAIT: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 struct State {
     /// Batches received since the handshake: (batch number, events received in total
-    /// once it had arrived).
-    batches: VecDeque<(i64, u64)>,
+    /// once it had arrived, events it held).
+    batches: VecDeque<(i64, u64, u64)>,
     /// The batch acknowledged last (0 after a handshake).
     acknowledged: i64,
+    /// The events of the unacknowledged batches, in order: what the server sends again.
+    unacknowledged: VecDeque<u64>,
+    /// What the reply to the connect in flight starts with, sent again: dropped.
+    resent: VecDeque<u64>,
+}
+
+/// What tells a sent-again event from a new one: its channel, id and data.
+fn fingerprint(message: &Message) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    message.channel.hash(&mut hasher);
+    message.id.hash(&mut hasher);
+    message.data.as_ref().map(super::Data::json).hash(&mut hasher);
+    hasher.finish()
 }
 
 #[derive(Debug)]
@@ -47,6 +66,8 @@ struct Shared {
     received: AtomicU64,
     /// Events the application processed over the extension's life.
     confirmed: AtomicU64,
+    /// Events the server sent again that had been handed out already, dropped.
+    resent_dropped: AtomicU64,
     confirmations: Notify,
     state: Mutex<State>,
     /// `None`: acknowledge what was received; else wait for confirmations this long.
@@ -89,6 +110,7 @@ impl AckExtension {
                 enabled: AtomicBool::new(false),
                 received: AtomicU64::new(0),
                 confirmed: AtomicU64::new(0),
+                resent_dropped: AtomicU64::new(0),
                 confirmations: Notify::new(),
                 state: Mutex::new(State::default()),
                 confirm_wait,
@@ -109,6 +131,12 @@ impl AckExtension {
         (extension, confirmer)
     }
 
+    /// Events the server sent again (a batch acknowledged late) that had already been
+    /// handed out, and were dropped rather than handed out twice.
+    pub fn resent_dropped(&self) -> u64 {
+        self.shared.resent_dropped.load(Ordering::Acquire)
+    }
+
     /// Whether the server acknowledges batches in the current session.
     pub fn is_enabled(&self) -> bool {
         self.shared.enabled.load(Ordering::Acquire)
@@ -126,13 +154,17 @@ impl AckExtension {
             Some(_) => self.shared.confirmed.load(Ordering::Acquire),
         };
         let mut state = self.state();
-        while let Some((batch, events)) = state.batches.front().copied() {
+        while let Some((batch, events, count)) = state.batches.front().copied() {
             if events > confirmed {
                 break;
             }
             state.acknowledged = batch;
             state.batches.pop_front();
+            let count = usize::try_from(count).unwrap_or(usize::MAX).min(state.unacknowledged.len());
+            state.unacknowledged.drain(..count);
         }
+        // The reply to this connect starts with the unacknowledged events, sent again.
+        state.resent = state.unacknowledged.clone();
         state.acknowledged
     }
 
@@ -142,7 +174,7 @@ impl AckExtension {
     /// connect back.
     async fn wait_for_confirmations(&self, max_wait: Duration) {
         let Some(wait) = self.shared.confirm_wait else { return };
-        let Some(target) = self.state().batches.back().map(|(_, events)| *events) else { return };
+        let Some(target) = self.state().batches.back().map(|(_, events, _)| *events) else { return };
         let all_confirmed = async {
             loop {
                 let notified = self.shared.confirmations.notified();
@@ -183,6 +215,36 @@ impl Extension for AckExtension {
     }
 
     async fn incoming(&self, payload: &mut Vec<Message>, _headers: Option<&HeaderMap>) -> Result<(), Error> {
+        let connect_reply =
+            payload.iter().any(|message| message.channel == META_CONNECT && message.successful == Some(true));
+        let mut prints = Vec::new();
+        if connect_reply && self.is_enabled() {
+            let mut state = self.state();
+            let mut dropped = 0;
+            payload.retain(|message| {
+                if !message.is_event() {
+                    return true;
+                }
+                let print = fingerprint(message);
+                if state.resent.front() == Some(&print) {
+                    state.resent.pop_front();
+                    dropped += 1;
+                    return false;
+                }
+                // The first new event ends what was sent again.
+                state.resent.clear();
+                prints.push(print);
+                true
+            });
+            state.resent.clear();
+            if dropped > 0 {
+                self.shared.resent_dropped.fetch_add(dropped, Ordering::AcqRel);
+                tracing::debug!(
+                    dropped,
+                    "events sent again by the server after a partial acknowledgement, dropped"
+                );
+            }
+        }
         let events = payload.iter().filter(|message| message.is_event()).count() as u64;
         let received = self.shared.received.fetch_add(events, Ordering::AcqRel) + events;
         for message in payload.iter() {
@@ -198,7 +260,9 @@ impl Extension for AckExtension {
                 }
                 META_CONNECT if message.successful == Some(true) && self.is_enabled() => {
                     if let Some(batch) = ack.and_then(Value::as_i64) {
-                        self.state().batches.push_back((batch, received));
+                        let mut state = self.state();
+                        state.batches.push_back((batch, received, prints.len() as u64));
+                        state.unacknowledged.extend(prints.drain(..));
                     }
                 }
                 _ => {}
@@ -292,6 +356,36 @@ mod tests {
         let started = std::time::Instant::now();
         extension.before_connect(Duration::from_secs(30)).await;
         assert!(started.elapsed() < Duration::from_secs(1), "no wait for an earlier session's events");
+    }
+
+    /// A batch not yet confirmed when the next connect goes is sent again by the server at
+    /// the head of its reply: the events already handed out are dropped, the new ones kept,
+    /// and the counts the confirmations refer to stay right.
+    #[tokio::test]
+    async fn a_batch_sent_again_is_handed_out_once() {
+        let (extension, confirmer) = AckExtension::confirmed(Duration::from_millis(20));
+        handshake(&extension).await;
+        batch(&extension, 1, 3).await;
+        assert_eq!(next_ack(&extension).await, json!(0), "nothing confirmed: batch 1 comes again");
+        // The reply: events 0..3 again (the server keeps them), then a new one.
+        let mut payload: Vec<Message> =
+            (0..4).map(|n| message(json!({"channel": "/a", "data": n}))).collect();
+        payload.push(message(json!({"channel": "/meta/connect", "successful": true, "ext": {"ack": 2}})));
+        extension.incoming(&mut payload, None).await.unwrap();
+        let data: Vec<Value> =
+            payload.iter().filter(|m| m.is_event()).map(|m| m.data.as_ref().unwrap().value()).collect();
+        assert_eq!(data, [json!(3)], "only the new event");
+        confirmer.confirm(3);
+        assert_eq!(next_ack(&extension).await, json!(1));
+        confirmer.confirm(1);
+        assert_eq!(next_ack(&extension).await, json!(2));
+        // Nothing unacknowledged: a reply with the same data again is new data.
+        let mut payload = vec![
+            message(json!({"channel": "/a", "data": 3})),
+            message(json!({"channel": "/meta/connect", "successful": true, "ext": {"ack": 3}})),
+        ];
+        extension.incoming(&mut payload, None).await.unwrap();
+        assert_eq!(payload.len(), 2, "kept");
     }
 
     #[tokio::test]

@@ -159,7 +159,9 @@ fn record(seen: &mut BTreeMap<u64, Seen>, request: crate::support::webhook::Rece
     let body = request.json();
     let n = body["data"]["payload"]["n"].as_u64().expect("a numbered event");
     let entry = seen.entry(n).or_default();
-    entry.webhook_ids.insert(request.header("webhook-id").to_string());
+    let id = request.header("webhook-id");
+    assert!(!id.is_empty(), "every request carries a webhook-id");
+    entry.webhook_ids.insert(id.to_string());
     entry.deliveries += 1;
     entry.replay_id = body["data"]["event"]["replayId"].as_i64().expect("a replay id");
 }

@@ -116,7 +116,8 @@ async fn kill_9_with_a_backlog_delivers_it_after_the_restart() {
         order.push(n);
     }
     assert_eq!(order, (0..50).collect::<Vec<_>>(), "every message, in order");
-    assert!(ids.values().all(|ids| ids.len() <= 1), "one webhook-id per message: {ids:?}");
+    assert!(ids.values().all(|ids| ids.len() == 1), "one webhook-id per message: {ids:?}");
+    assert!(ids.values().flatten().all(|id| !id.is_empty()), "every request carries a webhook-id");
     daemon.signal(libc::SIGTERM);
     let _ = tokio::time::timeout(WAIT, daemon.child.wait()).await.expect("exits");
 }
