@@ -59,7 +59,7 @@ pub struct AdminState {
         delete_subscription, reset_position, list_dead_letters, retry_dead_letter, discard_dead_letter, retry_dead_letters, discard_dead_letters, reload, openapi
     ),
     components(schemas(SourceView, SubscriptionView, BacklogView, DeadLetterPage, RawSubscription, RawSink, DeadLetter, DeadLetterFilter, BulkCount, ErrorBody, Origin, PositionBody, ReloadReport)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &GuardAnswers)
 )]
 pub struct ApiDoc;
 
@@ -73,6 +73,44 @@ impl utoipa::Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// The answers every route may give before its handler runs (`origin.rs`, the server's
+/// limits), added to each operation of the document.
+struct GuardAnswers;
+
+impl utoipa::Modify for GuardAnswers {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::ResponseBuilder;
+        use utoipa::openapi::path::HttpMethod;
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                (HttpMethod::Get, &mut item.get),
+                (HttpMethod::Post, &mut item.post),
+                (HttpMethod::Put, &mut item.put),
+                (HttpMethod::Delete, &mut item.delete),
+                (HttpMethod::Patch, &mut item.patch),
+            ];
+            for (method, operation) in operations {
+                let Some(operation) = operation else { continue };
+                let mut answers = vec![
+                    ("408", "the request took longer than the admin server's timeout (30 s)"),
+                    ("421", "without a token: a Host other than the API's own (see admin.allowed_hosts)"),
+                    ("503", "too many requests in flight; try again (Retry-After)"),
+                ];
+                if method != HttpMethod::Get {
+                    answers.push(("403", "without a token: a change from another Origin than the API's own"));
+                }
+                for (code, description) in answers {
+                    operation
+                        .responses
+                        .responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| ResponseBuilder::new().description(description).into());
+                }
+            }
+        }
     }
 }
 

@@ -1,7 +1,8 @@
-//! The dead letters as the bridge handles them: listed a page at a time, retried one at a
-//! time or in bulk by filter, discarded. A retry requeues the spooled record the dead
-//! letter kept, so the sink receives the bytes of the first attempt; a dead letter stored
-//! before records were kept is rebuilt from its `message`.
+//! The dead letters as the bridge handles them: made by the forwarder from a message it
+//! gives up on, listed a page at a time, retried one at a time or in bulk by filter,
+//! discarded. A retry requeues the spooled record the dead letter kept, so the sink
+//! receives the bytes of the first attempt; a dead letter stored before records were kept
+//! is rebuilt from its `message`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use super::spool::{Spool, Spooled};
 use super::{Bridge, BridgeError};
 use crate::cometd::{Data, Message};
 use crate::delivery::Envelope;
-use crate::store::{DeadLetter, DeadLetterFilter, SpoolAppend};
+use crate::store::{DeadLetter, DeadLetterFilter, SpoolAppend, record_id};
 
 /// Dead letters read (and requeued or removed, in one store transaction) at a time by a
 /// bulk retry or discard.
@@ -90,6 +91,24 @@ pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
         Some((true, offset)) => local.checked_add(offset),
         Some((false, offset)) => local.checked_sub(offset),
         None => Some(local),
+    }
+}
+
+/// The dead letter of `envelope`, without its spooled record yet (the forwarder reads it
+/// back from the spool before storing it).
+pub(super) fn dead_letter(envelope: &Envelope, reason: &str, attempts: u32) -> DeadLetter {
+    DeadLetter {
+        id: record_id(&envelope.delivery_id()),
+        subscription: envelope.subscription.to_string(),
+        source: envelope.source.to_string(),
+        session: envelope.session.to_string(),
+        sequence: envelope.sequence,
+        replay_id: envelope.replay_id,
+        message: envelope.to_json(),
+        reason: reason.to_string(),
+        attempts,
+        failed_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        record: None,
     }
 }
 

@@ -15,7 +15,7 @@ use super::replay::ReplayState;
 use super::spool::{Spool, Spooled};
 use crate::delivery::Envelope;
 use crate::sink::{Failure, RetryPolicy, Sink, pause};
-use crate::store::{DeadLetter, Settlement, Store, record_id};
+use crate::store::{DeadLetter, Settlement, Store};
 use crate::telemetry::metrics::Metrics;
 
 /// A subscription's counts, for the API.
@@ -279,9 +279,10 @@ impl Forwarder {
             .iter()
             .zip(&status[*settled..end])
             .filter_map(|(spooled, status)| match status {
-                Status::DeadLetter { reason, attempts } => {
-                    Some((spooled.sequence, dead_letter(&spooled.envelope, reason, *attempts)))
-                }
+                Status::DeadLetter { reason, attempts } => Some((
+                    spooled.sequence,
+                    super::dead_letters::dead_letter(&spooled.envelope, reason, *attempts),
+                )),
                 _ => None,
             })
             .unzip();
@@ -387,23 +388,5 @@ impl Forwarder {
             }
         }
         positions
-    }
-}
-
-/// The dead letter of `envelope`, without its spooled record yet (the forwarder reads it
-/// back from the spool before storing it).
-pub fn dead_letter(envelope: &Envelope, reason: &str, attempts: u32) -> DeadLetter {
-    DeadLetter {
-        id: record_id(&envelope.delivery_id()),
-        subscription: envelope.subscription.to_string(),
-        source: envelope.source.to_string(),
-        session: envelope.session.to_string(),
-        sequence: envelope.sequence,
-        replay_id: envelope.replay_id,
-        message: envelope.to_json(),
-        reason: reason.to_string(),
-        attempts,
-        failed_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        record: None,
     }
 }

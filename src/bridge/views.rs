@@ -1,12 +1,15 @@
-//! What the bridge shows and answers: the API's views of sources and subscriptions, and
-//! why a runtime change was refused.
+//! What the bridge shows and answers: the API's views of sources and subscriptions (the
+//! types and how they are built), why the bridge is not ready, and why a runtime change
+//! was refused.
 
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::spool;
-use crate::cometd::Error;
+use super::registry::SubscriptionEntry;
+use super::{Bridge, spool};
+use crate::cometd::{Error, SessionState};
 use crate::config::{Problem, RawSink};
 use crate::store::StoreError;
 
@@ -169,3 +172,72 @@ impl Unready {
 
 /// The general reason of a task that failed recently.
 pub(super) const TASK_FAILED: &str = "a task failed in the last minute and was restarted";
+
+impl Bridge {
+    /// Every subscription.
+    pub fn subscriptions(&self) -> Vec<SubscriptionView> {
+        self.subscriptions.all(|entry| self.view(entry))
+    }
+
+    /// One subscription.
+    pub fn subscription(&self, id: &str) -> Option<SubscriptionView> {
+        self.subscriptions.get(id, |entry| self.view(entry))
+    }
+
+    pub(super) fn view(&self, entry: &SubscriptionEntry) -> SubscriptionView {
+        let config = &entry.config;
+        let active = self.source(&config.source).is_some_and(|source| {
+            let status = source.client.status();
+            status.state == SessionState::Connected && status.subscriptions.contains(config.channel.as_str())
+        });
+        let mut sink = config.raw.sink.clone();
+        if let RawSink::Webhook { url, secret, .. } = &mut sink {
+            *url = crate::redact::mask_url(url);
+            if let Some(secret) = secret {
+                *secret = "***".into();
+            }
+        }
+        SubscriptionView {
+            id: config.id.clone(),
+            source: config.source.clone(),
+            channel: config.channel.to_string(),
+            sink,
+            origin: entry.origin,
+            state: if active { "active" } else { "pending" },
+            received: entry.counters.received.load(Ordering::Relaxed),
+            forwarded: entry.counters.forwarded.load(Ordering::Relaxed),
+            dead_letters: entry.counters.dead_letters.load(Ordering::Relaxed),
+            dropped: entry.counters.dropped.load(Ordering::Relaxed),
+            full: entry.spool.full().is_some(),
+            backlog: entry.spool.backlog().into(),
+            positions: self
+                .source(&config.source)
+                .and_then(|source| source.replay.as_ref().map(|replay| replay.committed(&config.id))),
+        }
+    }
+
+    /// Every source with its live state.
+    pub fn sources(&self) -> Vec<SourceView> {
+        self.source_list()
+            .iter()
+            .map(|source| {
+                let status = source.client.status();
+                SourceView {
+                    name: source.config.name.clone(),
+                    url: crate::redact::mask_url(&source.config.url),
+                    state: match status.state {
+                        SessionState::Connected => "connected",
+                        SessionState::Unconnected
+                        | SessionState::Handshaking
+                        | SessionState::Reconnecting => "connecting",
+                        SessionState::Disconnecting | SessionState::Closed => "disconnected",
+                    },
+                    connection_type: status.connection_type.map(|kind| kind.as_str()),
+                    client_id: status.client_id,
+                    last_error: status.last_error.map(|error| crate::redact::mask_urls_in(&error)),
+                    subscriptions: status.subscriptions.into_iter().collect(),
+                }
+            })
+            .collect()
+    }
+}
