@@ -436,7 +436,7 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
             .filter(|message| {
                 let keep = message.is_event();
                 if !keep {
-                    tracing::debug!(channel = %message.channel, id = ?message.id, "ignoring a reply to no pending request");
+                    shared.unsolicited(message);
                 }
                 keep
             })
