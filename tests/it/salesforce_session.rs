@@ -84,3 +84,63 @@ async fn a_server_disconnect_on_long_polling() {
 async fn a_server_disconnect_on_websocket() {
     a_server_disconnect_brings_a_new_handshake_and_every_subscription(ConnectionType::WebSocket).await;
 }
+
+/// Handshakes denied for the concurrent-client limit (`403::Handshake denied`, the reason
+/// in `ext.sfdc.failureReason`), again and again: one attempt per (longest) backoff step,
+/// never a storm, and the status says why.
+#[tokio::test]
+async fn denied_handshakes_back_off_and_say_why() {
+    const DENIALS: usize = 6;
+    const STEP: Duration = Duration::from_millis(300);
+    let deny = Arc::new(AtomicBool::new(false));
+    let (denied_tx, mut denied) = watch::channel(0usize);
+    let deny_in = deny.clone();
+    let script: Script = Arc::new(move |request: &Value| {
+        if !deny_in.load(Ordering::SeqCst) {
+            return None;
+        }
+        match request["channel"].as_str() {
+            Some("/meta/connect") => Some(
+                json!({"channel": "/meta/connect", "id": request["id"], "successful": false,
+                    "error": "403::Unknown client", "advice": {"reconnect": "handshake"}})
+                .to_string(),
+            ),
+            Some("/meta/handshake") => {
+                denied_tx.send_modify(|count| *count += 1);
+                Some(
+                    json!({"channel": "/meta/handshake", "id": request["id"], "successful": false,
+                        "error": "403::Handshake denied",
+                        "ext": {"sfdc": {"failureReason": "403::Organization concurrent user limit exceeded"}},
+                        "advice": {"reconnect": "handshake"}})
+                    .to_string(),
+                )
+            }
+            _ => None,
+        }
+    });
+    let server = ScriptedServer::start(script).await;
+    let client = open(
+        Client::builder(server.url())
+            .connection_types([ConnectionType::LongPolling])
+            .backoff(Duration::from_millis(20), STEP),
+    )
+    .await;
+    deny.store(true, Ordering::SeqCst);
+    tokio::time::timeout(WAIT, denied.wait_for(|count| *count >= 1)).await.expect("denied").expect("runs");
+    let first = tokio::time::Instant::now();
+    tokio::time::timeout(WAIT, denied.wait_for(|count| *count >= DENIALS))
+        .await
+        .expect("denied")
+        .expect("runs");
+    let elapsed = first.elapsed();
+    assert!(
+        elapsed >= STEP * (DENIALS as u32 - 1),
+        "{DENIALS} handshakes within {elapsed:?}: more than one per backoff step of {STEP:?}"
+    );
+    let last_error = client.status().last_error.expect("the denial is kept");
+    assert!(
+        last_error.contains("403::Handshake denied") && last_error.contains("concurrent user limit exceeded"),
+        "{last_error}"
+    );
+    client.close().await;
+}
