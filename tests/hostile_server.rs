@@ -560,3 +560,84 @@ async fn a_slow_consumer_on_websocket_loses_nothing_behind_a_held_connect() {
     client.close().await;
     neighbour.finish().await;
 }
+
+/// A websocket server that answers the handshake and connects, never answers
+/// `/meta/subscribe`, and from then on floods events (bounded: 200 MB at most). It says
+/// when a write of its has waited a second: the client stopped reading and TCP pushed back.
+async fn start_flooding_websocket_server(event: String) -> (String, tokio::sync::oneshot::Receiver<bool>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Frame;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("ws://127.0.0.1:{}/cometd", listener.local_addr().expect("address").port());
+    let (pushed_back, outcome) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((stream, _)) = listener.accept().await else { return };
+        let socket = tokio_tungstenite::accept_async(stream).await.expect("upgrade");
+        let (mut writer, mut reader) = socket.split();
+        while let Some(Ok(Frame::Text(text))) = reader.next().await {
+            let requests: Vec<Value> = serde_json::from_str(&text).expect("a Bayeux payload");
+            if requests.iter().any(|request| request["channel"] == "/meta/subscribe") {
+                break; // never answered
+            }
+            let replies: Vec<Value> = requests
+                .iter()
+                .map(|request| {
+                    json!({"channel": request["channel"], "id": request["id"], "successful": true,
+                        "clientId": "flooded", "version": "1.0", "supportedConnectionTypes": ["websocket"],
+                        "advice": {"reconnect": "retry", "interval": 0, "timeout": 60000}})
+                })
+                .collect();
+            writer.send(Frame::text(Value::Array(replies).to_string())).await.expect("reply");
+        }
+        let frame = format!("[{}]", vec![event; 10].join(","));
+        let mut blocked = false;
+        for _ in 0..200 * 1024 * 1024 / frame.len() {
+            let send = writer.send(Frame::text(frame.clone()));
+            match tokio::time::timeout(Duration::from_secs(1), send).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    blocked = true;
+                    break;
+                }
+            }
+        }
+        let _ = pushed_back.send(blocked);
+        // Holds the socket open; the client reads on only if it wants to.
+        std::future::pending::<()>().await;
+    });
+    (url, outcome)
+}
+
+/// Memory is bounded by `max_pending_count` plus one server batch (`max_message_size`)
+/// whatever the server sends while a request waits: the websocket reader stops reading
+/// and lets TCP push back (it used to read on for as long as the subscribe waited).
+#[tokio::test]
+async fn a_flood_while_a_subscribe_waits_stays_bounded() {
+    const LIMIT: usize = 100;
+    const BATCH: usize = 64 * 1024;
+    let neighbour = Neighbour::start().await;
+    let event = json!({"channel": "/flood", "data": {"text": "x".repeat(60)}}).to_string();
+    let (url, pushed_back) = start_flooding_websocket_server(event.clone()).await;
+    let client = Client::builder(url)
+        .connection_types([ConnectionType::WebSocket])
+        .max_pending_count(LIMIT as i64)
+        .max_message_size(BATCH)
+        .request_timeout(Duration::from_secs(20))
+        .build()
+        .expect("options");
+    client.open().await.expect("open");
+    let waiting = client.clone();
+    let subscribe = tokio::spawn(async move { waiting.subscribe("/flood").await });
+    let pushed_back = tokio::time::timeout(Duration::from_secs(60), pushed_back)
+        .await
+        .expect("the flood ends or is pushed back")
+        .expect("the server ran");
+    assert!(pushed_back, "the client read all 200 MB; {} pending", client.pending_count());
+    // The limit, one batch's worth of these events past it, and the frame that crossed it.
+    let bound = LIMIT + BATCH / event.len() + 10;
+    assert!(client.pending_count() <= bound, "{} pending, over {bound}", client.pending_count());
+    subscribe.abort();
+    drop(client); // its disconnect would wait behind the flood
+    neighbour.finish().await;
+}

@@ -335,8 +335,20 @@ impl ServerError {
 impl fmt::Display for ServerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.error() {
-            Some(error) => write!(f, "{}: {error}", self.message),
-            None => write!(f, "{}", self.message),
+            Some(error) => write!(f, "{}: {error}", self.message)?,
+            None => write!(f, "{}", self.message)?,
+        }
+        // Salesforce says why a handshake was denied here.
+        let reason = self
+            .response
+            .as_ref()
+            .and_then(|reply| reply.ext.as_ref())
+            .and_then(|ext| ext.get("sfdc"))
+            .and_then(|sfdc| sfdc.get("failureReason"))
+            .and_then(serde_json::Value::as_str);
+        match reason {
+            Some(reason) => write!(f, " (failure reason: {})", bounded(reason.to_owned(), ERROR_TEXT_LIMIT)),
+            None => Ok(()),
         }
     }
 }

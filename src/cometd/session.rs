@@ -351,6 +351,51 @@ async fn subscribe_all(
     client_id: &str,
     channels: Vec<String>,
 ) -> Result<Resubscription, Error> {
+    if channels.len() > 1 {
+        let batches = subscription_batches(&channels, client_id);
+        if batches.len() > 1 {
+            let mut results = Vec::with_capacity(channels.len());
+            for batch in batches {
+                results.extend(
+                    Box::pin(subscribe_batch(ctx, transport, client_id, channels[batch].to_vec())).await?,
+                );
+            }
+            return Ok(results);
+        }
+    }
+    subscribe_batch(ctx, transport, client_id, channels).await
+}
+
+/// The request body Salesforce takes at most (it answers 413 above it).
+const MAX_REQUEST_BODY: usize = 32 * 1024;
+
+/// `channels` cut into runs whose subscribe payload stays well under
+/// [`MAX_REQUEST_BODY`]: each message is estimated from its fields, twice its channel (an
+/// extension such as replay repeats it), and a run is kept to half the limit, leaving room
+/// for what extensions add.
+fn subscription_batches(channels: &[String], client_id: &str) -> Vec<std::ops::Range<usize>> {
+    const FIELDS: usize = 160;
+    let mut batches = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (index, channel) in channels.iter().enumerate() {
+        let estimate = FIELDS + client_id.len() + 2 * channel.len();
+        if index > start && size + estimate > MAX_REQUEST_BODY / 2 {
+            batches.push(start..index);
+            (start, size) = (index, 0);
+        }
+        size += estimate;
+    }
+    batches.push(start..channels.len());
+    batches
+}
+
+/// One payload of [`subscribe_all`].
+async fn subscribe_batch(
+    ctx: &Context,
+    transport: &Transport,
+    client_id: &str,
+    channels: Vec<String>,
+) -> Result<Resubscription, Error> {
     let timeout = ctx.shared.options.request_timeout;
     let requests =
         channels.iter().map(|channel| subscription_request(META_SUBSCRIBE, client_id, channel)).collect();
@@ -653,6 +698,8 @@ impl Session {
         match step {
             Step::Handshaken(Ok(handshaken)) => {
                 self.exchanged();
+                // A /meta/disconnect of the earlier session is answered by this handshake.
+                self.ctx.shared.server_disconnected.store(false, std::sync::atomic::Ordering::Release);
                 tracing::debug!(client_id = %handshaken.client_id, connection_type = %handshaken.transport.connection_type(), "handshake succeeded");
                 self.transport = Some(handshaken.transport);
                 self.client_id = Some(handshaken.client_id);
@@ -694,9 +741,14 @@ impl Session {
                 let action = self.machine.on_step(Event::ResubscribeFailed, now);
                 self.carry_out(action, Some(error), None)
             }
-            Step::Connected(Ok(reply)) => {
+            Step::Connected(Ok(mut reply)) => {
                 if reply.successful == Some(true) {
                     self.exchanged();
+                }
+                if self.ctx.shared.server_disconnected.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                    // A /meta/disconnect the server sent on its own: as `reconnect: handshake`.
+                    let advice = reply.protocol_mut().advice.get_or_insert_with(Advice::default);
+                    advice.reconnect = Some(super::message::Reconnect::Handshake);
                 }
                 let action = self.machine.on_step(Event::ConnectReply(&reply), now);
                 let error = (reply.successful != Some(true))
@@ -765,7 +817,15 @@ impl Session {
             Wait::Longest => {
                 let delay = backoff.bound(u32::MAX);
                 let error = error.as_ref().map(ToString::to_string).unwrap_or_default();
-                tracing::error!(error = %error, delay = ?delay, "the server reports a limit; backing off");
+                // Salesforce says why in `ext.sfdc.failureReason`.
+                let reason = reply
+                    .as_ref()
+                    .and_then(|reply| reply.ext.as_ref())
+                    .and_then(|ext| ext.get("sfdc"))
+                    .and_then(|sfdc| sfdc.get("failureReason"))
+                    .and_then(Value::as_str)
+                    .map(|reason| super::error::bounded(reason.to_owned(), super::error::ERROR_TEXT_LIMIT));
+                tracing::error!(error = %error, reason = ?reason, delay = ?delay, "the server reports a limit; backing off");
                 delay
             }
         };
@@ -1035,6 +1095,23 @@ mod tests {
             dropped.to_string().contains("extension removed or changed the /meta/subscribe request (id 2)"),
             "{dropped}"
         );
+    }
+
+    #[test]
+    fn many_subscriptions_go_out_in_payloads_under_the_body_limit() {
+        let channels: Vec<String> =
+            (0..300).map(|n| format!("/event/Order_Change_Number_{n:04}__e")).collect();
+        let batches = subscription_batches(&channels, "client-id-of-some-length");
+        assert!(batches.len() > 1, "{batches:?}");
+        assert_eq!(batches.iter().map(|batch| batch.len()).sum::<usize>(), 300, "every channel once");
+        for batch in &batches {
+            let payload: Vec<Message> = channels[batch.clone()]
+                .iter()
+                .map(|channel| subscription_request(META_SUBSCRIBE, "client-id-of-some-length", channel))
+                .collect();
+            assert!(serde_json::to_vec(&payload).unwrap().len() < MAX_REQUEST_BODY / 2);
+        }
+        assert_eq!(subscription_batches(&channels[..3], "c"), vec![0..3]);
     }
 
     #[test]

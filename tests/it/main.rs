@@ -30,6 +30,7 @@ mod redirects;
 mod reload;
 mod replay;
 mod restarts;
+mod salesforce_session;
 mod status_page;
 mod store;
 mod support;

@@ -58,7 +58,7 @@ impl LongPolling {
         }
         let Received { messages: mut received, rejected } = parser.finish()?;
         shared.incoming(&mut received, Some(&response_headers)).await?;
-        let (replies, events) = sort_replies(&payload, received);
+        let (replies, events) = sort_replies(&payload, received, |message| shared.unsolicited(message));
         // Events are the application's whatever happens to the replies; a message that did
         // not fit is told after the events of its payload.
         shared.queue.extend(events);

@@ -38,13 +38,34 @@ pub(crate) struct Shared {
     pub(crate) jar: Arc<Jar>,
     pub(crate) tls: Arc<rustls::ClientConfig>,
     pub(crate) queue: Arc<PendingQueue>,
+    /// Set when the server sent a `/meta/disconnect` of its own (Salesforce does): the
+    /// session takes it as advice to handshake again.
+    pub(crate) server_disconnected: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
     pub(crate) fn new(options: ValidOptions, queue: Arc<PendingQueue>) -> Result<Self, Error> {
         let tls = super::tls::client_config(&options.tls)?;
         let jar = Arc::new(Jar::default());
-        Ok(Shared { options, http: std::sync::OnceLock::new(), jar, tls, queue })
+        Ok(Shared {
+            options,
+            http: std::sync::OnceLock::new(),
+            jar,
+            tls,
+            queue,
+            server_disconnected: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Notes a message that answers no request: a `/meta/disconnect` is the server ending
+    /// the session on its own.
+    pub(crate) fn unsolicited(&self, message: &Message) {
+        if message.channel == super::message::META_DISCONNECT {
+            tracing::info!("the server sent /meta/disconnect on its own");
+            self.server_disconnected.store(true, std::sync::atomic::Ordering::Release);
+        } else {
+            tracing::debug!(channel = %message.channel, id = ?message.id, "ignoring a reply to no pending request");
+        }
     }
 
     fn build_http(&self) -> Result<reqwest::Client, Error> {
@@ -348,6 +369,7 @@ fn messages_from(payload: &ByteString, capacity: usize) -> serde_json::Result<Ve
 pub(crate) fn sort_replies(
     requests: &[Message],
     mut received: Vec<Message>,
+    unsolicited: impl Fn(&Message),
 ) -> (Vec<Option<Message>>, Vec<Message>) {
     let mut replies: Vec<Option<Message>> = vec![None; requests.len()];
     // Replies are few and events many: the replies are taken out, and the events stay
@@ -360,9 +382,7 @@ pub(crate) fn sort_replies(
             .position(|(request, reply)| reply.is_none() && message.answers(request));
         match slot {
             Some(index) => replies[index] = Some(message),
-            None => {
-                tracing::debug!(channel = %message.channel, id = ?message.id, "ignoring a reply to no pending request")
-            }
+            None => unsolicited(&message),
         }
     }
     (replies, received)
@@ -489,7 +509,7 @@ mod tests {
             message(json!({"channel": "/meta/connect", "id": "1", "successful": true})),
             message(json!({"channel": "/meta/subscribe", "id": "99", "successful": true})),
         ];
-        let (replies, events) = sort_replies(&requests, received);
+        let (replies, events) = sort_replies(&requests, received, |_| {});
         assert_eq!(replies[0].as_ref().map(|m| m.channel.as_str()), Some("/meta/connect"));
         assert_eq!(replies[1].as_ref().and_then(|m| m.successful), Some(true));
         assert_eq!(events.len(), 1);
@@ -514,7 +534,7 @@ mod tests {
             event(3),
             message(json!({"channel": "/chat", "id": "3", "successful": true})),
         ];
-        let (replies, events) = sort_replies(&requests, received);
+        let (replies, events) = sort_replies(&requests, received, |_| {});
         let order: Vec<serde_json::Value> =
             events.into_iter().filter_map(|event| event.data.map(Data::into_value)).collect();
         assert_eq!(order, [json!(1), json!(2), json!(3)]);
@@ -524,7 +544,7 @@ mod tests {
     #[test]
     fn a_missing_reply_is_a_malformed_reply_error() {
         let requests = vec![message(json!({"channel": "/meta/connect", "id": "7"}))];
-        let (replies, _) = sort_replies(&requests, Vec::new());
+        let (replies, _) = sort_replies(&requests, Vec::new(), |_| {});
         let error = require_replies(&requests, replies, &[]).expect_err("missing");
         assert_eq!(error.to_string(), "malformed reply from the server: no reply to /meta/connect (id 7)");
     }

@@ -140,7 +140,8 @@ impl WebSocket {
         tokio::pin!(replies);
         // A `/meta/connect`'s reply can sit behind events the reader holds back while the
         // pending queue is full: its clock stops while the reader waits for the
-        // application, else the socket would be reset with those events in it.
+        // application, else the socket would be reset with those events in it. (Other
+        // requests are read for, up to one batch past the limit, then time out.)
         let patient = payload.iter().all(|message| message.channel == META_CONNECT);
         let mut pauses = connection.waiting.pauses();
         loop {
@@ -361,18 +362,28 @@ async fn watched_reader(reader: SplitStream<Socket>, shared: Arc<Shared>, waitin
 /// The reader task: parses frames, runs the incoming hooks, resolves replies and queues
 /// events, until the socket fails or closes.
 async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiting: Arc<Waiting>) {
+    // Bytes of frames read while the pending queue was full: memory stays bounded by
+    // max_pending_count plus one server batch (at most max_message_size) whatever the
+    // server sends while requests wait.
+    let mut overflow = 0usize;
+    let budget = shared.options.max_message_size;
     let failure = loop {
-        // Backpressure: with the pending queue full, stop reading events, unless a request
-        // other than /meta/connect is waiting for its reply behind them.
+        // Backpressure: with the pending queue full, stop reading events (TCP pushes back),
+        // unless a request other than /meta/connect is waiting for its reply behind them
+        // and less than one batch's worth was read past the limit.
         let mut paused = false;
-        while shared.queue.is_full() && !waiting.has_requests_besides_connect() {
+        let may_read = |overflow: usize| overflow < budget && waiting.has_requests_besides_connect();
+        if !shared.queue.is_full() {
+            overflow = 0;
+        }
+        while shared.queue.is_full() && !may_read(overflow) {
             // Listening, then checking again, so that a registration between the first
             // check and here is not missed (the common case, a queue with room, stays a
             // single check per frame).
             let registered = waiting.request_registered.notified();
             tokio::pin!(registered);
             registered.as_mut().enable();
-            if !shared.queue.is_full() || waiting.has_requests_besides_connect() {
+            if !shared.queue.is_full() || may_read(overflow) {
                 break;
             }
             if !paused {
@@ -405,6 +416,9 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
         // Parsed in place: the frame's bytes are not copied, and the messages' data share
         // them. A text frame's UTF-8 was checked as it was read; that check cannot be
         // handed on, so it is made again, once for the whole frame.
+        if shared.queue.is_full() {
+            overflow = overflow.saturating_add(bytes.len());
+        }
         let parsed = parse_received(bytes);
         let Received { messages: mut received, rejected } = match parsed {
             Ok(received) => received,
@@ -422,7 +436,7 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
             .filter(|message| {
                 let keep = message.is_event();
                 if !keep {
-                    tracing::debug!(channel = %message.channel, id = ?message.id, "ignoring a reply to no pending request");
+                    shared.unsolicited(message);
                 }
                 keep
             })

@@ -24,6 +24,7 @@ pub type Script = Arc<dyn Fn(&Value) -> Option<String> + Send + Sync>;
 pub struct ScriptedServer {
     port: u16,
     requests: Arc<Mutex<Vec<Value>>>,
+    sizes: Arc<Mutex<Vec<usize>>>,
     task: JoinHandle<()>,
 }
 
@@ -32,7 +33,8 @@ impl ScriptedServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("address").port();
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let recorded = requests.clone();
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let recorded = Recorded { requests: requests.clone(), sizes: sizes.clone() };
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let script = script.clone();
@@ -40,7 +42,7 @@ impl ScriptedServer {
                 tokio::spawn(serve(stream, script, recorded));
             }
         });
-        ScriptedServer { port, requests, task }
+        ScriptedServer { port, requests, sizes, task }
     }
 
     pub fn url(&self) -> String {
@@ -51,6 +53,11 @@ impl ScriptedServer {
     pub fn requests(&self) -> Vec<Value> {
         self.requests.lock().expect("lock").clone()
     }
+
+    /// The size of every request payload (HTTP body or websocket frame) so far, in bytes.
+    pub fn payload_sizes(&self) -> Vec<usize> {
+        self.sizes.lock().expect("lock").clone()
+    }
 }
 
 impl Drop for ScriptedServer {
@@ -59,19 +66,30 @@ impl Drop for ScriptedServer {
     }
 }
 
-async fn serve(stream: TcpStream, script: Script, recorded: Arc<Mutex<Vec<Value>>>) {
+/// What the server records of each payload.
+#[derive(Clone)]
+struct Recorded {
+    requests: Arc<Mutex<Vec<Value>>>,
+    sizes: Arc<Mutex<Vec<usize>>>,
+}
+
+async fn serve(stream: TcpStream, script: Script, recorded: Recorded) {
     let mut head = [0u8; 2048];
     let Ok(peeked) = stream.peek(&mut head).await else { return };
     let upgrade =
         String::from_utf8_lossy(&head[..peeked]).to_ascii_lowercase().contains("upgrade: websocket");
     if upgrade {
-        let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else { return };
-        while let Some(Ok(frame)) = socket.next().await {
+        let Ok(socket) = tokio_tungstenite::accept_async(stream).await else { return };
+        let (writer, mut reader) = socket.split();
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
+        while let Some(Ok(frame)) = reader.next().await {
             let Frame::Text(text) = frame else { continue };
-            let reply = answer(text.as_bytes(), &script, &recorded).await;
-            if socket.send(Frame::text(reply)).await.is_err() {
-                return;
-            }
+            // Each frame answered on its own, so that a held connect holds nothing else up.
+            let (script, recorded, writer) = (script.clone(), recorded.clone(), writer.clone());
+            tokio::spawn(async move {
+                let reply = answer(text.as_bytes(), &script, &recorded).await;
+                let _ = writer.lock().await.send(Frame::text(reply)).await;
+            });
         }
         return;
     }
@@ -95,9 +113,10 @@ async fn serve(stream: TcpStream, script: Script, recorded: Arc<Mutex<Vec<Value>
 
 /// The reply payload to a request payload: each request's scripted reply, else a valid one
 /// (a connect not asked to return at once is held 100 ms, like a real server's hold).
-async fn answer(body: &[u8], script: &Script, recorded: &Mutex<Vec<Value>>) -> String {
+async fn answer(body: &[u8], script: &Script, recorded: &Recorded) -> String {
     let requests: Vec<Value> = serde_json::from_slice(body).unwrap_or_default();
-    recorded.lock().expect("lock").extend(requests.iter().cloned());
+    recorded.sizes.lock().expect("lock").push(body.len());
+    recorded.requests.lock().expect("lock").extend(requests.iter().cloned());
     let mut replies = Vec::new();
     for request in &requests {
         if let Some(scripted) = script(request) {
