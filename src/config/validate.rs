@@ -111,7 +111,15 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             {
                 check.problem("state.bucket", "must be letters, digits, `-` and `_` only, and not empty");
             }
-            StateBackend::NatsKv { bucket: bucket.clone() }
+            let replicas =
+                u8::try_from(raw.state.replicas).ok().filter(|replicas| (1..=5).contains(replicas));
+            if replicas.is_none() {
+                check.problem(
+                    "state.replicas",
+                    format!("{} is not a replication factor: JetStream takes 1 to 5", raw.state.replicas),
+                );
+            }
+            StateBackend::NatsKv { bucket: bucket.clone(), replicas: replicas.unwrap_or(1) }
         }
         other => {
             check.problem(
