@@ -341,6 +341,51 @@ impl Bucket {
         }
     }
 
+    /// Stores a settlement's positions so that none moves backwards, whoever else writes
+    /// them at the same time (two settlements racing, from this process or another): each
+    /// channel gets the greater of the stored and the new position, written only if the
+    /// record still has the revision read (`update`/`create` with the expected revision),
+    /// else read and merged again. A position reset through the API (a plain put) is
+    /// read like any other value.
+    async fn advance_positions(&self, subscription: &str, positions: &Positions) -> Result<(), StoreError> {
+        const TRIES: u32 = 16;
+        let key = key(subscription);
+        for _ in 0..TRIES {
+            let current = self.entry(&key).await?;
+            let mut merged: Positions = match &current {
+                Some(entry) => self.parse(&key, &entry.value).unwrap_or_default(),
+                None => Positions::new(),
+            };
+            for (channel, position) in positions {
+                let kept = merged.entry(channel.clone()).or_insert(*position);
+                *kept = (*kept).max(*position);
+            }
+            let bytes: bytes::Bytes = serde_json::to_vec(&merged).expect("records serialize").into();
+            let written = match &current {
+                Some(entry) => {
+                    self.store.update(&key, bytes, entry.revision).await.map(drop).map_err(|error| {
+                        (
+                            error.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            nats_error(&self.name, "update", error),
+                        )
+                    })
+                }
+                None => self.store.create(&key, bytes).await.map(drop).map_err(|error| {
+                    (
+                        error.kind() == kv::CreateErrorKind::AlreadyExists,
+                        nats_error(&self.name, "create", error),
+                    )
+                }),
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                Err((true, _)) => {}
+                Err((false, error)) => return Err(error),
+            }
+        }
+        Err(nats_error(&self.name, "update", format!("{subscription:?}: still changing after {TRIES} tries")))
+    }
+
     /// Reports and counts an unreadable record that a listing leaves out.
     fn skip(&self, error: &StoreError) {
         tracing::error!(error = %error, "skipping an unreadable record");
@@ -492,11 +537,13 @@ impl Store for NatsKvStore {
     }
 
     /// Dead letters and positions first, the trim last: a failure in between repeats
-    /// deliveries (with their delivery ids) rather than losing them.
+    /// deliveries (with their delivery ids) rather than losing them. The positions only
+    /// move forward: see [`Bucket::advance_positions`]. The trim is a purge below a
+    /// sequence, which a later, lower one cannot undo.
     async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError> {
         self.put_dead_letters(&settlement.dead_letters).await?;
         if let Some(positions) = &settlement.positions {
-            self.positions.put(&settlement.subscription, positions).await?;
+            self.positions.advance_positions(&settlement.subscription, positions).await?;
         }
         self.spool.trim(&settlement.subscription, settlement.through).await
     }
