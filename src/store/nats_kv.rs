@@ -538,8 +538,8 @@ impl Store for NatsKvStore {
 
     /// Dead letters and positions first, the trim last: a failure in between repeats
     /// deliveries (with their delivery ids) rather than losing them. The positions only
-    /// move forward: see [`Bucket::advance_positions`]. The trim is a purge below a
-    /// sequence, which a later, lower one cannot undo.
+    /// move forward: each channel keeps the greater position, written revision-checked.
+    /// The trim is a purge below a sequence, which a later, lower one cannot undo.
     async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError> {
         self.put_dead_letters(&settlement.dead_letters).await?;
         if let Some(positions) = &settlement.positions {

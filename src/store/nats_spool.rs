@@ -148,9 +148,10 @@ impl NatsSpool {
         Ok(stream)
     }
 
-    /// Appends in order, each with its [`message_id`]; a record over the server's
-    /// `max_payload` cannot be spooled here and gets no sequence (the caller dead-letters
-    /// it). A repeated append gets the sequence it was first stored at.
+    /// Appends in order, each with its message id (a hash of its subscription and record);
+    /// a record over the server's `max_payload` cannot be spooled here and gets no
+    /// sequence (the caller dead-letters it). A repeated append gets the sequence it was
+    /// first stored at.
     pub async fn append(&self, appends: &[SpoolAppend]) -> Result<Vec<Option<u64>>, StoreError> {
         let keyed: Vec<(&SpoolAppend, String)> =
             appends.iter().map(|append| (append, message_id(append))).collect();
