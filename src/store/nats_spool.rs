@@ -29,8 +29,9 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How many messages a read asks the server for at once.
 const READ_BATCH: usize = 1000;
 
-/// How long a read waits for the next message before it takes the rest as purged.
-const READ_IDLE: Duration = Duration::from_secs(2);
+/// How long a read waits for the next message: then it returns what it has (or fails,
+/// when it has nothing).
+const READ_IDLE: Duration = Duration::from_secs(5);
 
 /// The spools of one bucket name.
 #[derive(Debug)]
@@ -239,8 +240,13 @@ impl NatsSpool {
         while entries.len() < wanted && bytes < super::SPOOL_READ_BYTES {
             let message = match tokio::time::timeout(READ_IDLE, messages.next()).await {
                 Ok(Some(message)) => message.map_err(|error| self.error(subscription, "read", error))?,
-                // Nothing more came: the rest was purged since the info was read.
-                Ok(None) | Err(_) => break,
+                // Nothing more came: the rest was purged since the info was read, or the
+                // server is slow; what was read is returned, and the next read goes on.
+                Ok(None) | Err(_) if !entries.is_empty() => break,
+                Ok(None) | Err(_) => {
+                    let _ = stream.delete_consumer(&name).await;
+                    return Err(self.error(subscription, "read", format!("no message within {READ_IDLE:?}")));
+                }
             };
             let info = message.info().map_err(|error| self.error(subscription, "read", error))?;
             let sequence = info.stream_sequence;
