@@ -21,7 +21,13 @@
 //! still has that revision. A crash between append and purge leaves it in both (delivered
 //! and retried again with the same delivery id) rather than neither. Removals are
 //! revision-checked too, so that a letter stored again meanwhile (a batch repeated after a
-//! crash) is not removed unseen.
+//! crash) is not removed unseen. A requeue repeated within the window after a crash
+//! between its append and its purge finds the letter already appended (`None`); after the
+//! window it appends it again.
+//!
+//! A settlement's positions only move forward: each channel gets the greater of the
+//! stored and the new position, written with the revision read (merged again on a
+//! conflict), so two settlements racing never leave the older one.
 //!
 //! A dead letter larger than the server's `max_payload` is stored without its data: its
 //! `message` keeps `source`, `subscription`, `channel` and `id`, and gains `truncated`
@@ -556,8 +562,6 @@ impl Store for NatsKvStore {
         self.spool.delete(subscription).await
     }
 
-    /// Appended first, then removed from the dead letters: a crash in between leaves it in
-    /// both (delivered, and retried again with the same delivery id) rather than neither.
     fn unreadable_records(&self) -> u64 {
         self.subscriptions.unreadable.load(std::sync::atomic::Ordering::Relaxed)
     }
