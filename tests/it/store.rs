@@ -799,3 +799,23 @@ async fn racing_settlements_on_the_nats_backend_never_move_a_position_backwards(
     let expected = [("/a".to_string(), 3), ("/b".to_string(), -2)].into_iter().collect();
     assert_eq!(first.positions("s").await.expect("positions"), expected);
 }
+
+/// Five dead letters discarded twice at once in bulk, by two stores on the same state
+/// where the backend allows two: each is counted as removed once.
+#[tokio::test]
+async fn every_backend_counts_each_discarded_dead_letter_once_under_concurrent_discards() {
+    for backend in Backend::each("discarded").await {
+        let first = backend.open().await;
+        let second = backend.beside(&first).await;
+        let ids: Vec<String> = (0..5).map(|n| format!("gone-{n}")).collect();
+        for (n, id) in ids.iter().enumerate() {
+            let letter =
+                DeadLetter { id: id.clone(), ..letter("unused", n as u64, "2026-01-01T00:00:00.000Z") };
+            first.add_dead_letter(&letter).await.expect("add");
+        }
+        let (a, b) =
+            tokio::join!(first.delete_dead_letters(ids.clone()), second.delete_dead_letters(ids.clone()));
+        assert_eq!(a.expect("discard") + b.expect("discard"), 5, "{}", backend.name());
+        assert!(first.dead_letters().await.expect("letters").is_empty(), "{}", backend.name());
+    }
+}
