@@ -90,9 +90,9 @@ impl App {
                 );
                 MemoryStore::new()
             }
-            StateBackend::NatsKv { bucket } => {
+            StateBackend::NatsKv { bucket, replicas } => {
                 let client = nats.clone().expect("the nats-kv backend counts as a use of NATS");
-                Arc::new(NatsKvStore::open(client, bucket).await?)
+                Arc::new(NatsKvStore::open_with(client, bucket, usize::from(*replicas)).await?)
             }
         };
         store.limit_dead_letters(config.state.dead_letters_max_bytes);

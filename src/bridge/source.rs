@@ -222,13 +222,19 @@ impl Spooler {
             }
         };
         let mut per_route: Vec<Vec<Spooled>> = vec![Vec::new(); routes.len()];
+        let mut refused = Vec::new();
         for ((index, envelope, bytes), sequence) in targets.into_iter().zip(sequences) {
             if let Some(sequence) = sequence {
                 if let (Some(replay), Some(replay_id)) = (&self.replay, envelope.replay_id) {
                     replay.spooled(&envelope.subscription, &envelope.message.channel, replay_id);
                 }
                 per_route[index].push(Spooled { sequence, bytes, envelope });
+            } else {
+                refused.push((index, envelope, bytes));
             }
+        }
+        for (index, envelope, bytes) in refused {
+            self.refused(&routes[index], &envelope, bytes).await;
         }
         for (route, spooled) in routes.iter().zip(per_route) {
             if !spooled.is_empty() {
@@ -239,6 +245,25 @@ impl Spooler {
             }
         }
         outcome
+    }
+
+    /// The store could not hold a message (too large for it): it becomes a dead letter at
+    /// once, with the store's reason, rather than being lost.
+    async fn refused(&self, route: &Route, envelope: &Envelope, bytes: u64) {
+        let reason = self.store.refused_reason(bytes);
+        let letter = super::dead_letters::dead_letter(envelope, &reason, 0);
+        match self.store.add_dead_letter(&letter).await {
+            Ok(()) => {
+                tracing::warn!(source = %self.name, subscription = %route.subscription, id = %letter.id, reason = %reason, "a received message the spool cannot hold is a dead letter");
+                self.metrics.dead_lettered(&route.subscription);
+                route.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                tracing::error!(source = %self.name, subscription = %route.subscription, reason = %reason, error = %error, record = %envelope.to_json(), "a received message the spool cannot hold could not be stored as a dead letter either; it is lost");
+                self.metrics.dropped(&route.subscription, "store_unavailable", 1);
+                route.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The route at `index` cannot take a message: with replay (and its channel its own)

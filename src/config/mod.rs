@@ -155,6 +155,8 @@ pub enum StateBackend {
     NatsKv {
         /// `state.bucket`.
         bucket: String,
+        /// `state.replicas`: the replication factor of the buckets and streams it creates.
+        replicas: u8,
     },
 }
 
@@ -658,6 +660,27 @@ mod tests {
             (config.admin.allowed_hosts, config.admin.max_subscriptions),
             (vec!["bridge.internal".to_string()], 1000)
         );
+    }
+
+    #[test]
+    fn the_nats_backend_takes_a_replication_factor_of_1_to_5() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("bridge.toml");
+        let rest = "[nats]\nurl = \"nats://127.0.0.1:4222\"\n[[sources]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/bayeux\"\n";
+        let backend = |keys: &str| {
+            std::fs::write(&file, format!("[state]\nbackend = \"nats\"\n{keys}{rest}")).expect("write");
+            load(&file, &Env::new()).map(|config| config.state.backend)
+        };
+        let replicas = |backend: StateBackend| match backend {
+            StateBackend::NatsKv { replicas, .. } => replicas,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(replicas(backend("").expect("valid")), 1, "the default");
+        assert_eq!(replicas(backend("replicas = 3\n").expect("valid")), 3);
+        for bad in ["0", "6", "-1"] {
+            let error = backend(&format!("replicas = {bad}\n")).expect_err("refused").to_string();
+            assert!(error.contains(&format!("state.replicas: {bad} is not a replication factor")), "{error}");
+        }
     }
 
     #[test]

@@ -87,6 +87,10 @@ pub struct RawState {
     /// Name the `nats` backend's buckets start with.
     #[serde(default = "default_state_bucket")]
     pub bucket: String,
+    /// The `nats` backend's replication factor: how many servers of the NATS cluster keep
+    /// each bucket and spool stream the bridge creates (1 to 5).
+    #[serde(default = "default_state_replicas")]
+    pub replicas: i64,
     /// The most all spools together may hold, e.g. `"1GiB"`; beyond it every subscription
     /// that receives a message is full.
     #[serde(default = "default_spool_max_bytes")]
@@ -107,6 +111,7 @@ impl Default for RawState {
             backend: default_state_backend(),
             path: default_state_path(),
             bucket: default_state_bucket(),
+            replicas: default_state_replicas(),
             spool_max_bytes: default_spool_max_bytes(),
             min_free_bytes: default_min_free_bytes(),
             dead_letters_max_bytes: default_dead_letters_max_bytes(),
@@ -132,6 +137,10 @@ fn default_dead_letters_max_bytes() -> String {
 
 fn default_state_path() -> String {
     "data/state".into()
+}
+
+fn default_state_replicas() -> i64 {
+    1
 }
 
 fn default_state_bucket() -> String {

@@ -126,7 +126,15 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             {
                 check.problem("state.bucket", "must be letters, digits, `-` and `_` only, and not empty");
             }
-            StateBackend::NatsKv { bucket: bucket.clone() }
+            let replicas =
+                u8::try_from(raw.state.replicas).ok().filter(|replicas| (1..=5).contains(replicas));
+            if replicas.is_none() {
+                check.problem(
+                    "state.replicas",
+                    format!("{} is not a replication factor: JetStream takes 1 to 5", raw.state.replicas),
+                );
+            }
+            StateBackend::NatsKv { bucket: bucket.clone(), replicas: replicas.unwrap_or(1) }
         }
         other => {
             check.problem(
@@ -679,7 +687,7 @@ fn retry_config(
 /// (`<state.bucket>.`), which no sink subject may start with; `None` on other backends.
 pub fn reserved_subject_prefix(backend: &StateBackend) -> Option<String> {
     match backend {
-        StateBackend::NatsKv { bucket } => Some(format!("{bucket}.")),
+        StateBackend::NatsKv { bucket, .. } => Some(format!("{bucket}.")),
         StateBackend::Embedded | StateBackend::Memory => None,
     }
 }

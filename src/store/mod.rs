@@ -225,8 +225,8 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_positions(&self, subscription: &str) -> Result<(), StoreError>;
 
     /// Appends messages to their subscriptions' spools, durably; returns each one's spool
-    /// sequence, in order, or `None` for one this store cannot hold (too large; it is
-    /// logged). Sequences of a spool are consecutive and never repeat. On an error, any
+    /// sequence, in order, or `None` for one this store cannot hold (too large; the caller
+    /// dead-letters it, with [`refused_reason`](Store::refused_reason)). Sequences of a spool are consecutive and never repeat. On an error, any
     /// of them may have been appended (the embedded store appends all or none).
     async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<Option<u64>>, StoreError>;
     /// Up to `max` messages of a spool, from sequence `from` on, in order, stopping once
@@ -242,6 +242,11 @@ pub trait Store: Send + Sync + 'static {
     /// only with its next write or [`sync`](Store::sync), as long as a crash undoes it whole
     /// and it is durable within about a second even when nothing else is written.
     async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError>;
+    /// Why [`spool_append`](Store::spool_append) gave no sequence to a record of `bytes`
+    /// bytes: the reason of the dead letter it becomes.
+    fn refused_reason(&self, bytes: u64) -> String {
+        format!("too large for the state store's spool ({bytes} bytes)")
+    }
     /// How long a source may hold a small batch to join the next one into one append, while
     /// messages keep coming: worth it where each append costs a sync (group commit).
     fn append_window(&self) -> std::time::Duration {

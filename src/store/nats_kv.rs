@@ -12,9 +12,27 @@
 //! letter's age and size, read once when the store opens (one get per dead letter), then
 //! followed by every write. A KV bucket has no transactions, so an eviction is a purge
 //! per evicted letter after the put that caused it (a crash in between leaves the bucket
-//! over its bound until the next put). Requeues and removals of dead letters are
-//! serialised within the process, so that two concurrent retries of one dead letter
-//! requeue it once.
+//! over its bound until the next put).
+//!
+//! A requeue is atomic across processes without a transaction: the letter's current
+//! revision is read, its record appended with the message id `dl.<key>.<revision>` (the
+//! spool stream stores one append per id within its duplicate window, and answers a
+//! second one as a duplicate: that caller gets `None`), then the letter purged only if it
+//! still has that revision. A crash between append and purge leaves it in both (delivered
+//! and retried again with the same delivery id) rather than neither. Removals are
+//! revision-checked too, so that a letter stored again meanwhile (a batch repeated after a
+//! crash) is not removed unseen. A requeue repeated within the window after a crash
+//! between its append and its purge finds the letter already appended (`None`); after the
+//! window it appends it again.
+//!
+//! A settlement's positions only move forward: each channel gets the greater of the
+//! stored and the new position, written with the revision read (merged again on a
+//! conflict), so two settlements racing never leave the older one.
+//!
+//! A dead letter larger than the server's `max_payload` is stored without its data: its
+//! `message` keeps `source`, `subscription`, `channel` and `id`, and gains `truncated`
+//! (`bytes`: the data's size, `head`: its first 1 KiB of JSON); its reason says so. It can
+//! be listed and discarded, not retried.
 
 use async_nats::jetstream::{self, kv};
 use base64::Engine;
@@ -28,6 +46,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::bound::LetterBound;
+use super::nats_spool::Appended;
 use super::{
     DeadLetter, NatsSpool, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError,
 };
@@ -75,10 +94,24 @@ impl NatsKvStore {
     /// [`StoreError::Nats`] when a bucket can be neither found nor created, e.g. when the
     /// server is unreachable or has no JetStream.
     pub async fn open(client: async_nats::Client, bucket: &str) -> Result<Self, StoreError> {
+        Self::open_with(client, bucket, 1).await
+    }
+
+    /// [`open`](Self::open), creating the missing buckets and spool streams with `replicas`
+    /// replicas (`state.replicas`; existing ones keep theirs).
+    ///
+    /// # Errors
+    /// [`StoreError::Nats`] as for [`open`](Self::open), and when the server cannot place
+    /// that many replicas (fewer servers in its cluster).
+    pub async fn open_with(
+        client: async_nats::Client,
+        bucket: &str,
+        replicas: usize,
+    ) -> Result<Self, StoreError> {
         let jetstream = jetstream::new(client.clone());
-        let mut subscriptions = Bucket::open(&jetstream, format!("{bucket}-subscriptions")).await?;
-        let mut dead_letters = Bucket::open(&jetstream, format!("{bucket}-dead-letters")).await?;
-        let mut positions = Bucket::open(&jetstream, format!("{bucket}-positions")).await?;
+        let mut subscriptions = Bucket::open(&jetstream, format!("{bucket}-subscriptions"), replicas).await?;
+        let mut dead_letters = Bucket::open(&jetstream, format!("{bucket}-dead-letters"), replicas).await?;
+        let mut positions = Bucket::open(&jetstream, format!("{bucket}-positions"), replicas).await?;
         let unreadable = Arc::new(std::sync::atomic::AtomicU64::new(0));
         for bucket in [&mut subscriptions, &mut dead_letters, &mut positions] {
             bucket.unreadable = unreadable.clone();
@@ -88,7 +121,7 @@ impl NatsKvStore {
             subscriptions,
             dead_letters,
             positions,
-            spool: Arc::new(NatsSpool::new(client, bucket)),
+            spool: Arc::new(NatsSpool::new(client, bucket, replicas)),
             letters: Arc::new(Letters {
                 bound: std::sync::Mutex::new(bound),
                 max_bytes: AtomicU64::new(super::DEAD_LETTERS_MAX_BYTES),
@@ -103,7 +136,12 @@ impl NatsKvStore {
         let _changing = self.letters.changing.lock().await;
         let max = self.letters.max_bytes.load(Ordering::Relaxed);
         for letter in letters {
-            let bytes = serde_json::to_vec(letter).expect("records serialize");
+            let mut bytes = serde_json::to_vec(letter).expect("records serialize");
+            if let Some(max) = self.spool.max_record()
+                && bytes.len() > max
+            {
+                bytes = serde_json::to_vec(&without_data(letter, max)).expect("records serialize");
+            }
             let size = bytes.len() as u64;
             self.dead_letters
                 .store
@@ -123,6 +161,49 @@ impl NatsKvStore {
         }
         Ok(())
     }
+}
+
+/// How much of an oversize dead letter's data is kept, as JSON text.
+const TRUNCATED_HEAD: usize = 1024;
+
+/// `letter` without its data and spooled record, to fit a server's `max_payload`: its
+/// `message` keeps its other fields and gains `truncated` (`bytes`, `head`); the reason
+/// says so.
+fn without_data(letter: &DeadLetter, max_payload: usize) -> DeadLetter {
+    let data = letter.message.get("data").map(ToString::to_string).unwrap_or_default();
+    let mut head = data.as_str();
+    while head.len() > TRUNCATED_HEAD {
+        let mut end = TRUNCATED_HEAD;
+        while !head.is_char_boundary(end) {
+            end -= 1;
+        }
+        head = &head[..end];
+    }
+    let mut message = serde_json::Map::new();
+    if let Some(fields) = letter.message.as_object() {
+        for (name, value) in fields {
+            if !matches!(name.as_str(), "data" | "ext") {
+                message.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    message.insert("truncated".into(), serde_json::json!({ "bytes": data.len(), "head": head }));
+    DeadLetter {
+        message: serde_json::Value::Object(message),
+        reason: format!(
+            "{}; stored without its data ({} bytes), over the NATS server's max_payload ({max_payload} bytes with headers)",
+            letter.reason,
+            data.len()
+        ),
+        record: None,
+        ..letter.clone()
+    }
+}
+
+/// Whether a stored dead letter lost its data to `max_payload` (it cannot be retried).
+fn is_truncated(letter: &serde_json::Value) -> bool {
+    letter.get("record").is_none_or(serde_json::Value::is_null)
+        && letter.get("message").and_then(|message| message.get("truncated")).is_some()
 }
 
 /// The ages and sizes of the dead letters in `bucket`, oldest first by `failed_at`.
@@ -168,7 +249,7 @@ async fn index_dead_letters(bucket: &Bucket) -> Result<LetterBound, StoreError> 
 }
 
 impl Bucket {
-    async fn open(jetstream: &jetstream::Context, name: String) -> Result<Self, StoreError> {
+    async fn open(jetstream: &jetstream::Context, name: String, replicas: usize) -> Result<Self, StoreError> {
         let store = match jetstream.get_key_value(name.as_str()).await {
             Ok(store) => store,
             // Anything but "no such bucket" (the server unreachable, no JetStream) would
@@ -180,6 +261,7 @@ impl Bucket {
                     description: "cometd-bridge state".into(),
                     history: 1,
                     storage: jetstream::stream::StorageType::File,
+                    num_replicas: replicas,
                     ..kv::Config::default()
                 })
                 .await
@@ -239,19 +321,75 @@ impl Bucket {
         Ok(keyed.into_iter().map(|(_, record)| record).collect())
     }
 
-    /// Removes a record; `false` when there was none.
+    /// The current value and revision of a record; `None` when there is none.
+    async fn entry(&self, key: &str) -> Result<Option<kv::Entry>, StoreError> {
+        let entry = self.store.entry(key).await.map_err(|error| nats_error(&self.name, "get", error))?;
+        Ok(entry.filter(|entry| entry.operation == kv::Operation::Put))
+    }
+
+    /// Removes a record if it still has `revision`; `false` when it had another (stored
+    /// again, or removed, since).
+    async fn purge_at(&self, key: &str, revision: u64) -> Result<bool, StoreError> {
+        match self.store.purge_expect_revision(key, Some(revision)).await {
+            Ok(()) => Ok(true),
+            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(error) => Err(nats_error(&self.name, "purge", error)),
+        }
+    }
+
+    /// Removes a record; `false` when there was none. Of two concurrent removals, one
+    /// gets `true`; a record stored again after it was read is left alone (`false`).
     async fn delete(&self, id: &str) -> Result<bool, StoreError> {
         let key = key(id);
-        let existed = self
-            .store
-            .get(key.as_str())
-            .await
-            .map_err(|error| nats_error(&self.name, "get", error))?
-            .is_some();
-        if existed {
-            self.store.purge(key.as_str()).await.map_err(|error| nats_error(&self.name, "purge", error))?;
+        match self.entry(&key).await? {
+            Some(entry) => self.purge_at(&key, entry.revision).await,
+            None => Ok(false),
         }
-        Ok(existed)
+    }
+
+    /// Stores a settlement's positions so that none moves backwards, whoever else writes
+    /// them at the same time (two settlements racing, from this process or another): each
+    /// channel gets the greater of the stored and the new position, written only if the
+    /// record still has the revision read (`update`/`create` with the expected revision),
+    /// else read and merged again. A position reset through the API (a plain put) is
+    /// read like any other value.
+    async fn advance_positions(&self, subscription: &str, positions: &Positions) -> Result<(), StoreError> {
+        const TRIES: u32 = 16;
+        let key = key(subscription);
+        for _ in 0..TRIES {
+            let current = self.entry(&key).await?;
+            let mut merged: Positions = match &current {
+                Some(entry) => self.parse(&key, &entry.value).unwrap_or_default(),
+                None => Positions::new(),
+            };
+            for (channel, position) in positions {
+                let kept = merged.entry(channel.clone()).or_insert(*position);
+                *kept = (*kept).max(*position);
+            }
+            let bytes: bytes::Bytes = serde_json::to_vec(&merged).expect("records serialize").into();
+            let written = match &current {
+                Some(entry) => {
+                    self.store.update(&key, bytes, entry.revision).await.map(drop).map_err(|error| {
+                        (
+                            error.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            nats_error(&self.name, "update", error),
+                        )
+                    })
+                }
+                None => self.store.create(&key, bytes).await.map(drop).map_err(|error| {
+                    (
+                        error.kind() == kv::CreateErrorKind::AlreadyExists,
+                        nats_error(&self.name, "create", error),
+                    )
+                }),
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                Err((true, _)) => {}
+                Err((false, error)) => return Err(error),
+            }
+        }
+        Err(nats_error(&self.name, "update", format!("{subscription:?}: still changing after {TRIES} tries")))
     }
 
     /// Reports and counts an unreadable record that a listing leaves out.
@@ -387,6 +525,14 @@ impl Store for NatsKvStore {
         self.spool.append(&appends).await
     }
 
+    fn refused_reason(&self, bytes: u64) -> String {
+        let max_payload = self.spool.max_record().map_or(0, |max| max + super::nats_spool::PAYLOAD_MARGIN);
+        format!(
+            "too large for the NATS spool: {bytes} bytes, over the NATS server's max_payload ({max_payload} bytes, of which {} are kept for headers)",
+            super::nats_spool::PAYLOAD_MARGIN
+        )
+    }
+
     async fn spool_read(
         &self,
         subscription: &str,
@@ -397,11 +543,13 @@ impl Store for NatsKvStore {
     }
 
     /// Dead letters and positions first, the trim last: a failure in between repeats
-    /// deliveries (with their delivery ids) rather than losing them.
+    /// deliveries (with their delivery ids) rather than losing them. The positions only
+    /// move forward: each channel keeps the greater position, written revision-checked.
+    /// The trim is a purge below a sequence, which a later, lower one cannot undo.
     async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError> {
         self.put_dead_letters(&settlement.dead_letters).await?;
         if let Some(positions) = &settlement.positions {
-            self.positions.put(&settlement.subscription, positions).await?;
+            self.positions.advance_positions(&settlement.subscription, positions).await?;
         }
         self.spool.trim(&settlement.subscription, settlement.through).await
     }
@@ -414,14 +562,14 @@ impl Store for NatsKvStore {
         self.spool.delete(subscription).await
     }
 
-    /// Appended first, then removed from the dead letters: a crash in between leaves it in
-    /// both (delivered, and retried again with the same delivery id) rather than neither.
     fn unreadable_records(&self) -> u64 {
         self.subscriptions.unreadable.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Each one's presence checked (one get each), all appended at once, then each removed
-    /// from the dead letters (one purge each); gets and purges run 32 at a time.
+    /// Each one's revision read (one get each), all appended at once with the message id
+    /// `dl.<key>.<revision>` (a concurrent requeue of the same letter, here or in another
+    /// process, is answered as a duplicate and gets `None`), then each purged if it still
+    /// has that revision; gets and purges run 32 at a time.
     async fn requeue_dead_letters(
         &self,
         requeues: Vec<(String, SpoolAppend)>,
@@ -435,56 +583,61 @@ impl Store for NatsKvStore {
             .map(|(id, _)| {
                 let key = key(id);
                 async move {
-                    let value = bucket
-                        .store
-                        .get(key)
-                        .await
-                        .map_err(|error| nats_error(&bucket.name, "get", error))?;
-                    Ok::<_, StoreError>(value.is_some())
+                    let Some(entry) = bucket.entry(&key).await? else { return Ok(None) };
+                    let letter: serde_json::Value = serde_json::from_slice(&entry.value).unwrap_or_default();
+                    if is_truncated(&letter) {
+                        tracing::error!(key = %key, "a dead letter stored without its data cannot be retried; discard it");
+                        return Ok(None);
+                    }
+                    Ok::<_, StoreError>(Some(entry.revision))
                 }
                 .boxed()
             })
             .collect();
-        let present: Vec<bool> = futures_util::stream::iter(gets).buffered(IN_FLIGHT).try_collect().await?;
-        let appends: Vec<SpoolAppend> = requeues
+        let revisions: Vec<Option<u64>> =
+            futures_util::stream::iter(gets).buffered(IN_FLIGHT).try_collect().await?;
+        let appends: Vec<(&SpoolAppend, String)> = requeues
             .iter()
-            .zip(&present)
-            .filter(|(_, here)| **here)
-            .map(|((_, append), _)| append.clone())
+            .zip(&revisions)
+            .filter_map(|((id, append), revision)| {
+                revision.map(|revision| (append, format!("dl.{}.{revision}", key(id))))
+            })
             .collect();
-        let mut sequences = self.spool.append(&appends).await?.into_iter();
+        let mut appended = self.spool.append_with_ids(&appends).await?.into_iter();
         let mut requeued = Vec::with_capacity(requeues.len());
-        let mut appended = Vec::new();
-        for ((id, _), here) in requeues.iter().zip(present) {
-            if !here {
+        let mut moved = Vec::new();
+        for ((id, _), revision) in requeues.iter().zip(revisions) {
+            let Some(revision) = revision else {
                 requeued.push(None);
                 continue;
-            }
-            match sequences.next().flatten() {
-                Some(sequence) => {
-                    appended.push(id.as_str());
+            };
+            match appended.next() {
+                Some(Appended::Stored(sequence)) => {
+                    moved.push((id.as_str(), revision));
                     requeued.push(Some(sequence));
                 }
-                None => {
+                // Another requeue of this revision appended it.
+                Some(Appended::Duplicate(_)) => requeued.push(None),
+                Some(Appended::TooLarge) | None => {
                     tracing::error!(id = %id, "a dead letter too large for the NATS spool stays a dead letter");
                     requeued.push(None);
                 }
             }
         }
-        let purges: Vec<_> = appended
+        let purges: Vec<_> = moved
             .iter()
-            .map(|id| {
+            .map(|(id, revision)| {
                 let key = key(id);
-                async move {
-                    bucket.store.purge(key).await.map_err(|error| nats_error(&bucket.name, "purge", error))
-                }
-                .boxed()
+                async move { bucket.purge_at(&key, *revision).await }.boxed()
             })
             .collect();
-        futures_util::stream::iter(purges).buffered(IN_FLIGHT).try_collect::<Vec<()>>().await?;
+        let purged: Vec<bool> = futures_util::stream::iter(purges).buffered(IN_FLIGHT).try_collect().await?;
         let mut bound = self.letters.bound();
-        for id in appended {
-            bound.remove(id);
+        for ((id, _), purged) in moved.into_iter().zip(purged) {
+            // One stored again since it was read stays, and stays counted.
+            if purged {
+                bound.remove(id);
+            }
         }
         Ok(requeued)
     }

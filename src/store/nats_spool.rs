@@ -2,17 +2,36 @@
 //! `<bucket>-spool-<hex of the id>` (file storage, direct gets allowed), whose sequences
 //! are the spool's sequences: consecutive, never reused, and trimmed by purging below a
 //! sequence. A message is spooled once the stream acknowledged it.
+//!
+//! Every append carries a `Nats-Msg-Id`: the hash of the subscription and the record (which
+//! holds the delivery's source, session and sequence), so that the same append sent again
+//! (after a timeout, a lost acknowledgement, or a batch that failed in its middle and is
+//! retried whole) within the stream's duplicate window ([`DUPLICATE_WINDOW`]) is stored
+//! once, and answered with the sequence it was stored at. A backlog is read through an
+//! ordered consumer (the messages streamed in batches), not one request per message.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
-use futures_util::TryStreamExt;
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::{StreamExt, TryStreamExt};
 
 use super::{SpoolAppend, SpoolEntry, SpoolSummary, StoreError};
 
 /// Bytes a spooled record may take below the server's `max_payload` (room for headers).
-const PAYLOAD_MARGIN: usize = 1024;
+pub const PAYLOAD_MARGIN: usize = 1024;
+
+/// How long a spool stream remembers the `Nats-Msg-Id` of an append, to store a repeated
+/// append once (JetStream's default, set explicitly).
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// How many messages a read asks the server for at once.
+const READ_BATCH: usize = 1000;
+
+/// How long a read waits for the next message: then it returns what it has (or fails,
+/// when it has nothing).
+const READ_IDLE: Duration = Duration::from_secs(5);
 
 /// The spools of one bucket name.
 #[derive(Debug)]
@@ -20,7 +39,39 @@ pub struct NatsSpool {
     jetstream: jetstream::Context,
     client: async_nats::Client,
     bucket: String,
+    replicas: usize,
     streams: Mutex<HashMap<String, stream::Stream>>,
+}
+
+/// What became of one append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored at this sequence.
+    Stored(u64),
+    /// An append with the same message id was stored before, at this sequence.
+    Duplicate(u64),
+    /// Over the server's `max_payload`: not sent.
+    TooLarge,
+}
+
+impl Appended {
+    /// Its sequence, new or not.
+    pub fn sequence(self) -> Option<u64> {
+        match self {
+            Appended::Stored(sequence) | Appended::Duplicate(sequence) => Some(sequence),
+            Appended::TooLarge => None,
+        }
+    }
+}
+
+/// The message id of an append: its subscription and record, hashed (SHA-256, 128 bits).
+pub fn message_id(append: &SpoolAppend) -> String {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(append.subscription.as_bytes());
+    context.update(&[0]);
+    context.update(&append.record);
+    let digest = context.finish();
+    digest.as_ref()[..16].iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 fn hex(id: &str) -> String {
@@ -36,14 +87,23 @@ fn unhex(text: &str) -> Option<String> {
 }
 
 impl NatsSpool {
-    /// The spools of `bucket` on `client`'s server.
-    pub fn new(client: async_nats::Client, bucket: &str) -> Self {
+    /// The spools of `bucket` on `client`'s server, their streams created with `replicas`
+    /// replicas.
+    pub fn new(client: async_nats::Client, bucket: &str, replicas: usize) -> Self {
         NatsSpool {
             jetstream: jetstream::new(client.clone()),
             client,
             bucket: bucket.to_string(),
+            replicas,
             streams: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The largest record an append takes: the server's `max_payload` less room for
+    /// headers; `None` when the server did not say.
+    pub fn max_record(&self) -> Option<usize> {
+        let max = self.client.server_info().max_payload;
+        (max > 0).then(|| max.saturating_sub(PAYLOAD_MARGIN))
     }
 
     fn prefix(&self) -> String {
@@ -79,6 +139,8 @@ impl NatsSpool {
                 subjects: vec![self.subject(subscription)],
                 storage: stream::StorageType::File,
                 allow_direct: true,
+                num_replicas: self.replicas,
+                duplicate_window: DUPLICATE_WINDOW,
                 ..stream::Config::default()
             })
             .await
@@ -87,35 +149,56 @@ impl NatsSpool {
         Ok(stream)
     }
 
-    /// Appends in order; a record over the server's `max_payload` cannot be spooled here:
-    /// it is logged with its content and gets no sequence.
+    /// Appends in order, each with its message id (a hash of its subscription and record);
+    /// a record over the server's `max_payload` cannot be spooled here and gets no
+    /// sequence (the caller dead-letters it). A repeated append gets the sequence it was
+    /// first stored at.
     pub async fn append(&self, appends: &[SpoolAppend]) -> Result<Vec<Option<u64>>, StoreError> {
-        let max = self.client.server_info().max_payload.saturating_sub(PAYLOAD_MARGIN);
+        let keyed: Vec<(&SpoolAppend, String)> =
+            appends.iter().map(|append| (append, message_id(append))).collect();
+        Ok(self.append_with_ids(&keyed).await?.into_iter().map(Appended::sequence).collect())
+    }
+
+    /// Appends in order, each with the message id given: all are sent, then their
+    /// acknowledgements awaited.
+    pub async fn append_with_ids(
+        &self,
+        appends: &[(&SpoolAppend, String)],
+    ) -> Result<Vec<Appended>, StoreError> {
+        let max = self.max_record();
         let mut acks = Vec::with_capacity(appends.len());
-        for append in appends {
-            if max > 0 && append.record.len() > max {
-                tracing::error!(subscription = %append.subscription, bytes = append.record.len(), max_payload = max, record = %String::from_utf8_lossy(&append.record), "a received message is too large for the NATS spool; it is lost");
+        for (append, id) in appends {
+            if max.is_some_and(|max| append.record.len() > max) {
+                tracing::warn!(subscription = %append.subscription, bytes = append.record.len(), max_record = max, "a message too large for the NATS spool (over the server's max_payload) is not spooled");
                 acks.push(None);
                 continue;
             }
             self.stream(&append.subscription).await?;
+            let publish = jetstream::message::PublishMessage::build()
+                .message_id(id)
+                .payload(append.record.clone().into());
             let ack = self
                 .jetstream
-                .publish(self.subject(&append.subscription), append.record.clone().into())
+                .send_publish(self.subject(&append.subscription), publish)
                 .await
                 .map_err(|error| self.error(&append.subscription, "append", error))?;
             acks.push(Some((append.subscription.clone(), ack)));
         }
-        let mut sequences = Vec::with_capacity(acks.len());
+        let mut appended = Vec::with_capacity(acks.len());
         for ack in acks {
-            sequences.push(match ack {
-                None => None,
+            appended.push(match ack {
+                None => Appended::TooLarge,
                 Some((subscription, ack)) => {
-                    Some(ack.await.map_err(|error| self.error(&subscription, "append", error))?.sequence)
+                    let ack = ack.await.map_err(|error| self.error(&subscription, "append", error))?;
+                    if ack.duplicate {
+                        Appended::Duplicate(ack.sequence)
+                    } else {
+                        Appended::Stored(ack.sequence)
+                    }
                 }
             });
         }
-        Ok(sequences)
+        Ok(appended)
     }
 
     /// Up to `max` messages from `from` on.
@@ -127,21 +210,56 @@ impl NatsSpool {
     ) -> Result<Vec<SpoolEntry>, StoreError> {
         let stream = self.stream(subscription).await?;
         let info = stream.get_info().await.map_err(|error| self.error(subscription, "info", error))?;
-        let mut entries = Vec::new();
-        let mut bytes = 0;
-        let mut sequence = from.max(info.state.first_sequence);
-        while sequence <= info.state.last_sequence && entries.len() < max && bytes < super::SPOOL_READ_BYTES {
-            match stream.direct_get(sequence).await {
-                Ok(message) => {
-                    bytes += message.payload.len();
-                    entries.push(SpoolEntry { sequence, record: message.payload.to_vec() });
-                }
-                // Purged since the info was read.
-                Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => {}
-                Err(error) => return Err(self.error(subscription, "read", error)),
-            }
-            sequence += 1;
+        let first = from.max(info.state.first_sequence);
+        let last = info.state.last_sequence;
+        if info.state.messages == 0 || first > last || max == 0 {
+            return Ok(Vec::new());
         }
+        let wanted = usize::try_from(last - first + 1).unwrap_or(usize::MAX).min(max);
+        // An ordered consumer from `first`: the server streams the messages in batches; it
+        // is ephemeral, deleted once read.
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.subject(subscription),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: first },
+                max_batch: i64::try_from(wanted.min(READ_BATCH)).unwrap_or(1),
+                ..consumer::pull::OrderedConfig::default()
+            })
+            .await
+            .map_err(|error| self.error(subscription, "read", error))?;
+        let name = consumer.cached_info().name.clone();
+        if consumer.cached_info().num_pending == 0 {
+            // Purged since the info was read.
+            let _ = stream.delete_consumer(&name).await;
+            return Ok(Vec::new());
+        }
+        let mut messages =
+            consumer.messages().await.map_err(|error| self.error(subscription, "read", error))?;
+        let mut entries = Vec::with_capacity(wanted);
+        let mut bytes = 0;
+        while entries.len() < wanted && bytes < super::SPOOL_READ_BYTES {
+            let message = match tokio::time::timeout(READ_IDLE, messages.next()).await {
+                Ok(Some(message)) => message.map_err(|error| self.error(subscription, "read", error))?,
+                // Nothing more came: the rest was purged since the info was read, or the
+                // server is slow; what was read is returned, and the next read goes on.
+                Ok(None) | Err(_) if !entries.is_empty() => break,
+                Ok(None) | Err(_) => {
+                    let _ = stream.delete_consumer(&name).await;
+                    return Err(self.error(subscription, "read", format!("no message within {READ_IDLE:?}")));
+                }
+            };
+            let info = message.info().map_err(|error| self.error(subscription, "read", error))?;
+            let sequence = info.stream_sequence;
+            let pending = info.pending;
+            bytes += message.payload.len();
+            entries.push(SpoolEntry { sequence, record: message.payload.to_vec() });
+            if sequence >= last || pending == 0 {
+                break;
+            }
+        }
+        drop(messages);
+        // Deleted now rather than left to expire; a failure only leaves it to expire.
+        let _ = stream.delete_consumer(&name).await;
         Ok(entries)
     }
 

@@ -1,6 +1,7 @@
-//! Both state backends keep the same records the same way: the file store in a temporary
-//! directory, the NATS KV store on a real nats-server; and a daemon on the NATS KV backend
-//! keeps its runtime subscriptions and dead letters in NATS, not on its disk.
+//! Both durable state backends keep the same records the same way: one suite of spool and
+//! dead-letter tests run over the embedded store in a temporary directory and the NATS
+//! store on a real nats-server ([`Backend`]); and a daemon on the NATS backend keeps its
+//! runtime subscriptions, dead letters and backlog in NATS, not on its disk.
 
 use cometd_bridge::config::RawSubscription;
 use cometd_bridge::store::{DeadLetter, EmbeddedStore, NatsKvStore, Settlement, SpoolAppend, Store};
@@ -9,7 +10,7 @@ use std::sync::Arc;
 
 use crate::support::app::TestApp;
 use crate::support::bayeux::{BayeuxServer, FayeOptions};
-use crate::support::nats::NatsServer;
+use crate::support::nats::{NatsOptions, NatsServer};
 use crate::support::peer::{WAIT, open};
 use crate::support::webhook::WebhookReceiver;
 
@@ -223,11 +224,11 @@ async fn bounds_dead_letters(store: &dyn Store) -> u64 {
 }
 
 /// Two retries of one dead letter at once: one requeues it, the other finds it gone.
-async fn requeues_a_dead_letter_once(store: Arc<dyn Store>) {
+async fn requeues_a_dead_letter_once(store: Arc<dyn Store>, beside: Arc<dyn Store>) {
     store.add_dead_letter(&sized('r', 0)).await.expect("add");
     let (first, second) = tokio::join!(
         store.requeue_dead_letter("bounded-r", append("twice", "r")),
-        store.requeue_dead_letter("bounded-r", append("twice", "r")),
+        beside.requeue_dead_letter("bounded-r", append("twice", "r")),
     );
     let outcomes = [first.expect("first"), second.expect("second")];
     assert_eq!(outcomes.iter().filter(|sequence| sequence.is_some()).count(), 1, "{outcomes:?}");
@@ -235,59 +236,222 @@ async fn requeues_a_dead_letter_once(store: Arc<dyn Store>) {
     store.spool_delete("twice").await.expect("delete");
 }
 
+/// A durable backend the suite runs over: a store can be opened on it again (as after a
+/// restart) once the previous one is dropped, and records can be written to it behind the
+/// store's back.
+enum Backend {
+    /// The embedded database in a temporary directory.
+    Embedded(tempfile::TempDir),
+    /// The NATS store on a real nats-server, its buckets named after `bucket`.
+    Nats { server: Box<NatsServer>, bucket: &'static str },
+}
+
+impl Backend {
+    /// Every durable backend, each on empty state.
+    async fn each(bucket: &'static str) -> Vec<Backend> {
+        vec![
+            Backend::Embedded(tempfile::tempdir().expect("temp dir")),
+            Backend::Nats { server: Box::new(NatsServer::start().await), bucket },
+        ]
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Embedded(_) => "embedded",
+            Backend::Nats { .. } => "nats",
+        }
+    }
+
+    /// A store on this backend's state, on a connection of its own.
+    async fn open(&self) -> Arc<dyn Store> {
+        match self {
+            Backend::Embedded(dir) => Arc::new(EmbeddedStore::open(dir.path()).expect("open")),
+            Backend::Nats { server, bucket } => Arc::new(
+                NatsKvStore::open(async_nats::connect(server.url()).await.expect("connect"), bucket)
+                    .await
+                    .expect("open"),
+            ),
+        }
+    }
+
+    /// A second store on the same state at the same time, where the backend allows one (the
+    /// embedded database has one owner: there it is `store` again).
+    async fn beside(&self, store: &Arc<dyn Store>) -> Arc<dyn Store> {
+        match self {
+            Backend::Embedded(_) => store.clone(),
+            Backend::Nats { .. } => self.open().await,
+        }
+    }
+
+    /// Writes a subscription and a dead letter that cannot be read, as a damaged disk or
+    /// another program might (the store must be closed).
+    async fn write_unreadable_records(&self) {
+        match self {
+            Backend::Embedded(dir) => {
+                let db = redb::Database::create(dir.path().join("state.redb")).expect("the file");
+                let txn = db.begin_write().expect("write");
+                {
+                    let letters: redb::TableDefinition<&str, &[u8]> =
+                        redb::TableDefinition::new("dead_letters");
+                    txn.open_table(letters)
+                        .expect("table")
+                        .insert("a-broken", b"{\"id\":".as_slice())
+                        .expect("insert");
+                    let subscriptions: redb::TableDefinition<&str, &[u8]> =
+                        redb::TableDefinition::new("subscriptions");
+                    txn.open_table(subscriptions)
+                        .expect("table")
+                        .insert("broken", b"[]".as_slice())
+                        .expect("insert");
+                }
+                txn.commit().expect("commit");
+            }
+            Backend::Nats { server, bucket } => {
+                let client = async_nats::connect(server.url()).await.expect("connect");
+                let jetstream = async_nats::jetstream::new(client);
+                let subscriptions =
+                    jetstream.get_key_value(format!("{bucket}-subscriptions")).await.expect("bucket");
+                subscriptions.put("eA", "{\"id\":".into()).await.expect("put garbage");
+                let letters =
+                    jetstream.get_key_value(format!("{bucket}-dead-letters")).await.expect("bucket");
+                letters.put("eQ", "not json".into()).await.expect("put garbage");
+            }
+        }
+    }
+}
+
 #[tokio::test]
-async fn the_embedded_store_keeps_every_record() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = EmbeddedStore::open(dir.path()).expect("open");
-    keeps_every_record(&store).await;
-    keeps_spools(&store).await;
+async fn every_backend_keeps_every_record_and_spool_across_a_restart() {
+    for backend in Backend::each("test").await {
+        let store = backend.open().await;
+        keeps_every_record(&*store).await;
+        keeps_spools(&*store).await;
+        store.put_subscription(&subscription("kept", "/kept")).await.expect("put");
+        drop(store);
+        // Opened again, as after a restart, it finds what is there.
+        let again = backend.open().await;
+        assert_eq!(ids(&again.subscriptions().await.expect("list")), ["a", "kept"], "{}", backend.name());
+    }
+}
+
+#[tokio::test]
+async fn another_bucket_name_is_another_empty_nats_state() {
+    let nats = NatsServer::start().await;
+    let store = NatsKvStore::open(async_nats::connect(nats.url()).await.expect("connect"), "test")
+        .await
+        .expect("open");
+    store.put_subscription(&subscription("kept", "/kept")).await.expect("put");
+    let other = NatsKvStore::open(async_nats::connect(nats.url()).await.expect("connect"), "other")
+        .await
+        .expect("open other");
+    assert!(other.subscriptions().await.expect("list").is_empty());
 }
 
 #[tokio::test]
 async fn every_store_bounds_its_dead_letters_and_handles_them_in_bulk() {
     let memory = cometd_bridge::store::MemoryStore::new();
     bounds_dead_letters(&*memory).await;
-    requeues_a_dead_letter_once(memory).await;
+    requeues_a_dead_letter_once(memory.clone(), memory).await;
 
-    let nats = NatsServer::start().await;
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let store = NatsKvStore::open(client, "bounded").await.expect("open");
-    let max = bounds_dead_letters(&store).await;
-    requeues_a_dead_letter_once(Arc::new(store)).await;
-    // Reopened, the store knows the ages and sizes of what is there (`h` is older than `i`).
-    let again = NatsKvStore::open(async_nats::connect(nats.url()).await.expect("connect"), "bounded")
-        .await
-        .expect("reopen");
-    again.limit_dead_letters(max);
-    for (id, minute) in [('i', 8), ('j', 9), ('k', 10)] {
-        again.add_dead_letter(&sized(id, minute)).await.expect("add");
+    for backend in Backend::each("bounded").await {
+        let store = backend.open().await;
+        let max = bounds_dead_letters(&*store).await;
+        requeues_a_dead_letter_once(store.clone(), backend.beside(&store).await).await;
+        drop(store);
+        // Reopened, the store knows the ages and sizes of what is there (`h` is older than `i`).
+        let again = backend.open().await;
+        again.limit_dead_letters(max);
+        for (id, minute) in [('i', 8), ('j', 9), ('k', 10)] {
+            again.add_dead_letter(&sized(id, minute)).await.expect("add");
+        }
+        assert_eq!(
+            letter_ids(&again.dead_letters().await.expect("letters")),
+            ["bounded-i", "bounded-j", "bounded-k"],
+            "{}: h, the oldest, went",
+            backend.name()
+        );
+        assert_eq!(again.dead_letters_evicted(), 1, "{}", backend.name());
     }
-    assert_eq!(
-        letter_ids(&again.dead_letters().await.expect("letters")),
-        ["bounded-i", "bounded-j", "bounded-k"],
-        "h, the oldest, went"
-    );
-    assert_eq!(again.dead_letters_evicted(), 1);
+}
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    {
-        let store = EmbeddedStore::open(dir.path()).expect("open");
-        bounds_dead_letters(&store).await;
+/// Five dead letters, each retried twice at once (singly, then in bulk), by two stores on
+/// the same state where the backend allows two (two bridges on one NATS bucket): each is
+/// requeued, and appended, once.
+#[tokio::test]
+async fn every_backend_requeues_each_dead_letter_once_under_concurrent_retries() {
+    for backend in Backend::each("retried").await {
+        let first = backend.open().await;
+        let second = backend.beside(&first).await;
+        for round in ["single", "bulk"] {
+            let ids: Vec<String> = (0..5).map(|n| format!("{round}-{n}")).collect();
+            for (n, id) in ids.iter().enumerate() {
+                let letter =
+                    DeadLetter { id: id.clone(), ..letter("unused", n as u64, "2026-01-01T00:00:00.000Z") };
+                first.add_dead_letter(&letter).await.expect("add");
+            }
+            let requeue = |id: &String| (id.clone(), append(round, id));
+            let outcomes: Vec<Option<u64>> = if round == "single" {
+                let calls = ids.iter().flat_map(|id| {
+                    [
+                        first.requeue_dead_letter(id, append(round, id)),
+                        second.requeue_dead_letter(id, append(round, id)),
+                    ]
+                });
+                futures_util::future::join_all(calls)
+                    .await
+                    .into_iter()
+                    .map(|outcome| outcome.expect("requeue"))
+                    .collect()
+            } else {
+                let (a, b) = tokio::join!(
+                    first.requeue_dead_letters(ids.iter().map(requeue).collect()),
+                    second.requeue_dead_letters(ids.iter().map(requeue).collect()),
+                );
+                a.expect("requeue").into_iter().chain(b.expect("requeue")).collect()
+            };
+            assert_eq!(outcomes.iter().flatten().count(), 5, "{} {round}: {outcomes:?}", backend.name());
+            let spooled = first.spool_read(round, 0, 100).await.expect("read");
+            let mut records: Vec<&[u8]> = spooled.iter().map(|entry| entry.record.as_slice()).collect();
+            records.sort_unstable();
+            let expected: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
+            assert_eq!(records, expected, "{} {round}: each appended once", backend.name());
+            for id in &ids {
+                assert_eq!(
+                    first.dead_letter(id).await.expect("get"),
+                    None,
+                    "{} {round}: moved",
+                    backend.name()
+                );
+            }
+        }
     }
-    // Reopened, the running total and the ages are in the database.
-    let store = EmbeddedStore::open(dir.path()).expect("reopen");
-    store.limit_dead_letters(max);
-    for (id, minute) in [('i', 8), ('j', 9), ('k', 10)] {
-        store.add_dead_letter(&sized(id, minute)).await.expect("add");
+}
+
+/// One unreadable subscription and one unreadable dead letter: each listing skips them,
+/// and pages still page, and both are counted.
+#[tokio::test]
+async fn every_backend_skips_and_counts_unreadable_records() {
+    for backend in Backend::each("corrupt").await {
+        let store = backend.open().await;
+        store.put_subscription(&subscription("fine", "/fine")).await.expect("put");
+        store.add_dead_letter(&letter("z-fine", 1, "2026-01-01T00:00:00.000Z")).await.expect("add");
+        drop(store);
+        backend.write_unreadable_records().await;
+        let store = backend.open().await;
+        let name = backend.name();
+        assert_eq!(store.unreadable_records(), 0, "{name}: nothing read yet");
+        assert_eq!(ids(&store.subscriptions().await.expect("the listing still works")), ["fine"], "{name}");
+        assert_eq!(store.unreadable_records(), 1, "{name}: the subscription counted");
+        assert_eq!(
+            letter_ids(&store.dead_letters().await.expect("the listing still works")),
+            ["z-fine"],
+            "{name}"
+        );
+        assert_eq!(store.unreadable_records(), 2, "{name}: the dead letter counted");
+        let (page, more) = store.dead_letters_page(None, 10).await.expect("the page still works");
+        assert_eq!((letter_ids(&page), more), (vec!["z-fine"], false), "{name}");
+        assert_eq!(store.unreadable_records(), 3, "{name}: each listing that skips it counts it");
     }
-    assert_eq!(
-        letter_ids(&store.dead_letters().await.expect("letters")),
-        ["bounded-i", "bounded-j", "bounded-k"],
-        "h, the oldest, went"
-    );
-    assert_eq!(store.dead_letters_evicted(), 1);
-    drop(store);
-    requeues_a_dead_letter_once(Arc::new(EmbeddedStore::open(dir.path()).expect("reopen"))).await;
 }
 
 /// Dead letters stored before they were bounded (no index by age): indexed on open, by
@@ -326,49 +490,6 @@ async fn the_memory_store_keeps_every_record_while_it_runs() {
     let store = cometd_bridge::store::MemoryStore::new();
     keeps_every_record(&*store).await;
     keeps_spools(&*store).await;
-}
-
-#[tokio::test]
-async fn the_nats_kv_store_keeps_every_record_across_connections() {
-    let nats = NatsServer::start().await;
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let store = NatsKvStore::open(client, "test").await.expect("open");
-    keeps_every_record(&store).await;
-    keeps_spools(&store).await;
-    store.put_subscription(&subscription("kept", "/kept")).await.expect("put");
-
-    // Another connection, as after a restart, finds the buckets and what is in them.
-    let again = NatsKvStore::open(async_nats::connect(nats.url()).await.expect("connect"), "test")
-        .await
-        .expect("reopen");
-    assert_eq!(ids(&again.subscriptions().await.expect("list")), ["a", "kept"]);
-    // Another bucket name is another, empty, state.
-    let other = NatsKvStore::open(async_nats::connect(nats.url()).await.expect("connect"), "other")
-        .await
-        .expect("open other");
-    assert!(other.subscriptions().await.expect("list").is_empty());
-}
-
-/// One unreadable record (NATS KV): reported and skipped; it breaks no listing.
-#[tokio::test]
-async fn an_unreadable_kv_record_is_skipped_and_counted() {
-    let nats = NatsServer::start().await;
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let store = NatsKvStore::open(client.clone(), "corrupt").await.expect("open");
-    store.put_subscription(&subscription("fine", "/fine")).await.expect("put");
-    let jetstream = async_nats::jetstream::new(client);
-    let bucket = jetstream.get_key_value("corrupt-subscriptions").await.expect("bucket");
-    bucket.put("eA", "{\"id\":".into()).await.expect("put garbage");
-    let letters = jetstream.get_key_value("corrupt-dead-letters").await.expect("bucket");
-    letters.put("eQ", "not json".into()).await.expect("put garbage");
-    store.add_dead_letter(&letter("z-fine", 1, "2026-01-01T00:00:00.000Z")).await.expect("add");
-    assert_eq!(ids(&store.subscriptions().await.expect("the listing still works")), ["fine"]);
-    let (page, more) = store.dead_letters_page(None, 10).await.expect("the page still works");
-    assert_eq!(
-        (page.iter().map(|letter| letter.id.as_str()).collect::<Vec<_>>(), more),
-        (vec!["z-fine"], false)
-    );
-    assert_eq!(store.unreadable_records(), 2);
 }
 
 /// One unreadable record (embedded): reported and skipped, and a daemon on that state
@@ -513,4 +634,188 @@ async fn without_nats_a_daemon_on_the_nats_kv_backend_does_not_start() {
         .expect("gives up in time");
     let error = built.err().expect("no state, no start").to_string();
     assert!(error.contains("NATS KV bucket cometd-bridge-subscriptions"), "{error}");
+}
+
+/// The stream behind a bucket or spool of the NATS store.
+async fn stream_config(nats: &NatsServer, name: &str) -> async_nats::jetstream::stream::Config {
+    let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+    let mut stream = jetstream.get_stream(name).await.expect("the stream");
+    stream.info().await.expect("its info").config.clone()
+}
+
+/// `state.replicas` is the replication factor of every bucket and spool stream the store
+/// creates: 1 is applied; 3 on a single server is refused by it, with its reason, at open.
+#[tokio::test]
+async fn the_nats_store_creates_its_buckets_and_spools_with_the_replicas_asked() {
+    let nats = NatsServer::start().await;
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let store = NatsKvStore::open_with(client.clone(), "one", 1).await.expect("open");
+    store.spool_append(vec![append("s", "a")].into()).await.expect("append");
+    for name in ["KV_one-subscriptions", "KV_one-dead-letters", "KV_one-positions", "one-spool-73"] {
+        let config = stream_config(&nats, name).await;
+        assert_eq!(config.num_replicas, 1, "{name}");
+    }
+    let error = NatsKvStore::open_with(client, "three", 3).await.expect_err("one server holds one replica");
+    let message = error.to_string();
+    assert!(message.contains("three-subscriptions") && message.contains("cannot be created"), "{message}");
+    assert!(
+        message.contains("replicas > 1 not supported in non-clustered mode"),
+        "the server says why: {message}"
+    );
+}
+
+/// A batch appended again (its publish failed in the middle, or its acknowledgement was
+/// lost) is stored once: the records already there keep their sequences. The spool
+/// streams remember message ids for two minutes.
+#[tokio::test]
+async fn the_nats_spool_stores_a_repeated_append_once() {
+    let nats = NatsServer::start().await;
+    let store = NatsKvStore::open(async_nats::connect(nats.url()).await.expect("connect"), "idem")
+        .await
+        .expect("open");
+    let first = store.spool_append(vec![append("s", "a"), append("s", "b")].into()).await.expect("append");
+    let again = store
+        .spool_append(vec![append("s", "a"), append("s", "b"), append("s", "c")].into())
+        .await
+        .expect("append again");
+    assert_eq!(again[..2], first[..], "the same sequences");
+    let read = store.spool_read("s", 0, 10).await.expect("read");
+    assert_eq!(read.iter().map(|entry| entry.record.as_slice()).collect::<Vec<_>>(), [b"a", b"b", b"c"]);
+    // The same record on another subscription is another message.
+    let other = store.spool_append(vec![append("t", "a")].into()).await.expect("append");
+    assert_eq!(store.spool_read("t", 0, 10).await.expect("read")[0].sequence, other[0].expect("stored"));
+    let config = stream_config(&nats, "idem-spool-73").await;
+    assert_eq!(config.duplicate_window, std::time::Duration::from_secs(120));
+}
+
+/// A record of the server's `max_payload` + 1 byte gets no sequence (the bridge
+/// dead-letters it), and one that fits is spooled; the store says why in terms of
+/// max_payload; a dead letter that large is stored without its data and cannot be retried.
+#[tokio::test]
+async fn the_nats_store_refuses_a_record_over_max_payload_and_keeps_its_dead_letter_small() {
+    let nats = NatsServer::start_with(NatsOptions { max_payload: Some(64 << 10) }).await;
+    let store = NatsKvStore::open(async_nats::connect(nats.url()).await.expect("connect"), "big")
+        .await
+        .expect("open");
+    let over = SpoolAppend { subscription: "s".into(), record: vec![b'x'; (64 << 10) + 1] };
+    let fits = SpoolAppend { subscription: "s".into(), record: vec![b'y'; 32 << 10] };
+    let sequences = store.spool_append(vec![over, fits].into()).await.expect("append");
+    assert!(sequences[0].is_none() && sequences[1].is_some(), "{sequences:?}");
+    assert!(
+        store.refused_reason((64 << 10) + 1).contains("max_payload (65536 bytes"),
+        "{}",
+        store.refused_reason(1)
+    );
+
+    let data = "z".repeat(100 << 10);
+    let big = DeadLetter {
+        message: json!({"source": "demo", "subscription": "orders", "channel": "/orders", "id": "7", "data": data}),
+        reason: "too large".into(),
+        ..letter("big-one", 7, "2026-01-01T00:00:00.000Z")
+    };
+    store.add_dead_letter(&big).await.expect("stored, smaller");
+    let kept = store.dead_letter("big-one").await.expect("get").expect("there");
+    assert_eq!(kept.message["channel"], "/orders");
+    assert_eq!(kept.message["truncated"]["bytes"], data.len() + 2, "the data's JSON size");
+    assert!(kept.message.get("data").is_none());
+    assert!(kept.reason.starts_with("too large; stored without its data"), "{}", kept.reason);
+    assert_eq!(store.requeue_dead_letter("big-one", append("s", "rebuilt")).await.expect("requeue"), None);
+    assert!(store.dead_letter("big-one").await.expect("get").is_some(), "still there, to discard");
+}
+
+/// A daemon on the NATS backend, nats-server's max_payload at 64 KiB, a webhook that
+/// answers 503: a ~100 KiB CometD message is a dead letter whose reason names max_payload,
+/// not lost; a small one after it is in the backlog.
+#[tokio::test]
+async fn a_message_over_max_payload_is_a_dead_letter_on_the_nats_backend() {
+    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let nats = NatsServer::start_with(NatsOptions { max_payload: Some(64 << 10) }).await;
+    let failing = WebhookReceiver::start(std::iter::repeat_n(503, 1_000_000)).await;
+    let config = format!(
+        "[nats]\nurl = \"{}\"\n[[sources]]\nname = \"demo\"\nurl = \"{}\"\n[[subscriptions]]\nid = \"big\"\nsource = \"demo\"\nchannel = \"/big\"\nsink = {{ type = \"webhook\", url = \"{}\" }}\n",
+        nats.url(),
+        faye.url(),
+        failing.url()
+    );
+    let state_keys = "backend = \"nats\"\nbucket = \"bridge\"\n";
+    let app = TestApp::spawn_with_state(&config, tempfile::tempdir().expect("dir"), None, state_keys).await;
+    app.wait_ready().await;
+    let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
+    publisher.publish("/big", json!({ "blob": "b".repeat(100 << 10) })).await.expect("publish");
+    let letters = app.wait_for_dead_letters(1).await;
+    let letter = &letters[0];
+    assert_eq!(letter["subscription"], "big", "{letter}");
+    let reason = letter["reason"].as_str().expect("a reason");
+    assert!(reason.contains("max_payload"), "{reason}");
+    assert!(
+        letter["message"]["truncated"]["bytes"].as_u64().is_some_and(|bytes| bytes > 100 << 10),
+        "{letter}"
+    );
+    publisher.publish("/big", json!("small")).await.expect("publish");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while app.call("GET", "/api/v1/subscriptions/big", None).await.1["backlog"]["messages"] != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the small one is not spooled");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    app.stop().await;
+}
+
+/// Two stores on one NATS state settle the same subscription at once (as two bridges
+/// would, before leases): a settlement that arrives late with older positions does not
+/// move them backwards, channel by channel, and a reset through the API still applies.
+#[tokio::test]
+async fn racing_settlements_on_the_nats_backend_never_move_a_position_backwards() {
+    let nats = NatsServer::start().await;
+    let open = || async {
+        NatsKvStore::open(async_nats::connect(nats.url()).await.expect("connect"), "raced")
+            .await
+            .expect("open")
+    };
+    let (first, second) = (open().await, open().await);
+    let settle = |a: i64, b: i64| Settlement {
+        subscription: "s".into(),
+        through: 0,
+        positions: Some([("/a".to_string(), a), ("/b".to_string(), b)].into_iter().collect()),
+        dead_letters: Vec::new(),
+    };
+    first.spool_settle(settle(20, 5)).await.expect("settle");
+    second.spool_settle(settle(10, 7)).await.expect("settle late");
+    let expected = [("/a".to_string(), 20), ("/b".to_string(), 7)].into_iter().collect();
+    assert_eq!(first.positions("s").await.expect("positions"), expected);
+    // Many at once: the greatest of each channel wins.
+    let settlements = (0..10).map(|n| {
+        let store = if n % 2 == 0 { &first } else { &second };
+        store.spool_settle(settle(30 + n, 100 - n))
+    });
+    for outcome in futures_util::future::join_all(settlements).await {
+        outcome.expect("settle");
+    }
+    let expected = [("/a".to_string(), 39), ("/b".to_string(), 100)].into_iter().collect();
+    assert_eq!(second.positions("s").await.expect("positions"), expected);
+    // A reset (the API's put) is what the next settlement builds on.
+    let reset = [("/a".to_string(), -2), ("/b".to_string(), -2)].into_iter().collect();
+    second.put_positions("s", &reset).await.expect("reset");
+    first.spool_settle(settle(3, -2)).await.expect("settle after the reset");
+    let expected = [("/a".to_string(), 3), ("/b".to_string(), -2)].into_iter().collect();
+    assert_eq!(first.positions("s").await.expect("positions"), expected);
+}
+
+/// Five dead letters discarded twice at once in bulk, by two stores on the same state
+/// where the backend allows two: each is counted as removed once.
+#[tokio::test]
+async fn every_backend_counts_each_discarded_dead_letter_once_under_concurrent_discards() {
+    for backend in Backend::each("discarded").await {
+        let first = backend.open().await;
+        let second = backend.beside(&first).await;
+        let ids: Vec<String> = (0..5).map(|n| format!("gone-{n}")).collect();
+        for (n, id) in ids.iter().enumerate() {
+            let letter =
+                DeadLetter { id: id.clone(), ..letter("unused", n as u64, "2026-01-01T00:00:00.000Z") };
+            first.add_dead_letter(&letter).await.expect("add");
+        }
+        let (a, b) =
+            tokio::join!(first.delete_dead_letters(ids.clone()), second.delete_dead_letters(ids.clone()));
+        assert_eq!(a.expect("discard") + b.expect("discard"), 5, "{}", backend.name());
+        assert!(first.dead_letters().await.expect("letters").is_empty(), "{}", backend.name());
+    }
 }

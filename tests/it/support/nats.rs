@@ -7,6 +7,13 @@ use tempfile::TempDir;
 use super::process::{PortReport, Recipe, ServerProcess};
 use super::project_dir;
 
+/// How to configure a [`NatsServer`] beyond the defaults.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NatsOptions {
+    /// The largest message it takes, in bytes (its own default is 1 MiB).
+    pub max_payload: Option<usize>,
+}
+
 /// A running nats-server on loopback. The JetStream store survives restarts.
 pub struct NatsServer {
     process: ServerProcess,
@@ -19,23 +26,42 @@ impl NatsServer {
     /// # Panics
     /// When the binary cannot be found, with instructions to install it.
     pub async fn start() -> Self {
+        Self::start_with(NatsOptions::default()).await
+    }
+
+    /// Starts nats-server with JetStream and `options` on a free loopback port.
+    ///
+    /// # Panics
+    /// When the binary cannot be found, with instructions to install it.
+    pub async fn start_with(options: NatsOptions) -> Self {
         let program = locate_nats_server(None).unwrap_or_else(|hint| panic!("{hint}"));
         let store = tempfile::tempdir().expect("temporary directory for JetStream");
+        let mut args = Vec::new();
+        if let Some(max_payload) = options.max_payload {
+            // Only a configuration file sets it; the flags below override the rest.
+            let file = store.path().join("nats-server.conf");
+            std::fs::write(&file, format!("max_payload: {max_payload}\n")).expect("write the configuration");
+            args.extend(["--config".to_string(), file.display().to_string()]);
+        }
         let recipe = Recipe {
             name: "nats-server",
             program,
-            args: vec![
-                "--addr".into(),
-                "127.0.0.1".into(),
-                "--port".into(),
-                "{port}".into(),
-                "--jetstream".into(),
-                "--store_dir".into(),
-                store.path().display().to_string(),
-                // Its log goes to a file, so test output stays readable.
-                "--log".into(),
-                store.path().join("nats-server.log").display().to_string(),
-            ],
+            args: [
+                args,
+                vec![
+                    "--addr".into(),
+                    "127.0.0.1".into(),
+                    "--port".into(),
+                    "{port}".into(),
+                    "--jetstream".into(),
+                    "--store_dir".into(),
+                    store.path().display().to_string(),
+                    // Its log goes to a file, so test output stays readable.
+                    "--log".into(),
+                    store.path().join("nats-server.log").display().to_string(),
+                ],
+            ]
+            .concat(),
             port_report: PortReport::Probe,
         };
         NatsServer { process: ServerProcess::start(recipe).await, _store: store }
