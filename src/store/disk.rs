@@ -51,6 +51,12 @@ impl FreeSpace {
         bytes
     }
 
+    /// The free bytes when they are under `bytes` (`None` when there are at least that
+    /// many, or the filesystem does not say).
+    pub(super) fn short_of(&self, bytes: u64) -> Option<u64> {
+        self.available().filter(|free| *free < bytes)
+    }
+
     /// `Ok` when there is room for more messages.
     ///
     /// # Errors

@@ -61,6 +61,9 @@ const SPOOL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("spool_b
 const SPOOL_PER_MESSAGE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("spool");
 /// Each spool's next sequence: sequences never repeat, even after a spool emptied.
 const SPOOL_NEXT: TableDefinition<&str, u64> = TableDefinition::new("spool_next");
+/// The free space a reopened store needs to count as working again.
+const REOPEN_HEADROOM: u64 = 1 << 20;
+
 /// A write made after each reopen, to know the store takes writes again.
 const STORE_PROBE: TableDefinition<&str, u64> = TableDefinition::new("store_probe");
 /// Each spool's last settled sequence, so that a batch settled in part resumes after it.
@@ -720,7 +723,15 @@ impl Shared {
                 txn.commit()?;
                 Ok(())
             })();
-            probe.map(|()| db).map_err(|error| format!("reopened, but a write fails: {error}"))
+            probe.map_err(|error| format!("reopened, but a write fails: {error}"))?;
+            // A full disk may still take a small write in the file's free pages, and fail
+            // the next append: not working again until there is some room.
+            match self.free.short_of(REOPEN_HEADROOM) {
+                Some(free) => {
+                    Err(format!("reopened, but its filesystem has only {} free", super::disk::human(free)))
+                }
+                None => Ok(db),
+            }
         });
         match reopened {
             Ok(db) => {
