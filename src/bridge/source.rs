@@ -133,8 +133,10 @@ impl Spooler {
         let mut outcome = Appended::default();
         let mut appends = Vec::with_capacity(messages.len());
         let mut targets: Vec<(usize, Envelope, u64)> = Vec::with_capacity(messages.len());
-        // Per route: bytes promised in this append.
+        // Per route: bytes promised in this append, and what it dropped (counted once per
+        // append: a full subscription's messages must cost its neighbours next to nothing).
         let mut pending = vec![0u64; routes.len()];
+        let mut drops = Drops::new(routes.len());
         // Routes whose forwarder is behind keep what they are given in memory for a while:
         // their messages get buffers of their own instead of pinning the network buffer
         // they arrived in (with the other messages of its reply).
@@ -156,12 +158,17 @@ impl Spooler {
                     // Replayed from a neighbour's older position, or sent again: spooled once.
                     continue;
                 }
-                if route.spool.full().is_some_and(|episode| episode.held) {
+                if route.spool.is_held() {
                     // Its channel is being unsubscribed; the event comes again on resubscribe.
                     continue;
                 }
                 route.received.inc();
                 route.counters.received.fetch_add(1, Ordering::Relaxed);
+                if let Err(cause) = route.spool.room_for(pending[index], 1) {
+                    // Full whatever its size: not worth building its record.
+                    self.full(&routes, index, cause, replay_id.is_some(), &mut outcome, &mut drops);
+                    continue;
+                }
                 let envelope = Envelope {
                     source: self.name.clone(),
                     subscription: route.subscription.clone(),
@@ -175,22 +182,21 @@ impl Spooler {
                 let bytes = record.len() as u64;
                 match route.spool.room_for(pending[index], bytes) {
                     Ok(()) => {
-                        if route
-                            .spool
-                            .full()
-                            .is_some_and(|episode| !matches!(episode.cause, FullCause::Store(_)))
-                        {
-                            route.spool.end_full();
+                        if drops.count[index] == 0 {
+                            route.spool.end_quota_episode();
                         }
                         pending[index] += bytes;
                         appends.push(SpoolAppend { subscription: route.subscription.clone(), record });
                         targets.push((index, envelope, bytes));
                     }
-                    Err(cause) => self.full(&routes, index, cause, replay_id.is_some(), &mut outcome),
+                    Err(cause) => {
+                        self.full(&routes, index, cause, replay_id.is_some(), &mut outcome, &mut drops)
+                    }
                 }
             }
         }
         if appends.is_empty() {
+            drops.count_in(&routes, &self.metrics);
             return outcome;
         }
         let appends: Arc<[SpoolAppend]> = appends.into();
@@ -210,8 +216,10 @@ impl Spooler {
                         }
                     }
                     for (index, envelope, _) in &targets {
-                        self.full(&routes, *index, cause.clone(), envelope.replay_id.is_some(), &mut outcome);
+                        let replayed = envelope.replay_id.is_some();
+                        self.full(&routes, *index, cause.clone(), replayed, &mut outcome, &mut drops);
                     }
+                    drops.count_in(&routes, &self.metrics);
                     return outcome;
                 }
                 Err(error) => {
@@ -238,12 +246,11 @@ impl Spooler {
         }
         for (route, spooled) in routes.iter().zip(per_route) {
             if !spooled.is_empty() {
-                if route.spool.full().is_some_and(|episode| matches!(episode.cause, FullCause::Store(_))) {
-                    route.spool.end_full();
-                }
+                route.spool.end_store_episode();
                 route.spool.appended(spooled);
             }
         }
+        drops.count_in(&routes, &self.metrics);
         outcome
     }
 
@@ -268,7 +275,15 @@ impl Spooler {
 
     /// The route at `index` cannot take a message: with replay (and its channel its own)
     /// its channel is held upstream; otherwise the message is dropped and counted.
-    fn full(&self, routes: &[Route], index: usize, cause: FullCause, replayed: bool, outcome: &mut Appended) {
+    fn full(
+        &self,
+        routes: &[Route],
+        index: usize,
+        cause: FullCause,
+        replayed: bool,
+        outcome: &mut Appended,
+        drops: &mut Drops,
+    ) {
         let route = &routes[index];
         let pattern = route.pattern.as_str();
         let shared = routes
@@ -280,9 +295,31 @@ impl Spooler {
             outcome.hold.insert(pattern.to_string());
             return;
         }
-        self.metrics.dropped(&route.subscription, cause.label(), 1);
-        route.counters.dropped.fetch_add(1, Ordering::Relaxed);
-        route.spool.mark_full(cause, false, 1);
+        drops.count[index] += 1;
+        drops.cause[index].get_or_insert(cause);
+    }
+}
+
+/// What the routes of one append dropped, counted once at its end.
+struct Drops {
+    count: Vec<u64>,
+    cause: Vec<Option<FullCause>>,
+}
+
+impl Drops {
+    fn new(routes: usize) -> Self {
+        Drops { count: vec![0; routes], cause: vec![None; routes] }
+    }
+
+    /// Counts the drops in the metrics, the API's counters and each spool's episode.
+    fn count_in(self, routes: &[Route], metrics: &Metrics) {
+        for ((route, count), cause) in routes.iter().zip(self.count).zip(self.cause) {
+            if let (Some(cause), true) = (cause, count > 0) {
+                metrics.dropped(&route.subscription, cause.label(), count);
+                route.counters.dropped.fetch_add(count, Ordering::Relaxed);
+                route.spool.mark_full(cause, false, count);
+            }
+        }
     }
 }
 
@@ -577,7 +614,7 @@ fn open_backoff() -> Backoff {
 pub fn wanted_channels(routes: &[Route]) -> BTreeSet<String> {
     routes
         .iter()
-        .filter(|route| !route.spool.full().is_some_and(|episode| episode.held))
+        .filter(|route| !route.spool.is_held())
         .map(|route| route.pattern.as_str().to_string())
         .collect()
 }

@@ -232,6 +232,35 @@ impl Spool {
         tracing::warn!(subscription = %self.subscription, lasted = %lasted, dropped = episode.dropped, cause = %episode.cause, "the subscription is no longer full");
     }
 
+    /// Whether the subscription is held upstream (full, with replay). Cheaper than
+    /// [`full`](Self::full): asked for every message routed to it.
+    pub fn is_held(&self) -> bool {
+        self.lock().full.as_ref().is_some_and(|episode| episode.held)
+    }
+
+    /// Ends a full episode caused by a quota, now that a message fits (one caused by the
+    /// store ends when an append succeeds; a held one when it is subscribed again).
+    pub fn end_quota_episode(&self) {
+        let ended = {
+            let state = self.lock();
+            state
+                .full
+                .as_ref()
+                .is_some_and(|episode| !episode.held && !matches!(episode.cause, FullCause::Store(_)))
+        };
+        if ended {
+            self.end_full();
+        }
+    }
+
+    /// Ends a full episode caused by the store, now that an append succeeded.
+    pub fn end_store_episode(&self) {
+        let ended = matches!(self.lock().full.as_ref(), Some(episode) if matches!(episode.cause, FullCause::Store(_)));
+        if ended {
+            self.end_full();
+        }
+    }
+
     /// The current full episode, if any.
     pub fn full(&self) -> Option<FullEpisode> {
         self.lock().full.clone()
