@@ -11,7 +11,8 @@ impl Bridge {
     pub async fn shut_down(&self) -> Instant {
         let started = Instant::now();
         let grace = *self.grace.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let deadline = started + grace;
+        // A grace of centuries is the configuration's to give, not a reason to overflow.
+        let deadline = started.checked_add(grace).unwrap_or(started + Duration::from_secs(86_400 * 365));
         // Kept for the disconnects and the final sync: a quarter of the grace, up to 2 s.
         let reserve = (grace / 4).min(Duration::from_secs(2));
         tracing::info!(grace = ?grace, "stopping: no new messages are taken");

@@ -524,6 +524,11 @@ impl Source {
         }
         let subscribed = self.client.subscriptions();
         let routes = self.spooler.routes.snapshot();
+        // Channels of held subscriptions resuming now: subscribed again even if the server
+        // still has them (an unsubscribe that failed, or raced a subscribe), so that the
+        // replay extension asks from the newest spooled replay id and what was skipped
+        // while held comes again.
+        let mut resumed = BTreeSet::new();
         for route in routes.iter() {
             if let Some(episode) = route.spool.full()
                 && episode.held
@@ -532,10 +537,12 @@ impl Source {
             {
                 tracing::info!(source = %self.name, subscription = %route.subscription, channel = %route.pattern, "the subscription has room again: subscribing from the newest spooled replay id");
                 route.spool.end_full();
+                resumed.insert(route.pattern.as_str().to_string());
             }
         }
         for pattern in wanted_channels(&routes) {
-            if subscribed.contains(&pattern) {
+            let again = subscribed.contains(&pattern);
+            if again && !resumed.contains(&pattern) {
                 continue;
             }
             if !self
@@ -549,6 +556,9 @@ impl Source {
             let (client, subscribing, source, channel) =
                 (self.client.clone(), self.subscribing.clone(), self.name.clone(), pattern);
             tokio::spawn(async move {
+                if again && let Err(error) = client.unsubscribe(&channel).await {
+                    tracing::warn!(source = %source, channel = %channel, error = %error, "could not unsubscribe a resuming channel before subscribing it again");
+                }
                 match client.subscribe(&channel).await {
                     Ok(()) => tracing::info!(source = %source, channel = %channel, "subscribed"),
                     Err(error) => {
