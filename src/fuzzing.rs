@@ -23,7 +23,7 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message as Frame;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
 
-use crate::cometd::transport::{ChunkedPayload, parse_payload, socket_config};
+use crate::cometd::transport::{ChunkedPayload, STREAM_AFTER, parse_payload, socket_config};
 use crate::cometd::{Data, Error, Message, TransportErrorKind};
 use crate::config::{Env, Problem, RawConfig, RawSink, RawSubscription};
 
@@ -72,24 +72,17 @@ pub fn payload(input: &[u8]) {
         2 => len.saturating_sub(1),
         _ => 64,
     };
-    let parser = ChunkedPayload::new(declared, limit);
-    if declared.is_some_and(|declared| declared > limit as u64) {
-        assert_too_large(parser.err().expect("a declared length over the limit is refused"), limit);
+    let mut parser = ChunkedPayload::new(declared, limit);
+    if len > limit.min(STREAM_AFTER) {
+        over_the_limit(parser, body, &cuts, limit, whole.as_ref().ok());
         return;
     }
-    let mut parser = parser.expect("a declared length within the limit is accepted");
     let mut start = 0;
-    let mut fed = 0;
     for end in cuts.into_iter().chain([len]) {
         let chunk = &body[start..end];
         start = end;
-        fed += chunk.len();
-        let result = parser.feed(Bytes::copy_from_slice(chunk));
-        if fed > limit {
-            assert_too_large(result.expect_err("the chunk that crosses the limit is refused"), limit);
-            return;
-        }
-        result.expect("chunks within the limit are accepted");
+        parser.feed(Bytes::copy_from_slice(chunk)).expect("chunks within the limit are accepted");
+        assert!(parser.take_portion().is_none(), "a payload within the limit is read whole");
     }
     // What `finish` does, with a look at which way the payload went.
     let chunked = match parser.end() {
@@ -239,6 +232,55 @@ fn check_messages(payload: &[u8], messages: &[Message]) {
     let written = serde_json::to_vec(messages).expect("parsed messages are written out");
     let read = parse_payload(Bytes::from(written)).expect("written messages parse again");
     assert_eq!(read, messages, "messages survive a round trip");
+}
+
+/// A payload over the limit: refused as too large, refused as malformed once it streams,
+/// or streamed; what was handed out before an error, or all of it, is what the whole
+/// payload holds, in order, where the whole payload parses.
+fn over_the_limit(
+    mut parser: ChunkedPayload,
+    body: &[u8],
+    cuts: &[usize],
+    limit: usize,
+    whole: Option<&Vec<Message>>,
+) {
+    let mut streamed = Vec::new();
+    let mut start = 0;
+    let mut failed = None;
+    for &end in cuts.iter().chain([&body.len()]) {
+        let chunk = &body[start..end];
+        start = end;
+        let fed = parser.feed(Bytes::copy_from_slice(chunk));
+        if let Some(portion) = parser.take_portion() {
+            streamed.extend(portion.messages);
+        }
+        if let Err(error) = fed {
+            failed = Some(error);
+            break;
+        }
+    }
+    let array = body.trim_ascii_start().starts_with(b"[");
+    match failed {
+        Some(error) if !array => assert_too_large(error, limit),
+        Some(error) => assert!(
+            matches!(error.transport_kind(), Some(TransportErrorKind::TooLarge { limit: refused }) if *refused == limit)
+                || matches!(error.transport_kind(), Some(TransportErrorKind::MalformedReply(_))),
+            "over the limit: too large or malformed, got {error}"
+        ),
+        None => match parser.finish() {
+            Ok(rest) => streamed.extend(rest.messages),
+            Err(error) => assert!(
+                matches!(error.transport_kind(), Some(TransportErrorKind::MalformedReply(_)))
+                    || matches!(error.transport_kind(), Some(TransportErrorKind::TooLarge { .. })),
+                "over the limit: {error}"
+            ),
+        },
+    }
+    check_messages(body, &streamed);
+    if let Some(whole) = whole {
+        assert!(streamed.len() <= whole.len(), "no more messages streamed than the payload holds");
+        assert_eq!(&whole[..streamed.len()], &streamed[..], "streamed messages are the payload's, in order");
+    }
 }
 
 /// Asserts that `error` is the too-large transport error for `limit`.

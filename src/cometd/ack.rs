@@ -46,6 +46,10 @@ struct State {
     unacknowledged: VecDeque<u64>,
     /// What the reply to the connect in flight starts with, sent again: dropped.
     resent: VecDeque<u64>,
+    /// The events received since the last connect reply: the next batch's. A long answer
+    /// is handed over in parts (see the long-polling transport), so a batch's events can
+    /// come before its connect reply, and what is sent again can span several parts.
+    unbatched: Vec<u64>,
 }
 
 /// What tells a sent-again event from a new one: its channel, id and data.
@@ -217,26 +221,28 @@ impl Extension for AckExtension {
     async fn incoming(&self, payload: &mut Vec<Message>, _headers: Option<&HeaderMap>) -> Result<(), Error> {
         let connect_reply =
             payload.iter().any(|message| message.channel == META_CONNECT && message.successful == Some(true));
-        let mut prints = Vec::new();
-        if connect_reply && self.is_enabled() {
+        if self.is_enabled() {
             let mut state = self.state();
+            let State { resent, unbatched, .. } = &mut *state;
             let mut dropped = 0;
             payload.retain(|message| {
                 if !message.is_event() {
                     return true;
                 }
                 let print = fingerprint(message);
-                if state.resent.front() == Some(&print) {
-                    state.resent.pop_front();
+                if resent.front() == Some(&print) {
+                    resent.pop_front();
                     dropped += 1;
                     return false;
                 }
                 // The first new event ends what was sent again.
-                state.resent.clear();
-                prints.push(print);
+                resent.clear();
+                unbatched.push(print);
                 true
             });
-            state.resent.clear();
+            if connect_reply {
+                resent.clear();
+            }
             if dropped > 0 {
                 self.shared.resent_dropped.fetch_add(dropped, Ordering::AcqRel);
                 tracing::debug!(
@@ -259,10 +265,11 @@ impl Extension for AckExtension {
                     self.shared.enabled.store(enabled, Ordering::Release);
                 }
                 META_CONNECT if message.successful == Some(true) && self.is_enabled() => {
+                    let mut state = self.state();
+                    let events = std::mem::take(&mut state.unbatched);
                     if let Some(batch) = ack.and_then(Value::as_i64) {
-                        let mut state = self.state();
-                        state.batches.push_back((batch, received, prints.len() as u64));
-                        state.unacknowledged.extend(prints.drain(..));
+                        state.batches.push_back((batch, received, events.len() as u64));
+                        state.unacknowledged.extend(events);
                     }
                 }
                 _ => {}
@@ -386,6 +393,43 @@ mod tests {
         ];
         extension.incoming(&mut payload, None).await.unwrap();
         assert_eq!(payload.len(), 2, "kept");
+    }
+
+    /// A long answer handed over in parts: the batch's events come before its connect
+    /// reply, and what the server sends again spans two parts; each event is still handed
+    /// out once and counted in its batch.
+    #[tokio::test]
+    async fn a_batch_in_parts_is_counted_whole_and_sent_again_once() {
+        let (extension, confirmer) = AckExtension::confirmed(Duration::from_millis(20));
+        handshake(&extension).await;
+        let events = |range: std::ops::Range<i32>| -> Vec<Message> {
+            range.map(|n| message(json!({"channel": "/a", "data": n}))).collect()
+        };
+        let connect = |number: i64| {
+            message(json!({"channel": "/meta/connect", "successful": true, "ext": {"ack": number}}))
+        };
+        let mut first = events(0..3);
+        extension.incoming(&mut first, None).await.unwrap();
+        let mut second = events(3..5);
+        second.push(connect(1));
+        extension.incoming(&mut second, None).await.unwrap();
+        confirmer.confirm(2);
+        assert_eq!(next_ack(&extension).await, json!(0), "batch 1 (5 events) is not processed");
+        // Sent again in two parts (0..2, then 2..5 and a new one), then the reply.
+        let mut again = events(0..2);
+        extension.incoming(&mut again, None).await.unwrap();
+        assert!(again.is_empty(), "already handed out: {again:?}");
+        let mut rest = events(2..6);
+        rest.push(connect(2));
+        extension.incoming(&mut rest, None).await.unwrap();
+        let data: Vec<Value> =
+            rest.iter().filter(|m| m.is_event()).map(|m| m.data.as_ref().unwrap().value()).collect();
+        assert_eq!(data, [json!(5)], "only the new event");
+        assert_eq!(extension.resent_dropped(), 5);
+        confirmer.confirm(3);
+        assert_eq!(next_ack(&extension).await, json!(1));
+        confirmer.confirm(1);
+        assert_eq!(next_ack(&extension).await, json!(2));
     }
 
     #[tokio::test]

@@ -143,8 +143,8 @@ pub enum TransportErrorKind {
     /// The reply was not valid Bayeux: bad JSON, not an array, a missing field, or no reply
     /// to the request at all.
     MalformedReply(String),
-    /// The server sent a payload or websocket message larger than `max_message_size`;
-    /// the connection was dropped.
+    /// The server sent a message, a websocket message, or a response that is not an array
+    /// of messages, larger than `max_message_size`; the connection was dropped.
     TooLarge {
         /// The limit, in bytes.
         limit: usize,

@@ -307,11 +307,17 @@ impl ClientOptions {
         self
     }
 
-    /// The largest long-polling response body or websocket message the client reads, in
-    /// bytes (default 16 MiB). A larger one, whether its length is declared or it just
-    /// keeps coming, fails the request with
+    /// The largest Bayeux message, websocket message, or long-polling response that is
+    /// not an array of messages, the client reads, in bytes (default 16 MiB). A larger
+    /// one, whether its length is declared or it just keeps coming, fails the request with
     /// [`TransportErrorKind::TooLarge`](super::TransportErrorKind::TooLarge) and drops the
     /// connection, so that one server cannot exhaust the process's memory.
+    ///
+    /// A long-polling response that is an array of messages (a server replaying hours of
+    /// events in one answer) is not refused for its total size: past 1 MiB it is handed
+    /// over message by message as it is read, and read no faster than the application
+    /// takes them (see [`max_pending_count`](Self::max_pending_count)), so memory stays
+    /// bounded by what waits to be received and one message.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self

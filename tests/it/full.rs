@@ -164,6 +164,39 @@ async fn a_full_replay_subscription_is_held_upstream_and_loses_nothing() {
     app.stop().await;
 }
 
+/// The same, with what the server keeps while the subscription is held (about 100 KB)
+/// larger than the source's `max_message_size` (64 KiB): the server replays it in one
+/// long-polling answer, which the client reads message by message (each within the
+/// limit) rather than refusing it whole, so every event still arrives exactly once.
+#[tokio::test]
+async fn a_replay_answer_larger_than_max_message_size_is_read_message_by_message() {
+    let faye = salesforce_like(json!({})).await;
+    let mut receiver = WebhookReceiver::start(std::iter::repeat_n(503, 10_000_000)).await;
+    let toml = replay_webhook(&faye, &receiver.url(), "spool_max_bytes = \"16KiB\"\n").replacen(
+        "replay = true\n",
+        "replay = true\nmax_message_size = \"64KiB\"\n",
+        1,
+    );
+    let app = TestApp::spawn(&toml).await;
+    app.wait_ready().await;
+    publish_numbers(&faye, 0..300, 300).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, view) = app.call("GET", "/api/v1/subscriptions/orders", None).await;
+        if view["full"] == true {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not held: {view}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    receiver.heal();
+    let seen = delivered_events(&mut receiver, 0..300).await;
+    let repeated: Vec<_> = seen.iter().filter(|(_, count)| **count > 1).collect();
+    assert!(repeated.is_empty(), "delivered more than once: {repeated:?}");
+    assert_eq!(metric(&app.metrics().await, "cometd_bridge_session_losses_total{source=\"sf\"}"), 0.0);
+    app.stop().await;
+}
+
 /// 50 messages waiting behind a 503 webhook for more than 2 s show an oldest age of more
 /// than 2 s (it read 0 while a batch was being retried after an earlier settlement).
 #[tokio::test]

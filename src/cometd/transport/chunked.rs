@@ -9,18 +9,33 @@
 //! [`parse_received`], which accepts the single object, skips (and names) a message that
 //! does not fit, and names what is wrong with the rest, the same as for a payload
 //! received in one piece.
+//!
+//! An array of messages larger than [`STREAM_AFTER`] (or the limit, `max_message_size`,
+//! if lower) is *streamed*: from then on the messages read are handed out as they
+//! complete ([`take_portion`](ChunkedPayload::take_portion)), the limit applies to each
+//! message rather than to the whole, a message that does not fit is skipped where it
+//! stands, and anything else wrong with the rest is a malformed payload. A server that
+//! replays hours of events in one answer is then read at the pace the application takes
+//! them, holding at most one message over what the application has not taken. Anything
+//! else is read whole, up to the limit.
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use serde_json::value::RawValue;
 
-use super::{Received, message_count_estimate, parse_received};
+use super::{Received, message_count_estimate, parse_received, rejected_message};
 use crate::cometd::error::{Error, TransportErrorKind};
 use crate::cometd::message::{Data, Message, WireMessage};
 
 /// How many times its first chunk a payload's declared length may be, for sizing the
 /// message vector up front; past it, the vector grows as messages arrive.
 const PLAUSIBLE_GROWTH: usize = 64;
+
+/// The size past which an array of messages is handed out as it is read rather than
+/// kept whole: large enough that an ordinary batch is read and handed over in one piece,
+/// small enough that a long one never holds much beyond what the application has not
+/// taken yet.
+pub(crate) const STREAM_AFTER: usize = 1024 * 1024;
 
 /// Where the parser is in the array's syntax.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,6 +67,14 @@ enum Step {
 pub(crate) struct ChunkedPayload {
     expect: Expect,
     messages: Vec<Message>,
+    /// Messages that did not fit, skipped while streaming (before, the whole payload is
+    /// parsed again to name them).
+    rejected: Vec<Error>,
+    /// Set once the payload has grown past the limit: messages are handed out as they
+    /// complete and the limit bounds each message.
+    streaming: bool,
+    /// Set when a streamed message is over the limit.
+    oversized: bool,
     /// The start of a message cut by the end of the chunks fed so far.
     carry: BytesMut,
     /// `carry` is not parsed again until it has grown to this length, so that a message
@@ -71,19 +94,16 @@ pub(crate) struct ChunkedPayload {
 }
 
 impl ChunkedPayload {
-    /// A parser for a payload of `expected_len` bytes, if the length is known, and of at
-    /// most `limit` bytes.
-    ///
-    /// # Errors
-    /// [`TransportErrorKind::TooLarge`] if the announced length is over the limit.
-    pub(crate) fn new(expected_len: Option<u64>, limit: usize) -> Result<Self, Error> {
+    /// A parser for a payload of `expected_len` bytes, if the length is known, read whole
+    /// up to `limit` bytes and streamed past it.
+    pub(crate) fn new(expected_len: Option<u64>, limit: usize) -> Self {
         let expected_len = expected_len.map(|len| usize::try_from(len).unwrap_or(usize::MAX));
-        if expected_len.is_some_and(|len| len > limit) {
-            return Err(Error::transport(TransportErrorKind::TooLarge { limit }));
-        }
-        Ok(ChunkedPayload {
+        ChunkedPayload {
             expect: Expect::Open,
             messages: Vec::new(),
+            rejected: Vec::new(),
+            streaming: false,
+            oversized: false,
             carry: BytesMut::new(),
             retry_at: 0,
             chunks: Vec::new(),
@@ -91,22 +111,40 @@ impl ChunkedPayload {
             received: 0,
             limit,
             whole: false,
-        })
+        }
     }
 
     /// Reads the messages the chunk completes.
     ///
     /// # Errors
-    /// [`TransportErrorKind::TooLarge`] once the payload grows past the limit.
+    /// [`TransportErrorKind::TooLarge`] once a payload that is not an array of messages,
+    /// or one message, grows past the limit; a malformed payload once it streams.
     pub(crate) fn feed(&mut self, chunk: Bytes) -> Result<(), Error> {
         if chunk.is_empty() {
             return Ok(());
         }
         self.received = self.received.saturating_add(chunk.len());
-        if self.received > self.limit {
+        if !self.streaming && !self.whole && self.received > self.limit.min(STREAM_AFTER) {
+            let array = match self.expect {
+                // Only whitespace so far: the array must start in this chunk.
+                Expect::Open => chunk.trim_ascii_start().first() == Some(&b'['),
+                _ => true,
+            };
+            if array {
+                // From here on it is read message by message, and the chunks need not be
+                // kept for a parse of the whole.
+                self.streaming = true;
+                self.chunks = Vec::new();
+            }
+        }
+        // Anything else over the limit (a single object, whitespace, what is not JSON)
+        // is refused.
+        if !self.streaming && self.received > self.limit {
             return Err(Error::transport(TransportErrorKind::TooLarge { limit: self.limit }));
         }
-        self.chunks.push(chunk.clone());
+        if !self.streaming {
+            self.chunks.push(chunk.clone());
+        }
         if self.whole {
             return Ok(());
         }
@@ -122,12 +160,52 @@ impl ChunkedPayload {
         } else {
             self.complete_carry(chunk);
         }
+        if self.streaming {
+            if self.oversized || self.carry.len() > self.limit {
+                return Err(Error::transport(TransportErrorKind::TooLarge { limit: self.limit }));
+            }
+            if self.whole {
+                return Err(self.malformed_stream());
+            }
+        }
         Ok(())
+    }
+
+    /// Once the payload streams: the messages (and the errors for messages that did not
+    /// fit) read since the last call, in order; `None` if there are none, or if the
+    /// payload is still small enough to be read whole.
+    pub(crate) fn take_portion(&mut self) -> Option<Received> {
+        if !self.streaming || (self.messages.is_empty() && self.rejected.is_empty()) {
+            return None;
+        }
+        Some(Received {
+            messages: std::mem::take(&mut self.messages),
+            rejected: std::mem::take(&mut self.rejected),
+        })
+    }
+
+    /// The error for a streamed payload that turns out not to be an array of messages.
+    fn malformed_stream(&self) -> Error {
+        Error::malformed(format!(
+            "not an array of Bayeux messages (a payload of more than {} bytes, malformed after {} bytes)",
+            self.limit, self.received
+        ))
     }
 
     /// Every message, once the last chunk has been fed; or the error that names what is
     /// wrong with the payload.
-    pub(crate) fn finish(self) -> Result<Received, Error> {
+    pub(crate) fn finish(mut self) -> Result<Received, Error> {
+        if self.streaming {
+            let rejected = std::mem::take(&mut self.rejected);
+            let malformed = self.malformed_stream();
+            let limit = self.limit;
+            let oversized = self.oversized;
+            return match self.end() {
+                Ok(messages) => Ok(Received { messages, rejected }),
+                Err(_) if oversized => Err(Error::transport(TransportErrorKind::TooLarge { limit })),
+                Err(_) => Err(malformed),
+            };
+        }
         match self.end() {
             Ok(messages) => Ok(Received { messages, rejected: Vec::new() }),
             Err(whole) => parse_received(whole),
@@ -168,10 +246,18 @@ impl ChunkedPayload {
         while taken < chunk.len() {
             // About as much again as is carried: a message cut in two is then usually
             // finished by the first join, and a long one is rescanned only as it doubles.
-            let more = self.carry.len().max(4096).min(chunk.len() - taken);
+            // While streaming, the carried message is never held past the limit: one
+            // that is still incomplete at the limit is refused (by `feed`).
+            let room =
+                if self.streaming { self.limit - self.carry.len().min(self.limit) } else { usize::MAX };
+            if room == 0 {
+                self.oversized = true;
+                return;
+            }
+            let more = self.carry.len().max(4096).min(chunk.len() - taken).min(room);
             self.carry.extend_from_slice(&chunk[taken..taken + more]);
             taken += more;
-            if self.carry.len() < self.retry_at {
+            if self.carry.len() < self.retry_at.min(self.limit) {
                 continue;
             }
             let raw = self.carry.split().freeze();
@@ -238,6 +324,10 @@ impl ChunkedPayload {
         let mut stream =
             serde_json::Deserializer::from_str(&text[at..]).into_iter::<WireMessage<&RawValue>>();
         match stream.next() {
+            Some(Ok(_)) if self.streaming && stream.byte_offset() > self.limit => {
+                self.oversized = true;
+                Step::Other
+            }
             Some(Ok(wire)) => {
                 self.messages.push(wire.into_message(|raw| Data::shared(text, raw)));
                 self.expect = Expect::CommaOrClose;
@@ -249,6 +339,26 @@ impl ChunkedPayload {
             Some(Err(error)) if error.is_eof() || text.ends_with(['-', '.', 'e', 'E', '+']) => {
                 Step::Incomplete
             }
+            Some(Err(error)) if self.streaming => self.skip(text, at, &error),
+            _ => Step::Other,
+        }
+    }
+
+    /// While streaming, a message that is JSON but not a Bayeux message: skipped and
+    /// named where it stands (there is no whole payload to parse again).
+    fn skip(&mut self, text: &ByteString, at: usize, error: &serde_json::Error) -> Step {
+        let mut stream = serde_json::Deserializer::from_str(&text[at..]).into_iter::<&RawValue>();
+        match stream.next() {
+            Some(Ok(_)) if stream.byte_offset() > self.limit => {
+                self.oversized = true;
+                Step::Other
+            }
+            Some(Ok(raw)) => {
+                self.rejected.push(rejected_message(raw, error));
+                self.expect = Expect::CommaOrClose;
+                Step::Advance(stream.byte_offset())
+            }
+            Some(Err(error)) if error.is_eof() => Step::Incomplete,
             _ => Step::Other,
         }
     }
@@ -290,7 +400,7 @@ mod tests {
     /// `parse_payload` whole (which would hide a mistake in the chunk-by-chunk reading).
     fn parsed_in(chunks: &[&[u8]]) -> Result<Vec<Message>, String> {
         let declared = chunks.iter().map(|chunk| chunk.len() as u64).sum();
-        let mut parser = ChunkedPayload::new(Some(declared), usize::MAX).expect("no limit");
+        let mut parser = ChunkedPayload::new(Some(declared), usize::MAX);
         for chunk in chunks {
             parser.feed(Bytes::copy_from_slice(chunk)).expect("no limit");
         }
@@ -382,7 +492,7 @@ mod tests {
         let second = Bytes::from(format!(
             r#"ta":[2]}},{{"channel":"/pad","data":"{padding}"}},{{"channel":"/c","data":"three"}}]"#
         ));
-        let mut parser = ChunkedPayload::new(None, usize::MAX).expect("no limit");
+        let mut parser = ChunkedPayload::new(None, usize::MAX);
         parser.feed(first.clone()).expect("no limit");
         parser.feed(second.clone()).expect("no limit");
         let messages = parser.finish().expect("parse").messages;
@@ -398,21 +508,78 @@ mod tests {
         assert!(inside(&second, &data[3]), "read in place from the second chunk");
     }
 
+    fn too_large(error: &Error) -> bool {
+        matches!(error.transport_kind(), Some(TransportErrorKind::TooLarge { limit: 64 }))
+    }
+
     #[test]
-    fn a_payload_over_the_limit_is_refused_declared_or_streamed() {
-        let too_large =
-            |error: Error| matches!(error.transport_kind(), Some(TransportErrorKind::TooLarge { limit: 64 }));
-        let declared = ChunkedPayload::new(Some(100_000_000_000_000), 64).err().expect("declared too large");
-        assert!(too_large(declared));
-        let mut streamed = ChunkedPayload::new(None, 64).expect("no length declared");
-        streamed.feed(Bytes::from_static(&[b' '; 60])).expect("under the limit");
-        assert!(too_large(streamed.feed(Bytes::from_static(&[b' '; 5])).expect_err("over the limit")));
+    fn a_payload_over_the_limit_that_is_not_an_array_is_refused() {
+        let mut spaces = ChunkedPayload::new(Some(100_000_000_000_000), 64);
+        spaces.feed(Bytes::from_static(&[b' '; 60])).expect("under the limit");
+        assert!(too_large(&spaces.feed(Bytes::from_static(&[b' '; 5])).expect_err("over the limit")));
+        let mut object = ChunkedPayload::new(None, 64);
+        let single = format!(r#"{{"channel":"/a","data":"{}"}}"#, "x".repeat(100));
+        assert!(too_large(&object.feed(Bytes::from(single)).expect_err("one object over the limit")));
+    }
+
+    #[test]
+    fn an_array_over_the_limit_is_handed_out_message_by_message() {
+        // Messages of 26 to 64 bytes (the limit), in chunks that cut them anywhere.
+        for (pad, chunk_len) in [(0, 50), (38, 7), (37, 1), (30, 1000)] {
+            let messages: Vec<String> =
+                (10..30).map(|n| format!(r#"{{"channel":"/n","data":{n}{}}}"#, " ".repeat(pad))).collect();
+            assert!(messages.iter().all(|message| message.len() <= 64));
+            streamed_in_portions(&format!("[{}]", messages.join(",")), chunk_len);
+        }
+    }
+
+    fn streamed_in_portions(payload: &str, chunk_len: usize) {
+        let mut parser = ChunkedPayload::new(Some(payload.len() as u64), 64);
+        let mut handed = Vec::new();
+        for chunk in payload.as_bytes().chunks(chunk_len) {
+            parser.feed(Bytes::copy_from_slice(chunk)).expect("each message fits");
+            if let Some(portion) = parser.take_portion() {
+                assert!(portion.rejected.is_empty());
+                handed.push(portion.messages.len());
+            }
+        }
+        let rest = parser.finish().expect("a well-formed array");
+        let total = handed.iter().sum::<usize>() + rest.messages.len();
+        assert_eq!(total, 20, "chunks of {chunk_len}");
+        if chunk_len < payload.len() / 2 {
+            assert!(handed.len() > 1, "handed out in portions as the chunks came: {handed:?}");
+        }
+    }
+
+    #[test]
+    fn a_streamed_array_skips_a_message_that_does_not_fit_and_refuses_one_over_the_limit() {
+        let mut parser = ChunkedPayload::new(None, 64);
+        parser
+            .feed(Bytes::from_static(br#"[{"channel":"/a","data":1},{"channel":"/b","data":2},"#))
+            .expect("fits");
+        parser
+            .feed(Bytes::from_static(br#"{"id":"no channel"},{"channel":"/c","data":3},"#))
+            .expect("skipped");
+        let portion = parser.take_portion().expect("streaming");
+        let channels: Vec<&str> = portion.messages.iter().map(|m| m.channel.as_str()).collect();
+        assert_eq!(channels, ["/a", "/b", "/c"], "what was read before the limit was crossed goes first");
+        assert_eq!(portion.rejected.len(), 1, "the message without a channel is named");
+        let big = format!(r#"{{"channel":"/big","data":"{}"}}"#, "x".repeat(100));
+        assert!(too_large(&parser.feed(Bytes::from(big)).expect_err("one message over the limit")));
+
+        let mut broken = ChunkedPayload::new(None, 64);
+        broken
+            .feed(Bytes::from_static(br#"[{"channel":"/a","data":1},{"channel":"/b","data":2},"#))
+            .expect("fits");
+        broken.feed(Bytes::from_static(br#"{"channel":"/c","data":3}"#)).expect("fits");
+        let error = broken.feed(Bytes::from_static(b" <html>")).expect_err("malformed");
+        assert!(matches!(error.transport_kind(), Some(TransportErrorKind::MalformedReply(_))), "{error}");
     }
 
     #[test]
     fn a_declared_length_does_not_size_the_message_vector_beyond_the_first_chunk() {
         let chunk = Bytes::from(format!("[{}", r#"{"channel":"/a","data":1},"#.repeat(200)));
-        let mut parser = ChunkedPayload::new(Some(u64::MAX / 2), usize::MAX).expect("no limit");
+        let mut parser = ChunkedPayload::new(Some(u64::MAX / 2), usize::MAX);
         parser.feed(chunk.clone()).expect("no limit");
         assert!(
             parser.messages.capacity() <= chunk.len() * PLAUSIBLE_GROWTH / 24,

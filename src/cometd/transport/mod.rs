@@ -24,7 +24,7 @@ use super::message::{Data, Message, WireMessage};
 use super::options::{ConnectionType, Proxy, ValidOptions};
 use super::pending::PendingQueue;
 
-pub(crate) use chunked::ChunkedPayload;
+pub(crate) use chunked::{ChunkedPayload, STREAM_AFTER};
 pub(crate) use long_polling::LongPolling;
 pub(crate) use websocket::WebSocket;
 pub(crate) use websocket::socket_config;
@@ -297,22 +297,27 @@ fn one_by_one(text: &ByteString) -> Option<Received> {
     for raw in raws {
         match serde_json::from_str::<WireMessage<&RawValue>>(raw.get()) {
             Ok(wire) => received.messages.push(wire.into_message(|data| Data::shared(text, data))),
-            Err(error) => {
-                #[derive(serde::Deserialize)]
-                struct ChannelOnly {
-                    channel: Option<String>,
-                }
-                let channel = serde_json::from_str::<ChannelOnly>(raw.get())
-                    .ok()
-                    .and_then(|only| only.channel)
-                    .map(|channel| super::error::bounded(channel, REJECTED_CHANNEL_LIMIT));
-                let error = Error::BadMessage { channel, reason: error.to_string() };
-                tracing::warn!(error = %error, "skipping a message of the server's payload");
-                received.rejected.push(error);
-            }
+            Err(error) => received.rejected.push(rejected_message(raw, &error)),
         }
     }
     Some(received)
+}
+
+/// The error for a message of the server's payload that is JSON but not a Bayeux
+/// message: it names the message's channel (if it has one) and why it does not fit, and
+/// is logged, since the message is skipped.
+pub(crate) fn rejected_message(raw: &RawValue, error: &serde_json::Error) -> Error {
+    #[derive(serde::Deserialize)]
+    struct ChannelOnly {
+        channel: Option<String>,
+    }
+    let channel = serde_json::from_str::<ChannelOnly>(raw.get())
+        .ok()
+        .and_then(|only| only.channel)
+        .map(|channel| super::error::bounded(channel, REJECTED_CHANNEL_LIMIT));
+    let error = Error::BadMessage { channel, reason: error.to_string() };
+    tracing::warn!(error = %error, "skipping a message of the server's payload");
+    error
 }
 
 /// About how many messages a payload of `len` bytes that starts with `start` holds, so
@@ -393,14 +398,14 @@ pub(crate) fn sort_replies(
 pub(crate) fn require_replies(
     requests: &[Message],
     replies: Vec<Option<Message>>,
-    rejected: &[Error],
+    first_skipped: Option<&str>,
 ) -> Result<Vec<Message>, Error> {
     replies
         .into_iter()
         .zip(requests)
         .map(|(reply, request)| {
             reply.ok_or_else(|| {
-                let skipped = rejected.first().map(|error| format!("; {error}")).unwrap_or_default();
+                let skipped = first_skipped.map(|error| format!("; {error}")).unwrap_or_default();
                 Error::malformed(format!(
                     "no reply to {} (id {}){skipped}",
                     request.channel,
@@ -514,7 +519,7 @@ mod tests {
         assert_eq!(replies[1].as_ref().and_then(|m| m.successful), Some(true));
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].data.as_ref().map(Data::value), Some(json!(1)));
-        assert!(require_replies(&requests, replies, &[]).is_ok());
+        assert!(require_replies(&requests, replies, None).is_ok());
     }
 
     #[test]
@@ -538,14 +543,14 @@ mod tests {
         let order: Vec<serde_json::Value> =
             events.into_iter().filter_map(|event| event.data.map(Data::into_value)).collect();
         assert_eq!(order, [json!(1), json!(2), json!(3)]);
-        assert!(require_replies(&requests, replies, &[]).is_ok(), "every reply found");
+        assert!(require_replies(&requests, replies, None).is_ok(), "every reply found");
     }
 
     #[test]
     fn a_missing_reply_is_a_malformed_reply_error() {
         let requests = vec![message(json!({"channel": "/meta/connect", "id": "7"}))];
         let (replies, _) = sort_replies(&requests, Vec::new(), |_| {});
-        let error = require_replies(&requests, replies, &[]).expect_err("missing");
+        let error = require_replies(&requests, replies, None).expect_err("missing");
         assert_eq!(error.to_string(), "malformed reply from the server: no reply to /meta/connect (id 7)");
     }
 }

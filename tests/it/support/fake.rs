@@ -28,7 +28,8 @@ pub enum Behaviour {
     Http500,
     /// The connection is closed without an answer.
     AbruptClose,
-    /// A `Content-Length` of 100 TB, then a few bytes, then nothing.
+    /// A `Content-Length` of 100 TB, then one message whose data never closes (what is
+    /// declared never sizes a buffer; the message breaks the limit).
     HugeDeclaredLength,
     /// A chunked answer that never ends: one message whose data never closes.
     EndlessChunked,
@@ -153,10 +154,16 @@ async fn serve(stream: TcpStream, behaviour: Arc<Mutex<Behaviour>>, events: Arc<
                 return;
             }
             Behaviour::HugeDeclaredLength => {
-                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000000000000\r\n\r\n[{";
-                let _ = stream.write_all(head.as_bytes()).await;
-                let mut rest = [0u8; 1024];
-                while stream.read(&mut rest).await.is_ok_and(|read| read > 0) {}
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000000000000\r\n\r\n[{\"channel\":\"/declared\",\"data\":\"";
+                let mut written = stream.write_all(head.as_bytes()).await;
+                let filler = "a".repeat(64 * 1024);
+                // Bounded all the same: 64 GiB, far past any limit, ends the loop.
+                for _ in 0..1024 * 1024 {
+                    if written.is_err() {
+                        break;
+                    }
+                    written = stream.write_all(filler.as_bytes()).await;
+                }
                 return;
             }
             Behaviour::EndlessChunked => {
