@@ -418,10 +418,11 @@ pub enum RawSink {
 }
 
 /// [`RawSink`] tagged from outside (`{"webhook": {...}}`), which serde reads field by field,
-/// keeping the path of what does not fit.
+/// keeping the path of what does not fit. The configuration reference's test reads the
+/// sink's keys from it.
 #[derive(Deserialize)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
-enum ExternallyTagged {
+pub(super) enum ExternallyTagged {
     /// Publish on NATS.
     Nats {
         /// Subject template with `{source}`, `{subscription}`, `{channel}`.
