@@ -1,6 +1,7 @@
 //! The configuration reference, `docs/configuration.md`, checked against the code both
 //! ways, so that it cannot drift: every key the raw structs accept has a row in one of its
-//! key tables, and every row names a key they accept.
+//! key tables, every row names a key they accept, and every default it writes is the one
+//! the code gives.
 //!
 //! The keys come from the code itself: a tracing deserializer drives each struct's
 //! `Deserialize` and records the field names serde hands it (the names as written,
@@ -132,6 +133,99 @@ fn key_tables_are_read_row_by_row_and_a_row_without_a_key_is_a_problem() {
     assert_eq!(keys, BTreeSet::from(["a.b".to_string(), "a.c".to_string()]));
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(problems[0].starts_with("a.b: documented twice"));
+}
+
+/// What the code gives each key when the file leaves it out, as JSON: a configuration with
+/// only the required keys (one source with a Salesforce login, a NATS and a webhook
+/// subscription, each with an empty `retry`), read and written back.
+fn code_defaults() -> serde_json::Value {
+    let minimal = serde_json::json!({
+        "nats": {},
+        "sources": [{ "name": "s", "url": "u", "salesforce": { "flow": "f", "client_id": "c" } }],
+        "subscriptions": [
+            { "id": "n", "source": "s", "channel": "/c", "retry": {}, "sink": { "type": "nats", "subject": "x" } },
+            { "id": "w", "source": "s", "channel": "/c", "retry": {}, "sink": { "type": "webhook", "url": "u" } },
+        ],
+    });
+    let raw: RawConfig = serde_json::from_value(minimal).expect("the minimal configuration reads");
+    serde_json::to_value(&raw).expect("the raw configuration writes")
+}
+
+/// The value at `key` (`sources[].tls.insecure`) in `value`, from the first list entry
+/// that has it; `Null` when none does.
+fn value_at<'v>(value: &'v serde_json::Value, key: &str) -> &'v serde_json::Value {
+    let Some((first, rest)) = key.split_once('.') else {
+        return value.get(key).unwrap_or(&serde_json::Value::Null);
+    };
+    match first.strip_suffix("[]") {
+        Some(list) => value
+            .get(list)
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|entry| value_at(entry, rest))
+            .find(|found| !found.is_null())
+            .unwrap_or(&serde_json::Value::Null),
+        None => value.get(first).map_or(&serde_json::Value::Null, |inner| value_at(inner, rest)),
+    }
+}
+
+/// The default column of each key table row: `Some(literal)` for a written default (the
+/// first code span, read as JSON), `None` for "unset"; required keys are left out.
+fn documented_defaults(text: &str) -> Vec<(String, Option<serde_json::Value>)> {
+    let mut defaults = Vec::new();
+    let mut lines = text.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        if line != KEY_TABLE_HEADER {
+            continue;
+        }
+        lines.next();
+        for row in lines.by_ref().take_while(|line| line.starts_with('|')) {
+            let cells: Vec<&str> = row.trim_matches('|').split(" | ").map(str::trim).collect();
+            let (Some(key), Some(default)) = (cells.first(), cells.get(2)) else { continue };
+            let key = key.trim_matches('`').to_string();
+            if default.starts_with("required") {
+                continue;
+            }
+            if default.starts_with("unset") {
+                defaults.push((key, None));
+                continue;
+            }
+            let literal = default.split('`').nth(1).unwrap_or(default);
+            let value = serde_json::from_str(literal)
+                .unwrap_or_else(|error| panic!("{key}: default {literal:?} is not a literal: {error}"));
+            defaults.push((key, Some(value)));
+        }
+    }
+    defaults
+}
+
+#[test]
+fn every_default_in_docs_configuration_md_is_the_codes() {
+    let code = code_defaults();
+    let mut wrong = Vec::new();
+    for (key, documented) in documented_defaults(&reference()) {
+        let actual = value_at(&code, &key);
+        let matches = match (&documented, key.as_str()) {
+            // Optional in the raw structs; validation applies these defaults.
+            (Some(serde_json::Value::String(size)), "subscriptions[].spool_max_bytes") => {
+                actual.is_null()
+                    && super::validate::parse_size(size)
+                        == Some(super::validate::DEFAULT_SUBSCRIPTION_SPOOL_BYTES)
+            }
+            (Some(serde_json::Value::String(from)), "subscriptions[].replay_from") => {
+                actual.is_null()
+                    && super::validate::parse_replay_from(&serde_json::json!(from))
+                        == Some(crate::cometd::ReplayPosition::New)
+            }
+            (Some(value), _) => actual == value,
+            (None, _) => actual.is_null(),
+        };
+        if !matches {
+            wrong.push(format!("{key}: documented {documented:?}, the code gives {actual}"));
+        }
+    }
+    assert!(wrong.is_empty(), "defaults docs/configuration.md gets wrong: {wrong:#?}");
 }
 
 /// A `Deserializer` that produces no data of its own: it records each struct field it is
