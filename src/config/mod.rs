@@ -2,6 +2,8 @@
 //! `COMETD_BRIDGE__SECTION__KEY` environment overrides, parsed strictly, then validated
 //! into domain types with **every** problem reported under its key.
 
+#[cfg(test)]
+mod documented;
 mod paths;
 mod raw;
 mod validate;

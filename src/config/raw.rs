@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 /// The whole configuration file.
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct RawConfig {
     /// The admin HTTP server (health, metrics, API).
     #[serde(default)]
@@ -32,6 +33,7 @@ pub struct RawConfig {
 
 /// `[admin]`
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct RawAdmin {
     /// Address of the admin HTTP server.
     #[serde(default = "default_admin_listen")]
@@ -77,6 +79,7 @@ fn default_admin_listen() -> String {
 
 /// `[state]`
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct RawState {
     /// `embedded` (the default), `nats`; `file` and `nats-kv` are their first-release names.
     #[serde(default = "default_state_backend")]
@@ -149,6 +152,7 @@ fn default_state_bucket() -> String {
 
 /// `[nats]`
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct RawNats {
     /// Server URL(s), comma-separated.
     #[serde(default = "default_nats_url")]
@@ -187,6 +191,7 @@ fn default_nats_url() -> String {
 
 /// `[bridge]`
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct RawBridge {
     /// Messages buffered per subscription between the source and its sink.
     #[serde(default = "default_queue_capacity")]
@@ -212,6 +217,7 @@ fn default_shutdown_grace() -> String {
 
 /// `[[sources]]`
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct RawSource {
     /// Unique name, used in subjects, headers and metrics.
     pub name: String,
@@ -267,6 +273,7 @@ fn default_replay_fallback() -> String {
 
 /// `salesforce = { ... }` of a source.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct RawSalesforce {
     /// `password`, `refresh_token`, `client_credentials` or `jwt`.
     pub flow: String,
@@ -317,6 +324,7 @@ fn default_max_pending_count() -> i64 {
 
 /// `tls = { ... }` of a source.
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct RawTls {
     /// Accept any certificate (test servers only).
     #[serde(default)]
@@ -418,10 +426,11 @@ pub enum RawSink {
 }
 
 /// [`RawSink`] tagged from outside (`{"webhook": {...}}`), which serde reads field by field,
-/// keeping the path of what does not fit.
+/// keeping the path of what does not fit. The configuration reference's test reads the
+/// sink's keys from it.
 #[derive(Deserialize)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
-enum ExternallyTagged {
+pub(super) enum ExternallyTagged {
     /// Publish on NATS.
     Nats {
         /// Subject template with `{source}`, `{subscription}`, `{channel}`.
