@@ -12,7 +12,11 @@
 // "403::Unknown client" with handshake advice (the file is removed): events published
 // until the client subscribes again reach it only through replay.
 //
-// Options: retention (default 1000), step (default 3), unknownClientFile.
+// With `logFile`, every event is also appended to that file (one JSON line each) and the
+// logs are read back from it at start: the retention survives a restart, as Salesforce's
+// does.
+//
+// Options: retention (default 1000), step (default 3), unknownClientFile, logFile.
 const fs = require('fs');
 
 module.exports = (options, bayeux) => {
@@ -23,6 +27,17 @@ module.exports = (options, bayeux) => {
   const pending = new Map();    // clientId + ' ' + channel -> replay from
   const subscribers = new Set(); // clients that subscribed (not faye's own in-process client)
   let nextId = 1;
+  if (options.logFile && fs.existsSync(options.logFile)) {
+    for (const line of fs.readFileSync(options.logFile, 'utf8').split('\n')) {
+      if (!line) continue;
+      const { channel, replayId, data } = JSON.parse(line);
+      const log = logs.get(channel) || [];
+      log.push({ replayId, data });
+      while (log.length > retention) dropped.set(channel, log.shift().replayId);
+      logs.set(channel, log);
+      nextId = Math.max(nextId, replayId + step);
+    }
+  }
 
   const replayable = (channel) => !channel.startsWith('/meta/') && !channel.startsWith('/service/');
   const isReplay = (message) => {
@@ -65,6 +80,9 @@ module.exports = (options, bayeux) => {
         message.data = { event: { replayId, createdDate: new Date().toISOString() }, payload: message.data };
         const log = logs.get(channel) || [];
         log.push({ replayId, data: message.data });
+        if (options.logFile) {
+          fs.appendFileSync(options.logFile, JSON.stringify({ channel, replayId, data: message.data }) + '\n');
+        }
         while (log.length > retention) dropped.set(channel, log.shift().replayId);
         logs.set(channel, log);
       }
