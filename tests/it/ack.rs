@@ -148,3 +148,100 @@ async fn the_bridge_acknowledges_spooled_batches() {
     assert_eq!(receiver.next().await.json()["data"]["n"], 30, "no copy before the marker");
     app.stop().await;
 }
+
+/// The bridge with acks on a state store that stalls for 20 s (the NATS backend's server
+/// frozen) under a steady publisher: seen from the server, the bridge's connects never
+/// stop for longer than the server holds one plus the ack wait's bound (1 s) and some
+/// slack, the session is never lost, and once the store is back every accepted message
+/// reaches the webhook, once.
+#[tokio::test]
+async fn a_stalled_store_never_holds_the_connects_back() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::{Arc, Mutex};
+
+    const MARKER: u64 = 1_000_000_000;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let connects = dir.path().join("connects.log");
+    let server = BayeuxServer::cometd(CometdOptions {
+        timeout: Some(2000),
+        ack: true,
+        connect_log: Some(connects.clone()),
+        ..CometdOptions::default()
+    })
+    .await;
+    let mut nats = crate::support::nats::NatsServer::start().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    let toml = format!(
+        "[nats]\nurl = \"{}\"\n[[sources]]\nname = \"demo\"\nurl = \"{}\"\n[[subscriptions]]\nid = \"acked\"\nsource = \"demo\"\nchannel = \"/bridged\"\nsink = {{ type = \"webhook\", url = \"{}\" }}\n",
+        nats.url(),
+        server.url(),
+        receiver.url()
+    );
+    let app = TestApp::spawn_with_state(
+        &toml,
+        tempfile::tempdir().expect("dir"),
+        None,
+        "backend = \"nats\"\nbucket = \"bridge\"\n",
+    )
+    .await;
+    app.wait_ready().await;
+    let accepted: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+    let ticking = tokio::spawn({
+        let (url, accepted) = (server.url(), accepted.clone());
+        async move {
+            let publisher = open(Client::builder(url)).await;
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            for n in 0.. {
+                every.tick().await;
+                if publisher.publish("/bridged", json!({ "n": n })).await.is_ok() {
+                    accepted.lock().expect("not poisoned").insert(n);
+                }
+            }
+        }
+    });
+    let mut delivered: BTreeMap<u64, usize> = BTreeMap::new();
+    while delivered.len() < 10 {
+        let n = receiver.next().await.json()["data"]["n"].as_u64().expect("numbered");
+        *delivered.entry(n).or_insert(0) += 1;
+    }
+    let frozen_at = std::time::SystemTime::now();
+    nats.process().freeze();
+    // The stall is the scenario: 20 s of a store that answers nothing.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    nats.process().thaw();
+    let thawed_at = std::time::SystemTime::now();
+    ticking.abort();
+    let _ = ticking.await;
+    let publisher = open(Client::builder(server.url())).await;
+    publisher.publish("/bridged", json!({ "n": MARKER })).await.expect("the marker");
+    publisher.close().await;
+    while !delivered.contains_key(&MARKER) {
+        let n = receiver.next().await.json()["data"]["n"].as_u64().expect("numbered");
+        *delivered.entry(n).or_insert(0) += 1;
+    }
+
+    let millis = |time: std::time::SystemTime| {
+        time.duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_millis() as u64
+    };
+    let times: Vec<u64> = std::fs::read_to_string(&connects)
+        .expect("the connect log")
+        .lines()
+        .map(|line| line.parse().expect("a time"))
+        .filter(|time| (millis(frozen_at)..=millis(thawed_at)).contains(time))
+        .collect();
+    let mut gaps: Vec<u64> = times.windows(2).map(|pair| pair[1] - pair[0]).collect();
+    gaps.push(times.first().map_or(u64::MAX, |first| first - millis(frozen_at)));
+    gaps.push(times.last().map_or(u64::MAX, |last| millis(thawed_at) - last));
+    let longest = gaps.iter().max().copied().unwrap_or(u64::MAX);
+    assert!(longest <= 4_000, "a connect waited {longest} ms (server hold 2 s, ack bound 1 s): {gaps:?}");
+    let accepted = accepted.lock().expect("not poisoned").clone();
+    let missing: Vec<u64> = accepted.iter().filter(|n| !delivered.contains_key(n)).copied().collect();
+    let twice: Vec<(&u64, &usize)> = delivered.iter().filter(|(_, count)| **count > 1).collect();
+    assert!(missing.is_empty(), "{} accepted messages never delivered: {missing:?}", missing.len());
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    let metrics = app.metrics().await;
+    let losses =
+        crate::support::scenario::metric(&metrics, "cometd_bridge_session_losses_total{source=\"demo\"}");
+    assert_eq!(losses, 0.0, "the session was never lost");
+    app.stop().await;
+}

@@ -9,6 +9,8 @@
 //   timeout      milliseconds a /meta/connect is held, default 30000
 //   maxInterval  milliseconds before a silent session expires, default 10000
 //   ack          true to enable the server-side ack extension
+//   connectLog   a file that gets a line (the time in milliseconds) for every /meta/connect
+//                the server receives: how often the client polls, seen from the server
 //
 // The server answers under /cometd. Prints "LISTENING <port>" on stdout once it accepts
 // connections; exits on SIGTERM/SIGINT.
@@ -24,6 +26,16 @@ if (options.maxInterval !== undefined) serverOptions.maxInterval = options.maxIn
 const cometdServer = cometd.createCometDServer(serverOptions);
 if (options.ack) {
   cometdServer.addExtension(new (require('cometd-nodejs-server/ack-extension').AcknowledgedMessagesExtension)());
+}
+
+if (options.connectLog) {
+  const fs = require('fs');
+  cometdServer.addExtension({
+    incoming: (cometd, session, message, callback) => {
+      if (message.channel === '/meta/connect') fs.appendFileSync(options.connectLog, `${Date.now()}\n`);
+      callback(undefined, true);
+    },
+  });
 }
 
 const server = http.createServer((request, response) => {

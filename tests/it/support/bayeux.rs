@@ -31,6 +31,9 @@ pub struct CometdOptions {
     pub max_interval: Option<u64>,
     /// Enable the server-side ack extension.
     pub ack: bool,
+    /// A file that gets a line (the time in milliseconds) for every `/meta/connect` the
+    /// server receives.
+    pub connect_log: Option<PathBuf>,
 }
 
 /// Which Bayeux server implementation.
@@ -84,6 +87,9 @@ impl BayeuxServer {
         }
         if let Some(max_interval) = options.max_interval {
             config["maxInterval"] = json!(max_interval);
+        }
+        if let Some(log) = options.connect_log {
+            config["connectLog"] = json!(log);
         }
         Self::start(Flavor::Cometd, "cometd-server.js", config).await
     }
