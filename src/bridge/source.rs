@@ -139,8 +139,10 @@ impl Spooler {
         let mut drops = Drops::new(routes.len());
         // Routes whose forwarder is behind keep what they are given in memory for a while:
         // their messages get buffers of their own instead of pinning the network buffer
-        // they arrived in (with the other messages of its reply).
-        let behind: Vec<bool> = routes.iter().map(|route| route.spool.backlog().messages > 0).collect();
+        // they arrived in (with the other messages of its reply). A full route is behind
+        // too, but keeps nothing: its messages are not copied only to be dropped.
+        let behind: Vec<bool> =
+            routes.iter().map(|route| route.spool.backlog().messages > 0 && !route.spool.is_full()).collect();
         for message in messages {
             let sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
             let replay_id = self.replay.as_ref().and_then(|_| replay_id(&message));

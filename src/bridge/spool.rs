@@ -261,6 +261,11 @@ impl Spool {
         }
     }
 
+    /// Whether a full episode is open. Cheaper than [`full`](Self::full).
+    pub fn is_full(&self) -> bool {
+        self.lock().full.is_some()
+    }
+
     /// The current full episode, if any.
     pub fn full(&self) -> Option<FullEpisode> {
         self.lock().full.clone()
