@@ -8,6 +8,7 @@
 mod chunked;
 pub mod coalesce;
 mod long_polling;
+mod proxy;
 mod websocket;
 
 use std::sync::Arc;
