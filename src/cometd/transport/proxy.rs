@@ -44,17 +44,7 @@ impl Link {
         coalescing: Option<ReadCoalescing>,
         tls: &Arc<rustls::ClientConfig>,
     ) -> Result<Link, Error> {
-        let scheme = proxy.uri().scheme_str().unwrap_or_default();
-        let secure = match scheme {
-            "http" => false,
-            "https" => true,
-            other => {
-                return Err(Error::transport(TransportErrorKind::UnsupportedProxy {
-                    scheme: other.to_string(),
-                    proxy: proxy_address(proxy),
-                }));
-            }
-        };
+        let secure = is_secure(proxy)?;
         let tcp = CoalescingStream::new(connect_tcp(proxy.uri()).await?, coalescing);
         let mut link = if secure {
             let host = proxy.uri().host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
@@ -76,6 +66,19 @@ impl Link {
         };
         tunnel(&mut link, proxy, target).await?;
         Ok(link)
+    }
+}
+
+/// Whether `proxy` is an `https://` proxy (else an `http://` one); any other scheme
+/// (`socks5://`...) is refused, naming the two supported.
+pub(crate) fn is_secure(proxy: &Intercept) -> Result<bool, Error> {
+    match proxy.uri().scheme_str().unwrap_or_default() {
+        "http" => Ok(false),
+        "https" => Ok(true),
+        other => Err(Error::transport(TransportErrorKind::UnsupportedProxy {
+            scheme: other.to_string(),
+            proxy: proxy_address(proxy),
+        })),
     }
 }
 
