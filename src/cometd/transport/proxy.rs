@@ -96,7 +96,7 @@ fn proxy_address(proxy: &Intercept) -> String {
 
 /// Opens the TCP connection for `uri`, with Nagle's algorithm off; the port defaults to
 /// 443 for `wss://` and `https://`, else to 80.
-pub(crate) async fn connect_tcp(uri: &Uri) -> Result<TcpStream, Error> {
+async fn connect_tcp(uri: &Uri) -> Result<TcpStream, Error> {
     let host = uri
         .host()
         .ok_or_else(|| Error::transport_from(TransportErrorKind::Connect, "the URL has no host"))?;
@@ -203,5 +203,29 @@ impl AsyncWrite for Link {
             Link::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
             Link::ProxyTls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper_util::client::proxy::matcher::Matcher;
+
+    use super::*;
+
+    fn intercept(proxy: &str) -> Intercept {
+        let target: Uri = "http://127.0.0.1:8000/bayeux".parse().expect("URI");
+        Matcher::builder().all(proxy.to_string()).build().intercept(&target).expect("a proxy")
+    }
+
+    #[test]
+    fn http_and_https_proxies_are_spoken_and_others_are_refused_without_their_credentials() {
+        assert!(!is_secure(&intercept("http://user:pass@127.0.0.1:3128")).expect("http"));
+        assert!(is_secure(&intercept("https://user:pass@127.0.0.1:3129")).expect("https"));
+        let error = is_secure(&intercept("socks5://user:pass@127.0.0.1:1080")).expect_err("socks");
+        assert!(!error.is_retryable());
+        assert_eq!(
+            error.to_string(),
+            "proxy socks5://127.0.0.1:1080: the socks5:// scheme is not supported; use an http:// or https:// proxy"
+        );
     }
 }
