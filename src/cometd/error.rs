@@ -149,6 +149,14 @@ pub enum TransportErrorKind {
         /// The limit, in bytes.
         limit: usize,
     },
+    /// The proxy named for the websocket (by the environment, or configured) speaks a
+    /// scheme the client does not: only `http://` and `https://` proxies are supported.
+    UnsupportedProxy {
+        /// The proxy's scheme (`socks5`...).
+        scheme: String,
+        /// The proxy, as `scheme://host:port` (never its credentials).
+        proxy: String,
+    },
     /// The transport cannot do this in its current state.
     InvalidOperation(String),
     /// Any other I/O failure.
@@ -173,6 +181,10 @@ impl fmt::Display for TransportErrorKind {
             Self::TooLarge { limit } => {
                 write!(f, "the server sent a message larger than the {limit}-byte limit (max_message_size)")
             }
+            Self::UnsupportedProxy { scheme, proxy } => write!(
+                f,
+                "proxy {proxy}: the {scheme}:// scheme is not supported; use an http:// or https:// proxy"
+            ),
             Self::InvalidOperation(what) => write!(f, "{what}"),
             Self::Io => write!(f, "I/O error"),
         }
@@ -212,6 +224,7 @@ impl Error {
                 TransportErrorKind::InvalidOperation(_)
                     | TransportErrorKind::Tls
                     | TransportErrorKind::Redirect { .. }
+                    | TransportErrorKind::UnsupportedProxy { .. }
             ),
             Error::Server(error) => error.error_code().is_some_and(|code| code >= 500),
             Error::Authentication { retryable, .. } => *retryable,

@@ -9,7 +9,8 @@ use tokio::time::Instant;
 
 use super::error::Error;
 use super::message::{Advice, META_CONNECT, META_HANDSHAKE, Message, Reconnect};
-use super::session::SessionState;
+use super::refused::Refused;
+use super::status::SessionState;
 
 /// The longest advised hold (`advice.timeout`) followed; Salesforce advises 110 s.
 pub(crate) const MAX_ADVISED_HOLD: Duration = Duration::from_secs(600);
@@ -104,11 +105,20 @@ pub(crate) struct Machine {
     pub(crate) open_deadline: Option<Instant>,
     /// Whether an auth extension is configured.
     pub(crate) has_auth: bool,
+    /// The channels refused after a new handshake, each retried with its own backoff.
+    pub(crate) refused: Refused,
 }
 
 impl Machine {
     pub(crate) fn new(open_deadline: Option<Instant>, has_auth: bool) -> Self {
-        Machine { advice: Advice::default(), failures: 0, opening: true, open_deadline, has_auth }
+        Machine {
+            advice: Advice::default(),
+            failures: 0,
+            opening: true,
+            open_deadline,
+            has_auth,
+            refused: Refused::default(),
+        }
     }
 
     /// Takes in a finished step at `now` and decides what follows.

@@ -26,7 +26,9 @@
 //! ```
 //!
 //! # Layout
-//! - `client`: the [`Client`] handle; `session`: the task that owns the session;
+//! - `client`: the [`Client`] handle; `status`: what it reports; `session`: the task that
+//!   owns the session, with its steps in `negotiation`, `subscribe` and `connect`, its
+//!   request/reply plumbing in `exchange`, and its decisions in `machine` and `refused`;
 //! - `transport`: long-polling and websocket; `tls`: certificate checks;
 //! - `message`: the wire types; `error`: the error hierarchy;
 //! - `options`: the builder; `extension`: hooks; `backoff`; `pending`: the receive queue.
@@ -37,15 +39,22 @@ mod ack;
 mod backoff;
 mod channel;
 mod client;
+mod clock;
+mod connect;
 mod error;
+mod exchange;
 mod extension;
 mod machine;
 mod message;
+mod negotiation;
 mod options;
 mod pending;
+mod refused;
 mod replay;
 mod salesforce;
 mod session;
+mod status;
+mod subscribe;
 mod tls;
 // Crate-visible for the fuzz harnesses (`crate::fuzzing`).
 pub(crate) mod transport;
@@ -69,5 +78,5 @@ pub use reqwest::header::HeaderMap;
 pub use salesforce::{
     LOGIN_PRODUCTION, LOGIN_SANDBOX, SalesforceAuth, SalesforceCredentials, SalesforceFlow, SalesforceToken,
 };
-pub use session::{SessionState, SessionStatus};
+pub use status::{SessionState, SessionStatus};
 pub use transport::coalesce::ReadCoalescing;

@@ -62,7 +62,9 @@ impl FromStr for ConnectionType {
 
 /// How the client reaches the server: through the proxy the environment names (the
 /// default), directly, or through a given HTTP proxy. Both transports follow it: HTTP
-/// requests through the proxy, websockets through an HTTP `CONNECT` tunnel.
+/// requests through the proxy, websockets through an HTTP `CONNECT` tunnel. An `https://`
+/// proxy is spoken to over TLS, checked with the client's [`Tls`] option; other schemes
+/// (`socks5://`...) are refused with an error naming these two.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub enum Proxy {
     /// `HTTPS_PROXY` (for `https://`/`wss://`), `HTTP_PROXY` (for `http://`/`ws://`),
@@ -72,8 +74,9 @@ pub enum Proxy {
     FromEnvironment,
     /// Always directly, whatever the environment says.
     Direct,
-    /// Always through this HTTP proxy, `http://[user:password@]host:port` (the credentials
-    /// go as Basic `Proxy-Authorization`).
+    /// Always through this HTTP proxy, `http://[user:password@]host:port` or
+    /// `https://[user:password@]host:port` (the credentials go as Basic
+    /// `Proxy-Authorization`, and never into logs or errors).
     Url(String),
 }
 
@@ -388,10 +391,12 @@ impl ClientOptions {
         if let Proxy::Url(proxy) = &self.proxy {
             let parsed =
                 Url::parse(proxy).map_err(|error| Error::InvalidOptions(format!("proxy: {error}")))?;
-            if parsed.scheme() != "http" || parsed.host_str().is_none() {
-                return Err(Error::InvalidOptions(
-                    "proxy: only http://host:port proxies are supported".into(),
-                ));
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                return Err(Error::InvalidOptions(format!(
+                    "proxy: {}://{} is not supported; use an http://host:port or https://host:port proxy",
+                    parsed.scheme(),
+                    parsed.host_str().unwrap_or_default()
+                )));
             }
         }
         let max_pending = usize::try_from(self.max_pending_count).ok().filter(|count| *count > 0);

@@ -1,12 +1,11 @@
-//! The session task: one per open client. It owns the transport, the client id, the
-//! server's advice and the set of subscriptions; it handshakes, negotiates the connection
-//! type, runs the `/meta/connect` loop, follows advice, backs off, re-handshakes and
-//! resubscribes. [`Client`](super::Client) handles talk to it through commands and read its
-//! state from a `watch`.
+//! The session task: one per open client. It owns the transport, the client id and the
+//! set of subscriptions, runs the steps (handshake, resubscription, `/meta/connect`) and
+//! the client's requests, and carries out what the machine decides after each step.
+//! [`Client`](super::Client) handles talk to it through commands and read its state from a
+//! `watch`.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -16,90 +15,16 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::error::{CLIENT_ID_LIMIT, Error, TransportErrorKind};
-use super::machine::{Action, Event, Machine, Next, Note, Wait, needs_new_credentials};
-use super::message::{
-    Advice, BAYEUX_VERSION, Data, META_CONNECT, META_DISCONNECT, META_HANDSHAKE, META_SUBSCRIBE,
-    META_UNSUBSCRIBE, Message, Protocol,
-};
-use super::options::ConnectionType;
-use super::transport::{Shared, Transport};
-
-/// How long the server holds a `/meta/connect` when it has not said (faye's default).
-const DEFAULT_CONNECT_HOLD: Duration = Duration::from_secs(60);
-
-/// The longest the extensions may hold a `/meta/connect` back (also at most a quarter of
-/// `connection_timeout`).
-const MAX_CONNECT_HOLD_BACK: Duration = Duration::from_secs(1);
-
-/// Waits until `at`, or for ever when there is no `at`.
-/// `wait` after `from`, or about thirty years after it when a configured wait is too long
-/// for the clock to add (saturating: a timeout of `"300000000000y"` must not panic).
-pub(crate) fn deadline(from: Instant, wait: Duration) -> Instant {
-    from.checked_add(wait).unwrap_or_else(|| from + Duration::from_secs(30 * 365 * 24 * 3600))
-}
-
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// What a session can be doing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SessionState {
-    /// Not opened yet.
-    Unconnected,
-    /// Handshaking, at open or after the server forgot the session.
-    Handshaking,
-    /// The last `/meta/connect` succeeded.
-    Connected,
-    /// The link failed; the session retries with backoff.
-    Reconnecting,
-    /// Closing: `/meta/disconnect` is on its way.
-    Disconnecting,
-    /// Closed by the application, by a failed open, or by the server (`reconnect: none`).
-    Closed,
-}
-
-/// A snapshot of the session, published on every change.
-#[derive(Clone, Debug)]
-pub struct SessionStatus {
-    /// What the session is doing.
-    pub state: SessionState,
-    /// When it started doing it.
-    pub since: Instant,
-    /// Whether `open` succeeded and the client has not been closed since.
-    pub open: bool,
-    /// The negotiated connection type.
-    pub connection_type: Option<ConnectionType>,
-    /// The server-assigned session id.
-    pub client_id: Option<String>,
-    /// The channels the server confirmed.
-    pub subscriptions: BTreeSet<String>,
-    /// The last failure, for operators.
-    pub last_error: Option<String>,
-    /// When the server last carried a request through (a handshake, a resubscription, a
-    /// connect or a client request that succeeded). An outage is reported once
-    /// `connection_timeout` has passed since both this and the outage's start.
-    pub last_exchange: Instant,
-}
-
-impl SessionStatus {
-    pub(crate) fn new() -> Self {
-        SessionStatus {
-            state: SessionState::Unconnected,
-            since: Instant::now(),
-            open: false,
-            connection_type: None,
-            client_id: None,
-            subscriptions: BTreeSet::new(),
-            last_error: None,
-            last_exchange: Instant::now(),
-        }
-    }
-}
+use super::clock::{deadline, sleep_until_some};
+use super::connect::connect;
+use super::error::{Error, TransportErrorKind};
+use super::exchange::{Context, check, failure_name};
+use super::machine::{Action, Event, Machine, Next, Note, Wait};
+use super::message::{Advice, Data, META_CONNECT, META_DISCONNECT, META_UNSUBSCRIBE, Message};
+use super::negotiation::{Handshaken, handshake};
+use super::status::{SessionState, SessionStatus};
+use super::subscribe::{Resubscription, resubscribe, subscribe_all, subscription_request};
+use super::transport::Transport;
 
 /// A request from a [`Client`](super::Client) handle.
 pub(crate) enum Command {
@@ -107,373 +32,6 @@ pub(crate) enum Command {
     Subscribe { channel: String, reply: oneshot::Sender<Result<(), Error>> },
     Unsubscribe { channel: String, reply: oneshot::Sender<Result<(), Error>> },
     Close { reply: oneshot::Sender<()> },
-}
-
-/// What the session needs to build requests; cheap to clone into request futures.
-#[derive(Clone)]
-pub(crate) struct Context {
-    pub(crate) shared: Arc<Shared>,
-    /// Message ids, increasing over the client's whole life (never reset by a handshake).
-    pub(crate) ids: Arc<AtomicU64>,
-    /// The latest advice on a reply other than a handshake's or a connect's (which the
-    /// machine reads itself), for the machine to take in after its next step.
-    pub(crate) advice: Arc<std::sync::Mutex<Option<Advice>>>,
-}
-
-impl Context {
-    fn with_ids(&self, mut messages: Vec<Message>) -> Vec<Message> {
-        for message in &mut messages {
-            message.id = Some(self.ids.fetch_add(1, Ordering::Relaxed).to_string());
-        }
-        messages
-    }
-
-    /// Sends `messages` and returns their replies, one per message and in their order.
-    /// After an authentication failure of the first message ([`needs_new_credentials`]:
-    /// not a refused channel), asks the auth extension to re-authenticate and sends them
-    /// once more.
-    async fn exchange(
-        &self,
-        transport: &Transport,
-        messages: Vec<Message>,
-        timeout: Duration,
-    ) -> Result<Vec<Message>, Error> {
-        let replies = self.send(transport, messages.clone(), timeout).await?;
-        self.keep_advice(&replies);
-        let Some(auth) = &self.shared.options.auth else {
-            return Ok(replies);
-        };
-        if !replies.first().is_some_and(|reply| needs_new_credentials(&messages[0].channel, reply)) {
-            return Ok(replies);
-        }
-        tracing::info!(channel = %messages[0].channel, "the server rejected the credentials; re-authenticating");
-        self.shared.within_request_timeout("re-authentication", auth.authenticate()).await?;
-        // A websocket sends headers only when it opens: reopen it so the new ones apply.
-        transport.reset().await;
-        self.send(transport, messages, timeout).await
-    }
-
-    /// Keeps the advice of replies the machine does not see (subscribe, publish...): the
-    /// latest advice from any reply is followed.
-    fn keep_advice(&self, replies: &[Message]) {
-        let advised = replies.iter().rev().find(|reply| {
-            reply.protocol.is_some() && !matches!(reply.channel.as_str(), META_CONNECT | META_HANDSHAKE)
-        });
-        if let Some(advice) = advised.and_then(|reply| reply.protocol().advice.clone()) {
-            *self.advice.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(advice);
-        }
-    }
-
-    /// The advice kept by [`keep_advice`](Self::keep_advice) since it was last taken.
-    fn take_advice(&self) -> Option<Advice> {
-        self.advice.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
-    }
-
-    /// Numbers `messages`, sends them, and picks each one's reply from what came back.
-    async fn send(
-        &self,
-        transport: &Transport,
-        messages: Vec<Message>,
-        timeout: Duration,
-    ) -> Result<Vec<Message>, Error> {
-        let requests = self.with_ids(messages);
-        let keys: Vec<(String, Option<String>)> =
-            requests.iter().map(|request| (request.channel.clone(), request.id.clone())).collect();
-        let replies = transport.send(requests, timeout).await?;
-        replies_in_order(&keys, replies)
-    }
-}
-
-/// The reply to each request (by channel and id), in the requests' order. The outgoing
-/// extensions may have added, dropped or reordered messages in the payload: a request left
-/// without a reply is the extension's error, reported, never a reply shifted onto the
-/// wrong request.
-fn replies_in_order(
-    keys: &[(String, Option<String>)],
-    mut replies: Vec<Message>,
-) -> Result<Vec<Message>, Error> {
-    let in_place = replies.len() == keys.len()
-        && keys
-            .iter()
-            .zip(&replies)
-            .all(|((channel, id), reply)| reply.channel == *channel && reply.id == *id);
-    if in_place {
-        return Ok(replies);
-    }
-    keys.iter()
-        .map(|(channel, id)| {
-            let position = replies.iter().position(|reply| reply.channel == *channel && reply.id == *id);
-            match position {
-                Some(position) => Ok(replies.swap_remove(position)),
-                None => Err(Error::InvalidOperation(format!(
-                    "an outgoing extension removed or changed the {channel} request (id {}), so it has no reply",
-                    id.as_deref().unwrap_or("none")
-                ))),
-            }
-        })
-        .collect()
-}
-
-fn failure_name(channel: &str) -> &'static str {
-    match channel {
-        META_HANDSHAKE => "handshake request failed",
-        META_CONNECT => "connect request failed",
-        META_DISCONNECT => "disconnect request failed",
-        META_SUBSCRIBE => "subscribe request failed",
-        META_UNSUBSCRIBE => "unsubscribe request failed",
-        channel if channel.starts_with("/service/") => "service request failed",
-        _ => "publish request failed",
-    }
-}
-
-/// The reply, or a server error if it says the request failed.
-fn check(reply: Message) -> Result<Message, Error> {
-    if reply.successful == Some(true) {
-        Ok(reply)
-    } else {
-        Err(Error::server(failure_name(&reply.channel), Some(reply)))
-    }
-}
-
-/// A negotiated transport and the session the server opened on it.
-struct Handshaken {
-    transport: Arc<Transport>,
-    client_id: String,
-    advice: Option<Advice>,
-}
-
-/// Handshakes over each accepted connection type in turn (so websocket-only servers work,
-/// and a refused upgrade falls back), then moves to the best type both sides support.
-async fn handshake(ctx: Context) -> Result<Handshaken, Error> {
-    let options = &ctx.shared.options;
-    let accepted: Vec<String> =
-        options.connection_types.iter().map(|kind| kind.as_str().to_string()).collect();
-    let mut last_error = None;
-    for (index, kind) in options.connection_types.iter().enumerate() {
-        let is_last = index + 1 == options.connection_types.len();
-        let transport = Transport::new(*kind, ctx.shared.clone());
-        let request = Message::new(META_HANDSHAKE).with_protocol(Protocol {
-            version: Some(BAYEUX_VERSION.into()),
-            minimum_version: Some(BAYEUX_VERSION.into()),
-            supported_connection_types: Some(accepted.clone()),
-            ..Protocol::default()
-        });
-        let sent = match transport.prepare().await {
-            Ok(()) => ctx.exchange(&transport, vec![request], options.request_timeout).await,
-            Err(error) => Err(error),
-        };
-        let reply = match sent {
-            Ok(mut replies) => replies.remove(0),
-            Err(error) if !is_last && matches!(error, Error::Transport { .. }) => {
-                tracing::debug!(connection_type = %kind, error = %error, "handshake failed; trying the next connection type");
-                transport.close().await;
-                last_error = Some(error);
-                continue;
-            }
-            Err(error) => return Err(error),
-        };
-        let reply = check(reply)?;
-        let client_id = reply.client_id.clone().ok_or_else(|| {
-            Error::transport(TransportErrorKind::InvalidOperation(
-                "the server accepted the handshake but sent no clientId".into(),
-            ))
-        })?;
-        if client_id.len() > CLIENT_ID_LIMIT {
-            transport.close().await;
-            return Err(Error::transport(TransportErrorKind::InvalidOperation(format!(
-                "the server sent a clientId of {} bytes, over the {CLIENT_ID_LIMIT}-byte limit",
-                client_id.len()
-            ))));
-        }
-        let offered =
-            reply.protocol().supported_connection_types.clone().unwrap_or_else(|| vec![kind.as_str().into()]);
-        let common: Vec<ConnectionType> = options
-            .connection_types
-            .iter()
-            .copied()
-            .filter(|candidate| offered.iter().any(|name| name == candidate.as_str()))
-            .collect();
-        if common.is_empty() {
-            transport.close().await;
-            return Err(Error::NoCommonConnectionType { offered, accepted });
-        }
-        let mut chosen = None;
-        for candidate in common {
-            if candidate == *kind {
-                chosen = Some(transport);
-                break;
-            }
-            let other = Transport::new(candidate, ctx.shared.clone());
-            match other.prepare().await {
-                Ok(()) => {
-                    transport.close().await;
-                    chosen = Some(other);
-                    break;
-                }
-                Err(error) => {
-                    tracing::info!(connection_type = %candidate, error = %error, "cannot use the negotiated connection type; falling back")
-                }
-            }
-        }
-        let Some(transport) = chosen else {
-            return Err(last_error.unwrap_or_else(|| Error::transport(TransportErrorKind::Connect)));
-        };
-        return Ok(Handshaken {
-            transport: Arc::new(transport),
-            client_id,
-            advice: reply.protocol().advice.clone(),
-        });
-    }
-    Err(last_error.unwrap_or_else(|| Error::transport(TransportErrorKind::Connect)))
-}
-
-/// Each channel resubscribed after a new handshake, with the server's verdict.
-type Resubscription = Vec<(String, Result<(), Error>)>;
-
-/// Subscribes again to every channel after a new handshake, in one payload. A transport
-/// failure fails the whole batch; server rejections come back per channel.
-async fn resubscribe(
-    ctx: Context,
-    transport: Arc<Transport>,
-    client_id: String,
-    channels: Vec<String>,
-) -> Result<Resubscription, Error> {
-    subscribe_all(&ctx, &transport, &client_id, channels).await
-}
-
-/// Subscribes to `channels` in one payload. A channel the server refuses is offered to the
-/// extensions ([`Extension::subscription_refused`](super::Extension::subscription_refused));
-/// if one of them adjusted its state (e.g. a replay fallback), that channel is sent once
-/// more. A transport failure fails the whole batch.
-async fn subscribe_all(
-    ctx: &Context,
-    transport: &Transport,
-    client_id: &str,
-    channels: Vec<String>,
-) -> Result<Resubscription, Error> {
-    if channels.len() > 1 {
-        let batches = subscription_batches(&channels, client_id);
-        if batches.len() > 1 {
-            let mut results = Vec::with_capacity(channels.len());
-            for batch in batches {
-                results.extend(
-                    Box::pin(subscribe_batch(ctx, transport, client_id, channels[batch].to_vec())).await?,
-                );
-            }
-            return Ok(results);
-        }
-    }
-    subscribe_batch(ctx, transport, client_id, channels).await
-}
-
-/// The request body Salesforce takes at most (it answers 413 above it).
-const MAX_REQUEST_BODY: usize = 32 * 1024;
-
-/// `channels` cut into runs whose subscribe payload stays well under
-/// [`MAX_REQUEST_BODY`]: each message is estimated from its fields, twice its channel (an
-/// extension such as replay repeats it), and a run is kept to half the limit, leaving room
-/// for what extensions add.
-fn subscription_batches(channels: &[String], client_id: &str) -> Vec<std::ops::Range<usize>> {
-    const FIELDS: usize = 160;
-    let mut batches = Vec::new();
-    let (mut start, mut size) = (0, 0);
-    for (index, channel) in channels.iter().enumerate() {
-        let estimate = FIELDS + client_id.len() + 2 * channel.len();
-        if index > start && size + estimate > MAX_REQUEST_BODY / 2 {
-            batches.push(start..index);
-            (start, size) = (index, 0);
-        }
-        size += estimate;
-    }
-    batches.push(start..channels.len());
-    batches
-}
-
-/// One payload of [`subscribe_all`].
-async fn subscribe_batch(
-    ctx: &Context,
-    transport: &Transport,
-    client_id: &str,
-    channels: Vec<String>,
-) -> Result<Resubscription, Error> {
-    let timeout = ctx.shared.options.request_timeout;
-    let requests =
-        channels.iter().map(|channel| subscription_request(META_SUBSCRIBE, client_id, channel)).collect();
-    let replies = ctx.exchange(transport, requests, timeout).await?;
-    let mut results: Resubscription =
-        channels.into_iter().zip(replies).map(|(channel, reply)| (channel, check(reply).map(drop))).collect();
-    let retry: Vec<usize> = results
-        .iter()
-        .enumerate()
-        .filter(|(_, (channel, result))| {
-            let reply =
-                result.as_ref().err().and_then(Error::as_server_error).and_then(|error| error.response());
-            reply.is_some_and(|reply| {
-                ctx.shared
-                    .options
-                    .extensions
-                    .iter()
-                    .any(|extension| extension.subscription_refused(channel, reply))
-            })
-        })
-        .map(|(index, _)| index)
-        .collect();
-    if retry.is_empty() {
-        return Ok(results);
-    }
-    let requests = retry
-        .iter()
-        .map(|index| subscription_request(META_SUBSCRIBE, client_id, &results[*index].0))
-        .collect();
-    let replies = ctx.exchange(transport, requests, timeout).await?;
-    for (index, reply) in retry.into_iter().zip(replies) {
-        results[index].1 = check(reply).map(drop);
-    }
-    Ok(results)
-}
-
-fn subscription_request(meta: &str, client_id: &str, channel: &str) -> Message {
-    Message { client_id: Some(client_id.into()), ..Message::new(meta) }
-        .with_protocol(Protocol { subscription: Some(Value::String(channel.into())), ..Protocol::default() })
-}
-
-/// One `/meta/connect`. A probe (after a handshake or a failure) asks the server not to hold it, so
-/// `open` returns at once; later ones are timed from the advised hold plus a margin.
-async fn connect(
-    ctx: Context,
-    transport: Arc<Transport>,
-    client_id: String,
-    hold: Option<Duration>,
-    probe: bool,
-) -> Result<Message, Error> {
-    if !probe {
-        // Backpressure: ask for more events only when the application has room for them.
-        ctx.shared.queue.wait_for_space().await;
-    }
-    // Extensions that hold the connect back (acknowledgements) wait here, bounded, and
-    // outside the outgoing hooks' request_timeout.
-    let options = &ctx.shared.options;
-    if !options.extensions.is_empty() {
-        let max_wait = options.connection_timeout.map_or(MAX_CONNECT_HOLD_BACK, |timeout| timeout / 4);
-        let max_wait = max_wait.min(MAX_CONNECT_HOLD_BACK);
-        for extension in &options.extensions {
-            extension.before_connect(max_wait).await;
-        }
-    }
-    let mut request =
-        Message { client_id: Some(client_id), ..Message::new(META_CONNECT) }.with_protocol(Protocol {
-            connection_type: Some(transport.connection_type().as_str().into()),
-            ..Protocol::default()
-        });
-    let timeout = if probe {
-        request.protocol_mut().advice = Some(Advice { timeout: Some(0), ..Advice::default() });
-        ctx.shared.options.request_timeout
-    } else {
-        let hold = hold.unwrap_or(DEFAULT_CONNECT_HOLD);
-        hold + hold / 5 + Duration::from_secs(2)
-    };
-    let mut replies = ctx.exchange(&transport, vec![request], timeout).await?;
-    Ok(replies.remove(0))
 }
 
 /// What a finished step of the session's own work produced. One exists at a time, so
@@ -513,16 +71,6 @@ pub(crate) struct Session {
     subscriptions: BTreeSet<String>,
     /// Requests that arrived while the session was not connected, with when they give up.
     deferred: VecDeque<(Instant, Command)>,
-    /// Channels the server refused to subscribe again after a new handshake: tried again
-    /// with backoff while connected, until they succeed or are unsubscribed.
-    refused: BTreeMap<String, Retry>,
-}
-
-/// When a refused resubscription is tried next, and how many times it failed.
-#[derive(Clone, Copy, Debug)]
-struct Retry {
-    at: Instant,
-    failures: u32,
 }
 
 impl Session {
@@ -547,7 +95,6 @@ impl Session {
             client_id: None,
             subscriptions: BTreeSet::new(),
             deferred: VecDeque::new(),
-            refused: BTreeMap::new(),
         }
     }
 
@@ -562,7 +109,7 @@ impl Session {
             // The timers' deadlines, read before the select borrows the session.
             let deferred_gives_up = self.deferred.front().map(|(at, _)| *at);
             let open_gives_up = self.machine.open_deadline.filter(|_| self.opened.is_some());
-            let refused_retry = self.next_refused_retry().filter(|_| self.is_connected());
+            let refused_retry = self.machine.refused.next_at().filter(|_| self.is_connected());
             tokio::select! {
                 biased;
                 command = self.commands.recv() => match command {
@@ -593,7 +140,7 @@ impl Session {
                     return;
                 },
                 _ = sleep_until_some(refused_retry), if refused_retry.is_some() => {
-                    for channel in self.due_refused() {
+                    for channel in self.machine.refused.due(Instant::now()) {
                         requests.push(self.resubscribe_one(channel));
                     }
                 },
@@ -669,7 +216,8 @@ impl Session {
                 connect(ctx, transport.clone(), client_id.clone(), hold, probe).map(Step::Connected).boxed()
             }
             (Next::Resubscribe, Some(transport), Some(client_id)) => {
-                let channels = self.subscriptions.iter().chain(self.refused.keys()).cloned().collect();
+                let channels =
+                    self.subscriptions.iter().chain(self.machine.refused.channels()).cloned().collect();
                 resubscribe(ctx, transport.clone(), client_id.clone(), channels)
                     .map(Step::Resubscribed)
                     .boxed()
@@ -704,7 +252,7 @@ impl Session {
                 self.transport = Some(handshaken.transport);
                 self.client_id = Some(handshaken.client_id);
                 self.publish_session();
-                let resubscribe = !self.subscriptions.is_empty() || !self.refused.is_empty();
+                let resubscribe = !self.subscriptions.is_empty() || !self.machine.refused.is_empty();
                 let event = Event::Handshaken { advice: handshaken.advice.as_ref(), resubscribe };
                 let action = self.machine.on_step(event, now);
                 self.carry_out(action, None, None)
@@ -719,13 +267,13 @@ impl Session {
                 for (channel, result) in results {
                     match result {
                         Ok(()) => {
-                            self.refused.remove(&channel);
+                            self.machine.refused.remove(&channel);
                             self.subscriptions.insert(channel);
                         }
                         Err(error) => {
                             tracing::warn!(channel = %channel, error = %error, "resubscription failed after a new handshake; trying again with backoff");
                             self.subscriptions.remove(&channel);
-                            if !self.refused.contains_key(&channel) {
+                            if !self.machine.refused.contains(&channel) {
                                 // Told once; the retries are logged, not queued.
                                 self.ctx.shared.queue.push(Err(error));
                             }
@@ -874,25 +422,6 @@ impl Session {
         }
     }
 
-    /// When the next refused resubscription is due.
-    fn next_refused_retry(&self) -> Option<Instant> {
-        self.refused.values().map(|retry| retry.at).min()
-    }
-
-    /// The refused channels due now, marked as in flight.
-    fn due_refused(&mut self) -> Vec<String> {
-        let now = Instant::now();
-        let mut due = Vec::new();
-        for (channel, retry) in &mut self.refused {
-            if retry.at <= now {
-                // Until its answer comes: the answer schedules the next try.
-                retry.at = now + Duration::from_secs(24 * 3600);
-                due.push(channel.clone());
-            }
-        }
-        due
-    }
-
     /// Subscribes once more to a channel refused after a new handshake.
     fn resubscribe_one(&self, channel: String) -> BoxFuture<'static, Done> {
         let ctx = self.ctx.clone();
@@ -907,12 +436,8 @@ impl Session {
 
     /// Records a refused resubscription and when to try it again.
     fn refuse(&mut self, channel: String) {
-        let failures = self.refused.get(&channel).map_or(0, |retry| retry.failures);
-        let delay = self.ctx.shared.options.backoff.delay(failures);
-        self.refused.insert(
-            channel,
-            Retry { at: deadline(Instant::now(), delay), failures: failures.saturating_add(1) },
-        );
+        let backoff = &self.ctx.shared.options.backoff;
+        self.machine.refused.refuse(channel, Instant::now(), |failures| backoff.delay(failures));
     }
 
     /// The server said `reconnect: none`: hand out what is pending, then the error.
@@ -969,7 +494,7 @@ impl Session {
             }
             Done::Subscribe(reply, channel, result) => {
                 if result.is_ok() {
-                    self.refused.remove(&channel);
+                    self.machine.refused.remove(&channel);
                     self.subscriptions.insert(channel);
                     self.publish_session();
                 }
@@ -977,7 +502,7 @@ impl Session {
             }
             Done::Unsubscribe(reply, channel, result) => {
                 // The application no longer wants it, whatever the server says.
-                self.refused.remove(&channel);
+                self.machine.refused.remove(&channel);
                 if result.is_ok() {
                     self.subscriptions.remove(&channel);
                     self.publish_session();
@@ -985,13 +510,13 @@ impl Session {
                 let _ = reply.send(result);
             }
             Done::Resubscribed(channel, result) => {
-                if !self.refused.contains_key(&channel) {
+                if !self.machine.refused.contains(&channel) {
                     return; // unsubscribed meanwhile
                 }
                 match result {
                     Ok(()) => {
                         tracing::info!(channel = %channel, "resubscribed after an earlier refusal");
-                        self.refused.remove(&channel);
+                        self.machine.refused.remove(&channel);
                         self.subscriptions.insert(channel);
                         self.publish_session();
                     }
@@ -1059,70 +584,6 @@ impl Session {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn a_deadline_too_far_for_the_clock_saturates() {
-        let now = Instant::now();
-        assert!(deadline(now, Duration::MAX) > now + Duration::from_secs(365 * 24 * 3600));
-        assert_eq!(deadline(now, Duration::from_secs(1)), now + Duration::from_secs(1));
-    }
-
-    fn reply(value: Value) -> Message {
-        serde_json::from_value(value).expect("message")
-    }
-
-    #[test]
-    fn replies_are_matched_to_requests_whatever_an_extension_did_to_the_payload() {
-        let key = |channel: &str, id: &str| (channel.to_string(), Some(id.to_string()));
-        let answer =
-            |channel: &str, id: &str| reply(json!({"channel": channel, "id": id, "successful": true}));
-        let keys = [key("/meta/subscribe", "1"), key("/meta/subscribe", "2")];
-        let swapped = vec![answer("/meta/subscribe", "2"), answer("/meta/subscribe", "1")];
-        let ids: Vec<_> = replies_in_order(&keys, swapped)
-            .expect("all answered")
-            .into_iter()
-            .map(|reply| reply.id)
-            .collect();
-        assert_eq!(ids, [Some("1".to_string()), Some("2".to_string())]);
-        let added =
-            vec![answer("/meta/subscribe", "1"), answer("/extra", "9"), answer("/meta/subscribe", "2")];
-        assert_eq!(replies_in_order(&keys, added).expect("extra ignored").len(), 2);
-        let dropped = replies_in_order(&keys, vec![answer("/meta/subscribe", "1")]).expect_err("one missing");
-        assert!(
-            dropped.to_string().contains("extension removed or changed the /meta/subscribe request (id 2)"),
-            "{dropped}"
-        );
-    }
-
-    #[test]
-    fn many_subscriptions_go_out_in_payloads_under_the_body_limit() {
-        let channels: Vec<String> =
-            (0..300).map(|n| format!("/event/Order_Change_Number_{n:04}__e")).collect();
-        let batches = subscription_batches(&channels, "client-id-of-some-length");
-        assert!(batches.len() > 1, "{batches:?}");
-        assert_eq!(batches.iter().map(|batch| batch.len()).sum::<usize>(), 300, "every channel once");
-        for batch in &batches {
-            let payload: Vec<Message> = channels[batch.clone()]
-                .iter()
-                .map(|channel| subscription_request(META_SUBSCRIBE, "client-id-of-some-length", channel))
-                .collect();
-            assert!(serde_json::to_vec(&payload).unwrap().len() < MAX_REQUEST_BODY / 2);
-        }
-        assert_eq!(subscription_batches(&channels[..3], "c"), vec![0..3]);
-    }
-
-    #[test]
-    fn failure_messages_name_the_request() {
-        assert_eq!(failure_name(META_SUBSCRIBE), "subscribe request failed");
-        assert_eq!(failure_name("/service/echo"), "service request failed");
-        assert_eq!(failure_name("/chat"), "publish request failed");
-    }
-}
-
-#[cfg(test)]
 mod size_tests {
     /// An idle session holds its task and a pending `/meta/connect`; with thousands of
     /// sessions in a process their futures are most of the memory. Large, rarely used
@@ -1132,10 +593,13 @@ mod size_tests {
     fn an_idle_sessions_futures_stay_small() {
         let options = super::super::options::ClientOptions::new("http://127.0.0.1:1/x").validate().unwrap();
         let queue = std::sync::Arc::new(super::super::pending::PendingQueue::new(None));
-        let shared = std::sync::Arc::new(super::Shared::new(options, queue).unwrap());
+        let shared = std::sync::Arc::new(super::super::transport::Shared::new(options, queue).unwrap());
         let ctx =
             super::Context { shared: shared.clone(), ids: Default::default(), advice: Default::default() };
-        let transport = std::sync::Arc::new(super::Transport::new(super::ConnectionType::WebSocket, shared));
+        let transport = std::sync::Arc::new(super::Transport::new(
+            super::super::options::ConnectionType::WebSocket,
+            shared,
+        ));
         let connect = super::connect(ctx.clone(), transport.clone(), "x".into(), None, false);
         assert!(
             std::mem::size_of_val(&connect) <= 1024,

@@ -582,6 +582,28 @@ mod tests {
     }
 
     #[test]
+    fn a_sources_proxy_is_http_or_https_and_other_schemes_are_named_as_unsupported() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("bridge.toml");
+        let source = |proxy: &str| {
+            format!("[[sources]]\nname = \"s\"\nurl = \"http://127.0.0.1:1/bayeux\"\nproxy = \"{proxy}\"\n")
+        };
+        for good in ["http://u:secret@127.0.0.1:3128", "https://u:secret@127.0.0.1:3129"] {
+            std::fs::write(&file, source(good)).expect("write");
+            load(&file, &Env::new()).expect(good);
+        }
+        std::fs::write(&file, source("socks5://u:secret@127.0.0.1:1080")).expect("write");
+        let error = load(&file, &Env::new()).expect_err("refused").to_string();
+        assert!(
+            error.contains(
+                "sources[0].proxy: socks5:// proxies are not supported: use an http:// or https://"
+            ),
+            "{error}"
+        );
+        assert!(!error.contains("secret"), "{error}");
+    }
+
+    #[test]
     fn dead_letters_are_bounded_by_a_size() {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("bridge.toml");

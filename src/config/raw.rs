@@ -258,7 +258,7 @@ pub struct RawSource {
     pub replay_fallback: String,
     /// Salesforce OAuth login.
     pub salesforce: Option<RawSalesforce>,
-    /// An HTTP proxy for this source, `http://[user:password@]host:port`; may be a secret
+    /// An HTTP proxy for this source, `http(s)://[user:password@]host:port`; may be a secret
     /// reference. Without it, `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` apply.
     pub proxy: Option<String>,
 }

@@ -376,9 +376,16 @@ fn source_config(check: &mut Checker<'_>, key: &str, source: &RawSource) -> Sour
     let proxy = source.proxy.as_deref().and_then(|spec| check.secret(&format!("{key}.proxy"), spec));
     if let Some(proxy) = &proxy {
         match reqwest::Url::parse(proxy.expose()) {
-            Ok(url) if url.scheme() == "http" && url.host_str().is_some() => {}
-            // The value may hold credentials: it is not repeated.
-            _ => check.problem(format!("{key}.proxy"), "is not an http://[user:password@]host:port URL"),
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {}
+            // The value may hold credentials: only its scheme is repeated.
+            Ok(url) if url.host_str().is_some() => check.problem(
+                format!("{key}.proxy"),
+                format!(
+                    "{}:// proxies are not supported: use an http:// or https://[user:password@]host:port URL",
+                    url.scheme()
+                ),
+            ),
+            _ => check.problem(format!("{key}.proxy"), "is not an http:// or https://[user:password@]host:port URL"),
         }
     }
     let described = format!("{source:?}");

@@ -8,6 +8,7 @@
 mod chunked;
 pub mod coalesce;
 mod long_polling;
+mod proxy;
 mod websocket;
 
 use std::sync::Arc;
@@ -74,14 +75,28 @@ impl Shared {
             .cookie_provider(self.jar.clone())
             // Never followed: configured headers and cookies would go to another host.
             .redirect(reqwest::redirect::Policy::none());
-        // reqwest reads the environment's proxies by itself.
+        // A proxy the client cannot speak (socks) is refused here, clearly, instead of
+        // failing every request.
+        let uri = self.options.http_url.as_str().parse::<tokio_tungstenite::tungstenite::http::Uri>();
+        let proxied = uri.ok().and_then(|uri| self.proxy_for(&uri));
+        if let Some(proxy) = &proxied {
+            proxy::is_secure(proxy)?;
+        }
         let builder = match &self.options.proxy {
+            // reqwest reads the environment's proxies by itself.
             Proxy::FromEnvironment => builder,
             Proxy::Direct => builder.no_proxy(),
             Proxy::Url(url) => builder.no_proxy().proxy(
                 reqwest::Proxy::all(url.as_str())
                     .map_err(|error| Error::InvalidOptions(format!("proxy: {error}")))?,
             ),
+        };
+        // A proxy forwarding plain HTTP may close the connection after each answer without
+        // saying so (tinyproxy does): the next request on that pooled connection would fail
+        // now and then (hyper's IncompleteMessage). Such requests get a connection each.
+        let builder = match (&proxied, self.options.http_url.scheme()) {
+            (Some(_), "http") => builder.pool_max_idle_per_host(0),
+            _ => builder,
         };
         builder.build().map_err(|error| Error::InvalidOptions(format!("HTTP client: {error}")))
     }

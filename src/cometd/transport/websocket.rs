@@ -11,7 +11,6 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::cookie::CookieStore;
 use reqwest::header::{COOKIE, HeaderMap, SET_COOKIE};
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -19,12 +18,12 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as Frame};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-use super::coalesce::CoalescingStream;
+use super::proxy::Link;
 use super::{Received, Shared, is_tls, parse_received};
 use crate::cometd::error::{Error, TransportErrorKind};
 use crate::cometd::message::{META_CONNECT, Message};
 
-type Socket = WebSocketStream<MaybeTlsStream<CoalescingStream>>;
+type Socket = WebSocketStream<MaybeTlsStream<Link>>;
 
 /// The websocket read buffer per session.
 const READ_BUFFER_SIZE: usize = 4 * 1024;
@@ -203,12 +202,12 @@ impl Connection {
             .parse::<tungstenite::http::Uri>()
             .ok()
             .and_then(|uri| shared.proxy_for(&uri));
+        let tls = shared.tls.clone();
         let connect = async move {
             let stream = match &proxy {
-                Some(proxy) => connect_through(proxy, request.uri()).await?,
-                None => connect_tcp(request.uri()).await?,
+                Some(proxy) => Link::through(proxy, request.uri(), coalescing, &tls).await?,
+                None => Link::direct(request.uri(), coalescing).await?,
             };
-            let stream = CoalescingStream::new(stream, coalescing);
             tokio_tungstenite::client_async_tls_with_config(request, stream, Some(config), Some(connector))
                 .await
                 .map_err(upgrade_error)
@@ -457,71 +456,6 @@ pub(crate) fn socket_config(max_message_size: usize) -> WebSocketConfig {
         .max_message_size(Some(max_message_size))
         .max_frame_size(Some(max_message_size))
 }
-
-/// Opens the TCP connection for `uri` (`ws://` or `wss://`), with Nagle's algorithm off.
-async fn connect_tcp(uri: &tungstenite::http::Uri) -> Result<TcpStream, Error> {
-    let host = uri
-        .host()
-        .ok_or_else(|| Error::transport_from(TransportErrorKind::Connect, "the URL has no host"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
-    let stream = TcpStream::connect((host, port))
-        .await
-        .map_err(|error| Error::transport_from(TransportErrorKind::Connect, error))?;
-    stream.set_nodelay(true).map_err(|error| Error::transport_from(TransportErrorKind::Connect, error))?;
-    Ok(stream)
-}
-
-/// Opens a tunnel to `target` through an HTTP proxy (`CONNECT`), with its credentials.
-async fn connect_through(
-    proxy: &hyper_util::client::proxy::matcher::Intercept,
-    target: &tungstenite::http::Uri,
-) -> Result<TcpStream, Error> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let failed = |what: String| Error::transport_from(TransportErrorKind::Connect, what);
-    let mut stream = connect_tcp(proxy.uri()).await?;
-    let host = target.host().ok_or_else(|| failed("the URL has no host".into()))?;
-    let port = target.port_u16().unwrap_or(if target.scheme_str() == Some("wss") { 443 } else { 80 });
-    let authority = format!("{host}:{port}");
-    let mut head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
-    if let Some(credentials) = proxy.basic_auth().and_then(|value| value.to_str().ok()) {
-        head.push_str(&format!("Proxy-Authorization: {credentials}\r\n"));
-    }
-    head.push_str("\r\n");
-    let proxy_error = |error: std::io::Error| failed(format!("proxy {}: {error}", proxy.uri()));
-    stream.write_all(head.as_bytes()).await.map_err(proxy_error)?;
-    // The answer's head; nothing follows it until the client speaks through the tunnel.
-    let mut answer = Vec::with_capacity(256);
-    let mut byte = [0u8; 1];
-    while !answer.ends_with(b"\r\n\r\n") {
-        if answer.len() >= PROXY_ANSWER_LIMIT {
-            return Err(failed(format!(
-                "proxy {}: an answer head over {PROXY_ANSWER_LIMIT} bytes",
-                proxy.uri()
-            )));
-        }
-        if stream.read(&mut byte).await.map_err(proxy_error)? == 0 {
-            return Err(failed(format!(
-                "proxy {} closed the connection before answering CONNECT",
-                proxy.uri()
-            )));
-        }
-        answer.push(byte[0]);
-    }
-    let status_line = String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_string();
-    match status_line.split_whitespace().nth(1) {
-        Some("200") => Ok(stream),
-        // 407 is the standard answer; some proxies (tinyproxy) say 401.
-        Some("407" | "401") => Err(failed(format!(
-            "proxy {} requires authentication ({status_line}): give the credentials in the proxy URL",
-            proxy.uri()
-        ))),
-        _ => Err(failed(format!("proxy {} refused the tunnel to {authority}: {status_line}", proxy.uri()))),
-    }
-}
-
-/// The longest answer head accepted from a proxy.
-const PROXY_ANSWER_LIMIT: usize = 16 * 1024;
 
 fn upgrade_error(error: tungstenite::Error) -> Error {
     if let tungstenite::Error::Http(response) = &error

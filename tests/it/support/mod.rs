@@ -14,6 +14,7 @@ pub mod peer;
 pub mod process;
 pub mod scenario;
 pub mod scripted;
+pub mod stunnel;
 pub mod tinyproxy;
 pub mod webhook;
 
