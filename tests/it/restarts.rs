@@ -188,7 +188,7 @@ async fn the_bridge_with_replay_loses_nothing_across_restarts() {
     let mut receiver = WebhookReceiver::start([]).await;
     let app = TestApp::spawn(&format!(
         "[[sources]]\nname = \"sf\"\nurl = \"{}\"\nconnection_types = [\"long-polling\"]\nreplay = true\n\
-         connection_timeout = \"60s\"\n\
+         connection_timeout = \"10s\"\n\
          [[subscriptions]]\nid = \"ticks\"\nsource = \"sf\"\nchannel = \"/tick\"\n\
          sink = {{ type = \"webhook\", url = \"{}\" }}\n",
         server.url(),
