@@ -10,6 +10,7 @@ use super::{
     BYTES, DEAD_LETTER_AGES, DEAD_LETTER_SIZES, DEAD_LETTER_TOTALS, DEAD_LETTERS, EmbeddedStore, NEXT_AGE,
     SPOOL, SPOOL_NEXT,
 };
+use crate::store::letter_order::{self, Age};
 use crate::store::{DeadLetter, SpoolAppend, StoreError, batch};
 
 impl EmbeddedStore {
@@ -17,13 +18,6 @@ impl EmbeddedStore {
     /// (written before dead letters were bounded, or just imported), oldest first by
     /// `failed_at`.
     pub(super) fn index_dead_letters(&self) -> Result<(), StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Age {
-            #[serde(default)]
-            failed_at: String,
-            #[serde(default)]
-            sequence: u64,
-        }
         let indexed = self.read(|txn| Ok(txn.open_table(DEAD_LETTER_TOTALS)?.get(NEXT_AGE)?.is_some()))?;
         if indexed {
             return Ok(());
@@ -32,13 +26,10 @@ impl EmbeddedStore {
             let mut letters: Vec<(String, u64, Age)> = Vec::new();
             for entry in txn.open_table(DEAD_LETTERS)?.iter()? {
                 let (key, value) = entry?;
-                let age = serde_json::from_slice(value.value())
-                    .unwrap_or(Age { failed_at: String::new(), sequence: 0 });
+                let age = Age::of(value.value());
                 letters.push((key.value().to_string(), value.value().len() as u64, age));
             }
-            letters.sort_by(|a, b| {
-                (&a.2.failed_at, a.2.sequence, &a.0).cmp(&(&b.2.failed_at, b.2.sequence, &b.0))
-            });
+            letter_order::index_order(&mut letters);
             let mut ages = txn.open_table(DEAD_LETTER_AGES)?;
             let mut sizes = txn.open_table(DEAD_LETTER_SIZES)?;
             ages.retain(|_, _| false)?;
@@ -90,7 +81,7 @@ impl EmbeddedStore {
     /// Every dead letter, oldest first.
     pub(super) async fn letters_oldest_first(&self) -> Result<Vec<DeadLetter>, StoreError> {
         let mut letters: Vec<DeadLetter> = self.all(DEAD_LETTERS).await?;
-        letters.sort_by(|a, b| (&a.failed_at, a.sequence).cmp(&(&b.failed_at, b.sequence)));
+        letter_order::oldest_first(&mut letters);
         Ok(letters)
     }
 

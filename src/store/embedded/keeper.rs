@@ -13,6 +13,7 @@ use crate::store::StoreError;
 use crate::store::disk::FreeSpace;
 #[cfg(test)]
 use crate::store::faulty;
+use crate::store::unreadable::Unreadable;
 
 /// The free space a reopened store needs to count as working again.
 const REOPEN_HEADROOM: u64 = 1 << 20;
@@ -44,7 +45,7 @@ pub(super) struct Shared {
     /// Why the database is not open, while it is not.
     pub(super) failure: Mutex<Option<Failure>>,
     /// Records skipped because they could not be read.
-    pub(super) unreadable: AtomicU64,
+    pub(super) unreadable: Unreadable,
     /// `state.dead_letters_max_bytes`.
     pub(super) max_letter_bytes: AtomicU64,
     /// Dead letters evicted since the store opened.

@@ -40,6 +40,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::disk::FreeSpace;
+use super::unreadable::Unreadable;
 use super::{DeadLetter, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError};
 use crate::config::RawSubscription;
 use keeper::{KEEPER_TICK, Keeper, Shared};
@@ -136,7 +137,7 @@ impl EmbeddedStore {
             file,
             db: RwLock::new(None),
             failure: Mutex::new(None),
-            unreadable: AtomicU64::new(0),
+            unreadable: Unreadable::default(),
             max_letter_bytes: AtomicU64::new(super::DEAD_LETTERS_MAX_BYTES),
             evicted: AtomicU64::new(0),
             unsynced_since: AtomicU64::new(0),
@@ -303,14 +304,9 @@ impl EmbeddedStore {
         raw: impl IntoIterator<Item = (String, Vec<u8>)>,
     ) -> Vec<T> {
         raw.into_iter()
-            .filter_map(|(key, bytes)| match serde_json::from_slice(&bytes) {
-                Ok(record) => Some(record),
-                Err(error) => {
-                    let error = self.corrupt(table, &key, error);
-                    tracing::error!(error = %error, "skipping an unreadable record");
-                    self.shared.unreadable.fetch_add(1, Ordering::Relaxed);
-                    None
-                }
+            .filter_map(|(key, bytes)| {
+                let read = serde_json::from_slice(&bytes).map_err(|error| self.corrupt(table, &key, error));
+                self.shared.unreadable.keep(read)
             })
             .collect()
     }
@@ -418,7 +414,7 @@ impl Store for EmbeddedStore {
     }
 
     fn unreadable_records(&self) -> u64 {
-        self.shared.unreadable.load(Ordering::Relaxed)
+        self.shared.unreadable.count()
     }
 
     fn unhealthy(&self) -> Option<String> {

@@ -9,7 +9,8 @@ use redb::{Durability, ReadableTable};
 
 use super::dead_letters::LetterTables;
 use super::{EmbeddedStore, POSITIONS, SPOOL, SPOOL_NEXT, SPOOL_SETTLED};
-use crate::store::{SPOOL_READ_BYTES, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, StoreError, batch};
+use crate::store::spool_read::SpoolRead;
+use crate::store::{Settlement, SpoolAppend, SpoolEntry, SpoolSummary, StoreError, batch};
 
 impl EmbeddedStore {
     /// Appends in one synced transaction, a batch record per subscription (split by size).
@@ -86,22 +87,19 @@ impl EmbeddedStore {
                     }
                     None => from,
                 };
-                let mut entries = Vec::new();
-                let mut bytes = 0;
+                let mut read = SpoolRead::new(max);
                 'batches: for entry in table.range((subscription, start)..=(subscription, u64::MAX))? {
                     let (key, value) = entry?;
                     for (sequence, record) in (key.value().1..).zip(batch::records(value.value())) {
                         if sequence < from {
                             continue;
                         }
-                        if entries.len() >= max || bytes >= SPOOL_READ_BYTES {
+                        if !read.take(sequence, record) {
                             break 'batches;
                         }
-                        bytes += record.len();
-                        entries.push(SpoolEntry { sequence, record: record.to_vec() });
                     }
                 }
-                Ok(entries)
+                Ok(read.into_entries())
             })
         })
         .await
@@ -242,7 +240,7 @@ pub(super) fn next_sequence(
 mod tests {
     use super::*;
     use crate::store::embedded::append;
-    use crate::store::{Positions, Store};
+    use crate::store::{Positions, SPOOL_READ_BYTES, Store};
 
     #[tokio::test]
     async fn spools_append_in_order_settle_with_their_dead_letters_and_survive_reopening() {
