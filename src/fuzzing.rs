@@ -2,7 +2,8 @@
 //! used by the cargo-fuzz crate in `fuzz/` (coverage-guided runs, `scripts/fuzz.sh`) and by
 //! the corpus-replay test (`tests/it/fuzz_corpus.rs`), which runs every file of
 //! `fuzz/corpus/<target>/` through them. Not an API: hidden from the docs, and free to
-//! change with the code it exercises.
+//! change with the code it exercises. Compiled only with the `fuzzing` feature, which the
+//! fuzz crate and this crate's own dev-dependency (for the tests) turn on.
 //!
 //! Each harness must return normally for any input; a panic is a finding. Where the code
 //! under test promises something checkable, the harness asserts it: the chunked parser

@@ -12,7 +12,8 @@
 //! - [`admin`]: health, readiness and metrics over HTTP; [`telemetry`]: logs and metrics.
 //! - [`app`]: the daemon put together; [`reload`]: the configuration applied again while it
 //!   runs; [`shutdown`]: signals; [`cli`]: the command line.
-//! - `fuzzing` (hidden): the fuzz harnesses of `fuzz/`, not an API.
+//! - `fuzzing` (hidden, with the `fuzzing` feature only): the fuzz harnesses of `fuzz/`, not
+//!   an API.
 
 #![forbid(unsafe_code)]
 
@@ -20,10 +21,17 @@ pub mod admin;
 pub mod app;
 pub mod bridge;
 pub mod cli;
+// Without the fuzz harnesses, the crate-visible parsing doors they use
+// (`transport::{parse_payload, ChunkedPayload, socket_config}`) have no caller.
+#[cfg_attr(
+    not(feature = "fuzzing"),
+    expect(dead_code, unused_imports, reason = "crate-visible for the fuzz harnesses only")
+)]
 pub mod cometd;
 pub mod config;
 pub mod delivery;
 pub mod files;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod redact;

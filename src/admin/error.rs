@@ -36,11 +36,13 @@ impl ApiError {
     }
 
     /// The status it answers with.
+    #[cfg(feature = "fuzzing")]
     pub(crate) fn status(&self) -> StatusCode {
         self.status
     }
 
     /// The sentence it answers with.
+    #[cfg(feature = "fuzzing")]
     pub(crate) fn message(&self) -> &str {
         &self.message
     }

@@ -22,6 +22,7 @@ use utoipa::OpenApi;
 
 pub use error::{ApiError, ErrorBody};
 pub use extract::ApiJson;
+#[cfg(feature = "fuzzing")]
 pub(crate) use extract::body_from_value;
 pub use origin::HostCheck;
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::bound::LetterBound;
+use super::spool_read::SpoolRead;
 use super::{DeadLetter, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError};
 use crate::config::RawSubscription;
 
@@ -124,7 +125,7 @@ impl Store for MemoryStore {
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
         let mut letters: Vec<DeadLetter> = self.lock().dead_letters.values().cloned().collect();
-        letters.sort_by(|a, b| (&a.failed_at, a.sequence).cmp(&(&b.failed_at, b.sequence)));
+        super::letter_order::oldest_first(&mut letters);
         Ok(letters)
     }
 
@@ -196,18 +197,15 @@ impl Store for MemoryStore {
         max: usize,
     ) -> Result<Vec<SpoolEntry>, StoreError> {
         let state = self.lock();
-        let mut entries = Vec::new();
-        let mut bytes = 0;
+        let mut read = SpoolRead::new(max);
         for ((_, sequence), record) in
             state.spools.range((subscription.to_string(), from)..=(subscription.to_string(), u64::MAX))
         {
-            if entries.len() >= max || bytes >= super::SPOOL_READ_BYTES {
+            if !read.take(*sequence, record) {
                 break;
             }
-            bytes += record.len();
-            entries.push(SpoolEntry { sequence: *sequence, record: record.clone() });
         }
-        Ok(entries)
+        Ok(read.into_entries())
     }
 
     async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError> {

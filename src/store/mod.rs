@@ -7,6 +7,10 @@
 //! JetStream key-value buckets and streams; [`MemoryStore`] keeps nothing across a
 //! restart (for measuring what durability costs). The first release's one-file-per-record store is imported
 //! by the embedded store on its first start.
+//!
+//! What every backend does the same way is written once here: the dead letters' order
+//! (`letter_order.rs`), a spool read's bounds (`spool_read.rs`) and the skipping of
+//! unreadable records (`unreadable.rs`).
 
 mod batch;
 mod bound;
@@ -14,9 +18,12 @@ mod disk;
 mod embedded;
 #[cfg(test)]
 mod faulty;
+mod letter_order;
 mod memory;
 mod nats_kv;
 mod nats_spool;
+mod spool_read;
+mod unreadable;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

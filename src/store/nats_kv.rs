@@ -46,7 +46,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::bound::LetterBound;
+use super::letter_order::{self, Age};
 use super::nats_spool::Appended;
+use super::unreadable::Unreadable;
 use super::{
     DeadLetter, NatsSpool, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError,
 };
@@ -83,7 +85,7 @@ struct Bucket {
     name: String,
     store: kv::Store,
     /// Records skipped as unreadable, shared by the store's buckets.
-    unreadable: Arc<std::sync::atomic::AtomicU64>,
+    unreadable: Arc<Unreadable>,
 }
 
 impl NatsKvStore {
@@ -112,7 +114,7 @@ impl NatsKvStore {
         let mut subscriptions = Bucket::open(&jetstream, format!("{bucket}-subscriptions"), replicas).await?;
         let mut dead_letters = Bucket::open(&jetstream, format!("{bucket}-dead-letters"), replicas).await?;
         let mut positions = Bucket::open(&jetstream, format!("{bucket}-positions"), replicas).await?;
-        let unreadable = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let unreadable = Arc::new(Unreadable::default());
         for bucket in [&mut subscriptions, &mut dead_letters, &mut positions] {
             bucket.unreadable = unreadable.clone();
         }
@@ -209,13 +211,6 @@ fn is_truncated(letter: &serde_json::Value) -> bool {
 /// The ages and sizes of the dead letters in `bucket`, oldest first by `failed_at`.
 async fn index_dead_letters(bucket: &Bucket) -> Result<LetterBound, StoreError> {
     use futures_util::{FutureExt, StreamExt};
-    #[derive(serde::Deserialize)]
-    struct Age {
-        #[serde(default)]
-        failed_at: String,
-        #[serde(default)]
-        sequence: u64,
-    }
     const IN_FLIGHT: usize = 32;
     let ids = bucket.ids().await?;
     let gets: Vec<_> = ids
@@ -236,11 +231,10 @@ async fn index_dead_letters(bucket: &Bucket) -> Result<LetterBound, StoreError> 
     let mut letters = Vec::new();
     while let Some(result) = fetched.next().await {
         if let Some((id, bytes)) = result? {
-            let age = serde_json::from_slice(&bytes).unwrap_or(Age { failed_at: String::new(), sequence: 0 });
-            letters.push((id, bytes.len() as u64, age));
+            letters.push((id, bytes.len() as u64, Age::of(&bytes)));
         }
     }
-    letters.sort_by(|a, b| (&a.2.failed_at, a.2.sequence, &a.0).cmp(&(&b.2.failed_at, b.2.sequence, &b.0)));
+    letter_order::index_order(&mut letters);
     let mut bound = LetterBound::default();
     for (id, size, _) in letters {
         bound.insert(&id, size, u64::MAX);
@@ -311,9 +305,8 @@ impl Bucket {
                 self.store.get(key.as_str()).await.map_err(|error| nats_error(&self.name, "get", error))?
             {
                 let id = URL_SAFE_NO_PAD.decode(&key).ok().and_then(|id| String::from_utf8(id).ok());
-                match self.parse(&key, &bytes) {
-                    Ok(record) => keyed.push((id.unwrap_or_else(|| key.clone()), record)),
-                    Err(error) => self.skip(&error),
+                if let Some(record) = self.unreadable.keep(self.parse(&key, &bytes)) {
+                    keyed.push((id.unwrap_or_else(|| key.clone()), record));
                 }
             }
         }
@@ -392,12 +385,6 @@ impl Bucket {
         Err(nats_error(&self.name, "update", format!("{subscription:?}: still changing after {TRIES} tries")))
     }
 
-    /// Reports and counts an unreadable record that a listing leaves out.
-    fn skip(&self, error: &StoreError) {
-        tracing::error!(error = %error, "skipping an unreadable record");
-        self.unreadable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
     fn parse<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
         serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
             path: format!("NATS KV {}/{key}", self.name),
@@ -446,7 +433,7 @@ impl Store for NatsKvStore {
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
         let mut letters: Vec<DeadLetter> = self.dead_letters.all().await?;
-        letters.sort_by(|a, b| (&a.failed_at, a.sequence).cmp(&(&b.failed_at, b.sequence)));
+        letter_order::oldest_first(&mut letters);
         Ok(letters)
     }
 
@@ -477,7 +464,7 @@ impl Store for NatsKvStore {
             match result {
                 Ok(Some(letter)) => letters.push(letter),
                 Ok(None) => {}
-                Err(error @ StoreError::Corrupt { .. }) => self.dead_letters.skip(&error),
+                Err(error @ StoreError::Corrupt { .. }) => self.dead_letters.unreadable.skip(&error),
                 Err(error) => return Err(error),
             }
         }
@@ -563,7 +550,7 @@ impl Store for NatsKvStore {
     }
 
     fn unreadable_records(&self) -> u64 {
-        self.subscriptions.unreadable.load(std::sync::atomic::Ordering::Relaxed)
+        self.subscriptions.unreadable.count()
     }
 
     /// Each one's revision read (one get each), all appended at once with the message id

@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::{StreamExt, TryStreamExt};
 
+use super::spool_read::SpoolRead;
 use super::{SpoolAppend, SpoolEntry, SpoolSummary, StoreError};
 
 /// Bytes a spooled record may take below the server's `max_payload` (room for headers).
@@ -235,14 +236,13 @@ impl NatsSpool {
         }
         let mut messages =
             consumer.messages().await.map_err(|error| self.error(subscription, "read", error))?;
-        let mut entries = Vec::with_capacity(wanted);
-        let mut bytes = 0;
-        while entries.len() < wanted && bytes < super::SPOOL_READ_BYTES {
+        let mut read = SpoolRead::new(wanted);
+        while !read.is_full() {
             let message = match tokio::time::timeout(READ_IDLE, messages.next()).await {
                 Ok(Some(message)) => message.map_err(|error| self.error(subscription, "read", error))?,
                 // Nothing more came: the rest was purged since the info was read, or the
                 // server is slow; what was read is returned, and the next read goes on.
-                Ok(None) | Err(_) if !entries.is_empty() => break,
+                Ok(None) | Err(_) if !read.is_empty() => break,
                 Ok(None) | Err(_) => {
                     let _ = stream.delete_consumer(&name).await;
                     return Err(self.error(subscription, "read", format!("no message within {READ_IDLE:?}")));
@@ -251,8 +251,7 @@ impl NatsSpool {
             let info = message.info().map_err(|error| self.error(subscription, "read", error))?;
             let sequence = info.stream_sequence;
             let pending = info.pending;
-            bytes += message.payload.len();
-            entries.push(SpoolEntry { sequence, record: message.payload.to_vec() });
+            read.take(sequence, &message.payload);
             if sequence >= last || pending == 0 {
                 break;
             }
@@ -260,7 +259,7 @@ impl NatsSpool {
         drop(messages);
         // Deleted now rather than left to expire; a failure only leaves it to expire.
         let _ = stream.delete_consumer(&name).await;
-        Ok(entries)
+        Ok(read.into_entries())
     }
 
     /// Removes the messages through `through`.
