@@ -21,12 +21,6 @@ pub mod admin;
 pub mod app;
 pub mod bridge;
 pub mod cli;
-// Without the fuzz harnesses, the crate-visible parsing doors they use
-// (`transport::{parse_payload, ChunkedPayload, socket_config}`) have no caller.
-#[cfg_attr(
-    not(feature = "fuzzing"),
-    expect(dead_code, unused_imports, reason = "crate-visible for the fuzz harnesses only")
-)]
 pub mod cometd;
 pub mod config;
 pub mod delivery;

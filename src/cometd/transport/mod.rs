@@ -25,9 +25,12 @@ use super::message::{Data, Message, WireMessage};
 use super::options::{ConnectionType, Proxy, ValidOptions};
 use super::pending::PendingQueue;
 
+// The parsing doors the fuzz harnesses (`crate::fuzzing`) go through.
+#[cfg(feature = "fuzzing")]
 pub(crate) use chunked::{ChunkedPayload, STREAM_AFTER};
 pub(crate) use long_polling::LongPolling;
 pub(crate) use websocket::WebSocket;
+#[cfg(feature = "fuzzing")]
 pub(crate) use websocket::socket_config;
 
 /// What every transport of one client shares.
@@ -255,6 +258,7 @@ impl Received {
 
 /// Parses a received payload strictly: any message that does not fit fails it all. For
 /// the fuzz harness and tests; the transports use [`parse_received`].
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn parse_payload(bytes: Bytes) -> Result<Vec<Message>, Error> {
     let received = parse_received(bytes)?;
     match received.rejected.into_iter().next() {
