@@ -21,6 +21,7 @@ pub mod admin;
 pub mod app;
 pub mod bridge;
 pub mod cli;
+pub mod cluster;
 pub mod cometd;
 pub mod config;
 pub mod delivery;

@@ -117,6 +117,34 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
+    /// Delivers the spool while this replica owns the subscription's source (`owned`;
+    /// always, with one replica), until told to stop. Each time it owns the source again
+    /// it resumes where the spool says (the store, refreshed by the taker).
+    pub async fn run_while_owned(self, stop: Stop, mut gate: super::gate::Gate) {
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.soon.cancelled() => return,
+                owned = gate.opened() => if !owned { return },
+            }
+            let _running = gate.enter();
+            let period = Stop::child(&stop);
+            let run = self.clone().run(self.spool.resume_from(), period.clone());
+            tokio::pin!(run);
+            tokio::select! {
+                () = &mut run => {}
+                () = gate.closed() => {
+                    // The batch in flight is finished and settled; no other is started.
+                    period.soon.cancel();
+                    run.await;
+                }
+            }
+            if stop.soon.is_cancelled() {
+                return;
+            }
+        }
+    }
+
     /// Delivers the spool from sequence `first` on until told to stop.
     pub async fn run(self, first: u64, stop: Stop) {
         let forwarded = self.metrics.forwarded_counter(&self.subscription, self.sink.kind());

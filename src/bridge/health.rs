@@ -27,9 +27,21 @@ impl Bridge {
                 format!("the state store is failing: {why}"),
             ));
         }
+        if let Some(ownership) = &self.ownership
+            && !ownership.started()
+        {
+            reasons.push(Unready::new(
+                "the source leases are not read yet",
+                "the source leases are not read yet: which sources this replica runs is not known".into(),
+            ));
+        }
         for source in self.source_list() {
             if let Some(reason) = source.health.unready_reason() {
                 reasons.push(Unready::new(TASK_FAILED, format!("source {}'s task {reason}", source.name)));
+            }
+            if !*source.owned.borrow() {
+                // Another replica's (or nobody's yet): a healthy standby is ready.
+                continue;
             }
             let status = source.client.status();
             if status.state != SessionState::Connected {

@@ -15,7 +15,9 @@
 mod changes;
 mod dead_letters;
 pub mod forwarder;
+pub mod gate;
 mod health;
+mod ownership;
 mod registry;
 mod reload;
 pub mod replay;
@@ -100,9 +102,18 @@ struct SourceEntry {
     stop: CancellationToken,
     /// Its task, once started.
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Whether this replica owns the source (always, without replicas).
+    owned: tokio::sync::watch::Sender<bool>,
+    /// How many of its tasks (session, forwarders) run for it.
+    busy: tokio::sync::watch::Sender<usize>,
 }
 
 impl SourceEntry {
+    /// The gate its tasks pass while this replica owns it.
+    fn gate(&self) -> gate::Gate {
+        gate::Gate::new(self.owned.subscribe(), self.busy.clone())
+    }
+
     fn routes(&self) -> &Routes {
         &self.spooler.routes
     }
@@ -132,6 +143,8 @@ pub struct Bridge {
     /// One change at a time: a reload, or a change through the API (add, remove, position
     /// reset, dead-letter retry), so that they never interleave.
     reloading: tokio::sync::Mutex<()>,
+    /// Leases among replicas, with the `nats` state backend.
+    ownership: Option<ownership::Ownership>,
 }
 
 impl Bridge {
@@ -159,6 +172,7 @@ impl Bridge {
             reserved_subjects: config::reserved_subject_prefix(&config.state.backend),
             fingerprints: config.fingerprints.clone(),
             reloading: tokio::sync::Mutex::new(()),
+            ownership: config.cluster.clone().map(ownership::Ownership::new),
         });
         for source_config in &config.sources {
             let entry = bridge.build_source(source_config)?;
@@ -201,6 +215,9 @@ impl Bridge {
         }
         for entry in bridge.source_list() {
             bridge.spawn_source(&entry);
+        }
+        if let config::StateBackend::NatsKv { bucket, replicas } = &config.state.backend {
+            bridge.start_ownership(bucket, *replicas).await?;
         }
         Ok(bridge)
     }

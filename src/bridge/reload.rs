@@ -47,6 +47,7 @@ impl Bridge {
             ("[admin]", new.fingerprints.admin == self.fingerprints.admin),
             ("[state]", new.fingerprints.state == self.fingerprints.state),
             ("[nats]", new.fingerprints.nats == self.fingerprints.nats),
+            ("[cluster]", new.fingerprints.cluster == self.fingerprints.cluster),
         ]
         .into_iter()
         .filter(|(_, same)| !same)

@@ -59,6 +59,9 @@ impl Bridge {
                 "making the last settlements durable took past the grace period; their messages may be delivered again after the restart"
             ),
         }
+        // Given up once the settlements are durable, rather than left to expire: another
+        // replica takes them at once, from where this one stopped.
+        self.release_leases(last(Duration::from_millis(200))).await;
         if let Some(nats) = &self.nats
             && let Err(error) = tokio::time::timeout(last(Duration::from_millis(100)), nats.flush())
                 .await

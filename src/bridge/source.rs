@@ -16,6 +16,8 @@ use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
+use super::gate::Gate;
+
 use super::forwarder::Counters;
 use super::replay::ReplayState;
 use super::spool::{FullCause, Spool, Spooled};
@@ -362,10 +364,46 @@ pub struct Source {
 /// whether a held subscription has room to resume).
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a source given up waits for the server to answer its disconnect.
+const GIVE_UP_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a subscription held because the store failed waits before it tries again.
 const STORE_HOLD: Duration = Duration::from_secs(5);
 
 impl Source {
+    /// Runs while this replica owns the source (`owned`; always, with one replica) until
+    /// `stop` is cancelled; returns the client, still open, so that shutdown can disconnect
+    /// it after the forwarders drained. A source given up is disconnected (its new owner
+    /// opens a session of its own).
+    pub async fn run_while_owned(self, stop: CancellationToken, mut gate: Gate) -> Client {
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return self.client,
+                owned = gate.opened() => if !owned { return self.client },
+            }
+            let _running = gate.enter();
+            let period = stop.child_token();
+            let run = self.clone().run(period.clone());
+            tokio::pin!(run);
+            let client = tokio::select! {
+                client = &mut run => client,
+                () = gate.closed() => {
+                    period.cancel();
+                    run.await
+                }
+            };
+            if stop.is_cancelled() {
+                return client;
+            }
+            tracing::info!(source = %self.name, "this replica no longer owns the source: disconnecting");
+            self.metrics.source_connected(&self.name, false);
+            if tokio::time::timeout(GIVE_UP_WAIT, client.close()).await.is_err() {
+                tracing::warn!(source = %self.name, "the CometD server did not answer the disconnect in time");
+            }
+        }
+    }
+
     /// Runs until `stop` is cancelled; returns the client, still open, so that shutdown can
     /// disconnect it after the forwarders drained.
     pub async fn run(self, stop: CancellationToken) -> Client {

@@ -22,6 +22,9 @@ impl Bridge {
         let SourceClient { client, replay, ack } = source_client;
         let name: Arc<str> = source_config.name.as_str().into();
         self.metrics.source_added(&name);
+        // With replicas a source waits for its lease; alone, it is this process's.
+        let owned = self.ownership.is_none();
+        self.metrics.source_owned(&name, owned);
         let spooler = Spooler {
             name: name.clone(),
             routes: Routes::default(),
@@ -41,6 +44,8 @@ impl Bridge {
             subscribing: Arc::default(),
             stop: self.stop_taking.child_token(),
             task: std::sync::Mutex::new(None),
+            owned: tokio::sync::watch::Sender::new(owned),
+            busy: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -55,8 +60,12 @@ impl Bridge {
         };
         let (health, metrics, stop) = (entry.health.clone(), self.metrics.clone(), entry.stop.clone());
         let task = format!("source {}", entry.name);
+        let gate = entry.gate();
         let handle = tokio::spawn(async move {
-            supervise::supervise(task, &health, &metrics, &stop, || source.clone().run(stop.clone())).await;
+            supervise::supervise(task, &health, &metrics, &stop, || {
+                source.clone().run_while_owned(stop.clone(), gate.clone())
+            })
+            .await;
         });
         *entry.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
     }

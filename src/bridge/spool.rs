@@ -442,6 +442,31 @@ impl Spool {
         self.lock().backlog
     }
 
+    /// Starts again from what the store holds (`summary`): another replica owned the
+    /// subscription's source meanwhile, and appended and settled in the shared store.
+    pub fn refresh(&self, summary: Option<SpoolSummary>) {
+        let mut state = self.lock();
+        let released = state.backlog.bytes;
+        let full = state.full.take();
+        *state = State {
+            resume_from: summary.map_or(state.last_appended + 1, |summary| summary.first),
+            last_appended: summary.map_or(state.last_appended, |summary| summary.last),
+            backlog: Backlog {
+                messages: summary.map_or(0, |summary| summary.messages),
+                bytes: summary.map_or(0, |summary| summary.bytes),
+                oldest: None,
+            },
+            full,
+            ..State::default()
+        };
+        let added = state.backlog.bytes;
+        drop(state);
+        self.limit.release(released);
+        self.limit.add(added);
+        self.end_full_if_room();
+        self.appended.notify_one();
+    }
+
     /// Forgets the spool's bytes against the limit (its subscription was removed).
     pub fn release_all(&self) {
         let bytes = std::mem::take(&mut *self.lock()).backlog.bytes;

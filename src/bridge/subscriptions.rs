@@ -82,10 +82,10 @@ impl Bridge {
         let forwarder = {
             let (stop, metrics, counters) = (stop.clone(), self.metrics.clone(), counters.clone());
             let task = format!("forwarder {id}");
+            let gate = source.gate();
             self.forwarders.spawn(async move {
                 supervise::supervise(task, &counters.health, &metrics, &stop.soon, || {
-                    let first = forwarder.spool.resume_from();
-                    forwarder.clone().run(first, stop.clone())
+                    forwarder.clone().run_while_owned(stop.clone(), gate.clone())
                 })
                 .await;
             })
@@ -116,7 +116,7 @@ impl Bridge {
 /// The newest replay id per channel in a subscription's spool, so that a new session
 /// subscribes after what is already spooled. A channel without wildcards needs only the
 /// spool's last message; a pattern is read whole (once, at start).
-async fn newest_spooled_replay_ids(
+pub(super) async fn newest_spooled_replay_ids(
     store: &Arc<dyn Store>,
     subscription: &str,
     pattern: &crate::cometd::ChannelPattern,

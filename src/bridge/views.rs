@@ -93,6 +93,10 @@ pub struct SourceView {
     pub last_error: Option<String>,
     /// The channels the server confirmed.
     pub subscriptions: Vec<String>,
+    /// With several replicas (the `nats` state backend): the replica that owns the
+    /// source, as this one last saw the leases; `null` while nobody does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// A subscription as the API shows it (secrets masked).
@@ -236,6 +240,7 @@ impl Bridge {
                     client_id: status.client_id,
                     last_error: status.last_error.map(|error| crate::redact::mask_urls_in(&error)),
                     subscriptions: status.subscriptions.into_iter().collect(),
+                    owner: self.ownership.as_ref().and_then(|ownership| ownership.owner(&source.config.name)),
                 }
             })
             .collect()

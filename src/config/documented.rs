@@ -141,6 +141,7 @@ fn key_tables_are_read_row_by_row_and_a_row_without_a_key_is_a_problem() {
 fn code_defaults() -> serde_json::Value {
     let minimal = serde_json::json!({
         "nats": {},
+        "cluster": {},
         "sources": [{ "name": "s", "url": "u", "salesforce": { "flow": "f", "client_id": "c" } }],
         "subscriptions": [
             { "id": "n", "source": "s", "channel": "/c", "retry": {}, "sink": { "type": "nats", "subject": "x" } },

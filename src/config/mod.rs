@@ -45,6 +45,9 @@ pub struct Config {
     pub nats: NatsConfig,
     /// Queues and shutdown.
     pub bridge: BridgeConfig,
+    /// Leases among replicas: set with the `nats` state backend (whether or not the file
+    /// has a `[cluster]` section), so that two bridges on one state never both forward.
+    pub cluster: Option<ClusterConfig>,
     /// CometD servers.
     pub sources: Vec<SourceConfig>,
     /// Routes from channels to sinks.
@@ -89,6 +92,8 @@ pub struct SectionFingerprints {
     pub state: Fingerprint,
     /// `[nats]` (the connection is made at start).
     pub nats: Fingerprint,
+    /// `[cluster]`.
+    pub cluster: Fingerprint,
 }
 
 /// `[admin]`
@@ -179,6 +184,17 @@ pub struct NatsConfig {
     pub ca_file: Option<PathBuf>,
     /// Connection name.
     pub name: Option<String>,
+}
+
+/// `[cluster]`
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterConfig {
+    /// This replica's name; unique among the replicas of one state.
+    pub replica: String,
+    /// How long a source's lease lasts without renewal.
+    pub lease_ttl: Duration,
+    /// How long a stopping replica waits for another to take each of its sources.
+    pub handover_wait: Duration,
 }
 
 /// `[bridge]`
@@ -601,6 +617,31 @@ mod tests {
             "{error}"
         );
         assert!(!error.contains("secret"), "{error}");
+    }
+
+    #[test]
+    fn leases_come_with_the_nats_backend_and_cluster_is_refused_without_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("bridge.toml");
+        let load_with = |text: &str| {
+            std::fs::write(&file, text).expect("write");
+            load(&file, &Env::new())
+        };
+        let nats = "[state]\nbackend = \"nats\"\n";
+        let cluster = load_with(nats).expect("valid").cluster.expect("leases with the nats backend");
+        assert_eq!(cluster.lease_ttl, Duration::from_secs(5));
+        assert_eq!(cluster.handover_wait, Duration::from_secs(5));
+        assert!(!cluster.replica.is_empty(), "the host name by default");
+        let named =
+            load_with(&format!("{nats}[cluster]\nreplica = \"b-1\"\nlease_ttl = \"2s\"\n")).expect("valid");
+        let cluster = named.cluster.expect("set");
+        assert_eq!((cluster.replica.as_str(), cluster.lease_ttl), ("b-1", Duration::from_secs(2)));
+        assert!(load_with("").expect("valid").cluster.is_none(), "one process alone: no leases");
+        let error = load_with("[cluster]\nreplica = \"a\"\n").expect_err("refused").to_string();
+        assert!(error.contains("cluster: several replicas share state through NATS"), "{error}");
+        let error =
+            load_with(&format!("{nats}[cluster]\nlease_ttl = \"200ms\"\n")).expect_err("refused").to_string();
+        assert!(error.contains("cluster.lease_ttl: must be at least 1s"), "{error}");
     }
 
     #[test]

@@ -23,12 +23,44 @@ pub struct RawConfig {
     /// Queues and shutdown.
     #[serde(default)]
     pub bridge: RawBridge,
+    /// Several replicas on one NATS state: who this replica is and how long a source's
+    /// lease lasts.
+    #[serde(default)]
+    pub cluster: Option<RawCluster>,
     /// The CometD servers to connect to.
     #[serde(default)]
     pub sources: Vec<RawSource>,
     /// What to forward where.
     #[serde(default)]
     pub subscriptions: Vec<RawSubscription>,
+}
+
+/// `[cluster]`: several replicas sharing the `nats` state backend.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub struct RawCluster {
+    /// This replica's name among the others (default: the host name).
+    pub replica: Option<String>,
+    /// How long a source's lease lasts without renewal, e.g. `"5s"`.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: String,
+    /// How long a stopping replica waits for another to take each of its sources.
+    #[serde(default = "default_handover_wait")]
+    pub handover_wait: String,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        RawCluster { replica: None, lease_ttl: default_lease_ttl(), handover_wait: default_handover_wait() }
+    }
+}
+
+fn default_lease_ttl() -> String {
+    "5s".into()
+}
+
+fn default_handover_wait() -> String {
+    "5s".into()
 }
 
 /// `[admin]`

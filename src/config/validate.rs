@@ -11,10 +11,12 @@ use std::time::Duration;
 use base64::Engine;
 
 use super::raw::RawRetry;
-use super::raw::{RawConfig, RawNats, RawSalesforce, RawSink, RawSource, RawSubscription, RawTls};
+use super::raw::{
+    RawCluster, RawConfig, RawNats, RawSalesforce, RawSink, RawSource, RawSubscription, RawTls,
+};
 use super::{
-    AdminConfig, BridgeConfig, Config, Env, Fingerprint, NatsConfig, NatsSinkConfig, Payload, Problem,
-    RetryConfig, Secret, SectionFingerprints, SinkConfig, SourceConfig, StateBackend, StateConfig,
+    AdminConfig, BridgeConfig, ClusterConfig, Config, Env, Fingerprint, NatsConfig, NatsSinkConfig, Payload,
+    Problem, RetryConfig, Secret, SectionFingerprints, SinkConfig, SourceConfig, StateBackend, StateConfig,
     SubscriptionConfig, WebhookSinkConfig,
 };
 use crate::cometd::{
@@ -223,6 +225,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    let cluster = cluster_config(&mut check, &raw, &backend);
     if !check.problems.is_empty() {
         return Err(check.problems);
     }
@@ -232,6 +235,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             token.as_ref().map_or("", |token| token.expose()),
         ]),
         state: Fingerprint::of([format!("{:?}", raw.state).as_str()]),
+        cluster: Fingerprint::of([format!("{:?}", raw.cluster).as_str()]),
         nats: Fingerprint::of([
             format!("{:?}", raw.nats).as_str(),
             nats.user_password.as_ref().map_or("", |(_, password)| password.expose()),
@@ -257,9 +261,52 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         },
         nats,
         bridge: BridgeConfig { queue_capacity, shutdown_grace },
+        cluster,
         sources,
         subscriptions,
     })
+}
+
+/// `[cluster]`: with the `nats` backend always (its defaults when the section is absent),
+/// refused with another backend, which one process alone can use.
+fn cluster_config(check: &mut Checker<'_>, raw: &RawConfig, backend: &StateBackend) -> Option<ClusterConfig> {
+    if !matches!(backend, StateBackend::NatsKv { .. }) {
+        if raw.cluster.is_some() {
+            check.problem(
+                "cluster",
+                "several replicas share state through NATS: set state.backend = \"nats\"",
+            );
+        }
+        return None;
+    }
+    let default = RawCluster::default();
+    let cluster = raw.cluster.as_ref().unwrap_or(&default);
+    let replica = match &cluster.replica {
+        Some(name) => name.clone(),
+        None => host_name(),
+    };
+    if replica.is_empty() || replica.len() > 128 || replica.chars().any(char::is_control) {
+        check.problem(
+            "cluster.replica",
+            format!("{replica:?} is not a replica name (1 to 128 printable characters)"),
+        );
+    }
+    let lease_ttl = check.duration("cluster.lease_ttl", &cluster.lease_ttl);
+    if lease_ttl < Duration::from_secs(1) {
+        check.problem("cluster.lease_ttl", "must be at least 1s");
+    }
+    let handover_wait = check.duration("cluster.handover_wait", &cluster.handover_wait);
+    Some(ClusterConfig { replica, lease_ttl, handover_wait })
+}
+
+/// The machine's host name (a pod's name in Kubernetes), or `"bridge"`.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "bridge".to_string())
 }
 
 fn nats_config(check: &mut Checker<'_>, raw: &RawConfig) -> NatsConfig {

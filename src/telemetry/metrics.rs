@@ -40,6 +40,8 @@ struct Inner {
     reloads: Family<Labels, Counter>,
     dropped: Family<Labels, Counter>,
     full: Family<Labels, Gauge>,
+    owned: Family<Labels, Gauge>,
+    lease_changes: Family<Labels, Counter>,
     /// The label sets of series per subscription, so that its series can be dropped with it.
     series: std::sync::Mutex<
         std::collections::BTreeMap<String, std::collections::BTreeSet<(&'static str, Labels)>>,
@@ -65,6 +67,18 @@ impl Metrics {
         let latency = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
         let fallbacks = Family::<Labels, Counter>::default();
         let session_losses = Family::<Labels, Counter>::default();
+        let owned = Family::<Labels, Gauge>::default();
+        let lease_changes = Family::<Labels, Counter>::default();
+        registry.register(
+            "cometd_bridge_source_owned",
+            "1 while this replica owns the source (always, without replicas)",
+            owned.clone(),
+        );
+        registry.register(
+            "cometd_bridge_lease_changes",
+            "Times this replica took or gave up the source's lease",
+            lease_changes.clone(),
+        );
         let task_restarts = Family::<Labels, Counter>::default();
         let state_errors = Counter::default();
         let store_healthy = Gauge::default();
@@ -188,6 +202,8 @@ impl Metrics {
                 reloads,
                 dropped,
                 full,
+                owned,
+                lease_changes,
                 series: std::sync::Mutex::default(),
             }),
         }
@@ -303,6 +319,16 @@ impl Metrics {
     /// `task` (e.g. `forwarder orders`) failed and was restarted.
     pub fn task_restarted(&self, task: &str) {
         self.inner.task_restarts.get_or_create(&vec![("task", task.into())]).inc();
+    }
+
+    /// Whether this replica owns `source`.
+    pub fn source_owned(&self, source: &str, owned: bool) {
+        self.inner.owned.get_or_create(&vec![("source", source.into())]).set(i64::from(owned));
+    }
+
+    /// This replica took or gave up `source`'s lease.
+    pub fn lease_changed(&self, source: &str) {
+        self.inner.lease_changes.get_or_create(&vec![("source", source.into())]).inc();
     }
 
     /// Shows `source`'s per-source series from the start, at 0.

@@ -172,7 +172,9 @@ async fn a_stalled_store_never_holds_the_connects_back() {
     let mut nats = crate::support::nats::NatsServer::start().await;
     let mut receiver = WebhookReceiver::start([]).await;
     let toml = format!(
-        "[nats]\nurl = \"{}\"\n[[sources]]\nname = \"demo\"\nurl = \"{}\"\n[[subscriptions]]\nid = \"acked\"\nsource = \"demo\"\nchannel = \"/bridged\"\nsink = {{ type = \"webhook\", url = \"{}\" }}\n",
+        // A lease longer than the stall: this test is about the ack wait, not about a
+        // replica that stops its source when it cannot renew its lease.
+        "[cluster]\nlease_ttl = \"60s\"\n[nats]\nurl = \"{}\"\n[[sources]]\nname = \"demo\"\nurl = \"{}\"\n[[subscriptions]]\nid = \"acked\"\nsource = \"demo\"\nchannel = \"/bridged\"\nsink = {{ type = \"webhook\", url = \"{}\" }}\n",
         nats.url(),
         server.url(),
         receiver.url()

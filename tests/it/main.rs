@@ -29,6 +29,7 @@ mod recovery;
 mod redirects;
 mod reload;
 mod replay;
+mod replicas;
 mod restarts;
 mod salesforce_session;
 mod status_page;

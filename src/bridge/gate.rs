@@ -1,0 +1,61 @@
+//! The gate a source's tasks pass while this replica owns the source: its session and
+//! its subscriptions' forwarders run only while it is open, and count themselves while
+//! they run, so that a replica giving a source up knows when they have stopped.
+
+use tokio::sync::watch;
+
+/// Whether this replica owns a source, and how many of its tasks run for it. Without
+/// replicas it is open for good.
+#[derive(Clone, Debug)]
+pub struct Gate {
+    owned: watch::Receiver<bool>,
+    busy: watch::Sender<usize>,
+}
+
+impl Gate {
+    /// A gate over `owned`, counting running tasks in `busy`.
+    pub fn new(owned: watch::Receiver<bool>, busy: watch::Sender<usize>) -> Self {
+        Gate { owned, busy }
+    }
+
+    /// A gate open for good (one process alone, a benchmark).
+    pub fn open() -> Self {
+        let (owned, receiver) = watch::channel(true);
+        // Kept open by leaking nothing: the receiver sees `true` after the sender is gone.
+        drop(owned);
+        Gate { owned: receiver, busy: watch::Sender::new(0) }
+    }
+
+    /// Waits until the source is owned; `false` when it never will be again.
+    pub async fn opened(&mut self) -> bool {
+        let gone = self.owned.wait_for(|owned| *owned).await.is_err();
+        // The sender is gone: what it said last still holds.
+        !gone || *self.owned.borrow()
+    }
+
+    /// Waits until the source is no longer owned (never, once the sender is gone and it
+    /// was owned last).
+    pub async fn closed(&mut self) {
+        let gone = self.owned.wait_for(|owned| !*owned).await.is_err();
+        if gone && *self.owned.borrow() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Counts a task as running until the guard is dropped.
+    pub fn enter(&self) -> Running {
+        self.busy.send_modify(|running| *running += 1);
+        Running { busy: self.busy.clone() }
+    }
+}
+
+/// A task counted as running.
+pub struct Running {
+    busy: watch::Sender<usize>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.busy.send_modify(|running| *running = running.saturating_sub(1));
+    }
+}

@@ -1,0 +1,172 @@
+//! Several replicas of one configuration on one NATS state (a lease per source): one of
+//! them runs the source at a time, so each message is forwarded once; when its owner is
+//! killed (`kill -9`) another takes the source within the lease's time to live (what the
+//! dead one delivered and had not settled is delivered again, under the same
+//! `webhook-id`), and when its owner stops (SIGTERM) another takes it at once. (Session hand-over, fencing and a
+//! 3-node NATS cluster are not built yet: issue 24.)
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::bayeux::{BayeuxServer, FayeOptions};
+use crate::support::daemon::Daemon;
+use crate::support::nats::NatsServer;
+use crate::support::peer::{WAIT, open};
+use crate::support::webhook::WebhookReceiver;
+
+const LEASE_TTL: Duration = Duration::from_secs(2);
+
+/// A replica named `name` of the shared configuration, as its own process.
+async fn replica(
+    name: &str,
+    faye: &BayeuxServer,
+    nats: &NatsServer,
+    hook: &str,
+    dir: &tempfile::TempDir,
+) -> Daemon {
+    let state = dir.path().join(name);
+    std::fs::create_dir_all(&state).expect("state dir");
+    let config = state.join("bridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\nallow_private_webhooks = true\n\
+             [state]\npath = \"{}\"\nbackend = \"nats\"\nbucket = \"shared\"\n\
+             [cluster]\nreplica = \"{name}\"\nlease_ttl = \"{}s\"\nhandover_wait = \"2s\"\n\
+             [nats]\nurl = \"{}\"\n\
+             [[sources]]\nname = \"demo\"\nurl = \"{}\"\n\
+             [[subscriptions]]\nid = \"numbers\"\nsource = \"demo\"\nchannel = \"/numbers\"\n\
+             sink = {{ type = \"webhook\", url = \"{hook}\" }}\n",
+            state.display(),
+            LEASE_TTL.as_secs(),
+            nats.url(),
+            faye.url()
+        ),
+    )
+    .expect("write config");
+    Daemon::start(&config).await
+}
+
+/// The source as `daemon` shows it.
+async fn source_view(daemon: &Daemon) -> Value {
+    let answer = crate::support::http_client()
+        .get(format!("http://{}/api/v1/sources", daemon.admin))
+        .send()
+        .await
+        .expect("the API answers");
+    let sources: Value = serde_json::from_slice(&answer.bytes().await.expect("a body")).expect("JSON");
+    sources[0].clone()
+}
+
+/// Waits until `owner` runs the source (connected and subscribed) and every replica in
+/// `all` says it is the owner.
+async fn wait_for_owner(owner: &str, daemons: &[(&str, &Daemon)], within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let mut settled = true;
+        for (name, daemon) in daemons {
+            let view = source_view(daemon).await;
+            settled &= view["owner"] == owner;
+            if *name == owner {
+                settled &= view["state"] == "connected"
+                    && view["subscriptions"].as_array().is_some_and(|channels| !channels.is_empty());
+            }
+        }
+        if settled {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{owner} does not run the source within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every delivery's number and `webhook-id`.
+type Deliveries = BTreeMap<u64, Vec<String>>;
+
+/// Publishes `numbers` and waits until each reached the webhook, recording every delivery
+/// in `all`; then publishes a marker and waits for it, so that any second delivery has
+/// arrived. Checks that each of `numbers` arrived once, and that anything delivered
+/// again from before (after a `kill -9`, what the dead owner delivered but had not
+/// settled) kept its `webhook-id`.
+async fn publish_and_check(
+    faye: &BayeuxServer,
+    receiver: &mut WebhookReceiver,
+    numbers: std::ops::Range<u64>,
+    all: &mut Deliveries,
+) {
+    let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
+    for n in numbers.clone() {
+        publisher.publish("/numbers", json!({ "n": n })).await.expect("publish");
+    }
+    let marker = 1_000_000 + numbers.end;
+    publisher.publish("/numbers", json!({ "n": marker })).await.expect("the marker");
+    publisher.close().await;
+    let mut this_round = Deliveries::new();
+    while !this_round.contains_key(&marker) {
+        let request = receiver.next().await;
+        let id = request.header("webhook-id");
+        assert!(!id.is_empty(), "a webhook-id on every delivery");
+        let n = request.json()["data"]["n"].as_u64().expect("numbered");
+        this_round.entry(n).or_default().push(id.to_string());
+    }
+    for n in numbers.clone() {
+        let ids = this_round.get(&n).map_or(0, Vec::len);
+        assert_eq!(ids, 1, "{n} delivered {ids} times in its round: {this_round:?}");
+    }
+    for (n, ids) in &this_round {
+        if let Some(before) = all.get(n) {
+            assert!(ids.iter().all(|id| before.contains(id)), "{n} delivered again under another webhook-id");
+        }
+        all.entry(*n).or_default().extend(ids.iter().cloned());
+    }
+}
+
+#[tokio::test]
+async fn one_replica_runs_the_source_and_another_takes_it_when_the_owner_dies_or_stops() {
+    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let nats = NatsServer::start().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = replica("a", &faye, &nats, &receiver.url(), &dir).await;
+    // `a` takes the source before `b` exists; `b` is a standby, and ready.
+    wait_for_owner("a", &[("a", &a)], WAIT).await;
+    let b = replica("b", &faye, &nats, &receiver.url(), &dir).await;
+    wait_for_owner("a", &[("a", &a), ("b", &b)], WAIT).await;
+    let ready =
+        crate::support::http_client().get(format!("http://{}/readyz", b.admin)).send().await.expect("readyz");
+    assert_eq!(ready.status(), 200, "a healthy standby is ready");
+
+    let mut all = Deliveries::new();
+    publish_and_check(&faye, &mut receiver, 0..50, &mut all).await;
+
+    // The owner dies: `b` takes the source once the lease expires.
+    let killed = Instant::now();
+    a.kill_9().await;
+    wait_for_owner("b", &[("b", &b)], LEASE_TTL + Duration::from_secs(5)).await;
+    let took = killed.elapsed();
+    assert!(took <= LEASE_TTL + Duration::from_secs(2), "b took the source {took:?} after a died");
+    publish_and_check(&faye, &mut receiver, 50..100, &mut all).await;
+
+    // A third replica joins; then the owner stops: the other takes it at once, not
+    // when a lease expires.
+    let c = replica("c", &faye, &nats, &receiver.url(), &dir).await;
+    wait_for_owner("b", &[("b", &b), ("c", &c)], WAIT).await;
+    let stopped = Instant::now();
+    b.signal(libc::SIGTERM);
+    wait_for_owner("c", &[("c", &c)], WAIT).await;
+    let took = stopped.elapsed();
+    assert!(took < LEASE_TTL, "c took the source {took:?} after b stopped: released, not expired");
+    publish_and_check(&faye, &mut receiver, 100..150, &mut all).await;
+    let metrics = crate::support::http_client()
+        .get(format!("http://{}/metrics", c.admin))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("cometd_bridge_source_owned{source=\"demo\"} 1"), "{metrics}");
+    assert!(metrics.contains("cometd_bridge_lease_changes_total{source=\"demo\"} 1"), "{metrics}");
+}
