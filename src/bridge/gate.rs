@@ -18,14 +18,6 @@ impl Gate {
         Gate { owned, busy }
     }
 
-    /// A gate open for good (one process alone, a benchmark).
-    pub fn open() -> Self {
-        let (owned, receiver) = watch::channel(true);
-        // Kept open by leaking nothing: the receiver sees `true` after the sender is gone.
-        drop(owned);
-        Gate { owned: receiver, busy: watch::Sender::new(0) }
-    }
-
     /// Waits until the source is owned; `false` when it never will be again.
     pub async fn opened(&mut self) -> bool {
         let gone = self.owned.wait_for(|owned| *owned).await.is_err();
