@@ -23,7 +23,7 @@ use crate::orchestrate::orchestrate;
 use crate::process::root;
 use crate::receive::receive_run;
 use crate::report::report;
-use crate::servers::{start_faye, start_nats};
+use crate::servers::{start_faye, start_nats, start_salesforce_like};
 use crate::sessions::sessions;
 use crate::spool::spool_alone;
 use crate::subscribers::{listen_subscriber, nats_subscriber, subscriber};
@@ -140,7 +140,9 @@ fn main() {
             let (faye, url) = start_faye(60);
             let store = tempfile::tempdir().expect("temp dir");
             let (nats, nats_url) = start_nats(store.path());
-            eprintln!("{}", bridge_neighbour(&url, &nats_url).await);
+            let (salesforce, replay_url) = start_salesforce_like(60);
+            eprintln!("{}", bridge_neighbour(&url, &replay_url, &nats_url).await);
+            salesforce.kill();
             nats.kill();
             faye.kill();
         }),

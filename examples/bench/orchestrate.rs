@@ -14,7 +14,7 @@ use crate::neighbour::bridge_neighbour;
 use crate::process::root;
 use crate::receive;
 use crate::report::{headline, report};
-use crate::servers::{start_faye, start_nats};
+use crate::servers::{start_faye, start_nats, start_salesforce_like};
 use crate::sessions::sessions_runs;
 use crate::spool::spool_alone;
 use crate::webhook_latency::webhook_latency;
@@ -47,7 +47,9 @@ pub async fn orchestrate() {
     results.insert("webhook_latency".into(), webhook_latency(&url).await);
     faye.kill();
     let (faye, url) = start_faye(60);
-    results.insert("neighbour".into(), bridge_neighbour(&url, &nats_url).await);
+    let (salesforce, replay_url) = start_salesforce_like(60);
+    results.insert("neighbour".into(), bridge_neighbour(&url, &replay_url, &nats_url).await);
+    salesforce.kill();
     faye.kill();
     nats.kill();
 

@@ -233,6 +233,20 @@ pub fn report(results: &Value) -> String {
             "| beside a full one ÷ alone | {:.2} | ≥ 0.95 |",
             neighbour["ratio"].as_f64().unwrap_or(0.0)
         );
+        if !neighbour["replay_alone"].is_null() {
+            let _ =
+                writeln!(w, "| with replay: alone, msgs/s | {} | |", range(&neighbour["replay_alone"], 0));
+            let _ = writeln!(
+                w,
+                "| with replay: beside a full one (held upstream), msgs/s | {} | |",
+                range(&neighbour["replay_beside_full"], 0)
+            );
+            let _ = writeln!(
+                w,
+                "| with replay: beside a full one ÷ alone | {:.2} | ≥ 0.95 |",
+                neighbour["replay_ratio"].as_f64().unwrap_or(0.0)
+            );
+        }
         if let Some(ratio) = neighbour["ratio_same_traffic"].as_f64() {
             let _ = writeln!(
                 w,

@@ -7,11 +7,22 @@ use std::time::{Duration, Instant};
 use crate::process::{Proc, root};
 
 pub fn start_faye(timeout: u64) -> (Proc, String) {
+    start_faye_with(&format!("{{\"timeout\": {timeout}}}"))
+}
+
+/// faye with the Salesforce-like replay fixture (a retention larger than any flood).
+pub fn start_salesforce_like(timeout: u64) -> (Proc, String) {
+    start_faye_with(&format!(
+        "{{\"timeout\": {timeout}, \"extensions\": [{{\"module\": \"salesforce\", \"options\": {{\"retention\": 100000}}}}]}}"
+    ))
+}
+
+fn start_faye_with(options: &str) -> (Proc, String) {
     let mut command = Command::new("bash");
     command.args([
         "-c",
         &format!(
-            "ulimit -n 20000 2>/dev/null; exec node {} '{{\"timeout\": {timeout}}}'",
+            "ulimit -n 20000 2>/dev/null; exec node {} '{options}'",
             root().join("tests/peers/faye-server.js").display()
         ),
     ]);
