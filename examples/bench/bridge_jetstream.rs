@@ -171,6 +171,7 @@ pub async fn delivery_stage(
             max_backoff: Duration::from_secs(1),
             max_attempts: None,
         }),
+        lease: cometd_bridge::bridge::gate::LeaseClock::forever(),
     };
     let (source, session): (Arc<str>, Arc<str>) = ("bench".into(), "session".into());
     let stop = Stop::default();

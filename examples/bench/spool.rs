@@ -72,6 +72,7 @@ pub async fn spool_alone(nats_url: &str) -> Value {
                 max_backoff: Duration::from_secs(1),
                 max_attempts: None,
             }),
+            lease: cometd_bridge::bridge::gate::LeaseClock::forever(),
         };
         let stop = Stop::default();
         let started = Instant::now();

@@ -114,6 +114,8 @@ pub struct Forwarder {
     pub replay: Option<Arc<ReplayState>>,
     /// How transient failures are retried.
     pub retry: RetryPolicy,
+    /// Until when this replica may deliver and settle (see [`LeaseClock`]).
+    pub lease: Arc<super::gate::LeaseClock>,
 }
 
 impl Forwarder {
@@ -141,6 +143,16 @@ impl Forwarder {
             }
             if stop.soon.is_cancelled() {
                 return;
+            }
+            // Stopped by a lapsed lease while still owned: wait for the renewal or the
+            // end of ownership rather than start again at once.
+            while !self.lease.may_write() {
+                tokio::select! {
+                    biased;
+                    _ = stop.soon.cancelled() => return,
+                    () = gate.closed() => break,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
             }
         }
     }
@@ -174,6 +186,10 @@ impl Forwarder {
                     continue;
                 }
             };
+            if !self.lease.may_write() {
+                tracing::warn!(subscription = %self.subscription, "this replica's lease on the source has lapsed: not delivering");
+                break;
+            }
             if unsettled.is_none() {
                 self.spool.set_oldest(Some(batch[0].envelope.received_at));
             }
@@ -344,6 +360,11 @@ impl Forwarder {
     /// stopped first (the messages stay in the spool and are delivered again).
     async fn commit(&self, unsettled: &mut Option<Unsettled>, stop: &CancellationToken) -> bool {
         let Some(mut done) = unsettled.take() else { return true };
+        if !self.lease.may_write() {
+            // The next owner delivers them again, under the same ids.
+            tracing::warn!(subscription = %self.subscription, messages = done.messages, "this replica's lease on the source has lapsed: not settling what it delivered");
+            return false;
+        }
         let mut failures = 0;
         loop {
             let settled = match self.attach_records(&mut done).await {

@@ -51,3 +51,44 @@ impl Drop for Running {
         self.busy.send_modify(|running| *running = running.saturating_sub(1));
     }
 }
+
+/// Until when this replica may write for a source (append, deliver, settle): until its
+/// lease could have expired, as last renewed. A replica paused (SIGSTOP) past it, or cut
+/// from NATS, writes nothing when it wakes, even before it learns that another replica
+/// took the source. Measured on the monotonic clock, which counts the time stopped.
+#[derive(Debug)]
+pub struct LeaseClock {
+    base: std::time::Instant,
+    /// Milliseconds after `base`; `u64::MAX` for ever (one process alone).
+    until: std::sync::atomic::AtomicU64,
+}
+
+impl LeaseClock {
+    /// Writes allowed for good: no replicas.
+    pub fn forever() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(LeaseClock { base: std::time::Instant::now(), until: u64::MAX.into() })
+    }
+
+    /// No writes until a lease is taken.
+    pub fn lapsed() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(LeaseClock { base: std::time::Instant::now(), until: 0.into() })
+    }
+
+    /// Writes allowed until `until`.
+    pub fn extend_to(&self, until: std::time::Instant) {
+        let millis =
+            u64::try_from(until.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX - 1);
+        self.until.store(millis, std::sync::atomic::Ordering::Release);
+    }
+
+    /// No more writes.
+    pub fn revoke(&self) {
+        self.until.store(0, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a write may start now.
+    pub fn may_write(&self) -> bool {
+        let until = self.until.load(std::sync::atomic::Ordering::Acquire);
+        until == u64::MAX || u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX) < until
+    }
+}

@@ -106,6 +106,8 @@ struct SourceEntry {
     owned: tokio::sync::watch::Sender<bool>,
     /// How many of its tasks (session, forwarders) run for it.
     busy: tokio::sync::watch::Sender<usize>,
+    /// Until when this replica may write for it.
+    lease: Arc<gate::LeaseClock>,
 }
 
 impl SourceEntry {

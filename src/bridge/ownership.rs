@@ -120,7 +120,13 @@ impl Bridge {
         let mut lost = Vec::new();
         for (source, lease) in held.iter_mut() {
             match leases.renew(source, lease.revision).await {
-                Ok(Some(revision)) => *lease = Held { revision, renewed: Instant::now() },
+                Ok(Some(revision)) => {
+                    let renewed = Instant::now();
+                    *lease = Held { revision, renewed };
+                    if let Some(entry) = self.source(source) {
+                        entry.lease.extend_to(renewed + ttl.mul_f64(0.6));
+                    }
+                }
                 Ok(None) => lost.push((source.clone(), "another replica holds its lease now".to_string())),
                 // Stopped well before the lease can expire: never two owners at once.
                 Err(error) if lease.renewed.elapsed() >= ttl.mul_f64(0.6) => {
@@ -174,9 +180,14 @@ impl Bridge {
             }
             match leases.acquire(source).await {
                 Ok(Some(revision)) => {
+                    if let Some(entry) = self.source(source) {
+                        entry.lease.extend_to(Instant::now() + ttl.mul_f64(0.6));
+                    }
                     if self.take_over(source).await {
                         held.insert(source.clone(), Held { revision, renewed: Instant::now() });
-                    } else if let Err(error) = leases.release(source, revision).await {
+                    } else if let Some(entry) = self.source(source).inspect(|entry| entry.lease.revoke())
+                        && let Err(error) = leases.release(&entry.config.name, revision).await
+                    {
                         tracing::warn!(source = %source, error = %error, "could not release the lease; it expires on its own");
                     }
                 }
@@ -242,6 +253,7 @@ impl Bridge {
     /// session is closed and its forwarders settled what they delivered.
     async fn give_up(&self, source: &str) {
         let Some(entry) = self.source(source) else { return };
+        entry.lease.revoke();
         if !entry.owned.send_replace(false) {
             return;
         }

@@ -16,7 +16,7 @@ use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
-use super::gate::Gate;
+use super::gate::{Gate, LeaseClock};
 
 use super::forwarder::Counters;
 use super::replay::ReplayState;
@@ -107,6 +107,8 @@ pub struct Spooler {
     /// With the ack extension: told once messages are spooled, so that the server drops
     /// a batch only then.
     pub ack: Option<AckConfirmer>,
+    /// Until when this replica may append for the source (see [`LeaseClock`]).
+    pub lease: Arc<LeaseClock>,
 }
 
 impl Spooler {
@@ -200,6 +202,18 @@ impl Spooler {
             }
         }
         if appends.is_empty() {
+            drops.count_in(&routes, &self.metrics);
+            return outcome;
+        }
+        if !self.lease.may_write() {
+            // Another replica may own the source already: it receives these on its own
+            // session; spooling them here would forward them twice.
+            tracing::warn!(source = %self.name, messages = appends.len(), "this replica's lease on the source has lapsed: not spooling what it received");
+            for (index, _, _) in &targets {
+                drops.count[*index] += 1;
+                drops.cause[*index]
+                    .get_or_insert(FullCause::Store("this replica's lease on the source lapsed".into()));
+            }
             drops.count_in(&routes, &self.metrics);
             return outcome;
         }
@@ -693,6 +707,7 @@ mod tests {
             metrics,
             sequence: Arc::default(),
             ack: None,
+            lease: LeaseClock::forever(),
         }
     }
 

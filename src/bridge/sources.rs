@@ -25,6 +25,7 @@ impl Bridge {
         // With replicas a source waits for its lease; alone, it is this process's.
         let owned = self.ownership.is_none();
         self.metrics.source_owned(&name, owned);
+        let lease = if owned { gate::LeaseClock::forever() } else { gate::LeaseClock::lapsed() };
         let spooler = Spooler {
             name: name.clone(),
             routes: Routes::default(),
@@ -33,6 +34,7 @@ impl Bridge {
             metrics: self.metrics.clone(),
             sequence: Arc::default(),
             ack,
+            lease: lease.clone(),
         };
         Arc::new(SourceEntry {
             config: source_config.clone(),
@@ -46,6 +48,7 @@ impl Bridge {
             task: std::sync::Mutex::new(None),
             owned: tokio::sync::watch::Sender::new(owned),
             busy: tokio::sync::watch::Sender::new(0),
+            lease,
         })
     }
 

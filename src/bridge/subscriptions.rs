@@ -64,6 +64,7 @@ impl Bridge {
             counters: counters.clone(),
             replay: source.replay.clone(),
             retry: RetryPolicy::new(config.retry),
+            lease: source.lease.clone(),
         };
         if let Some(replay) = &source.replay {
             let committed = self.store.positions(&config.id).await?;

@@ -170,3 +170,41 @@ async fn one_replica_runs_the_source_and_another_takes_it_when_the_owner_dies_or
     assert!(metrics.contains("cometd_bridge_source_owned{source=\"demo\"} 1"), "{metrics}");
     assert!(metrics.contains("cometd_bridge_lease_changes_total{source=\"demo\"} 1"), "{metrics}");
 }
+
+/// The owner frozen (SIGSTOP) for three times the lease's TTL: the other replica takes
+/// the source and delivers what is published meanwhile; when the frozen one wakes
+/// (SIGCONT) its lease has lapsed on its own clock, so it appends, delivers and settles
+/// nothing before it learns it lost the source, and gives it up: every message is
+/// delivered once.
+#[tokio::test]
+async fn an_owner_frozen_past_its_lease_writes_nothing_when_it_wakes() {
+    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let nats = NatsServer::start().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = replica("a", &faye, &nats, &receiver.url(), &dir).await;
+    wait_for_owner("a", &[("a", &a)], WAIT).await;
+    let b = replica("b", &faye, &nats, &receiver.url(), &dir).await;
+    wait_for_owner("a", &[("a", &a), ("b", &b)], WAIT).await;
+    let mut all = Deliveries::new();
+    publish_and_check(&faye, &mut receiver, 0..20, &mut all).await;
+
+    a.signal(libc::SIGSTOP);
+    wait_for_owner("b", &[("b", &b)], LEASE_TTL * 3).await;
+    publish_and_check(&faye, &mut receiver, 20..40, &mut all).await;
+    // Frozen for three times the TTL in all, then woken while messages flow.
+    tokio::time::sleep(LEASE_TTL).await;
+    a.signal(libc::SIGCONT);
+    publish_and_check(&faye, &mut receiver, 40..140, &mut all).await;
+    wait_for_owner("b", &[("a", &a), ("b", &b)], WAIT).await;
+    publish_and_check(&faye, &mut receiver, 140..160, &mut all).await;
+    let metrics = crate::support::http_client()
+        .get(format!("http://{}/metrics", a.admin))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("cometd_bridge_source_owned{source=\"demo\"} 0"), "{metrics}");
+}
