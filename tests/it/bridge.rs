@@ -157,7 +157,7 @@ async fn wildcards_route_to_every_matching_subscription() {
 #[tokio::test]
 async fn jetstream_stores_each_message_once_and_deduplicates_redelivery() {
     let faye = faye().await;
-    let nats = NatsServer::start().await;
+    let mut nats = NatsServer::start().await;
     let jetstream = create_stream(&nats, "ORDERS", "js.>").await;
     let app = TestApp::spawn(&format!(
         "[nats]\nurl = \"{}\"\n{}[[subscriptions]]\nid = \"js\"\nsource = \"demo\"\nchannel = \"/js/**\"\nsink = {{ type = \"nats\", subject = \"js.{{channel}}\", jetstream = true }}\n",
@@ -183,16 +183,32 @@ async fn jetstream_stores_each_message_once_and_deduplicates_redelivery() {
     }
     let unique: std::collections::BTreeSet<_> = ids.iter().map(|(id, _)| id.clone()).collect();
     assert_eq!(unique.len(), 10, "a distinct Nats-Msg-Id per message");
-    // Redeliver one message exactly as the bridge would on a retry: the stream drops it.
-    let (_, stored) = &ids[3];
-    let ack = jetstream
-        .publish_with_headers(stored.subject.clone(), stored.headers.clone(), stored.payload.clone())
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
-    assert!(ack.duplicate, "the stream recognises the redelivery by its Nats-Msg-Id");
-    assert_eq!(stream_messages(&jetstream, "ORDERS").await, 10);
+    // NATS frozen while 10 more go out: each publish reaches the server's socket, its
+    // acknowledgement never comes, and the bridge publishes it again (same Nats-Msg-Id)
+    // once the wait for it times out. Thawed, the server reads the first publishes and the
+    // retries: the stream keeps one of each.
+    nats.process().freeze();
+    for n in 10..20 {
+        publisher.publish("/js/orders", json!({ "n": n })).await.expect("publish");
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !app.metrics().await.contains("cometd_bridge_delivery_failures_total{subscription=\"js\"") {
+        assert!(tokio::time::Instant::now() < deadline, "no failed attempt while NATS was frozen");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    nats.process().thaw();
+    wait_for_stream(&jetstream, "ORDERS", 20).await;
+    // A marker after them: once it is stored, any second copy would be too.
+    publisher.publish("/js/orders", json!({ "n": 20 })).await.expect("publish");
+    wait_for_stream(&jetstream, "ORDERS", 21).await;
+    let mut numbers = Vec::new();
+    for sequence in 11..=21 {
+        let stored = stream.get_raw_message(sequence).await.expect("stored message");
+        let payload: Value = serde_json::from_slice(&stored.payload).expect("JSON");
+        numbers.push(payload["n"].as_u64().expect("numbered"));
+    }
+    assert_eq!(numbers, (10..=20).collect::<Vec<_>>(), "each retried message stored once, in order");
+    assert_eq!(stream_messages(&jetstream, "ORDERS").await, 21);
     app.stop().await;
 }
 
