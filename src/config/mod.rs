@@ -2,6 +2,7 @@
 //! `COMETD_BRIDGE__SECTION__KEY` environment overrides, parsed strictly, then validated
 //! into domain types with **every** problem reported under its key.
 
+mod cluster;
 #[cfg(test)]
 mod documented;
 mod paths;

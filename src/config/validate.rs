@@ -11,12 +11,10 @@ use std::time::Duration;
 use base64::Engine;
 
 use super::raw::RawRetry;
-use super::raw::{
-    RawCluster, RawConfig, RawNats, RawSalesforce, RawSink, RawSource, RawSubscription, RawTls,
-};
+use super::raw::{RawConfig, RawNats, RawSalesforce, RawSink, RawSource, RawSubscription, RawTls};
 use super::{
-    AdminConfig, BridgeConfig, ClusterConfig, Config, Env, Fingerprint, NatsConfig, NatsSinkConfig, Payload,
-    Problem, RetryConfig, Secret, SectionFingerprints, SinkConfig, SourceConfig, StateBackend, StateConfig,
+    AdminConfig, BridgeConfig, Config, Env, Fingerprint, NatsConfig, NatsSinkConfig, Payload, Problem,
+    RetryConfig, Secret, SectionFingerprints, SinkConfig, SourceConfig, StateBackend, StateConfig,
     SubscriptionConfig, WebhookSinkConfig,
 };
 use crate::cometd::{
@@ -26,17 +24,17 @@ use crate::cometd::{
 use crate::sink::subject::SubjectTemplate;
 
 /// Collects problems while values are converted.
-struct Checker<'a> {
+pub(super) struct Checker<'a> {
     problems: Vec<Problem>,
     env: &'a Env,
 }
 
 impl Checker<'_> {
-    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem::new(key, message));
     }
 
-    fn duration(&mut self, key: &str, text: &str) -> Duration {
+    pub(super) fn duration(&mut self, key: &str, text: &str) -> Duration {
         humantime::parse_duration(text).unwrap_or_else(|error| {
             self.problem(
                 key,
@@ -225,7 +223,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         }
     }
 
-    let cluster = cluster_config(&mut check, &raw, &backend);
+    let cluster = super::cluster::cluster_config(&mut check, &raw, &backend);
     if !check.problems.is_empty() {
         return Err(check.problems);
     }
@@ -265,48 +263,6 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         sources,
         subscriptions,
     })
-}
-
-/// `[cluster]`: with the `nats` backend always (its defaults when the section is absent),
-/// refused with another backend, which one process alone can use.
-fn cluster_config(check: &mut Checker<'_>, raw: &RawConfig, backend: &StateBackend) -> Option<ClusterConfig> {
-    if !matches!(backend, StateBackend::NatsKv { .. }) {
-        if raw.cluster.is_some() {
-            check.problem(
-                "cluster",
-                "several replicas share state through NATS: set state.backend = \"nats\"",
-            );
-        }
-        return None;
-    }
-    let default = RawCluster::default();
-    let cluster = raw.cluster.as_ref().unwrap_or(&default);
-    let replica = match &cluster.replica {
-        Some(name) => name.clone(),
-        None => host_name(),
-    };
-    if replica.is_empty() || replica.len() > 128 || replica.chars().any(char::is_control) {
-        check.problem(
-            "cluster.replica",
-            format!("{replica:?} is not a replica name (1 to 128 printable characters)"),
-        );
-    }
-    let lease_ttl = check.duration("cluster.lease_ttl", &cluster.lease_ttl);
-    if lease_ttl < Duration::from_secs(1) {
-        check.problem("cluster.lease_ttl", "must be at least 1s");
-    }
-    let handover_wait = check.duration("cluster.handover_wait", &cluster.handover_wait);
-    Some(ClusterConfig { replica, lease_ttl, handover_wait })
-}
-
-/// The machine's host name (a pod's name in Kubernetes), or `"bridge"`.
-fn host_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|name| name.trim().to_string())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "bridge".to_string())
 }
 
 fn nats_config(check: &mut Checker<'_>, raw: &RawConfig) -> NatsConfig {
