@@ -60,6 +60,16 @@ async fn source_view(daemon: &Daemon) -> Value {
     sources[0].clone()
 }
 
+/// `daemon`'s metrics.
+async fn metrics_of(daemon: &Daemon) -> String {
+    let answer = crate::support::http_client()
+        .get(format!("http://{}/metrics", daemon.admin))
+        .send()
+        .await
+        .expect("metrics");
+    answer.text().await.expect("text")
+}
+
 /// Waits until `owner` runs the source (connected and subscribed) and every replica in
 /// `all` says it is the owner.
 async fn wait_for_owner(owner: &str, daemons: &[(&str, &Daemon)], within: Duration) {
@@ -159,14 +169,7 @@ async fn one_replica_runs_the_source_and_another_takes_it_when_the_owner_dies_or
     let took = stopped.elapsed();
     assert!(took < LEASE_TTL, "c took the source {took:?} after b stopped: released, not expired");
     publish_and_check(&faye, &mut receiver, 100..150, &mut all).await;
-    let metrics = crate::support::http_client()
-        .get(format!("http://{}/metrics", c.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_of(&c).await;
     assert!(metrics.contains("cometd_bridge_source_owned{source=\"demo\"} 1"), "{metrics}");
     assert!(metrics.contains("cometd_bridge_lease_changes_total{source=\"demo\"} 1"), "{metrics}");
 }
@@ -198,13 +201,6 @@ async fn an_owner_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     publish_and_check(&faye, &mut receiver, 40..140, &mut all).await;
     wait_for_owner("b", &[("a", &a), ("b", &b)], WAIT).await;
     publish_and_check(&faye, &mut receiver, 140..160, &mut all).await;
-    let metrics = crate::support::http_client()
-        .get(format!("http://{}/metrics", a.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_of(&a).await;
     assert!(metrics.contains("cometd_bridge_source_owned{source=\"demo\"} 0"), "{metrics}");
 }

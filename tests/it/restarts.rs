@@ -33,9 +33,13 @@ fn periods(k: u64) -> (Duration, Duration) {
     (Duration::from_millis(down), Duration::from_millis(up))
 }
 
-/// Publishes `{"n": k}` on `/tick` ten times a second, numbering every attempt; while the
-/// server is down the attempts fail and are skipped.
-fn ticker(url: String, ticks: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+/// The ticks the server accepted (answered the publish of).
+type Accepted = Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>;
+
+/// Publishes `{"n": k}` on `/tick` ten times a second, numbering every attempt and
+/// recording in `accepted` those the server answered; while the server is down the
+/// attempts fail and are skipped.
+fn ticker(url: String, ticks: Arc<AtomicU64>, accepted: Accepted) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let client = cometd_bridge::cometd::Client::builder(url)
             .connection_types([cometd_bridge::cometd::ConnectionType::LongPolling])
@@ -48,9 +52,10 @@ fn ticker(url: String, ticks: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
         loop {
             every.tick().await;
             let n = ticks.fetch_add(1, Ordering::SeqCst) + 1;
-            let _ =
-                tokio::time::timeout(Duration::from_millis(500), client.publish("/tick", json!({ "n": n })))
-                    .await;
+            let sent = client.publish("/tick", json!({ "n": n }));
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), sent).await {
+                accepted.lock().expect("not poisoned").insert(n);
+            }
         }
     })
 }
@@ -99,7 +104,7 @@ async fn listen_survives_restarts(mut server: BayeuxServer, transport: &str) {
         }
     });
     let ticks = Arc::new(AtomicU64::new(0));
-    let ticking = ticker(server.url(), ticks.clone());
+    let ticking = ticker(server.url(), ticks.clone(), Accepted::default());
 
     let delivered_after = |mut printed: watch::Receiver<u64>, after: u64, what: String| {
         let log = log.clone();
@@ -170,7 +175,7 @@ async fn listen_survives_faye_restarts_on_websocket() {
 /// the ticks published while the bridge reconnected are missing: the test fails.)
 #[tokio::test]
 async fn the_bridge_with_replay_loses_nothing_across_restarts() {
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::BTreeMap;
 
     use crate::support::app::TestApp;
     use crate::support::webhook::WebhookReceiver;
@@ -197,30 +202,9 @@ async fn the_bridge_with_replay_loses_nothing_across_restarts() {
     .await;
     app.wait_ready().await;
 
-    // The ticker: 10 a second, each publish the server answered recorded.
-    let accepted: Arc<std::sync::Mutex<BTreeSet<u64>>> = Arc::default();
+    let accepted = Accepted::default();
     let ticks = Arc::new(AtomicU64::new(0));
-    let ticking = tokio::spawn({
-        let (url, accepted, ticks) = (server.url(), accepted.clone(), ticks.clone());
-        async move {
-            let client = cometd_bridge::cometd::Client::builder(url)
-                .connection_types([cometd_bridge::cometd::ConnectionType::LongPolling])
-                .backoff(Duration::from_millis(50), Duration::from_millis(500))
-                .connection_timeout(Some(Duration::from_secs(60)))
-                .build()
-                .expect("valid options");
-            client.open().await.expect("the ticker opens");
-            let mut every = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                every.tick().await;
-                let n = ticks.fetch_add(1, Ordering::SeqCst) + 1;
-                let sent = client.publish("/tick", json!({ "n": n }));
-                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), sent).await {
-                    accepted.lock().expect("not poisoned").insert(n);
-                }
-            }
-        }
-    });
+    let ticking = ticker(server.url(), ticks.clone(), accepted.clone());
     /// Waits until a tick numbered after `after` is delivered, counting every delivery.
     async fn delivered_after(
         receiver: &mut WebhookReceiver,
