@@ -22,19 +22,40 @@ const fs = require('fs');
 module.exports = (options, bayeux) => {
   const retention = options.retention || 1000;
   const step = options.step || 3;
-  const logs = new Map();       // channel -> [{replayId, data}]
+  const logs = new Map();       // channel -> {events: [{replayId, data}], start, ids: Set}
   const dropped = new Map();    // channel -> highest replay id that left the log
   const pending = new Map();    // clientId + ' ' + channel -> replay from
   const subscribers = new Set(); // clients that subscribed (not faye's own in-process client)
   let nextId = 1;
+  // Appends to a channel's log, dropping what falls out of the retention; constant time
+  // (a log of a million events is read from an index, not shifted).
+  function append(channel, replayId, data) {
+    let log = logs.get(channel);
+    if (!log) {
+      log = { events: [], start: 0, ids: new Set() };
+      logs.set(channel, log);
+    }
+    log.events.push({ replayId, data });
+    log.ids.add(replayId);
+    while (log.events.length - log.start > retention) {
+      const gone = log.events[log.start++];
+      log.ids.delete(gone.replayId);
+      dropped.set(channel, gone.replayId);
+    }
+    if (log.start > 1024 && log.start * 2 > log.events.length) {
+      log.events = log.events.slice(log.start);
+      log.start = 0;
+    }
+  }
+  const retained = (channel) => {
+    const log = logs.get(channel);
+    return log ? log.events.slice(log.start) : [];
+  };
   if (options.logFile && fs.existsSync(options.logFile)) {
     for (const line of fs.readFileSync(options.logFile, 'utf8').split('\n')) {
       if (!line) continue;
       const { channel, replayId, data } = JSON.parse(line);
-      const log = logs.get(channel) || [];
-      log.push({ replayId, data });
-      while (log.length > retention) dropped.set(channel, log.shift().replayId);
-      logs.set(channel, log);
+      append(channel, replayId, data);
       nextId = Math.max(nextId, replayId + step);
     }
   }
@@ -42,12 +63,13 @@ module.exports = (options, bayeux) => {
   const replayable = (channel) => !channel.startsWith('/meta/') && !channel.startsWith('/service/');
   const isReplay = (message) => {
     const id = message.data && message.data.event && message.data.event.replayId;
-    return id !== undefined && (logs.get(message.channel) || []).some((event) => event.replayId === id);
+    const log = logs.get(message.channel);
+    return id !== undefined && log !== undefined && log.ids.has(id);
   };
 
   // Straight into faye's engine: in order, and not numbered again by `incoming`.
   const replay = (channel, from) => {
-    const events = (logs.get(channel) || []).filter((event) => from === -2 || event.replayId > from);
+    const events = retained(channel).filter((event) => from === -2 || event.replayId > from);
     for (const event of events) bayeux._server._engine.publish({ channel, data: event.data });
   };
 
@@ -78,13 +100,10 @@ module.exports = (options, bayeux) => {
         const replayId = nextId;
         nextId += step;
         message.data = { event: { replayId, createdDate: new Date().toISOString() }, payload: message.data };
-        const log = logs.get(channel) || [];
-        log.push({ replayId, data: message.data });
+        append(channel, replayId, message.data);
         if (options.logFile) {
           fs.appendFileSync(options.logFile, JSON.stringify({ channel, replayId, data: message.data }) + '\n');
         }
-        while (log.length > retention) dropped.set(channel, log.shift().replayId);
-        logs.set(channel, log);
       }
       callback(message);
     },
