@@ -142,6 +142,26 @@ impl Bridge {
             tracing::warn!(source = %source, why = %why, "giving the source up");
             self.give_up(&source).await;
         }
+        // A source a reload built anew (its settings changed) starts unowned: this replica
+        // holds its lease, so it runs it.
+        let rebuilt: Vec<String> = held
+            .keys()
+            .filter(|source| self.source(source).is_some_and(|entry| !*entry.owned.borrow()))
+            .cloned()
+            .collect();
+        for source in rebuilt {
+            if let Some(entry) = self.source(&source) {
+                entry.lease.extend_to(held[&source].renewed + ttl.mul_f64(0.6));
+            }
+            if !self.take_over(&source).await
+                && let Some(lease) = held.remove(&source)
+            {
+                self.give_up(&source).await;
+                if let Err(error) = leases.release(&source, lease.revision).await {
+                    tracing::warn!(source = %source, error = %error, "could not release the lease; it expires on its own");
+                }
+            }
+        }
         let (replicas, holders) = match leases.view().await {
             Ok(view) => view,
             Err(error) => {

@@ -204,3 +204,31 @@ async fn an_owner_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     let metrics = metrics_of(&a).await;
     assert!(metrics.contains("cometd_bridge_source_owned{source=\"demo\"} 0"), "{metrics}");
 }
+
+/// A reload that changes the owned source (a new client, built unowned) on a replica
+/// that holds its lease: the replica runs the new one, and messages flow again.
+#[tokio::test]
+async fn a_reloaded_source_runs_again_on_the_replica_that_holds_its_lease() {
+    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let nats = NatsServer::start().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = replica("a", &faye, &nats, &receiver.url(), &dir).await;
+    wait_for_owner("a", &[("a", &a)], WAIT).await;
+    let mut all = Deliveries::new();
+    publish_and_check(&faye, &mut receiver, 0..10, &mut all).await;
+    let config = dir.path().join("a").join("bridge.toml");
+    let changed = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace("name = \"demo\"\n", "name = \"demo\"\nconnection_timeout = \"20s\"\n");
+    std::fs::write(&config, changed).expect("rewrite");
+    let before = source_view(&a).await["client_id"].clone();
+    a.signal(libc::SIGHUP);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while source_view(&a).await["client_id"] == before {
+        assert!(tokio::time::Instant::now() < deadline, "the changed source did not reconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for_owner("a", &[("a", &a)], WAIT).await;
+    publish_and_check(&faye, &mut receiver, 10..20, &mut all).await;
+}
