@@ -222,6 +222,10 @@ impl Bridge {
     /// read (the lease is given back).
     async fn take_over(&self, source: &str) -> bool {
         let Some(entry) = self.source(source) else { return false };
+        if let Err(error) = self.follow_stored_subscriptions(source).await {
+            tracing::error!(source = %source, error = %error, "cannot read the stored subscriptions to take the source over");
+            return false;
+        }
         let summaries = match self.store.spool_summaries().await {
             Ok(summaries) => summaries,
             Err(error) => {
@@ -267,6 +271,50 @@ impl Bridge {
         self.metrics.source_owned(source, true);
         entry.owned.send_replace(true);
         true
+    }
+
+    /// Starts the subscriptions of `source` another replica's API added since this one
+    /// read the store, and stops those it removed (their records and spools are gone
+    /// already).
+    async fn follow_stored_subscriptions(&self, source: &str) -> Result<(), BridgeError> {
+        let _one_change = self.reloading.lock().await;
+        let stored: Vec<RawSubscription> =
+            self.store.subscriptions().await?.into_iter().filter(|raw| raw.source == source).collect();
+        let names = self.source_names();
+        for raw in &stored {
+            if self.subscriptions.contains(&raw.id) {
+                continue;
+            }
+            match config::validate_subscription(raw, "", &names, &Env::new()) {
+                Ok(subscription) => {
+                    let entry = self.start_subscription(subscription, Origin::Api, None).await?;
+                    tracing::info!(id = %raw.id, source = %source, "a subscription another replica added runs here now");
+                    let _ = self.subscriptions.insert(entry);
+                }
+                Err(problems) => {
+                    let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                    tracing::error!(id = %raw.id, problems = ?problems, "a stored subscription is no longer valid; ignoring it");
+                }
+            }
+        }
+        let removed = self.subscriptions.all(|entry| {
+            (entry.origin == Origin::Api
+                && entry.config.source == source
+                && !stored.iter().any(|raw| raw.id == entry.config.id))
+            .then(|| entry.config.id.clone())
+        });
+        for id in removed.into_iter().flatten() {
+            if let Some(Ok(entry)) = self.subscriptions.remove(&id, |_| Ok::<(), ()>(())) {
+                if let Some(owner) = self.source(source) {
+                    owner.routes().remove(&id);
+                }
+                let entry = Self::stop_forwarder(entry).await;
+                entry.spool.release_all();
+                self.metrics.forget_subscription(&id);
+                tracing::info!(id = %id, source = %source, "a subscription another replica removed stops here too");
+            }
+        }
+        Ok(())
     }
 
     /// Stops `source` on this replica, waiting (up to `cluster.handover_wait`) until its

@@ -232,3 +232,48 @@ async fn a_reloaded_source_runs_again_on_the_replica_that_holds_its_lease() {
     wait_for_owner("a", &[("a", &a)], WAIT).await;
     publish_and_check(&faye, &mut receiver, 10..20, &mut all).await;
 }
+
+/// A subscription added through the owner's API, then the owner killed: the replica that
+/// takes the source over runs the added subscription too (read from the shared store).
+#[tokio::test]
+async fn a_subscription_added_on_the_owner_runs_on_the_replica_that_takes_over() {
+    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let nats = NatsServer::start().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = replica("a", &faye, &nats, &receiver.url(), &dir).await;
+    wait_for_owner("a", &[("a", &a)], WAIT).await;
+    let b = replica("b", &faye, &nats, &receiver.url(), &dir).await;
+    wait_for_owner("a", &[("a", &a), ("b", &b)], WAIT).await;
+    let body = json!({ "id": "extra", "source": "demo", "channel": "/extra", "sink": { "type": "webhook", "url": receiver.url() } });
+    let added = crate::support::http_client()
+        .post(format!("http://{}/api/v1/subscriptions", a.admin))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(added.status(), 201);
+    let url = faye.url();
+    let extra = |n: u64| {
+        let url = url.clone();
+        async move {
+            let publisher = open(cometd_bridge::cometd::Client::builder(url)).await;
+            publisher.publish("/extra", json!({ "n": n })).await.expect("publish");
+            publisher.close().await;
+        }
+    };
+    extra(1).await;
+    assert_eq!(receiver.next().await.json()["data"]["n"], 1, "the added subscription runs on its owner");
+    a.kill_9().await;
+    wait_for_owner("b", &[("b", &b)], LEASE_TTL + Duration::from_secs(5)).await;
+    extra(2).await;
+    loop {
+        // What a delivered and had not settled may come again first.
+        let n = receiver.next().await.json()["data"]["n"].as_u64().expect("numbered");
+        if n == 2 {
+            break;
+        }
+        assert_eq!(n, 1, "only the earlier message may come again");
+    }
+}
