@@ -119,9 +119,10 @@ impl Bridge {
         }
         let mut lost = Vec::new();
         for (source, lease) in held.iter_mut() {
+            // Timed from before the request: the server's copy can only be younger.
+            let renewed = Instant::now();
             match leases.renew(source, lease.revision).await {
                 Ok(Some(revision)) => {
-                    let renewed = Instant::now();
                     *lease = Held { revision, renewed };
                     if let Some(entry) = self.source(source) {
                         entry.lease.extend_to(renewed + ttl.mul_f64(0.6));
@@ -198,13 +199,14 @@ impl Bridge {
             if held.contains_key(source) || taken_by_other {
                 continue;
             }
+            let asked = Instant::now();
             match leases.acquire(source).await {
                 Ok(Some(revision)) => {
                     if let Some(entry) = self.source(source) {
-                        entry.lease.extend_to(Instant::now() + ttl.mul_f64(0.6));
+                        entry.lease.extend_to(asked + ttl.mul_f64(0.6));
                     }
                     if self.take_over(source).await {
-                        held.insert(source.clone(), Held { revision, renewed: Instant::now() });
+                        held.insert(source.clone(), Held { revision, renewed: asked });
                     } else if let Some(entry) = self.source(source).inspect(|entry| entry.lease.revoke())
                         && let Err(error) = leases.release(&entry.config.name, revision).await
                     {
