@@ -114,7 +114,7 @@ pub struct Forwarder {
     pub replay: Option<Arc<ReplayState>>,
     /// How transient failures are retried.
     pub retry: RetryPolicy,
-    /// Until when this replica may deliver and settle (see [`LeaseClock`]).
+    /// Until when this replica may deliver and settle (see [`LeaseClock`](super::gate::LeaseClock)).
     pub lease: Arc<super::gate::LeaseClock>,
 }
 
