@@ -52,6 +52,9 @@ struct State {
     unbatched: Vec<u64>,
 }
 
+/// The most events remembered between two connect replies (8 bytes each).
+const UNBATCHED_LIMIT: usize = 1 << 20;
+
 /// What tells a sent-again event from a new one: its channel, id and data.
 fn fingerprint(message: &Message) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -237,7 +240,11 @@ impl Extension for AckExtension {
                 }
                 // The first new event ends what was sent again.
                 resent.clear();
-                unbatched.push(print);
+                // Bounded: a server that floods events and never answers a connect must not
+                // grow this without end (past it, a batch sent again is not recognised).
+                if unbatched.len() < UNBATCHED_LIMIT {
+                    unbatched.push(print);
+                }
                 true
             });
             if connect_reply {
