@@ -197,6 +197,23 @@ impl AckExtension {
 
 #[async_trait]
 impl Extension for AckExtension {
+    /// Whether the server agreed, and the batch acknowledged last.
+    fn session_state(&self) -> Option<Value> {
+        let acknowledged = self.state().acknowledged;
+        Some(serde_json::json!({ "enabled": self.is_enabled(), "acknowledged": acknowledged }))
+    }
+
+    /// A continued session acknowledges what its previous holder acknowledged (the server
+    /// sends again every batch after it, so nothing unacknowledged is lost); the events
+    /// of those batches are unknown here, so each is handed out as new.
+    fn resume_session(&self, state: Option<&Value>) {
+        let enabled = state.and_then(|state| state.get("enabled")).and_then(Value::as_bool).unwrap_or(false);
+        let acknowledged =
+            state.and_then(|state| state.get("acknowledged")).and_then(Value::as_i64).unwrap_or(0);
+        *self.state() = State { acknowledged, ..State::default() };
+        self.shared.enabled.store(enabled, Ordering::Release);
+    }
+
     async fn before_connect(&self, max_wait: Duration) {
         if self.is_enabled() {
             self.wait_for_confirmations(max_wait).await;

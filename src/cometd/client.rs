@@ -18,6 +18,7 @@ use super::options::{ClientOptions, ConnectionType, ValidOptions};
 use super::pending::PendingQueue;
 use super::session::{Command, Session};
 use super::status::{SessionState, SessionStatus};
+use super::ticket::{Resumed, SessionTicket};
 use super::transport::Shared;
 
 /// How many commands may wait for the session task before senders wait.
@@ -142,6 +143,53 @@ impl Client {
     /// On error nothing keeps running in the background, and dropping the future before it
     /// finishes stops the attempt.
     pub async fn open(&self) -> Result<(), Error> {
+        self.open_session(None).await
+    }
+
+    /// Opens the client by continuing the session of `ticket` (from
+    /// [`ticket`](Self::ticket) or [`detach`](Self::detach) of another client of the same
+    /// URL): the first request is a `/meta/connect` with the ticket's client id, and the
+    /// server delivers what it queued for the session meanwhile. If the server no longer
+    /// knows the session (or the ticket is for another URL), the client handshakes and
+    /// subscribes to the ticket's channels again, as after any lost session.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub async fn resume(&self, ticket: SessionTicket) -> Result<Resumed, Error> {
+        let client_id = ticket.client_id.clone();
+        self.open_session(Some(ticket)).await?;
+        Ok(if self.status().client_id.as_deref() == Some(client_id.as_str()) {
+            Resumed::Continued
+        } else {
+            Resumed::Handshaken
+        })
+    }
+
+    /// What another client needs to continue this session (`None` unless the client has
+    /// a session). Keep it up to date where the other client will look for it: it changes
+    /// when the session or its subscriptions change ([`watch_status`](Self::watch_status)).
+    pub fn ticket(&self) -> Option<SessionTicket> {
+        let handle = self.handle()?;
+        let status = handle.status.borrow();
+        if status.state == SessionState::Closed {
+            return None;
+        }
+        super::ticket::ticket_of(&self.inner.ctx.shared, &status)
+    }
+
+    /// Stops the client without ending its session on the server, and returns what
+    /// continues it in another client ([`resume`](Self::resume)); `None` if it was not
+    /// connected. What the server sent the session meanwhile is taken in first, for at
+    /// most `wait`, and stays available to [`receive`](Self::receive) until it returns
+    /// [`Error::Closed`]: hand it on as well.
+    pub async fn detach(&self, wait: std::time::Duration) -> Option<SessionTicket> {
+        let handle = self.handle()?;
+        let (reply, done) = oneshot::channel();
+        handle.commands.send(Command::Detach { wait, reply }).await.ok()?;
+        done.await.ok().flatten()
+    }
+
+    async fn open_session(&self, resume: Option<SessionTicket>) -> Result<(), Error> {
         let (opened, mut cancel) = {
             let mut slot = self.inner.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(handle) = slot.as_ref()
@@ -152,7 +200,8 @@ impl Client {
             let (commands, receiver) = mpsc::channel(COMMAND_CAPACITY);
             let (status, watch) = watch::channel(SessionStatus::new());
             let (opened, opened_receiver) = oneshot::channel();
-            let session = Session::new(self.inner.ctx.clone(), receiver, status.clone(), opened).run();
+            let session =
+                Session::new(self.inner.ctx.clone(), receiver, status.clone(), opened, resume).run();
             let task = tokio::spawn(supervised(session, status, self.inner.ctx.shared.queue.clone()));
             let cancel = CancelOpen {
                 inner: &self.inner,

@@ -65,6 +65,20 @@ pub trait Extension: Send + Sync + 'static {
         let _ = (channel, reply);
         false
     }
+
+    /// What this extension keeps of the current session, for a
+    /// [`SessionTicket`](super::SessionTicket) that another client continues the session
+    /// with. The default keeps nothing.
+    fn session_state(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// The client continues a session from a ticket: `state` is what
+    /// [`session_state`](Self::session_state) gave then (`None` if nothing). Called before
+    /// the first `/meta/connect` of the continued session. The default does nothing.
+    fn resume_session(&self, state: Option<&serde_json::Value>) {
+        let _ = state;
+    }
 }
 
 /// An extension that carries credentials and can renew them.

@@ -101,6 +101,9 @@ pub(crate) struct Machine {
     pub(crate) failures: u32,
     /// Whether `open` still waits for its answer.
     pub(crate) opening: bool,
+    /// Whether the session was taken up from a ticket and has not handshaken since: a
+    /// server that no longer knows it calls for a handshake, not a failed open.
+    pub(crate) resuming: bool,
     /// When `open` gives up on errors it could otherwise retry.
     pub(crate) open_deadline: Option<Instant>,
     /// Whether an auth extension is configured.
@@ -115,6 +118,7 @@ impl Machine {
             advice: Advice::default(),
             failures: 0,
             opening: true,
+            resuming: false,
             open_deadline,
             has_auth,
             refused: Refused::default(),
@@ -125,6 +129,7 @@ impl Machine {
     pub(crate) fn on_step(&mut self, event: Event<'_>, now: Instant) -> Action {
         match event {
             Event::Handshaken { advice, resubscribe } => {
+                self.resuming = false;
                 if let Some(advice) = advice {
                     self.merge_advice(advice);
                 }
@@ -228,7 +233,9 @@ impl Machine {
             Some(Reconnect::Handshake) | Some(Reconnect::Retry) | None
                 if reconnect == Some(Reconnect::Handshake) || is_unknown_session(reply) =>
             {
-                if self.gives_up(&error, now) {
+                // A session taken up from a ticket that the server no longer knows: a
+                // new handshake is the expected way on, not a failed open.
+                if !std::mem::take(&mut self.resuming) && self.gives_up(&error, now) {
                     return Action::FailOpen;
                 }
                 let wait = if is_limit_error(reply) {

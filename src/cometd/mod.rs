@@ -55,6 +55,7 @@ mod salesforce;
 mod session;
 mod status;
 mod subscribe;
+mod ticket;
 mod tls;
 // Crate-visible for the fuzz harnesses (`crate::fuzzing`).
 pub(crate) mod transport;
@@ -79,4 +80,5 @@ pub use salesforce::{
     LOGIN_PRODUCTION, LOGIN_SANDBOX, SalesforceAuth, SalesforceCredentials, SalesforceFlow, SalesforceToken,
 };
 pub use status::{SessionState, SessionStatus};
+pub use ticket::{Resumed, SessionTicket};
 pub use transport::coalesce::ReadCoalescing;

@@ -21,12 +21,15 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// Below this a handshake reply may not fit.
 const MIN_MAX_MESSAGE_SIZE: usize = 1024;
 
-/// A way of carrying Bayeux messages, as named in the handshake.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A way of carrying Bayeux messages, as named in the handshake (and in a
+/// [`SessionTicket`](super::SessionTicket)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ConnectionType {
     /// HTTP POSTs, with `/meta/connect` held open by the server until it has events.
+    #[serde(rename = "long-polling")]
     LongPolling,
     /// One websocket for every message of the session.
+    #[serde(rename = "websocket")]
     WebSocket,
 }
 

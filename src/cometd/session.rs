@@ -24,14 +24,32 @@ use super::message::{Advice, Data, META_CONNECT, META_DISCONNECT, META_UNSUBSCRI
 use super::negotiation::{Handshaken, handshake};
 use super::status::{SessionState, SessionStatus};
 use super::subscribe::{Resubscription, resubscribe, subscribe_all, subscription_request};
+use super::ticket::SessionTicket;
 use super::transport::Transport;
 
 /// A request from a [`Client`](super::Client) handle.
 pub(crate) enum Command {
-    Publish { channel: String, data: Value, reply: oneshot::Sender<Result<Message, Error>> },
-    Subscribe { channel: String, reply: oneshot::Sender<Result<(), Error>> },
-    Unsubscribe { channel: String, reply: oneshot::Sender<Result<(), Error>> },
-    Close { reply: oneshot::Sender<()> },
+    Publish {
+        channel: String,
+        data: Value,
+        reply: oneshot::Sender<Result<Message, Error>>,
+    },
+    Subscribe {
+        channel: String,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Unsubscribe {
+        channel: String,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+    /// Stop without `/meta/disconnect`, for another client to continue the session.
+    Detach {
+        wait: Duration,
+        reply: oneshot::Sender<Option<SessionTicket>>,
+    },
 }
 
 /// What a finished step of the session's own work produced. One exists at a time, so
@@ -79,11 +97,12 @@ impl Session {
         commands: mpsc::Receiver<Command>,
         status: watch::Sender<SessionStatus>,
         opened: oneshot::Sender<Result<(), Error>>,
+        resume: Option<SessionTicket>,
     ) -> Self {
         let open_deadline =
             ctx.shared.options.connection_timeout.map(|timeout| deadline(Instant::now(), timeout));
         let machine = Machine::new(open_deadline, ctx.shared.options.auth.is_some());
-        Session {
+        let mut session = Session {
             ctx,
             commands,
             status,
@@ -95,14 +114,42 @@ impl Session {
             client_id: None,
             subscriptions: BTreeSet::new(),
             deferred: VecDeque::new(),
+        };
+        if let Some(ticket) = resume {
+            session.take_up(ticket);
         }
+        session
+    }
+
+    /// Continues the session of `ticket`: its client id, transport, subscriptions, cookies
+    /// and extensions' state; the first step is then a `/meta/connect` (a server that no
+    /// longer knows the client id answers it with a new handshake).
+    fn take_up(&mut self, ticket: SessionTicket) {
+        let shared = &self.ctx.shared;
+        if ticket.url != shared.options.http_url.as_str() {
+            tracing::info!(ticket = %ticket.url, "the session ticket is for another URL; handshaking");
+            return;
+        }
+        for cookie in &ticket.cookies {
+            shared.jar.add_cookie_str(cookie, &shared.options.http_url);
+        }
+        for (index, extension) in shared.options.extensions.iter().enumerate() {
+            extension.resume_session(ticket.extensions.get(index).and_then(Option::as_ref));
+        }
+        self.transport = Some(Arc::new(Transport::new(ticket.connection_type, shared.clone())));
+        self.client_id = Some(ticket.client_id);
+        self.subscriptions = ticket.subscriptions;
+        self.machine.resuming = true;
+        self.publish_session();
     }
 
     /// Runs the session until it is closed by a handle, by the server, by a failed open, or
     /// because every handle was dropped.
     pub(crate) async fn run(mut self) {
         self.set_state(SessionState::Handshaking, None);
-        let mut step: Option<BoxFuture<'static, Step>> = Some(self.start(Next::Handshake));
+        // A session taken up from a ticket starts with its /meta/connect.
+        let first = if self.client_id.is_some() { Next::Connect { probe: true } } else { Next::Handshake };
+        let mut step: Option<BoxFuture<'static, Step>> = Some(self.start(first));
         let mut scheduled: Option<(Instant, Next)> = None;
         let mut requests: FuturesUnordered<BoxFuture<'static, Done>> = FuturesUnordered::new();
         loop {
@@ -121,6 +168,11 @@ impl Session {
                         drop(step.take());
                         Box::pin(self.shut_down(true)).await;
                         let _ = reply.send(());
+                        return;
+                    }
+                    Some(Command::Detach { wait, reply }) => {
+                        let ticket = Box::pin(self.detach(step.take(), wait)).await;
+                        let _ = reply.send(ticket);
                         return;
                     }
                     Some(command) if self.is_connected() => requests.push(self.request(command)),
@@ -402,6 +454,7 @@ impl Session {
                     drop(reply.send(Err(timed_out())))
                 }
                 Command::Close { reply } => drop(reply.send(())),
+                Command::Detach { reply, .. } => drop(reply.send(None)),
             }
         }
     }
@@ -480,7 +533,9 @@ impl Session {
                         result.and_then(|mut replies| check(replies.remove(0)).map(drop)),
                     )
                 }
-                Command::Close { .. } => unreachable!("close is handled by the session loop"),
+                Command::Close { .. } | Command::Detach { .. } => {
+                    unreachable!("close and detach are handled by the session loop")
+                }
             }
         }
         .boxed()
@@ -529,6 +584,49 @@ impl Session {
         }
     }
 
+    /// Stops without `/meta/disconnect` and returns what continues the session elsewhere
+    /// (`None` unless it was connected). What the server sent for it meanwhile is taken
+    /// in first, for at most `wait`: on long-polling the held `/meta/connect` is let finish
+    /// (or, cut at `wait`, followed by one the server answers at once, which takes what it
+    /// queued for the cut one); a websocket is closed with a close handshake, reading up to
+    /// the server's close frame.
+    async fn detach(
+        &mut self,
+        step: Option<BoxFuture<'static, Step>>,
+        wait: Duration,
+    ) -> Option<SessionTicket> {
+        let connected = self.is_connected();
+        let (Some(transport), Some(client_id), true) =
+            (self.transport.clone(), self.client_id.clone(), connected)
+        else {
+            drop(step);
+            self.shut_down(false).await;
+            return None;
+        };
+        self.set_state(SessionState::Disconnecting, None);
+        match transport.connection_type() {
+            super::options::ConnectionType::LongPolling => {
+                let finished = match step {
+                    Some(step) => tokio::time::timeout(wait, step).await.ok(),
+                    None => None,
+                };
+                if !matches!(finished, Some(Step::Connected(Ok(_)))) {
+                    let last = connect(self.ctx.clone(), transport.clone(), client_id, None, true);
+                    if tokio::time::timeout(wait, last).await.is_err() {
+                        tracing::debug!("the last /meta/connect before detaching got no reply in time");
+                    }
+                }
+            }
+            super::options::ConnectionType::WebSocket => {
+                drop(step);
+                transport.close_gracefully(wait).await;
+            }
+        }
+        let ticket = super::ticket::ticket_of(&self.ctx.shared, &self.status.borrow());
+        self.shut_down(false).await;
+        ticket
+    }
+
     /// Ends the session: `/meta/disconnect` if it is connected and `polite`, then closes the
     /// transport and answers whatever still waits.
     async fn shut_down(&mut self, polite: bool) {
@@ -570,6 +668,7 @@ impl Session {
                     drop(reply.send(Err(closed())))
                 }
                 Command::Close { reply } => drop(reply.send(())),
+                Command::Detach { reply, .. } => drop(reply.send(None)),
             }
         }
         if let Some(opened) = self.opened.take() {
@@ -609,7 +708,7 @@ mod size_tests {
         let (_commands, receiver) = tokio::sync::mpsc::channel(1);
         let (status, _) = tokio::sync::watch::channel(super::SessionStatus::new());
         let (opened, _) = tokio::sync::oneshot::channel();
-        let run = super::Session::new(ctx, receiver, status, opened).run();
+        let run = super::Session::new(ctx, receiver, status, opened, None).run();
         assert!(std::mem::size_of_val(&run) <= 2048, "session task: {} bytes", std::mem::size_of_val(&run));
     }
 }

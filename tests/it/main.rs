@@ -19,6 +19,7 @@ mod faults;
 mod full;
 mod fuzz;
 mod fuzz_corpus;
+mod handoff;
 mod harness;
 mod hostile;
 mod interop;

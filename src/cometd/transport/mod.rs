@@ -240,6 +240,14 @@ impl Transport {
             transport.close().await;
         }
     }
+
+    /// Closes a websocket as the protocol asks, reading what the server sent before its
+    /// own close frame, for at most `wait` (nothing to do on long-polling).
+    pub(crate) async fn close_gracefully(&self, wait: std::time::Duration) {
+        if let Transport::WebSocket(transport) = self {
+            transport.close_gracefully(wait).await;
+        }
+    }
 }
 
 /// A received payload: the messages that fit, and an [`Error::BadMessage`] for each one

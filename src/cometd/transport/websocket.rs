@@ -61,6 +61,27 @@ impl WebSocket {
         self.reset().await;
     }
 
+    /// Closes the socket as the protocol asks: a close frame, then what the server sent
+    /// before its own close frame is still read (its events queued), for at most `wait`.
+    /// A session handed to another client thus loses nothing in flight.
+    pub(crate) async fn close_gracefully(&self, wait: Duration) {
+        let connection = self.connection.lock().await.take();
+        let Some(connection) = connection else { return };
+        let mut ended = connection.reader_ended.clone();
+        let close = async {
+            if let Err(error) = connection.writer.lock().await.close().await {
+                tracing::debug!(error = %error, "the socket did not take the close frame");
+            }
+            // Resolves (with an error) once the reader stopped at the server's close.
+            let _ = ended.changed().await;
+        };
+        if tokio::time::timeout(wait, close).await.is_err() {
+            tracing::debug!(waited = ?wait, "the server did not close the socket in time; dropping it");
+        }
+        connection.reader.abort();
+        connection.waiting.fail_all(TransportErrorKind::ConnectionClosed);
+    }
+
     /// The open connection, or a new one opened with `headers`.
     async fn connection(&self, headers: HeaderMap) -> Result<Arc<Connection>, Error> {
         let mut slot = self.connection.lock().await;
@@ -175,6 +196,8 @@ struct Connection {
     writer: tokio::sync::Mutex<SplitSink<Socket, Frame>>,
     waiting: Arc<Waiting>,
     reader: JoinHandle<()>,
+    /// Never changes: its sender goes with the reader task, which tells when it ended.
+    reader_ended: tokio::sync::watch::Receiver<()>,
 }
 
 impl Connection {
@@ -218,8 +241,13 @@ impl Connection {
         shared.jar.set_cookies(&mut response.headers().get_all(SET_COOKIE).iter(), &options.http_url);
         let (writer, reader) = socket.split();
         let waiting = Arc::new(Waiting::default());
-        let reader = tokio::spawn(watched_reader(reader, shared, waiting.clone()));
-        Ok(Connection { writer: tokio::sync::Mutex::new(writer), waiting, reader })
+        let waiting_for_reader = waiting.clone();
+        let (ended, reader_ended) = tokio::sync::watch::channel(());
+        let reader = tokio::spawn(async move {
+            watched_reader(reader, shared, waiting_for_reader).await;
+            drop(ended);
+        });
+        Ok(Connection { writer: tokio::sync::Mutex::new(writer), waiting, reader, reader_ended })
     }
 
     /// Stops the reader, fails what waits, and sends a close frame if the socket takes it
