@@ -16,6 +16,7 @@ mod changes;
 mod dead_letters;
 pub mod forwarder;
 pub mod gate;
+mod handover;
 mod health;
 mod ownership;
 mod registry;
@@ -108,6 +109,8 @@ struct SourceEntry {
     busy: tokio::sync::watch::Sender<usize>,
     /// Until when this replica may write for it.
     lease: Arc<gate::LeaseClock>,
+    /// The session its next run continues (left by the previous owner).
+    ticket: handover::TicketSlot,
 }
 
 impl SourceEntry {

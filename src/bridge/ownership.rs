@@ -103,7 +103,7 @@ impl Bridge {
             ownership.started.store(true, std::sync::atomic::Ordering::Release);
         }
         for (source, lease) in held {
-            self.give_up(&source).await;
+            self.give_up(&source, true).await;
             if let Err(error) = leases.release(&source, lease.revision).await {
                 tracing::warn!(source = %source, error = %error, "could not release the lease; it expires on its own");
             }
@@ -141,7 +141,7 @@ impl Bridge {
         for (source, why) in lost {
             held.remove(&source);
             tracing::warn!(source = %source, why = %why, "giving the source up");
-            self.give_up(&source).await;
+            self.give_up(&source, false).await;
         }
         // A source a reload built anew (its settings changed) starts unowned: this replica
         // holds its lease, so it runs it.
@@ -157,7 +157,7 @@ impl Bridge {
             if !self.take_over(&source).await
                 && let Some(lease) = held.remove(&source)
             {
-                self.give_up(&source).await;
+                self.give_up(&source, true).await;
                 if let Err(error) = leases.release(&source, lease.revision).await {
                     tracing::warn!(source = %source, error = %error, "could not release the lease; it expires on its own");
                 }
@@ -185,7 +185,7 @@ impl Bridge {
             && let Some(lease) = held.remove(&source)
         {
             tracing::info!(source = %source, share, "handing the source over to another replica");
-            self.give_up(&source).await;
+            self.give_up(&source, true).await;
             if let Err(error) = leases.release(&source, lease.revision).await {
                 tracing::warn!(source = %source, error = %error, "could not release the lease; it expires on its own");
             }
@@ -268,6 +268,20 @@ impl Bridge {
                 }
             }
         }
+        match self.store.session(source).await {
+            Ok(Some(ticket)) => match serde_json::from_value::<crate::cometd::SessionTicket>(ticket) {
+                Ok(ticket) => {
+                    *entry.ticket.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ticket)
+                }
+                Err(error) => {
+                    tracing::warn!(source = %source, error = %error, "the stored session is unreadable; opening a new one")
+                }
+            },
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(source = %source, error = %error, "cannot read the session the previous owner left; opening a new one")
+            }
+        }
         tracing::info!(source = %source, "this replica owns the source now");
         self.metrics.lease_changed(source);
         self.metrics.source_owned(source, true);
@@ -320,11 +334,16 @@ impl Bridge {
     }
 
     /// Stops `source` on this replica, waiting (up to `cluster.handover_wait`) until its
-    /// session is closed and its forwarders settled what they delivered.
-    async fn give_up(&self, source: &str) {
+    /// session is handed over and its forwarders settled what they delivered. A lease lost
+    /// (`voluntary` false) stops every write at once; one given up still lets them finish
+    /// within the wait, while the lease holds.
+    async fn give_up(&self, source: &str, voluntary: bool) {
         let Some(entry) = self.source(source) else { return };
-        entry.lease.revoke();
+        if !voluntary {
+            entry.lease.revoke();
+        }
         if !entry.owned.send_replace(false) {
+            entry.lease.revoke();
             return;
         }
         self.metrics.lease_changed(source);
@@ -334,5 +353,8 @@ impl Bridge {
         if tokio::time::timeout(wait, busy.wait_for(|running| *running == 0)).await.is_err() {
             tracing::warn!(source = %source, "the source's tasks did not stop within handover_wait");
         }
+        // Given up of its own accord, the replica still held the lease while its tasks
+        // spooled, settled and handed the session over; not from now on.
+        entry.lease.revoke();
     }
 }

@@ -174,7 +174,7 @@ impl Bridge {
             .chain(plan.sources_changed.iter().map(|(old, _)| old.clone()))
             .collect();
         for source in &leaving {
-            self.stop_source(source, super::REMOVE_WAIT).await;
+            self.stop_source(source, super::REMOVE_WAIT, false).await;
         }
         // 3. Removed subscriptions lose their route; their backlog stays in the store.
         for id in &plan.subscriptions_removed {

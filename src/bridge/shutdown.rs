@@ -43,8 +43,10 @@ impl Bridge {
         // most until three quarters of the reserve are gone, the rest is for the sync.
         let close_within =
             (deadline - reserve / 4).saturating_duration_since(Instant::now()).min(DISCONNECT_WAIT);
-        futures_util::future::join_all(sources.iter().map(|source| self.stop_source(source, close_within)))
-            .await;
+        futures_util::future::join_all(
+            sources.iter().map(|source| self.stop_source(source, close_within, true)),
+        )
+        .await;
         let backlog: u64 = self.subscriptions.all(|entry| entry.spool.backlog().messages).into_iter().sum();
         if backlog > 0 {
             tracing::info!(messages = backlog, "spooled messages are kept for the next start");

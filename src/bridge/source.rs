@@ -372,6 +372,11 @@ pub struct Source {
     pub metrics: Metrics,
     /// Channels being subscribed in the background, so that none is asked twice.
     pub subscribing: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    /// The session to continue on the next open (left by the previous owner).
+    pub ticket: super::handover::TicketSlot,
+    /// Whether the source changes hands among replicas: its session is detached, not
+    /// disconnected, when given up, and its ticket kept in the shared store.
+    pub hands_over: bool,
 }
 
 /// How often a source checks that every route's channel is subscribed upstream (and
@@ -410,10 +415,15 @@ impl Source {
             if stop.is_cancelled() {
                 return client;
             }
-            tracing::info!(source = %self.name, "this replica no longer owns the source: disconnecting");
             self.metrics.source_connected(&self.name, false);
-            if tokio::time::timeout(GIVE_UP_WAIT, client.close()).await.is_err() {
-                tracing::warn!(source = %self.name, "the CometD server did not answer the disconnect in time");
+            if self.hands_over {
+                tracing::info!(source = %self.name, "this replica no longer owns the source: handing its session over");
+                self.hand_over(&stop).await;
+            } else {
+                tracing::info!(source = %self.name, "this replica no longer owns the source: disconnecting");
+                if tokio::time::timeout(GIVE_UP_WAIT, client.close()).await.is_err() {
+                    tracing::warn!(source = %self.name, "the CometD server did not answer the disconnect in time");
+                }
             }
         }
     }
@@ -422,6 +432,7 @@ impl Source {
     /// disconnect it after the forwarders drained.
     pub async fn run(self, stop: CancellationToken) -> Client {
         let mut known_session: Option<Arc<str>> = None;
+        let mut saved: super::handover::SavedSession = None;
         'session: loop {
             if !self.open(&stop).await {
                 return self.client;
@@ -430,6 +441,7 @@ impl Source {
             let mut session: Arc<str> =
                 status.borrow_and_update().client_id.clone().unwrap_or_default().into();
             self.session_changed(&mut known_session, &session);
+            self.save_ticket(&mut saved).await;
             self.metrics.source_connected(&self.name, true);
             let window = self.spooler.store.append_window();
             let mut last_append: Option<Instant> = None;
@@ -440,21 +452,26 @@ impl Source {
                     biased;
                     _ = stop.cancelled() => return self.client,
                     changed = status.changed() => {
-                        let status = status.borrow_and_update();
-                        if changed.is_err() || status.state == SessionState::Closed {
+                        let connected = {
+                            let status = status.borrow_and_update();
+                            if changed.is_err() || status.state == SessionState::Closed {
+                                None
+                            } else {
+                                if let Some(client_id) = &status.client_id && **client_id != *session {
+                                    session = client_id.as_str().into();
+                                    self.session_changed(&mut known_session, &session);
+                                }
+                                Some(status.state == SessionState::Connected)
+                            }
+                        };
+                        let Some(connected) = connected else {
                             self.metrics.source_connected(&self.name, false);
-                            drop(status);
                             continue 'session;
-                        }
-                        let connected = status.state == SessionState::Connected;
+                        };
                         self.metrics.source_connected(&self.name, connected);
-                        if let Some(client_id) = &status.client_id && **client_id != *session {
-                            session = client_id.as_str().into();
-                            self.session_changed(&mut known_session, &session);
-                        }
-                        drop(status);
                         if connected {
                             self.reconcile();
+                            self.save_ticket(&mut saved).await;
                         }
                         continue;
                     }
@@ -544,7 +561,7 @@ impl Source {
             let opened = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return false,
-                opened = self.client.open() => opened,
+                opened = self.open_session() => opened,
             };
             match opened.and(Ok(())) {
                 Ok(()) => break,
@@ -558,7 +575,8 @@ impl Source {
                 }
             }
         }
-        for channel in &wanted_channels(&self.spooler.routes.snapshot()) {
+        let continued = self.client.subscriptions();
+        for channel in wanted_channels(&self.spooler.routes.snapshot()).difference(&continued) {
             match self.client.subscribe(channel).await {
                 Ok(()) => tracing::info!(source = %self.name, channel = %channel, "subscribed"),
                 Err(error) => {

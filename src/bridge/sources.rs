@@ -49,18 +49,26 @@ impl Bridge {
             owned: tokio::sync::watch::Sender::new(owned),
             busy: tokio::sync::watch::Sender::new(0),
             lease,
+            ticket: Arc::default(),
         })
     }
 
-    /// Starts a source's task, supervised.
-    pub(super) fn spawn_source(&self, entry: &Arc<SourceEntry>) {
-        let source = Source {
+    /// What a source's task runs on.
+    fn source_task(&self, entry: &SourceEntry) -> Source {
+        Source {
             name: entry.name.clone(),
             client: entry.client.clone(),
             spooler: entry.spooler.clone(),
             metrics: self.metrics.clone(),
             subscribing: entry.subscribing.clone(),
-        };
+            ticket: entry.ticket.clone(),
+            hands_over: self.ownership.is_some(),
+        }
+    }
+
+    /// Starts a source's task, supervised.
+    pub(super) fn spawn_source(&self, entry: &Arc<SourceEntry>) {
+        let source = self.source_task(entry);
         let (health, metrics, stop) = (entry.health.clone(), self.metrics.clone(), entry.stop.clone());
         let task = format!("source {}", entry.name);
         let gate = entry.gate();
@@ -73,16 +81,22 @@ impl Bridge {
         *entry.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
     }
 
-    /// Stops a source's task, closes its session (waiting at most `close_within` for the
+    /// Stops a source's task, closes its session (with replicas and `hand_over`, while
+    /// this replica owns the source: detaches it for the next owner instead; waiting at most `close_within` for the
     /// server's answer: a frozen server must not hold up a reload or shutdown) and spools
     /// what the session still held (its routes still in place).
-    pub(super) async fn stop_source(&self, source: &SourceEntry, close_within: Duration) {
+    pub(super) async fn stop_source(&self, source: &SourceEntry, close_within: Duration, hand_over: bool) {
         source.stop.cancel();
         let task = source.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if let Some(task) = task
             && let Err(error) = task.await
         {
             tracing::error!(source = %source.name, error = %error, "a source task failed");
+        }
+        if hand_over && self.ownership.is_some() && *source.owned.borrow() {
+            // Another replica continues the session; it is not ended here.
+            self.source_task(source).hand_over(&self.stop_taking).await;
+            return;
         }
         if tokio::time::timeout(close_within, source.client.close()).await.is_err() {
             tracing::warn!(source = %source.name, waited = ?close_within, "the CometD server did not answer the disconnect in time; leaving the session to expire");

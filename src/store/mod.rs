@@ -270,6 +270,18 @@ pub trait Store: Send + Sync + 'static {
     fn unhealthy(&self) -> Option<String> {
         None
     }
+    /// The CometD session a source's last owner left for the next one (its session
+    /// ticket), where the store is shared among replicas; `None` elsewhere.
+    async fn session(&self, source: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let _ = source;
+        Ok(None)
+    }
+    /// Keeps a source's session ticket for the replica that owns the source next (nothing
+    /// where the store is not shared among replicas).
+    async fn put_session(&self, source: &str, ticket: &serde_json::Value) -> Result<(), StoreError> {
+        let _ = (source, ticket);
+        Ok(())
+    }
     /// Makes every settlement so far durable (at shutdown).
     async fn sync(&self) -> Result<(), StoreError> {
         Ok(())

@@ -1,6 +1,7 @@
 //! The NATS store: the same records as the file store, in three JetStream key-value buckets
 //! (`<bucket>-subscriptions`, `<bucket>-dead-letters`, `<bucket>-positions`) on the
-//! bridge's NATS connection. It suits a bridge without a persistent disk (a container that
+//! bridge's NATS connection, and a fourth (`<bucket>-sessions`) for the CometD sessions
+//! one replica hands to the next. It suits a bridge without a persistent disk (a container that
 //! may be rescheduled anywhere), and keeps the state where the forwarded messages go.
 //!
 //! A write returns once the server has stored it. Keys are the record ids in base64url,
@@ -60,6 +61,7 @@ pub struct NatsKvStore {
     subscriptions: Bucket,
     dead_letters: Bucket,
     positions: Bucket,
+    sessions: Bucket,
     spool: Arc<NatsSpool>,
     letters: Arc<Letters>,
 }
@@ -114,8 +116,9 @@ impl NatsKvStore {
         let mut subscriptions = Bucket::open(&jetstream, format!("{bucket}-subscriptions"), replicas).await?;
         let mut dead_letters = Bucket::open(&jetstream, format!("{bucket}-dead-letters"), replicas).await?;
         let mut positions = Bucket::open(&jetstream, format!("{bucket}-positions"), replicas).await?;
+        let mut sessions = Bucket::open(&jetstream, format!("{bucket}-sessions"), replicas).await?;
         let unreadable = Arc::new(Unreadable::default());
-        for bucket in [&mut subscriptions, &mut dead_letters, &mut positions] {
+        for bucket in [&mut subscriptions, &mut dead_letters, &mut positions, &mut sessions] {
             bucket.unreadable = unreadable.clone();
         }
         let bound = index_dead_letters(&dead_letters).await?;
@@ -123,6 +126,7 @@ impl NatsKvStore {
             subscriptions,
             dead_letters,
             positions,
+            sessions,
             spool: Arc::new(NatsSpool::new(client, bucket, replicas)),
             letters: Arc::new(Letters {
                 bound: std::sync::Mutex::new(bound),
@@ -502,6 +506,14 @@ impl Store for NatsKvStore {
 
     async fn put_positions(&self, subscription: &str, positions: &Positions) -> Result<(), StoreError> {
         self.positions.put(subscription, positions).await
+    }
+
+    async fn session(&self, source: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        self.sessions.get(source).await
+    }
+
+    async fn put_session(&self, source: &str, ticket: &serde_json::Value) -> Result<(), StoreError> {
+        self.sessions.put(source, ticket).await
     }
 
     async fn delete_positions(&self, subscription: &str) -> Result<(), StoreError> {

@@ -16,10 +16,10 @@ use crate::support::nats::NatsServer;
 use crate::support::peer::{WAIT, open};
 use crate::support::webhook::WebhookReceiver;
 
-const LEASE_TTL: Duration = Duration::from_secs(2);
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(2);
 
 /// A replica named `name` of the shared configuration, as its own process.
-async fn replica(
+pub(crate) async fn replica(
     name: &str,
     faye: &BayeuxServer,
     nats: &NatsServer,
@@ -50,7 +50,7 @@ async fn replica(
 }
 
 /// The source as `daemon` shows it.
-async fn source_view(daemon: &Daemon) -> Value {
+pub(crate) async fn source_view(daemon: &Daemon) -> Value {
     let answer = crate::support::http_client()
         .get(format!("http://{}/api/v1/sources", daemon.admin))
         .send()
@@ -61,7 +61,7 @@ async fn source_view(daemon: &Daemon) -> Value {
 }
 
 /// `daemon`'s metrics.
-async fn metrics_of(daemon: &Daemon) -> String {
+pub(crate) async fn metrics_of(daemon: &Daemon) -> String {
     let answer = crate::support::http_client()
         .get(format!("http://{}/metrics", daemon.admin))
         .send()
@@ -72,7 +72,7 @@ async fn metrics_of(daemon: &Daemon) -> String {
 
 /// Waits until `owner` runs the source (connected and subscribed) and every replica in
 /// `all` says it is the owner.
-async fn wait_for_owner(owner: &str, daemons: &[(&str, &Daemon)], within: Duration) {
+pub(crate) async fn wait_for_owner(owner: &str, daemons: &[(&str, &Daemon)], within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let mut settled = true;
