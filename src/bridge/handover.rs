@@ -15,6 +15,32 @@ use tokio_util::sync::CancellationToken;
 use super::source::Source;
 use crate::cometd::{Client, Error, Resumed, SessionTicket};
 
+/// Among replicas, the first extension of a source's client: nothing is sent to the
+/// CometD server while this replica does not hold the source's lease. A replica that
+/// wakes from a pause (SIGSTOP, a stalled VM) after another took the source over would
+/// otherwise send a `/meta/connect` on the session the other continues, before it learns
+/// it lost the lease; servers attach a session to the connection it was last heard on
+/// (faye), so that would take the session's messages away from its owner.
+pub struct LeaseFence(pub Arc<super::gate::LeaseClock>);
+
+#[crate::cometd::async_trait]
+impl crate::cometd::Extension for LeaseFence {
+    async fn outgoing(
+        &self,
+        _payload: &mut Vec<crate::cometd::Message>,
+        _headers: &mut crate::cometd::HeaderMap,
+    ) -> Result<(), Error> {
+        if self.0.may_write() {
+            Ok(())
+        } else {
+            Err(Error::transport_from(
+                crate::cometd::TransportErrorKind::ConnectionClosed,
+                "this replica does not hold the source's lease: nothing is sent to its server",
+            ))
+        }
+    }
+}
+
 /// The session a source's next run continues, when it has one.
 pub type TicketSlot = Arc<std::sync::Mutex<Option<SessionTicket>>>;
 
@@ -93,7 +119,9 @@ impl Source {
             let _ = self.spooler.spool(held, &session, stop).await;
         }
         match ticket {
-            Some(ticket) if self.spooler.lease.may_write() => {
+            Some(mut ticket) if self.spooler.lease.may_write() => {
+                // What was spooled just now counts as processed for the next owner.
+                ticket.extensions = self.client.extension_states();
                 if self.store_ticket(&ticket).await {
                     tracing::info!(source = %self.name, session = %ticket.client_id, "handed the session over for the next owner");
                 }

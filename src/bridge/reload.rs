@@ -126,7 +126,7 @@ impl Bridge {
             }
         }
         for (old, source) in &plan.sources_changed {
-            match source_client(source, &old.name, &self.metrics) {
+            match source_client(source, &old.name, &self.metrics, self.ownership.is_none()) {
                 Ok(client) => plan.built.push((source.clone(), client)),
                 Err(error) => {
                     problems.push(config::Problem::new(format!("source {}", source.name), error.to_string()))
@@ -135,7 +135,7 @@ impl Bridge {
         }
         for source in &plan.sources_added {
             let name: Arc<str> = source.name.as_str().into();
-            match source_client(source, &name, &self.metrics) {
+            match source_client(source, &name, &self.metrics, self.ownership.is_none()) {
                 Ok(client) => plan.built.push((source.clone(), client)),
                 Err(error) => {
                     problems.push(config::Problem::new(format!("source {}", source.name), error.to_string()))

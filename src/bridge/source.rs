@@ -109,6 +109,11 @@ pub struct Spooler {
     pub ack: Option<AckConfirmer>,
     /// Until when this replica may append for the source (see [`LeaseClock`]).
     pub lease: Arc<LeaseClock>,
+    /// With replicas: this process's own mark, added to the session in delivery ids. A
+    /// session continued by another replica restarts the arrival order, and its
+    /// messages must not take the ids of the previous owner's (a sink that
+    /// de-duplicates by id would drop them).
+    pub incarnation: Option<u64>,
 }
 
 impl Spooler {
@@ -122,7 +127,11 @@ impl Spooler {
         stop: &CancellationToken,
     ) -> Appended {
         let count = messages.len() as u64;
-        let appended = self.append(messages, session, stop).await;
+        let session = match self.incarnation {
+            Some(mark) => format!("{session}~{mark:016x}").into(),
+            None => session.clone(),
+        };
+        let appended = self.append(messages, &session, stop).await;
         if let Some(ack) = &self.ack {
             // Dropped messages are counted: asking the server for them again would only
             // drop them again.
@@ -726,6 +735,7 @@ mod tests {
             sequence: Arc::default(),
             ack: None,
             lease: LeaseClock::forever(),
+            incarnation: None,
         }
     }
 

@@ -8,7 +8,7 @@ impl Bridge {
     /// A source's client and spooler, not yet running.
     pub(super) fn build_source(&self, source_config: &SourceConfig) -> Result<Arc<SourceEntry>, BridgeError> {
         let name: Arc<str> = source_config.name.as_str().into();
-        let client = source_client(source_config, &name, &self.metrics)
+        let client = source_client(source_config, &name, &self.metrics, self.ownership.is_none())
             .map_err(|error| BridgeError::Conflict(format!("source {}: {error}", source_config.name)))?;
         Ok(self.source_entry(source_config, client))
     }
@@ -19,13 +19,12 @@ impl Bridge {
         source_config: &SourceConfig,
         source_client: SourceClient,
     ) -> Arc<SourceEntry> {
-        let SourceClient { client, replay, ack } = source_client;
+        let SourceClient { client, replay, ack, lease } = source_client;
         let name: Arc<str> = source_config.name.as_str().into();
         self.metrics.source_added(&name);
         // With replicas a source waits for its lease; alone, it is this process's.
         let owned = self.ownership.is_none();
         self.metrics.source_owned(&name, owned);
-        let lease = if owned { gate::LeaseClock::forever() } else { gate::LeaseClock::lapsed() };
         let spooler = Spooler {
             name: name.clone(),
             routes: Routes::default(),
@@ -35,6 +34,7 @@ impl Bridge {
             sequence: Arc::default(),
             ack,
             lease: lease.clone(),
+            incarnation: self.ownership.as_ref().map(|_| fastrand::u64(..)),
         };
         Arc::new(SourceEntry {
             config: source_config.clone(),
@@ -148,6 +148,8 @@ pub(super) struct SourceClient {
     pub(super) replay: Option<Arc<ReplayState>>,
     /// Confirms spooled messages to its ack extension, unless `ack = false`.
     pub(super) ack: Option<AckConfirmer>,
+    /// Until when this replica may write for the source, and talk to its server.
+    pub(super) lease: Arc<gate::LeaseClock>,
 }
 
 /// A source's client: its options, plus the replay extension (reading the source's replay
@@ -157,8 +159,16 @@ pub(super) fn source_client(
     config: &SourceConfig,
     name: &Arc<str>,
     metrics: &Metrics,
+    alone: bool,
 ) -> Result<SourceClient, Error> {
     let mut options = config.client_options();
+    // Alone, the source is this process's for good; among replicas it waits for its
+    // lease, and sends nothing to its server while it does not hold one (see
+    // `handover::LeaseFence`).
+    let lease = if alone { gate::LeaseClock::forever() } else { gate::LeaseClock::lapsed() };
+    if !alone {
+        options = options.extension(super::handover::LeaseFence(lease.clone()));
+    }
     let mut ack = None;
     if config.ack {
         let (extension, confirmer) = AckExtension::confirmed(DEFAULT_CONFIRM_WAIT);
@@ -180,5 +190,5 @@ pub(super) fn source_client(
     if let Some(credentials) = &config.salesforce {
         options = options.auth(SalesforceAuth::with_tls(credentials.clone(), &config.tls)?);
     }
-    Ok(SourceClient { client: options.build()?, replay, ack })
+    Ok(SourceClient { client: options.build()?, replay, ack, lease })
 }

@@ -197,9 +197,17 @@ impl AckExtension {
 
 #[async_trait]
 impl Extension for AckExtension {
-    /// Whether the server agreed, and the batch acknowledged last.
+    /// Whether the server agreed, and the newest batch whose events are all processed:
+    /// the next holder of the session acknowledges it, and the server sends the later
+    /// ones again.
     fn session_state(&self) -> Option<Value> {
-        let acknowledged = self.state().acknowledged;
+        let confirmed = match self.shared.confirm_wait {
+            None => u64::MAX,
+            Some(_) => self.shared.confirmed.load(Ordering::Acquire),
+        };
+        let state = self.state();
+        let processed = state.batches.iter().take_while(|(_, events, _)| *events <= confirmed).last();
+        let acknowledged = processed.map_or(state.acknowledged, |(batch, _, _)| *batch);
         Some(serde_json::json!({ "enabled": self.is_enabled(), "acknowledged": acknowledged }))
     }
 

@@ -189,6 +189,15 @@ impl Client {
         done.await.ok().flatten()
     }
 
+    /// What each extension keeps of the session now, as in a ticket's
+    /// [`extensions`](SessionTicket::extensions): for a ticket from
+    /// [`detach`](Self::detach) brought up to date once the application processed what
+    /// the session still held (the acknowledgement extension then has the next holder
+    /// acknowledge it, so the server does not send it again).
+    pub fn extension_states(&self) -> Vec<Option<Value>> {
+        self.inner.ctx.shared.options.extensions.iter().map(|extension| extension.session_state()).collect()
+    }
+
     async fn open_session(&self, resume: Option<SessionTicket>) -> Result<(), Error> {
         let (opened, mut cancel) = {
             let mut slot = self.inner.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

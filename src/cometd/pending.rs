@@ -21,6 +21,10 @@ pub(crate) type Pending = Result<Message, Error>;
 pub(crate) struct PendingQueue {
     items: Mutex<Items>,
     limit: Option<usize>,
+    /// Set while `open` continues a session from a ticket: the server may first send
+    /// what it queued for the session, ahead of the reply `open` waits for, and the
+    /// application cannot take any of it before `open` returns.
+    lifted: std::sync::atomic::AtomicBool,
     pushed: Notify,
     popped: Notify,
 }
@@ -44,6 +48,7 @@ impl PendingQueue {
         PendingQueue {
             items: Mutex::new(Items::default()),
             limit,
+            lifted: std::sync::atomic::AtomicBool::new(false),
             pushed: Notify::new(),
             popped: Notify::new(),
         }
@@ -122,7 +127,16 @@ impl PendingQueue {
 
     /// Whether the queue holds as many items as its limit allows.
     pub(crate) fn is_full(&self) -> bool {
-        self.limit.is_some_and(|limit| self.len() >= limit)
+        !self.lifted.load(std::sync::atomic::Ordering::Acquire)
+            && self.limit.is_some_and(|limit| self.len() >= limit)
+    }
+
+    /// Lifts the limit (or puts it back): readers waiting for space go on at once.
+    pub(crate) fn lift(&self, lifted: bool) {
+        self.lifted.store(lifted, std::sync::atomic::Ordering::Release);
+        if lifted {
+            self.popped.notify_waiters();
+        }
     }
 
     /// Waits until the queue is below its limit.

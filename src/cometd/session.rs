@@ -121,6 +121,13 @@ impl Session {
         session
     }
 
+    /// `open`'s answer, to send: from now on the pending limit holds again (it is lifted
+    /// while a session taken up from a ticket opens).
+    fn take_opened(&mut self) -> Option<oneshot::Sender<Result<(), Error>>> {
+        self.ctx.shared.queue.lift(false);
+        self.opened.take()
+    }
+
     /// Continues the session of `ticket`: its client id, transport, subscriptions, cookies
     /// and extensions' state; the first step is then a `/meta/connect` (a server that no
     /// longer knows the client id answers it with a new handshake).
@@ -140,6 +147,7 @@ impl Session {
         self.client_id = Some(ticket.client_id);
         self.subscriptions = ticket.subscriptions;
         self.machine.resuming = true;
+        shared.queue.lift(true);
         self.publish_session();
     }
 
@@ -292,6 +300,7 @@ impl Session {
     /// `Err(())` when the session must stop.
     fn apply(&mut self, step: Step) -> Result<Option<(Duration, Next)>, ()> {
         let now = Instant::now();
+
         if let Some(advice) = self.ctx.take_advice() {
             self.machine.merge_advice(&advice);
         }
@@ -375,7 +384,7 @@ impl Session {
                 self.open_failed = true;
                 let error =
                     error.unwrap_or_else(|| Error::InvalidOperation("open failed without an error".into()));
-                if let Some(opened) = self.opened.take() {
+                if let Some(opened) = self.take_opened() {
                     let _ = opened.send(Err(error));
                 }
                 return Err(());
@@ -399,7 +408,7 @@ impl Session {
         }
         self.set_state(state, error.as_ref());
         if state == SessionState::Connected
-            && let Some(opened) = self.opened.take()
+            && let Some(opened) = self.take_opened()
         {
             self.status.send_modify(|status| status.open = true);
             let _ = opened.send(Ok(()));
@@ -470,7 +479,7 @@ impl Session {
         });
         tracing::debug!(error = %error, "giving up opening at connection_timeout");
         self.open_failed = true;
-        if let Some(opened) = self.opened.take() {
+        if let Some(opened) = self.take_opened() {
             let _ = opened.send(Err(error));
         }
     }
@@ -671,7 +680,7 @@ impl Session {
                 Command::Detach { reply, .. } => drop(reply.send(None)),
             }
         }
-        if let Some(opened) = self.opened.take() {
+        if let Some(opened) = self.take_opened() {
             let _ = opened.send(Err(Error::InvalidOperation("the client was closed while opening".into())));
         }
         self.status.send_modify(|status| {

@@ -26,6 +26,18 @@ pub(crate) async fn replica(
     hook: &str,
     dir: &tempfile::TempDir,
 ) -> Daemon {
+    replica_with(name, faye, nats, hook, dir, "").await
+}
+
+/// [`replica`], with `source` added to the source's settings (TOML lines).
+pub(crate) async fn replica_with(
+    name: &str,
+    faye: &BayeuxServer,
+    nats: &NatsServer,
+    hook: &str,
+    dir: &tempfile::TempDir,
+    source: &str,
+) -> Daemon {
     let state = dir.path().join(name);
     std::fs::create_dir_all(&state).expect("state dir");
     let config = state.join("bridge.toml");
@@ -36,7 +48,7 @@ pub(crate) async fn replica(
              [state]\npath = \"{}\"\nbackend = \"nats\"\nbucket = \"shared\"\n\
              [cluster]\nreplica = \"{name}\"\nlease_ttl = \"{}s\"\nhandover_wait = \"2s\"\n\
              [nats]\nurl = \"{}\"\n\
-             [[sources]]\nname = \"demo\"\nurl = \"{}\"\n\
+             [[sources]]\nname = \"demo\"\nurl = \"{}\"\n{source}\
              [[subscriptions]]\nid = \"numbers\"\nsource = \"demo\"\nchannel = \"/numbers\"\n\
              sink = {{ type = \"webhook\", url = \"{hook}\" }}\n",
             state.display(),
@@ -203,6 +215,10 @@ async fn an_owner_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     publish_and_check(&faye, &mut receiver, 140..160, &mut all).await;
     let metrics = metrics_of(&a).await;
     assert!(metrics.contains("cometd_bridge_source_owned{source=\"demo\"} 0"), "{metrics}");
+    // b continued a's session, and the woken a sent nothing on it (it would have taken
+    // the session's messages away from b).
+    let metrics = metrics_of(&b).await;
+    assert!(metrics.contains("cometd_bridge_session_losses_total{source=\"demo\"} 0"), "{metrics}");
 }
 
 /// A reload that changes the owned source (a new client, built unowned) on a replica
