@@ -20,8 +20,8 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::proxy::Link;
 use super::{Received, Shared, is_tls, parse_received};
-use crate::cometd::error::{Error, TransportErrorKind};
-use crate::cometd::message::{META_CONNECT, Message};
+use crate::error::{Error, TransportErrorKind};
+use crate::message::{META_CONNECT, Message};
 
 type Socket = WebSocketStream<MaybeTlsStream<Link>>;
 
@@ -351,7 +351,7 @@ impl Waiting {
 async fn watched_reader(reader: SplitStream<Socket>, shared: Arc<Shared>, waiting: Arc<Waiting>) {
     let read = std::panic::AssertUnwindSafe(read_frames(reader, shared, waiting.clone()));
     if let Err(panic) = futures_util::FutureExt::catch_unwind(read).await {
-        let cause = crate::cometd::error::panic_cause(&*panic);
+        let cause = crate::error::panic_cause(&*panic);
         tracing::error!(cause = %cause, "the websocket reader failed; dropping the socket");
         waiting
             .fail_all(TransportErrorKind::InvalidOperation(format!("the websocket reader failed: {cause}")));
@@ -450,7 +450,7 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
 }
 
 /// The socket's settings: a small read buffer, and no message or frame over `max_message_size`.
-pub(crate) fn socket_config(max_message_size: usize) -> WebSocketConfig {
+pub fn socket_config(max_message_size: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_SIZE)
         .max_message_size(Some(max_message_size))

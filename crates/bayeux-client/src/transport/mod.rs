@@ -25,13 +25,13 @@ use super::message::{Data, Message, WireMessage};
 use super::options::{ConnectionType, Proxy, ValidOptions};
 use super::pending::PendingQueue;
 
-// The parsing doors the fuzz harnesses (`crate::fuzzing`) go through.
+// The parsing doors the fuzz harnesses go through (public through `crate::fuzzing`).
 #[cfg(feature = "fuzzing")]
-pub(crate) use chunked::{ChunkedPayload, STREAM_AFTER};
+pub use chunked::{ChunkedPayload, STREAM_AFTER};
 pub(crate) use long_polling::LongPolling;
 pub(crate) use websocket::WebSocket;
 #[cfg(feature = "fuzzing")]
-pub(crate) use websocket::socket_config;
+pub use websocket::socket_config;
 
 /// What every transport of one client shares.
 pub(crate) struct Shared {
@@ -245,9 +245,11 @@ impl Transport {
 /// A received payload: the messages that fit, and an [`Error::BadMessage`] for each one
 /// that did not (empty unless the payload had such a message).
 #[derive(Debug)]
-pub(crate) struct Received {
-    pub(crate) messages: Vec<Message>,
-    pub(crate) rejected: Vec<Error>,
+pub struct Received {
+    /// The messages that fit, in order.
+    pub messages: Vec<Message>,
+    /// One error for each message that did not fit.
+    pub rejected: Vec<Error>,
 }
 
 impl Received {
@@ -259,7 +261,7 @@ impl Received {
 /// Parses a received payload strictly: any message that does not fit fails it all. For
 /// the fuzz harness and tests; the transports use [`parse_received`].
 #[cfg(any(test, feature = "fuzzing"))]
-pub(crate) fn parse_payload(bytes: Bytes) -> Result<Vec<Message>, Error> {
+pub fn parse_payload(bytes: Bytes) -> Result<Vec<Message>, Error> {
     let received = parse_received(bytes)?;
     match received.rejected.into_iter().next() {
         None => Ok(received.messages),
@@ -468,7 +470,7 @@ pub(crate) fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cometd::Data;
+    use crate::Data;
     use serde_json::json;
 
     fn message(value: serde_json::Value) -> Message {

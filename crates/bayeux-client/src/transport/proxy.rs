@@ -16,7 +16,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::http::Uri;
 
 use super::coalesce::{CoalescingStream, ReadCoalescing};
-use crate::cometd::error::{Error, TransportErrorKind};
+use crate::error::{Error, TransportErrorKind};
 
 /// The longest answer head accepted from a proxy.
 const PROXY_ANSWER_LIMIT: usize = 16 * 1024;

@@ -26,10 +26,10 @@ const COMMAND_CAPACITY: usize = 64;
 /// A CometD client: open a session, subscribe, publish, and receive messages.
 ///
 /// ```no_run
-/// use cometd_bridge::cometd::Client;
+/// use bayeux_client::Client;
 /// use serde_json::json;
 ///
-/// # async fn example() -> Result<(), cometd_bridge::cometd::Error> {
+/// # async fn example() -> Result<(), bayeux_client::Error> {
 /// let client = Client::builder("http://127.0.0.1:8000/bayeux").build()?;
 /// client.open().await?;
 /// client.subscribe("/chat/demo").await?;

@@ -5,10 +5,10 @@
 //! own.
 //!
 //! ```no_run
-//! use cometd_bridge::cometd::{Client, ConnectionType};
+//! use bayeux_client::{Client, ConnectionType};
 //! use futures_util::StreamExt;
 //!
-//! # async fn example() -> Result<(), cometd_bridge::cometd::Error> {
+//! # async fn example() -> Result<(), bayeux_client::Error> {
 //! let client = Client::builder("http://127.0.0.1:8000/bayeux")
 //!     .connection_types([ConnectionType::WebSocket, ConnectionType::LongPolling])
 //!     .build()?;
@@ -56,8 +56,16 @@ mod session;
 mod status;
 mod subscribe;
 mod tls;
-// Crate-visible for the fuzz harnesses (`crate::fuzzing`).
-pub(crate) mod transport;
+mod transport;
+
+/// The parsing doors for fuzz harnesses (cometd-bridge's `fuzz/` and its corpus-replay
+/// test), with the `fuzzing` feature only: not an API, hidden from the docs, and free to
+/// change with the parsers.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::transport::{ChunkedPayload, Received, STREAM_AFTER, parse_payload, socket_config};
+}
 
 pub use ack::{AckConfirmer, AckExtension, DEFAULT_CONFIRM_WAIT};
 pub use async_trait::async_trait;

@@ -29,7 +29,7 @@ pub const WINDOW: Duration = Duration::from_millis(10);
 const EMPTY_TICKS: u32 = 3;
 
 /// When a busy websocket switches to timed reads, and how often it reads then. See
-/// [`ClientOptions::read_coalescing`](crate::cometd::ClientOptions::read_coalescing).
+/// [`ClientOptions::read_coalescing`](crate::ClientOptions::read_coalescing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadCoalescing {
     /// Wake-ups within one 10 ms window that make the socket busy.
