@@ -1,8 +1,8 @@
 //! A CometD (Bayeux) client: the Rust counterpart of Python's aiocometd.
 //!
-//! This module owns everything about talking Bayeux to a server and knows nothing of the
-//! bridge around it: no NATS, no HTTP API, no configuration files. It can be used on its
-//! own.
+//! This crate owns everything about talking Bayeux to a server and knows nothing of the
+//! bridge it was written for (cometd-bridge, which re-exports it as `cometd_bridge::cometd`):
+//! no NATS, no HTTP API, no configuration files.
 //!
 //! ```no_run
 //! use bayeux_client::{Client, ConnectionType};
@@ -24,6 +24,31 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! Options are checked when the client is built, before anything touches the network, and
+//! an event's data stays the JSON text the server sent until it is asked for:
+//!
+//! ```
+//! use bayeux_client::{ChannelPattern, Client, Data, ErrorKind};
+//! use serde_json::json;
+//!
+//! let error = Client::builder("ftp://127.0.0.1/bayeux").build().unwrap_err();
+//! assert_eq!(error.kind(), ErrorKind::Client);
+//! assert!(error.to_string().contains("is not http, https, ws or wss"), "{error}");
+//!
+//! let data = Data::from(json!({ "text": "hello" }));
+//! assert_eq!(data.value()["text"], "hello");
+//! let pattern = ChannelPattern::new("/chat/**")?;
+//! assert!(pattern.matches("/chat/rooms/1"));
+//! # Ok::<(), bayeux_client::Error>(())
+//! ```
+//!
+//! The crate's examples (`listen`, `publish`, `salesforce_replay`) are command-line tools
+//! built on it: `cargo run -p bayeux-client --example listen -- <url> <channel>...`.
+//!
+//! # Features
+//! - `fuzzing` (off): the payload parsers for fuzz harnesses, in a hidden `fuzzing`
+//!   module. Not an API.
 //!
 //! # Layout
 //! - `client`: the [`Client`] handle; `status`: what it reports; `session`: the task that
