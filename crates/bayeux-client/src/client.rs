@@ -325,6 +325,14 @@ impl Client {
         self.pending_count() > 0
     }
 
+    /// How many times a websocket of this client, busy enough, switched to reading on a
+    /// timer ([`ClientOptions::read_coalescing`](crate::ClientOptions::read_coalescing)),
+    /// over its whole life: 0 with coalescing off, on long-polling, or while the stream
+    /// stays quiet. For metrics and for checking that a policy takes effect.
+    pub fn timed_read_switches(&self) -> u64 {
+        self.inner.ctx.shared.timed_switches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A snapshot of the session's state.
     pub fn status(&self) -> SessionStatus {
         self.handle().map_or_else(SessionStatus::new, |handle| handle.status.borrow().clone())

@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     /// Set when the server sent a `/meta/disconnect` of its own (Salesforce does): the
     /// session takes it as advice to handshake again.
     pub(crate) server_disconnected: std::sync::atomic::AtomicBool,
+    /// How many times a websocket of this client switched to timed reads (coalescing).
+    pub(crate) timed_switches: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -58,6 +60,7 @@ impl Shared {
             tls,
             queue,
             server_disconnected: std::sync::atomic::AtomicBool::new(false),
+            timed_switches: Arc::default(),
         })
     }
 

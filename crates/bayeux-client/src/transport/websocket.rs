@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as Frame};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
+use super::coalesce::Coalescing;
 use super::proxy::Link;
 use super::{Received, Shared, is_tls, parse_received};
 use crate::error::{Error, TransportErrorKind};
@@ -194,7 +195,8 @@ impl Connection {
         // thousands of sessions in one process that is most of their memory. Bayeux frames
         // are small; a larger one still fits, as the buffer grows on demand.
         let config = socket_config(options.max_message_size);
-        let coalescing = options.read_coalescing;
+        let coalescing =
+            Coalescing { policy: options.read_coalescing, switches: shared.timed_switches.clone() };
         // The proxy is chosen by the http(s) form of the URL, as for long-polling.
         let proxy = options
             .http_url
@@ -205,8 +207,8 @@ impl Connection {
         let tls = shared.tls.clone();
         let connect = async move {
             let stream = match &proxy {
-                Some(proxy) => Link::through(proxy, request.uri(), coalescing, &tls).await?,
-                None => Link::direct(request.uri(), coalescing).await?,
+                Some(proxy) => Link::through(proxy, request.uri(), &coalescing, &tls).await?,
+                None => Link::direct(request.uri(), &coalescing).await?,
             };
             tokio_tungstenite::client_async_tls_with_config(request, stream, Some(config), Some(connector))
                 .await
