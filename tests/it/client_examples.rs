@@ -1,11 +1,12 @@
 //! The client crate's examples (`crates/bayeux-client/examples`) run as a user would run
 //! them, against real faye on loopback: `listen` prints what `publish` sends, on both
 //! transports, and `salesforce_replay` logs in with OAuth and prints what the
-//! Salesforce-like fixture replays. `cargo test --all-targets` builds the examples; these
-//! tests run the built binaries and say how to build them when they are missing.
+//! Salesforce-like fixture replays. The examples are built as programs first (`cargo test
+//! --all-targets` builds them only as test harnesses), then run as built binaries.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::OnceLock;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -15,19 +16,52 @@ use crate::support::bayeux::{BayeuxServer, FayeOptions};
 use crate::support::peer::{WAIT, open};
 use cometd_bridge::cometd::{Client, ConnectionType};
 
-/// The built example `name`, next to this test's executable (`target/<profile>/deps/`).
+/// The built example `name`, in the target directory of this test's executable
+/// (`target/<profile>/deps/`). `cargo test --all-targets` builds examples only as test
+/// harnesses, not as the programs, so the first call builds them (`cargo build -p
+/// bayeux-client --examples`, a no-op when they are up to date) with the cargo, target
+/// directory and profile that built the tests.
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
     let profile =
         exe.parent().and_then(Path::parent).expect("the test executable is in target/<profile>/deps");
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    if let Err(error) = BUILT.get_or_init(|| build_examples(profile)) {
+        panic!("the client's examples could not be built: {error}");
+    }
     let path = profile.join("examples").join(name);
     assert!(
         path.is_file(),
-        "the example `{name}` is not built ({} is missing): `cargo build -p bayeux-client --examples` \
-         builds it (`cargo test --all-targets` does too)",
+        "the example `{name}` is not at {} after building: `cargo build -p bayeux-client --examples` builds it",
         path.display()
     );
     path
+}
+
+/// Builds the client crate's examples as programs into `profile_dir` (`target/<profile>`).
+fn build_examples(profile_dir: &Path) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let target_dir = profile_dir.parent().ok_or("no target directory above the profile's")?;
+    let profile = match profile_dir.file_name().and_then(|name| name.to_str()) {
+        Some("debug") | None => "dev",
+        Some(other) => other,
+    };
+    let output = std::process::Command::new(&cargo)
+        .args(["build", "--quiet", "-p", "bayeux-client", "--examples", "--profile", profile])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .arg("--manifest-path")
+        .arg(crate::support::project_dir().join("Cargo.toml"))
+        .output()
+        .map_err(|error| format!("run {}: {error}", cargo.display()))?;
+    match output.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "`cargo build -p bayeux-client --examples` failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )),
+    }
 }
 
 /// A running example, its output read a line at a time.
