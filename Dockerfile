@@ -11,16 +11,19 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # The dependencies first, in a layer of their own: a change to the sources alone rebuilds
-# only the project's crate.
+# only the workspace's two crates. The manifests of both (the daemon at the root, the
+# client in crates/bayeux-client) with empty sources in their place.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+COPY crates/bayeux-client/Cargo.toml crates/bayeux-client/Cargo.toml
+RUN mkdir -p src crates/bayeux-client/src \
  && echo 'fn main() {}' > src/main.rs \
- && touch src/lib.rs \
+ && touch src/lib.rs crates/bayeux-client/src/lib.rs \
  && cargo build --release --locked --bin cometd-bridge \
- && rm -rf src
+ && rm -rf src crates/bayeux-client/src
+COPY crates/bayeux-client/src ./crates/bayeux-client/src
 COPY src ./src
 # Newer than the placeholders' build, whatever times the build context kept.
-RUN touch src/main.rs src/lib.rs \
+RUN touch src/main.rs src/lib.rs crates/bayeux-client/src/lib.rs \
  && CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release --locked --bin cometd-bridge
 
 FROM debian:bookworm-slim

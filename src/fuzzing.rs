@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message as Frame;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
 
-use crate::cometd::transport::{ChunkedPayload, STREAM_AFTER, parse_payload, socket_config};
+use crate::cometd::fuzzing::{ChunkedPayload, STREAM_AFTER, parse_payload, socket_config};
 use crate::cometd::{Data, Error, Message, TransportErrorKind};
 use crate::config::{Env, Problem, RawConfig, RawSink, RawSubscription};
 

@@ -2,7 +2,8 @@
 //! NATS and webhooks.
 //!
 //! # Layout
-//! - [`cometd`]: the client. It uses nothing else from this crate, so it can be used alone.
+//! - [`cometd`]: the client, the `bayeux-client` crate of this workspace (`crates/`),
+//!   re-exported here; a project that wants only the client depends on that crate alone.
 //! - [`config`]: loading and validating the daemon's configuration; [`secret`]: values
 //!   that never print.
 //! - [`bridge`]: source tasks (one per CometD server) and forwarders (one per subscription).
@@ -22,7 +23,9 @@ pub mod app;
 pub mod bridge;
 pub mod cli;
 pub mod cluster;
-pub mod cometd;
+/// The CometD client: the `bayeux-client` crate (`crates/bayeux-client`), under the name
+/// the daemon's code and tests have always used.
+pub use bayeux_client as cometd;
 pub mod config;
 pub mod delivery;
 pub mod files;

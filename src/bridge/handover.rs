@@ -33,10 +33,12 @@ impl crate::cometd::Extension for LeaseFence {
         if self.0.may_write() {
             Ok(())
         } else {
-            Err(Error::transport_from(
-                crate::cometd::TransportErrorKind::ConnectionClosed,
-                "this replica does not hold the source's lease: nothing is sent to its server",
-            ))
+            Err(Error::Transport {
+                kind: crate::cometd::TransportErrorKind::ConnectionClosed,
+                source: Some(
+                    "this replica does not hold the source's lease: nothing is sent to its server".into(),
+                ),
+            })
         }
     }
 }

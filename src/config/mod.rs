@@ -751,7 +751,7 @@ mod tests {
 
     #[test]
     fn read_coalescing_is_on_unless_turned_off() {
-        assert_eq!(source_options("").read_coalescing, Some(ReadCoalescing::default()));
-        assert_eq!(source_options("read_coalescing = false\n").read_coalescing, None);
+        assert_eq!(source_options("").coalescing(), Some(ReadCoalescing::default()));
+        assert_eq!(source_options("read_coalescing = false\n").coalescing(), None);
     }
 }

@@ -1,60 +1,53 @@
-//! The CometD client must stay usable on its own: nothing under `src/cometd/` may use the
-//! rest of the crate (the bridge, sinks, store, admin API, ...).
+//! The CometD client must stay usable on its own: the `bayeux-client` crate
+//! (`crates/bayeux-client`) names none of the daemon's own dependencies, nor the daemon
+//! itself. The compiler keeps its code from using the daemon's modules; this keeps its
+//! manifest from pulling them in (`scripts/check-client-deps.sh` checks the whole tree).
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
 
 use crate::support::project_dir;
 
-fn rust_files(dir: &Path, found: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display())) {
-        let path = entry.expect("directory entry").path();
-        if path.is_dir() {
-            rust_files(&path, found);
-        } else if path.extension().is_some_and(|ext| ext == "rs") {
-            found.push(path);
-        }
-    }
-}
+/// What only the daemon may depend on.
+const DAEMON_ONLY: [&str; 9] =
+    ["cometd-bridge", "axum", "redb", "async-nats", "prometheus-client", "utoipa", "clap", "config", "tower"];
 
-/// Every `crate::<name>` in `source` whose `<name>` is not `cometd`, with its line number.
-fn foreign_crate_paths(source: &str) -> Vec<(usize, String)> {
-    let mut found = Vec::new();
-    for (number, line) in source.lines().enumerate() {
-        let code = line.split("//").next().unwrap_or_default();
-        for (index, _) in code.match_indices("crate::") {
-            let preceded_by_ident =
-                code[..index].chars().next_back().is_some_and(|c| c.is_alphanumeric() || c == '_');
-            let rest = &code[index + "crate::".len()..];
-            let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-            if !preceded_by_ident && name != "cometd" {
-                found.push((number + 1, line.trim().to_string()));
+/// The names in a manifest's `[dependencies]` and `[dev-dependencies]` sections (and any
+/// `[target.*.dependencies]`), one `name = ...` a line as this project writes them.
+fn dependency_names(manifest: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut in_dependencies = false;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_dependencies = line.ends_with("dependencies]") && !line.starts_with("[workspace");
+            continue;
+        }
+        if in_dependencies && let Some((name, _)) = line.split_once('=') {
+            let name = name.trim();
+            if !name.is_empty() && !name.starts_with('#') {
+                names.insert(name.to_owned());
             }
         }
     }
-    found
+    names
 }
 
 #[test]
-fn the_boundary_check_recognises_foreign_paths() {
-    assert_eq!(foreign_crate_paths("use crate::cometd::Error;"), vec![]);
-    assert_eq!(foreign_crate_paths("let x = 1; // crate::bridge in a comment"), vec![]);
-    assert_eq!(foreign_crate_paths("use cometd_bridge_crate::x;"), vec![]);
-    assert_eq!(foreign_crate_paths("use crate::sink::Nats;").len(), 1);
-    assert_eq!(foreign_crate_paths("use crate::{bridge, cometd};").len(), 1);
+fn the_dependency_reader_reads_this_projects_manifests() {
+    let root = std::fs::read_to_string(project_dir().join("Cargo.toml")).expect("read Cargo.toml");
+    let names = dependency_names(&root);
+    assert!(
+        names.contains("axum") && names.contains("bayeux-client") && names.contains("tempfile"),
+        "{names:?}"
+    );
+    assert!(!names.contains("members"), "{names:?}");
 }
 
 #[test]
-fn the_cometd_client_uses_nothing_from_the_rest_of_the_crate() {
-    let dir = project_dir().join("src/cometd");
-    let mut files = Vec::new();
-    rust_files(&dir, &mut files);
-    assert!(!files.is_empty(), "no Rust files under {}", dir.display());
-    let mut leaks = Vec::new();
-    for file in files {
-        let source = std::fs::read_to_string(&file).expect("read source");
-        for (line, text) in foreign_crate_paths(&source) {
-            leaks.push(format!("{}:{line}: {text}", file.display()));
-        }
-    }
-    assert!(leaks.is_empty(), "src/cometd uses the rest of the crate:\n{}", leaks.join("\n"));
+fn the_client_crate_depends_on_nothing_of_the_daemons() {
+    let path = project_dir().join("crates/bayeux-client/Cargo.toml");
+    let manifest = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let names = dependency_names(&manifest);
+    assert!(names.contains("tokio"), "the reader found the client's dependencies: {names:?}");
+    let leaks: Vec<_> = DAEMON_ONLY.iter().filter(|name| names.contains(**name)).collect();
+    assert!(leaks.is_empty(), "{} names the daemon's {leaks:?}", path.display());
 }

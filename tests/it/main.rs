@@ -10,6 +10,7 @@ mod bridge;
 mod bridge_replay;
 mod cli;
 mod client;
+mod client_examples;
 mod coalescing;
 mod daemon;
 mod dead_letters;

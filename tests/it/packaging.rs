@@ -102,6 +102,9 @@ fn the_dockerfile_matches_the_binary_and_the_configuration() {
     let dependencies = build.find("cargo build --release --locked --bin cometd-bridge").expect("a build");
     let sources = build.find("COPY src ./src").expect("the sources are copied");
     assert!(dependencies < sources, "the dependency layer comes before the sources");
+    let client =
+        build.find("COPY crates/bayeux-client/Cargo.toml").expect("the client crate's manifest is copied");
+    assert!(client < dependencies, "the workspace's client crate is in the dependency layer");
 
     // The image's environment on top of the configuration it ships is a valid setup once
     // the admin token is given (its API listens on every interface), and refused without.
@@ -143,7 +146,7 @@ fn the_dockerfile_matches_the_binary_and_the_configuration() {
     for needless in ["target", ".tools", "**/node_modules"] {
         assert!(ignored.lines().any(|line| line.trim() == needless), ".dockerignore leaves out {needless}");
     }
-    for needed in ["src", "Cargo.toml", "Cargo.lock", "config"] {
+    for needed in ["src", "Cargo.toml", "Cargo.lock", "config", "crates", "crates/bayeux-client"] {
         assert!(!ignored.lines().any(|line| line.trim() == needed), ".dockerignore keeps {needed}");
     }
 }

@@ -8,8 +8,8 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue};
 
 use super::chunked::ChunkedPayload;
 use super::{Received, Shared, http_error, require_replies, sort_replies};
-use crate::cometd::error::{Error, TransportErrorKind};
-use crate::cometd::message::Message;
+use crate::error::{Error, TransportErrorKind};
+use crate::message::Message;
 
 pub(crate) struct LongPolling {
     shared: Arc<Shared>,

@@ -25,13 +25,13 @@ use super::message::{Data, Message, WireMessage};
 use super::options::{ConnectionType, Proxy, ValidOptions};
 use super::pending::PendingQueue;
 
-// The parsing doors the fuzz harnesses (`crate::fuzzing`) go through.
+// The parsing doors the fuzz harnesses go through (public through `crate::fuzzing`).
 #[cfg(feature = "fuzzing")]
-pub(crate) use chunked::{ChunkedPayload, STREAM_AFTER};
+pub use chunked::{ChunkedPayload, STREAM_AFTER};
 pub(crate) use long_polling::LongPolling;
 pub(crate) use websocket::WebSocket;
 #[cfg(feature = "fuzzing")]
-pub(crate) use websocket::socket_config;
+pub use websocket::socket_config;
 
 /// What every transport of one client shares.
 pub(crate) struct Shared {
@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     /// Set when the server sent a `/meta/disconnect` of its own (Salesforce does): the
     /// session takes it as advice to handshake again.
     pub(crate) server_disconnected: std::sync::atomic::AtomicBool,
+    /// How many times a websocket of this client switched to timed reads (coalescing).
+    pub(crate) timed_switches: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -58,6 +60,7 @@ impl Shared {
             tls,
             queue,
             server_disconnected: std::sync::atomic::AtomicBool::new(false),
+            timed_switches: Arc::default(),
         })
     }
 
@@ -253,9 +256,11 @@ impl Transport {
 /// A received payload: the messages that fit, and an [`Error::BadMessage`] for each one
 /// that did not (empty unless the payload had such a message).
 #[derive(Debug)]
-pub(crate) struct Received {
-    pub(crate) messages: Vec<Message>,
-    pub(crate) rejected: Vec<Error>,
+pub struct Received {
+    /// The messages that fit, in order.
+    pub messages: Vec<Message>,
+    /// One error for each message that did not fit.
+    pub rejected: Vec<Error>,
 }
 
 impl Received {
@@ -267,7 +272,7 @@ impl Received {
 /// Parses a received payload strictly: any message that does not fit fails it all. For
 /// the fuzz harness and tests; the transports use [`parse_received`].
 #[cfg(any(test, feature = "fuzzing"))]
-pub(crate) fn parse_payload(bytes: Bytes) -> Result<Vec<Message>, Error> {
+pub fn parse_payload(bytes: Bytes) -> Result<Vec<Message>, Error> {
     let received = parse_received(bytes)?;
     match received.rejected.into_iter().next() {
         None => Ok(received.messages),
@@ -476,7 +481,7 @@ pub(crate) fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cometd::Data;
+    use crate::Data;
     use serde_json::json;
 
     fn message(value: serde_json::Value) -> Message {

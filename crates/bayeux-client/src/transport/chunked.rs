@@ -24,8 +24,8 @@ use bytestring::ByteString;
 use serde_json::value::RawValue;
 
 use super::{Received, message_count_estimate, parse_received, rejected_message};
-use crate::cometd::error::{Error, TransportErrorKind};
-use crate::cometd::message::{Data, Message, WireMessage};
+use crate::error::{Error, TransportErrorKind};
+use crate::message::{Data, Message, WireMessage};
 
 /// How many times its first chunk a payload's declared length may be, for sizing the
 /// message vector up front; past it, the vector grows as messages arrive.
@@ -35,7 +35,7 @@ const PLAUSIBLE_GROWTH: usize = 64;
 /// kept whole: large enough that an ordinary batch is read and handed over in one piece,
 /// small enough that a long one never holds much beyond what the application has not
 /// taken yet.
-pub(crate) const STREAM_AFTER: usize = 1024 * 1024;
+pub const STREAM_AFTER: usize = 1024 * 1024;
 
 /// Where the parser is in the array's syntax.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -64,7 +64,7 @@ enum Step {
 }
 
 /// Parses a JSON array of messages from its chunks, in order.
-pub(crate) struct ChunkedPayload {
+pub struct ChunkedPayload {
     expect: Expect,
     messages: Vec<Message>,
     /// Messages that did not fit, skipped while streaming (before, the whole payload is
@@ -96,7 +96,7 @@ pub(crate) struct ChunkedPayload {
 impl ChunkedPayload {
     /// A parser for a payload of `expected_len` bytes, if the length is known, read whole
     /// up to `limit` bytes and streamed past it.
-    pub(crate) fn new(expected_len: Option<u64>, limit: usize) -> Self {
+    pub fn new(expected_len: Option<u64>, limit: usize) -> Self {
         let expected_len = expected_len.map(|len| usize::try_from(len).unwrap_or(usize::MAX));
         ChunkedPayload {
             expect: Expect::Open,
@@ -119,7 +119,7 @@ impl ChunkedPayload {
     /// # Errors
     /// [`TransportErrorKind::TooLarge`] once a payload that is not an array of messages,
     /// or one message, grows past the limit; a malformed payload once it streams.
-    pub(crate) fn feed(&mut self, chunk: Bytes) -> Result<(), Error> {
+    pub fn feed(&mut self, chunk: Bytes) -> Result<(), Error> {
         if chunk.is_empty() {
             return Ok(());
         }
@@ -174,7 +174,7 @@ impl ChunkedPayload {
     /// Once the payload streams: the messages (and the errors for messages that did not
     /// fit) read since the last call, in order; `None` if there are none, or if the
     /// payload is still small enough to be read whole.
-    pub(crate) fn take_portion(&mut self) -> Option<Received> {
+    pub fn take_portion(&mut self) -> Option<Received> {
         if !self.streaming || (self.messages.is_empty() && self.rejected.is_empty()) {
             return None;
         }
@@ -194,7 +194,7 @@ impl ChunkedPayload {
 
     /// Every message, once the last chunk has been fed; or the error that names what is
     /// wrong with the payload.
-    pub(crate) fn finish(mut self) -> Result<Received, Error> {
+    pub fn finish(mut self) -> Result<Received, Error> {
         if self.streaming {
             let rejected = std::mem::take(&mut self.rejected);
             let malformed = self.malformed_stream();
@@ -215,7 +215,7 @@ impl ChunkedPayload {
     /// The messages read chunk by chunk, or the whole payload when it has to be parsed
     /// whole. Crate-visible for the fuzz harness, which checks that a well-formed array is
     /// read chunk by chunk.
-    pub(crate) fn end(mut self) -> Result<Vec<Message>, Bytes> {
+    pub fn end(mut self) -> Result<Vec<Message>, Bytes> {
         if !self.whole && !self.carry.is_empty() {
             // Carried bytes not parsed yet (they were waiting to grow): parse them now.
             let raw = self.carry.split().freeze();
@@ -394,7 +394,7 @@ fn join(chunks: &[Bytes]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cometd::transport::parse_payload;
+    use crate::transport::parse_payload;
 
     /// The chunks parsed; a well-formed array must be read chunk by chunk, not handed to
     /// `parse_payload` whole (which would hide a mistake in the chunk-by-chunk reading).

@@ -1,14 +1,14 @@
 //! A CometD (Bayeux) client: the Rust counterpart of Python's aiocometd.
 //!
-//! This module owns everything about talking Bayeux to a server and knows nothing of the
-//! bridge around it: no NATS, no HTTP API, no configuration files. It can be used on its
-//! own.
+//! This crate owns everything about talking Bayeux to a server and knows nothing of the
+//! bridge it was written for (cometd-bridge, which re-exports it as `cometd_bridge::cometd`):
+//! no NATS, no HTTP API, no configuration files.
 //!
 //! ```no_run
-//! use cometd_bridge::cometd::{Client, ConnectionType};
+//! use bayeux_client::{Client, ConnectionType};
 //! use futures_util::StreamExt;
 //!
-//! # async fn example() -> Result<(), cometd_bridge::cometd::Error> {
+//! # async fn example() -> Result<(), bayeux_client::Error> {
 //! let client = Client::builder("http://127.0.0.1:8000/bayeux")
 //!     .connection_types([ConnectionType::WebSocket, ConnectionType::LongPolling])
 //!     .build()?;
@@ -24,6 +24,31 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! Options are checked when the client is built, before anything touches the network, and
+//! an event's data stays the JSON text the server sent until it is asked for:
+//!
+//! ```
+//! use bayeux_client::{ChannelPattern, Client, Data, ErrorKind};
+//! use serde_json::json;
+//!
+//! let error = Client::builder("ftp://127.0.0.1/bayeux").build().unwrap_err();
+//! assert_eq!(error.kind(), ErrorKind::Client);
+//! assert!(error.to_string().contains("is not http, https, ws or wss"), "{error}");
+//!
+//! let data = Data::from(json!({ "text": "hello" }));
+//! assert_eq!(data.value()["text"], "hello");
+//! let pattern = ChannelPattern::new("/chat/**")?;
+//! assert!(pattern.matches("/chat/rooms/1"));
+//! # Ok::<(), bayeux_client::Error>(())
+//! ```
+//!
+//! The crate's examples (`listen`, `publish`, `salesforce_replay`) are command-line tools
+//! built on it: `cargo run -p bayeux-client --example listen -- <url> <channel>...`.
+//!
+//! # Features
+//! - `fuzzing` (off): the payload parsers for fuzz harnesses, in a hidden `fuzzing`
+//!   module. Not an API.
 //!
 //! # Layout
 //! - `client`: the [`Client`] handle; `status`: what it reports; `session`: the task that
@@ -57,8 +82,16 @@ mod status;
 mod subscribe;
 mod ticket;
 mod tls;
-// Crate-visible for the fuzz harnesses (`crate::fuzzing`).
-pub(crate) mod transport;
+mod transport;
+
+/// The parsing doors for fuzz harnesses (cometd-bridge's `fuzz/` and its corpus-replay
+/// test), with the `fuzzing` feature only: not an API, hidden from the docs, and free to
+/// change with the parsers.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::transport::{ChunkedPayload, Received, STREAM_AFTER, parse_payload, socket_config};
+}
 
 pub use ack::{AckConfirmer, AckExtension, DEFAULT_CONFIRM_WAIT};
 pub use async_trait::async_trait;

@@ -12,7 +12,7 @@ use super::message::Message;
 /// Both hooks default to doing nothing. Implement them with the re-exported [`macro@async_trait`]:
 ///
 /// ```no_run
-/// use cometd_bridge::cometd::{async_trait, Error, Extension, HeaderMap, Message};
+/// use bayeux_client::{async_trait, Error, Extension, HeaderMap, Message};
 ///
 /// struct Tagger;
 ///

@@ -27,10 +27,10 @@ const COMMAND_CAPACITY: usize = 64;
 /// A CometD client: open a session, subscribe, publish, and receive messages.
 ///
 /// ```no_run
-/// use cometd_bridge::cometd::Client;
+/// use bayeux_client::Client;
 /// use serde_json::json;
 ///
-/// # async fn example() -> Result<(), cometd_bridge::cometd::Error> {
+/// # async fn example() -> Result<(), bayeux_client::Error> {
 /// let client = Client::builder("http://127.0.0.1:8000/bayeux").build()?;
 /// client.open().await?;
 /// client.subscribe("/chat/demo").await?;
@@ -381,6 +381,14 @@ impl Client {
     /// Whether any received message waits for [`receive`](Self::receive).
     pub fn has_pending_messages(&self) -> bool {
         self.pending_count() > 0
+    }
+
+    /// How many times a websocket of this client, busy enough, switched to reading on a
+    /// timer ([`ClientOptions::read_coalescing`](crate::ClientOptions::read_coalescing)),
+    /// over its whole life: 0 with coalescing off, on long-polling, or while the stream
+    /// stays quiet. For metrics and for checking that a policy takes effect.
+    pub fn timed_read_switches(&self) -> u64 {
+        self.inner.ctx.shared.timed_switches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A snapshot of the session's state.

@@ -403,7 +403,7 @@ pub(crate) fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cometd::message::Protocol;
+    use crate::message::Protocol;
 
     fn reply(error: &str) -> Message {
         Message { successful: Some(false), ..Message::new("/meta/subscribe") }

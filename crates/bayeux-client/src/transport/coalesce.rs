@@ -14,6 +14,8 @@
 use std::future::Future;
 use std::io::{Read, Write};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -29,7 +31,7 @@ pub const WINDOW: Duration = Duration::from_millis(10);
 const EMPTY_TICKS: u32 = 3;
 
 /// When a busy websocket switches to timed reads, and how often it reads then. See
-/// [`ClientOptions::read_coalescing`](crate::cometd::ClientOptions::read_coalescing).
+/// [`ClientOptions::read_coalescing`](crate::ClientOptions::read_coalescing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadCoalescing {
     /// Wake-ups within one 10 ms window that make the socket busy.
@@ -43,6 +45,15 @@ impl Default for ReadCoalescing {
     fn default() -> Self {
         ReadCoalescing { wakeups_per_window: 200, interval: Duration::from_millis(1) }
     }
+}
+
+/// A client's coalescing policy and the count of its sockets' switches to timed reads
+/// ([`Client::timed_read_switches`](crate::Client::timed_read_switches)), handed to every
+/// websocket connection it opens.
+#[derive(Clone, Debug)]
+pub(crate) struct Coalescing {
+    pub(crate) policy: Option<ReadCoalescing>,
+    pub(crate) switches: Arc<AtomicU64>,
 }
 
 /// A TCP stream that reads on a timer while busy (see the module docs). Without a policy
@@ -65,6 +76,8 @@ pub(crate) struct CoalescingStream {
     /// While timed: the reader's waker. A write that has to go back to readiness polling
     /// wakes it, so that the reader registers for readiness too.
     reader: Option<Waker>,
+    /// Counts each switch to timed reads, for the client that owns the stream.
+    switches: Option<Arc<AtomicU64>>,
 }
 
 enum Mode {
@@ -94,6 +107,15 @@ impl CoalescingStream {
             tick_read: false,
             empty_ticks: 0,
             reader: None,
+            switches: None,
+        }
+    }
+
+    /// Wraps a connected stream with a client's policy, counting its switches there.
+    pub(crate) fn counted(stream: TcpStream, coalescing: &Coalescing) -> Self {
+        CoalescingStream {
+            switches: Some(coalescing.switches.clone()),
+            ..Self::new(stream, coalescing.policy)
         }
     }
 
@@ -134,6 +156,9 @@ impl CoalescingStream {
             self.tick_read = false;
             self.empty_ticks = 0;
             self.start_window(Instant::now());
+            if let Some(switches) = &self.switches {
+                switches.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::trace!("websocket busy: reading on a timer");
         }
         Ok(())

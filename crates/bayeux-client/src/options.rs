@@ -165,9 +165,9 @@ impl Tls {
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use cometd_bridge::cometd::{Client, ConnectionType};
+/// use bayeux_client::{Client, ConnectionType};
 ///
-/// # fn main() -> Result<(), cometd_bridge::cometd::Error> {
+/// # fn main() -> Result<(), bayeux_client::Error> {
 /// let client = Client::builder("http://127.0.0.1:8000/bayeux")
 ///     .connection_types([ConnectionType::WebSocket, ConnectionType::LongPolling])
 ///     .connection_timeout(Some(Duration::from_secs(10)))
@@ -311,6 +311,12 @@ impl ClientOptions {
     pub fn read_coalescing(mut self, coalescing: Option<ReadCoalescing>) -> Self {
         self.read_coalescing = coalescing;
         self
+    }
+
+    /// The read coalescing these options ask for ([`read_coalescing`](Self::read_coalescing)),
+    /// so that code building options from its own settings can check what it set.
+    pub fn coalescing(&self) -> Option<ReadCoalescing> {
+        self.read_coalescing
     }
 
     /// The largest Bayeux message, websocket message, or long-polling response that is

@@ -18,10 +18,11 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as Frame};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
+use super::coalesce::Coalescing;
 use super::proxy::Link;
 use super::{Received, Shared, is_tls, parse_received};
-use crate::cometd::error::{Error, TransportErrorKind};
-use crate::cometd::message::{META_CONNECT, Message};
+use crate::error::{Error, TransportErrorKind};
+use crate::message::{META_CONNECT, Message};
 
 type Socket = WebSocketStream<MaybeTlsStream<Link>>;
 
@@ -217,7 +218,8 @@ impl Connection {
         // thousands of sessions in one process that is most of their memory. Bayeux frames
         // are small; a larger one still fits, as the buffer grows on demand.
         let config = socket_config(options.max_message_size);
-        let coalescing = options.read_coalescing;
+        let coalescing =
+            Coalescing { policy: options.read_coalescing, switches: shared.timed_switches.clone() };
         // The proxy is chosen by the http(s) form of the URL, as for long-polling.
         let proxy = options
             .http_url
@@ -228,8 +230,8 @@ impl Connection {
         let tls = shared.tls.clone();
         let connect = async move {
             let stream = match &proxy {
-                Some(proxy) => Link::through(proxy, request.uri(), coalescing, &tls).await?,
-                None => Link::direct(request.uri(), coalescing).await?,
+                Some(proxy) => Link::through(proxy, request.uri(), &coalescing, &tls).await?,
+                None => Link::direct(request.uri(), &coalescing).await?,
             };
             tokio_tungstenite::client_async_tls_with_config(request, stream, Some(config), Some(connector))
                 .await
@@ -379,7 +381,7 @@ impl Waiting {
 async fn watched_reader(reader: SplitStream<Socket>, shared: Arc<Shared>, waiting: Arc<Waiting>) {
     let read = std::panic::AssertUnwindSafe(read_frames(reader, shared, waiting.clone()));
     if let Err(panic) = futures_util::FutureExt::catch_unwind(read).await {
-        let cause = crate::cometd::error::panic_cause(&*panic);
+        let cause = crate::error::panic_cause(&*panic);
         tracing::error!(cause = %cause, "the websocket reader failed; dropping the socket");
         waiting
             .fail_all(TransportErrorKind::InvalidOperation(format!("the websocket reader failed: {cause}")));
@@ -478,7 +480,7 @@ async fn read_frames(mut reader: SplitStream<Socket>, shared: Arc<Shared>, waiti
 }
 
 /// The socket's settings: a small read buffer, and no message or frame over `max_message_size`.
-pub(crate) fn socket_config(max_message_size: usize) -> WebSocketConfig {
+pub fn socket_config(max_message_size: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_SIZE)
         .max_message_size(Some(max_message_size))

@@ -105,9 +105,9 @@ struct OAuthError {
 /// The auth extension. Log in first to learn the instance URL, then give it to the client:
 ///
 /// ```no_run
-/// use cometd_bridge::cometd::{Client, ConnectionType, SalesforceAuth, SalesforceCredentials, SalesforceFlow, LOGIN_PRODUCTION};
+/// use bayeux_client::{Client, ConnectionType, SalesforceAuth, SalesforceCredentials, SalesforceFlow, LOGIN_PRODUCTION};
 ///
-/// # async fn example() -> Result<(), cometd_bridge::cometd::Error> {
+/// # async fn example() -> Result<(), bayeux_client::Error> {
 /// let auth = SalesforceAuth::new(SalesforceCredentials {
 ///     login_url: LOGIN_PRODUCTION.into(),
 ///     client_id: "3MVG9...".into(),

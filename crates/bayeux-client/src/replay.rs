@@ -97,9 +97,9 @@ type FallbackCallback = Arc<dyn Fn(&FallbackApplied) + Send + Sync>;
 /// The replay extension. Add it with [`ClientOptions::extension`](super::ClientOptions::extension).
 ///
 /// ```no_run
-/// use cometd_bridge::cometd::{Client, ReplayExtension, ReplayFallback, ReplayPosition};
+/// use bayeux_client::{Client, ReplayExtension, ReplayFallback, ReplayPosition};
 ///
-/// # fn main() -> Result<(), cometd_bridge::cometd::Error> {
+/// # fn main() -> Result<(), bayeux_client::Error> {
 /// let replay = ReplayExtension::new(|_channel: &str| ReplayPosition::All, ReplayFallback::New);
 /// let client = Client::builder("https://example.my.salesforce.com/cometd/62.0").extension(replay).build()?;
 /// # Ok(()) }
@@ -246,7 +246,7 @@ impl Extension for ReplayExtension {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cometd::message::Protocol;
+    use crate::message::Protocol;
     use serde_json::json;
 
     fn message(value: Value) -> Message {

@@ -15,8 +15,8 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::http::Uri;
 
-use super::coalesce::{CoalescingStream, ReadCoalescing};
-use crate::cometd::error::{Error, TransportErrorKind};
+use super::coalesce::{Coalescing, CoalescingStream};
+use crate::error::{Error, TransportErrorKind};
 
 /// The longest answer head accepted from a proxy.
 const PROXY_ANSWER_LIMIT: usize = 16 * 1024;
@@ -32,8 +32,8 @@ pub(crate) enum Link {
 
 impl Link {
     /// Connects straight to `uri` (`ws://` or `wss://`).
-    pub(crate) async fn direct(uri: &Uri, coalescing: Option<ReadCoalescing>) -> Result<Link, Error> {
-        Ok(Link::Plain(CoalescingStream::new(connect_tcp(uri).await?, coalescing)))
+    pub(crate) async fn direct(uri: &Uri, coalescing: &Coalescing) -> Result<Link, Error> {
+        Ok(Link::Plain(CoalescingStream::counted(connect_tcp(uri).await?, coalescing)))
     }
 
     /// Opens a tunnel to `target` through `proxy`: TLS with the proxy first when it is an
@@ -41,11 +41,11 @@ impl Link {
     pub(crate) async fn through(
         proxy: &Intercept,
         target: &Uri,
-        coalescing: Option<ReadCoalescing>,
+        coalescing: &Coalescing,
         tls: &Arc<rustls::ClientConfig>,
     ) -> Result<Link, Error> {
         let secure = is_secure(proxy)?;
-        let tcp = CoalescingStream::new(connect_tcp(proxy.uri()).await?, coalescing);
+        let tcp = CoalescingStream::counted(connect_tcp(proxy.uri()).await?, coalescing);
         let mut link = if secure {
             let host = proxy.uri().host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
             let name = ServerName::try_from(host.to_string()).map_err(|error| {

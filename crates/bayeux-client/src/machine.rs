@@ -365,7 +365,7 @@ pub(crate) fn is_unknown_session(reply: &Message) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cometd::error::TransportErrorKind;
+    use crate::error::TransportErrorKind;
     use serde_json::{Value, json};
 
     fn reply(value: Value) -> Message {
