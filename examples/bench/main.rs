@@ -100,7 +100,7 @@ fn main() {
                 for backend in ["embedded", "memory"] {
                     let result = bridge_nats(&url, &nats_url, backend).await;
                     let brief = |part: &Value| {
-                        json!({"rate": part["rate"], "cpu_us_per_msg": part["bridge_cpu_us_per_msg"], "p99_ms": part["p99_ms"], "direct_p99_ms": part["direct_p99_ms"]})
+                        json!({"rate": part["rate"], "listen_rate": part["direct_rate"], "cpu_us_per_msg": part["bridge_cpu_us_per_msg"], "listen_cpu_us_per_msg": part["direct_cpu_us_per_msg"], "p99_ms": part["p99_ms"], "listen_p99_ms": part["direct_p99_ms"]})
                     };
                     eprintln!("{backend}: full speed {}; at 10k msg/s {}", brief(&result["full_speed"]), brief(&result["at_10k"]));
                 }

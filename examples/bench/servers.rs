@@ -72,11 +72,17 @@ pub async fn start_bridge_on(config: &str, dir: &Path, backend: &str) -> (Proc, 
     )
     .expect("write config");
     let started = Instant::now();
-    let mut command = Command::new(root().join("target/release/cometd-bridge"));
+    let mut command = Command::new(bridge_binary());
     command.args(["run", "--config"]).arg(&file).env("RUST_LOG", "warn");
     let bridge = Proc::spawn(command);
     let ready = wait_ready(admin).await;
     (bridge, admin, ready.duration_since(started))
+}
+
+/// The daemon under test: `target/release/cometd-bridge`, or `BENCH_BRIDGE` (another
+/// build, to compare two in the same run).
+pub fn bridge_binary() -> std::path::PathBuf {
+    std::env::var_os("BENCH_BRIDGE").map_or_else(|| root().join("target/release/cometd-bridge"), Into::into)
 }
 
 pub async fn wait_ready(admin: u16) -> Instant {

@@ -4,8 +4,8 @@
 //! in the contract's order. This file holds the [`Bridge`] and its start; each other
 //! concept has its file:
 //!
-//! - `source` (the source task and its spooling), `sources` (a source's lifecycle and
-//!   client), `replay` (replay positions);
+//! - `source` (the source task and its spooling), `commit` (its group commit, pipelined),
+//!   `sources` (a source's lifecycle and client), `replay` (replay positions);
 //! - `spool`, `forwarder` (delivery from a spool), `subscriptions` (a subscription's
 //!   lifecycle), `registry` (the running subscriptions);
 //! - `changes` (what the admin API changes), `reload`, `dead_letters`;
@@ -13,6 +13,7 @@
 //!   (restarting a failed task), `shutdown`.
 
 mod changes;
+mod commit;
 mod dead_letters;
 pub mod forwarder;
 pub mod gate;

@@ -10,12 +10,13 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
+use super::commit::Pipeline;
 use super::gate::{Gate, LeaseClock};
 
 use super::forwarder::Counters;
@@ -29,9 +30,6 @@ use crate::delivery::Envelope;
 use crate::sink::pause;
 use crate::store::{SpoolAppend, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
-
-/// Messages taken from the session at most per spool transaction.
-const BATCH: usize = 512;
 
 /// One subscription's route: its pattern and its spool.
 #[derive(Clone)]
@@ -452,15 +450,30 @@ impl Source {
             self.session_changed(&mut known_session, &session);
             self.save_ticket(&mut saved).await;
             self.metrics.source_connected(&self.name, true);
-            let window = self.spooler.store.append_window();
-            let mut last_append: Option<Instant> = None;
+            // Group commit, pipelined: the next batch gathers while the previous one syncs.
+            let mut pipeline = Pipeline::new(self.spooler.store.append_window());
             let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
             reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                if pipeline.start_if_due(&self.spooler, &session, &stop) {
+                    self.metrics.pending(&self.name, self.client.pending_count());
+                }
                 let item = tokio::select! {
                     biased;
-                    _ = stop.cancelled() => return self.client,
+                    _ = stop.cancelled() => {
+                        // What was received is spooled before the source stops.
+                        pipeline.flush(&self.spooler, &session, &stop).await;
+                        return self.client;
+                    }
+                    appended = pipeline.progress() => {
+                        if let Some(appended) = appended {
+                            self.hold(appended.hold);
+                        }
+                        continue;
+                    }
                     changed = status.changed() => {
+                        // The status is read in a block of its own: its guard is never
+                        // held across an await, nor while `reconcile` reads it again.
                         let connected = {
                             let status = status.borrow_and_update();
                             if changed.is_err() || status.state == SessionState::Closed {
@@ -475,6 +488,8 @@ impl Source {
                         };
                         let Some(connected) = connected else {
                             self.metrics.source_connected(&self.name, false);
+                            // What was received is spooled before the session is opened again.
+                            self.hold(pipeline.flush(&self.spooler, &session, &stop).await.hold);
                             continue 'session;
                         };
                         self.metrics.source_connected(&self.name, connected);
@@ -488,78 +503,43 @@ impl Source {
                         self.reconcile();
                         continue;
                     }
-                    item = self.client.receive() => item,
+                    item = self.client.receive(), if pipeline.has_room() => item,
                 };
-                match item {
+                let mut failed = match item {
                     Ok(message) => {
-                        let mut batch = vec![message];
-                        // Whatever else has arrived goes in the same transaction.
-                        let mut deferred = None;
-                        while batch.len() < BATCH {
-                            match self.client.receive().now_or_never() {
-                                Some(Ok(message)) => batch.push(message),
-                                Some(Err(error)) => {
-                                    deferred = Some(error);
-                                    break;
-                                }
-                                None => break,
+                        pipeline.push(message);
+                        None
+                    }
+                    Err(error) => Some(error),
+                };
+                if failed.is_none() {
+                    // Whatever else has arrived joins the batch at once.
+                    while pipeline.has_room() {
+                        match self.client.receive().now_or_never() {
+                            Some(Ok(message)) => pipeline.push(message),
+                            Some(Err(error)) => {
+                                failed = Some(error);
+                                break;
                             }
-                        }
-                        // Group commit: while messages keep coming, at most one append per
-                        // window, so a synced append serves many messages.
-                        let window_ends = last_append.map(|started| started + window);
-                        if deferred.is_none()
-                            && let Some(ends) = window_ends.filter(|ends| *ends > Instant::now())
-                        {
-                            deferred = self.gather_until(&mut batch, ends, &stop).await;
-                        }
-                        last_append = Some(Instant::now());
-                        self.metrics.pending(&self.name, self.client.pending_count());
-                        let appended = self.spooler.spool(batch, &session, &stop).await;
-                        self.hold(appended.hold);
-                        match deferred {
-                            Some(Error::Closed) => continue 'session,
-                            Some(error) => {
-                                tracing::error!(source = %self.name, error = %crate::redact::mask_urls_in(&error.to_string()), "the CometD server reported an error")
-                            }
-                            None => {}
+                            None => break,
                         }
                     }
-                    Err(Error::Transport { kind: TransportErrorKind::ConnectionTimeout, .. }) => {
+                }
+                match failed {
+                    None => {}
+                    Some(Error::Closed) => {
+                        self.hold(pipeline.flush(&self.spooler, &session, &stop).await.hold);
+                        continue 'session;
+                    }
+                    Some(Error::Transport { kind: TransportErrorKind::ConnectionTimeout, .. }) => {
                         tracing::warn!(source = %self.name, "lost the connection to the CometD server; reconnecting");
                     }
-                    Err(Error::Closed) => continue 'session,
-                    Err(error) => {
+                    Some(error) => {
                         tracing::error!(source = %self.name, error = %crate::redact::mask_urls_in(&error.to_string()), "the CometD server reported an error");
                     }
                 }
             }
         }
-    }
-
-    /// Adds what the session delivers to `batch` until `ends`, a full batch or `stop`;
-    /// returns an error the session reported meanwhile (for the caller to handle after
-    /// spooling the batch).
-    async fn gather_until(
-        &self,
-        batch: &mut Vec<Message>,
-        ends: Instant,
-        stop: &CancellationToken,
-    ) -> Option<Error> {
-        let deadline = tokio::time::sleep_until(ends.into());
-        tokio::pin!(deadline);
-        while batch.len() < BATCH {
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return None,
-                () = &mut deadline => return None,
-                item = self.client.receive() => match item {
-                    Ok(message) => batch.push(message),
-                    Err(error) => return Some(error),
-                },
-            }
-        }
-        None
     }
 
     /// Opens the session and subscribes, retrying with backoff; `false` when stopped first.
