@@ -51,6 +51,7 @@ use super::nats_spool::Appended;
 use super::unreadable::Unreadable;
 use super::{
     DeadLetter, NatsSpool, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError,
+    SubscriptionChange, SubscriptionChanges,
 };
 use crate::config::RawSubscription;
 
@@ -425,6 +426,37 @@ impl Store for NatsKvStore {
 
     async fn delete_subscription(&self, id: &str) -> Result<bool, StoreError> {
         self.subscriptions.delete(id).await
+    }
+
+    /// A KV watch on `<bucket>-subscriptions` (updates only, from now on); a record that
+    /// cannot be read is logged, counted and skipped like in a listing.
+    async fn watch_subscriptions(&self) -> Result<Option<SubscriptionChanges>, StoreError> {
+        use futures_util::StreamExt;
+        let bucket = self.subscriptions.clone();
+        let watch =
+            bucket.store.watch_all().await.map_err(|error| nats_error(&bucket.name, "watch", error))?;
+        let changes = watch.filter_map(move |entry| {
+            let change = match entry {
+                Err(error) => Some(Err(nats_error(&bucket.name, "watch", error))),
+                Ok(entry) => {
+                    let id =
+                        URL_SAFE_NO_PAD.decode(&entry.key).ok().and_then(|id| String::from_utf8(id).ok());
+                    match (entry.operation, id) {
+                        // A key that is no record id is nothing the bridge wrote.
+                        (_, None) => None,
+                        (kv::Operation::Put, Some(_)) => bucket
+                            .unreadable
+                            .keep(bucket.parse::<RawSubscription>(&entry.key, &entry.value))
+                            .map(|record| Ok(SubscriptionChange::Stored(record))),
+                        (kv::Operation::Delete | kv::Operation::Purge, Some(id)) => {
+                            Some(Ok(SubscriptionChange::Removed(id)))
+                        }
+                    }
+                }
+            };
+            std::future::ready(change)
+        });
+        Ok(Some(changes.boxed()))
     }
 
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
