@@ -111,6 +111,23 @@ impl NatsKvStore {
         bucket: &str,
         replicas: usize,
     ) -> Result<Self, StoreError> {
+        // A cluster busy placing replicated buckets (several replicas starting at once, a
+        // meta leader being elected) can take longer than a request's timeout: a timed-out
+        // open is tried again, for a while.
+        let started = std::time::Instant::now();
+        loop {
+            match Self::try_open(client.clone(), bucket, replicas).await {
+                Err(StoreError::Nats { message, .. })
+                    if message.contains("timed out") && started.elapsed() < OPEN_PATIENCE =>
+                {
+                    tracing::warn!(error = %message, "the NATS state is slow to open; trying again");
+                }
+                opened => return opened,
+            }
+        }
+    }
+
+    async fn try_open(client: async_nats::Client, bucket: &str, replicas: usize) -> Result<Self, StoreError> {
         let jetstream = jetstream::new(client.clone());
         let mut subscriptions = Bucket::open(&jetstream, format!("{bucket}-subscriptions"), replicas).await?;
         let mut dead_letters = Bucket::open(&jetstream, format!("{bucket}-dead-letters"), replicas).await?;
@@ -165,6 +182,9 @@ impl NatsKvStore {
         Ok(())
     }
 }
+
+/// How long opening the buckets is tried again while their requests time out.
+const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How much of an oversize dead letter's data is kept, as JSON text.
 const TRUNCATED_HEAD: usize = 1024;
