@@ -1,5 +1,6 @@
 //! Scenario: failover among replicas. Two bridges run one configuration on the NATS state
-//! (`cluster.lease_ttl = "5s"`), one source on faye forwarding to core NATS, while a
+//! (`cluster.lease_ttl = "5s"`), one source on faye forwarding to JetStream (read here as
+//! plain NATS messages, with their headers), while a
 //! publisher sends a numbered message every 10 ms. The owner is killed (`kill -9`); the
 //! failover time is from the kill to the first message the new owner forwards (told by
 //! its session in `Nats-Msg-Id`, `<source>.<subscription>.<session>.<sequence>`). The
@@ -35,6 +36,17 @@ struct Replica {
 pub async fn failover(url: &str, nats_url: &str) -> Value {
     let dir = tempfile::tempdir().expect("temp dir");
     let nats = async_nats::connect(nats_url).await.expect("connect");
+    // A JetStream sink, for its `Nats-Msg-Id`; the stream's messages reach a plain
+    // subscriber too.
+    async_nats::jetstream::new(nats.clone())
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "FAILOVER".into(),
+            subjects: vec!["bench.failover".into()],
+            max_messages: 100_000,
+            ..Default::default()
+        })
+        .await
+        .expect("create the stream");
     let mut forwarded = nats.subscribe("bench.failover").await.expect("subscribe");
     nats.flush().await.expect("flush");
     let mut replicas = [
@@ -51,29 +63,33 @@ pub async fn failover(url: &str, nats_url: &str) -> Value {
     let mut times = Vec::new();
     for kill in 0..KILLS {
         // The owner, once it forwards: its session is the one in the messages.
-        let session = loop {
-            let message = tokio::time::timeout(ROUND_LIMIT, forwarded.next())
-                .await
-                .expect("messages flow")
-                .expect("subscribed");
-            if let Some(session) = session_of(&message) {
-                break session;
+        let message = tokio::time::timeout(ROUND_LIMIT, forwarded.next())
+            .await
+            .expect("messages flow")
+            .expect("subscribed");
+        let session = session_of(&message).expect("a Nats-Msg-Id on a JetStream sink's message");
+        // The API names the owner from its next look at the leases (within a second).
+        let deadline = Instant::now() + ROUND_LIMIT;
+        let owner = loop {
+            let mut owner = None;
+            for (index, replica) in replicas.iter().enumerate() {
+                let answer = http
+                    .get(format!("http://127.0.0.1:{}/api/v1/sources", replica.admin))
+                    .send()
+                    .await
+                    .expect("the API answers");
+                let sources: Value =
+                    serde_json::from_slice(&answer.bytes().await.expect("a body")).expect("JSON");
+                if sources[0]["owner"] == replica.name && sources[0]["state"] == "connected" {
+                    owner = Some(index);
+                }
             }
+            if let Some(owner) = owner {
+                break owner;
+            }
+            assert!(Instant::now() < deadline, "no replica owns and runs the source");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let mut owner = None;
-        for (index, replica) in replicas.iter().enumerate() {
-            let answer = http
-                .get(format!("http://127.0.0.1:{}/api/v1/sources", replica.admin))
-                .send()
-                .await
-                .expect("the API answers");
-            let sources: Value =
-                serde_json::from_slice(&answer.bytes().await.expect("a body")).expect("JSON");
-            if sources[0]["owner"] == replica.name && sources[0]["client_id"] == session.as_str() {
-                owner = Some(index);
-            }
-        }
-        let Some(owner) = owner else { continue };
         let killed = Instant::now();
         replicas[owner].process.take().expect("running").kill();
         let taken = loop {
@@ -131,7 +147,7 @@ async fn start(replica: &mut Replica, url: &str, nats_url: &str, dir: &std::path
              [nats]\nurl = \"{nats_url}\"\n\
              [[sources]]\nname = \"bench\"\nurl = \"{url}\"\n\
              [[subscriptions]]\nid = \"failover\"\nsource = \"bench\"\nchannel = \"/bench/failover\"\n\
-             sink = {{ type = \"nats\", subject = \"bench.failover\" }}\n",
+             sink = {{ type = \"nats\", subject = \"bench.failover\", jetstream = true }}\n",
             replica.admin,
             state.display(),
             replica.name,

@@ -360,7 +360,7 @@ pub fn report(results: &Value) -> String {
         );
         let _ = writeln!(
             w,
-            "From the kill to the first message the new owner forwards (a message every {} ms on faye, core NATS sink; the new owner told by its session in `Nats-Msg-Id`). The standby takes the source once the dead owner's lease has expired (up to `lease_ttl` after its last renewal, renewed every fifth of it) and its next round sees it, then handshakes and subscribes.\n",
+            "From the kill to the first message the new owner forwards (a message every {} ms on faye, a JetStream sink; the new owner told by its session in `Nats-Msg-Id`). The standby takes the source once the dead owner's lease has expired (up to `lease_ttl` after its last renewal, renewed every fifth of it) and its next round sees it, then handshakes and subscribes.\n",
             failover["tick_ms"]
         );
         let _ = writeln!(w, "| measure | value | target |");
