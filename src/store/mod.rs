@@ -203,7 +203,7 @@ pub enum StoreError {
 #[derive(Clone, Debug)]
 pub enum SubscriptionChange {
     /// A subscription stored (added through an API).
-    Stored(RawSubscription),
+    Stored(Box<RawSubscription>),
     /// The subscription of this id removed.
     Removed(String),
 }

@@ -467,7 +467,7 @@ impl Store for NatsKvStore {
                         (kv::Operation::Put, Some(_)) => bucket
                             .unreadable
                             .keep(bucket.parse::<RawSubscription>(&entry.key, &entry.value))
-                            .map(|record| Ok(SubscriptionChange::Stored(record))),
+                            .map(|record| Ok(SubscriptionChange::Stored(Box::new(record)))),
                         (kv::Operation::Delete | kv::Operation::Purge, Some(id)) => {
                             Some(Ok(SubscriptionChange::Removed(id)))
                         }
