@@ -15,6 +15,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
+/// How long opening the bucket is tried again while its requests time out.
+const OPEN_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Key prefix of the source leases.
 const SOURCE: &str = "source.";
 /// Key prefix of the replicas' announcements.
@@ -64,22 +67,35 @@ impl Leases {
     ) -> Result<Self, LeaseError> {
         let bucket = format!("{bucket}-leases");
         let jetstream = jetstream::new(nats.clone());
-        let store = jetstream
-            .create_or_update_key_value(kv::Config {
-                bucket: bucket.clone(),
-                description: "cometd-bridge source leases".into(),
-                history: 1,
-                max_age: ttl,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                ..kv::Config::default()
-            })
-            .await
-            .map_err(|error| LeaseError {
-                bucket: bucket.clone(),
-                what: "cannot be opened",
-                message: error.to_string(),
-            })?;
+        let config = kv::Config {
+            bucket: bucket.clone(),
+            description: "cometd-bridge source leases".into(),
+            history: 1,
+            max_age: ttl,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            ..kv::Config::default()
+        };
+        // A cluster busy placing replicated buckets can take longer than a request's
+        // timeout: a timed-out open is tried again, for a while.
+        let started = std::time::Instant::now();
+        let store = loop {
+            match jetstream.create_or_update_key_value(config.clone()).await {
+                Ok(store) => break store,
+                Err(error)
+                    if error.to_string().contains("timed out") && started.elapsed() < OPEN_PATIENCE =>
+                {
+                    tracing::warn!(bucket = %bucket, error = %error, "the lease bucket is slow to open; trying again");
+                }
+                Err(error) => {
+                    return Err(LeaseError {
+                        bucket: bucket.clone(),
+                        what: "cannot be opened",
+                        message: error.to_string(),
+                    });
+                }
+            }
+        };
         let instance = format!("{:016x}", fastrand::u64(..));
         let timeout = (ttl / 5).max(Duration::from_millis(200));
         Ok(Leases { store, bucket, me: Holder { replica: replica.to_string(), instance }, timeout })

@@ -4,7 +4,8 @@
 //! `bench/results.json`. The other modes are the processes it spawns, so that each one's
 //! CPU time and memory are measured by the operating system on its own, and aids for
 //! looking closer: `bench report` (RESULTS.md again from results.json), `bench receive
-//! <client> [transport]`, `bench bridge [nats|jetstream]`, `bench stage`, and
+//! <client> [transport]`, `bench bridge [nats|jetstream]`, `bench stage`, `bench failover`
+//! (the failover scenario alone, merged into `bench/results.json` and `RESULTS.md`), and
 //! `BENCH_PROFILE=perf.data` to run this client's subscriber under `perf record`
 //! (`BENCH_PROFILE_EVENT=page-faults` to sample another event than CPU time,
 //! `BENCH_PROFILE_FLAT=1` for a flat profile that disturbs the client less, and
@@ -16,6 +17,7 @@ use serde_json::{Value, json};
 
 use crate::bridge_jetstream::{bridge_jetstream, delivery_stage, plain_publisher};
 use crate::bridge_nats::bridge_nats;
+use crate::failover::failover;
 use crate::flood::flood;
 use crate::idle::idle_daemon;
 use crate::neighbour::bridge_neighbour;
@@ -32,6 +34,7 @@ use crate::webhook_latency::webhook_latency;
 mod bridge_jetstream;
 mod bridge_nats;
 mod bridge_webhook;
+mod failover;
 mod flood;
 mod idle;
 mod neighbour;
@@ -145,6 +148,25 @@ fn main() {
             salesforce.kill();
             nats.kill();
             faye.kill();
+        }),
+        Some("failover") => runtime.block_on(async {
+            // Failover among replicas alone, its figures merged into the committed results.
+            let (faye, url) = start_faye(60);
+            let store = tempfile::tempdir().expect("temp dir");
+            let (nats, nats_url) = start_nats(store.path());
+            let result = failover(&url, &nats_url).await;
+            eprintln!("{result}");
+            nats.kill();
+            faye.kill();
+            let dir = root().join("bench");
+            let mut results: Value = std::fs::read(dir.join("results.json"))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                .unwrap_or_else(|| json!({}));
+            results["failover"] = result;
+            std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&results).expect("JSON"))
+                .expect("write");
+            std::fs::write(dir.join("RESULTS.md"), report(&results)).expect("write");
         }),
         Some("idle") => runtime.block_on(async {
             let (faye, url) = start_faye(60);

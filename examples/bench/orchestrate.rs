@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use crate::bridge_jetstream::bridge_jetstream;
 use crate::bridge_nats::bridge_nats;
 use crate::bridge_webhook::bridge_webhook;
+use crate::failover::failover;
 use crate::idle::idle_daemon;
 use crate::neighbour::bridge_neighbour;
 use crate::process::root;
@@ -50,6 +51,9 @@ pub async fn orchestrate() {
     let (salesforce, replay_url) = start_salesforce_like(60);
     results.insert("neighbour".into(), bridge_neighbour(&url, &replay_url, &nats_url).await);
     salesforce.kill();
+    faye.kill();
+    let (faye, url) = start_faye(60);
+    results.insert("failover".into(), failover(&url, &nats_url).await);
     faye.kill();
     nats.kill();
 

@@ -356,6 +356,25 @@ pub fn report(results: &Value) -> String {
             result["kb_per_session"].as_f64().unwrap_or(0.0)
         );
     }
+    let failover = &results["failover"];
+    if !failover.is_null() {
+        let _ = writeln!(
+            w,
+            "\n## Failover between replicas ({} × `kill -9` of the owner, `lease_ttl` {} s, one nats-server)\n",
+            failover["kills"], failover["lease_ttl_s"]
+        );
+        let _ = writeln!(
+            w,
+            "From the kill to the first message the new owner forwards (a message every {} ms on faye, a JetStream sink; the new owner told by its session in `Nats-Msg-Id`). The standby takes the source once the dead owner's lease has expired (up to `lease_ttl` after its last renewal, renewed every fifth of it) and its next round sees it, then handshakes and subscribes.\n",
+            failover["tick_ms"]
+        );
+        let _ = writeln!(w, "| measure | value | target |");
+        let _ = writeln!(w, "|---|---|---|");
+        let ms = |key: &str| failover[key].as_f64().unwrap_or(0.0);
+        let _ = writeln!(w, "| median, ms | {:.0} | ≤ 3000 |", ms("median_ms"));
+        let _ = writeln!(w, "| p99 (the largest of {}), ms | {:.0} | |", failover["kills"], ms("p99_ms"));
+        let _ = writeln!(w, "| min – max, ms | {:.0} – {:.0} | |", ms("min_ms"), ms("max_ms"));
+    }
     let idle = &results["idle"];
     let _ = writeln!(w, "\n## Idle daemon (one source, one subscription)\n");
     let _ = writeln!(w, "| measure | value | target |");

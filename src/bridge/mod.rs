@@ -8,13 +8,15 @@
 //!   `sources` (a source's lifecycle and client), `replay` (replay positions);
 //! - `spool`, `forwarder` (delivery from a spool), `subscriptions` (a subscription's
 //!   lifecycle), `registry` (the running subscriptions);
-//! - `changes` (what the admin API changes), `reload`, `dead_letters`;
+//! - `changes` (what the admin API changes), `reload`, `dead_letters`, `ownership` and
+//!   `follow` (leases among replicas, and the changes other replicas' APIs make);
 //! - `views` (what the API shows), `health` (readiness and metrics), `supervise`
 //!   (restarting a failed task), `shutdown`.
 
 mod changes;
 mod commit;
 mod dead_letters;
+mod follow;
 pub mod forwarder;
 pub mod gate;
 mod handover;

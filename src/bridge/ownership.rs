@@ -18,6 +18,8 @@ pub(super) struct Ownership {
     owners: std::sync::Mutex<BTreeMap<String, String>>,
     stop: CancellationToken,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The task that follows the subscriptions other replicas' APIs change (`follow.rs`).
+    follower: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// Set once the first round of leases is done: until then the replica does not know
     /// which sources are its own, and is not ready.
     started: std::sync::atomic::AtomicBool,
@@ -36,6 +38,7 @@ impl Ownership {
             owners: std::sync::Mutex::default(),
             stop: CancellationToken::new(),
             task: std::sync::Mutex::new(None),
+            follower: std::sync::Mutex::new(None),
             started: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -70,6 +73,9 @@ impl Bridge {
         let bridge = self.clone();
         let task = tokio::spawn(async move { bridge.hold_leases(leases).await });
         *ownership.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+        let (bridge, stop) = (self.clone(), ownership.stop.clone());
+        let follower = tokio::spawn(async move { bridge.follow_subscriptions(stop).await });
+        *ownership.follower.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(follower);
         Ok(())
     }
 
@@ -77,12 +83,19 @@ impl Bridge {
     /// at once rather than when they expire.
     pub(super) async fn release_leases(&self, within: Duration) {
         let Some(ownership) = &self.ownership else { return };
+        let until = tokio::time::Instant::now() + within;
         ownership.stop.cancel();
         let task = ownership.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if let Some(task) = task
-            && tokio::time::timeout(within, task).await.is_err()
+            && tokio::time::timeout_at(until, task).await.is_err()
         {
             tracing::warn!("the leases were not released in time; they expire on their own");
+        }
+        let follower = ownership.follower.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(follower) = follower
+            && tokio::time::timeout_at(until, follower).await.is_err()
+        {
+            tracing::warn!("the watch on the stored subscriptions did not stop in time");
         }
     }
 
@@ -224,7 +237,7 @@ impl Bridge {
     /// read (the lease is given back).
     async fn take_over(&self, source: &str) -> bool {
         let Some(entry) = self.source(source) else { return false };
-        if let Err(error) = self.follow_stored_subscriptions(source).await {
+        if let Err(error) = self.follow_stored_subscriptions(Some(source)).await {
             tracing::error!(source = %source, error = %error, "cannot read the stored subscriptions to take the source over");
             return false;
         }
@@ -287,50 +300,6 @@ impl Bridge {
         self.metrics.source_owned(source, true);
         entry.owned.send_replace(true);
         true
-    }
-
-    /// Starts the subscriptions of `source` another replica's API added since this one
-    /// read the store, and stops those it removed (their records and spools are gone
-    /// already).
-    async fn follow_stored_subscriptions(&self, source: &str) -> Result<(), BridgeError> {
-        let _one_change = self.reloading.lock().await;
-        let stored: Vec<RawSubscription> =
-            self.store.subscriptions().await?.into_iter().filter(|raw| raw.source == source).collect();
-        let names = self.source_names();
-        for raw in &stored {
-            if self.subscriptions.contains(&raw.id) {
-                continue;
-            }
-            match config::validate_subscription(raw, "", &names, &Env::new()) {
-                Ok(subscription) => {
-                    let entry = self.start_subscription(subscription, Origin::Api, None).await?;
-                    tracing::info!(id = %raw.id, source = %source, "a subscription another replica added runs here now");
-                    let _ = self.subscriptions.insert(entry);
-                }
-                Err(problems) => {
-                    let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
-                    tracing::error!(id = %raw.id, problems = ?problems, "a stored subscription is no longer valid; ignoring it");
-                }
-            }
-        }
-        let removed = self.subscriptions.all(|entry| {
-            (entry.origin == Origin::Api
-                && entry.config.source == source
-                && !stored.iter().any(|raw| raw.id == entry.config.id))
-            .then(|| entry.config.id.clone())
-        });
-        for id in removed.into_iter().flatten() {
-            if let Some(Ok(entry)) = self.subscriptions.remove(&id, |_| Ok::<(), ()>(())) {
-                if let Some(owner) = self.source(source) {
-                    owner.routes().remove(&id);
-                }
-                let entry = Self::stop_forwarder(entry).await;
-                entry.spool.release_all();
-                self.metrics.forget_subscription(&id);
-                tracing::info!(id = %id, source = %source, "a subscription another replica removed stops here too");
-            }
-        }
-        Ok(())
     }
 
     /// Stops `source` on this replica, waiting (up to `cluster.handover_wait`) until its

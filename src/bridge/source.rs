@@ -215,11 +215,14 @@ impl Spooler {
         if !self.lease.may_write() {
             // Another replica may own the source already: it receives these on its own
             // session; spooling them here would forward them twice.
+            // With replay the subscription is held, as when the store fails, and resumes
+            // from the newest spooled replay id: the lease may well come back (a renewal
+            // late under load), and what was received meanwhile must not be skipped.
             tracing::warn!(source = %self.name, messages = appends.len(), "this replica's lease on the source has lapsed: not spooling what it received");
-            for (index, _, _) in &targets {
-                drops.count[*index] += 1;
-                drops.cause[*index]
-                    .get_or_insert(FullCause::Store("this replica's lease on the source lapsed".into()));
+            let cause = FullCause::Store("this replica's lease on the source lapsed".into());
+            for (index, envelope, _) in &targets {
+                let replayed = envelope.replay_id.is_some();
+                self.full(&routes, *index, cause.clone(), replayed, &mut outcome, &mut drops);
             }
             drops.count_in(&routes, &self.metrics);
             return outcome;

@@ -199,6 +199,19 @@ pub enum StoreError {
     },
 }
 
+/// A change to the stored subscriptions, seen by [`Store::watch_subscriptions`].
+#[derive(Clone, Debug)]
+pub enum SubscriptionChange {
+    /// A subscription stored (added through an API).
+    Stored(Box<RawSubscription>),
+    /// The subscription of this id removed.
+    Removed(String),
+}
+
+/// The changes [`Store::watch_subscriptions`] yields, until the watch breaks.
+pub type SubscriptionChanges =
+    futures_util::stream::BoxStream<'static, Result<SubscriptionChange, StoreError>>;
+
 /// Where the bridge keeps what must survive a restart. Every write is durable when it
 /// returns: a crash (even `kill -9`) right after leaves it readable and present.
 #[async_trait]
@@ -209,6 +222,14 @@ pub trait Store: Send + Sync + 'static {
     async fn put_subscription(&self, subscription: &RawSubscription) -> Result<(), StoreError>;
     /// Removes a subscription; `false` when there was none.
     async fn delete_subscription(&self, id: &str) -> Result<bool, StoreError>;
+    /// The changes to the stored subscriptions from now on, made by this process or by
+    /// another sharing the store (a replica's API), so that the owner of a source follows
+    /// them; `None` for a store no other process shares. The stream ends or fails when
+    /// the store cannot be watched any more (an outage): what changed meanwhile must be
+    /// read again.
+    async fn watch_subscriptions(&self) -> Result<Option<SubscriptionChanges>, StoreError> {
+        Ok(None)
+    }
     /// Stores a dead letter.
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError>;
     /// Every dead letter, oldest first.

@@ -52,6 +52,7 @@ use super::nats_spool::Appended;
 use super::unreadable::Unreadable;
 use super::{
     DeadLetter, NatsSpool, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError,
+    SubscriptionChange, SubscriptionChanges,
 };
 use crate::config::RawSubscription;
 
@@ -112,6 +113,23 @@ impl NatsKvStore {
         bucket: &str,
         replicas: usize,
     ) -> Result<Self, StoreError> {
+        // A cluster busy placing replicated buckets (several replicas starting at once, a
+        // meta leader being elected) can take longer than a request's timeout: a timed-out
+        // open is tried again, for a while.
+        let started = std::time::Instant::now();
+        loop {
+            match Self::try_open(client.clone(), bucket, replicas).await {
+                Err(StoreError::Nats { message, .. })
+                    if message.contains("timed out") && started.elapsed() < OPEN_PATIENCE =>
+                {
+                    tracing::warn!(error = %message, "the NATS state is slow to open; trying again");
+                }
+                opened => return opened,
+            }
+        }
+    }
+
+    async fn try_open(client: async_nats::Client, bucket: &str, replicas: usize) -> Result<Self, StoreError> {
         let jetstream = jetstream::new(client.clone());
         let mut subscriptions = Bucket::open(&jetstream, format!("{bucket}-subscriptions"), replicas).await?;
         let mut dead_letters = Bucket::open(&jetstream, format!("{bucket}-dead-letters"), replicas).await?;
@@ -168,6 +186,9 @@ impl NatsKvStore {
         Ok(())
     }
 }
+
+/// How long opening the buckets is tried again while their requests time out.
+const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How much of an oversize dead letter's data is kept, as JSON text.
 const TRUNCATED_HEAD: usize = 1024;
@@ -429,6 +450,37 @@ impl Store for NatsKvStore {
 
     async fn delete_subscription(&self, id: &str) -> Result<bool, StoreError> {
         self.subscriptions.delete(id).await
+    }
+
+    /// A KV watch on `<bucket>-subscriptions` (updates only, from now on); a record that
+    /// cannot be read is logged, counted and skipped like in a listing.
+    async fn watch_subscriptions(&self) -> Result<Option<SubscriptionChanges>, StoreError> {
+        use futures_util::StreamExt;
+        let bucket = self.subscriptions.clone();
+        let watch =
+            bucket.store.watch_all().await.map_err(|error| nats_error(&bucket.name, "watch", error))?;
+        let changes = watch.filter_map(move |entry| {
+            let change = match entry {
+                Err(error) => Some(Err(nats_error(&bucket.name, "watch", error))),
+                Ok(entry) => {
+                    let id =
+                        URL_SAFE_NO_PAD.decode(&entry.key).ok().and_then(|id| String::from_utf8(id).ok());
+                    match (entry.operation, id) {
+                        // A key that is no record id is nothing the bridge wrote.
+                        (_, None) => None,
+                        (kv::Operation::Put, Some(_)) => bucket
+                            .unreadable
+                            .keep(bucket.parse::<RawSubscription>(&entry.key, &entry.value))
+                            .map(|record| Ok(SubscriptionChange::Stored(Box::new(record)))),
+                        (kv::Operation::Delete | kv::Operation::Purge, Some(id)) => {
+                            Some(Ok(SubscriptionChange::Removed(id)))
+                        }
+                    }
+                }
+            };
+            std::future::ready(change)
+        });
+        Ok(Some(changes.boxed()))
     }
 
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {

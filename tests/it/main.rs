@@ -32,6 +32,7 @@ mod redirects;
 mod reload;
 mod replay;
 mod replicas;
+mod replicas_cluster;
 mod restarts;
 mod salesforce_session;
 mod status_page;

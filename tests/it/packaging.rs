@@ -180,9 +180,9 @@ fn every_shipped_configuration_is_valid() {
     assert_valid(&salesforce_file, &env, "config/salesforce.toml");
 }
 
-/// Parses the Kubernetes manifests with PyYAML (from `.tools/schemathesis`, which
-/// `scripts/setup.sh` installs) into JSON documents.
-fn kubernetes_documents() -> Vec<Value> {
+/// Parses the Kubernetes manifests in `deploy/kubernetes/<dir>` with PyYAML (from
+/// `.tools/schemathesis`, which `scripts/setup.sh` installs) into JSON documents.
+fn kubernetes_documents(dir: &str) -> Vec<Value> {
     let python = project_dir().join(".tools/schemathesis/bin/python");
     assert!(python.is_file(), "{} is missing; run `scripts/setup.sh`", python.display());
     let script = "import glob, json, sys, yaml\n\
@@ -190,7 +190,7 @@ fn kubernetes_documents() -> Vec<Value> {
                   print(json.dumps(docs))";
     let output = Command::new(python)
         .args(["-c", script])
-        .arg(project_dir().join("deploy/kubernetes"))
+        .arg(project_dir().join("deploy/kubernetes").join(dir))
         .output()
         .expect("run python");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -199,7 +199,7 @@ fn kubernetes_documents() -> Vec<Value> {
 
 #[test]
 fn the_kubernetes_manifests_probe_and_configure_the_bridge() {
-    let documents = kubernetes_documents();
+    let documents = kubernetes_documents("");
     let kind =
         |kind: &str| documents.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("a {kind}"));
     let deployment = kind("Deployment");
@@ -231,6 +231,82 @@ fn the_kubernetes_manifests_probe_and_configure_the_bridge() {
     assert_valid(&file, &[("ADMIN_TOKEN", "t"), ("COMETD_BRIDGE__STATE__PATH", &state)], "the ConfigMap");
     assert!(kind("Service")["spec"]["ports"][0]["port"] == 8080);
     assert!(kind("PersistentVolumeClaim")["spec"]["resources"].is_object());
+}
+
+/// The 3-replica variant: a StatefulSet of three whose pods name themselves after the pod,
+/// on a NATS state with three copies, ready on a standby, a disruption budget of one, and
+/// time to hand the sources over on SIGTERM; every resource the kustomization lists.
+#[test]
+fn the_kubernetes_replicas_variant_runs_three_replicas_on_a_nats_state() {
+    let documents = kubernetes_documents("replicas");
+    let kind =
+        |kind: &str| documents.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("a {kind}"));
+    let listed = kind("Kustomization")["resources"].as_array().expect("resources").len();
+    assert_eq!(listed + 1, documents.len(), "the kustomization lists every manifest");
+    let set = kind("StatefulSet");
+    assert_eq!(set["spec"]["replicas"], 3);
+    let pods = &set["spec"]["template"];
+    let labels = &pods["metadata"]["labels"];
+    assert_eq!(&set["spec"]["selector"]["matchLabels"], labels);
+    let container = &pods["spec"]["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    let env = container["env"].as_array().expect("env");
+    let named =
+        |name: &str| env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{name} is set"));
+    assert_eq!(
+        named("COMETD_BRIDGE__CLUSTER__REPLICA")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name",
+        "each replica is named after its pod"
+    );
+    let budget = kind("PodDisruptionBudget");
+    assert_eq!(budget["spec"]["maxUnavailable"], 1);
+    assert_eq!(&budget["spec"]["selector"]["matchLabels"], labels, "the budget covers the replicas");
+    assert_eq!(&kind("Service")["spec"]["selector"], labels);
+    assert_eq!(set["spec"]["serviceName"], kind("Service")["metadata"]["name"]);
+
+    // The configuration is valid as each pod sees it, on the NATS state with three copies.
+    let config = kind("ConfigMap")["data"]["config.toml"].as_str().expect("config.toml").to_string();
+    for setting in ["backend = \"nats\"", "replicas = 3"] {
+        assert!(config.contains(setting), "the ConfigMap sets {setting}");
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, &config).expect("write");
+    let value = |name: &str| named(name)["value"].as_str().expect("a value").to_string();
+    let (state, listen) = (value("COMETD_BRIDGE__STATE__PATH"), value("COMETD_BRIDGE__ADMIN__LISTEN"));
+    assert_valid(
+        &file,
+        &[
+            ("ADMIN_TOKEN", "t"),
+            ("COMETD_BRIDGE__STATE__PATH", &state),
+            ("COMETD_BRIDGE__ADMIN__LISTEN", &listen),
+            ("COMETD_BRIDGE__CLUSTER__REPLICA", "cometd-bridge-0"),
+        ],
+        "the replicas' ConfigMap",
+    );
+
+    // SIGTERM drains within shutdown_grace, then the leases are released: the pod is given
+    // more than the grace and the hand-over wait together.
+    let grace = set["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64().expect("a grace");
+    let seconds = |key: &str, default: u64| {
+        config
+            .lines()
+            .find_map(|line| {
+                line.trim()
+                    .strip_prefix(key)?
+                    .trim()
+                    .strip_prefix('=')?
+                    .trim()
+                    .strip_prefix('"')?
+                    .strip_suffix("s\"")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(default)
+    };
+    let (shutdown_grace, handover_wait) = (seconds("shutdown_grace", 8), seconds("handover_wait", 5));
+    assert!(grace > shutdown_grace + handover_wait, "terminationGracePeriodSeconds {grace} covers the drain");
 }
 
 #[test]

@@ -2,8 +2,10 @@
 //! them runs the source at a time, so each message is forwarded once; when its owner is
 //! killed (`kill -9`) another takes the source within the lease's time to live (what the
 //! dead one delivered and had not settled is delivered again, under the same
-//! `webhook-id`), and when its owner stops (SIGTERM) another takes it at once. (Session hand-over, fencing and a
-//! 3-node NATS cluster are not built yet: issue 24.)
+//! `webhook-id`), and when its owner stops (SIGTERM) another takes it at once; a
+//! subscription added or removed through a standby's API reaches the owner at once (a
+//! watch on the shared store). (Session hand-over and store-side fencing are not built
+//! yet: issue 24.)
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -100,6 +102,33 @@ pub(crate) async fn wait_for_owner(owner: &str, daemons: &[(&str, &Daemon)], wit
             return;
         }
         assert!(tokio::time::Instant::now() < deadline, "{owner} does not run the source within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every replica names the same owner of the source, and that one runs it;
+/// its name.
+async fn settled_owner(daemons: &[(&str, &Daemon)]) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let owner = source_view(daemons[0].1).await["owner"].as_str().map(str::to_string);
+        if let Some(owner) = owner
+            && daemons.iter().any(|(name, _)| *name == owner)
+        {
+            let mut settled = true;
+            for (name, daemon) in daemons {
+                let view = source_view(daemon).await;
+                settled &= view["owner"] == owner.as_str();
+                if *name == owner {
+                    settled &= view["state"] == "connected"
+                        && view["subscriptions"].as_array().is_some_and(|channels| !channels.is_empty());
+                }
+            }
+            if settled {
+                return owner;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no replica runs the source within {WAIT:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -292,4 +321,115 @@ async fn a_subscription_added_on_the_owner_runs_on_the_replica_that_takes_over()
         }
         assert_eq!(n, 1, "only the earlier message may come again");
     }
+}
+
+/// `daemon`'s API: adds a subscription; the status.
+async fn post_subscription(daemon: &Daemon, body: &Value) -> u16 {
+    let answer = crate::support::http_client()
+        .post(format!("http://{}/api/v1/subscriptions", daemon.admin))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("the API answers");
+    answer.status().as_u16()
+}
+
+/// `daemon`'s API: removes a subscription; the status.
+async fn delete_subscription(daemon: &Daemon, id: &str) -> u16 {
+    let answer = crate::support::http_client()
+        .delete(format!("http://{}/api/v1/subscriptions/{id}", daemon.admin))
+        .send()
+        .await
+        .expect("the API answers");
+    answer.status().as_u16()
+}
+
+/// Waits until the source's session on `daemon` is (or is no longer) subscribed upstream
+/// to `channel`.
+async fn wait_for_channel(daemon: &Daemon, channel: &str, subscribed: bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let view = source_view(daemon).await;
+        let has =
+            view["subscriptions"].as_array().is_some_and(|channels| channels.iter().any(|c| c == channel));
+        if has == subscribed {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{channel} subscribed: {has}, expected {subscribed}: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The ids of the subscriptions `daemon`'s API lists.
+async fn subscription_ids(daemon: &Daemon) -> Vec<String> {
+    let answer = crate::support::http_client()
+        .get(format!("http://{}/api/v1/subscriptions", daemon.admin))
+        .send()
+        .await
+        .expect("the API answers");
+    let listed: Value = serde_json::from_slice(&answer.bytes().await.expect("a body")).expect("JSON");
+    listed.as_array().expect("a list").iter().map(|s| s["id"].as_str().expect("an id").to_string()).collect()
+}
+
+/// Publishes `data` on `channel` of `faye`.
+async fn publish_on(faye: &BayeuxServer, channel: &str, data: Value) {
+    let publisher = open(cometd_bridge::cometd::Client::builder(faye.url())).await;
+    publisher.publish(channel, data).await.expect("publish");
+    publisher.close().await;
+}
+
+/// A subscription added through the standby's API runs on the owner at once (the owner
+/// watches the shared store): the owner subscribes upstream and forwards to NATS; removed
+/// through the standby, the owner unsubscribes and nothing more arrives. After NATS
+/// restarts, the watch is there again.
+#[tokio::test]
+async fn a_subscription_added_and_removed_on_a_standby_reaches_the_owner_at_once() {
+    use futures_util::StreamExt;
+    let faye = BayeuxServer::faye(FayeOptions { timeout: Some(2), ..FayeOptions::default() }).await;
+    let mut nats = NatsServer::start().await;
+    let mut receiver = WebhookReceiver::start([]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = replica("a", &faye, &nats, &receiver.url(), &dir).await;
+    wait_for_owner("a", &[("a", &a)], WAIT).await;
+    let b = replica("b", &faye, &nats, &receiver.url(), &dir).await;
+    wait_for_owner("a", &[("a", &a), ("b", &b)], WAIT).await;
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let mut forwarded = client.subscribe("extra.>").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let extra = |id: &str, subject: &str| json!({ "id": id, "source": "demo", "channel": "/extra", "sink": { "type": "nats", "subject": subject } });
+
+    assert_eq!(post_subscription(&b, &extra("extra", "extra.one")).await, 201);
+    wait_for_channel(&a, "/extra", true).await;
+    assert!(subscription_ids(&a).await.contains(&"extra".to_string()), "the owner's API lists it");
+    publish_on(&faye, "/extra", json!({ "n": 1 })).await;
+    let message = tokio::time::timeout(WAIT, forwarded.next()).await.expect("forwarded").expect("a message");
+    let body: Value = serde_json::from_slice(&message.payload).expect("JSON");
+    assert_eq!(body["n"], 1, "the data is the payload: {body}");
+
+    assert_eq!(delete_subscription(&b, "extra").await, 204);
+    wait_for_channel(&a, "/extra", false).await;
+    assert!(!subscription_ids(&a).await.contains(&"extra".to_string()), "the owner's API no longer lists it");
+    publish_on(&faye, "/extra", json!({ "n": 2 })).await;
+    let mut all = Deliveries::new();
+    publish_and_check(&faye, &mut receiver, 0..1, &mut all).await;
+    client.flush().await.expect("flush");
+    assert!(
+        futures_util::FutureExt::now_or_never(forwarded.next()).is_none(),
+        "nothing arrives from a removed subscription"
+    );
+
+    // NATS restarts (its store kept): the watch starts again.
+    nats.process().restart().await;
+    let owner = settled_owner(&[("a", &a), ("b", &b)]).await;
+    let (owner, standby) = if owner == "a" { (&a, &b) } else { (&b, &a) };
+    assert_eq!(post_subscription(standby, &extra("again", "extra.two")).await, 201);
+    wait_for_channel(owner, "/extra", true).await;
+    publish_on(&faye, "/extra", json!({ "n": 3 })).await;
+    let message = tokio::time::timeout(WAIT, forwarded.next()).await.expect("forwarded").expect("a message");
+    let body: Value = serde_json::from_slice(&message.payload).expect("JSON");
+    assert_eq!((message.subject.as_str(), body["n"].as_u64()), ("extra.two", Some(3)), "{body}");
 }

@@ -64,6 +64,11 @@ impl Daemon {
         }
     }
 
+    /// The log events not read yet (to explain a failure).
+    pub fn unread_logs(&mut self) -> Vec<Value> {
+        std::iter::from_fn(|| self.events.try_recv().ok()).collect()
+    }
+
     /// Sends a signal to the daemon.
     pub fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id().expect("running")).expect("pid");

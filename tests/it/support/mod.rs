@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod fake;
 pub mod fault_proxy;
 pub mod nats;
+pub mod nats_cluster;
 pub mod peer;
 pub mod process;
 pub mod scenario;
