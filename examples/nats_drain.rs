@@ -5,10 +5,11 @@
 //! `cargo run --release --example nats_drain -- nats://127.0.0.1:4222 [messages] [per read]`
 //! against a nats-server with JetStream (nothing else on it needs to be there).
 
+use cometd_bridge::store::Spools;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cometd_bridge::store::{NatsKvStore, SpoolAppend, Store};
+use cometd_bridge::store::{NatsKvStore, SpoolAppend};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -241,6 +241,7 @@ async fn connect_nats(config: &NatsConfig) -> Result<async_nats::Client, AppErro
 
 #[cfg(test)]
 mod tests {
+    use crate::store::Spools;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! gathers while the previous one syncs. A synced append serves every message that
 //! arrived during the sync before it, so the sync sets the batch size by itself and a
 //! message waits for at most the sync in flight and its own, with no window of its own
-//! beyond the store's [`append_window`](crate::store::Store::append_window), which
+//! beyond the store's [`append_window`](crate::store::Spools::append_window), which
 //! overlaps the sync.
 
 use std::sync::Arc;

@@ -13,6 +13,7 @@ use super::bound::LetterBound;
 use super::spool_read::SpoolRead;
 use super::{DeadLetter, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError};
 use crate::config::RawSubscription;
+use crate::store::{DeadLetterRecords, PositionRecords, SessionRecords, Spools, SubscriptionRecords};
 
 #[derive(Debug, Default)]
 struct State {
@@ -103,7 +104,7 @@ impl MemoryStore {
 }
 
 #[async_trait]
-impl Store for MemoryStore {
+impl SubscriptionRecords for MemoryStore {
     async fn subscriptions(&self) -> Result<Vec<RawSubscription>, StoreError> {
         Ok(self.lock().subscriptions.values().cloned().collect())
     }
@@ -116,7 +117,10 @@ impl Store for MemoryStore {
     async fn delete_subscription(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self.lock().subscriptions.remove(id).is_some())
     }
+}
 
+#[async_trait]
+impl DeadLetterRecords for MemoryStore {
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
         let evicted = self.add_dead_letters(&mut self.lock(), [letter.clone()]);
         self.evicted(&evicted);
@@ -171,6 +175,20 @@ impl Store for MemoryStore {
         self.evicted.load(Ordering::Relaxed)
     }
 
+    async fn requeue_dead_letters(
+        &self,
+        requeues: Vec<(String, SpoolAppend)>,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        let mut state = self.lock();
+        Ok(requeues
+            .iter()
+            .map(|(id, append)| state.remove_dead_letter(id).then(|| state.append(append)))
+            .collect())
+    }
+}
+
+#[async_trait]
+impl PositionRecords for MemoryStore {
     async fn positions(&self, subscription: &str) -> Result<Positions, StoreError> {
         Ok(self.lock().positions.get(subscription).cloned().unwrap_or_default())
     }
@@ -184,7 +202,10 @@ impl Store for MemoryStore {
         self.lock().positions.remove(subscription);
         Ok(())
     }
+}
 
+#[async_trait]
+impl Spools for MemoryStore {
     async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<Option<u64>>, StoreError> {
         let mut state = self.lock();
         Ok(appends.iter().map(|append| Some(state.append(append))).collect())
@@ -246,15 +267,9 @@ impl Store for MemoryStore {
         state.next.remove(subscription);
         Ok(())
     }
-
-    async fn requeue_dead_letters(
-        &self,
-        requeues: Vec<(String, SpoolAppend)>,
-    ) -> Result<Vec<Option<u64>>, StoreError> {
-        let mut state = self.lock();
-        Ok(requeues
-            .iter()
-            .map(|(id, append)| state.remove_dead_letter(id).then(|| state.append(append)))
-            .collect())
-    }
 }
+
+impl SessionRecords for MemoryStore {}
+
+#[async_trait]
+impl Store for MemoryStore {}

@@ -199,7 +199,7 @@ pub enum StoreError {
     },
 }
 
-/// A change to the stored subscriptions, seen by [`Store::watch_subscriptions`].
+/// A change to the stored subscriptions, seen by [`SubscriptionRecords::watch_subscriptions`].
 #[derive(Clone, Debug)]
 pub enum SubscriptionChange {
     /// A subscription stored (added through an API).
@@ -208,14 +208,13 @@ pub enum SubscriptionChange {
     Removed(String),
 }
 
-/// The changes [`Store::watch_subscriptions`] yields, until the watch breaks.
+/// The changes [`SubscriptionRecords::watch_subscriptions`] yields, until the watch breaks.
 pub type SubscriptionChanges =
     futures_util::stream::BoxStream<'static, Result<SubscriptionChange, StoreError>>;
 
-/// Where the bridge keeps what must survive a restart. Every write is durable when it
-/// returns: a crash (even `kill -9`) right after leaves it readable and present.
+/// The subscriptions added at runtime (through the API), which survive restarts.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait SubscriptionRecords: Send + Sync {
     /// The subscriptions added through the API.
     async fn subscriptions(&self) -> Result<Vec<RawSubscription>, StoreError>;
     /// Stores (or replaces) a subscription.
@@ -230,6 +229,12 @@ pub trait Store: Send + Sync + 'static {
     async fn watch_subscriptions(&self) -> Result<Option<SubscriptionChanges>, StoreError> {
         Ok(None)
     }
+}
+
+/// Dead letters: messages a sink refused for good or that ran out of retries, kept
+/// (bounded) for an operator to retry or discard.
+#[async_trait]
+pub trait DeadLetterRecords: Send + Sync {
     /// Stores a dead letter.
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError>;
     /// Every dead letter, oldest first.
@@ -245,16 +250,66 @@ pub trait Store: Send + Sync + 'static {
     async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError>;
     /// Removes a dead letter; `false` when there was none.
     async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError>;
+    /// Removes a dead letter and appends it to its subscription's spool, both or neither;
+    /// `None` when the dead letter was not there (already retried or discarded).
+    async fn requeue_dead_letter(&self, id: &str, append: SpoolAppend) -> Result<Option<u64>, StoreError> {
+        Ok(self.requeue_dead_letters(vec![(id.to_string(), append)]).await?.pop().flatten())
+    }
+    /// [`requeue_dead_letter`](DeadLetterRecords::requeue_dead_letter) for many at once, in one
+    /// transaction where the store has them: each one's spool sequence, or `None` for one
+    /// that was not there. Of two concurrent requeues of one dead letter, one gets `None`.
+    async fn requeue_dead_letters(
+        &self,
+        requeues: Vec<(String, SpoolAppend)>,
+    ) -> Result<Vec<Option<u64>>, StoreError>;
+    /// Removes these dead letters (in one transaction where the store has them); how many
+    /// were there.
+    async fn delete_dead_letters(&self, ids: Vec<String>) -> Result<u64, StoreError>;
+    /// Bounds the dead letters to `max_bytes` of stored size: from then on, storing one
+    /// beyond it evicts the oldest (in the same transaction where the store has them),
+    /// logs their ids and counts them in [`dead_letters_evicted`](DeadLetterRecords::dead_letters_evicted).
+    fn limit_dead_letters(&self, max_bytes: u64);
+    /// Dead letters evicted since the store opened, for
+    /// `cometd_bridge_dead_letters_evicted_total`.
+    fn dead_letters_evicted(&self) -> u64;
+}
+
+/// Committed replay positions, per subscription and channel.
+#[async_trait]
+pub trait PositionRecords: Send + Sync {
     /// A subscription's committed replay positions, by channel.
     async fn positions(&self, subscription: &str) -> Result<Positions, StoreError>;
     /// Replaces a subscription's committed replay positions.
     async fn put_positions(&self, subscription: &str, positions: &Positions) -> Result<(), StoreError>;
     /// Forgets a subscription's positions.
     async fn delete_positions(&self, subscription: &str) -> Result<(), StoreError>;
+}
 
+/// The CometD sessions replicas hand to each other (nothing where the store is not
+/// shared among replicas).
+#[async_trait]
+pub trait SessionRecords: Send + Sync {
+    /// The CometD session a source's last owner left for the next one (its session
+    /// ticket), where the store is shared among replicas; `None` elsewhere.
+    async fn session(&self, source: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let _ = source;
+        Ok(None)
+    }
+    /// Keeps a source's session ticket for the replica that owns the source next (nothing
+    /// where the store is not shared among replicas).
+    async fn put_session(&self, source: &str, ticket: &serde_json::Value) -> Result<(), StoreError> {
+        let _ = (source, ticket);
+        Ok(())
+    }
+}
+
+/// Per-subscription spools: what was received and not yet delivered, in order, with the
+/// settlement of a delivered batch (trim, dead letters, positions) as one change.
+#[async_trait]
+pub trait Spools: Send + Sync {
     /// Appends messages to their subscriptions' spools, durably; returns each one's spool
     /// sequence, in order, or `None` for one this store cannot hold (too large; the caller
-    /// dead-letters it, with [`refused_reason`](Store::refused_reason)). Sequences of a spool are consecutive and never repeat. On an error, any
+    /// dead-letters it, with [`refused_reason`](Spools::refused_reason)). Sequences of a spool are consecutive and never repeat. On an error, any
     /// of them may have been appended (the embedded store appends all or none).
     async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<Option<u64>>, StoreError>;
     /// Up to `max` messages of a spool, from sequence `from` on, in order, stopping once
@@ -270,7 +325,7 @@ pub trait Store: Send + Sync + 'static {
     /// only with its next write or [`sync`](Store::sync), as long as a crash undoes it whole
     /// and it is durable within about a second even when nothing else is written.
     async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError>;
-    /// Why [`spool_append`](Store::spool_append) gave no sequence to a record of `bytes`
+    /// Why [`spool_append`](Spools::spool_append) gave no sequence to a record of `bytes`
     /// bytes: the reason of the dead letter it becomes.
     fn refused_reason(&self, bytes: u64) -> String {
         format!("too large for the state store's spool ({bytes} bytes)")
@@ -280,6 +335,22 @@ pub trait Store: Send + Sync + 'static {
     fn append_window(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }
+    /// What each non-empty spool holds, to resume after a start.
+    async fn spool_summaries(&self) -> Result<BTreeMap<String, SpoolSummary>, StoreError>;
+    /// Drops a spool (its subscription was removed).
+    async fn spool_delete(&self, subscription: &str) -> Result<(), StoreError>;
+}
+
+/// Where the bridge keeps what must survive a restart, one trait a concern (the
+/// subscriptions, dead letters, replay positions, handed-over sessions and spools); this
+/// one adds the store's health and durability. Every write is durable when it returns: a
+/// crash (even `kill -9`) right after leaves it readable and present. The logic every
+/// backend shares (dead-letter order and paging, the spool's read cap, skipping
+/// unreadable records) lives above the backends, in this module's other files.
+#[async_trait]
+pub trait Store:
+    SubscriptionRecords + DeadLetterRecords + PositionRecords + SessionRecords + Spools + 'static
+{
     /// Records skipped since the store opened because they could not be read (each is
     /// logged); for `cometd_bridge_state_errors_total`.
     fn unreadable_records(&self) -> u64 {
@@ -291,48 +362,10 @@ pub trait Store: Send + Sync + 'static {
     fn unhealthy(&self) -> Option<String> {
         None
     }
-    /// The CometD session a source's last owner left for the next one (its session
-    /// ticket), where the store is shared among replicas; `None` elsewhere.
-    async fn session(&self, source: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        let _ = source;
-        Ok(None)
-    }
-    /// Keeps a source's session ticket for the replica that owns the source next (nothing
-    /// where the store is not shared among replicas).
-    async fn put_session(&self, source: &str, ticket: &serde_json::Value) -> Result<(), StoreError> {
-        let _ = (source, ticket);
-        Ok(())
-    }
     /// Makes every settlement so far durable (at shutdown).
     async fn sync(&self) -> Result<(), StoreError> {
         Ok(())
     }
-    /// What each non-empty spool holds, to resume after a start.
-    async fn spool_summaries(&self) -> Result<BTreeMap<String, SpoolSummary>, StoreError>;
-    /// Drops a spool (its subscription was removed).
-    async fn spool_delete(&self, subscription: &str) -> Result<(), StoreError>;
-    /// Removes a dead letter and appends it to its subscription's spool, both or neither;
-    /// `None` when the dead letter was not there (already retried or discarded).
-    async fn requeue_dead_letter(&self, id: &str, append: SpoolAppend) -> Result<Option<u64>, StoreError> {
-        Ok(self.requeue_dead_letters(vec![(id.to_string(), append)]).await?.pop().flatten())
-    }
-    /// [`requeue_dead_letter`](Store::requeue_dead_letter) for many at once, in one
-    /// transaction where the store has them: each one's spool sequence, or `None` for one
-    /// that was not there. Of two concurrent requeues of one dead letter, one gets `None`.
-    async fn requeue_dead_letters(
-        &self,
-        requeues: Vec<(String, SpoolAppend)>,
-    ) -> Result<Vec<Option<u64>>, StoreError>;
-    /// Removes these dead letters (in one transaction where the store has them); how many
-    /// were there.
-    async fn delete_dead_letters(&self, ids: Vec<String>) -> Result<u64, StoreError>;
-    /// Bounds the dead letters to `max_bytes` of stored size: from then on, storing one
-    /// beyond it evicts the oldest (in the same transaction where the store has them),
-    /// logs their ids and counts them in [`dead_letters_evicted`](Store::dead_letters_evicted).
-    fn limit_dead_letters(&self, max_bytes: u64);
-    /// Dead letters evicted since the store opened, for
-    /// `cometd_bridge_dead_letters_evicted_total`.
-    fn dead_letters_evicted(&self) -> u64;
 }
 
 /// Logs dead letters evicted to stay within `state.dead_letters_max_bytes`.
@@ -342,7 +375,7 @@ fn log_evicted(evicted: &[String], max_bytes: u64) {
     }
 }
 
-/// The default bound on dead letters, until [`Store::limit_dead_letters`] sets one.
+/// The default bound on dead letters, until [`DeadLetterRecords::limit_dead_letters`] sets one.
 pub const DEAD_LETTERS_MAX_BYTES: u64 = 256 << 20;
 
 /// How many bytes of messages one spool read returns at most (beyond its first message):

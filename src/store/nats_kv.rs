@@ -55,6 +55,7 @@ use super::{
     SubscriptionChange, SubscriptionChanges,
 };
 use crate::config::RawSubscription;
+use crate::store::{DeadLetterRecords, PositionRecords, SessionRecords, Spools, SubscriptionRecords};
 
 /// State kept in NATS JetStream key-value buckets.
 #[derive(Clone, Debug)]
@@ -439,7 +440,7 @@ fn nats_error(bucket: &str, action: &str, error: impl std::fmt::Display) -> Stor
 }
 
 #[async_trait::async_trait]
-impl Store for NatsKvStore {
+impl SubscriptionRecords for NatsKvStore {
     async fn subscriptions(&self) -> Result<Vec<RawSubscription>, StoreError> {
         self.subscriptions.all().await
     }
@@ -482,7 +483,10 @@ impl Store for NatsKvStore {
         });
         Ok(Some(changes.boxed()))
     }
+}
 
+#[async_trait::async_trait]
+impl DeadLetterRecords for NatsKvStore {
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
         self.put_dead_letters(std::slice::from_ref(letter)).await
     }
@@ -550,71 +554,6 @@ impl Store for NatsKvStore {
 
     fn dead_letters_evicted(&self) -> u64 {
         self.letters.evicted.load(Ordering::Relaxed)
-    }
-
-    async fn positions(&self, subscription: &str) -> Result<Positions, StoreError> {
-        Ok(self.positions.get(subscription).await?.unwrap_or_default())
-    }
-
-    async fn put_positions(&self, subscription: &str, positions: &Positions) -> Result<(), StoreError> {
-        self.positions.put(subscription, positions).await
-    }
-
-    async fn session(&self, source: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        self.sessions.get(source).await
-    }
-
-    async fn put_session(&self, source: &str, ticket: &serde_json::Value) -> Result<(), StoreError> {
-        self.sessions.put(source, ticket).await
-    }
-
-    async fn delete_positions(&self, subscription: &str) -> Result<(), StoreError> {
-        self.positions.delete(subscription).await.map(drop)
-    }
-
-    async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<Option<u64>>, StoreError> {
-        self.spool.append(&appends).await
-    }
-
-    fn refused_reason(&self, bytes: u64) -> String {
-        let max_payload = self.spool.max_record().map_or(0, |max| max + super::nats_spool::PAYLOAD_MARGIN);
-        format!(
-            "too large for the NATS spool: {bytes} bytes, over the NATS server's max_payload ({max_payload} bytes, of which {} are kept for headers)",
-            super::nats_spool::PAYLOAD_MARGIN
-        )
-    }
-
-    async fn spool_read(
-        &self,
-        subscription: &str,
-        from: u64,
-        max: usize,
-    ) -> Result<Vec<SpoolEntry>, StoreError> {
-        self.spool.read(subscription, from, max).await
-    }
-
-    /// Dead letters and positions first, the trim last: a failure in between repeats
-    /// deliveries (with their delivery ids) rather than losing them. The positions only
-    /// move forward: each channel keeps the greater position, written revision-checked.
-    /// The trim is a purge below a sequence, which a later, lower one cannot undo.
-    async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError> {
-        self.put_dead_letters(&settlement.dead_letters).await?;
-        if let Some(positions) = &settlement.positions {
-            self.positions.advance_positions(&settlement.subscription, positions).await?;
-        }
-        self.spool.trim(&settlement.subscription, settlement.through).await
-    }
-
-    async fn spool_summaries(&self) -> Result<BTreeMap<String, SpoolSummary>, StoreError> {
-        self.spool.summaries().await
-    }
-
-    async fn spool_delete(&self, subscription: &str) -> Result<(), StoreError> {
-        self.spool.delete(subscription).await
-    }
-
-    fn unreadable_records(&self) -> u64 {
-        self.subscriptions.unreadable.count()
     }
 
     /// Each one's revision read (one get each), all appended at once with the message id
@@ -691,5 +630,82 @@ impl Store for NatsKvStore {
             }
         }
         Ok(requeued)
+    }
+}
+
+#[async_trait::async_trait]
+impl PositionRecords for NatsKvStore {
+    async fn positions(&self, subscription: &str) -> Result<Positions, StoreError> {
+        Ok(self.positions.get(subscription).await?.unwrap_or_default())
+    }
+
+    async fn put_positions(&self, subscription: &str, positions: &Positions) -> Result<(), StoreError> {
+        self.positions.put(subscription, positions).await
+    }
+
+    async fn delete_positions(&self, subscription: &str) -> Result<(), StoreError> {
+        self.positions.delete(subscription).await.map(drop)
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionRecords for NatsKvStore {
+    async fn session(&self, source: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        self.sessions.get(source).await
+    }
+
+    async fn put_session(&self, source: &str, ticket: &serde_json::Value) -> Result<(), StoreError> {
+        self.sessions.put(source, ticket).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Spools for NatsKvStore {
+    async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<Option<u64>>, StoreError> {
+        self.spool.append(&appends).await
+    }
+
+    fn refused_reason(&self, bytes: u64) -> String {
+        let max_payload = self.spool.max_record().map_or(0, |max| max + super::nats_spool::PAYLOAD_MARGIN);
+        format!(
+            "too large for the NATS spool: {bytes} bytes, over the NATS server's max_payload ({max_payload} bytes, of which {} are kept for headers)",
+            super::nats_spool::PAYLOAD_MARGIN
+        )
+    }
+
+    async fn spool_read(
+        &self,
+        subscription: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<SpoolEntry>, StoreError> {
+        self.spool.read(subscription, from, max).await
+    }
+
+    /// Dead letters and positions first, the trim last: a failure in between repeats
+    /// deliveries (with their delivery ids) rather than losing them. The positions only
+    /// move forward: each channel keeps the greater position, written revision-checked.
+    /// The trim is a purge below a sequence, which a later, lower one cannot undo.
+    async fn spool_settle(&self, settlement: Settlement) -> Result<(), StoreError> {
+        self.put_dead_letters(&settlement.dead_letters).await?;
+        if let Some(positions) = &settlement.positions {
+            self.positions.advance_positions(&settlement.subscription, positions).await?;
+        }
+        self.spool.trim(&settlement.subscription, settlement.through).await
+    }
+
+    async fn spool_summaries(&self) -> Result<BTreeMap<String, SpoolSummary>, StoreError> {
+        self.spool.summaries().await
+    }
+
+    async fn spool_delete(&self, subscription: &str) -> Result<(), StoreError> {
+        self.spool.delete(subscription).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for NatsKvStore {
+    fn unreadable_records(&self) -> u64 {
+        self.subscriptions.unreadable.count()
     }
 }

@@ -2,6 +2,8 @@
 //! `kill -9`, expired positions, expiring tokens and forgotten sessions, and what is
 //! replayed twice is recognisable downstream by its delivery id.
 
+use cometd_bridge::store::PositionRecords;
+use cometd_bridge::store::Spools;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
@@ -81,7 +83,6 @@ async fn wait_for_stream(jetstream: &async_nats::jetstream::Context, count: u64)
 /// had crashed after the sink acknowledged the later events but before it settled them
 /// (the server replays them all from the position).
 async fn rewind(state: &Path, subscription: &str, replay_id: i64) {
-    use cometd_bridge::store::Store;
     let store = cometd_bridge::store::EmbeddedStore::open(state).expect("the stopped daemon's store");
     store.spool_delete(subscription).await.expect("empty the spool");
     // Whatever was committed (perhaps nothing yet: settlements are synced with the next

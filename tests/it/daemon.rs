@@ -1,7 +1,7 @@
 //! The `cometd-bridge run` and `check` commands as a user runs them: exit codes, problems
 //! named by key, and a SIGTERM with deliveries in flight.
 
-use cometd_bridge::store::Store;
+use cometd_bridge::store::DeadLetterRecords;
 use serde_json::json;
 use tokio::process::Command;
 

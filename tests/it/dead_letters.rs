@@ -3,6 +3,7 @@
 //! `state.dead_letters_max_bytes` with counted eviction, and one delivery for two
 //! concurrent retries of one dead letter.
 
+use cometd_bridge::store::Spools;
 use std::time::{Duration, Instant};
 
 use cometd_bridge::store::{DeadLetter, EmbeddedStore, Settlement, Store};

@@ -4,6 +4,10 @@
 //! runtime subscriptions, dead letters and backlog in NATS, not on its disk.
 
 use cometd_bridge::config::RawSubscription;
+use cometd_bridge::store::DeadLetterRecords;
+use cometd_bridge::store::PositionRecords;
+use cometd_bridge::store::Spools;
+use cometd_bridge::store::SubscriptionRecords;
 use cometd_bridge::store::{DeadLetter, EmbeddedStore, NatsKvStore, Settlement, SpoolAppend, Store};
 use serde_json::json;
 use std::sync::Arc;

@@ -284,6 +284,8 @@ fn jittered(wait: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::PositionRecords;
+    use crate::store::Spools;
     use crate::store::embedded::{EmbeddedStore, append};
     use crate::store::{Positions, Settlement, Store};
 

@@ -119,11 +119,12 @@ impl EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
+    use crate::store::Spools;
     use redb::Database;
 
     use super::*;
+    use crate::store::SpoolSummary;
     use crate::store::embedded::{SPOOL_NEXT, append};
-    use crate::store::{SpoolSummary, Store};
 
     #[tokio::test]
     async fn a_spool_kept_one_record_per_message_is_moved_into_batches_on_open() {

@@ -43,6 +43,7 @@ use super::disk::FreeSpace;
 use super::unreadable::Unreadable;
 use super::{DeadLetter, Positions, Settlement, SpoolAppend, SpoolEntry, SpoolSummary, Store, StoreError};
 use crate::config::RawSubscription;
+use crate::store::{DeadLetterRecords, PositionRecords, SessionRecords, Spools, SubscriptionRecords};
 use keeper::{KEEPER_TICK, Keeper, Shared};
 
 const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
@@ -325,7 +326,7 @@ impl EmbeddedStore {
 }
 
 #[async_trait]
-impl Store for EmbeddedStore {
+impl SubscriptionRecords for EmbeddedStore {
     async fn subscriptions(&self) -> Result<Vec<RawSubscription>, StoreError> {
         self.all(SUBSCRIPTIONS).await
     }
@@ -337,7 +338,10 @@ impl Store for EmbeddedStore {
     async fn delete_subscription(&self, id: &str) -> Result<bool, StoreError> {
         self.remove(SUBSCRIPTIONS, id).await
     }
+}
 
+#[async_trait]
+impl DeadLetterRecords for EmbeddedStore {
     async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(letter).expect("records serialize");
         self.put_dead_letters(vec![(letter.id.clone(), bytes)]).await
@@ -375,6 +379,16 @@ impl Store for EmbeddedStore {
         self.shared.evicted.load(Ordering::Relaxed)
     }
 
+    async fn requeue_dead_letters(
+        &self,
+        requeues: Vec<(String, SpoolAppend)>,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        self.requeue_letters(requeues).await
+    }
+}
+
+#[async_trait]
+impl PositionRecords for EmbeddedStore {
     async fn positions(&self, subscription: &str) -> Result<Positions, StoreError> {
         Ok(self.get(POSITIONS, subscription).await?.unwrap_or_default())
     }
@@ -386,7 +400,10 @@ impl Store for EmbeddedStore {
     async fn delete_positions(&self, subscription: &str) -> Result<(), StoreError> {
         self.remove(POSITIONS, subscription).await.map(drop)
     }
+}
 
+#[async_trait]
+impl Spools for EmbeddedStore {
     async fn spool_append(&self, appends: Arc<[SpoolAppend]>) -> Result<Vec<Option<u64>>, StoreError> {
         self.append_batches(appends).await
     }
@@ -413,6 +430,19 @@ impl Store for EmbeddedStore {
         std::time::Duration::from_millis(2)
     }
 
+    async fn spool_summaries(&self) -> Result<BTreeMap<String, SpoolSummary>, StoreError> {
+        self.summarize_spools().await
+    }
+
+    async fn spool_delete(&self, subscription: &str) -> Result<(), StoreError> {
+        self.delete_spool(subscription).await
+    }
+}
+
+impl SessionRecords for EmbeddedStore {}
+
+#[async_trait]
+impl Store for EmbeddedStore {
     fn unreadable_records(&self) -> u64 {
         self.shared.unreadable.count()
     }
@@ -423,21 +453,6 @@ impl Store for EmbeddedStore {
 
     async fn sync(&self) -> Result<(), StoreError> {
         self.blocking(move |store| store.write(|_| Ok(()))).await
-    }
-
-    async fn spool_summaries(&self) -> Result<BTreeMap<String, SpoolSummary>, StoreError> {
-        self.summarize_spools().await
-    }
-
-    async fn spool_delete(&self, subscription: &str) -> Result<(), StoreError> {
-        self.delete_spool(subscription).await
-    }
-
-    async fn requeue_dead_letters(
-        &self,
-        requeues: Vec<(String, SpoolAppend)>,
-    ) -> Result<Vec<Option<u64>>, StoreError> {
-        self.requeue_letters(requeues).await
     }
 }
 

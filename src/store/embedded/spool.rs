@@ -239,6 +239,8 @@ pub(super) fn next_sequence(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::PositionRecords;
+    use crate::store::Spools;
     use crate::store::embedded::append;
     use crate::store::{Positions, SPOOL_READ_BYTES, Store};
 
