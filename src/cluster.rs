@@ -82,8 +82,11 @@ impl Leases {
         let store = loop {
             match jetstream.create_or_update_key_value(config.clone()).await {
                 Ok(store) => break store,
+                // Only while connected: a server that cannot be reached is said at once.
                 Err(error)
-                    if error.to_string().contains("timed out") && started.elapsed() < OPEN_PATIENCE =>
+                    if error.to_string().contains("timed out")
+                        && started.elapsed() < OPEN_PATIENCE
+                        && nats.connection_state() == async_nats::connection::State::Connected =>
                 {
                     tracing::warn!(bucket = %bucket, error = %error, "the lease bucket is slow to open; trying again");
                 }

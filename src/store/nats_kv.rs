@@ -120,8 +120,11 @@ impl NatsKvStore {
         let started = std::time::Instant::now();
         loop {
             match Self::try_open(client.clone(), bucket, replicas).await {
+                // Only while connected: a server that cannot be reached is said at once.
                 Err(StoreError::Nats { message, .. })
-                    if message.contains("timed out") && started.elapsed() < OPEN_PATIENCE =>
+                    if message.contains("timed out")
+                        && started.elapsed() < OPEN_PATIENCE
+                        && client.connection_state() == async_nats::connection::State::Connected =>
                 {
                     tracing::warn!(error = %message, "the NATS state is slow to open; trying again");
                 }
