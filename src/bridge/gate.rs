@@ -86,9 +86,39 @@ impl LeaseClock {
         self.until.store(0, std::sync::atomic::Ordering::Release);
     }
 
+    /// How long writes stay allowed from now (zero once lapsed; `Duration::MAX` for ever).
+    pub fn remaining(&self) -> std::time::Duration {
+        let until = self.until.load(std::sync::atomic::Ordering::Acquire);
+        if until == u64::MAX {
+            return std::time::Duration::MAX;
+        }
+        let elapsed = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        std::time::Duration::from_millis(until.saturating_sub(elapsed))
+    }
+
     /// Whether a write may start now.
     pub fn may_write(&self) -> bool {
         let until = self.until.load(std::sync::atomic::Ordering::Acquire);
         until == u64::MAX || u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX) < until
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::LeaseClock;
+
+    #[test]
+    fn the_remaining_time_follows_the_lease() {
+        assert_eq!(LeaseClock::forever().remaining(), Duration::MAX);
+        assert_eq!(LeaseClock::lapsed().remaining(), Duration::ZERO);
+        let clock = LeaseClock::lapsed();
+        clock.extend_to(Instant::now() + Duration::from_secs(60));
+        let remaining = clock.remaining();
+        assert!(remaining > Duration::from_secs(50) && remaining <= Duration::from_secs(60), "{remaining:?}");
+        clock.revoke();
+        assert_eq!(clock.remaining(), Duration::ZERO);
+        assert!(!clock.may_write());
     }
 }

@@ -50,6 +50,10 @@ pub type TicketSlot = Arc<std::sync::Mutex<Option<SessionTicket>>>;
 /// way (a held long-polling `/meta/connect`, a websocket's close handshake).
 pub const DETACH_WAIT: Duration = Duration::from_secs(2);
 
+/// What a hand-over keeps of the lease's remaining time for spooling what the session
+/// held and writing its ticket.
+const DETACH_RESERVE: Duration = Duration::from_millis(500);
+
 /// What decides a ticket worth saving again: the session and its channels.
 pub type SavedSession = Option<(String, std::collections::BTreeSet<String>)>;
 
@@ -111,7 +115,13 @@ impl Source {
     /// the session already, and disconnecting it would end that.
     pub(super) async fn hand_over(&self, stop: &CancellationToken) {
         let lease_holds = self.spooler.lease.may_write();
-        let wait = if lease_holds { DETACH_WAIT } else { Duration::ZERO };
+        // Within what the lease still allows, keeping some of it for spooling and for the
+        // ticket: a ticket not written leaves the next owner a new session.
+        let wait = if lease_holds {
+            DETACH_WAIT.min(self.spooler.lease.remaining().saturating_sub(DETACH_RESERVE))
+        } else {
+            Duration::ZERO
+        };
         let ticket = self.client.detach(wait).await;
         let held = drain(&self.client);
         if !held.is_empty() && lease_holds {
