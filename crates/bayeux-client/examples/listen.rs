@@ -48,6 +48,10 @@ async fn listen(
         eprintln!("subscribed {channel}");
     }
     let mut messages = client.messages();
+    // One listener for the whole loop: one made afresh each turn misses a Ctrl-C that
+    // comes while a message is being printed.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     loop {
         tokio::select! {
             message = messages.next() => match message {
@@ -60,7 +64,7 @@ async fn listen(
                 Some(Err(error)) => eprintln!("listen: {error}"),
                 None => break,
             },
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut interrupted => break,
         }
     }
     client.close().await;

@@ -112,6 +112,10 @@ async fn run(options: HashMap<String, String>, channels: &[String]) -> Result<()
         eprintln!("subscribed {channel} from {from}");
     }
     let mut messages = client.messages();
+    // One listener for the whole loop: one made afresh each turn misses a Ctrl-C that
+    // comes while a message is being printed.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     loop {
         tokio::select! {
             message = messages.next() => match message {
@@ -123,7 +127,7 @@ async fn run(options: HashMap<String, String>, channels: &[String]) -> Result<()
                 Some(Err(error)) => eprintln!("salesforce_replay: {error}"),
                 None => break,
             },
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut interrupted => break,
         }
     }
     client.close().await;
